@@ -1,0 +1,229 @@
+//! Apply: carries out a plan as one transaction. Every path is snapshotted
+//! (content + mode, link target, or absence) before it changes; on any
+//! failure all of them are restored in reverse order and a newly installed
+//! store entry is removed, so the node ends as it started.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::extract::Extracted;
+use crate::fetch::{FetchError, Fetcher, HttpOptions};
+use crate::plan::{ArchiveSource, DigestSource, Op, Plan, ReleaseStep};
+use crate::release::{Sha256Hex, parse_sha256sum};
+use crate::rootfs::{self, FsError, Root, Snapshot, TMP_MARKER};
+use crate::store::{MANIFEST, Manifest};
+
+/// Largest `.sha256sum` file accepted.
+const CHECKSUM_LIMIT: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("fetching {what}")]
+    Fetch { what: String, source: FetchError },
+    #[error("the published checksum {url} is unusable")]
+    Checksum { url: String, source: crate::release::ReleaseError },
+    #[error("{path}")]
+    Fs { path: String, source: FsError },
+}
+
+impl ApplyError {
+    pub fn is_verification_failure(&self) -> bool {
+        match self {
+            ApplyError::Fetch { source, .. } => source.is_verification_failure(),
+            ApplyError::Checksum { .. } => true,
+            ApplyError::Fs { .. } => false,
+        }
+    }
+}
+
+/// What applying did, for the report.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Applied {
+    pub release: Option<Manifest>,
+    pub download_bytes: u64,
+    pub release_seconds: f64,
+    pub files_seconds: f64,
+}
+
+/// Undo log of one apply.
+#[derive(Default)]
+struct Transaction {
+    snapshots: Vec<(PathBuf, Snapshot)>,
+    /// Store entry created by this run (removed on rollback).
+    created_entry: Option<PathBuf>,
+    /// Store entry moved aside by this run: (aside, original).
+    replaced_entry: Option<(PathBuf, PathBuf)>,
+    /// Directories this run created, outermost first.
+    created_dirs: Vec<PathBuf>,
+}
+
+impl Transaction {
+    fn rollback(self) {
+        for (path, snap) in self.snapshots.into_iter().rev() {
+            if let Err(e) = snap.restore(&path) {
+                tracing::error!(path = %path.display(), error = %crate::exit::error_chain(&e), "rollback could not restore a file");
+            }
+        }
+        if let Some(dir) = self.created_entry {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        if let Some((aside, original)) = self.replaced_entry {
+            let _ = std::fs::rename(&aside, &original);
+        }
+        for dir in self.created_dirs.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+    /// Records the missing ancestors of `path` (which are about to be created).
+    fn note_missing_dirs(&mut self, path: &Path) {
+        let mut missing: Vec<PathBuf> = path.ancestors().skip(1).take_while(|d| !d.exists()).map(Path::to_path_buf).collect();
+        missing.reverse();
+        self.created_dirs.extend(missing);
+    }
+    fn commit(self) {
+        if let Some((aside, _)) = self.replaced_entry {
+            let _ = std::fs::remove_dir_all(aside);
+        }
+    }
+}
+
+/// Removes temp leftovers of an interrupted run in `dir` (never final paths).
+fn sweep_temps(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().contains(TMP_MARKER) {
+            let p = e.path();
+            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
+    }
+}
+
+async fn expected_digest(fetcher: &Fetcher, step: &ReleaseStep) -> Result<(Sha256Hex, String), ApplyError> {
+    match &step.digest {
+        DigestSource::Pinned(d) => Ok((d.clone(), "pinned".into())),
+        DigestSource::File { path, digest } => Ok((digest.clone(), path.clone())),
+        DigestSource::Published(url) => {
+            let body = fetcher
+                .get_small(url, CHECKSUM_LIMIT)
+                .await
+                .map_err(|source| ApplyError::Fetch { what: "the published checksum".into(), source })?;
+            let text = String::from_utf8_lossy(&body);
+            let d = parse_sha256sum(&text, &step.spec.archive_name())
+                .map_err(|source| ApplyError::Checksum { url: url.clone(), source })?;
+            Ok((d, url.clone()))
+        }
+    }
+}
+
+async fn install_release(root: &Root, fetcher: &Fetcher, step: &ReleaseStep, txn: &mut Transaction) -> Result<Manifest, ApplyError> {
+    let fs_err = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| ApplyError::Fs { path, source }
+    };
+    let (expected, verified_against) = expected_digest(fetcher, step).await?;
+    let final_dir = root.path(&step.entry);
+    let parent = final_dir.parent().expect("store entries have a parent").to_path_buf();
+    txn.note_missing_dirs(&final_dir);
+    rootfs::create_dirs(&parent).map_err(fs_err(&parent))?;
+    sweep_temps(&parent);
+    let name = final_dir.file_name().expect("entry name").to_string_lossy().into_owned();
+    let tmp = parent.join(format!(".{name}{TMP_MARKER}-{}", std::process::id()));
+    rootfs::create_dirs(&tmp).map_err(fs_err(&tmp))?;
+
+    let extracted: Result<Extracted, FetchError> = match &step.source {
+        ArchiveSource::Url(url) => fetcher.download_release(url, &expected, &tmp).await,
+        ArchiveSource::Local(path) => crate::fetch::extract_local(Path::new(path), &expected, &tmp).await,
+    };
+    let what = match &step.source {
+        ArchiveSource::Url(u) | ArchiveSource::Local(u) => u.clone(),
+    };
+    let extracted = match extracted {
+        Ok(x) => x,
+        Err(source) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(ApplyError::Fetch { what, source });
+        }
+    };
+    let manifest = Manifest {
+        version: step.spec.version.to_string(),
+        arch: step.spec.arch,
+        flavor: step.spec.flavor,
+        archive_name: step.spec.archive_name(),
+        archive_sha256: extracted.archive_sha256.clone(),
+        verified_against,
+        files: extracted.files.iter().map(|f| (f.name.clone(), f.sha256.clone())).collect(),
+    };
+    let mut promote = || -> Result<(), FsError> {
+        rootfs::write_atomic(&tmp.join(MANIFEST), manifest.to_json().as_bytes(), 0o644)?;
+        if final_dir.exists() {
+            let aside = parent.join(format!(".{name}.old{TMP_MARKER}-{}", std::process::id()));
+            std::fs::rename(&final_dir, &aside)
+                .map_err(|source| FsError::Rename { from: final_dir.clone(), to: aside.clone(), source })?;
+            txn.replaced_entry = Some((aside, final_dir.clone()));
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(|source| FsError::Rename { from: tmp.clone(), to: final_dir.clone(), source })?;
+        txn.created_entry = Some(final_dir.clone());
+        rootfs::fsync_dir(&parent)
+    };
+    if let Err(e) = promote() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(fs_err(&final_dir)(e));
+    }
+    tracing::info!(entry = %step.entry, sha256 = %manifest.archive_sha256, "release verified and installed");
+    Ok(manifest)
+}
+
+fn apply_file_op(root: &Root, path: &str, op: &Op) -> Result<(), FsError> {
+    let target = root.path(path);
+    match op {
+        Op::Write { content, mode } => rootfs::write_atomic(&target, content, *mode),
+        Op::Symlink { target: link_target } => rootfs::symlink_atomic(Path::new(link_target), &target),
+        Op::Backup { source } => {
+            let src = root.path(source);
+            let bytes = std::fs::read(&src).map_err(|e| FsError::Read { path: src.clone(), source: e })?;
+            let mode = std::fs::metadata(&src).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777).unwrap_or(0o644);
+            rootfs::write_atomic(&target, &bytes, mode)
+        }
+        Op::Release(_) | Op::Nothing => Ok(()),
+    }
+}
+
+/// Applies every changed action of `plan` under `root`, or none of them.
+pub async fn apply(root: &Root, plan: &Plan, http: HttpOptions) -> Result<Applied, ApplyError> {
+    let mut txn = Transaction::default();
+    let mut applied = Applied::default();
+    let result = async {
+        let started = Instant::now();
+        for action in plan.actions.iter().filter(|a| a.changed) {
+            if let Op::Release(step) = &action.op {
+                let fetcher = Fetcher::new(http.clone()).map_err(|source| ApplyError::Fetch { what: "an HTTP client".into(), source })?;
+                let m = install_release(root, &fetcher, step, &mut txn).await?;
+                applied.release = Some(m);
+            }
+        }
+        applied.release_seconds = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        for action in plan.actions.iter().filter(|a| a.changed && !matches!(a.op, Op::Release(_))) {
+            let target = root.path(&action.path);
+            let snap = Snapshot::take(&target).map_err(|source| ApplyError::Fs { path: action.path.clone(), source })?;
+            txn.note_missing_dirs(&target);
+            txn.snapshots.push((target, snap));
+            apply_file_op(root, &action.path, &action.op).map_err(|source| ApplyError::Fs { path: action.path.clone(), source })?;
+            tracing::info!(path = %action.path, action = ?action.action, "applied");
+        }
+        applied.files_seconds = started.elapsed().as_secs_f64();
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            txn.commit();
+            Ok(applied)
+        }
+        Err(e) => {
+            tracing::error!(error = %crate::exit::error_chain(&e), "install failed; rolling back");
+            txn.rollback();
+            Err(e)
+        }
+    }
+}

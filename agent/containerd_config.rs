@@ -1,0 +1,613 @@
+//! Wiring containerd to the SOCI proxy snapshotter: the edit to
+//! `/etc/containerd/config.toml` and the fragment for a nodeadm NodeConfig's
+//! `spec.containerd.config`.
+//!
+//! Pure: text in, text out. The caller reads the file, calls [`merge`] and
+//! writes [`Merged::text`] only when [`Merged::changed`] is true.
+//!
+//! The edit is surgical (toml_edit): only the keys listed by [`owned_keys`]
+//! are touched; every other byte (comments, order, whitespace, other plugins)
+//! stays. Keys already holding the desired value keep their bytes, so a file
+//! that is already wired comes back byte-identical and `merge` is idempotent.
+//! The CRI table is chosen from the file's `version` (2: containerd 1.x,
+//! 3: containerd 2.x); a v3 table is never written into a v2 file or the
+//! other way round.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::ops::Range;
+
+use toml_edit::{Document, DocumentMut, InlineTable, Item, Key, Table, TableLike, Value};
+
+/// Default address of the SOCI snapshotter's gRPC socket.
+pub const DEFAULT_ADDRESS: &str = "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock";
+
+/// First line of a config file soci-agent creates from nothing.
+const CREATED_HEADER: &str =
+    "# Written by soci-agent: containerd wired to the SOCI snapshotter (parallel pull/unpack).";
+
+/// containerd config file format, read from the file's top-level `version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ConfigVersion {
+    /// `version = 2`: containerd 1.6 / 1.7.
+    V2,
+    /// `version = 3`: containerd 2.x.
+    V3,
+}
+
+impl ConfigVersion {
+    pub fn as_u8(self) -> u8 {
+        match self {
+            ConfigVersion::V2 => 2,
+            ConfigVersion::V3 => 3,
+        }
+    }
+
+    /// Table path (plugin ID included) holding the CRI image settings.
+    fn cri_images_table(self) -> &'static [&'static str] {
+        match self {
+            ConfigVersion::V2 => &["plugins", "io.containerd.grpc.v1.cri", "containerd"],
+            ConfigVersion::V3 => &["plugins", "io.containerd.cri.v1.images"],
+        }
+    }
+}
+
+impl fmt::Display for ConfigVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.as_u8())
+    }
+}
+
+/// Where the SOCI snapshotter listens and keeps its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SociWiring {
+    /// The snapshotter's gRPC socket ([`DEFAULT_ADDRESS`] by default).
+    pub address: String,
+    /// The snapshotter's `--root` (e.g. `/var/lib/soci-snapshotter-grpc`),
+    /// exported to kubelet for disk accounting and image GC.
+    pub soci_root: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerdConfigError {
+    #[error("cannot parse containerd config {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error(
+        "containerd config {path}: `version` is {found}; soci-agent edits only \
+         version 2 (containerd 1.x) and version 3 (containerd 2.x) files"
+    )]
+    UnknownVersion { path: String, found: String },
+    #[error("containerd config {path}: cannot set {key}: {reason}")]
+    Conflict {
+        path: String,
+        key: String,
+        reason: String,
+    },
+}
+
+/// Result of [`merge`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Merged {
+    /// The new file content (byte-identical to the input when `!changed`).
+    pub text: String,
+    /// The version the tables were chosen for.
+    pub version: ConfigVersion,
+    /// Whether `text` differs from the input (always true when `created`).
+    pub changed: bool,
+    /// Whether there was no file before.
+    pub created: bool,
+}
+
+/// The value soci-agent wants under an owned key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnedValue {
+    Str(String),
+    Bool(bool),
+}
+
+impl OwnedValue {
+    /// Same TOML type and same value (formatting is ignored).
+    pub fn matches(&self, value: &Value) -> bool {
+        match (self, value) {
+            (OwnedValue::Str(want), Value::String(have)) => have.value() == want,
+            (OwnedValue::Bool(want), Value::Boolean(have)) => have.value() == want,
+            _ => false,
+        }
+    }
+
+    /// The value as written into a file: strings as basic (`"..."`) strings.
+    fn to_value(&self) -> Value {
+        match self {
+            OwnedValue::Bool(b) => Value::from(*b),
+            OwnedValue::Str(s) => basic_string(s)
+                .parse()
+                .expect("an escaped basic string is valid TOML"),
+        }
+    }
+}
+
+impl fmt::Display for OwnedValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OwnedValue::Str(s) => f.write_str(&basic_string(s)),
+            OwnedValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+/// One key soci-agent owns: `path` is the full key path from the document
+/// root (tables, plugin IDs as plain names, then the key itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedKey {
+    pub path: Vec<&'static str>,
+    pub value: OwnedValue,
+}
+
+impl OwnedKey {
+    /// The path as a TOML dotted key, e.g.
+    /// `plugins."io.containerd.grpc.v1.cri".containerd.snapshotter`.
+    pub fn dotted(&self) -> String {
+        dotted(&self.path)
+    }
+
+    /// The item at this key in `root`, walking tables, dotted keys and
+    /// inline tables alike.
+    pub fn lookup<'a>(&self, root: &'a Table) -> Option<&'a Item> {
+        let (leaf, tables) = self.path.split_last()?;
+        let mut cur: &dyn TableLike = root;
+        for seg in tables {
+            cur = cur.get(seg)?.as_table_like()?;
+        }
+        cur.get(leaf)
+    }
+
+    /// Whether `root` already holds the desired value at this key.
+    pub fn is_set_in(&self, root: &Table) -> bool {
+        self.lookup(root)
+            .and_then(Item::as_value)
+            .is_some_and(|v| self.value.matches(v))
+    }
+}
+
+/// The keys soci-agent owns for `version`, in the order [`merge`] and
+/// [`fragment`] write them: the CRI image settings, then the proxy plugin.
+pub fn owned_keys(version: ConfigVersion, wiring: &SociWiring) -> Vec<OwnedKey> {
+    let key = |path: &[&'static str], leaf: &'static str, value: OwnedValue| {
+        let mut path = path.to_vec();
+        path.push(leaf);
+        OwnedKey { path, value }
+    };
+    let cri = version.cri_images_table();
+    let soci = &["proxy_plugins", "soci"];
+    let exports = &["proxy_plugins", "soci", "exports"];
+    vec![
+        key(cri, "snapshotter", OwnedValue::Str("soci".into())),
+        key(cri, "disable_snapshot_annotations", OwnedValue::Bool(false)),
+        key(soci, "type", OwnedValue::Str("snapshot".into())),
+        key(soci, "address", OwnedValue::Str(wiring.address.clone())),
+        key(exports, "root", OwnedValue::Str(wiring.soci_root.clone())),
+    ]
+}
+
+/// Reads the top-level `version`: `Ok(None)` only for a document with no
+/// keys or tables at all (empty, whitespace or comments).
+pub fn detect_version(
+    text: &str,
+    path: &str,
+) -> Result<Option<ConfigVersion>, ContainerdConfigError> {
+    version_of(&parse(text, path)?, path)
+}
+
+/// Wires `existing` (the current file content, `None` when there is no file)
+/// to SOCI. `path` is only used in error messages. On error the caller must
+/// leave the file alone.
+pub fn merge(
+    existing: Option<&str>,
+    path: &str,
+    wiring: &SociWiring,
+) -> Result<Merged, ContainerdConfigError> {
+    let Some(text) = existing else {
+        return Ok(Merged {
+            text: created_file(wiring),
+            version: ConfigVersion::V2,
+            changed: true,
+            created: true,
+        });
+    };
+    let mut doc = parse(text, path)?;
+    let Some(version) = version_of(&doc, path)? else {
+        // Nothing but comments: keep them, append a fresh file after them.
+        let mut out = text.to_owned();
+        if !out.trim().is_empty() {
+            out.truncate(out.trim_end().len());
+            out.push_str("\n\n");
+        }
+        out.push_str(&created_file(wiring));
+        return Ok(Merged {
+            text: out,
+            version: ConfigVersion::V2,
+            changed: true,
+            created: false,
+        });
+    };
+    let changed = apply(&mut doc, version, wiring, path)?;
+    Ok(Merged {
+        text: if changed {
+            restore_line_endings(text, restore_headers(text, doc.to_string()))
+        } else {
+            text.to_owned()
+        },
+        version,
+        changed,
+        created: false,
+    })
+}
+
+/// The TOML for a NodeConfig's `spec.containerd.config` (no `version` key;
+/// nodeadm merges it into its own template): the CRI table for `version`,
+/// then the `proxy_plugins.soci` block.
+pub fn fragment(version: ConfigVersion, wiring: &SociWiring) -> String {
+    let mut doc = DocumentMut::new();
+    apply(&mut doc, version, wiring, "<fragment>").expect("an empty document has no conflicts");
+    doc.to_string()
+}
+
+/// A new `version = 2` file: header comment, version, owned tables.
+fn created_file(wiring: &SociWiring) -> String {
+    let tables = fragment(ConfigVersion::V2, wiring);
+    format!("{CREATED_HEADER}\nversion = 2\n\n{tables}")
+}
+
+fn parse(text: &str, path: &str) -> Result<DocumentMut, ContainerdConfigError> {
+    text.parse::<DocumentMut>().map_err(|e| {
+        let before = text.get(..e.span().map_or(0, |s| s.start)).unwrap_or(text);
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        ContainerdConfigError::Parse {
+            path: path.to_owned(),
+            message: format!("line {line}, column {column}: {}", e.message().trim_end()),
+        }
+    })
+}
+
+fn version_of(
+    doc: &DocumentMut,
+    path: &str,
+) -> Result<Option<ConfigVersion>, ContainerdConfigError> {
+    let unknown = |found: String| ContainerdConfigError::UnknownVersion {
+        path: path.to_owned(),
+        found,
+    };
+    match doc.get("version") {
+        None if doc.is_empty() => Ok(None),
+        None => Err(unknown(
+            "missing (containerd reads that as version 1)".into(),
+        )),
+        Some(item) => match item.as_integer() {
+            Some(2) => Ok(Some(ConfigVersion::V2)),
+            Some(3) => Ok(Some(ConfigVersion::V3)),
+            _ => Err(unknown(match item.as_value() {
+                Some(v) => {
+                    let mut v = v.clone();
+                    v.decor_mut().clear();
+                    v.to_string()
+                }
+                None => format!("({})", item.type_name()),
+            })),
+        },
+    }
+}
+
+/// How the table being walked is written, which decides how a missing child
+/// table is created.
+#[derive(Clone, Copy)]
+enum Style {
+    /// The root or a `[header]` table: children get their own header.
+    Header,
+    /// Defined by dotted keys (`a.b.c = 1`): children stay dotted.
+    Dotted,
+    /// `{ ... }`: children are nested inline tables.
+    Inline,
+}
+
+/// Sets every owned key in `doc`; returns whether anything changed.
+fn apply(
+    doc: &mut DocumentMut,
+    version: ConfigVersion,
+    wiring: &SociWiring,
+    path: &str,
+) -> Result<bool, ContainerdConfigError> {
+    let mut next_position = max_position(doc.as_table()) + 1;
+    let mut changed = false;
+    for owned in owned_keys(version, wiring) {
+        let conflict = |depth: usize, reason: String| ContainerdConfigError::Conflict {
+            path: path.to_owned(),
+            key: dotted(&owned.path[..=depth]),
+            reason,
+        };
+        if owned.is_set_in(doc.as_table()) {
+            continue;
+        }
+        let (leaf, tables) = owned.path.split_last().expect("owned paths are not empty");
+        let mut cur: &mut dyn TableLike = doc.as_table_mut();
+        let mut style = Style::Header;
+        for (depth, seg) in tables.iter().enumerate() {
+            let is_leaf_table = depth + 1 == tables.len();
+            if cur.get(seg).is_none() {
+                let table = new_table(style, is_leaf_table, &mut next_position);
+                insert_new(cur, style, table_key(seg, version), table);
+            }
+            let item = cur.get_mut(seg).expect("inserted above");
+            if !item.is_table_like() {
+                let reason = format!("it is {}, not a table", article(item.type_name()));
+                return Err(conflict(depth, reason));
+            }
+            style = match item {
+                Item::Table(t) if t.is_dotted() => Style::Dotted,
+                Item::Table(t) => {
+                    // A table only implied by a sub-table header (`[a.b]`
+                    // implies `a`) needs its own header once it holds keys.
+                    if is_leaf_table && t.is_implicit() {
+                        t.set_implicit(false);
+                        t.set_position(Some(next_position));
+                        next_position += 1;
+                    }
+                    Style::Header
+                }
+                _ => Style::Inline,
+            };
+            cur = item.as_table_like_mut().expect("checked table-like above");
+        }
+        let depth = owned.path.len() - 1;
+        let mut value = owned.value.to_value();
+        match cur.get_mut(leaf) {
+            Some(Item::Value(old)) => {
+                // Keep the comments and spacing around the old value.
+                *value.decor_mut() = old.decor().clone();
+                *old = value;
+            }
+            Some(item @ (Item::Table(_) | Item::ArrayOfTables(_))) => {
+                let reason = format!(
+                    "it is {}, soci-agent needs the value {}",
+                    article(item.type_name()),
+                    owned.value
+                );
+                return Err(conflict(depth, reason));
+            }
+            Some(Item::None) | None => insert_new(cur, style, Key::new(*leaf), Item::Value(value)),
+        }
+        changed = true;
+    }
+    Ok(changed)
+}
+
+/// Adds `key = item` to `table`, formatted like its neighbours.
+fn insert_new(table: &mut dyn TableLike, style: Style, mut key: Key, mut item: Item) {
+    if let Style::Inline = style {
+        // The space before `}` is the last value's suffix: keep it last.
+        let last = table.iter_mut().last().and_then(|(_, i)| i.as_value_mut());
+        if let (Some(last), Some(value)) = (last, item.as_value_mut())
+            && let Some(suffix) = last.decor().suffix().cloned()
+        {
+            last.decor_mut().set_suffix("");
+            value.decor_mut().set_suffix(suffix);
+        }
+    } else if item.is_value() {
+        // Indent like the last key of the same table.
+        let values = table.get_values();
+        let prefix = values
+            .last()
+            .and_then(|(path, _)| path.last()?.leaf_decor().prefix()?.as_str());
+        let indent = prefix.and_then(|p| p.rsplit('\n').next());
+        if let Some(indent) = indent.filter(|i| i.chars().all(|c| c == ' ' || c == '\t')) {
+            key.leaf_decor_mut().set_prefix(indent.to_owned());
+        }
+    }
+    table.entry_format(&key).or_insert(item);
+}
+
+fn new_table(style: Style, is_leaf_table: bool, next_position: &mut isize) -> Item {
+    match style {
+        Style::Inline => Item::Value(Value::InlineTable(InlineTable::new())),
+        Style::Dotted => {
+            let mut t = Table::new();
+            t.set_implicit(true);
+            t.set_dotted(true);
+            Item::Table(t)
+        }
+        Style::Header => {
+            let mut t = Table::new();
+            // Intermediate tables stay implicit: no empty `[plugins]` header.
+            t.set_implicit(!is_leaf_table);
+            t.set_position(Some(*next_position));
+            *next_position += 1;
+            Item::Table(t)
+        }
+    }
+}
+
+/// toml_edit prints each header with the quoting of every key's first
+/// appearance: after `[plugins.'x']`, `[plugins."x".registry]` would come out
+/// as `[plugins.'x'.registry]`. Put the input's own header text back (same
+/// key path, so same meaning).
+fn restore_headers(input: &str, mut output: String) -> String {
+    let Ok(before) = Document::parse(input) else {
+        return output;
+    };
+    let mut originals: HashMap<Vec<&str>, VecDeque<&str>> = HashMap::new();
+    for (path, span) in headers(before.as_table(), &mut Vec::new()) {
+        originals.entry(path).or_default().push_back(&input[span]);
+    }
+    let mut edits: Vec<(Range<usize>, &str)> = match Document::parse(output.as_str()) {
+        Ok(after) => headers(after.as_table(), &mut Vec::new())
+            .into_iter()
+            .filter_map(|(path, span)| Some((span, originals.get_mut(&path)?.pop_front()?)))
+            .filter(|(span, text)| output[span.clone()] != **text)
+            .collect(),
+        Err(_) => return output,
+    };
+    edits.sort_by_key(|(span, _)| std::cmp::Reverse(span.start));
+    for (span, text) in edits {
+        output.replace_range(span, text);
+    }
+    output
+}
+
+/// toml_edit writes `\n` line endings; give a CRLF file its CRLF back.
+fn restore_line_endings(input: &str, output: String) -> String {
+    let crlf = input.matches("\r\n").count();
+    if crlf > 0 && crlf == input.matches('\n').count() {
+        output.replace("\r\n", "\n").replace('\n', "\r\n")
+    } else {
+        output
+    }
+}
+
+/// Key path and `[header]` span of every explicit table, in document order.
+fn headers<'a>(table: &'a Table, path: &mut Vec<&'a str>) -> Vec<(Vec<&'a str>, Range<usize>)> {
+    let mut out = Vec::new();
+    for (key, item) in table.iter() {
+        path.push(key);
+        for t in child_tables(item) {
+            if let Some(span) = t.span().filter(|_| !t.is_implicit() && !t.is_dotted()) {
+                out.push((path.clone(), span));
+            }
+            out.extend(headers(t, path));
+        }
+        path.pop();
+    }
+    out
+}
+
+/// The largest document position of any table, so new tables go last.
+fn max_position(table: &Table) -> isize {
+    let tables = table.iter().flat_map(|(_, item)| child_tables(item));
+    tables
+        .map(|t| t.position().unwrap_or(0).max(max_position(t)))
+        .max()
+        .unwrap_or(0)
+}
+
+fn child_tables(item: &Item) -> Vec<&Table> {
+    match item {
+        Item::Table(t) => vec![t],
+        Item::ArrayOfTables(a) => a.iter().collect(),
+        _ => vec![],
+    }
+}
+
+/// A key for a table we may create: plugin IDs quoted the way each
+/// containerd generation prints them (`"..."` in v2, `'...'` in v3).
+fn table_key(name: &str, version: ConfigVersion) -> Key {
+    if is_bare(name) {
+        return Key::new(name);
+    }
+    let repr = match version {
+        ConfigVersion::V2 => basic_string(name),
+        ConfigVersion::V3 => format!("'{name}'"),
+    };
+    Key::parse(&repr)
+        .ok()
+        .and_then(|mut keys| keys.pop())
+        .unwrap_or_else(|| Key::new(name))
+}
+
+fn is_bare(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn dotted(path: &[&str]) -> String {
+    let quote = |s: &&str| {
+        if is_bare(s) {
+            s.to_string()
+        } else {
+            basic_string(s)
+        }
+    };
+    path.iter().map(quote).collect::<Vec<_>>().join(".")
+}
+
+/// `s` as a TOML basic string, quotes included.
+fn basic_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn article(type_name: &str) -> String {
+    let an = type_name.starts_with(['a', 'e', 'i', 'o', 'u']);
+    format!("{} {type_name}", if an { "an" } else { "a" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wiring() -> SociWiring {
+        SociWiring {
+            address: DEFAULT_ADDRESS.into(),
+            soci_root: "/var/lib/soci-snapshotter-grpc".into(),
+        }
+    }
+
+    #[test]
+    fn detects_versions() {
+        let v = |text: &str| detect_version(text, "f").map_err(|e| e.to_string());
+        assert_eq!(v("version = 2\n"), Ok(Some(ConfigVersion::V2)));
+        assert_eq!(
+            v("# c\nversion = 3 # x\n[a]\n"),
+            Ok(Some(ConfigVersion::V3))
+        );
+        assert_eq!(v(""), Ok(None));
+        assert_eq!(v("  \n# only a comment\n"), Ok(None));
+        for (text, found) in [
+            ("version = 1", "`version` is 1;"),
+            ("version = 4 # c", "`version` is 4;"),
+            ("version = '3'", "`version` is '3';"),
+            ("[plugins]", "`version` is missing"),
+        ] {
+            let err = v(text).unwrap_err();
+            assert!(err.contains(found), "{text}: {err}");
+        }
+        let err = v("version = 2\nx = [\n").unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn strings_are_written_as_escaped_basic_strings() {
+        let odd = SociWiring {
+            address: r#"/run/a "b"\c.sock"#.into(),
+            soci_root: "/var/lib/it's".into(),
+        };
+        let text = merge(None, "f", &odd).unwrap().text;
+        assert!(
+            text.contains(r#"address = "/run/a \"b\"\\c.sock""#),
+            "{text}"
+        );
+        assert!(text.contains(r#"root = "/var/lib/it's""#), "{text}");
+        assert!(!merge(Some(&text), "f", &odd).unwrap().changed);
+    }
+
+    #[test]
+    fn crlf_files_keep_crlf() {
+        let input = "version = 2\r\n# c\r\n[proxy_plugins.soci]\r\ntype = \"snapshot\"\r\n";
+        let out = merge(Some(input), "f", &wiring()).unwrap().text;
+        assert!(out.starts_with(input), "{out:?}");
+        assert_eq!(out.matches('\n').count(), out.matches("\r\n").count());
+    }
+}

@@ -1,0 +1,109 @@
+//! `soci-agent install`: settings -> host facts -> plan -> (dry run | apply)
+//! -> report. Glue only; the logic lives in the modules it calls.
+
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use crate::cli::{InstallArgs, OutputFormat};
+use crate::exit::{ExitKind, error_chain};
+use crate::fetch::{HttpOptions, Progress};
+use crate::plan::{Plan, Wiring};
+use crate::report::{InstallReport, PlanSummary};
+use crate::settings::InstallSettings;
+
+/// Runs install; always returns a report (with the error when it failed).
+pub async fn run(args: &InstallArgs) -> (InstallReport, OutputFormat) {
+    let started = Instant::now();
+    let mut report = InstallReport::new(args.dry_run);
+    let fallback_output = args.output.unwrap_or(OutputFormat::Text);
+    let settings = match InstallSettings::resolve(args) {
+        Ok(s) => s,
+        Err(e) => {
+            fail(&mut report, ExitKind::Usage, &e);
+            return (report, fallback_output);
+        }
+    };
+    let output = settings.output;
+    if let Some(f) = &settings.config_file {
+        report.notes.push(format!("settings read from {}", f.display()));
+    }
+    let facts = crate::host::detect(&settings.root).await;
+    report.host = Some(facts.clone());
+    let plan = match crate::plan::build(&settings, &facts) {
+        Ok(p) => p,
+        Err(e) => {
+            let kind = if e.is_usage() { ExitKind::Usage } else { ExitKind::Failed };
+            fail(&mut report, kind, &e);
+            report.warnings.extend(settings.warnings.iter().cloned());
+            return (report, output);
+        }
+    };
+    for w in &plan.warnings {
+        tracing::warn!("{w}");
+    }
+    report.plan = Some(PlanSummary::of(&plan));
+    report.warnings = plan.warnings.clone();
+    report.notes.extend(plan.notes.iter().cloned());
+    report.changed = plan.changed();
+    report.actions = plan.actions.clone();
+
+    if settings.dry_run {
+        report.next_steps = next_steps(&settings, &plan);
+        report.seconds = started.elapsed().as_secs_f64();
+        return (report, output);
+    }
+    for a in &mut report.actions {
+        a.diff = None;
+    }
+    let http = HttpOptions {
+        stall_timeout: settings.http_timeout,
+        retries: settings.retries,
+        progress: if std::io::stderr().is_terminal() { Progress::Tty } else { Progress::Log },
+        ..HttpOptions::default()
+    };
+    match crate::apply::apply(&settings.root, &plan, http).await {
+        Ok(applied) => {
+            report.release = applied.release;
+            report.next_steps = next_steps(&settings, &plan);
+        }
+        Err(e) => {
+            let kind = if e.is_verification_failure() { ExitKind::Verification } else { ExitKind::Failed };
+            fail(&mut report, kind, &e);
+            report.changed = false;
+        }
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    (report, output)
+}
+
+fn fail(report: &mut InstallReport, kind: ExitKind, e: &(dyn std::error::Error + 'static)) {
+    let msg = error_chain(e);
+    tracing::error!(exit_code = kind.code(), "{msg}");
+    report.outcome = kind;
+    report.exit_code = kind.code();
+    report.error = Some(msg);
+}
+
+/// What the operator (or the next soci-agent step) still has to do.
+fn next_steps(s: &InstallSettings, plan: &Plan) -> Vec<String> {
+    let effects = plan.effects();
+    let mut steps = Vec::new();
+    if s.no_start {
+        steps.push("--no-start: units written, nothing enabled or started; systemd picks them up at the next boot once enabled".into());
+    }
+    match plan.wiring {
+        Wiring::Nodeadm => steps.push(
+            "systemctl daemon-reload && systemctl enable soci-snapshotter.socket soci-snapshotter.service (start nothing: nodeadm-run starts containerd, whose Requires= starts SOCI)".into(),
+        ),
+        Wiring::Containerd => {
+            steps.push("systemctl daemon-reload && systemctl enable --now soci-snapshotter.socket soci-snapshotter.service".into());
+            if effects.restart_containerd {
+                steps.push("systemctl restart containerd (its config or drop-ins changed), then check: ctr plugins ls id==soci".into());
+            }
+        }
+    }
+    if !s.no_start {
+        steps.push("enabling and starting over D-Bus is not automated yet: run the commands above".into());
+    }
+    steps
+}

@@ -1,0 +1,31 @@
+//! soci-agent: installs the SOCI snapshotter in parallel pull/unpack mode on
+//! Kubernetes nodes, wires containerd and kubelet to it, and explains what it
+//! did.
+//!
+//! Wings (see README "Code map"):
+//! - what the agent writes (pure): `soci_config`, `containerd_config`,
+//!   `nodeconfig`, `kubelet`, `units`, `release`
+//! - how it changes a node: `rootfs`, `fetch`, `extract`, `apply`
+//! - what it knows: `settings`, `host`, `plan`
+//! - what it tells: `report`, `diff`
+
+pub mod apply;
+pub mod cli;
+pub mod containerd_config;
+pub mod diff;
+pub mod exit;
+pub mod extract;
+pub mod fetch;
+pub mod host;
+pub mod install;
+pub mod kubelet;
+pub mod logging;
+pub mod nodeconfig;
+pub mod plan;
+pub mod release;
+pub mod report;
+pub mod rootfs;
+pub mod settings;
+pub mod soci_config;
+pub mod store;
+pub mod units;

@@ -1,0 +1,29 @@
+//! soci-agent entry point: parse, set up logging, run, print the report,
+//! exit with a code that means something (see `soci_agent::exit`).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use soci_agent::cli::{Cli, Command, OutputFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    soci_agent::logging::init(&cli.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("soci-agent: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.command {
+        Command::Install(args) => {
+            let (report, output) = runtime.block_on(soci_agent::install::run(&args));
+            match output {
+                OutputFormat::Json => println!("{}", report.to_json()),
+                OutputFormat::Text => print!("{}", report.to_text()),
+            }
+            ExitCode::from(report.exit_code)
+        }
+    }
+}

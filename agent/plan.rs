@@ -1,0 +1,460 @@
+//! Plan: host facts + settings + the current content of the files involved
+//! -> an ordered list of actions, each with its node path, new bytes, mode,
+//! diff and effects. Building a plan changes nothing; `apply` carries it out
+//! and `--dry-run` prints it.
+
+use serde::Serialize;
+
+use crate::cli::WiringMode;
+use crate::containerd_config::{self, ConfigVersion, ContainerdConfigError, SociWiring};
+use crate::host::{HostFacts, SociUnit};
+use crate::release::{Arch, BINARIES, DAEMON_BINARY, ReleaseSpec, Sha256Hex};
+use crate::rootfs::{FsError, Root};
+use crate::settings::{DecompressorChoice, InstallSettings, sibling_checksum};
+use crate::soci_config::{Decompressor, SociConfig};
+use crate::store::{self, BIN_DIR, EntryState};
+use crate::units::{self, DaemonCommand};
+use crate::{kubelet, nodeconfig};
+
+pub const SOCI_CONFIG_PATH: &str = "/etc/soci-snapshotter-grpc/config.toml";
+pub const SOCI_SOCKET: &str = "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock";
+pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
+pub const STATE_DIR: &str = "/var/lib/soci-agent";
+pub const BACKUP_DIR: &str = "/var/lib/soci-agent/backup";
+/// Below these, parallel mode helps little (nodeadm's FastImagePull skips SOCI there).
+pub const MIN_CPUS: usize = 4;
+pub const MIN_MEMORY_BYTES: u64 = 7 * 1024 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("this is Bottlerocket ({0}): it ships SOCI and configures it through its settings API (settings.container-runtime-plugins / settings.kubernetes); soci-agent does not manage Bottlerocket nodes")]
+    Bottlerocket(String),
+    #[error("--adopt: no preinstalled soci-snapshotter-grpc found at {0}")]
+    NothingToAdopt(String),
+    #[error("--adopt: the preinstalled {path} is SOCI {version}, which has no parallel pull/unpack mode (needs 0.11.0 or newer)")]
+    AdoptTooOld { path: String, version: String },
+    #[error("{0} (use --arch to choose)")]
+    Arch(crate::release::ReleaseError),
+    #[error(transparent)]
+    Containerd(#[from] ContainerdConfigError),
+    #[error("containerd config {path} is not UTF-8")]
+    NotUtf8 { path: String },
+    #[error("cannot read the checksum file {path}")]
+    ReadChecksum { path: String, source: std::io::Error },
+    #[error("checksum file {path}: {source}")]
+    BadChecksum { path: String, source: crate::release::ReleaseError },
+    #[error(transparent)]
+    Fs(#[from] FsError),
+}
+
+impl PlanError {
+    /// Usage/validation errors (exit 2) vs failures reading the node (exit 1).
+    pub fn is_usage(&self) -> bool {
+        !matches!(self, PlanError::Fs(_) | PlanError::ReadChecksum { .. })
+    }
+}
+
+/// Where the expected archive digest comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum DigestSource {
+    Pinned(Sha256Hex),
+    /// The published `.sha256sum` at this URL.
+    Published(String),
+    /// A local `.sha256sum` file's digest.
+    File { path: String, digest: Sha256Hex },
+}
+
+impl DigestSource {
+    pub fn known(&self) -> Option<&Sha256Hex> {
+        match self {
+            DigestSource::Pinned(d) | DigestSource::File { digest: d, .. } => Some(d),
+            DigestSource::Published(_) => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "location", rename_all = "snake_case")]
+pub enum ArchiveSource {
+    Url(String),
+    Local(String),
+}
+
+/// Downloading, verifying and extracting a release into the store.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReleaseStep {
+    #[serde(skip)]
+    pub spec: ReleaseSpec,
+    pub source: ArchiveSource,
+    pub digest: DigestSource,
+    /// Node path of the store entry.
+    pub entry: String,
+    /// Why the existing entry is replaced, when one exists.
+    pub replaces: Option<String>,
+}
+
+/// What applying an action does.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Write { content: Vec<u8>, mode: u32 },
+    Symlink { target: String },
+    /// Copy the current file at `source` to the action's path (a backup).
+    Backup { source: String },
+    Release(Box<ReleaseStep>),
+    Nothing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionKind {
+    Create,
+    Update,
+    Unchanged,
+    Backup,
+    Symlink,
+    InstallRelease,
+    KeepRelease,
+}
+
+/// What a change means for running services (used by the systemd step).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Effects {
+    pub daemon_reload: bool,
+    pub restart_soci: bool,
+    pub restart_containerd: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Action {
+    pub path: String,
+    pub action: ActionKind,
+    pub changed: bool,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diff: Option<String>,
+    #[serde(skip)]
+    pub op: Op,
+    #[serde(skip)]
+    pub effects: Effects,
+}
+
+/// How containerd and kubelet get wired on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Wiring {
+    Nodeadm,
+    Containerd,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub arch: Arch,
+    pub wiring: Wiring,
+    pub containerd_config_version: ConfigVersion,
+    pub daemon_binary: String,
+    pub soci_unit: &'static str,
+    pub actions: Vec<Action>,
+    pub warnings: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+impl Plan {
+    pub fn changed(&self) -> bool {
+        self.actions.iter().any(|a| a.changed)
+    }
+    pub fn effects(&self) -> Effects {
+        self.actions.iter().filter(|a| a.changed).fold(Effects::default(), |e, a| Effects {
+            daemon_reload: e.daemon_reload || a.effects.daemon_reload,
+            restart_soci: e.restart_soci || a.effects.restart_soci,
+            restart_containerd: e.restart_containerd || a.effects.restart_containerd,
+        })
+    }
+}
+
+/// True when soci-agent wrote this file (its marker comment).
+fn written_by_agent(text: &str) -> bool {
+    units::is_ours(text) || text.starts_with("# Written by soci-agent")
+}
+
+struct Builder<'a> {
+    root: &'a Root,
+    actions: Vec<Action>,
+}
+
+impl Builder<'_> {
+    /// Plans writing `content` at `path`, with a backup of a foreign
+    /// original before its first change.
+    fn file(&mut self, path: &str, content: String, mode: u32, effects: Effects) -> Result<(), FsError> {
+        let old = self.root.read_opt(path)?;
+        let old_text = old.as_deref().map(String::from_utf8_lossy);
+        let same_mode = std::fs::metadata(self.root.path(path))
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777 == mode)
+            .unwrap_or(false);
+        let (kind, changed) = match &old {
+            None => (ActionKind::Create, true),
+            Some(b) if b == content.as_bytes() && same_mode => (ActionKind::Unchanged, false),
+            Some(_) => (ActionKind::Update, true),
+        };
+        if changed && let Some(text) = &old_text {
+            let backup = format!("{BACKUP_DIR}{path}");
+            if !written_by_agent(text) && !self.root.exists(&backup) {
+                self.actions.push(Action {
+                    path: backup,
+                    action: ActionKind::Backup,
+                    changed: true,
+                    detail: format!("copy of {path} before its first change"),
+                    diff: None,
+                    op: Op::Backup { source: path.to_string() },
+                    effects: Effects::default(),
+                });
+            }
+        }
+        let diff = changed.then(|| crate::diff::unified(path, old_text.as_deref(), &content));
+        self.actions.push(Action {
+            path: path.to_string(),
+            action: kind,
+            changed,
+            detail: format!("mode {mode:04o}"),
+            diff,
+            op: if changed { Op::Write { content: content.into_bytes(), mode } } else { Op::Nothing },
+            effects: if changed { effects } else { Effects::default() },
+        });
+        Ok(())
+    }
+
+    fn symlink(&mut self, path: &str, target: &str, effects: Effects) -> Result<(), FsError> {
+        let resolved = self.root.path(path);
+        let current = std::fs::symlink_metadata(&resolved).ok();
+        let is_link = current.as_ref().is_some_and(|m| m.file_type().is_symlink());
+        let same = is_link && std::fs::read_link(&resolved).is_ok_and(|t| t == std::path::Path::new(target));
+        if current.is_some() && !is_link {
+            let backup = format!("{BACKUP_DIR}{path}");
+            if !self.root.exists(&backup) {
+                self.actions.push(Action {
+                    path: backup,
+                    action: ActionKind::Backup,
+                    changed: true,
+                    detail: format!("copy of {path} (a file, not soci-agent's link) before it is replaced"),
+                    diff: None,
+                    op: Op::Backup { source: path.to_string() },
+                    effects: Effects::default(),
+                });
+            }
+        }
+        self.actions.push(Action {
+            path: path.to_string(),
+            action: if same { ActionKind::Unchanged } else { ActionKind::Symlink },
+            changed: !same,
+            detail: format!("-> {target}"),
+            diff: None,
+            op: if same { Op::Nothing } else { Op::Symlink { target: target.to_string() } },
+            effects: if same { Effects::default() } else { effects },
+        });
+        Ok(())
+    }
+}
+
+/// The release step, or `None` when the store already holds a verified copy.
+fn release_step(root: &Root, s: &InstallSettings, spec: ReleaseSpec) -> Result<(Option<ReleaseStep>, Option<String>), PlanError> {
+    let (source, digest) = match &s.archive {
+        Some(path) => {
+            let source = ArchiveSource::Local(path.display().to_string());
+            let digest = match &s.sha256 {
+                Some(d) => DigestSource::Pinned(d.clone()),
+                None => {
+                    let sum = sibling_checksum(path);
+                    let sum_s = sum.display().to_string();
+                    let text = std::fs::read_to_string(&sum).map_err(|source| PlanError::ReadChecksum { path: sum_s.clone(), source })?;
+                    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    let digest = crate::release::parse_sha256sum(&text, &name)
+                        .map_err(|source| PlanError::BadChecksum { path: sum_s.clone(), source })?;
+                    DigestSource::File { path: sum_s, digest }
+                }
+            };
+            (source, digest)
+        }
+        None => {
+            let digest = match &s.sha256 {
+                Some(d) => DigestSource::Pinned(d.clone()),
+                None => DigestSource::Published(spec.checksum_url(&s.release_url)),
+            };
+            (ArchiveSource::Url(spec.archive_url(&s.release_url)), digest)
+        }
+    };
+    let entry = store::entry_dir(&spec);
+    match store::inspect(root, &spec, digest.known()) {
+        EntryState::Valid(m) => Ok((None, Some(format!("{entry} holds verified SOCI {} (archive sha256 {})", m.version, m.archive_sha256)))),
+        EntryState::Missing => Ok((Some(ReleaseStep { spec, source, digest, entry, replaces: None }), None)),
+        EntryState::Stale(why) => Ok((Some(ReleaseStep { spec, source, digest, entry, replaces: Some(why) }), None)),
+    }
+}
+
+/// Builds the install plan. Reads the files involved; writes nothing.
+pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> {
+    let root = &s.root;
+    if facts.os.is_bottlerocket() {
+        return Err(PlanError::Bottlerocket(facts.os.pretty_name.clone()));
+    }
+    let arch = facts.arch(s.arch).map_err(PlanError::Arch)?;
+    let spec = ReleaseSpec { version: s.soci_version, arch, flavor: s.flavor };
+    let mut warnings = s.warnings.clone();
+    let mut notes = Vec::new();
+    let mut b = Builder { root, actions: Vec::new() };
+    let restart_soci = Effects { restart_soci: true, ..Effects::default() };
+
+    // 1. The binary: adopt the preinstalled one, or the store + links.
+    let daemon_binary = if s.adopt {
+        let found = facts.soci_installed.iter().find(|i| !i.managed).ok_or_else(|| {
+            PlanError::NothingToAdopt(crate::host::SOCI_BINARY_LOCATIONS.join(" or "))
+        })?;
+        match found.version.as_deref().map(crate::release::Version::parse_supported) {
+            Some(Ok(_)) => {}
+            Some(Err(_)) => {
+                return Err(PlanError::AdoptTooOld { path: found.path.clone(), version: found.version.clone().unwrap_or_default() });
+            }
+            None => warnings.push(format!("could not read the version of {}; parallel mode needs SOCI 0.11.0 or newer", found.path)),
+        }
+        notes.push(format!("adopting the preinstalled {} (SOCI {})", found.path, found.version.as_deref().unwrap_or("unknown")));
+        found.path.clone()
+    } else {
+        let (step, kept) = release_step(root, s, spec)?;
+        match step {
+            Some(step) => {
+                let detail = match (&step.source, &step.replaces) {
+                    (ArchiveSource::Url(u), None) => format!("download {u}"),
+                    (ArchiveSource::Local(p), None) => format!("extract {p}"),
+                    (src, Some(why)) => format!("replace ({why}) from {}", match src { ArchiveSource::Url(u) | ArchiveSource::Local(u) => u }),
+                };
+                b.actions.push(Action {
+                    path: step.entry.clone(),
+                    action: ActionKind::InstallRelease,
+                    changed: true,
+                    detail,
+                    diff: None,
+                    op: Op::Release(Box::new(step)),
+                    effects: restart_soci,
+                });
+            }
+            None => b.actions.push(Action {
+                path: store::entry_dir(&spec),
+                action: ActionKind::KeepRelease,
+                changed: false,
+                detail: kept.unwrap_or_default(),
+                diff: None,
+                op: Op::Nothing,
+                effects: Effects::default(),
+            }),
+        }
+        let entry = store::entry_dir(&spec);
+        for bin in BINARIES {
+            b.symlink(&format!("{BIN_DIR}/{bin}"), &format!("{entry}/{bin}"), restart_soci)?;
+        }
+        format!("{BIN_DIR}/{DAEMON_BINARY}")
+    };
+    for i in facts.soci_installed.iter().filter(|i| !i.managed) {
+        notes.push(format!("preinstalled SOCI at {}: version {}", i.path, i.version.as_deref().unwrap_or("unknown")));
+    }
+
+    // 2. SOCI's own config.
+    let gzip = match &s.decompressor {
+        DecompressorChoice::Auto => facts.unpigz.then(|| Decompressor::unpigz(crate::host::UNPIGZ)),
+        DecompressorChoice::None => None,
+        DecompressorChoice::Path(p) => Some(Decompressor::unpigz(p)),
+    };
+    if gzip.is_none() {
+        warnings.push("no gzip decompressor (unpigz): SOCI will decompress layers with Go's single-threaded gzip; install pigz for faster unpacks".into());
+    }
+    let soci_cfg = SociConfig { tuning: s.tuning.clone(), gzip, ..SociConfig::default() };
+    b.file(SOCI_CONFIG_PATH, crate::soci_config::render(&soci_cfg), 0o644, restart_soci)?;
+
+    // 3. systemd units.
+    let cmd = DaemonCommand { binary: daemon_binary.clone(), soci_root: s.soci_root.clone() };
+    let unit_change = Effects { daemon_reload: true, restart_soci: true, ..Effects::default() };
+    match &facts.soci_unit {
+        SociUnit::Foreign(path) => {
+            notes.push(format!("keeping the preinstalled {path}; overriding it with a drop-in"));
+            b.file(units::SERVICE_DROPIN_PATH, units::service_dropin(&cmd), 0o644, unit_change)?;
+        }
+        SociUnit::Absent | SociUnit::Ours(_) => {
+            b.file(units::SERVICE_PATH, units::service(&cmd), 0o644, unit_change)?;
+            b.file(units::SOCKET_PATH, units::socket(), 0o644, unit_change)?;
+        }
+    }
+    let containerd_change = Effects { daemon_reload: true, restart_containerd: true, ..Effects::default() };
+    b.file(units::CONTAINERD_DROPIN_PATH, units::containerd_dropin(), 0o644, containerd_change)?;
+
+    // 4. containerd + kubelet wiring.
+    let wiring_in = SociWiring { address: SOCI_SOCKET.to_string(), soci_root: s.soci_root.clone() };
+    let endpoint = nodeconfig::image_service_endpoint(SOCI_SOCKET);
+    let wiring = match s.wiring {
+        WiringMode::Nodeadm => Wiring::Nodeadm,
+        WiringMode::Containerd => Wiring::Containerd,
+        WiringMode::Auto if facts.nodeadm => Wiring::Nodeadm,
+        WiringMode::Auto => Wiring::Containerd,
+    };
+    let containerd_config_version = match wiring {
+        Wiring::Nodeadm => {
+            let version = match &facts.containerd {
+                Some(v) => nodeconfig::version_for_containerd(v.major),
+                None => {
+                    warnings.push(format!(
+                        "containerd version unknown (no {} and no containerd binary): assuming containerd 2.x (config version 3)",
+                        crate::host::CONTAINERD_VERSION_FILE
+                    ));
+                    ConfigVersion::V3
+                }
+            };
+            if !facts.nodeadm_dropin_dir {
+                warnings.push(format!(
+                    "{} did not exist: nodeadm older than AMI v20251023 does not read drop-ins; pass the NodeConfig in user data instead",
+                    nodeconfig::DROPIN_DIR
+                ));
+            }
+            b.file(nodeconfig::DROPIN_PATH, nodeconfig::render(version, &wiring_in), 0o644, containerd_change)?;
+            notes.push(format!(
+                "nodeadm host: {} is left to nodeadm, which renders it from {} when nodeadm-run starts containerd",
+                s.containerd_config,
+                nodeconfig::DROPIN_PATH
+            ));
+            version
+        }
+        Wiring::Containerd => {
+            let existing = root.read_opt(&s.containerd_config)?;
+            let existing = existing
+                .map(|b| String::from_utf8(b).map_err(|_| PlanError::NotUtf8 { path: s.containerd_config.clone() }))
+                .transpose()?;
+            let merged = containerd_config::merge(existing.as_deref(), &s.containerd_config, &wiring_in)?;
+            b.file(&s.containerd_config, merged.text, 0o644, containerd_change)?;
+            if facts.kubelet_config_layout {
+                b.file(kubelet::DROPIN_PATH, kubelet::dropin(&endpoint), 0o644, Effects::default())?;
+                notes.push(format!("kubelet reads {} only when started with --config-dir={}", kubelet::DROPIN_PATH, kubelet::DROPIN_DIR));
+            } else {
+                notes.push(format!("no kubelet config found under the root: set imageServiceEndpoint: {endpoint} in kubelet's configuration"));
+            }
+            merged.version
+        }
+    };
+
+    if root.is_host() {
+        let mem_low = facts.memory_bytes.is_some_and(|m| m < MIN_MEMORY_BYTES);
+        if facts.cpus < MIN_CPUS || mem_low {
+            warnings.push(format!(
+                "this host has {} vCPU and {} GiB: parallel pull/unpack mode helps little below {MIN_CPUS} vCPU / 7 GiB (EKS FastImagePull skips SOCI there)",
+                facts.cpus,
+                facts.memory_bytes.map_or("?".into(), |m| format!("{:.1}", m as f64 / (1u64 << 30) as f64))
+            ));
+        }
+    }
+
+    Ok(Plan {
+        arch,
+        wiring,
+        containerd_config_version,
+        daemon_binary,
+        soci_unit: units::SERVICE,
+        actions: b.actions,
+        warnings,
+        notes,
+    })
+}

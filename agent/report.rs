@@ -1,0 +1,133 @@
+//! The install report: JSON for machines, a compact listing for people.
+//! Reports go to stdout; logs go to stderr.
+
+use serde::Serialize;
+
+use crate::exit::ExitKind;
+use crate::host::HostFacts;
+use crate::plan::{Action, ActionKind, Plan};
+use crate::store::Manifest;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InstallReport {
+    pub command: &'static str,
+    pub agent_version: &'static str,
+    pub dry_run: bool,
+    /// 0 done, 1 failed (node left as it was), 2 usage/validation, 3 verification.
+    pub exit_code: u8,
+    pub outcome: ExitKind,
+    pub changed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostFacts>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanSummary>,
+    pub actions: Vec<Action>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub release: Option<Manifest>,
+    pub warnings: Vec<String>,
+    pub notes: Vec<String>,
+    pub next_steps: Vec<String>,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanSummary {
+    pub arch: String,
+    pub wiring: crate::plan::Wiring,
+    pub containerd_config_version: u8,
+    pub daemon_binary: String,
+    pub soci_unit: &'static str,
+}
+
+impl PlanSummary {
+    pub fn of(plan: &Plan) -> Self {
+        PlanSummary {
+            arch: plan.arch.to_string(),
+            wiring: plan.wiring,
+            containerd_config_version: plan.containerd_config_version.as_u8(),
+            daemon_binary: plan.daemon_binary.clone(),
+            soci_unit: plan.soci_unit,
+        }
+    }
+}
+
+impl InstallReport {
+    pub fn new(dry_run: bool) -> Self {
+        InstallReport {
+            command: "install",
+            agent_version: env!("CARGO_PKG_VERSION"),
+            dry_run,
+            exit_code: 0,
+            outcome: ExitKind::Ok,
+            changed: false,
+            error: None,
+            host: None,
+            plan: None,
+            actions: Vec::new(),
+            release: None,
+            warnings: Vec::new(),
+            notes: Vec::new(),
+            next_steps: Vec::new(),
+            seconds: 0.0,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("report serializes")
+    }
+
+    /// The human listing; diffs are shown for a dry run.
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let n = self.actions.iter().filter(|a| a.changed).count();
+        let headline = match (self.outcome, self.dry_run, n) {
+            (ExitKind::Ok, true, 0) => "dry run: nothing to change".to_string(),
+            (ExitKind::Ok, true, n) => format!("dry run: {n} change(s) planned, nothing changed"),
+            (ExitKind::Ok, false, 0) => "nothing to do: the node already matches (no file changed)".to_string(),
+            (ExitKind::Ok, false, n) => format!("done: {n} change(s) applied"),
+            (kind, _, _) => format!("FAILED (exit {}): {}", kind.code(), self.error.as_deref().unwrap_or("unknown error")),
+        };
+        let _ = writeln!(out, "soci-agent install: {headline}");
+        if let (Some(h), Some(p)) = (&self.host, &self.plan) {
+            let containerd = h.containerd.as_ref().map_or("unknown".to_string(), |c| c.version.clone());
+            let _ = writeln!(
+                out,
+                "node: {} {}, arch {}, containerd {containerd} (config v{}), wiring {:?}, SOCI binary {}",
+                if h.os.id.is_empty() { "unknown-os" } else { &h.os.id },
+                h.os.version_id,
+                p.arch,
+                p.containerd_config_version,
+                p.wiring,
+                p.daemon_binary
+            );
+        }
+        for a in &self.actions {
+            let verb = match a.action {
+                ActionKind::Create => "create",
+                ActionKind::Update => "update",
+                ActionKind::Unchanged => "unchanged",
+                ActionKind::Backup => "backup",
+                ActionKind::Symlink => "symlink",
+                ActionKind::InstallRelease => "install",
+                ActionKind::KeepRelease => "keep",
+            };
+            let _ = writeln!(out, "  {verb:<10} {}  ({})", a.path, a.detail);
+            if self.dry_run
+                && let Some(d) = a.diff.as_deref().filter(|d| !d.is_empty())
+            {
+                for line in d.lines() {
+                    let _ = writeln!(out, "      {line}");
+                }
+            }
+        }
+        for (title, list) in [("warning", &self.warnings), ("note", &self.notes), ("next", &self.next_steps)] {
+            for item in list {
+                let _ = writeln!(out, "{title}: {item}");
+            }
+        }
+        out
+    }
+}

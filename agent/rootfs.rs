@@ -1,0 +1,245 @@
+//! The node's filesystem as seen under `--root`: path resolution, reads that
+//! tell "absent" from "unreadable", and the one atomic-write helper every
+//! change goes through (temp file in the same directory, fsync, rename, fsync
+//! the directory; symlinks swapped by renaming a new link over the old one).
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("cannot read {path}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot write {path}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("cannot create directory {path}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("cannot rename {from} to {to}")]
+    Rename { from: PathBuf, to: PathBuf, source: io::Error },
+    #[error("cannot create symlink {path} -> {target}")]
+    Symlink { path: PathBuf, target: PathBuf, source: io::Error },
+    #[error("cannot remove {path}")]
+    Remove { path: PathBuf, source: io::Error },
+    #[error("{path} is not an absolute node path")]
+    NotAbsolute { path: String },
+}
+
+/// Marker in the names of temporary files, so a crashed run's leftovers can
+/// be recognised (they never sit at a final path).
+pub const TMP_MARKER: &str = ".soci-agent-tmp";
+
+/// The root every node path is resolved under (`--root`, default `/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Root {
+    base: PathBuf,
+}
+
+impl Root {
+    pub fn new(base: impl Into<PathBuf>) -> Self {
+        Root { base: base.into() }
+    }
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+    /// True when the root is the running host's `/`.
+    pub fn is_host(&self) -> bool {
+        self.base == Path::new("/")
+    }
+    /// Resolves an absolute node path (`/etc/x`) under the root. `..`
+    /// components are dropped lexically so a path never leaves the root.
+    pub fn path(&self, node_path: impl AsRef<Path>) -> PathBuf {
+        let mut out = self.base.clone();
+        for c in node_path.as_ref().components() {
+            match c {
+                Component::Normal(p) => out.push(p),
+                Component::ParentDir => {
+                    if out != self.base {
+                        out.pop();
+                    }
+                }
+                Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+            }
+        }
+        out
+    }
+    pub fn exists(&self, node_path: impl AsRef<Path>) -> bool {
+        fs::symlink_metadata(self.path(node_path)).is_ok()
+    }
+    /// Reads a file; `Ok(None)` when it does not exist.
+    pub fn read_opt(&self, node_path: impl AsRef<Path>) -> Result<Option<Vec<u8>>, FsError> {
+        read_opt(&self.path(node_path))
+    }
+    /// Reads a UTF-8 file; `Ok(None)` when it does not exist.
+    pub fn read_string_opt(&self, node_path: impl AsRef<Path>) -> Result<Option<String>, FsError> {
+        let path = self.path(node_path);
+        match read_opt(&path)? {
+            None => Ok(None),
+            Some(b) => String::from_utf8(b)
+                .map(Some)
+                .map_err(|e| FsError::Read { path, source: io::Error::new(io::ErrorKind::InvalidData, e) }),
+        }
+    }
+}
+
+pub fn read_opt(path: &Path) -> Result<Option<Vec<u8>>, FsError> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(FsError::Read { path: path.to_path_buf(), source }),
+    }
+}
+
+/// Creates `dir` and its parents with mode 0755.
+pub fn create_dirs(dir: &Path) -> Result<(), FsError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(|source| FsError::CreateDir { path: dir.to_path_buf(), source })
+}
+
+fn tmp_sibling(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}{TMP_MARKER}-{}", std::process::id()))
+}
+
+/// fsyncs a directory so a rename in it is durable.
+pub fn fsync_dir(dir: &Path) -> Result<(), FsError> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| FsError::Write { path: dir.to_path_buf(), source })
+}
+
+fn parent_of(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Writes `bytes` to `path` atomically with `mode`: a temp file in the same
+/// directory, fsync, chmod, rename over the target, fsync the directory.
+/// Readers see the old or the new content, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError> {
+    let dir = parent_of(path);
+    create_dirs(dir)?;
+    let tmp = tmp_sibling(path);
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.sync_all()
+    })();
+    if let Err(source) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(FsError::Write { path: path.to_path_buf(), source });
+    }
+    rename(&tmp, path)?;
+    fsync_dir(dir)
+}
+
+/// Renames, removing `from` when the rename fails.
+pub fn rename(from: &Path, to: &Path) -> Result<(), FsError> {
+    fs::rename(from, to).map_err(|source| {
+        let _ = fs::remove_file(from);
+        FsError::Rename { from: from.to_path_buf(), to: to.to_path_buf(), source }
+    })
+}
+
+/// Points `link` at `target` atomically: a new link beside it renamed over it.
+pub fn symlink_atomic(target: &Path, link: &Path) -> Result<(), FsError> {
+    let dir = parent_of(link);
+    create_dirs(dir)?;
+    let tmp = tmp_sibling(link);
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).map_err(|source| FsError::Symlink {
+        path: link.to_path_buf(),
+        target: target.to_path_buf(),
+        source,
+    })?;
+    rename(&tmp, link)?;
+    fsync_dir(dir)
+}
+
+/// Removes a file or symlink; absent is fine.
+pub fn remove_file(path: &Path) -> Result<(), FsError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(FsError::Remove { path: path.to_path_buf(), source }),
+    }
+}
+
+/// Current state of a path, enough to restore it exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Snapshot {
+    Absent,
+    File { bytes: Vec<u8>, mode: u32 },
+    Symlink { target: PathBuf },
+}
+
+impl Snapshot {
+    pub fn take(path: &Path) -> Result<Snapshot, FsError> {
+        let read_err = |source| FsError::Read { path: path.to_path_buf(), source };
+        match fs::symlink_metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Snapshot::Absent),
+            Err(e) => Err(read_err(e)),
+            Ok(m) if m.file_type().is_symlink() => Ok(Snapshot::Symlink { target: fs::read_link(path).map_err(read_err)? }),
+            Ok(m) => Ok(Snapshot::File { bytes: fs::read(path).map_err(read_err)?, mode: m.permissions().mode() & 0o7777 }),
+        }
+    }
+    /// Puts the path back the way it was.
+    pub fn restore(&self, path: &Path) -> Result<(), FsError> {
+        match self {
+            Snapshot::Absent => remove_file(path),
+            Snapshot::File { bytes, mode } => write_atomic(path, bytes, *mode),
+            Snapshot::Symlink { target } => symlink_atomic(target, path),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_stay_under_the_root() {
+        let r = Root::new("/mnt/img");
+        assert_eq!(r.path("/etc/containerd/config.toml"), PathBuf::from("/mnt/img/etc/containerd/config.toml"));
+        assert_eq!(r.path("/../../etc/passwd"), PathBuf::from("/mnt/img/etc/passwd"));
+        assert_eq!(Root::new("/").path("/etc/x"), PathBuf::from("/etc/x"));
+    }
+
+    #[test]
+    fn atomic_write_replaces_and_sets_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a/b/c.conf");
+        write_atomic(&p, b"one", 0o600).unwrap();
+        write_atomic(&p, b"two", 0o644).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o644);
+        let leftovers: Vec<_> = fs::read_dir(p.parent().unwrap()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temp file left behind");
+    }
+
+    #[test]
+    fn symlink_swap_and_snapshot_restore() {
+        let d = tempfile::tempdir().unwrap();
+        let link = d.path().join("bin/soci");
+        symlink_atomic(Path::new("/a"), &link).unwrap();
+        let snap = Snapshot::take(&link).unwrap();
+        symlink_atomic(Path::new("/b"), &link).unwrap();
+        assert_eq!(fs::read_link(&link).unwrap(), PathBuf::from("/b"));
+        snap.restore(&link).unwrap();
+        assert_eq!(fs::read_link(&link).unwrap(), PathBuf::from("/a"));
+        let f = d.path().join("f");
+        let absent = Snapshot::take(&f).unwrap();
+        write_atomic(&f, b"x", 0o644).unwrap();
+        absent.restore(&f).unwrap();
+        assert!(!f.exists());
+    }
+}

@@ -1,0 +1,281 @@
+//! Install settings: flags > `SOCI_AGENT_*` environment (both through clap)
+//! > the `[install]` table of the config file > defaults. Everything is
+//! validated here, before the node is looked at or touched.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cli::{InstallArgs, OutputFormat, WiringMode};
+use crate::release::{Arch, DEFAULT_RELEASE_URL, DEFAULT_SOCI_VERSION, Flavor, ReleaseError, Sha256Hex, Version};
+use crate::rootfs::Root;
+use crate::soci_config::{Tuning, TuningError};
+
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/soci-agent/config.toml";
+pub const DEFAULT_SOCI_ROOT: &str = "/var/lib/soci-snapshotter-grpc";
+pub const DEFAULT_CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
+pub const DEFAULT_HTTP_TIMEOUT_SECS: f64 = 30.0;
+pub const DEFAULT_RETRIES: u32 = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read agent config {path}")]
+    ReadConfig { path: PathBuf, source: std::io::Error },
+    #[error("agent config {path} is not valid: {message}")]
+    ParseConfig { path: PathBuf, message: String },
+    #[error("{option} {value:?}: {reason}")]
+    Invalid { option: &'static str, value: String, reason: String },
+    #[error(transparent)]
+    Tuning(#[from] TuningError),
+    #[error("{option}: {source}")]
+    Release { option: &'static str, source: ReleaseError },
+}
+
+/// The `[install]` table of the agent config file; keys are the flag names
+/// with `_` for `-`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstallFile {
+    soci_version: Option<String>,
+    release_url: Option<String>,
+    flavor: Option<String>,
+    archive: Option<PathBuf>,
+    sha256: Option<String>,
+    arch: Option<String>,
+    soci_root: Option<String>,
+    max_concurrent_downloads: Option<i64>,
+    max_concurrent_downloads_per_image: Option<i64>,
+    concurrent_download_chunk_size: Option<String>,
+    max_concurrent_unpacks: Option<i64>,
+    max_concurrent_unpacks_per_image: Option<i64>,
+    discard_unpacked_layers: Option<bool>,
+    decompressor: Option<String>,
+    containerd_config: Option<String>,
+    wiring: Option<WiringMode>,
+    adopt: Option<bool>,
+    no_start: Option<bool>,
+    output: Option<OutputFormat>,
+    http_timeout: Option<f64>,
+    retries: Option<u32>,
+}
+
+/// The whole agent config file. Other tables belong to other subcommands.
+#[derive(Debug, Default, Deserialize)]
+struct FileConfig {
+    #[serde(default)]
+    install: InstallFile,
+}
+
+/// Which gzip decompressor SOCI should run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecompressorChoice {
+    /// `/usr/bin/unpigz` when present under the root, else none.
+    Auto,
+    None,
+    Path(String),
+}
+
+/// Fully resolved and validated install settings.
+#[derive(Debug, Clone)]
+pub struct InstallSettings {
+    pub root: Root,
+    pub config_file: Option<PathBuf>,
+    pub soci_version: Version,
+    pub release_url: String,
+    pub flavor: Flavor,
+    pub archive: Option<PathBuf>,
+    pub sha256: Option<Sha256Hex>,
+    pub arch: Option<Arch>,
+    pub soci_root: String,
+    pub tuning: Tuning,
+    pub decompressor: DecompressorChoice,
+    pub containerd_config: String,
+    pub wiring: WiringMode,
+    pub adopt: bool,
+    pub no_start: bool,
+    pub dry_run: bool,
+    pub output: OutputFormat,
+    pub http_timeout: Duration,
+    pub retries: u32,
+    /// Things worth saying that do not stop the install (e.g. plain http).
+    pub warnings: Vec<String>,
+}
+
+fn invalid(option: &'static str, value: impl Into<String>, reason: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid { option, value: value.into(), reason: reason.into() }
+}
+
+fn absolute(option: &'static str, value: String) -> Result<String, SettingsError> {
+    if !value.starts_with('/') {
+        return Err(invalid(option, value, "must be an absolute path"));
+    }
+    Ok(value.trim_end_matches('/').to_string().max("/".to_string()))
+}
+
+fn read_file_config(args: &InstallArgs, root: &Root) -> Result<(Option<PathBuf>, FileConfig), SettingsError> {
+    let path = match &args.config {
+        Some(p) => p.clone(),
+        None => {
+            let p = root.path(DEFAULT_CONFIG_FILE);
+            if !p.exists() {
+                return Ok((None, FileConfig::default()));
+            }
+            p
+        }
+    };
+    let text =
+        std::fs::read_to_string(&path).map_err(|source| SettingsError::ReadConfig { path: path.clone(), source })?;
+    let cfg = toml_edit::de::from_str::<FileConfig>(&text)
+        .map_err(|e| SettingsError::ParseConfig { path: path.clone(), message: e.to_string().trim().to_string() })?;
+    Ok((Some(path), cfg))
+}
+
+impl InstallSettings {
+    /// Merges flags/env (already in `args`) over the config file over defaults.
+    pub fn resolve(args: &InstallArgs) -> Result<Self, SettingsError> {
+        let root = Root::new(&args.root);
+        if !args.root.is_absolute() && !args.root.exists() {
+            return Err(invalid("--root", args.root.display().to_string(), "directory does not exist"));
+        }
+        if !args.root.is_dir() {
+            return Err(invalid("--root", args.root.display().to_string(), "not a directory"));
+        }
+        let (config_file, file) = read_file_config(args, &root)?;
+        let f = file.install;
+        let mut warnings = Vec::new();
+
+        let version_s = args.soci_version.clone().or(f.soci_version).unwrap_or(DEFAULT_SOCI_VERSION.to_string());
+        let soci_version = Version::parse_supported(&version_s)
+            .map_err(|source| SettingsError::Release { option: "--soci-version", source })?;
+
+        let release_url = args.release_url.clone().or(f.release_url).unwrap_or(DEFAULT_RELEASE_URL.to_string());
+        let release_url = release_url.trim_end_matches('/').to_string();
+        if release_url.starts_with("http://") {
+            warnings.push(format!(
+                "--release-url {release_url} is plain http: the download is only as trustworthy as the digest it is checked against; pin one with --sha256"
+            ));
+        } else if !release_url.starts_with("https://") {
+            return Err(invalid("--release-url", release_url, "must start with https:// (or http:// for a mirror)"));
+        }
+
+        let flavor_s = args.flavor.clone().or(f.flavor).unwrap_or_else(|| "static".into());
+        let flavor = flavor_s.parse().map_err(|source| SettingsError::Release { option: "--flavor", source })?;
+
+        let sha256 = args
+            .sha256
+            .clone()
+            .or(f.sha256)
+            .map(|s| Sha256Hex::parse(&s))
+            .transpose()
+            .map_err(|source| SettingsError::Release { option: "--sha256", source })?;
+
+        let arch = args
+            .arch
+            .clone()
+            .or(f.arch)
+            .map(|s| s.parse::<Arch>())
+            .transpose()
+            .map_err(|source| SettingsError::Release { option: "--arch", source })?;
+
+        let archive = args.archive.clone().or(f.archive);
+        if let Some(a) = &archive
+            && !a.is_file()
+        {
+            return Err(invalid("--archive", a.display().to_string(), "no such file"));
+        }
+
+        let soci_root = absolute("--soci-root", args.soci_root.clone().or(f.soci_root).unwrap_or(DEFAULT_SOCI_ROOT.into()))?;
+        let containerd_config = absolute(
+            "--containerd-config",
+            args.containerd_config.clone().or(f.containerd_config).unwrap_or(DEFAULT_CONTAINERD_CONFIG.into()),
+        )?;
+
+        let d = Tuning::default();
+        let tuning = Tuning {
+            max_concurrent_downloads: args.max_concurrent_downloads.or(f.max_concurrent_downloads).unwrap_or(d.max_concurrent_downloads),
+            max_concurrent_downloads_per_image: args
+                .max_concurrent_downloads_per_image
+                .or(f.max_concurrent_downloads_per_image)
+                .unwrap_or(d.max_concurrent_downloads_per_image),
+            concurrent_download_chunk_size: args
+                .concurrent_download_chunk_size
+                .clone()
+                .or(f.concurrent_download_chunk_size)
+                .unwrap_or(d.concurrent_download_chunk_size),
+            max_concurrent_unpacks: args.max_concurrent_unpacks.or(f.max_concurrent_unpacks).unwrap_or(d.max_concurrent_unpacks),
+            max_concurrent_unpacks_per_image: args
+                .max_concurrent_unpacks_per_image
+                .or(f.max_concurrent_unpacks_per_image)
+                .unwrap_or(d.max_concurrent_unpacks_per_image),
+            discard_unpacked_layers: args.discard_unpacked_layers.or(f.discard_unpacked_layers).unwrap_or(d.discard_unpacked_layers),
+        };
+        crate::soci_config::validate(&tuning)?;
+
+        let decompressor = match args.decompressor.clone().or(f.decompressor).as_deref() {
+            None | Some("auto") => DecompressorChoice::Auto,
+            Some("none") | Some("") => DecompressorChoice::None,
+            Some(p) => {
+                crate::soci_config::validate_decompressor_path(p)?;
+                check_executable(&root, p)?;
+                DecompressorChoice::Path(p.to_string())
+            }
+        };
+
+        let http_timeout = args.http_timeout.or(f.http_timeout).unwrap_or(DEFAULT_HTTP_TIMEOUT_SECS);
+        if !(http_timeout.is_finite() && http_timeout > 0.0 && http_timeout <= 3600.0) {
+            return Err(invalid("--http-timeout", http_timeout.to_string(), "must be between 0 and 3600 seconds"));
+        }
+        let retries = args.retries.or(f.retries).unwrap_or(DEFAULT_RETRIES);
+        if retries > 20 {
+            return Err(invalid("--retries", retries.to_string(), "at most 20"));
+        }
+
+        let adopt = args.adopt || f.adopt.unwrap_or(false);
+        if adopt && (archive.is_some() || sha256.is_some()) {
+            return Err(invalid("--adopt", "true", "keeps the preinstalled binary; it cannot be combined with --archive or --sha256"));
+        }
+
+        Ok(InstallSettings {
+            root,
+            config_file,
+            soci_version,
+            release_url,
+            flavor,
+            archive,
+            sha256,
+            arch,
+            soci_root,
+            tuning,
+            decompressor,
+            containerd_config,
+            wiring: args.wiring.or(f.wiring).unwrap_or(WiringMode::Auto),
+            adopt,
+            no_start: args.no_start || f.no_start.unwrap_or(false),
+            dry_run: args.dry_run,
+            output: args.output.or(f.output).unwrap_or(OutputFormat::Text),
+            http_timeout: Duration::from_secs_f64(http_timeout),
+            retries,
+            warnings,
+        })
+    }
+}
+
+/// The decompressor must exist under the root and be executable, or the
+/// daemon refuses to start.
+fn check_executable(root: &Root, node_path: &str) -> Result<(), SettingsError> {
+    use std::os::unix::fs::PermissionsExt;
+    let p = root.path(node_path);
+    match std::fs::metadata(&p) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+        Ok(_) => Err(invalid("--decompressor", node_path, format!("{} is not an executable file", p.display()))),
+        Err(_) => Err(invalid("--decompressor", node_path, format!("{} does not exist (use \"none\" to go without)", p.display()))),
+    }
+}
+
+/// The `.sha256sum` sibling of a local archive.
+pub fn sibling_checksum(archive: &Path) -> PathBuf {
+    let mut s = archive.as_os_str().to_owned();
+    s.push(".sha256sum");
+    PathBuf::from(s)
+}
