@@ -21,7 +21,10 @@ pub enum ApplyError {
     #[error("fetching {what}")]
     Fetch { what: String, source: FetchError },
     #[error("the published checksum {url} is unusable")]
-    Checksum { url: String, source: crate::release::ReleaseError },
+    Checksum {
+        url: String,
+        source: crate::release::ReleaseError,
+    },
     #[error("{path}")]
     Fs { path: String, source: FsError },
 }
@@ -76,7 +79,12 @@ impl Transaction {
     }
     /// Records the missing ancestors of `path` (which are about to be created).
     fn note_missing_dirs(&mut self, path: &Path) {
-        let mut missing: Vec<PathBuf> = path.ancestors().skip(1).take_while(|d| !d.exists()).map(Path::to_path_buf).collect();
+        let mut missing: Vec<PathBuf> = path
+            .ancestors()
+            .skip(1)
+            .take_while(|d| !d.exists())
+            .map(Path::to_path_buf)
+            .collect();
         missing.reverse();
         self.created_dirs.extend(missing);
     }
@@ -93,7 +101,11 @@ fn sweep_temps(dir: &Path) {
     for e in rd.flatten() {
         if e.file_name().to_string_lossy().contains(TMP_MARKER) {
             let p = e.path();
-            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
         }
     }
 }
@@ -106,16 +118,26 @@ async fn expected_digest(fetcher: &Fetcher, step: &ReleaseStep) -> Result<(Sha25
             let body = fetcher
                 .get_small(url, CHECKSUM_LIMIT)
                 .await
-                .map_err(|source| ApplyError::Fetch { what: "the published checksum".into(), source })?;
+                .map_err(|source| ApplyError::Fetch {
+                    what: "the published checksum".into(),
+                    source,
+                })?;
             let text = String::from_utf8_lossy(&body);
-            let d = parse_sha256sum(&text, &step.spec.archive_name())
-                .map_err(|source| ApplyError::Checksum { url: url.clone(), source })?;
+            let d = parse_sha256sum(&text, &step.spec.archive_name()).map_err(|source| ApplyError::Checksum {
+                url: url.clone(),
+                source,
+            })?;
             Ok((d, url.clone()))
         }
     }
 }
 
-async fn install_release(root: &Root, fetcher: &Fetcher, step: &ReleaseStep, txn: &mut Transaction) -> Result<Manifest, ApplyError> {
+async fn install_release(
+    root: &Root,
+    fetcher: &Fetcher,
+    step: &ReleaseStep,
+    txn: &mut Transaction,
+) -> Result<Manifest, ApplyError> {
     let fs_err = |path: &Path| {
         let path = path.display().to_string();
         move |source| ApplyError::Fs { path, source }
@@ -126,7 +148,11 @@ async fn install_release(root: &Root, fetcher: &Fetcher, step: &ReleaseStep, txn
     txn.note_missing_dirs(&final_dir);
     rootfs::create_dirs(&parent).map_err(fs_err(&parent))?;
     sweep_temps(&parent);
-    let name = final_dir.file_name().expect("entry name").to_string_lossy().into_owned();
+    let name = final_dir
+        .file_name()
+        .expect("entry name")
+        .to_string_lossy()
+        .into_owned();
     let tmp = parent.join(format!(".{name}{TMP_MARKER}-{}", std::process::id()));
     rootfs::create_dirs(&tmp).map_err(fs_err(&tmp))?;
 
@@ -151,17 +177,28 @@ async fn install_release(root: &Root, fetcher: &Fetcher, step: &ReleaseStep, txn
         archive_name: step.spec.archive_name(),
         archive_sha256: extracted.archive_sha256.clone(),
         verified_against,
-        files: extracted.files.iter().map(|f| (f.name.clone(), f.sha256.clone())).collect(),
+        files: extracted
+            .files
+            .iter()
+            .map(|f| (f.name.clone(), f.sha256.clone()))
+            .collect(),
     };
     let mut promote = || -> Result<(), FsError> {
         rootfs::write_atomic(&tmp.join(MANIFEST), manifest.to_json().as_bytes(), 0o644)?;
         if final_dir.exists() {
             let aside = parent.join(format!(".{name}.old{TMP_MARKER}-{}", std::process::id()));
-            std::fs::rename(&final_dir, &aside)
-                .map_err(|source| FsError::Rename { from: final_dir.clone(), to: aside.clone(), source })?;
+            std::fs::rename(&final_dir, &aside).map_err(|source| FsError::Rename {
+                from: final_dir.clone(),
+                to: aside.clone(),
+                source,
+            })?;
             txn.replaced_entry = Some((aside, final_dir.clone()));
         }
-        std::fs::rename(&tmp, &final_dir).map_err(|source| FsError::Rename { from: tmp.clone(), to: final_dir.clone(), source })?;
+        std::fs::rename(&tmp, &final_dir).map_err(|source| FsError::Rename {
+            from: tmp.clone(),
+            to: final_dir.clone(),
+            source,
+        })?;
         txn.created_entry = Some(final_dir.clone());
         rootfs::fsync_dir(&parent)
     };
@@ -180,8 +217,13 @@ fn apply_file_op(root: &Root, path: &str, op: &Op) -> Result<(), FsError> {
         Op::Symlink { target: link_target } => rootfs::symlink_atomic(Path::new(link_target), &target),
         Op::Backup { source } => {
             let src = root.path(source);
-            let bytes = std::fs::read(&src).map_err(|e| FsError::Read { path: src.clone(), source: e })?;
-            let mode = std::fs::metadata(&src).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777).unwrap_or(0o644);
+            let bytes = std::fs::read(&src).map_err(|e| FsError::Read {
+                path: src.clone(),
+                source: e,
+            })?;
+            let mode = std::fs::metadata(&src)
+                .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
+                .unwrap_or(0o644);
             rootfs::write_atomic(&target, &bytes, mode)
         }
         Op::Release(_) | Op::Nothing => Ok(()),
@@ -196,19 +238,32 @@ pub async fn apply(root: &Root, plan: &Plan, http: HttpOptions) -> Result<Applie
         let started = Instant::now();
         for action in plan.actions.iter().filter(|a| a.changed) {
             if let Op::Release(step) = &action.op {
-                let fetcher = Fetcher::new(http.clone()).map_err(|source| ApplyError::Fetch { what: "an HTTP client".into(), source })?;
+                let fetcher = Fetcher::new(http.clone()).map_err(|source| ApplyError::Fetch {
+                    what: "an HTTP client".into(),
+                    source,
+                })?;
                 let m = install_release(root, &fetcher, step, &mut txn).await?;
                 applied.release = Some(m);
             }
         }
         applied.release_seconds = started.elapsed().as_secs_f64();
         let started = Instant::now();
-        for action in plan.actions.iter().filter(|a| a.changed && !matches!(a.op, Op::Release(_))) {
+        for action in plan
+            .actions
+            .iter()
+            .filter(|a| a.changed && !matches!(a.op, Op::Release(_)))
+        {
             let target = root.path(&action.path);
-            let snap = Snapshot::take(&target).map_err(|source| ApplyError::Fs { path: action.path.clone(), source })?;
+            let snap = Snapshot::take(&target).map_err(|source| ApplyError::Fs {
+                path: action.path.clone(),
+                source,
+            })?;
             txn.note_missing_dirs(&target);
             txn.snapshots.push((target, snap));
-            apply_file_op(root, &action.path, &action.op).map_err(|source| ApplyError::Fs { path: action.path.clone(), source })?;
+            apply_file_op(root, &action.path, &action.op).map_err(|source| ApplyError::Fs {
+                path: action.path.clone(),
+                source,
+            })?;
             tracing::info!(path = %action.path, action = ?action.action, "applied");
         }
         applied.files_seconds = started.elapsed().as_secs_f64();

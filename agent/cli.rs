@@ -110,11 +110,21 @@ pub struct InstallArgs {
     pub soci_root: Option<String>,
 
     /// Parallel downloads across all images; -1 = unbounded. [default: -1]
-    #[arg(long, value_name = "N", allow_negative_numbers = true, env = "SOCI_AGENT_MAX_CONCURRENT_DOWNLOADS")]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_negative_numbers = true,
+        env = "SOCI_AGENT_MAX_CONCURRENT_DOWNLOADS"
+    )]
     pub max_concurrent_downloads: Option<i64>,
 
     /// Parallel downloads per image; must not exceed a bounded global limit. [default: 20]
-    #[arg(long, value_name = "N", allow_negative_numbers = true, env = "SOCI_AGENT_MAX_CONCURRENT_DOWNLOADS_PER_IMAGE")]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_negative_numbers = true,
+        env = "SOCI_AGENT_MAX_CONCURRENT_DOWNLOADS_PER_IMAGE"
+    )]
     pub max_concurrent_downloads_per_image: Option<i64>,
 
     /// Chunk size of a layer download in SOCI's grammar (e.g. 8mb, 16mb; binary units; "" = whole layer). [default: 16mb]
@@ -122,11 +132,21 @@ pub struct InstallArgs {
     pub concurrent_download_chunk_size: Option<String>,
 
     /// Parallel layer unpacks across all images; -1 = unbounded. [default: -1]
-    #[arg(long, value_name = "N", allow_negative_numbers = true, env = "SOCI_AGENT_MAX_CONCURRENT_UNPACKS")]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_negative_numbers = true,
+        env = "SOCI_AGENT_MAX_CONCURRENT_UNPACKS"
+    )]
     pub max_concurrent_unpacks: Option<i64>,
 
     /// Parallel layer unpacks per image; must not exceed a bounded global limit. [default: 12]
-    #[arg(long, value_name = "N", allow_negative_numbers = true, env = "SOCI_AGENT_MAX_CONCURRENT_UNPACKS_PER_IMAGE")]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_negative_numbers = true,
+        env = "SOCI_AGENT_MAX_CONCURRENT_UNPACKS_PER_IMAGE"
+    )]
     pub max_concurrent_unpacks_per_image: Option<i64>,
 
     /// Let SOCI skip storing compressed layers in containerd's content store. [default: true]

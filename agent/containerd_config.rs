@@ -78,11 +78,7 @@ pub enum ContainerdConfigError {
     )]
     UnknownVersion { path: String, found: String },
     #[error("containerd config {path}: cannot set {key}: {reason}")]
-    Conflict {
-        path: String,
-        key: String,
-        reason: String,
-    },
+    Conflict { path: String, key: String, reason: String },
 }
 
 /// Result of [`merge`].
@@ -119,9 +115,7 @@ impl OwnedValue {
     fn to_value(&self) -> Value {
         match self {
             OwnedValue::Bool(b) => Value::from(*b),
-            OwnedValue::Str(s) => basic_string(s)
-                .parse()
-                .expect("an escaped basic string is valid TOML"),
+            OwnedValue::Str(s) => basic_string(s).parse().expect("an escaped basic string is valid TOML"),
         }
     }
 }
@@ -191,21 +185,14 @@ pub fn owned_keys(version: ConfigVersion, wiring: &SociWiring) -> Vec<OwnedKey> 
 
 /// Reads the top-level `version`: `Ok(None)` only for a document with no
 /// keys or tables at all (empty, whitespace or comments).
-pub fn detect_version(
-    text: &str,
-    path: &str,
-) -> Result<Option<ConfigVersion>, ContainerdConfigError> {
+pub fn detect_version(text: &str, path: &str) -> Result<Option<ConfigVersion>, ContainerdConfigError> {
     version_of(&parse(text, path)?, path)
 }
 
 /// Wires `existing` (the current file content, `None` when there is no file)
 /// to SOCI. `path` is only used in error messages. On error the caller must
 /// leave the file alone.
-pub fn merge(
-    existing: Option<&str>,
-    path: &str,
-    wiring: &SociWiring,
-) -> Result<Merged, ContainerdConfigError> {
+pub fn merge(existing: Option<&str>, path: &str, wiring: &SociWiring) -> Result<Merged, ContainerdConfigError> {
     let Some(text) = existing else {
         return Ok(Merged {
             text: created_file(wiring),
@@ -270,19 +257,14 @@ fn parse(text: &str, path: &str) -> Result<DocumentMut, ContainerdConfigError> {
     })
 }
 
-fn version_of(
-    doc: &DocumentMut,
-    path: &str,
-) -> Result<Option<ConfigVersion>, ContainerdConfigError> {
+fn version_of(doc: &DocumentMut, path: &str) -> Result<Option<ConfigVersion>, ContainerdConfigError> {
     let unknown = |found: String| ContainerdConfigError::UnknownVersion {
         path: path.to_owned(),
         found,
     };
     match doc.get("version") {
         None if doc.is_empty() => Ok(None),
-        None => Err(unknown(
-            "missing (containerd reads that as version 1)".into(),
-        )),
+        None => Err(unknown("missing (containerd reads that as version 1)".into())),
         Some(item) => match item.as_integer() {
             Some(2) => Ok(Some(ConfigVersion::V2)),
             Some(3) => Ok(Some(ConfigVersion::V3)),
@@ -521,11 +503,7 @@ fn is_bare(name: &str) -> bool {
 
 fn dotted(path: &[&str]) -> String {
     let quote = |s: &&str| {
-        if is_bare(s) {
-            s.to_string()
-        } else {
-            basic_string(s)
-        }
+        if is_bare(s) { s.to_string() } else { basic_string(s) }
     };
     path.iter().map(quote).collect::<Vec<_>>().join(".")
 }
@@ -569,10 +547,7 @@ mod tests {
     fn detects_versions() {
         let v = |text: &str| detect_version(text, "f").map_err(|e| e.to_string());
         assert_eq!(v("version = 2\n"), Ok(Some(ConfigVersion::V2)));
-        assert_eq!(
-            v("# c\nversion = 3 # x\n[a]\n"),
-            Ok(Some(ConfigVersion::V3))
-        );
+        assert_eq!(v("# c\nversion = 3 # x\n[a]\n"), Ok(Some(ConfigVersion::V3)));
         assert_eq!(v(""), Ok(None));
         assert_eq!(v("  \n# only a comment\n"), Ok(None));
         for (text, found) in [
@@ -595,10 +570,7 @@ mod tests {
             soci_root: "/var/lib/it's".into(),
         };
         let text = merge(None, "f", &odd).unwrap().text;
-        assert!(
-            text.contains(r#"address = "/run/a \"b\"\\c.sock""#),
-            "{text}"
-        );
+        assert!(text.contains(r#"address = "/run/a \"b\"\\c.sock""#), "{text}");
         assert!(text.contains(r#"root = "/var/lib/it's""#), "{text}");
         assert!(!merge(Some(&text), "f", &odd).unwrap().changed);
     }

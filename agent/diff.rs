@@ -7,7 +7,11 @@ pub fn unified(path: &str, old: Option<&str>, new: &str) -> String {
     if old == Some(new) {
         return String::new();
     }
-    let from = if old.is_some() { format!("a{path}") } else { "/dev/null".to_string() };
+    let from = if old.is_some() {
+        format!("a{path}")
+    } else {
+        "/dev/null".to_string()
+    };
     similar::TextDiff::from_lines(old_text, new)
         .unified_diff()
         .context_radius(3)

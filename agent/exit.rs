@@ -35,7 +35,10 @@ pub struct Failure {
 
 impl Failure {
     pub fn new(kind: ExitKind, error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
-        Failure { kind, error: error.into() }
+        Failure {
+            kind,
+            error: error.into(),
+        }
     }
     pub fn usage(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         Failure::new(ExitKind::Usage, error)

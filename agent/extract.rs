@@ -63,9 +63,7 @@ pub enum ExtractError {
     Source { source: io::Error },
     #[error("release archive is corrupt or truncated (not a complete gzip'd tar)")]
     Corrupt { source: io::Error },
-    #[error(
-        "SHA-256 mismatch for the release archive: expected {expected}, got {actual} ({bytes} bytes read)"
-    )]
+    #[error("SHA-256 mismatch for the release archive: expected {expected}, got {actual} ({bytes} bytes read)")]
     DigestMismatch {
         expected: Sha256Hex,
         actual: Sha256Hex,
@@ -89,14 +87,8 @@ pub enum ExtractError {
     TooLarge { name: String, size: u64, limit: u64 },
     #[error("refusing archive entry {name:?}: {detail}")]
     BadMetadata { name: String, detail: String },
-    #[error(
-        "archive entry {name:?} is truncated: header says {expected} bytes, archive holds {actual}"
-    )]
-    TruncatedEntry {
-        name: String,
-        expected: u64,
-        actual: u64,
-    },
+    #[error("archive entry {name:?} is truncated: header says {expected} bytes, archive holds {actual}")]
+    TruncatedEntry { name: String, expected: u64, actual: u64 },
     #[error("release archive has more than {limit} bytes after the {after}")]
     TrailingData { limit: u64, after: &'static str },
     #[error("release archive has no {DAEMON_BINARY}")]
@@ -135,11 +127,7 @@ impl ExtractError {
 /// left half-written), but the caller must still delete `dest` itself: the
 /// directory is scratch space until this returns `Ok`. When the source reader
 /// fails, [`ExtractError::Source`] wins over whatever the decoder made of it.
-pub fn extract_verified<R: Read>(
-    source: R,
-    dest: &Path,
-    expected: &Sha256Hex,
-) -> Result<Extracted, ExtractError> {
+pub fn extract_verified<R: Read>(source: R, dest: &Path, expected: &Sha256Hex) -> Result<Extracted, ExtractError> {
     let mut src = HashingReader {
         inner: source,
         hasher: Sha256::new(),
@@ -290,9 +278,7 @@ fn unpack<R: Read>(
                 limit: MAX_ENTRY_BYTES,
             });
         }
-        files.push(write_entry(
-            &mut entry, dest, name, size, &mut buf, created,
-        )?);
+        files.push(write_entry(&mut entry, dest, name, size, &mut buf, created)?);
     }
     // Past the tar end: drain the gzip stream so its trailer is checked.
     drain_capped(&mut archive.into_inner(), "tar end marker")?;
@@ -301,11 +287,7 @@ fn unpack<R: Read>(
 
 /// Reads `r` to its end, refusing more than [`MAX_TRAILING_BYTES`].
 fn drain_capped(r: &mut impl Read, after: &'static str) -> Result<(), ExtractError> {
-    let n = io::copy(
-        &mut r.by_ref().take(MAX_TRAILING_BYTES + 1),
-        &mut io::sink(),
-    )
-    .map_err(corrupt)?;
+    let n = io::copy(&mut r.by_ref().take(MAX_TRAILING_BYTES + 1), &mut io::sink()).map_err(corrupt)?;
     if n > MAX_TRAILING_BYTES {
         return Err(ExtractError::TrailingData {
             limit: MAX_TRAILING_BYTES,
@@ -322,14 +304,10 @@ fn is_metadata(kind: EntryType) -> bool {
         || kind.is_gnu_longlink()
 }
 
-fn read_metadata<R: Read>(
-    entry: &mut tar::Entry<'_, R>,
-    name: &str,
-) -> Result<Vec<u8>, ExtractError> {
+fn read_metadata<R: Read>(entry: &mut tar::Entry<'_, R>, name: &str) -> Result<Vec<u8>, ExtractError> {
     let size = entry.size();
     if size > MAX_METADATA_BYTES {
-        let detail =
-            format!("{size}-byte metadata record is over the {MAX_METADATA_BYTES}-byte limit");
+        let detail = format!("{size}-byte metadata record is over the {MAX_METADATA_BYTES}-byte limit");
         return Err(ExtractError::BadMetadata {
             name: name.to_string(),
             detail,
@@ -425,11 +403,7 @@ fn kind_name(kind: EntryType) -> String {
 
 /// Mode given to an extracted file; modes stored in the archive are ignored.
 pub fn normalised_mode(name: &str) -> u32 {
-    if BINARIES.contains(&name) {
-        0o755
-    } else {
-        0o644
-    }
+    if BINARIES.contains(&name) { 0o755 } else { 0o644 }
 }
 
 fn write_entry<R: Read>(
@@ -474,11 +448,10 @@ fn write_entry<R: Read>(
             });
         }
         hasher.update(&buf[..n]);
-        file.write_all(&buf[..n])
-            .map_err(|source| ExtractError::WriteFile {
-                path: path.clone(),
-                source,
-            })?;
+        file.write_all(&buf[..n]).map_err(|source| ExtractError::WriteFile {
+            path: path.clone(),
+            source,
+        })?;
     }
     if written != size {
         return Err(ExtractError::TruncatedEntry {
@@ -511,10 +484,7 @@ mod tests {
     fn name_rules() {
         let reg = EntryType::Regular;
         assert_eq!(check_name(b"soci", reg).unwrap().as_deref(), Some("soci"));
-        assert_eq!(
-            check_name(b"./NOTICE.md", reg).unwrap().as_deref(),
-            Some("NOTICE.md")
-        );
+        assert_eq!(check_name(b"./NOTICE.md", reg).unwrap().as_deref(), Some("NOTICE.md"));
         assert_eq!(check_name(b"./", EntryType::Directory).unwrap(), None);
         assert_eq!(check_name(b".", EntryType::Directory).unwrap(), None);
         assert!(matches!(
@@ -541,14 +511,8 @@ mod tests {
             check_name(b"soci/", EntryType::Directory),
             Err(ExtractError::NestedPath { .. })
         ));
-        assert!(matches!(
-            check_name(b"./", reg),
-            Err(ExtractError::BadName { .. })
-        ));
-        assert!(matches!(
-            check_name(b"", reg),
-            Err(ExtractError::BadName { .. })
-        ));
+        assert!(matches!(check_name(b"./", reg), Err(ExtractError::BadName { .. })));
+        assert!(matches!(check_name(b"", reg), Err(ExtractError::BadName { .. })));
         assert!(matches!(
             check_name(b"so\xffci", reg),
             Err(ExtractError::BadName { .. })
@@ -575,10 +539,7 @@ mod tests {
         struct Failing;
         impl Read for Failing {
             fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
-                Err(io::Error::new(
-                    io::ErrorKind::ConnectionReset,
-                    "peer went away",
-                ))
+                Err(io::Error::new(io::ErrorKind::ConnectionReset, "peer went away"))
             }
         }
         let dir = tempfile::tempdir().unwrap();
@@ -592,8 +553,7 @@ mod tests {
     fn garbage_is_a_verification_failure() {
         let dir = tempfile::tempdir().unwrap();
         let expected = Sha256Hex::parse(&"0".repeat(64)).unwrap();
-        let err =
-            extract_verified(&b"not a gzip stream at all"[..], dir.path(), &expected).unwrap_err();
+        let err = extract_verified(&b"not a gzip stream at all"[..], dir.path(), &expected).unwrap_err();
         assert!(matches!(err, ExtractError::Corrupt { .. }), "{err:?}");
         assert!(err.is_verification_failure());
     }

@@ -141,11 +141,7 @@ impl FetchError {
             FetchError::Transport { source: e, .. } => {
                 !e.is_builder()
                     && !e.is_redirect()
-                    && (e.is_connect()
-                        || e.is_timeout()
-                        || e.is_request()
-                        || e.is_body()
-                        || e.is_decode())
+                    && (e.is_connect() || e.is_timeout() || e.is_request() || e.is_body() || e.is_decode())
             }
             FetchError::Stalled { .. } => true,
             FetchError::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
@@ -194,8 +190,7 @@ impl Fetcher {
     /// GETs a small text (the `.sha256sum`), with retries; refuses bodies
     /// over `limit` bytes.
     pub async fn get_small(&self, url: &str, limit: usize) -> Result<Vec<u8>, FetchError> {
-        self.with_retries(url, || self.try_get_small(url, limit))
-            .await
+        self.with_retries(url, || self.try_get_small(url, limit)).await
     }
 
     /// Downloads `url` and streams it through [`extract_verified`] into `dest`,
@@ -209,8 +204,7 @@ impl Fetcher {
         expected: &Sha256Hex,
         dest: &Path,
     ) -> Result<Extracted, FetchError> {
-        self.with_retries(url, || self.try_download(url, expected, dest))
-            .await
+        self.with_retries(url, || self.try_download(url, expected, dest)).await
     }
 
     async fn with_retries<T, F, Fut>(&self, url: &str, mut attempt_once: F) -> Result<T, FetchError>
@@ -255,9 +249,7 @@ impl Fetcher {
             })?;
         let status = response.status();
         if status == reqwest::StatusCode::NOT_FOUND {
-            return Err(FetchError::NotFound {
-                url: url.to_string(),
-            });
+            return Err(FetchError::NotFound { url: url.to_string() });
         }
         if !status.is_success() {
             return Err(FetchError::Status {
@@ -308,21 +300,14 @@ impl Fetcher {
         }
     }
 
-    async fn try_download(
-        &self,
-        url: &str,
-        expected: &Sha256Hex,
-        dest: &Path,
-    ) -> Result<Extracted, FetchError> {
+    async fn try_download(&self, url: &str, expected: &Sha256Hex, dest: &Path) -> Result<Extracted, FetchError> {
         reset_dir(dest)?;
         let response = self.get(url).await?;
         let mut meter = Meter::new(self.opts.progress, url, response.content_length());
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let task = {
             let (dest, expected) = (dest.to_path_buf(), expected.clone());
-            tokio::task::spawn_blocking(move || {
-                extract_verified(ChannelReader::new(rx), &dest, &expected)
-            })
+            tokio::task::spawn_blocking(move || extract_verified(ChannelReader::new(rx), &dest, &expected))
         };
         let mut stream = response.bytes_stream();
         let mut fetch_error = None;
@@ -362,11 +347,7 @@ impl Fetcher {
 
 /// Same pipeline for a local file (offline `--archive`), without retries.
 /// `dest` is recreated empty first; on error it is left empty.
-pub async fn extract_local(
-    path: &Path,
-    expected: &Sha256Hex,
-    dest: &Path,
-) -> Result<Extracted, FetchError> {
+pub async fn extract_local(path: &Path, expected: &Sha256Hex, dest: &Path) -> Result<Extracted, FetchError> {
     reset_dir(dest)?;
     let (path, expected, dest) = (path.to_path_buf(), expected.clone(), dest.to_path_buf());
     let what = path.display().to_string();
@@ -375,8 +356,7 @@ pub async fn extract_local(
             path: path.clone(),
             source,
         })?;
-        extract_verified(file, &dest, &expected)
-            .map_err(|source| FetchError::LocalArchive { path, source })
+        extract_verified(file, &dest, &expected).map_err(|source| FetchError::LocalArchive { path, source })
     })
     .await
     .map_err(|source| FetchError::Join { what, source })?
@@ -399,10 +379,9 @@ fn reset_dir(dir: &Path) -> Result<(), FetchError> {
 /// Capped exponential backoff with full jitter: uniform in
 /// `[0, min(cap, base * 2^(attempt-1))]`, `attempt` counting from 1.
 pub fn backoff_delay(opts: &HttpOptions, attempt: u32) -> Duration {
-    let exp = opts.backoff_base.saturating_mul(
-        1u32.checked_shl(attempt.saturating_sub(1))
-            .unwrap_or(u32::MAX),
-    );
+    let exp = opts
+        .backoff_base
+        .saturating_mul(1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX));
     let ceiling = exp.min(opts.backoff_cap).as_millis().min(u64::MAX as u128) as u64;
     Duration::from_millis(fastrand::u64(0..=ceiling))
 }
@@ -566,10 +545,7 @@ mod tests {
                 .saturating_mul(1 << (attempt - 1).min(20))
                 .min(Duration::from_secs(8));
             for _ in 0..20 {
-                assert!(
-                    backoff_delay(&opts, attempt) <= ceiling,
-                    "attempt {attempt}"
-                );
+                assert!(backoff_delay(&opts, attempt) <= ceiling, "attempt {attempt}");
             }
         }
     }
@@ -603,9 +579,7 @@ mod tests {
             url: "u".into(),
             status: s,
         };
-        assert!(
-            status(500).is_transient() && status(503).is_transient() && status(429).is_transient()
-        );
+        assert!(status(500).is_transient() && status(503).is_transient() && status(429).is_transient());
         assert!(!status(403).is_transient());
         assert!(!FetchError::NotFound { url: "u".into() }.is_transient());
         assert!(

@@ -16,7 +16,11 @@ pub const CONTAINERD_VERSION_FILE: &str = "/etc/eks/containerd-version.txt";
 pub const UNPIGZ: &str = "/usr/bin/unpigz";
 /// Where a SOCI binary may already be installed (RPM on AL2023; upstream script).
 pub const SOCI_BINARY_LOCATIONS: [&str; 2] = ["/usr/bin/soci-snapshotter-grpc", "/usr/local/bin/soci-snapshotter-grpc"];
-const CONTAINERD_BINARIES: [&str; 3] = ["/usr/bin/containerd", "/usr/local/bin/containerd", "/usr/sbin/containerd"];
+const CONTAINERD_BINARIES: [&str; 3] = [
+    "/usr/bin/containerd",
+    "/usr/local/bin/containerd",
+    "/usr/sbin/containerd",
+];
 const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -105,7 +109,12 @@ pub fn parse_containerd_version(text: &str, source: &str) -> Option<ContainerdVe
         let mut it = core.split('.');
         let major = it.next()?.parse().ok()?;
         let minor = it.next()?.parse().ok()?;
-        Some(ContainerdVersion { version: core.clone(), major, minor, source: source.to_string() })
+        Some(ContainerdVersion {
+            version: core.clone(),
+            major,
+            minor,
+            source: source.to_string(),
+        })
     })
 }
 
@@ -173,19 +182,28 @@ pub async fn detect(root: &Root) -> HostFacts {
     let mut soci_installed = Vec::new();
     for loc in SOCI_BINARY_LOCATIONS {
         let p = root.path(loc);
-        let Ok(meta) = std::fs::symlink_metadata(&p) else { continue };
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
         let managed = meta.file_type().is_symlink()
             && std::fs::read_link(&p).is_ok_and(|t| t.starts_with(crate::store::STORE_DIR));
         let version = run_version(&p).await.as_deref().and_then(parse_soci_version);
-        soci_installed.push(InstalledSoci { path: loc.to_string(), managed, version });
+        soci_installed.push(InstalledSoci {
+            path: loc.to_string(),
+            managed,
+            version,
+        });
     }
 
     let mut soci_unit = SociUnit::Absent;
     for dir in crate::units::UNIT_SEARCH_PATH {
         let node_path = format!("{dir}/{}", crate::units::SERVICE);
         if let Ok(Some(text)) = root.read_string_opt(&node_path) {
-            soci_unit =
-                if crate::units::is_ours(&text) { SociUnit::Ours(node_path) } else { SociUnit::Foreign(node_path) };
+            soci_unit = if crate::units::is_ours(&text) {
+                SociUnit::Ours(node_path)
+            } else {
+                SociUnit::Foreign(node_path)
+            };
             break;
         }
     }
@@ -213,11 +231,18 @@ mod tests {
 
     #[test]
     fn versions_are_parsed() {
-        let v = parse_containerd_version("containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+b1\n", "x").unwrap();
+        let v = parse_containerd_version(
+            "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+b1\n",
+            "x",
+        )
+        .unwrap();
         assert_eq!((v.major, v.minor), (1, 6));
         assert_eq!(parse_containerd_version("2.2.1\n", "f").unwrap().major, 2);
         assert!(parse_containerd_version("garbage", "f").is_none());
-        assert_eq!(parse_soci_version("soci-snapshotter-grpc version v0.11.1 abcdef\n").as_deref(), Some("0.11.1"));
+        assert_eq!(
+            parse_soci_version("soci-snapshotter-grpc version v0.11.1 abcdef\n").as_deref(),
+            Some("0.11.1")
+        );
     }
 
     #[test]

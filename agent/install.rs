@@ -32,7 +32,11 @@ pub async fn run(args: &InstallArgs) -> (InstallReport, OutputFormat) {
     let plan = match crate::plan::build(&settings, &facts) {
         Ok(p) => p,
         Err(e) => {
-            let kind = if e.is_usage() { ExitKind::Usage } else { ExitKind::Failed };
+            let kind = if e.is_usage() {
+                ExitKind::Usage
+            } else {
+                ExitKind::Failed
+            };
             fail(&mut report, kind, &e);
             report.warnings.extend(settings.warnings.iter().cloned());
             return (report, output);
@@ -58,7 +62,11 @@ pub async fn run(args: &InstallArgs) -> (InstallReport, OutputFormat) {
     let http = HttpOptions {
         stall_timeout: settings.http_timeout,
         retries: settings.retries,
-        progress: if std::io::stderr().is_terminal() { Progress::Tty } else { Progress::Log },
+        progress: if std::io::stderr().is_terminal() {
+            Progress::Tty
+        } else {
+            Progress::Log
+        },
         ..HttpOptions::default()
     };
     match crate::apply::apply(&settings.root, &plan, http).await {
@@ -67,7 +75,11 @@ pub async fn run(args: &InstallArgs) -> (InstallReport, OutputFormat) {
             report.next_steps = next_steps(&settings, &plan);
         }
         Err(e) => {
-            let kind = if e.is_verification_failure() { ExitKind::Verification } else { ExitKind::Failed };
+            let kind = if e.is_verification_failure() {
+                ExitKind::Verification
+            } else {
+                ExitKind::Failed
+            };
             fail(&mut report, kind, &e);
             report.changed = false;
         }

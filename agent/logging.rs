@@ -10,7 +10,9 @@ pub fn init(level: &str) {
     let filter = EnvFilter::try_from_env("SOCI_AGENT_LOG")
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::io::stderr().is_terminal() {
         let _ = builder.with_target(false).without_time().try_init();
     } else {

@@ -9,7 +9,11 @@ use soci_agent::cli::{Cli, Command, OutputFormat};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     soci_agent::logging::init(&cli.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("soci-agent: cannot start the async runtime: {e}");

@@ -20,7 +20,13 @@ pub fn render(version: ConfigVersion, wiring: &SociWiring) -> String {
     let fragment = containerd_config::fragment(version, wiring);
     let indented: String = fragment
         .lines()
-        .map(|l| if l.is_empty() { "\n".to_string() } else { format!("      {l}\n") })
+        .map(|l| {
+            if l.is_empty() {
+                "\n".to_string()
+            } else {
+                format!("      {l}\n")
+            }
+        })
         .collect();
     TEMPLATE
         .replace("@CONTAINERD_CONFIG@\n", &indented)
@@ -29,5 +35,9 @@ pub fn render(version: ConfigVersion, wiring: &SociWiring) -> String {
 
 /// containerd config format for a containerd version string ("2.2.1", "1.7.27").
 pub fn version_for_containerd(major: u32) -> ConfigVersion {
-    if major >= 2 { ConfigVersion::V3 } else { ConfigVersion::V2 }
+    if major >= 2 {
+        ConfigVersion::V3
+    } else {
+        ConfigVersion::V2
+    }
 }

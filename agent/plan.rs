@@ -27,11 +27,15 @@ pub const MIN_MEMORY_BYTES: u64 = 7 * 1024 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
-    #[error("this is Bottlerocket ({0}): it ships SOCI and configures it through its settings API (settings.container-runtime-plugins / settings.kubernetes); soci-agent does not manage Bottlerocket nodes")]
+    #[error(
+        "this is Bottlerocket ({0}): it ships SOCI and configures it through its settings API (settings.container-runtime-plugins / settings.kubernetes); soci-agent does not manage Bottlerocket nodes"
+    )]
     Bottlerocket(String),
     #[error("--adopt: no preinstalled soci-snapshotter-grpc found at {0}")]
     NothingToAdopt(String),
-    #[error("--adopt: the preinstalled {path} is SOCI {version}, which has no parallel pull/unpack mode (needs 0.11.0 or newer)")]
+    #[error(
+        "--adopt: the preinstalled {path} is SOCI {version}, which has no parallel pull/unpack mode (needs 0.11.0 or newer)"
+    )]
     AdoptTooOld { path: String, version: String },
     #[error("{0} (use --arch to choose)")]
     Arch(crate::release::ReleaseError),
@@ -42,7 +46,10 @@ pub enum PlanError {
     #[error("cannot read the checksum file {path}")]
     ReadChecksum { path: String, source: std::io::Error },
     #[error("checksum file {path}: {source}")]
-    BadChecksum { path: String, source: crate::release::ReleaseError },
+    BadChecksum {
+        path: String,
+        source: crate::release::ReleaseError,
+    },
     #[error(transparent)]
     Fs(#[from] FsError),
 }
@@ -62,7 +69,10 @@ pub enum DigestSource {
     /// The published `.sha256sum` at this URL.
     Published(String),
     /// A local `.sha256sum` file's digest.
-    File { path: String, digest: Sha256Hex },
+    File {
+        path: String,
+        digest: Sha256Hex,
+    },
 }
 
 impl DigestSource {
@@ -97,10 +107,17 @@ pub struct ReleaseStep {
 /// What applying an action does.
 #[derive(Debug, Clone)]
 pub enum Op {
-    Write { content: Vec<u8>, mode: u32 },
-    Symlink { target: String },
+    Write {
+        content: Vec<u8>,
+        mode: u32,
+    },
+    Symlink {
+        target: String,
+    },
     /// Copy the current file at `source` to the action's path (a backup).
-    Backup { source: String },
+    Backup {
+        source: String,
+    },
     Release(Box<ReleaseStep>),
     Nothing,
 }
@@ -164,11 +181,14 @@ impl Plan {
         self.actions.iter().any(|a| a.changed)
     }
     pub fn effects(&self) -> Effects {
-        self.actions.iter().filter(|a| a.changed).fold(Effects::default(), |e, a| Effects {
-            daemon_reload: e.daemon_reload || a.effects.daemon_reload,
-            restart_soci: e.restart_soci || a.effects.restart_soci,
-            restart_containerd: e.restart_containerd || a.effects.restart_containerd,
-        })
+        self.actions
+            .iter()
+            .filter(|a| a.changed)
+            .fold(Effects::default(), |e, a| Effects {
+                daemon_reload: e.daemon_reload || a.effects.daemon_reload,
+                restart_soci: e.restart_soci || a.effects.restart_soci,
+                restart_containerd: e.restart_containerd || a.effects.restart_containerd,
+            })
     }
 }
 
@@ -205,7 +225,9 @@ impl Builder<'_> {
                     changed: true,
                     detail: format!("copy of {path} before its first change"),
                     diff: None,
-                    op: Op::Backup { source: path.to_string() },
+                    op: Op::Backup {
+                        source: path.to_string(),
+                    },
                     effects: Effects::default(),
                 });
             }
@@ -217,7 +239,14 @@ impl Builder<'_> {
             changed,
             detail: format!("mode {mode:04o}"),
             diff,
-            op: if changed { Op::Write { content: content.into_bytes(), mode } } else { Op::Nothing },
+            op: if changed {
+                Op::Write {
+                    content: content.into_bytes(),
+                    mode,
+                }
+            } else {
+                Op::Nothing
+            },
             effects: if changed { effects } else { Effects::default() },
         });
         Ok(())
@@ -237,18 +266,30 @@ impl Builder<'_> {
                     changed: true,
                     detail: format!("copy of {path} (a file, not soci-agent's link) before it is replaced"),
                     diff: None,
-                    op: Op::Backup { source: path.to_string() },
+                    op: Op::Backup {
+                        source: path.to_string(),
+                    },
                     effects: Effects::default(),
                 });
             }
         }
         self.actions.push(Action {
             path: path.to_string(),
-            action: if same { ActionKind::Unchanged } else { ActionKind::Symlink },
+            action: if same {
+                ActionKind::Unchanged
+            } else {
+                ActionKind::Symlink
+            },
             changed: !same,
             detail: format!("-> {target}"),
             diff: None,
-            op: if same { Op::Nothing } else { Op::Symlink { target: target.to_string() } },
+            op: if same {
+                Op::Nothing
+            } else {
+                Op::Symlink {
+                    target: target.to_string(),
+                }
+            },
             effects: if same { Effects::default() } else { effects },
         });
         Ok(())
@@ -256,7 +297,11 @@ impl Builder<'_> {
 }
 
 /// The release step, or `None` when the store already holds a verified copy.
-fn release_step(root: &Root, s: &InstallSettings, spec: ReleaseSpec) -> Result<(Option<ReleaseStep>, Option<String>), PlanError> {
+fn release_step(
+    root: &Root,
+    s: &InstallSettings,
+    spec: ReleaseSpec,
+) -> Result<(Option<ReleaseStep>, Option<String>), PlanError> {
     let (source, digest) = match &s.archive {
         Some(path) => {
             let source = ArchiveSource::Local(path.display().to_string());
@@ -265,10 +310,19 @@ fn release_step(root: &Root, s: &InstallSettings, spec: ReleaseSpec) -> Result<(
                 None => {
                     let sum = sibling_checksum(path);
                     let sum_s = sum.display().to_string();
-                    let text = std::fs::read_to_string(&sum).map_err(|source| PlanError::ReadChecksum { path: sum_s.clone(), source })?;
-                    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                    let digest = crate::release::parse_sha256sum(&text, &name)
-                        .map_err(|source| PlanError::BadChecksum { path: sum_s.clone(), source })?;
+                    let text = std::fs::read_to_string(&sum).map_err(|source| PlanError::ReadChecksum {
+                        path: sum_s.clone(),
+                        source,
+                    })?;
+                    let name = path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let digest =
+                        crate::release::parse_sha256sum(&text, &name).map_err(|source| PlanError::BadChecksum {
+                            path: sum_s.clone(),
+                            source,
+                        })?;
                     DigestSource::File { path: sum_s, digest }
                 }
             };
@@ -284,9 +338,33 @@ fn release_step(root: &Root, s: &InstallSettings, spec: ReleaseSpec) -> Result<(
     };
     let entry = store::entry_dir(&spec);
     match store::inspect(root, &spec, digest.known()) {
-        EntryState::Valid(m) => Ok((None, Some(format!("{entry} holds verified SOCI {} (archive sha256 {})", m.version, m.archive_sha256)))),
-        EntryState::Missing => Ok((Some(ReleaseStep { spec, source, digest, entry, replaces: None }), None)),
-        EntryState::Stale(why) => Ok((Some(ReleaseStep { spec, source, digest, entry, replaces: Some(why) }), None)),
+        EntryState::Valid(m) => Ok((
+            None,
+            Some(format!(
+                "verified SOCI {} already installed (archive sha256 {})",
+                m.version, m.archive_sha256
+            )),
+        )),
+        EntryState::Missing => Ok((
+            Some(ReleaseStep {
+                spec,
+                source,
+                digest,
+                entry,
+                replaces: None,
+            }),
+            None,
+        )),
+        EntryState::Stale(why) => Ok((
+            Some(ReleaseStep {
+                spec,
+                source,
+                digest,
+                entry,
+                replaces: Some(why),
+            }),
+            None,
+        )),
     }
 }
 
@@ -297,25 +375,47 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         return Err(PlanError::Bottlerocket(facts.os.pretty_name.clone()));
     }
     let arch = facts.arch(s.arch).map_err(PlanError::Arch)?;
-    let spec = ReleaseSpec { version: s.soci_version, arch, flavor: s.flavor };
+    let spec = ReleaseSpec {
+        version: s.soci_version,
+        arch,
+        flavor: s.flavor,
+    };
     let mut warnings = s.warnings.clone();
     let mut notes = Vec::new();
-    let mut b = Builder { root, actions: Vec::new() };
-    let restart_soci = Effects { restart_soci: true, ..Effects::default() };
+    let mut b = Builder {
+        root,
+        actions: Vec::new(),
+    };
+    let restart_soci = Effects {
+        restart_soci: true,
+        ..Effects::default()
+    };
 
     // 1. The binary: adopt the preinstalled one, or the store + links.
     let daemon_binary = if s.adopt {
-        let found = facts.soci_installed.iter().find(|i| !i.managed).ok_or_else(|| {
-            PlanError::NothingToAdopt(crate::host::SOCI_BINARY_LOCATIONS.join(" or "))
-        })?;
+        let found = facts
+            .soci_installed
+            .iter()
+            .find(|i| !i.managed)
+            .ok_or_else(|| PlanError::NothingToAdopt(crate::host::SOCI_BINARY_LOCATIONS.join(" or ")))?;
         match found.version.as_deref().map(crate::release::Version::parse_supported) {
             Some(Ok(_)) => {}
             Some(Err(_)) => {
-                return Err(PlanError::AdoptTooOld { path: found.path.clone(), version: found.version.clone().unwrap_or_default() });
+                return Err(PlanError::AdoptTooOld {
+                    path: found.path.clone(),
+                    version: found.version.clone().unwrap_or_default(),
+                });
             }
-            None => warnings.push(format!("could not read the version of {}; parallel mode needs SOCI 0.11.0 or newer", found.path)),
+            None => warnings.push(format!(
+                "could not read the version of {}; parallel mode needs SOCI 0.11.0 or newer",
+                found.path
+            )),
         }
-        notes.push(format!("adopting the preinstalled {} (SOCI {})", found.path, found.version.as_deref().unwrap_or("unknown")));
+        notes.push(format!(
+            "adopting the preinstalled {} (SOCI {})",
+            found.path,
+            found.version.as_deref().unwrap_or("unknown")
+        ));
         found.path.clone()
     } else {
         let (step, kept) = release_step(root, s, spec)?;
@@ -324,7 +424,12 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
                 let detail = match (&step.source, &step.replaces) {
                     (ArchiveSource::Url(u), None) => format!("download {u}"),
                     (ArchiveSource::Local(p), None) => format!("extract {p}"),
-                    (src, Some(why)) => format!("replace ({why}) from {}", match src { ArchiveSource::Url(u) | ArchiveSource::Local(u) => u }),
+                    (src, Some(why)) => format!(
+                        "replace ({why}) from {}",
+                        match src {
+                            ArchiveSource::Url(u) | ArchiveSource::Local(u) => u,
+                        }
+                    ),
                 };
                 b.actions.push(Action {
                     path: step.entry.clone(),
@@ -353,7 +458,11 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         format!("{BIN_DIR}/{DAEMON_BINARY}")
     };
     for i in facts.soci_installed.iter().filter(|i| !i.managed) {
-        notes.push(format!("preinstalled SOCI at {}: version {}", i.path, i.version.as_deref().unwrap_or("unknown")));
+        notes.push(format!(
+            "preinstalled SOCI at {}: version {}",
+            i.path,
+            i.version.as_deref().unwrap_or("unknown")
+        ));
     }
 
     // 2. SOCI's own config.
@@ -365,27 +474,60 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
     if gzip.is_none() {
         warnings.push("no gzip decompressor (unpigz): SOCI will decompress layers with Go's single-threaded gzip; install pigz for faster unpacks".into());
     }
-    let soci_cfg = SociConfig { tuning: s.tuning.clone(), gzip, ..SociConfig::default() };
-    b.file(SOCI_CONFIG_PATH, crate::soci_config::render(&soci_cfg), 0o644, restart_soci)?;
+    let soci_cfg = SociConfig {
+        tuning: s.tuning.clone(),
+        gzip,
+        ..SociConfig::default()
+    };
+    b.file(
+        SOCI_CONFIG_PATH,
+        crate::soci_config::render(&soci_cfg),
+        0o644,
+        restart_soci,
+    )?;
 
     // 3. systemd units.
-    let cmd = DaemonCommand { binary: daemon_binary.clone(), soci_root: s.soci_root.clone() };
-    let unit_change = Effects { daemon_reload: true, restart_soci: true, ..Effects::default() };
+    let cmd = DaemonCommand {
+        binary: daemon_binary.clone(),
+        soci_root: s.soci_root.clone(),
+    };
+    let unit_change = Effects {
+        daemon_reload: true,
+        restart_soci: true,
+        ..Effects::default()
+    };
     match &facts.soci_unit {
         SociUnit::Foreign(path) => {
             notes.push(format!("keeping the preinstalled {path}; overriding it with a drop-in"));
-            b.file(units::SERVICE_DROPIN_PATH, units::service_dropin(&cmd), 0o644, unit_change)?;
+            b.file(
+                units::SERVICE_DROPIN_PATH,
+                units::service_dropin(&cmd),
+                0o644,
+                unit_change,
+            )?;
         }
         SociUnit::Absent | SociUnit::Ours(_) => {
             b.file(units::SERVICE_PATH, units::service(&cmd), 0o644, unit_change)?;
             b.file(units::SOCKET_PATH, units::socket(), 0o644, unit_change)?;
         }
     }
-    let containerd_change = Effects { daemon_reload: true, restart_containerd: true, ..Effects::default() };
-    b.file(units::CONTAINERD_DROPIN_PATH, units::containerd_dropin(), 0o644, containerd_change)?;
+    let containerd_change = Effects {
+        daemon_reload: true,
+        restart_containerd: true,
+        ..Effects::default()
+    };
+    b.file(
+        units::CONTAINERD_DROPIN_PATH,
+        units::containerd_dropin(),
+        0o644,
+        containerd_change,
+    )?;
 
     // 4. containerd + kubelet wiring.
-    let wiring_in = SociWiring { address: SOCI_SOCKET.to_string(), soci_root: s.soci_root.clone() };
+    let wiring_in = SociWiring {
+        address: SOCI_SOCKET.to_string(),
+        soci_root: s.soci_root.clone(),
+    };
     let endpoint = nodeconfig::image_service_endpoint(SOCI_SOCKET);
     let wiring = match s.wiring {
         WiringMode::Nodeadm => Wiring::Nodeadm,
@@ -411,7 +553,12 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
                     nodeconfig::DROPIN_DIR
                 ));
             }
-            b.file(nodeconfig::DROPIN_PATH, nodeconfig::render(version, &wiring_in), 0o644, containerd_change)?;
+            b.file(
+                nodeconfig::DROPIN_PATH,
+                nodeconfig::render(version, &wiring_in),
+                0o644,
+                containerd_change,
+            )?;
             notes.push(format!(
                 "nodeadm host: {} is left to nodeadm, which renders it from {} when nodeadm-run starts containerd",
                 s.containerd_config,
@@ -422,13 +569,26 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         Wiring::Containerd => {
             let existing = root.read_opt(&s.containerd_config)?;
             let existing = existing
-                .map(|b| String::from_utf8(b).map_err(|_| PlanError::NotUtf8 { path: s.containerd_config.clone() }))
+                .map(|b| {
+                    String::from_utf8(b).map_err(|_| PlanError::NotUtf8 {
+                        path: s.containerd_config.clone(),
+                    })
+                })
                 .transpose()?;
             let merged = containerd_config::merge(existing.as_deref(), &s.containerd_config, &wiring_in)?;
             b.file(&s.containerd_config, merged.text, 0o644, containerd_change)?;
             if facts.kubelet_config_layout {
-                b.file(kubelet::DROPIN_PATH, kubelet::dropin(&endpoint), 0o644, Effects::default())?;
-                notes.push(format!("kubelet reads {} only when started with --config-dir={}", kubelet::DROPIN_PATH, kubelet::DROPIN_DIR));
+                b.file(
+                    kubelet::DROPIN_PATH,
+                    kubelet::dropin(&endpoint),
+                    0o644,
+                    Effects::default(),
+                )?;
+                notes.push(format!(
+                    "kubelet reads {} only when started with --config-dir={}",
+                    kubelet::DROPIN_PATH,
+                    kubelet::DROPIN_DIR
+                ));
             } else {
                 notes.push(format!("no kubelet config found under the root: set imageServiceEndpoint: {endpoint} in kubelet's configuration"));
             }

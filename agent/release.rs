@@ -14,7 +14,11 @@ macro_rules! default_soci_version {
 /// Newest SOCI release recorded in the reference; the default `--soci-version`.
 pub const DEFAULT_SOCI_VERSION: &str = default_soci_version!();
 /// Parallel pull/unpack mode first shipped in this release.
-pub const MIN_SOCI_VERSION: Version = Version { major: 0, minor: 11, patch: 0 };
+pub const MIN_SOCI_VERSION: Version = Version {
+    major: 0,
+    minor: 11,
+    patch: 0,
+};
 /// Default base of the release tree.
 pub const DEFAULT_RELEASE_URL: &str = "https://github.com/awslabs/soci-snapshotter/releases/download";
 
@@ -61,7 +65,11 @@ impl FromStr for Version {
             }
             p.parse().map_err(|_| bad())
         };
-        let v = Version { major: next()?, minor: next()?, patch: next()? };
+        let v = Version {
+            major: next()?,
+            minor: next()?,
+            patch: next()?,
+        };
         if parts.next().is_some() {
             return Err(bad());
         }
@@ -220,7 +228,12 @@ impl ReleaseSpec {
     }
     /// `{base}/v{VER}/{archive}`
     pub fn archive_url(&self, base: &str) -> String {
-        format!("{}/v{}/{}", base.trim_end_matches('/'), self.version, self.archive_name())
+        format!(
+            "{}/v{}/{}",
+            base.trim_end_matches('/'),
+            self.version,
+            self.archive_name()
+        )
     }
     pub fn checksum_url(&self, base: &str) -> String {
         format!("{}.sha256sum", self.archive_url(base))
@@ -243,7 +256,8 @@ pub fn parse_sha256sum(text: &str, expected_name: &str) -> Result<Sha256Hex, Rel
         let mut it = line.splitn(2, char::is_whitespace);
         let digest = it.next().unwrap_or_default();
         let name = it.next().map(|n| n.trim_start().trim_start_matches('*'));
-        let digest = Sha256Hex::parse(digest).map_err(|_| bad(&format!("line {line:?} does not start with a SHA-256 digest")))?;
+        let digest = Sha256Hex::parse(digest)
+            .map_err(|_| bad(&format!("line {line:?} does not start with a SHA-256 digest")))?;
         match name {
             None | Some("") => found = found.or(Some(digest)),
             Some(n) if n.rsplit('/').next() == Some(expected_name) => return Ok(digest),
@@ -259,9 +273,17 @@ mod tests {
 
     #[test]
     fn names_and_urls_follow_release_layout() {
-        let spec = ReleaseSpec { version: "0.11.1".parse().unwrap(), arch: Arch::Amd64, flavor: Flavor::Dynamic };
+        let spec = ReleaseSpec {
+            version: "0.11.1".parse().unwrap(),
+            arch: Arch::Amd64,
+            flavor: Flavor::Dynamic,
+        };
         assert_eq!(spec.archive_name(), "soci-snapshotter-0.11.1-linux-amd64.tar.gz");
-        let spec = ReleaseSpec { flavor: Flavor::Static, arch: Arch::Arm64, ..spec };
+        let spec = ReleaseSpec {
+            flavor: Flavor::Static,
+            arch: Arch::Arm64,
+            ..spec
+        };
         assert_eq!(
             spec.archive_url("https://example.org/dl/"),
             "https://example.org/dl/v0.11.1/soci-snapshotter-0.11.1-linux-arm64-static.tar.gz"
@@ -272,7 +294,10 @@ mod tests {
 
     #[test]
     fn versions_below_parallel_mode_are_refused() {
-        assert_eq!(Version::parse_supported("0.10.9"), Err(ReleaseError::TooOld("0.10.9".parse().unwrap())));
+        assert_eq!(
+            Version::parse_supported("0.10.9"),
+            Err(ReleaseError::TooOld("0.10.9".parse().unwrap()))
+        );
         assert!(Version::parse_supported("v0.11.0").is_ok());
         assert!(Version::parse_supported("1.2").is_err());
         assert!(Version::parse_supported("0.15.0-rc1").is_err());
@@ -290,7 +315,12 @@ mod tests {
         let d = "3f5a".repeat(16);
         let name = "soci-snapshotter-0.11.1-linux-amd64.tar.gz";
         assert_eq!(parse_sha256sum(&format!("{d}  {name}\n"), name).unwrap().as_str(), d);
-        assert_eq!(parse_sha256sum(&format!("{}  *{name}\n", d.to_uppercase()), name).unwrap().as_str(), d);
+        assert_eq!(
+            parse_sha256sum(&format!("{}  *{name}\n", d.to_uppercase()), name)
+                .unwrap()
+                .as_str(),
+            d
+        );
         assert!(parse_sha256sum(&format!("{d}  other.tar.gz\n"), name).is_err());
         assert!(parse_sha256sum("not a digest  x\n", name).is_err());
         assert!(parse_sha256sum("", name).is_err());

@@ -88,19 +88,29 @@ impl InstallReport {
             (ExitKind::Ok, true, n) => format!("dry run: {n} change(s) planned, nothing changed"),
             (ExitKind::Ok, false, 0) => "nothing to do: the node already matches (no file changed)".to_string(),
             (ExitKind::Ok, false, n) => format!("done: {n} change(s) applied"),
-            (kind, _, _) => format!("FAILED (exit {}): {}", kind.code(), self.error.as_deref().unwrap_or("unknown error")),
+            (kind, _, _) => format!(
+                "FAILED (exit {}): {}",
+                kind.code(),
+                self.error.as_deref().unwrap_or("unknown error")
+            ),
         };
         let _ = writeln!(out, "soci-agent install: {headline}");
         if let (Some(h), Some(p)) = (&self.host, &self.plan) {
-            let containerd = h.containerd.as_ref().map_or("unknown".to_string(), |c| c.version.clone());
+            let containerd = h
+                .containerd
+                .as_ref()
+                .map_or("unknown".to_string(), |c| c.version.clone());
             let _ = writeln!(
                 out,
-                "node: {} {}, arch {}, containerd {containerd} (config v{}), wiring {:?}, SOCI binary {}",
+                "node: {} {}, arch {}, containerd {containerd} (config v{}), wiring {}, SOCI binary {}",
                 if h.os.id.is_empty() { "unknown-os" } else { &h.os.id },
                 h.os.version_id,
                 p.arch,
                 p.containerd_config_version,
-                p.wiring,
+                match p.wiring {
+                    crate::plan::Wiring::Nodeadm => "nodeadm (NodeConfig drop-in)",
+                    crate::plan::Wiring::Containerd => "containerd config",
+                },
                 p.daemon_binary
             );
         }
@@ -123,7 +133,11 @@ impl InstallReport {
                 }
             }
         }
-        for (title, list) in [("warning", &self.warnings), ("note", &self.notes), ("next", &self.next_steps)] {
+        for (title, list) in [
+            ("warning", &self.warnings),
+            ("note", &self.notes),
+            ("next", &self.next_steps),
+        ] {
             for item in list {
                 let _ = writeln!(out, "{title}: {item}");
             }

@@ -17,9 +17,17 @@ pub enum FsError {
     #[error("cannot create directory {path}")]
     CreateDir { path: PathBuf, source: io::Error },
     #[error("cannot rename {from} to {to}")]
-    Rename { from: PathBuf, to: PathBuf, source: io::Error },
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        source: io::Error,
+    },
     #[error("cannot create symlink {path} -> {target}")]
-    Symlink { path: PathBuf, target: PathBuf, source: io::Error },
+    Symlink {
+        path: PathBuf,
+        target: PathBuf,
+        source: io::Error,
+    },
     #[error("cannot remove {path}")]
     Remove { path: PathBuf, source: io::Error },
     #[error("{path} is not an absolute node path")]
@@ -76,9 +84,10 @@ impl Root {
         let path = self.path(node_path);
         match read_opt(&path)? {
             None => Ok(None),
-            Some(b) => String::from_utf8(b)
-                .map(Some)
-                .map_err(|e| FsError::Read { path, source: io::Error::new(io::ErrorKind::InvalidData, e) }),
+            Some(b) => String::from_utf8(b).map(Some).map_err(|e| FsError::Read {
+                path,
+                source: io::Error::new(io::ErrorKind::InvalidData, e),
+            }),
         }
     }
 }
@@ -87,7 +96,10 @@ pub fn read_opt(path: &Path) -> Result<Option<Vec<u8>>, FsError> {
     match fs::read(path) {
         Ok(b) => Ok(Some(b)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(FsError::Read { path: path.to_path_buf(), source }),
+        Err(source) => Err(FsError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -97,11 +109,17 @@ pub fn create_dirs(dir: &Path) -> Result<(), FsError> {
         .recursive(true)
         .mode(0o755)
         .create(dir)
-        .map_err(|source| FsError::CreateDir { path: dir.to_path_buf(), source })
+        .map_err(|source| FsError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 fn tmp_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}{TMP_MARKER}-{}", std::process::id()))
 }
 
@@ -109,11 +127,16 @@ fn tmp_sibling(path: &Path) -> PathBuf {
 pub fn fsync_dir(dir: &Path) -> Result<(), FsError> {
     fs::File::open(dir)
         .and_then(|f| f.sync_all())
-        .map_err(|source| FsError::Write { path: dir.to_path_buf(), source })
+        .map_err(|source| FsError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 fn parent_of(path: &Path) -> &Path {
-    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 /// Writes `bytes` to `path` atomically with `mode`: a temp file in the same
@@ -136,7 +159,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError>
     })();
     if let Err(source) = result {
         let _ = fs::remove_file(&tmp);
-        return Err(FsError::Write { path: path.to_path_buf(), source });
+        return Err(FsError::Write {
+            path: path.to_path_buf(),
+            source,
+        });
     }
     rename(&tmp, path)?;
     fsync_dir(dir)
@@ -146,7 +172,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError>
 pub fn rename(from: &Path, to: &Path) -> Result<(), FsError> {
     fs::rename(from, to).map_err(|source| {
         let _ = fs::remove_file(from);
-        FsError::Rename { from: from.to_path_buf(), to: to.to_path_buf(), source }
+        FsError::Rename {
+            from: from.to_path_buf(),
+            to: to.to_path_buf(),
+            source,
+        }
     })
 }
 
@@ -170,7 +200,10 @@ pub fn remove_file(path: &Path) -> Result<(), FsError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(FsError::Remove { path: path.to_path_buf(), source }),
+        Err(source) => Err(FsError::Remove {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -184,12 +217,20 @@ pub enum Snapshot {
 
 impl Snapshot {
     pub fn take(path: &Path) -> Result<Snapshot, FsError> {
-        let read_err = |source| FsError::Read { path: path.to_path_buf(), source };
+        let read_err = |source| FsError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
         match fs::symlink_metadata(path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Snapshot::Absent),
             Err(e) => Err(read_err(e)),
-            Ok(m) if m.file_type().is_symlink() => Ok(Snapshot::Symlink { target: fs::read_link(path).map_err(read_err)? }),
-            Ok(m) => Ok(Snapshot::File { bytes: fs::read(path).map_err(read_err)?, mode: m.permissions().mode() & 0o7777 }),
+            Ok(m) if m.file_type().is_symlink() => Ok(Snapshot::Symlink {
+                target: fs::read_link(path).map_err(read_err)?,
+            }),
+            Ok(m) => Ok(Snapshot::File {
+                bytes: fs::read(path).map_err(read_err)?,
+                mode: m.permissions().mode() & 0o7777,
+            }),
         }
     }
     /// Puts the path back the way it was.
@@ -209,7 +250,10 @@ mod tests {
     #[test]
     fn paths_stay_under_the_root() {
         let r = Root::new("/mnt/img");
-        assert_eq!(r.path("/etc/containerd/config.toml"), PathBuf::from("/mnt/img/etc/containerd/config.toml"));
+        assert_eq!(
+            r.path("/etc/containerd/config.toml"),
+            PathBuf::from("/mnt/img/etc/containerd/config.toml")
+        );
         assert_eq!(r.path("/../../etc/passwd"), PathBuf::from("/mnt/img/etc/passwd"));
         assert_eq!(Root::new("/").path("/etc/x"), PathBuf::from("/etc/x"));
     }

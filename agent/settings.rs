@@ -1,6 +1,7 @@
-//! Install settings: flags > `SOCI_AGENT_*` environment (both through clap)
-//! > the `[install]` table of the config file > defaults. Everything is
-//! validated here, before the node is looked at or touched.
+//! Install settings. Precedence: flags, then `SOCI_AGENT_*` environment
+//! (both through clap), then the `[install]` table of the config file, then
+//! defaults. Everything is validated here, before the node is looked at or
+//! touched.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -25,7 +26,11 @@ pub enum SettingsError {
     #[error("agent config {path} is not valid: {message}")]
     ParseConfig { path: PathBuf, message: String },
     #[error("{option} {value:?}: {reason}")]
-    Invalid { option: &'static str, value: String, reason: String },
+    Invalid {
+        option: &'static str,
+        value: String,
+        reason: String,
+    },
     #[error(transparent)]
     Tuning(#[from] TuningError),
     #[error("{option}: {source}")]
@@ -103,7 +108,11 @@ pub struct InstallSettings {
 }
 
 fn invalid(option: &'static str, value: impl Into<String>, reason: impl Into<String>) -> SettingsError {
-    SettingsError::Invalid { option, value: value.into(), reason: reason.into() }
+    SettingsError::Invalid {
+        option,
+        value: value.into(),
+        reason: reason.into(),
+    }
 }
 
 fn absolute(option: &'static str, value: String) -> Result<String, SettingsError> {
@@ -124,10 +133,14 @@ fn read_file_config(args: &InstallArgs, root: &Root) -> Result<(Option<PathBuf>,
             p
         }
     };
-    let text =
-        std::fs::read_to_string(&path).map_err(|source| SettingsError::ReadConfig { path: path.clone(), source })?;
-    let cfg = toml_edit::de::from_str::<FileConfig>(&text)
-        .map_err(|e| SettingsError::ParseConfig { path: path.clone(), message: e.to_string().trim().to_string() })?;
+    let text = std::fs::read_to_string(&path).map_err(|source| SettingsError::ReadConfig {
+        path: path.clone(),
+        source,
+    })?;
+    let cfg = toml_edit::de::from_str::<FileConfig>(&text).map_err(|e| SettingsError::ParseConfig {
+        path: path.clone(),
+        message: e.to_string().trim().to_string(),
+    })?;
     Ok((Some(path), cfg))
 }
 
@@ -136,7 +149,11 @@ impl InstallSettings {
     pub fn resolve(args: &InstallArgs) -> Result<Self, SettingsError> {
         let root = Root::new(&args.root);
         if !args.root.is_absolute() && !args.root.exists() {
-            return Err(invalid("--root", args.root.display().to_string(), "directory does not exist"));
+            return Err(invalid(
+                "--root",
+                args.root.display().to_string(),
+                "directory does not exist",
+            ));
         }
         if !args.root.is_dir() {
             return Err(invalid("--root", args.root.display().to_string(), "not a directory"));
@@ -145,22 +162,39 @@ impl InstallSettings {
         let f = file.install;
         let mut warnings = Vec::new();
 
-        let version_s = args.soci_version.clone().or(f.soci_version).unwrap_or(DEFAULT_SOCI_VERSION.to_string());
-        let soci_version = Version::parse_supported(&version_s)
-            .map_err(|source| SettingsError::Release { option: "--soci-version", source })?;
+        let version_s = args
+            .soci_version
+            .clone()
+            .or(f.soci_version)
+            .unwrap_or(DEFAULT_SOCI_VERSION.to_string());
+        let soci_version = Version::parse_supported(&version_s).map_err(|source| SettingsError::Release {
+            option: "--soci-version",
+            source,
+        })?;
 
-        let release_url = args.release_url.clone().or(f.release_url).unwrap_or(DEFAULT_RELEASE_URL.to_string());
+        let release_url = args
+            .release_url
+            .clone()
+            .or(f.release_url)
+            .unwrap_or(DEFAULT_RELEASE_URL.to_string());
         let release_url = release_url.trim_end_matches('/').to_string();
         if release_url.starts_with("http://") {
             warnings.push(format!(
                 "--release-url {release_url} is plain http: the download is only as trustworthy as the digest it is checked against; pin one with --sha256"
             ));
         } else if !release_url.starts_with("https://") {
-            return Err(invalid("--release-url", release_url, "must start with https:// (or http:// for a mirror)"));
+            return Err(invalid(
+                "--release-url",
+                release_url,
+                "must start with https:// (or http:// for a mirror)",
+            ));
         }
 
         let flavor_s = args.flavor.clone().or(f.flavor).unwrap_or_else(|| "static".into());
-        let flavor = flavor_s.parse().map_err(|source| SettingsError::Release { option: "--flavor", source })?;
+        let flavor = flavor_s.parse().map_err(|source| SettingsError::Release {
+            option: "--flavor",
+            source,
+        })?;
 
         let sha256 = args
             .sha256
@@ -168,7 +202,10 @@ impl InstallSettings {
             .or(f.sha256)
             .map(|s| Sha256Hex::parse(&s))
             .transpose()
-            .map_err(|source| SettingsError::Release { option: "--sha256", source })?;
+            .map_err(|source| SettingsError::Release {
+                option: "--sha256",
+                source,
+            })?;
 
         let arch = args
             .arch
@@ -176,7 +213,10 @@ impl InstallSettings {
             .or(f.arch)
             .map(|s| s.parse::<Arch>())
             .transpose()
-            .map_err(|source| SettingsError::Release { option: "--arch", source })?;
+            .map_err(|source| SettingsError::Release {
+                option: "--arch",
+                source,
+            })?;
 
         let archive = args.archive.clone().or(f.archive);
         if let Some(a) = &archive
@@ -185,15 +225,27 @@ impl InstallSettings {
             return Err(invalid("--archive", a.display().to_string(), "no such file"));
         }
 
-        let soci_root = absolute("--soci-root", args.soci_root.clone().or(f.soci_root).unwrap_or(DEFAULT_SOCI_ROOT.into()))?;
+        let soci_root = absolute(
+            "--soci-root",
+            args.soci_root
+                .clone()
+                .or(f.soci_root)
+                .unwrap_or(DEFAULT_SOCI_ROOT.into()),
+        )?;
         let containerd_config = absolute(
             "--containerd-config",
-            args.containerd_config.clone().or(f.containerd_config).unwrap_or(DEFAULT_CONTAINERD_CONFIG.into()),
+            args.containerd_config
+                .clone()
+                .or(f.containerd_config)
+                .unwrap_or(DEFAULT_CONTAINERD_CONFIG.into()),
         )?;
 
         let d = Tuning::default();
         let tuning = Tuning {
-            max_concurrent_downloads: args.max_concurrent_downloads.or(f.max_concurrent_downloads).unwrap_or(d.max_concurrent_downloads),
+            max_concurrent_downloads: args
+                .max_concurrent_downloads
+                .or(f.max_concurrent_downloads)
+                .unwrap_or(d.max_concurrent_downloads),
             max_concurrent_downloads_per_image: args
                 .max_concurrent_downloads_per_image
                 .or(f.max_concurrent_downloads_per_image)
@@ -203,12 +255,18 @@ impl InstallSettings {
                 .clone()
                 .or(f.concurrent_download_chunk_size)
                 .unwrap_or(d.concurrent_download_chunk_size),
-            max_concurrent_unpacks: args.max_concurrent_unpacks.or(f.max_concurrent_unpacks).unwrap_or(d.max_concurrent_unpacks),
+            max_concurrent_unpacks: args
+                .max_concurrent_unpacks
+                .or(f.max_concurrent_unpacks)
+                .unwrap_or(d.max_concurrent_unpacks),
             max_concurrent_unpacks_per_image: args
                 .max_concurrent_unpacks_per_image
                 .or(f.max_concurrent_unpacks_per_image)
                 .unwrap_or(d.max_concurrent_unpacks_per_image),
-            discard_unpacked_layers: args.discard_unpacked_layers.or(f.discard_unpacked_layers).unwrap_or(d.discard_unpacked_layers),
+            discard_unpacked_layers: args
+                .discard_unpacked_layers
+                .or(f.discard_unpacked_layers)
+                .unwrap_or(d.discard_unpacked_layers),
         };
         crate::soci_config::validate(&tuning)?;
 
@@ -222,9 +280,16 @@ impl InstallSettings {
             }
         };
 
-        let http_timeout = args.http_timeout.or(f.http_timeout).unwrap_or(DEFAULT_HTTP_TIMEOUT_SECS);
+        let http_timeout = args
+            .http_timeout
+            .or(f.http_timeout)
+            .unwrap_or(DEFAULT_HTTP_TIMEOUT_SECS);
         if !(http_timeout.is_finite() && http_timeout > 0.0 && http_timeout <= 3600.0) {
-            return Err(invalid("--http-timeout", http_timeout.to_string(), "must be between 0 and 3600 seconds"));
+            return Err(invalid(
+                "--http-timeout",
+                http_timeout.to_string(),
+                "must be between 0 and 3600 seconds",
+            ));
         }
         let retries = args.retries.or(f.retries).unwrap_or(DEFAULT_RETRIES);
         if retries > 20 {
@@ -233,7 +298,11 @@ impl InstallSettings {
 
         let adopt = args.adopt || f.adopt.unwrap_or(false);
         if adopt && (archive.is_some() || sha256.is_some()) {
-            return Err(invalid("--adopt", "true", "keeps the preinstalled binary; it cannot be combined with --archive or --sha256"));
+            return Err(invalid(
+                "--adopt",
+                "true",
+                "keeps the preinstalled binary; it cannot be combined with --archive or --sha256",
+            ));
         }
 
         Ok(InstallSettings {
@@ -268,8 +337,16 @@ fn check_executable(root: &Root, node_path: &str) -> Result<(), SettingsError> {
     let p = root.path(node_path);
     match std::fs::metadata(&p) {
         Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
-        Ok(_) => Err(invalid("--decompressor", node_path, format!("{} is not an executable file", p.display()))),
-        Err(_) => Err(invalid("--decompressor", node_path, format!("{} does not exist (use \"none\" to go without)", p.display()))),
+        Ok(_) => Err(invalid(
+            "--decompressor",
+            node_path,
+            format!("{} is not an executable file", p.display()),
+        )),
+        Err(_) => Err(invalid(
+            "--decompressor",
+            node_path,
+            format!("{} does not exist (use \"none\" to go without)", p.display()),
+        )),
     }
 }
 

@@ -110,9 +110,7 @@ pub enum TuningError {
     },
     #[error("{FLAG_CHUNK_SIZE} {value:?} is not a size SOCI accepts: {hint}")]
     BadChunkSize { value: String, hint: String },
-    #[error(
-        "{FLAG_CHUNK_SIZE} {value:?} is too large: SOCI's limit is 8589934591gb (2^63 - 1 bytes)"
-    )]
+    #[error("{FLAG_CHUNK_SIZE} {value:?} is too large: SOCI's limit is 8589934591gb (2^63 - 1 bytes)")]
     ChunkSizeTooLarge { value: String },
     #[error("[content_store] type {0:?} is unknown: the daemon accepts \"containerd\" or \"soci\"")]
     UnknownContentStore(String),
@@ -153,24 +151,17 @@ pub struct ParseError(pub String);
 pub fn validate(t: &Tuning) -> Result<(), TuningError> {
     use TuningError::{BadLimit, PerImageAboveGlobal};
     let downloads = (FLAG_MAX_DOWNLOADS, t.max_concurrent_downloads);
-    let downloads_per_image = (
-        FLAG_MAX_DOWNLOADS_PER_IMAGE,
-        t.max_concurrent_downloads_per_image,
-    );
+    let downloads_per_image = (FLAG_MAX_DOWNLOADS_PER_IMAGE, t.max_concurrent_downloads_per_image);
     let unpacks = (FLAG_MAX_UNPACKS, t.max_concurrent_unpacks);
-    let unpacks_per_image = (
-        FLAG_MAX_UNPACKS_PER_IMAGE,
-        t.max_concurrent_unpacks_per_image,
-    );
+    let unpacks_per_image = (FLAG_MAX_UNPACKS_PER_IMAGE, t.max_concurrent_unpacks_per_image);
     for (flag, value) in [downloads, downloads_per_image, unpacks, unpacks_per_image] {
         if value != -1 && value < 1 {
             return Err(BadLimit { flag, value });
         }
     }
-    for ((global_flag, global), (per_image_flag, per_image)) in [
-        (downloads, downloads_per_image),
-        (unpacks, unpacks_per_image),
-    ] {
+    for ((global_flag, global), (per_image_flag, per_image)) in
+        [(downloads, downloads_per_image), (unpacks, unpacks_per_image)]
+    {
         if global != -1 && (per_image == -1 || per_image > global) {
             return Err(PerImageAboveGlobal {
                 per_image_flag,
@@ -208,9 +199,7 @@ pub fn parse_chunk_size(s: &str) -> Result<Option<u64>, TuningError> {
     let bytes = num.parse::<f64>().map_err(|_| bad())? * multiplier as f64;
     // The daemon converts to int64; anything from 2^63 on overflows.
     if !bytes.is_finite() || bytes >= 9_223_372_036_854_775_808.0 {
-        return Err(TuningError::ChunkSizeTooLarge {
-            value: s.to_string(),
-        });
+        return Err(TuningError::ChunkSizeTooLarge { value: s.to_string() });
     }
     let bytes = bytes as u64;
     Ok((bytes > 0).then_some(bytes))
@@ -405,12 +394,7 @@ pub fn unknown_keys(text: &str) -> Result<Vec<UnknownKey>, ParseError> {
 type KnownPath = Vec<&'static str>;
 
 /// `known` holds the known paths under `path`.
-fn walk(
-    table: &dyn TableLike,
-    path: &mut Vec<String>,
-    known: &[KnownPath],
-    out: &mut Vec<UnknownKey>,
-) {
+fn walk(table: &dyn TableLike, path: &mut Vec<String>, known: &[KnownPath], out: &mut Vec<UnknownKey>) {
     let depth = path.len();
     for (key, item) in table.iter() {
         let under: Vec<KnownPath> = known
@@ -437,15 +421,8 @@ fn walk(
 fn suggest(siblings: &[KnownPath], depth: usize, key: &str) -> Option<String> {
     let lower = key.to_ascii_lowercase();
     let distance = |k: &&KnownPath| edit_distance(&lower, &k[depth].to_ascii_lowercase());
-    let nearest = siblings
-        .iter()
-        .filter(|k| distance(k) <= 2)
-        .min_by_key(distance);
-    let same_name = |k: &&&str| {
-        k.rsplit('.')
-            .next()
-            .is_some_and(|n| n.eq_ignore_ascii_case(key))
-    };
+    let nearest = siblings.iter().filter(|k| distance(k) <= 2).min_by_key(distance);
+    let same_name = |k: &&&str| k.rsplit('.').next().is_some_and(|n| n.eq_ignore_ascii_case(key));
     let elsewhere = || KNOWN_KEYS.iter().find(same_name).map(|k| k.to_string());
     nearest.map(|k| k[depth].to_string()).or_else(elsewhere)
 }
@@ -456,9 +433,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -484,9 +459,7 @@ fn read_doc(doc: &Item) -> Option<SociConfig> {
     let string = |item: &Item, key: &str| item.get(key)?.as_str().map(str::to_string);
     let on = |item: &Item, key: &str| item.get(key)?.as_bool();
     let int = |key: &str| par.get(key)?.as_integer();
-    let ours = string(store, "type")? == "containerd"
-        && on(keychain, "enable_keychain")?
-        && on(par, "enable")?;
+    let ours = string(store, "type")? == "containerd" && on(keychain, "enable_keychain")? && on(par, "enable")?;
     if !ours {
         return None;
     }
@@ -530,10 +503,7 @@ mod tests {
         assert_eq!(number_prefix_len(".5"), None);
         assert_eq!(trim_re2_space("\t\x0c 16mb\r\n"), "16mb");
         assert_eq!(trim_re2_space("\u{0b}16mb"), "\u{0b}16mb"); // RE2's \s has no \v
-        assert_eq!(
-            edit_distance("max_concurent_downloads", "max_concurrent_downloads"),
-            1
-        );
+        assert_eq!(edit_distance("max_concurent_downloads", "max_concurrent_downloads"), 1);
         assert_eq!(edit_distance("gzp", "gzip"), 1);
         assert_eq!(edit_distance("", "abc"), 3);
         assert_eq!(

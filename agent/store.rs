@@ -82,7 +82,10 @@ pub fn inspect(root: &Root, spec: &ReleaseSpec, expected: Option<&Sha256Hex>) ->
         Err(e) => return EntryState::Stale(format!("{MANIFEST} invalid: {e}")),
     };
     if m.version != spec.version.to_string() || m.arch != spec.arch || m.flavor != spec.flavor {
-        return EntryState::Stale(format!("holds {} {} {}, want {} {} {}", m.version, m.arch, m.flavor, spec.version, spec.arch, spec.flavor));
+        return EntryState::Stale(format!(
+            "holds {} {} {}, want {} {} {}",
+            m.version, m.arch, m.flavor, spec.version, spec.arch, spec.flavor
+        ));
     }
     if let Some(want) = expected
         && *want != m.archive_sha256

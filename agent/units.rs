@@ -78,13 +78,19 @@ mod tests {
 
     #[test]
     fn templates_are_filled_and_marked() {
-        let cmd = DaemonCommand { binary: "/usr/local/bin/soci-snapshotter-grpc".into(), soci_root: "/data/soci".into() };
+        let cmd = DaemonCommand {
+            binary: "/usr/local/bin/soci-snapshotter-grpc".into(),
+            soci_root: "/data/soci".into(),
+        };
         let s = service(&cmd);
         assert!(is_ours(&s));
         assert!(s.contains("ExecStart=/usr/local/bin/soci-snapshotter-grpc --address fd:// --root /data/soci\n"));
         assert!(s.contains("Type=notify") && s.contains("Restart=always") && s.contains("Before=containerd.service"));
         assert!(!s.contains('@'), "unfilled placeholder in {s}");
-        let d = service_dropin(&DaemonCommand { soci_root: crate::settings::DEFAULT_SOCI_ROOT.into(), ..cmd });
+        let d = service_dropin(&DaemonCommand {
+            soci_root: crate::settings::DEFAULT_SOCI_ROOT.into(),
+            ..cmd
+        });
         assert!(d.contains("ExecStart=\nExecStart=/usr/local/bin/soci-snapshotter-grpc --address fd://\n"));
         assert!(d.contains("RequiresMountsFor=/var/lib/soci-snapshotter-grpc"));
         assert!(is_ours(&socket()) && is_ours(&containerd_dropin()));

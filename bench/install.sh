@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 runs=${1:-7}
 
 cargo build --release --quiet
-bin=$(ls target/*/release/soci-agent target/release/soci-agent 2>/dev/null | head -n1)
+bin=target/x86_64-unknown-linux-gnu/release/soci-agent; [ -x "$bin" ] || bin=target/release/soci-agent
 work=$(mktemp -d /tmp/soci-agent-bench.XXXXXX)
 trap 'kill ${server:-0} 2>/dev/null || true; rm -rf "$work"' EXIT
 ver=0.15.0

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use soci_agent::containerd_config::{
-    ConfigVersion, ContainerdConfigError, DEFAULT_ADDRESS, Merged, SociWiring, detect_version,
-    fragment, merge, owned_keys,
+    ConfigVersion, ContainerdConfigError, DEFAULT_ADDRESS, Merged, SociWiring, detect_version, fragment, merge,
+    owned_keys,
 };
 use toml_edit::{DocumentMut, Item};
 
@@ -43,9 +43,8 @@ fn golden(path: &Path, actual: &str) {
         std::fs::write(path, actual).unwrap_or_else(|e| panic!("{path:?}: {e}"));
         return;
     }
-    let expected = std::fs::read_to_string(path).unwrap_or_else(|e| {
-        panic!("{path:?}: {e} (run with UPDATE_GOLDEN=1 to create it, then review it)")
-    });
+    let expected = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{path:?}: {e} (run with UPDATE_GOLDEN=1 to create it, then review it)"));
     if expected != actual {
         let diff = similar::TextDiff::from_lines(expected.as_str(), actual);
         let diff = diff.unified_diff().header("expected", "actual").to_string();
@@ -62,9 +61,7 @@ fn owned_lines(input: &str, version: ConfigVersion) -> BTreeSet<usize> {
     for key in owned_keys(version, &wiring()) {
         let mut item: Option<&Item> = Some(doc.as_item());
         for seg in &key.path {
-            item = item
-                .and_then(|i| i.as_table_like())
-                .and_then(|t| t.get(seg));
+            item = item.and_then(|i| i.as_table_like()).and_then(|t| t.get(seg));
             if let Some(span) = item.filter(|i| i.is_value()).and_then(Item::span) {
                 lines.extend(line_of(span.start)..=line_of(span.end));
             }
@@ -90,16 +87,10 @@ fn assert_input_preserved(case: &str, input: &str, output: &str, version: Config
 }
 
 fn assert_owned_keys_set(case: &str, text: &str, version: ConfigVersion) {
-    let doc: DocumentMut = text
-        .parse()
-        .unwrap_or_else(|e| panic!("{case}: output: {e}"));
+    let doc: DocumentMut = text.parse().unwrap_or_else(|e| panic!("{case}: output: {e}"));
     assert_eq!(detect_version(text, PATH).unwrap(), Some(version), "{case}");
     for key in owned_keys(version, &wiring()) {
-        assert!(
-            key.is_set_in(doc.as_table()),
-            "{case}: {} not set",
-            key.dotted()
-        );
+        assert!(key.is_set_in(doc.as_table()), "{case}: {} not set", key.dotted());
     }
     let cri = doc["plugins"].as_table_like().expect("plugins table");
     let (ours, other) = match version {
@@ -107,10 +98,7 @@ fn assert_owned_keys_set(case: &str, text: &str, version: ConfigVersion) {
         ConfigVersion::V3 => ("io.containerd.cri.v1.images", "io.containerd.grpc.v1.cri"),
     };
     assert!(cri.contains_key(ours), "{case}");
-    assert!(
-        !cri.contains_key(other),
-        "{case}: wrote {other} into a v{version} file"
-    );
+    assert!(!cri.contains_key(other), "{case}: wrote {other} into a v{version} file");
     let soci = &doc["proxy_plugins"]["soci"];
     assert_eq!(soci["type"].as_str(), Some("snapshot"), "{case}");
     assert_eq!(soci["address"].as_str(), Some(DEFAULT_ADDRESS), "{case}");
@@ -142,14 +130,8 @@ fn assert_containerd_accepts(case: &str, text: &str) {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        stdout.contains(r#"snapshotter = "soci""#),
-        "{case}: {stdout}"
-    );
-    assert!(
-        stdout.contains(&format!("address = \"{DEFAULT_ADDRESS}\"")),
-        "{case}"
-    );
+    assert!(stdout.contains(r#"snapshotter = "soci""#), "{case}: {stdout}");
+    assert!(stdout.contains(&format!("address = \"{DEFAULT_ADDRESS}\"")), "{case}");
     // containerd 1.6 does not know proxy plugin `exports`; check the rest.
     let dump: DocumentMut = stdout.parse().expect("containerd dumps TOML");
     for key in owned_keys(ConfigVersion::V2, &wiring()) {
@@ -165,16 +147,11 @@ fn assert_containerd_accepts(case: &str, text: &str) {
 
 fn run_ok(case: &str, version: ConfigVersion) -> Merged {
     let input = read_input(case);
-    let merged = merge(input.as_deref(), PATH, &wiring())
-        .unwrap_or_else(|e| panic!("{case}: merge failed: {e}"));
+    let merged = merge(input.as_deref(), PATH, &wiring()).unwrap_or_else(|e| panic!("{case}: merge failed: {e}"));
     golden(&data_dir().join(case).join("expected.toml"), &merged.text);
     assert_eq!(merged.version, version, "{case}");
     assert_eq!(merged.created, input.is_none(), "{case}");
-    assert_eq!(
-        merged.changed,
-        input.as_deref() != Some(&merged.text),
-        "{case}"
-    );
+    assert_eq!(merged.changed, input.as_deref() != Some(&merged.text), "{case}");
     if let Some(input) = &input {
         assert_input_preserved(case, input, &merged.text, version);
     }
@@ -192,10 +169,7 @@ fn run_err(case: &str, is_expected: fn(&ContainerdConfigError) -> bool) {
     let input = read_input(case).expect("failure cases have an input");
     let err = merge(Some(&input), PATH, &wiring()).expect_err(case);
     assert!(is_expected(&err), "{case}: unexpected error {err:?}");
-    golden(
-        &data_dir().join(case).join("expected-error.txt"),
-        &format!("{err}\n"),
-    );
+    golden(&data_dir().join(case).join("expected-error.txt"), &format!("{err}\n"));
 }
 
 #[test]
@@ -217,10 +191,7 @@ fn eks_v3_template() {
 fn no_file_creates_minimal_v2() {
     let merged = run_ok("no-file", ConfigVersion::V2);
     assert!(merged.text.starts_with("# "), "starts with a comment");
-    assert!(
-        !merged.text.contains("[plugins]\n"),
-        "no empty [plugins] header"
-    );
+    assert!(!merged.text.contains("[plugins]\n"), "no empty [plugins] header");
 }
 
 #[test]
@@ -278,8 +249,7 @@ fn malformed_toml_is_a_parse_error() {
 
 #[test]
 fn unsupported_versions_are_refused() {
-    let unknown =
-        |e: &ContainerdConfigError| matches!(e, ContainerdConfigError::UnknownVersion { .. });
+    let unknown = |e: &ContainerdConfigError| matches!(e, ContainerdConfigError::UnknownVersion { .. });
     for case in [
         "fail-version-1",
         "fail-version-missing",
@@ -306,10 +276,7 @@ fn non_table_parents_are_conflicts() {
 /// line it merges as a no-op.
 #[test]
 fn nodeconfig_fragments() {
-    for (version, name) in [
-        (ConfigVersion::V2, "v2.toml"),
-        (ConfigVersion::V3, "v3.toml"),
-    ] {
+    for (version, name) in [(ConfigVersion::V2, "v2.toml"), (ConfigVersion::V3, "v3.toml")] {
         let text = fragment(version, &wiring());
         golden(&data_dir().join("fragment").join(name), &text);
         assert!(text.ends_with('\n') && !text.contains("version"), "{name}");
@@ -329,9 +296,6 @@ fn every_fixture_has_a_test() {
     let source = include_str!("containerd_merge.rs");
     for entry in std::fs::read_dir(data_dir()).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
-        assert!(
-            source.contains(&format!("\"{name}\"")),
-            "fixture {name} has no test"
-        );
+        assert!(source.contains(&format!("\"{name}\"")), "fixture {name} has no test");
     }
 }

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --release --quiet
-bin=$(ls target/*/release/soci-agent target/release/soci-agent 2>/dev/null | head -n1)
+bin=target/x86_64-unknown-linux-gnu/release/soci-agent; [ -x "$bin" ] || bin=target/release/soci-agent
 
 work=$(mktemp -d /tmp/soci-agent-demo.XXXXXX)
 root="$work/node" mirror="$work/mirror"

@@ -25,10 +25,7 @@ fn extract(bytes: &[u8]) -> (tempfile::TempDir, Result<Extracted, ExtractError>)
 fn refused(bytes: &[u8]) -> ExtractError {
     let (dir, result) = extract(bytes);
     let err = result.expect_err("archive must be refused");
-    assert!(
-        err.is_verification_failure(),
-        "not a verification failure: {err:?}"
-    );
+    assert!(err.is_verification_failure(), "not a verification failure: {err:?}");
     assert_eq!(
         dir_names(dir.path()),
         Vec::<String>::new(),
@@ -98,10 +95,7 @@ fn dot_slash_prefix_root_dir_and_pax_paths_are_accepted() {
     let (dir, result) = extract(&bytes);
     let names: Vec<String> = result.unwrap().files.into_iter().map(|f| f.name).collect();
     assert_eq!(names, ["soci-snapshotter-grpc", "soci", "NOTICE.md"]);
-    assert_eq!(
-        dir_names(dir.path()),
-        ["NOTICE.md", "soci", "soci-snapshotter-grpc"]
-    );
+    assert_eq!(dir_names(dir.path()), ["NOTICE.md", "soci", "soci-snapshotter-grpc"]);
     assert_eq!(std::fs::read(dir.path().join("soci")).unwrap(), b"cli");
 }
 
@@ -245,15 +239,11 @@ fn truncated_gzip_is_refused() {
     // Large incompressible entry so the cut lands inside file data.
     let notice = archive::noise(256 * 1024, 7);
     let daemon = archive::daemon_script("0.15.0");
-    let full =
-        archive::release_tar_gz(&[("soci-snapshotter-grpc", &daemon), ("NOTICE.md", &notice)]);
+    let full = archive::release_tar_gz(&[("soci-snapshotter-grpc", &daemon), ("NOTICE.md", &notice)]);
     let half = &full[..full.len() / 2];
     let err = refused(half);
     assert!(
-        matches!(
-            err,
-            ExtractError::Corrupt { .. } | ExtractError::TruncatedEntry { .. }
-        ),
+        matches!(err, ExtractError::Corrupt { .. } | ExtractError::TruncatedEntry { .. }),
         "{err:?}"
     );
 }

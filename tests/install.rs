@@ -21,9 +21,15 @@ struct Node {
 
 impl Node {
     fn new() -> Self {
-        let n = Node { dir: tempfile::tempdir().unwrap() };
+        let n = Node {
+            dir: tempfile::tempdir().unwrap(),
+        };
         std::fs::create_dir_all(n.root()).unwrap();
-        n.write("/etc/os-release", "ID=debian\nVERSION_ID=\"12\"\nPRETTY_NAME=\"Debian GNU/Linux 12\"\n", 0o644);
+        n.write(
+            "/etc/os-release",
+            "ID=debian\nVERSION_ID=\"12\"\nPRETTY_NAME=\"Debian GNU/Linux 12\"\n",
+            0o644,
+        );
         n
     }
     /// A plain host: Debian containerd's default config, unpigz, a kubelet config.
@@ -37,10 +43,18 @@ impl Node {
     /// An AL2023-shaped nodeadm host with `containerd_version` in the EKS file.
     fn nodeadm(containerd_version: &str) -> Self {
         let n = Node::new();
-        n.write("/etc/os-release", "ID=\"amzn\"\nVERSION_ID=\"2023\"\nPRETTY_NAME=\"Amazon Linux 2023\"\n", 0o644);
+        n.write(
+            "/etc/os-release",
+            "ID=\"amzn\"\nVERSION_ID=\"2023\"\nPRETTY_NAME=\"Amazon Linux 2023\"\n",
+            0o644,
+        );
         n.write("/usr/bin/nodeadm", "#!/bin/sh\nexit 0\n", 0o755);
         std::fs::create_dir_all(n.path("/etc/eks/nodeadm.d")).unwrap();
-        n.write("/etc/eks/containerd-version.txt", &format!("{containerd_version}\n"), 0o644);
+        n.write(
+            "/etc/eks/containerd-version.txt",
+            &format!("{containerd_version}\n"),
+            0o644,
+        );
         n.write("/usr/bin/unpigz", "#!/bin/sh\nexec gzip \"$@\"\n", 0o755);
         n
     }
@@ -64,7 +78,11 @@ impl Node {
         let bytes = standard_release(VER);
         let p = self.dir.path().join(ARCHIVE);
         std::fs::write(&p, &bytes).unwrap();
-        std::fs::write(self.dir.path().join(format!("{ARCHIVE}.sha256sum")), sha256sum_line(&bytes, ARCHIVE)).unwrap();
+        std::fs::write(
+            self.dir.path().join(format!("{ARCHIVE}.sha256sum")),
+            sha256sum_line(&bytes, ARCHIVE),
+        )
+        .unwrap();
         p
     }
     /// Runs `soci-agent install --root <root> --no-start --arch amd64 <args>`.
@@ -73,7 +91,13 @@ impl Node {
     }
     fn install_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_soci-agent"));
-        cmd.arg("install").arg("--root").arg(self.root()).args(["--no-start", "--arch", "amd64", "--log-level", "warn"]);
+        cmd.arg("install").arg("--root").arg(self.root()).args([
+            "--no-start",
+            "--arch",
+            "amd64",
+            "--log-level",
+            "warn",
+        ]);
         cmd.args(args);
         for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SOCI_AGENT_")) {
             cmd.env_remove(k);
@@ -96,7 +120,14 @@ impl Node {
                     format!("dir {:o}", m.mode() & 0o7777)
                 } else {
                     let bytes = std::fs::read(&p).unwrap();
-                    format!("file {:o} {} {} mtime {}.{}", m.mode() & 0o7777, bytes.len(), sha256_hex(&bytes), m.mtime(), m.mtime_nsec())
+                    format!(
+                        "file {:o} {} {} mtime {}.{}",
+                        m.mode() & 0o7777,
+                        bytes.len(),
+                        sha256_hex(&bytes),
+                        m.mtime(),
+                        m.mtime_nsec()
+                    )
                 };
                 out.insert(rel, desc);
             }
@@ -109,7 +140,11 @@ impl Node {
 
 fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     })
 }
 
@@ -154,32 +189,63 @@ fn plain_host_install_writes_everything_and_second_run_changes_nothing() {
         assert_eq!(link, PathBuf::from(format!("{store}/{bin}")));
     }
     let manifest: serde_json::Value = serde_json::from_str(&node.read(&format!("{store}/release.json"))).unwrap();
-    assert_eq!(manifest["archive_sha256"], sha256_hex(&std::fs::read(&archive).unwrap()));
+    assert_eq!(
+        manifest["archive_sha256"],
+        sha256_hex(&std::fs::read(&archive).unwrap())
+    );
 
     // SOCI config: parallel mode, containerd content store, keychain, unpigz.
     let cfg: toml_edit::DocumentMut = node.read("/etc/soci-snapshotter-grpc/config.toml").parse().unwrap();
-    assert_eq!(cfg["pull_modes"]["parallel_pull_unpack"]["enable"].as_bool(), Some(true));
+    assert_eq!(
+        cfg["pull_modes"]["parallel_pull_unpack"]["enable"].as_bool(),
+        Some(true)
+    );
     assert_eq!(cfg["content_store"]["type"].as_str(), Some("containerd"));
     assert_eq!(cfg["cri_keychain"]["enable_keychain"].as_bool(), Some(true));
-    assert_eq!(cfg["pull_modes"]["parallel_pull_unpack"]["max_concurrent_downloads_per_image"].as_integer(), Some(20));
-    assert_eq!(cfg["pull_modes"]["parallel_pull_unpack"]["decompress_streams"]["gzip"]["path"].as_str(), Some("/usr/bin/unpigz"));
+    assert_eq!(
+        cfg["pull_modes"]["parallel_pull_unpack"]["max_concurrent_downloads_per_image"].as_integer(),
+        Some(20)
+    );
+    assert_eq!(
+        cfg["pull_modes"]["parallel_pull_unpack"]["decompress_streams"]["gzip"]["path"].as_str(),
+        Some("/usr/bin/unpigz")
+    );
 
     // containerd: merged, backed up.
     let ctd: toml_edit::DocumentMut = node.read("/etc/containerd/config.toml").parse().unwrap();
-    assert_eq!(ctd["proxy_plugins"]["soci"]["address"].as_str(), Some("/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock"));
-    assert_eq!(ctd["proxy_plugins"]["soci"]["exports"]["root"].as_str(), Some("/var/lib/soci-snapshotter-grpc"));
+    assert_eq!(
+        ctd["proxy_plugins"]["soci"]["address"].as_str(),
+        Some("/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock")
+    );
+    assert_eq!(
+        ctd["proxy_plugins"]["soci"]["exports"]["root"].as_str(),
+        Some("/var/lib/soci-snapshotter-grpc")
+    );
     let cri = &ctd["plugins"]["io.containerd.grpc.v1.cri"]["containerd"];
     assert_eq!(cri["snapshotter"].as_str(), Some("soci"));
     assert_eq!(cri["disable_snapshot_annotations"].as_bool(), Some(false));
-    assert_eq!(node.read("/var/lib/soci-agent/backup/etc/containerd/config.toml"), DEBIAN_DEFAULT);
+    assert_eq!(
+        node.read("/var/lib/soci-agent/backup/etc/containerd/config.toml"),
+        DEBIAN_DEFAULT
+    );
 
     // kubelet drop-in and systemd files.
-    let kubelet: serde_json::Value = serde_json::from_str(&node.read("/etc/kubernetes/kubelet/config.json.d/50-soci-agent.conf")).unwrap();
-    assert_eq!(kubelet["imageServiceEndpoint"], "unix:///run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock");
+    let kubelet: serde_json::Value =
+        serde_json::from_str(&node.read("/etc/kubernetes/kubelet/config.json.d/50-soci-agent.conf")).unwrap();
+    assert_eq!(
+        kubelet["imageServiceEndpoint"],
+        "unix:///run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock"
+    );
     let unit = node.read("/etc/systemd/system/soci-snapshotter.service");
-    assert!(unit.contains("ExecStart=/usr/local/bin/soci-snapshotter-grpc --address fd://\n"), "{unit}");
+    assert!(
+        unit.contains("ExecStart=/usr/local/bin/soci-snapshotter-grpc --address fd://\n"),
+        "{unit}"
+    );
     assert!(unit.contains("Type=notify") && unit.contains("Restart=always"));
-    assert!(node.read("/etc/systemd/system/soci-snapshotter.socket").contains("ListenStream=/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock"));
+    assert!(
+        node.read("/etc/systemd/system/soci-snapshotter.socket")
+            .contains("ListenStream=/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock")
+    );
     let dropin = node.read("/etc/systemd/system/containerd.service.d/10-soci-snapshotter.conf");
     assert!(dropin.contains("Requires=soci-snapshotter.service") && dropin.contains("After=soci-snapshotter.service"));
 
@@ -203,9 +269,16 @@ fn dry_run_prints_diffs_and_changes_nothing() {
     let out = node.install(&["--archive", archive.to_str().unwrap(), "--dry-run"]);
     assert_code(&out, 0);
     let text = String::from_utf8_lossy(&out.stdout);
-    let added = |needle: &str| text.lines().any(|l| l.trim_start().starts_with('+') && l.contains(needle));
+    let added = |needle: &str| {
+        text.lines()
+            .any(|l| l.trim_start().starts_with('+') && l.contains(needle))
+    };
     assert!(added("snapshotter = \"soci\""), "{text}");
-    assert!(text.lines().any(|l| l.trim_start().starts_with('-') && l.contains("snapshotter = \"overlayfs\"")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.trim_start().starts_with('-') && l.contains("snapshotter = \"overlayfs\"")),
+        "{text}"
+    );
     assert!(text.contains("--- a/etc/containerd/config.toml"), "{text}");
     assert_eq!(node.tree(), before);
 }
@@ -217,9 +290,17 @@ fn nodeadm_host_gets_a_nodeconfig_dropin_with_v3_tables_for_containerd_2() {
     let out = node.install(&["--archive", archive.to_str().unwrap(), "--output", "json"]);
     assert_code(&out, 0);
     assert_eq!(json(&out)["plan"]["wiring"], "nodeadm");
-    assert!(!node.path("/etc/containerd/config.toml").exists(), "nodeadm hosts: containerd config is nodeadm's");
-    assert!(!node.path("/etc/kubernetes/kubelet/config.json.d/50-soci-agent.conf").exists());
-    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&node.read("/etc/eks/nodeadm.d/50-soci-agent.yaml")).unwrap();
+    assert!(
+        !node.path("/etc/containerd/config.toml").exists(),
+        "nodeadm hosts: containerd config is nodeadm's"
+    );
+    assert!(
+        !node
+            .path("/etc/kubernetes/kubelet/config.json.d/50-soci-agent.conf")
+            .exists()
+    );
+    let yaml: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&node.read("/etc/eks/nodeadm.d/50-soci-agent.yaml")).unwrap();
     assert_eq!(yaml["apiVersion"].as_str(), Some("node.eks.aws/v1alpha1"));
     assert_eq!(yaml["kind"].as_str(), Some("NodeConfig"));
     assert_eq!(
@@ -227,8 +308,14 @@ fn nodeadm_host_gets_a_nodeconfig_dropin_with_v3_tables_for_containerd_2() {
         Some("unix:///run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock")
     );
     let toml: toml_edit::DocumentMut = yaml["spec"]["containerd"]["config"].as_str().unwrap().parse().unwrap();
-    assert_eq!(toml["plugins"]["io.containerd.cri.v1.images"]["snapshotter"].as_str(), Some("soci"));
-    assert_eq!(toml["plugins"]["io.containerd.cri.v1.images"]["disable_snapshot_annotations"].as_bool(), Some(false));
+    assert_eq!(
+        toml["plugins"]["io.containerd.cri.v1.images"]["snapshotter"].as_str(),
+        Some("soci")
+    );
+    assert_eq!(
+        toml["plugins"]["io.containerd.cri.v1.images"]["disable_snapshot_annotations"].as_bool(),
+        Some(false)
+    );
     assert!(toml["plugins"].get("io.containerd.grpc.v1.cri").is_none());
     assert_eq!(toml["proxy_plugins"]["soci"]["type"].as_str(), Some("snapshot"));
 }
@@ -238,9 +325,13 @@ fn nodeadm_host_with_containerd_1_7_gets_v2_tables() {
     let node = Node::nodeadm("1.7.27");
     let archive = node.archive();
     assert_code(&node.install(&["--archive", archive.to_str().unwrap()]), 0);
-    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&node.read("/etc/eks/nodeadm.d/50-soci-agent.yaml")).unwrap();
+    let yaml: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&node.read("/etc/eks/nodeadm.d/50-soci-agent.yaml")).unwrap();
     let toml: toml_edit::DocumentMut = yaml["spec"]["containerd"]["config"].as_str().unwrap().parse().unwrap();
-    assert_eq!(toml["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["snapshotter"].as_str(), Some("soci"));
+    assert_eq!(
+        toml["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["snapshotter"].as_str(),
+        Some("soci")
+    );
     assert!(toml["plugins"].get("io.containerd.cri.v1.images").is_none());
 }
 
@@ -250,38 +341,69 @@ const AMI_UNIT: &str = "[Unit]\nDescription=soci snapshotter containerd plugin\n
 fn preinstalled_unit_is_kept_and_overridden_by_a_dropin() {
     let node = Node::nodeadm("2.2.1");
     node.write("/etc/systemd/system/soci-snapshotter.service", AMI_UNIT, 0o644);
-    node.write("/usr/bin/soci-snapshotter-grpc", "#!/bin/sh\necho 'soci-snapshotter-grpc version v0.12.0 abc'\n", 0o755);
+    node.write(
+        "/usr/bin/soci-snapshotter-grpc",
+        "#!/bin/sh\necho 'soci-snapshotter-grpc version v0.12.0 abc'\n",
+        0o755,
+    );
     let archive = node.archive();
-    let out = node.install(&["--archive", archive.to_str().unwrap(), "--output", "json", "--soci-root", "/data/soci"]);
+    let out = node.install(&[
+        "--archive",
+        archive.to_str().unwrap(),
+        "--output",
+        "json",
+        "--soci-root",
+        "/data/soci",
+    ]);
     assert_code(&out, 0);
     assert_eq!(node.read("/etc/systemd/system/soci-snapshotter.service"), AMI_UNIT);
     assert!(!node.path("/etc/systemd/system/soci-snapshotter.socket").exists());
     let dropin = node.read("/etc/systemd/system/soci-snapshotter.service.d/50-soci-agent.conf");
-    assert!(dropin.contains("ExecStart=\nExecStart=/usr/local/bin/soci-snapshotter-grpc --address fd:// --root /data/soci\n"), "{dropin}");
+    assert!(
+        dropin
+            .contains("ExecStart=\nExecStart=/usr/local/bin/soci-snapshotter-grpc --address fd:// --root /data/soci\n"),
+        "{dropin}"
+    );
     assert!(dropin.contains("Restart=always") && dropin.contains("RequiresMountsFor=/data/soci"));
     let report = json(&out);
     let installed = report["host"]["soci_installed"].as_array().unwrap();
-    assert!(installed.iter().any(|i| i["path"] == "/usr/bin/soci-snapshotter-grpc" && i["version"] == "0.12.0"), "{report:#}");
+    assert!(
+        installed
+            .iter()
+            .any(|i| i["path"] == "/usr/bin/soci-snapshotter-grpc" && i["version"] == "0.12.0"),
+        "{report:#}"
+    );
 }
 
 #[test]
 fn adopt_keeps_the_preinstalled_binary_and_downloads_nothing() {
     let node = Node::nodeadm("2.2.1");
     node.write("/etc/systemd/system/soci-snapshotter.service", AMI_UNIT, 0o644);
-    node.write("/usr/bin/soci-snapshotter-grpc", "#!/bin/sh\necho 'soci-snapshotter-grpc version v0.12.0 abc'\n", 0o755);
+    node.write(
+        "/usr/bin/soci-snapshotter-grpc",
+        "#!/bin/sh\necho 'soci-snapshotter-grpc version v0.12.0 abc'\n",
+        0o755,
+    );
     // An unreachable mirror proves nothing is fetched.
     let out = node.install(&["--adopt", "--release-url", "http://127.0.0.1:9", "--output", "json"]);
     assert_code(&out, 0);
     assert!(!node.path("/usr/local/lib/soci-agent").exists());
     assert!(!node.path("/usr/local/bin/soci-snapshotter-grpc").exists());
     let dropin = node.read("/etc/systemd/system/soci-snapshotter.service.d/50-soci-agent.conf");
-    assert!(dropin.contains("ExecStart=/usr/bin/soci-snapshotter-grpc --address fd://\n"), "{dropin}");
+    assert!(
+        dropin.contains("ExecStart=/usr/bin/soci-snapshotter-grpc --address fd://\n"),
+        "{dropin}"
+    );
 }
 
 #[test]
 fn adopt_refuses_a_soci_without_parallel_mode() {
     let node = Node::nodeadm("2.2.1");
-    node.write("/usr/bin/soci-snapshotter-grpc", "#!/bin/sh\necho 'soci-snapshotter-grpc version v0.9.0 abc'\n", 0o755);
+    node.write(
+        "/usr/bin/soci-snapshotter-grpc",
+        "#!/bin/sh\necho 'soci-snapshotter-grpc version v0.9.0 abc'\n",
+        0o755,
+    );
     let before = node.tree();
     assert_code(&node.install(&["--adopt"]), 2);
     assert_eq!(node.tree(), before);
@@ -290,7 +412,11 @@ fn adopt_refuses_a_soci_without_parallel_mode() {
 #[test]
 fn bottlerocket_is_refused_with_a_pointer() {
     let node = Node::new();
-    node.write("/etc/os-release", "NAME=Bottlerocket\nID=bottlerocket\nPRETTY_NAME=\"Bottlerocket OS 1.44.0\"\n", 0o644);
+    node.write(
+        "/etc/os-release",
+        "NAME=Bottlerocket\nID=bottlerocket\nPRETTY_NAME=\"Bottlerocket OS 1.44.0\"\n",
+        0o644,
+    );
     let archive = node.archive();
     let before = node.tree();
     let out = node.install(&["--archive", archive.to_str().unwrap(), "--output", "json"]);
@@ -305,7 +431,14 @@ fn wrong_pinned_digest_exits_3_and_installs_nothing() {
     let archive = node.archive();
     let before = node.tree();
     let wrong = "0".repeat(64);
-    let out = node.install(&["--archive", archive.to_str().unwrap(), "--sha256", &wrong, "--output", "json"]);
+    let out = node.install(&[
+        "--archive",
+        archive.to_str().unwrap(),
+        "--sha256",
+        &wrong,
+        "--output",
+        "json",
+    ]);
     assert_code(&out, 3);
     assert_eq!(node.tree(), before, "a refused archive leaves the node as it was");
 }
@@ -334,8 +467,18 @@ fn invalid_settings_exit_2_before_anything_changes() {
     let a = archive.to_str().unwrap();
     let before = node.tree();
     for args in [
-        vec!["--max-concurrent-downloads", "10", "--max-concurrent-downloads-per-image", "20"],
-        vec!["--max-concurrent-unpacks", "4", "--max-concurrent-unpacks-per-image", "8"],
+        vec![
+            "--max-concurrent-downloads",
+            "10",
+            "--max-concurrent-downloads-per-image",
+            "20",
+        ],
+        vec![
+            "--max-concurrent-unpacks",
+            "4",
+            "--max-concurrent-unpacks-per-image",
+            "8",
+        ],
         vec!["--concurrent-download-chunk-size", "16MiB"],
         vec!["--max-concurrent-downloads", "-2"],
         vec!["--max-concurrent-downloads-per-image", "0"],
@@ -350,7 +493,10 @@ fn invalid_settings_exit_2_before_anything_changes() {
         full.extend(args.iter().copied());
         let out = node.install(&full);
         assert_code(&out, 2);
-        assert!(!out.stderr.is_empty() || !out.stdout.is_empty(), "{args:?} must say why");
+        assert!(
+            !out.stderr.is_empty() || !out.stdout.is_empty(),
+            "{args:?} must say why"
+        );
     }
     assert_eq!(node.tree(), before);
 }
@@ -360,23 +506,42 @@ fn settings_precedence_is_flag_then_env_then_file_then_default() {
     let node = Node::plain();
     let archive = node.archive();
     let a = archive.to_str().unwrap();
-    node.write("/etc/soci-agent/config.toml", "[install]\nmax_concurrent_downloads_per_image = 5\nconcurrent_download_chunk_size = \"8mb\"\n", 0o644);
+    node.write(
+        "/etc/soci-agent/config.toml",
+        "[install]\nmax_concurrent_downloads_per_image = 5\nconcurrent_download_chunk_size = \"8mb\"\n",
+        0o644,
+    );
     let per_image = |node: &Node| -> i64 {
         let cfg: toml_edit::DocumentMut = node.read("/etc/soci-snapshotter-grpc/config.toml").parse().unwrap();
-        cfg["pull_modes"]["parallel_pull_unpack"]["max_concurrent_downloads_per_image"].as_integer().unwrap()
+        cfg["pull_modes"]["parallel_pull_unpack"]["max_concurrent_downloads_per_image"]
+            .as_integer()
+            .unwrap()
     };
     assert_code(&node.install(&["--archive", a]), 0);
     assert_eq!(per_image(&node), 5, "file over default");
     let cfg = node.read("/etc/soci-snapshotter-grpc/config.toml");
     assert!(cfg.contains("\"8mb\""), "{cfg}");
-    assert_code(&node.install_env(&["--archive", a], &[("SOCI_AGENT_MAX_CONCURRENT_DOWNLOADS_PER_IMAGE", "6")]), 0);
+    assert_code(
+        &node.install_env(
+            &["--archive", a],
+            &[("SOCI_AGENT_MAX_CONCURRENT_DOWNLOADS_PER_IMAGE", "6")],
+        ),
+        0,
+    );
     assert_eq!(per_image(&node), 6, "env over file");
     assert_code(
-        &node.install_env(&["--archive", a, "--max-concurrent-downloads-per-image", "7"], &[("SOCI_AGENT_MAX_CONCURRENT_DOWNLOADS_PER_IMAGE", "6")]),
+        &node.install_env(
+            &["--archive", a, "--max-concurrent-downloads-per-image", "7"],
+            &[("SOCI_AGENT_MAX_CONCURRENT_DOWNLOADS_PER_IMAGE", "6")],
+        ),
         0,
     );
     assert_eq!(per_image(&node), 7, "flag over env");
-    node.write("/etc/soci-agent/config.toml", "[install]\nmax_concurent_downloads = 5\n", 0o644);
+    node.write(
+        "/etc/soci-agent/config.toml",
+        "[install]\nmax_concurent_downloads = 5\n",
+        0o644,
+    );
     assert_code(&node.install(&["--archive", a]), 2);
 }
 
@@ -386,11 +551,24 @@ fn changing_tuning_rewrites_the_config_but_keeps_the_release() {
     let archive = node.archive();
     let a = archive.to_str().unwrap();
     assert_code(&node.install(&["--archive", a]), 0);
-    let out = node.install(&["--archive", a, "--max-concurrent-unpacks-per-image", "4", "--output", "json"]);
+    let out = node.install(&[
+        "--archive",
+        a,
+        "--max-concurrent-unpacks-per-image",
+        "4",
+        "--output",
+        "json",
+    ]);
     assert_code(&out, 0);
     let report = json(&out);
-    assert_eq!(action(&report, "/etc/soci-snapshotter-grpc/config.toml")["action"], "update");
-    assert_eq!(action(&report, "/usr/local/lib/soci-agent/releases/0.15.0-amd64")["action"], "keep_release");
+    assert_eq!(
+        action(&report, "/etc/soci-snapshotter-grpc/config.toml")["action"],
+        "update"
+    );
+    assert_eq!(
+        action(&report, "/usr/local/lib/soci-agent/releases/0.15.0-amd64")["action"],
+        "keep_release"
+    );
     assert_eq!(action(&report, "/etc/containerd/config.toml")["changed"], false);
 }
 
@@ -404,7 +582,10 @@ fn a_tampered_store_is_reinstalled() {
     std::fs::write(&bin, "#!/bin/sh\necho evil\n").unwrap();
     let out = node.install(&["--archive", a, "--output", "json"]);
     assert_code(&out, 0);
-    assert_eq!(action(&json(&out), "/usr/local/lib/soci-agent/releases/0.15.0-amd64")["action"], "install_release");
+    assert_eq!(
+        action(&json(&out), "/usr/local/lib/soci-agent/releases/0.15.0-amd64")["action"],
+        "install_release"
+    );
     assert!(!std::fs::read_to_string(&bin).unwrap().contains("evil"));
 }
 
@@ -419,6 +600,100 @@ fn a_failure_mid_apply_rolls_everything_back() {
     let out = node.install(&["--archive", archive.to_str().unwrap(), "--output", "json"]);
     assert_code(&out, 1);
     let report = json(&out);
-    assert!(report["error"].as_str().unwrap().contains("containerd.service.d"), "{report:#}");
+    assert!(
+        report["error"].as_str().unwrap().contains("containerd.service.d"),
+        "{report:#}"
+    );
     assert_eq!(node.tree(), before, "the node ends as it started");
+}
+
+/// Publishes the standard release on a loopback mirror.
+fn mirror_with_release() -> (common::mirror::Mirror, String, Vec<u8>) {
+    let mirror = common::mirror::Mirror::start();
+    let bytes = standard_release(VER);
+    let path = mirror.publish(VER, ARCHIVE, &bytes);
+    (mirror, path, bytes)
+}
+
+#[test]
+fn install_from_a_mirror_verifies_against_the_published_checksum_and_retries() {
+    let node = Node::plain();
+    let (mirror, path, bytes) = mirror_with_release();
+    mirror.fault(&path, common::mirror::Fault::Status(503));
+    let url = mirror.base_url();
+    let out = node.install(&["--release-url", &url, "--output", "json", "--retries", "2"]);
+    assert_code(&out, 0);
+    assert_eq!(mirror.requests(&path), 2, "one 503, one success");
+    let report = json(&out);
+    assert_eq!(report["release"]["archive_sha256"], sha256_hex(&bytes));
+    assert_eq!(
+        report["release"]["verified_against"],
+        mirror.url(&format!("{path}.sha256sum"))
+    );
+    // Second run: the verified store is kept, nothing is fetched again.
+    let before = node.tree();
+    let out = node.install(&["--release-url", &url, "--output", "json"]);
+    assert_code(&out, 0);
+    assert_eq!(json(&out)["changed"], false);
+    assert_eq!(mirror.requests(&path), 2);
+    assert_eq!(node.tree(), before);
+}
+
+#[test]
+fn a_published_checksum_that_disagrees_exits_3() {
+    let node = Node::plain();
+    let (mirror, path, _) = mirror_with_release();
+    mirror.put(
+        &format!("{path}.sha256sum"),
+        format!("{}  {ARCHIVE}\n", "ab".repeat(32)),
+    );
+    let before = node.tree();
+    let out = node.install(&["--release-url", &mirror.base_url(), "--output", "json"]);
+    assert_code(&out, 3);
+    assert_eq!(node.tree(), before);
+}
+
+#[test]
+fn a_pinned_digest_needs_no_checksum_file() {
+    let node = Node::plain();
+    let (mirror, path, bytes) = mirror_with_release();
+    mirror.fault(&format!("{path}.sha256sum"), common::mirror::Fault::NotFound);
+    let out = node.install(&["--release-url", &mirror.base_url(), "--sha256", &sha256_hex(&bytes)]);
+    assert_code(&out, 0);
+    assert_eq!(mirror.requests(&format!("{path}.sha256sum")), 0);
+}
+
+#[test]
+fn missing_release_and_unreachable_mirror_exit_1_and_change_nothing() {
+    let node = Node::plain();
+    let mirror = common::mirror::Mirror::start();
+    let before = node.tree();
+    let out = node.install(&["--release-url", &mirror.base_url(), "--output", "json"]);
+    assert_code(&out, 1);
+    let err = json(&out)["error"].as_str().unwrap().to_string();
+    assert!(err.contains("404") && err.contains(".sha256sum"), "{err}");
+    assert_eq!(node.tree(), before);
+
+    // A port nothing listens on: connect errors are retried, then exit 1.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = node.install(&[
+        "--release-url",
+        &format!("http://127.0.0.1:{port}"),
+        "--retries",
+        "1",
+        "--output",
+        "json",
+    ]);
+    assert_code(&out, 1);
+    assert!(
+        json(&out)["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("127.0.0.1:{port}"))
+    );
+    assert_eq!(node.tree(), before);
 }

@@ -56,10 +56,7 @@ impl World {
         self.tmp.path().join("staging")
     }
 
-    async fn download(
-        &self,
-        opts: HttpOptions,
-    ) -> Result<soci_agent::extract::Extracted, FetchError> {
+    async fn download(&self, opts: HttpOptions) -> Result<soci_agent::extract::Extracted, FetchError> {
         Fetcher::new(opts)
             .unwrap()
             .download_release(&self.url, &self.digest, &self.dest())
@@ -75,12 +72,7 @@ impl World {
         let dest = self.dest();
         assert_eq!(
             dir_names(&dest),
-            [
-                "NOTICE.md",
-                "THIRD_PARTY_LICENSES",
-                "soci",
-                "soci-snapshotter-grpc"
-            ]
+            ["NOTICE.md", "THIRD_PARTY_LICENSES", "soci", "soci-snapshotter-grpc"]
         );
         for (name, content) in archive::standard_contents(VERSION) {
             assert_eq!(std::fs::read(dest.join(name)).unwrap(), content, "{name}");
@@ -103,12 +95,7 @@ async fn happy_path_extracts_verified_release() {
     assert_eq!(got.archive_bytes, w.bytes.len() as u64);
     for f in &got.files {
         let content = std::fs::read(w.dest().join(&f.name)).unwrap();
-        assert_eq!(
-            f.sha256.as_str(),
-            archive::sha256_hex(&content),
-            "{}",
-            f.name
-        );
+        assert_eq!(f.sha256.as_str(), archive::sha256_hex(&content), "{}", f.name);
     }
     w.assert_installed();
     assert_eq!(w.requests(), 1);
@@ -164,10 +151,8 @@ async fn truncated_on_every_attempt_fails_with_nothing_left() {
         retries: 2,
         ..fast_http_options()
     };
-    w.mirror.faults(
-        &w.path,
-        std::iter::repeat_n(Fault::Truncate(w.bytes.len() - 10), 3),
-    );
+    w.mirror
+        .faults(&w.path, std::iter::repeat_n(Fault::Truncate(w.bytes.len() - 10), 3));
     let err = w.download(opts).await.unwrap_err();
     assert!(err.is_transient(), "{err:?}");
     assert!(!err.is_verification_failure());
@@ -190,16 +175,9 @@ async fn large_archive_cut_mid_entry_is_retried() {
         ..fast_http_options()
     };
     let got = w.download(opts).await.unwrap();
-    let lic = got
-        .files
-        .iter()
-        .find(|f| f.name == "THIRD_PARTY_LICENSES")
-        .unwrap();
+    let lic = got.files.iter().find(|f| f.name == "THIRD_PARTY_LICENSES").unwrap();
     assert_eq!(lic.sha256.as_str(), archive::sha256_hex(&big));
-    assert_eq!(
-        std::fs::read(w.dest().join("THIRD_PARTY_LICENSES")).unwrap(),
-        big
-    );
+    assert_eq!(std::fs::read(w.dest().join("THIRD_PARTY_LICENSES")).unwrap(), big);
     assert_eq!(w.requests(), 2);
 }
 
@@ -215,13 +193,9 @@ async fn server_error_then_ok() {
 #[tokio::test]
 async fn persistent_server_errors_exhaust_retries() {
     let w = World::standard();
-    w.mirror
-        .faults(&w.path, std::iter::repeat_n(Fault::Status(503), 10));
+    w.mirror.faults(&w.path, std::iter::repeat_n(Fault::Status(503), 10));
     let err = w.download(fast_http_options()).await.unwrap_err();
-    assert!(
-        matches!(err, FetchError::Status { status: 503, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, FetchError::Status { status: 503, .. }), "{err:?}");
     assert_eq!(w.requests(), 4, "1 attempt + 3 retries");
     w.assert_nothing_left();
 }
@@ -231,10 +205,7 @@ async fn forbidden_is_not_retried() {
     let w = World::standard();
     w.mirror.fault(&w.path, Fault::Status(403));
     let err = w.download(fast_http_options()).await.unwrap_err();
-    assert!(
-        matches!(err, FetchError::Status { status: 403, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, FetchError::Status { status: 403, .. }), "{err:?}");
     assert!(err.to_string().contains(&w.url), "{err}");
     assert_eq!(w.requests(), 1);
 }
@@ -255,10 +226,7 @@ async fn not_found_names_the_url_and_is_not_retried() {
     let err = w.download(fast_http_options()).await.unwrap_err();
     assert!(matches!(err, FetchError::NotFound { .. }), "{err:?}");
     let text = err.to_string();
-    assert!(
-        text.contains(&w.url) && text.contains("--soci-version"),
-        "{text}"
-    );
+    assert!(text.contains(&w.url) && text.contains("--soci-version"), "{text}");
     assert!(!err.is_transient() && !err.is_verification_failure());
     assert_eq!(w.requests(), 1);
     w.assert_nothing_left();
@@ -277,25 +245,43 @@ async fn wrong_version_is_a_clean_404() {
         .download_release(&url, &w.digest, &w.dest())
         .await
         .unwrap_err();
-    assert!(
-        matches!(&err, FetchError::NotFound { url: u } if *u == url),
-        "{err:?}"
-    );
+    assert!(matches!(&err, FetchError::NotFound { url: u } if *u == url), "{err:?}");
     assert_eq!(w.mirror.total_requests(), 1);
 }
 
 #[tokio::test]
 async fn slow_first_byte_beyond_stall_timeout_is_retried() {
     let w = World::standard();
-    w.mirror
-        .fault(&w.path, Fault::SlowFirstByte(Duration::from_secs(2)));
+    w.mirror.fault(&w.path, Fault::SlowFirstByte(Duration::from_secs(2)));
+    let opts = HttpOptions {
+        stall_timeout: Duration::from_millis(300),
+        ..fast_http_options()
+    };
     let started = std::time::Instant::now();
-    w.download(fast_http_options()).await.unwrap();
+    w.download(opts).await.unwrap();
     w.assert_installed();
     assert_eq!(w.requests(), 2);
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "the stall timeout (300 ms) must cut the wait short"
+    );
+}
+
+#[tokio::test]
+async fn stall_mid_body_is_retried() {
+    let w = World::standard();
+    w.mirror.fault(&w.path, Fault::StallMidBody(Duration::from_secs(2)));
+    let opts = HttpOptions {
+        stall_timeout: Duration::from_millis(300),
+        ..fast_http_options()
+    };
+    let started = std::time::Instant::now();
+    w.download(opts).await.unwrap();
+    w.assert_installed();
+    assert_eq!(w.requests(), 2);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the stall timeout must cut the wait short"
     );
 }
 
@@ -333,14 +319,8 @@ async fn get_small_fetches_the_checksum_file() {
         .await
         .unwrap();
     let text = String::from_utf8(body).unwrap();
-    assert_eq!(
-        text,
-        archive::sha256sum_line(&w.bytes, &w.spec.archive_name())
-    );
-    assert_eq!(
-        parse_sha256sum(&text, &w.spec.archive_name()).unwrap(),
-        w.digest
-    );
+    assert_eq!(text, archive::sha256sum_line(&w.bytes, &w.spec.archive_name()));
+    assert_eq!(parse_sha256sum(&text, &w.spec.archive_name()).unwrap(), w.digest);
     assert_eq!(w.mirror.requests(&sum_path), 2);
 }
 
@@ -349,10 +329,7 @@ async fn get_small_refuses_big_bodies() {
     let w = World::standard();
     let fetcher = Fetcher::new(fast_http_options()).unwrap();
     let err = fetcher.get_small(&w.url, 100).await.unwrap_err();
-    assert!(
-        matches!(err, FetchError::TooLarge { limit: 100, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, FetchError::TooLarge { limit: 100, .. }), "{err:?}");
     assert_eq!(w.requests(), 1);
 }
 
@@ -368,16 +345,11 @@ async fn extract_local_verifies_and_extracts() {
     let wrong = Sha256Hex::parse(&common::wrong_digest(&w.bytes)).unwrap();
     let err = extract_local(&file, &wrong, &w.dest()).await.unwrap_err();
     assert!(err.is_verification_failure(), "{err:?}");
-    assert!(
-        err.to_string().contains(&file.display().to_string()),
-        "{err}"
-    );
+    assert!(err.to_string().contains(&file.display().to_string()), "{err}");
     w.assert_nothing_left();
 
     let missing = w.tmp.path().join("missing.tar.gz");
-    let err = extract_local(&missing, &w.digest, &w.dest())
-        .await
-        .unwrap_err();
+    let err = extract_local(&missing, &w.digest, &w.dest()).await.unwrap_err();
     assert!(matches!(err, FetchError::OpenLocal { .. }), "{err:?}");
     assert!(!err.is_verification_failure());
 }

@@ -45,16 +45,10 @@ fn leaves(table: &dyn TableLike, prefix: &str, out: &mut Vec<String>) {
 fn defaults_are_the_eks_ami_values() {
     let t = Tuning::default();
     assert_eq!(
-        (
-            t.max_concurrent_downloads,
-            t.max_concurrent_downloads_per_image
-        ),
+        (t.max_concurrent_downloads, t.max_concurrent_downloads_per_image),
         (-1, 20)
     );
-    assert_eq!(
-        (t.max_concurrent_unpacks, t.max_concurrent_unpacks_per_image),
-        (-1, 12)
-    );
+    assert_eq!((t.max_concurrent_unpacks, t.max_concurrent_unpacks_per_image), (-1, 12));
     assert_eq!(t.concurrent_download_chunk_size, "16mb");
     assert!(t.discard_unpacked_layers);
     let c = SociConfig::default();
@@ -67,10 +61,7 @@ fn defaults_are_the_eks_ami_values() {
 
 #[test]
 fn golden_renders() {
-    assert_eq!(
-        render(&SociConfig::default()),
-        fixture("default", "expected.toml")
-    );
+    assert_eq!(render(&SociConfig::default()), fixture("default", "expected.toml"));
     assert_eq!(render(&with_gzip()), fixture("eks_unpigz", "expected.toml"));
     assert!(render(&SociConfig::default()).starts_with(&format!("{HEADER}\n")));
     assert_eq!(
@@ -101,10 +92,7 @@ fn every_rendered_key_is_known() {
         leaves(doc.as_table(), "", &mut found);
         assert_eq!(found.len(), if cfg.gzip.is_some() { 13 } else { 11 });
         for key in &found {
-            assert!(
-                KNOWN_KEYS.contains(&key.as_str()),
-                "{key} is not in KNOWN_KEYS"
-            );
+            assert!(KNOWN_KEYS.contains(&key.as_str()), "{key} is not in KNOWN_KEYS");
         }
         assert_eq!(unknown_keys(&text), Ok(vec![]));
     }
@@ -194,15 +182,9 @@ fn rendered_values_read_back() {
 #[test]
 fn read_back_refuses_other_shapes() {
     let ours = render(&SociConfig::default());
-    assert_eq!(
-        read_back(&ours.replace("\"containerd\"", "\"soci\"")),
-        Ok(None)
-    );
+    assert_eq!(read_back(&ours.replace("\"containerd\"", "\"soci\"")), Ok(None));
     assert_eq!(read_back(&ours.replace("enable = true\n", "")), Ok(None));
-    assert_eq!(
-        read_back(&ours.replace("max_concurrent_unpacks = -1\n", "")),
-        Ok(None)
-    );
+    assert_eq!(read_back(&ours.replace("max_concurrent_unpacks = -1\n", "")), Ok(None));
     assert_eq!(read_back(""), Ok(None));
     assert!(read_back("[content_store").is_err());
 }
@@ -228,14 +210,8 @@ fn limits_are_minus_one_or_positive() {
             value: -2
         })
     );
-    assert_eq!(
-        validate(&tuning(|t| t.max_concurrent_unpacks_per_image = 1)),
-        Ok(())
-    );
-    assert_eq!(
-        validate(&tuning(|t| t.max_concurrent_downloads_per_image = -1)),
-        Ok(())
-    );
+    assert_eq!(validate(&tuning(|t| t.max_concurrent_unpacks_per_image = 1)), Ok(()));
+    assert_eq!(validate(&tuning(|t| t.max_concurrent_downloads_per_image = -1)), Ok(()));
 }
 
 #[test]
@@ -280,9 +256,7 @@ fn per_image_cannot_exceed_a_bounded_global() {
 fn chunk_size_grammar() {
     for ok in ["16mb", " 1.5 GB ", "", "8MB", "1024", "512 b", "2kb", "0"] {
         assert_eq!(
-            validate(&tuning(
-                |t| t.concurrent_download_chunk_size = ok.to_string()
-            )),
+            validate(&tuning(|t| t.concurrent_download_chunk_size = ok.to_string())),
             Ok(()),
             "{ok:?}"
         );
@@ -293,18 +267,14 @@ fn chunk_size_grammar() {
     assert_eq!(parse_chunk_size("1024"), Ok(Some(1024)));
     assert_eq!(parse_chunk_size(""), Ok(None));
 
-    let mib = validate(&tuning(|t| {
-        t.concurrent_download_chunk_size = "16MiB".to_string()
-    }))
-    .unwrap_err();
+    let mib = validate(&tuning(|t| t.concurrent_download_chunk_size = "16MiB".to_string())).unwrap_err();
     assert!(
         mib.to_string()
             .contains("use 16mb (binary units; MiB is not accepted by SOCI)"),
         "{mib}"
     );
     assert!(
-        mib.to_string()
-            .contains("--concurrent-download-chunk-size \"16MiB\""),
+        mib.to_string().contains("--concurrent-download-chunk-size \"16MiB\""),
         "{mib}"
     );
     for bad in ["abc", "16MiB", "16 tb", "-1mb", "1,5mb", "mb", "16m"] {
@@ -408,13 +378,7 @@ fn unknown_keys_golden() {
     let found = unknown_keys(&fixture("typos", "input.toml")).unwrap();
     let lines: String = found
         .iter()
-        .map(|u| {
-            format!(
-                "{} -> {}\n",
-                u.path,
-                u.suggestion.as_deref().unwrap_or("(none)")
-            )
-        })
+        .map(|u| format!("{} -> {}\n", u.path, u.suggestion.as_deref().unwrap_or("(none)")))
         .collect();
     assert_eq!(lines, fixture("typos", "expected.txt"));
 }
@@ -424,10 +388,7 @@ fn known_keys_are_well_formed() {
     let mut seen = std::collections::HashSet::new();
     for k in KNOWN_KEYS {
         assert!(seen.insert(k.to_ascii_lowercase()), "duplicate {k}");
-        assert!(
-            !k.is_empty() && k.split('.').all(|s| !s.is_empty()),
-            "bad path {k}"
-        );
+        assert!(!k.is_empty() && k.split('.').all(|s| !s.is_empty()), "bad path {k}");
         assert!(
             !KNOWN_KEYS.iter().any(|o| o.starts_with(&format!("{k}."))),
             "{k} is both a key and a table"

@@ -13,12 +13,7 @@ use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
 
 /// The four names of a real release, in upstream order.
-pub const RELEASE_ENTRIES: [&str; 4] = [
-    "soci-snapshotter-grpc",
-    "soci",
-    "THIRD_PARTY_LICENSES",
-    "NOTICE.md",
-];
+pub const RELEASE_ENTRIES: [&str; 4] = ["soci-snapshotter-grpc", "soci", "THIRD_PARTY_LICENSES", "NOTICE.md"];
 pub const DAEMON: &str = "soci-snapshotter-grpc";
 
 /// One tar member for [`tar_gz`] / [`tar_bytes`].
@@ -141,27 +136,16 @@ pub fn tar_bytes(members: &[Member<'_>]) -> Vec<u8> {
                 h.set_device_minor(3).unwrap();
                 push(&mut out, h, &[]);
             }
-            Member::Dir { name } => {
-                push(&mut out, header(EntryType::Directory, name, 0, 0o755), &[])
-            }
+            Member::Dir { name } => push(&mut out, header(EntryType::Directory, name, 0, 0o755), &[]),
             Member::OversizeFile { name, size } => {
-                push(
-                    &mut out,
-                    header(EntryType::Regular, name, size, 0o755),
-                    &[0x7f; 512],
-                );
+                push(&mut out, header(EntryType::Regular, name, size, 0o755), &[0x7f; 512]);
                 return out;
             }
             Member::Pax { records } => {
                 let data: Vec<u8> = records.iter().flat_map(|(k, v)| pax_record(k, v)).collect();
                 push(
                     &mut out,
-                    header(
-                        EntryType::XHeader,
-                        "PaxHeaders/next",
-                        data.len() as u64,
-                        0o644,
-                    ),
+                    header(EntryType::XHeader, "PaxHeaders/next", data.len() as u64, 0o644),
                     &data,
                 );
             }
@@ -170,12 +154,7 @@ pub fn tar_bytes(members: &[Member<'_>]) -> Vec<u8> {
                 data.push(0);
                 push(
                     &mut out,
-                    header(
-                        EntryType::GNULongName,
-                        "././@LongLink",
-                        data.len() as u64,
-                        0o644,
-                    ),
+                    header(EntryType::GNULongName, "././@LongLink", data.len() as u64, 0o644),
                     &data,
                 );
             }
@@ -239,10 +218,7 @@ pub fn standard_release(version: &str) -> Vec<u8> {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Exactly what `sha256sum NAME` prints: `<64 hex>  <name>\n`.
@@ -318,27 +294,18 @@ pub mod hostile {
     /// A PAX `path` record that escapes with `..` (header name is harmless).
     pub fn pax_parent_dir() -> Vec<u8> {
         let records: [(&str, &[u8]); 1] = [("path", b"../../usr/bin/soci")];
-        after_daemon(&[
-            Member::Pax { records: &records },
-            Member::file("soci", b"x"),
-        ])
+        after_daemon(&[Member::Pax { records: &records }, Member::file("soci", b"x")])
     }
     /// A GNU long name that resolves to a nested path.
     pub fn gnu_long_nested() -> Vec<u8> {
         let long = format!("{}soci", "d/".repeat(60));
-        after_daemon(&[
-            Member::GnuLongName { name: &long },
-            Member::file("soci", b"x"),
-        ])
+        after_daemon(&[Member::GnuLongName { name: &long }, Member::file("soci", b"x")])
     }
     /// A 1 MiB PAX record: over the metadata cap, must not be buffered.
     pub fn huge_pax() -> Vec<u8> {
         let big = vec![b'a'; 1024 * 1024];
         let records = [("comment", big.as_slice())];
-        after_daemon(&[
-            Member::Pax { records: &records },
-            Member::file("soci", b"x"),
-        ])
+        after_daemon(&[Member::Pax { records: &records }, Member::file("soci", b"x")])
     }
     /// Valid archive without the daemon.
     pub fn only_cli() -> Vec<u8> {

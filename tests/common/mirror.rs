@@ -30,6 +30,8 @@ pub enum Fault {
     /// Sleep this long before sending anything, then answer normally (the
     /// client has usually given up by then).
     SlowFirstByte(Duration),
+    /// Send the headers and half the body, sleep this long, send the rest.
+    StallMidBody(Duration),
 }
 
 #[derive(Default)]
@@ -93,9 +95,7 @@ impl Mirror {
     /// Serves `body` at `path` (replacing any previous body).
     pub fn put(&self, path: &str, body: impl Into<Vec<u8>>) {
         assert!(path.starts_with('/'), "mirror paths start with '/': {path}");
-        self.lock()
-            .bodies
-            .insert(path.to_string(), Arc::new(body.into()));
+        self.lock().bodies.insert(path.to_string(), Arc::new(body.into()));
     }
 
     /// Publishes a release archive and its `.sha256sum` sibling under
@@ -114,11 +114,7 @@ impl Mirror {
 
     /// Queues `fault` for the next not-yet-faulted request to `path`.
     pub fn fault(&self, path: &str, fault: Fault) {
-        self.lock()
-            .faults
-            .entry(path.to_string())
-            .or_default()
-            .push_back(fault);
+        self.lock().faults.entry(path.to_string()).or_default().push_back(fault);
     }
 
     /// Queues several faults for `path`, in order.
@@ -213,9 +209,7 @@ fn handle(mut conn: TcpStream, shared: &Shared) {
         (fault, state.bodies.get(&path).cloned())
     };
     let _ = match (fault, body) {
-        (Some(Fault::Status(code)), _) => {
-            respond(&mut conn, code, format!("injected {code}\n").as_bytes())
-        }
+        (Some(Fault::Status(code)), _) => respond(&mut conn, code, format!("injected {code}\n").as_bytes()),
         (Some(Fault::NotFound), _) | (_, None) => respond(&mut conn, 404, b"not found\n"),
         (Some(Fault::Truncate(n)), Some(body)) => conn
             .write_all(head(200, &format!("Content-Length: {}\r\n", body.len())).as_bytes())
@@ -230,6 +224,16 @@ fn handle(mut conn: TcpStream, shared: &Shared) {
         (Some(Fault::SlowFirstByte(delay)), Some(body)) => {
             thread::sleep(delay);
             respond(&mut conn, 200, &body)
+        }
+        (Some(Fault::StallMidBody(delay)), Some(body)) => {
+            let (first, rest) = body.split_at(body.len() / 2);
+            conn.write_all(head(200, &format!("Content-Length: {}\r\n", body.len())).as_bytes())
+                .and_then(|()| conn.write_all(first))
+                .and_then(|()| conn.flush())
+                .and_then(|()| {
+                    thread::sleep(delay);
+                    conn.write_all(rest)
+                })
         }
         (None, Some(body)) => respond(&mut conn, 200, &body),
     };

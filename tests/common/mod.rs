@@ -19,12 +19,14 @@ use std::time::Duration;
 
 use soci_agent::fetch::{HttpOptions, Progress};
 
-/// HTTP options for tests: short timeouts and backoff, no progress output.
-/// `stall_timeout` is 300 ms, so a `Fault::SlowFirstByte` of 1 s trips it.
+/// HTTP options for tests: fast backoff (10-50 ms), 3 retries, no progress
+/// output. The stall timeout (5 s) is generous so a loaded CI machine does not
+/// cause spurious retries; tests of stalls lower it (e.g. to 300 ms) and use
+/// a longer `Fault::SlowFirstByte`.
 pub fn fast_http_options() -> HttpOptions {
     HttpOptions {
         connect_timeout: Duration::from_secs(2),
-        stall_timeout: Duration::from_millis(300),
+        stall_timeout: Duration::from_secs(5),
         retries: 3,
         backoff_base: Duration::from_millis(10),
         backoff_cap: Duration::from_millis(50),
@@ -47,20 +49,12 @@ pub fn dir_names(dir: &Path) -> Vec<String> {
 /// Permission bits of `path` (e.g. `0o755`).
 pub fn mode_of(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::symlink_metadata(path)
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o7777
+    std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
 }
 
 /// A valid-looking digest that is certainly not the digest of `bytes`.
 pub fn wrong_digest(bytes: &[u8]) -> String {
     let right = archive::sha256_hex(bytes);
     let wrong = "0".repeat(64);
-    if right == wrong {
-        "1".repeat(64)
-    } else {
-        wrong
-    }
+    if right == wrong { "1".repeat(64) } else { wrong }
 }
