@@ -48,9 +48,10 @@ pub struct Applied {
     pub files_seconds: f64,
 }
 
-/// Undo log of one apply.
+/// Undo log of one install: what `apply` changed, restored by `rollback`
+/// unless `commit` is called once the node proved healthy.
 #[derive(Default)]
-struct Transaction {
+pub struct Transaction {
     snapshots: Vec<(PathBuf, Snapshot)>,
     /// Store entry created by this run (removed on rollback).
     created_entry: Option<PathBuf>,
@@ -61,7 +62,18 @@ struct Transaction {
 }
 
 impl Transaction {
-    fn rollback(self) {
+    /// Restores every snapshotted path (files only), keeping the log so a
+    /// later `rollback` also undoes the store. Idempotent.
+    pub fn restore_files(&mut self) {
+        for (path, snap) in self.snapshots.drain(..).rev() {
+            if let Err(e) = snap.restore(&path) {
+                tracing::error!(path = %path.display(), error = %crate::exit::error_chain(&e), "rollback could not restore a file");
+            }
+        }
+    }
+
+    pub fn rollback(mut self) {
+        self.restore_files();
         for (path, snap) in self.snapshots.into_iter().rev() {
             if let Err(e) = snap.restore(&path) {
                 tracing::error!(path = %path.display(), error = %crate::exit::error_chain(&e), "rollback could not restore a file");
@@ -88,7 +100,7 @@ impl Transaction {
         missing.reverse();
         self.created_dirs.extend(missing);
     }
-    fn commit(self) {
+    pub fn commit(self) {
         if let Some((aside, _)) = self.replaced_entry {
             let _ = std::fs::remove_dir_all(aside);
         }
@@ -230,8 +242,24 @@ fn apply_file_op(root: &Root, path: &str, op: &Op) -> Result<(), FsError> {
     }
 }
 
+impl Transaction {
+    /// Writes a file atomically, snapshotting it first so rollback restores it.
+    pub fn write(&mut self, root: &Root, node_path: &str, bytes: &[u8], mode: u32) -> Result<(), ApplyError> {
+        let target = root.path(node_path);
+        let fs = |source| ApplyError::Fs { path: node_path.to_string(), source };
+        if !self.snapshots.iter().any(|(p, _)| *p == target) {
+            let snap = Snapshot::take(&target).map_err(fs)?;
+            self.note_missing_dirs(&target);
+            self.snapshots.push((target.clone(), snap));
+        }
+        rootfs::write_atomic(&target, bytes, mode).map_err(fs)
+    }
+}
+
 /// Applies every changed action of `plan` under `root`, or none of them.
-pub async fn apply(root: &Root, plan: &Plan, http: HttpOptions) -> Result<Applied, ApplyError> {
+/// On success the returned transaction still holds the undo log: the caller
+/// commits it, or rolls back when a later step (systemd, health) fails.
+pub async fn apply(root: &Root, plan: &Plan, http: HttpOptions) -> Result<(Applied, Transaction), ApplyError> {
     let mut txn = Transaction::default();
     let mut applied = Applied::default();
     let result = async {
@@ -271,10 +299,7 @@ pub async fn apply(root: &Root, plan: &Plan, http: HttpOptions) -> Result<Applie
     }
     .await;
     match result {
-        Ok(()) => {
-            txn.commit();
-            Ok(applied)
-        }
+        Ok(()) => Ok((applied, txn)),
         Err(e) => {
             tracing::error!(error = %crate::exit::error_chain(&e), "install failed; rolling back");
             txn.rollback();

@@ -90,6 +90,8 @@ pub struct HostFacts {
     pub soci_unit: SociUnit,
     pub unpigz: bool,
     pub kubelet_config_layout: bool,
+    /// A `kubelet.service` unit file exists.
+    pub kubelet_unit: bool,
     pub cpus: usize,
     pub memory_bytes: Option<u64>,
 }
@@ -220,6 +222,9 @@ pub async fn detect(root: &Root) -> HostFacts {
         soci_unit,
         unpigz: root.path(UNPIGZ).is_file(),
         kubelet_config_layout: root.exists(crate::kubelet::CONFIG_PATH) || root.exists(crate::kubelet::DROPIN_DIR),
+        kubelet_unit: crate::units::UNIT_SEARCH_PATH
+            .iter()
+            .any(|d| root.exists(format!("{d}/{}", crate::units::KUBELET_SERVICE))),
         cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         memory_bytes: meminfo_total(),
     }

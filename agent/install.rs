@@ -4,7 +4,13 @@
 use std::io::IsTerminal;
 use std::time::Instant;
 
+use std::time::Duration;
+
+use crate::activate::{Activation, Bounds, activate, undo};
+use crate::apply::Transaction;
 use crate::cli::{InstallArgs, OutputFormat};
+use crate::record::{RECORD_PATH, Record};
+use crate::systemd::Systemd;
 use crate::exit::{ExitKind, error_chain};
 use crate::fetch::{HttpOptions, Progress};
 use crate::plan::{Plan, Wiring};
@@ -69,21 +75,37 @@ pub async fn run(args: &InstallArgs) -> (InstallReport, OutputFormat) {
         },
         ..HttpOptions::default()
     };
-    match crate::apply::apply(&settings.root, &plan, http).await {
-        Ok(applied) => {
-            report.release = applied.release;
-            report.next_steps = next_steps(&settings, &plan);
-        }
+    let (applied, mut txn) = match crate::apply::apply(&settings.root, &plan, http).await {
+        Ok(x) => x,
         Err(e) => {
-            let kind = if e.is_verification_failure() {
-                ExitKind::Verification
-            } else {
-                ExitKind::Failed
-            };
+            let kind = if e.is_verification_failure() { ExitKind::Verification } else { ExitKind::Failed };
             fail(&mut report, kind, &e);
             report.changed = false;
+            report.seconds = started.elapsed().as_secs_f64();
+            return (report, output);
+        }
+    };
+    report.release = applied.release;
+    if !settings.no_start {
+        match start_units(&settings, &plan, &mut txn).await {
+            Ok(act) => {
+                report.changed |= act.reloaded || !act.enabled.is_empty() || !act.restarted.is_empty();
+                report.systemd = Some(act);
+            }
+            Err((e, act, undo_problems)) => {
+                txn.rollback();
+                fail(&mut report, ExitKind::Failed, e.as_ref());
+                report.notes.push("rolled back: every file restored, units restarted or stopped as they were".into());
+                report.warnings.extend(undo_problems.into_iter().map(|p| format!("rollback: {p}")));
+                report.changed = false;
+                report.systemd = act;
+                report.seconds = started.elapsed().as_secs_f64();
+                return (report, output);
+            }
         }
     }
+    txn.commit();
+    report.next_steps = next_steps(&settings, &plan);
     report.seconds = started.elapsed().as_secs_f64();
     (report, output)
 }
@@ -94,6 +116,36 @@ fn fail(report: &mut InstallReport, kind: ExitKind, e: &(dyn std::error::Error +
     report.outcome = kind;
     report.exit_code = kind.code();
     report.error = Some(msg);
+}
+
+type StartFailure = (Box<dyn std::error::Error + Send + Sync>, Option<Activation>, Vec<String>);
+
+/// Connects to systemd, runs the systemd step and records the units it
+/// enabled. On failure the systemd side is already undone; the caller
+/// restores the files.
+async fn start_units(s: &InstallSettings, plan: &Plan, txn: &mut Transaction) -> Result<Activation, StartFailure> {
+    let sd = Systemd::connect(Duration::from_secs(10)).await.map_err(|e| (Box::new(e) as _, None, Vec::new()))?;
+    let mut act = Activation::default();
+    if let Err(e) = activate(&sd, &s.root, plan, &mut act, Bounds::default()).await {
+        // Files first (so a restart below runs the old config), then units.
+        txn.restore_files();
+        let problems = undo(&sd, &act).await;
+        return Err((Box::new(e), Some(act), problems));
+    }
+    if !act.enabled.is_empty() {
+        let mut update = || -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+            let mut record = Record::load(&s.root)?.unwrap_or_default();
+            record.enabled_units.extend(act.enabled.iter().cloned());
+            txn.write(&s.root, RECORD_PATH, record.to_json().as_bytes(), 0o644)?;
+            Ok(())
+        };
+        if let Err(e) = update() {
+            txn.restore_files();
+            let problems = undo(&sd, &act).await;
+            return Err((e, Some(act), problems));
+        }
+    }
+    Ok(act)
 }
 
 /// What the operator (or the next soci-agent step) still has to do.
@@ -115,7 +167,7 @@ fn next_steps(s: &InstallSettings, plan: &Plan) -> Vec<String> {
         }
     }
     if !s.no_start {
-        steps.push("enabling and starting over D-Bus is not automated yet: run the commands above".into());
+        steps.clear();
     }
     steps
 }

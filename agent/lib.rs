@@ -9,6 +9,7 @@
 //! - what it knows: `settings`, `host`, `plan`
 //! - what it tells: `report`, `diff`
 
+pub mod activate;
 pub mod apply;
 pub mod cli;
 pub mod containerd_config;
@@ -16,16 +17,19 @@ pub mod diff;
 pub mod exit;
 pub mod extract;
 pub mod fetch;
+pub mod health;
 pub mod host;
 pub mod install;
 pub mod kubelet;
 pub mod logging;
 pub mod nodeconfig;
 pub mod plan;
+pub mod record;
 pub mod release;
 pub mod report;
 pub mod rootfs;
 pub mod settings;
 pub mod soci_config;
 pub mod store;
+pub mod systemd;
 pub mod units;

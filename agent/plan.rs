@@ -13,6 +13,7 @@ use crate::rootfs::{FsError, Root};
 use crate::settings::{DecompressorChoice, InstallSettings, sibling_checksum};
 use crate::soci_config::{Decompressor, SociConfig};
 use crate::store::{self, BIN_DIR, EntryState};
+use crate::record::{Before, RECORD_PATH, Record, RecordError};
 use crate::units::{self, DaemonCommand};
 use crate::{kubelet, nodeconfig};
 
@@ -50,6 +51,8 @@ pub enum PlanError {
         path: String,
         source: crate::release::ReleaseError,
     },
+    #[error("{0} (move it aside to start a fresh record)")]
+    Record(String),
     #[error(transparent)]
     Fs(#[from] FsError),
 }
@@ -167,6 +170,9 @@ pub enum Wiring {
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
     pub arch: Arch,
+    /// kubelet exists (its drop-in pulls the boot unit in); else the boot
+    /// unit is enabled for multi-user.target.
+    pub kubelet_present: bool,
     pub wiring: Wiring,
     pub containerd_config_version: ConfigVersion,
     pub daemon_binary: String,
@@ -252,6 +258,30 @@ impl Builder<'_> {
         Ok(())
     }
 
+    /// Plans installing an executable (no diff; compared by content).
+    fn binary(&mut self, path: &str, content: Vec<u8>) -> Result<(), FsError> {
+        let old = self.root.read_opt(path)?;
+        let (kind, changed) = match &old {
+            None => (ActionKind::Create, true),
+            Some(b) if *b == content => (ActionKind::Unchanged, false),
+            Some(_) => (ActionKind::Update, true),
+        };
+        self.actions.push(Action {
+            path: path.to_string(),
+            action: kind,
+            changed,
+            detail: format!("{} bytes, mode 0755", content.len()),
+            diff: None,
+            op: if changed {
+                Op::Write { content, mode: 0o755 }
+            } else {
+                Op::Nothing
+            },
+            effects: Effects::default(),
+        });
+        Ok(())
+    }
+
     fn symlink(&mut self, path: &str, target: &str, effects: Effects) -> Result<(), FsError> {
         let resolved = self.root.path(path);
         let current = std::fs::symlink_metadata(&resolved).ok();
@@ -294,6 +324,42 @@ impl Builder<'_> {
         });
         Ok(())
     }
+}
+
+/// Adds to `record` the paths this plan changes for the first time, with
+/// their current state, and the store entry it creates.
+fn next_record(root: &Root, mut record: Record, actions: &[Action], daemon: &str, adopted: Option<Sha256Hex>) -> Record {
+    let backups: Vec<(&str, &str)> = actions
+        .iter()
+        .filter_map(|a| match &a.op {
+            Op::Backup { source } => Some((source.as_str(), a.path.as_str())),
+            _ => None,
+        })
+        .collect();
+    for a in actions.iter().filter(|a| a.changed) {
+        match &a.op {
+            Op::Release(step) => {
+                if step.replaces.is_none() {
+                    record.store_entries.insert(step.entry.clone());
+                }
+            }
+            Op::Write { .. } | Op::Symlink { .. } if !record.paths.contains_key(&a.path) => {
+                let before = if let Some((_, backup)) = backups.iter().find(|(src, _)| *src == a.path) {
+                    Before::Backup { backup: backup.to_string() }
+                } else {
+                    match std::fs::read_link(root.path(&a.path)) {
+                        Ok(t) if !t.starts_with(store::STORE_DIR) => Before::Link { target: t.display().to_string() },
+                        _ => Before::Absent,
+                    }
+                };
+                record.paths.insert(a.path.clone(), before);
+            }
+            _ => {}
+        }
+    }
+    record.daemon_binary = daemon.to_string();
+    record.adopted_sha256 = adopted;
+    record
 }
 
 /// The release step, or `None` when the store already holds a verified copy.
@@ -392,6 +458,7 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
     };
 
     // 1. The binary: adopt the preinstalled one, or the store + links.
+    let mut adopted_sha256 = None;
     let daemon_binary = if s.adopt {
         let found = facts
             .soci_installed
@@ -416,6 +483,9 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
             found.path,
             found.version.as_deref().unwrap_or("unknown")
         ));
+        let resolved = root.path(&found.path);
+        adopted_sha256 =
+            Some(store::sha256_file(&resolved).map_err(|source| PlanError::Fs(FsError::Read { path: resolved, source }))?);
         found.path.clone()
     } else {
         let (step, kept) = release_step(root, s, spec)?;
@@ -523,6 +593,26 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         containerd_change,
     )?;
 
+    // 3b. The agent itself and its boot unit (pause image import, pre-pull).
+    let me = std::env::current_exe().map_err(|source| FsError::Read {
+        path: "/proc/self/exe".into(),
+        source,
+    })?;
+    let me_bytes = std::fs::read(&me).map_err(|source| FsError::Read {
+        path: me.clone(),
+        source,
+    })?;
+    b.binary(units::AGENT_BINARY_PATH, me_bytes)?;
+    let reload = Effects {
+        daemon_reload: true,
+        ..Effects::default()
+    };
+    b.file(units::BOOT_SERVICE_PATH, units::boot_service(), 0o644, reload)?;
+    let kubelet_present = facts.kubelet_unit || facts.nodeadm;
+    if kubelet_present {
+        b.file(units::KUBELET_DROPIN_PATH, units::kubelet_dropin(), 0o644, reload)?;
+    }
+
     // 4. containerd + kubelet wiring.
     let wiring_in = SociWiring {
         address: SOCI_SOCKET.to_string(),
@@ -596,6 +686,14 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         }
     };
 
+    // 5. The install record: how every path was before soci-agent changed it.
+    let previous = Record::load(root).map_err(|e| match e {
+        RecordError::Read(fs) => PlanError::Fs(fs),
+        invalid => PlanError::Record(invalid.to_string()),
+    })?;
+    let record = next_record(root, previous.unwrap_or_default(), &b.actions, &daemon_binary, adopted_sha256);
+    b.file(RECORD_PATH, record.to_json(), 0o644, Effects::default())?;
+
     if root.is_host() {
         let mem_low = facts.memory_bytes.is_some_and(|m| m < MIN_MEMORY_BYTES);
         if facts.cpus < MIN_CPUS || mem_low {
@@ -609,6 +707,7 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
 
     Ok(Plan {
         arch,
+        kubelet_present,
         wiring,
         containerd_config_version,
         daemon_binary,

@@ -26,6 +26,9 @@ pub struct InstallReport {
     pub actions: Vec<Action>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub release: Option<Manifest>,
+    /// What the systemd step did (absent with --no-start and --dry-run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub systemd: Option<crate::activate::Activation>,
     pub warnings: Vec<String>,
     pub notes: Vec<String>,
     pub next_steps: Vec<String>,
@@ -67,6 +70,7 @@ impl InstallReport {
             plan: None,
             actions: Vec::new(),
             release: None,
+            systemd: None,
             warnings: Vec::new(),
             notes: Vec::new(),
             next_steps: Vec::new(),

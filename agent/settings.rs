@@ -296,6 +296,14 @@ impl InstallSettings {
             return Err(invalid("--retries", retries.to_string(), "at most 20"));
         }
 
+        let no_start = args.no_start || f.no_start.unwrap_or(false);
+        if !root.is_host() && !no_start && !args.dry_run {
+            return Err(invalid(
+                "--root",
+                args.root.display().to_string(),
+                "installing into another root cannot start its units: add --no-start",
+            ));
+        }
         let adopt = args.adopt || f.adopt.unwrap_or(false);
         if adopt && (archive.is_some() || sha256.is_some()) {
             return Err(invalid(
@@ -320,7 +328,7 @@ impl InstallSettings {
             containerd_config,
             wiring: args.wiring.or(f.wiring).unwrap_or(WiringMode::Auto),
             adopt,
-            no_start: args.no_start || f.no_start.unwrap_or(false),
+            no_start,
             dry_run: args.dry_run,
             output: args.output.or(f.output).unwrap_or(OutputFormat::Text),
             http_timeout: Duration::from_secs_f64(http_timeout),

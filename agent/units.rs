@@ -15,6 +15,16 @@ const SERVICE_TEMPLATE: &str = include_str!("../systemd/soci-snapshotter.service
 const SOCKET_TEMPLATE: &str = include_str!("../systemd/soci-snapshotter.socket");
 const SERVICE_DROPIN_TEMPLATE: &str = include_str!("../systemd/soci-snapshotter.service.d/50-soci-agent.conf");
 const CONTAINERD_DROPIN: &str = include_str!("../systemd/containerd.service.d/10-soci-snapshotter.conf");
+const BOOT_SERVICE_TEMPLATE: &str = include_str!("../systemd/soci-agent-boot.service");
+const KUBELET_DROPIN: &str = include_str!("../systemd/kubelet.service.d/50-soci-agent-boot.conf");
+
+pub const BOOT_SERVICE: &str = "soci-agent-boot.service";
+pub const BOOT_SERVICE_PATH: &str = "/etc/systemd/system/soci-agent-boot.service";
+pub const KUBELET_DROPIN_PATH: &str = "/etc/systemd/system/kubelet.service.d/50-soci-agent-boot.conf";
+pub const CONTAINERD_SERVICE: &str = "containerd.service";
+pub const KUBELET_SERVICE: &str = "kubelet.service";
+/// Where soci-agent installs itself, for the boot unit.
+pub const AGENT_BINARY_PATH: &str = "/usr/local/bin/soci-agent";
 
 pub const SERVICE_PATH: &str = "/etc/systemd/system/soci-snapshotter.service";
 pub const SOCKET_PATH: &str = "/etc/systemd/system/soci-snapshotter.socket";
@@ -67,6 +77,16 @@ pub fn containerd_dropin() -> String {
     CONTAINERD_DROPIN.to_string()
 }
 
+/// The boot unit (`soci-agent boot` before kubelet).
+pub fn boot_service() -> String {
+    BOOT_SERVICE_TEMPLATE.to_string()
+}
+
+/// `kubelet.service.d/50-soci-agent-boot.conf`: Wants= and After= the boot unit.
+pub fn kubelet_dropin() -> String {
+    KUBELET_DROPIN.to_string()
+}
+
 /// True when a unit file's text was written by soci-agent.
 pub fn is_ours(text: &str) -> bool {
     text.starts_with(MARKER)
@@ -95,5 +115,9 @@ mod tests {
         assert!(d.contains("RequiresMountsFor=/var/lib/soci-snapshotter-grpc"));
         assert!(is_ours(&socket()) && is_ours(&containerd_dropin()));
         assert!(containerd_dropin().contains("Requires=soci-snapshotter.service"));
+        let boot = boot_service();
+        assert!(is_ours(&boot) && boot.contains("Type=oneshot") && boot.contains("Before=kubelet.service"));
+        assert!(boot.contains(&format!("ExecStart={AGENT_BINARY_PATH} boot")));
+        assert!(kubelet_dropin().contains("Wants=soci-agent-boot.service"));
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod archive;
 pub mod mirror;
+pub mod nspawn;
 
 use std::path::Path;
 use std::time::Duration;

@@ -1,0 +1,156 @@
+//! The systemd step of install, over D-Bus: daemon-reload, enable, and on
+//! non-nodeadm hosts (re)start the snapshotter, wait for its socket, restart
+//! containerd only when its wiring changed, then check containerd sees
+//! `soci`. Everything it does is logged in `Activation` so a failure can be
+//! undone: units it restarted are restarted again (or stopped) after the
+//! files are restored, units it enabled are disabled.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::health::{self, HealthError, SnapshotterStatus};
+use crate::plan::{CONTAINERD_SOCKET, Plan, SOCI_SOCKET, Wiring};
+use crate::rootfs::Root;
+use crate::systemd::{Systemd, SystemdError};
+use crate::units;
+
+/// Bounds of the waits after a (re)start.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub job: Duration,
+    pub socket: Duration,
+    pub health: Duration,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Bounds { job: Duration::from_secs(90), socket: Duration::from_secs(30), health: Duration::from_secs(60) }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("systemd step failed")]
+    Systemd(#[from] SystemdError),
+    #[error("health check failed")]
+    Health(#[from] HealthError),
+}
+
+/// What the systemd step did, in order (also the undo log).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Activation {
+    pub reloaded: bool,
+    /// Units enabled by this run (they were not enabled before).
+    pub enabled: Vec<String>,
+    /// Units (re)started by this run, with whether they were active before.
+    pub restarted: Vec<(String, bool)>,
+    pub soci_socket_seconds: Option<f64>,
+    pub health: Option<SnapshotterStatus>,
+    /// Human summary lines for the report.
+    pub steps: Vec<String>,
+}
+
+fn enabled_state(s: &str) -> bool {
+    matches!(s, "enabled" | "enabled-runtime" | "static" | "alias" | "indirect" | "generated")
+}
+
+/// Runs the systemd step for `plan`; on error, `act` holds what was done.
+pub async fn activate(sd: &Systemd, root: &Root, plan: &Plan, act: &mut Activation, bounds: Bounds) -> Result<(), ActivateError> {
+    let effects = plan.effects();
+    let soci = units::SERVICE;
+    let mut wanted = vec![soci, units::SOCKET];
+    if !plan.kubelet_present {
+        wanted.push(units::BOOT_SERVICE);
+    }
+    let needs_reload = effects.daemon_reload || sd.unit_state(soci).await?.need_daemon_reload;
+    if needs_reload {
+        sd.reload().await?;
+        act.reloaded = true;
+        act.steps.push("daemon-reload".into());
+    }
+    for unit in wanted {
+        let state = sd.unit_state(unit).await?;
+        if state.load_state == "not-found" || enabled_state(&state.unit_file_state) {
+            continue;
+        }
+        sd.enable(&[unit]).await?;
+        act.enabled.push(unit.to_string());
+        act.steps.push(format!("enabled {unit}"));
+    }
+    if act.reloaded && !act.enabled.is_empty() {
+        sd.reload().await?;
+    }
+
+    if plan.wiring == Wiring::Nodeadm {
+        act.steps.push(
+            "nodeadm host: nothing started; nodeadm-run starts containerd after local-disk setup, and containerd's Requires= starts soci-snapshotter.service".into(),
+        );
+        return Ok(());
+    }
+
+    // The socket first, so the service gets its listener (fd://).
+    let socket_state = sd.unit_state(units::SOCKET).await?;
+    if socket_state.load_state != "not-found" && !socket_state.is_active() {
+        sd.start(units::SOCKET).await?;
+        act.restarted.push((units::SOCKET.to_string(), false));
+        act.steps.push(format!("started {}", units::SOCKET));
+    }
+    let containerd_before = sd.unit_state(units::CONTAINERD_SERVICE).await?;
+    let soci_state = sd.unit_state(soci).await?;
+    if effects.restart_soci || !soci_state.is_active() {
+        act.restarted.push((soci.to_string(), soci_state.is_active()));
+        sd.restart(soci).await?;
+        act.steps.push(format!("{} {soci}", if soci_state.is_active() { "restarted" } else { "started" }));
+    }
+    let waited = health::wait_for_socket(&root.path(SOCI_SOCKET), bounds.socket).await?;
+    act.soci_socket_seconds = Some(waited.as_secs_f64());
+
+    if !containerd_before.is_active() {
+        act.steps.push("containerd is not running: it uses SOCI from its next start".into());
+        return Ok(());
+    }
+    // containerd Requires= the snapshotter, so restarting SOCI restarted it too.
+    let containerd_now = sd.unit_state(units::CONTAINERD_SERVICE).await?;
+    let restarted_along = containerd_now.invocation_id != containerd_before.invocation_id;
+    if !effects.restart_containerd && !restarted_along {
+        act.steps.push("containerd wiring unchanged: containerd not restarted".into());
+        return Ok(());
+    }
+    let started = Instant::now();
+    act.restarted.push((units::CONTAINERD_SERVICE.to_string(), true));
+    if restarted_along && containerd_now.is_active() {
+        act.steps.push("containerd restarted along with the snapshotter (Requires=)".into());
+    } else {
+        sd.restart(units::CONTAINERD_SERVICE).await?;
+    }
+    let status = health::wait_for_snapshotter(&root.path(CONTAINERD_SOCKET), "soci", bounds.health).await?;
+    act.steps.push(format!(
+        "restarted containerd {} ({:.1}s): it lists the soci snapshotter and reaches it",
+        status.containerd_version,
+        started.elapsed().as_secs_f64()
+    ));
+    act.health = Some(status);
+    Ok(())
+}
+
+/// Undoes `act` after the files were restored: reload, restart what was
+/// restarted (stop what was not running), disable what was enabled.
+pub async fn undo(sd: &Systemd, act: &Activation) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut note = |r: Result<(), SystemdError>| {
+        if let Err(e) = r {
+            problems.push(crate::exit::error_chain(&e));
+        }
+    };
+    note(sd.reload().await);
+    for (unit, was_active) in act.restarted.iter().rev() {
+        note(if *was_active { sd.restart(unit).await } else { sd.stop(unit).await });
+    }
+    if !act.enabled.is_empty() {
+        let units: Vec<&str> = act.enabled.iter().map(String::as_str).collect();
+        note(sd.disable(&units).await.map(|_| ()));
+        note(sd.reload().await);
+    }
+    problems
+}

@@ -1,0 +1,67 @@
+//! The install record, `/var/lib/soci-agent/record.json`: for every path
+//! soci-agent ever changed, how it was before (absent, a backup copy, or a
+//! symlink target), the units it enabled, and the store entries it created.
+//! Written inside the same transaction as the changes it describes; read by
+//! `uninstall` (to put the node back) and `boot` (to verify the binary).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::release::Sha256Hex;
+use crate::rootfs::{FsError, Root};
+
+pub const RECORD_PATH: &str = "/var/lib/soci-agent/record.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Before {
+    /// Did not exist: uninstall removes it.
+    Absent,
+    /// Existed: the original is at `backup`.
+    Backup { backup: String },
+    /// Was a symlink to `target`.
+    Link { target: String },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Node path -> its state before soci-agent first changed it.
+    pub paths: BTreeMap<String, Before>,
+    /// Units soci-agent enabled that were not enabled before.
+    pub enabled_units: BTreeSet<String>,
+    /// Store entries (node paths) soci-agent created.
+    pub store_entries: BTreeSet<String>,
+    /// The binary the SOCI unit runs.
+    pub daemon_binary: String,
+    /// Its digest when it was adopted (store binaries are checked against
+    /// their entry's `release.json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted_sha256: Option<Sha256Hex>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Read(#[from] FsError),
+    #[error("install record {path} is not valid JSON: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Record {
+    /// The record under `root`; `None` when soci-agent never installed there.
+    pub fn load(root: &Root) -> Result<Option<Record>, RecordError> {
+        match root.read_opt(RECORD_PATH)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| RecordError::Invalid { path: RECORD_PATH.into(), message: e.to_string() }),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).expect("record serializes");
+        s.push('\n');
+        s
+    }
+}
