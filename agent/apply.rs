@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::extract::Extracted;
 use crate::fetch::{FetchError, Fetcher, HttpOptions};
-use crate::plan::{ArchiveSource, DigestSource, Op, Plan, ReleaseStep};
+use crate::plan::{Action, ArchiveSource, DigestSource, Op, Plan, ReleaseStep};
 use crate::release::{Sha256Hex, parse_sha256sum};
 use crate::rootfs::{self, FsError, Root, Snapshot, TMP_MARKER};
 use crate::store::{MANIFEST, Manifest};
@@ -227,19 +227,24 @@ fn apply_file_op(root: &Root, path: &str, op: &Op) -> Result<(), FsError> {
     match op {
         Op::Write { content, mode } => rootfs::write_atomic(&target, content, *mode),
         Op::Symlink { target: link_target } => rootfs::symlink_atomic(Path::new(link_target), &target),
-        Op::Backup { source } => {
-            let src = root.path(source);
-            let bytes = std::fs::read(&src).map_err(|e| FsError::Read {
-                path: src.clone(),
-                source: e,
-            })?;
-            let mode = std::fs::metadata(&src)
-                .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
-                .unwrap_or(0o644);
-            rootfs::write_atomic(&target, &bytes, mode)
-        }
+        Op::Remove => rootfs::remove_file(&target),
+        Op::Backup { source } | Op::Restore { source } => rootfs::copy_atomic(&root.path(source), &target),
         Op::Release(_) | Op::Nothing => Ok(()),
     }
+}
+
+/// Applies the file actions (everything but releases) inside `txn`.
+pub fn apply_actions(txn: &mut Transaction, root: &Root, actions: &[Action]) -> Result<(), ApplyError> {
+    for action in actions.iter().filter(|a| a.changed && !matches!(a.op, Op::Release(_))) {
+        let target = root.path(&action.path);
+        let fs = |source| ApplyError::Fs { path: action.path.clone(), source };
+        let snap = Snapshot::take(&target).map_err(fs)?;
+        txn.note_missing_dirs(&target);
+        txn.snapshots.push((target, snap));
+        apply_file_op(root, &action.path, &action.op).map_err(fs)?;
+        tracing::info!(path = %action.path, action = ?action.action, "applied");
+    }
+    Ok(())
 }
 
 impl Transaction {
@@ -276,24 +281,7 @@ pub async fn apply(root: &Root, plan: &Plan, http: HttpOptions) -> Result<(Appli
         }
         applied.release_seconds = started.elapsed().as_secs_f64();
         let started = Instant::now();
-        for action in plan
-            .actions
-            .iter()
-            .filter(|a| a.changed && !matches!(a.op, Op::Release(_)))
-        {
-            let target = root.path(&action.path);
-            let snap = Snapshot::take(&target).map_err(|source| ApplyError::Fs {
-                path: action.path.clone(),
-                source,
-            })?;
-            txn.note_missing_dirs(&target);
-            txn.snapshots.push((target, snap));
-            apply_file_op(root, &action.path, &action.op).map_err(|source| ApplyError::Fs {
-                path: action.path.clone(),
-                source,
-            })?;
-            tracing::info!(path = %action.path, action = ?action.action, "applied");
-        }
+        apply_actions(&mut txn, root, &plan.actions)?;
         applied.files_seconds = started.elapsed().as_secs_f64();
         Ok(())
     }

@@ -49,6 +49,52 @@ variables, then the [install] table of the config file, then the defaults shown 
 A second run with the same inputs changes nothing and says so."
     )]
     Install(InstallArgs),
+
+    /// Undo install: restore every file from the install record, disable the
+    /// units soci-agent enabled, restart containerd without SOCI.
+    Uninstall(UninstallArgs),
+
+    /// Boot-time tasks (run by soci-agent-boot.service before kubelet): verify
+    /// the SOCI binary, import the pause image into the soci snapshotter.
+    Boot(BootArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UninstallArgs {
+    /// Directory every node path is resolved under.
+    #[arg(long, value_name = "DIR", env = "SOCI_AGENT_ROOT", default_value = "/")]
+    pub root: PathBuf,
+    /// Also remove the versioned release store.
+    #[arg(long)]
+    pub purge: bool,
+    /// Restore files only; never talk to systemd.
+    #[arg(long, env = "SOCI_AGENT_NO_START")]
+    pub no_start: bool,
+    /// Print what would be restored and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Report format on stdout. [default: text]
+    #[arg(long, value_enum, env = "SOCI_AGENT_OUTPUT")]
+    pub output: Option<OutputFormat>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BootArgs {
+    /// Directory every node path is resolved under.
+    #[arg(long, value_name = "DIR", env = "SOCI_AGENT_ROOT", default_value = "/")]
+    pub root: PathBuf,
+    /// The node's pause image archive, imported into the soci snapshotter when present.
+    #[arg(long, value_name = "PATH", default_value = crate::boot::DEFAULT_PAUSE_ARCHIVE)]
+    pub pause_archive: String,
+    /// Give up after this many seconds (then exit 0 unless --strict).
+    #[arg(long, value_name = "SECS", default_value_t = 600.0)]
+    pub timeout: f64,
+    /// Exit 1 when a step fails or the time bound is hit (default: log loudly, exit 0 so the node joins).
+    #[arg(long)]
+    pub strict: bool,
+    /// Report format on stdout.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize, serde::Serialize)]

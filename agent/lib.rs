@@ -11,6 +11,7 @@
 
 pub mod activate;
 pub mod apply;
+pub mod boot;
 pub mod cli;
 pub mod containerd_config;
 pub mod diff;
@@ -32,4 +33,5 @@ pub mod settings;
 pub mod soci_config;
 pub mod store;
 pub mod systemd;
+pub mod uninstall;
 pub mod units;

@@ -29,5 +29,21 @@ fn main() -> ExitCode {
             }
             ExitCode::from(report.exit_code)
         }
+        Command::Uninstall(args) => {
+            let (report, output) = runtime.block_on(soci_agent::uninstall::run(&args));
+            match output {
+                OutputFormat::Json => println!("{}", report.to_json()),
+                OutputFormat::Text => print!("{}", report.to_text()),
+            }
+            ExitCode::from(report.exit_code)
+        }
+        Command::Boot(args) => {
+            let (report, output) = runtime.block_on(soci_agent::boot::run(&args));
+            match output {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report).expect("report serializes")),
+                OutputFormat::Text => print!("{}", report.to_text()),
+            }
+            ExitCode::from(report.exit_code)
+        }
     }
 }

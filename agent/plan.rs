@@ -122,6 +122,10 @@ pub enum Op {
         source: String,
     },
     Release(Box<ReleaseStep>),
+    /// Remove the file or symlink at the action's path (uninstall).
+    Remove,
+    /// Copy the file at `source` back to the action's path (uninstall).
+    Restore { source: String },
     Nothing,
 }
 
@@ -135,6 +139,8 @@ pub enum ActionKind {
     Symlink,
     InstallRelease,
     KeepRelease,
+    Remove,
+    Restore,
 }
 
 /// What a change means for running services (used by the systemd step).
@@ -336,12 +342,14 @@ fn next_record(root: &Root, mut record: Record, actions: &[Action], daemon: &str
             _ => None,
         })
         .collect();
+    for a in actions.iter().filter(|a| a.action == ActionKind::KeepRelease) {
+        // Everything under the store is soci-agent's own, whoever made it.
+        record.store_entries.insert(a.path.clone());
+    }
     for a in actions.iter().filter(|a| a.changed) {
         match &a.op {
             Op::Release(step) => {
-                if step.replaces.is_none() {
-                    record.store_entries.insert(step.entry.clone());
-                }
+                record.store_entries.insert(step.entry.clone());
             }
             Op::Write { .. } | Op::Symlink { .. } if !record.paths.contains_key(&a.path) => {
                 let before = if let Some((_, backup)) = backups.iter().find(|(src, _)| *src == a.path) {

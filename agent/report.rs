@@ -58,8 +58,12 @@ impl PlanSummary {
 
 impl InstallReport {
     pub fn new(dry_run: bool) -> Self {
+        Self::for_command("install", dry_run)
+    }
+
+    pub fn for_command(command: &'static str, dry_run: bool) -> Self {
         InstallReport {
-            command: "install",
+            command,
             agent_version: env!("CARGO_PKG_VERSION"),
             dry_run,
             exit_code: 0,
@@ -98,7 +102,7 @@ impl InstallReport {
                 self.error.as_deref().unwrap_or("unknown error")
             ),
         };
-        let _ = writeln!(out, "soci-agent install: {headline}");
+        let _ = writeln!(out, "soci-agent {}: {headline}", self.command);
         if let (Some(h), Some(p)) = (&self.host, &self.plan) {
             let containerd = h
                 .containerd
@@ -127,6 +131,8 @@ impl InstallReport {
                 ActionKind::Symlink => "symlink",
                 ActionKind::InstallRelease => "install",
                 ActionKind::KeepRelease => "keep",
+                ActionKind::Remove => "remove",
+                ActionKind::Restore => "restore",
             };
             let _ = writeln!(out, "  {verb:<10} {}  ({})", a.path, a.detail);
             if self.dry_run

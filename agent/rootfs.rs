@@ -168,6 +168,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError>
     fsync_dir(dir)
 }
 
+/// Copies `src` to `dst` atomically, keeping its mode and modification
+/// time (backups, and restores from them, are indistinguishable from the
+/// original).
+pub fn copy_atomic(src: &Path, dst: &Path) -> Result<(), FsError> {
+    let read_err = |source| FsError::Read { path: src.to_path_buf(), source };
+    let meta = fs::metadata(src).map_err(read_err)?;
+    let bytes = fs::read(src).map_err(read_err)?;
+    write_atomic(dst, &bytes, meta.permissions().mode() & 0o7777)?;
+    if let Ok(mtime) = meta.modified() {
+        fs::File::options()
+            .write(true)
+            .open(dst)
+            .and_then(|f| f.set_modified(mtime))
+            .map_err(|source| FsError::Write { path: dst.to_path_buf(), source })?;
+    }
+    Ok(())
+}
+
 /// Renames, removing `from` when the rename fails.
 pub fn rename(from: &Path, to: &Path) -> Result<(), FsError> {
     fs::rename(from, to).map_err(|source| {
@@ -211,7 +229,7 @@ pub fn remove_file(path: &Path) -> Result<(), FsError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Snapshot {
     Absent,
-    File { bytes: Vec<u8>, mode: u32 },
+    File { bytes: Vec<u8>, mode: u32, mtime: Option<std::time::SystemTime> },
     Symlink { target: PathBuf },
 }
 
@@ -230,6 +248,7 @@ impl Snapshot {
             Ok(m) => Ok(Snapshot::File {
                 bytes: fs::read(path).map_err(read_err)?,
                 mode: m.permissions().mode() & 0o7777,
+                mtime: m.modified().ok(),
             }),
         }
     }
@@ -237,7 +256,13 @@ impl Snapshot {
     pub fn restore(&self, path: &Path) -> Result<(), FsError> {
         match self {
             Snapshot::Absent => remove_file(path),
-            Snapshot::File { bytes, mode } => write_atomic(path, bytes, *mode),
+            Snapshot::File { bytes, mode, mtime } => {
+                write_atomic(path, bytes, *mode)?;
+                if let Some(t) = mtime {
+                    let _ = fs::File::options().write(true).open(path).and_then(|f| f.set_modified(*t));
+                }
+                Ok(())
+            }
             Snapshot::Symlink { target } => symlink_atomic(target, path),
         }
     }

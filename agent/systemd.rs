@@ -233,6 +233,8 @@ impl Systemd {
     }
 
     /// Enables `units` (persistent, without `--force`): creates their `[Install]` symlinks.
+    /// Like `systemctl enable`, follow with [`Systemd::reload`]: until then the manager keeps
+    /// the old dependencies and, for loaded units, the old `UnitFileState`.
     pub async fn enable(&self, units: &[&str]) -> Result<Vec<UnitFileChange>, SystemdError> {
         let (_, changes) = self
             .manager
@@ -242,7 +244,8 @@ impl Systemd {
         Ok(changes.into_iter().map(UnitFileChange::from).collect())
     }
 
-    /// Disables `units` (persistent): removes their `[Install]` symlinks.
+    /// Disables `units` (persistent): removes their `[Install]` symlinks. Follow with
+    /// [`Systemd::reload`], as for [`Systemd::enable`].
     pub async fn disable(&self, units: &[&str]) -> Result<Vec<UnitFileChange>, SystemdError> {
         let changes = self
             .manager

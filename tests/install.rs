@@ -90,14 +90,17 @@ impl Node {
         self.install_env(args, &[])
     }
     fn install_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut full = vec!["--arch", "amd64"];
+        full.extend_from_slice(args);
+        self.run("install", &full, env)
+    }
+    /// Runs `soci-agent <sub> --root <root> --no-start <args>` (boot has no --no-start).
+    fn run(&self, sub: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_soci-agent"));
-        cmd.arg("install").arg("--root").arg(self.root()).args([
-            "--no-start",
-            "--arch",
-            "amd64",
-            "--log-level",
-            "warn",
-        ]);
+        cmd.arg(sub).arg("--root").arg(self.root()).args(["--log-level", "warn"]);
+        if sub != "boot" {
+            cmd.arg("--no-start");
+        }
         cmd.args(args);
         for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SOCI_AGENT_")) {
             cmd.env_remove(k);
@@ -696,4 +699,57 @@ fn missing_release_and_unreachable_mirror_exit_1_and_change_nothing() {
             .contains(&format!("127.0.0.1:{port}"))
     );
     assert_eq!(node.tree(), before);
+}
+
+/// Files and links only (directories soci-agent created may stay).
+fn files(tree: &BTreeMap<PathBuf, String>) -> BTreeMap<PathBuf, String> {
+    tree.iter().filter(|(_, d)| !d.starts_with("dir")).map(|(p, d)| (p.clone(), d.clone())).collect()
+}
+
+#[test]
+fn uninstall_restores_every_file_and_purge_removes_the_store() {
+    let node = Node::plain();
+    node.write("/usr/local/bin/soci", "#!/bin/sh\necho an older soci CLI\n", 0o755);
+    let archive = node.archive();
+    let before = node.tree();
+    assert_code(&node.install(&["--archive", archive.to_str().unwrap()]), 0);
+    assert!(node.path("/var/lib/soci-agent/record.json").exists());
+    assert!(std::fs::symlink_metadata(node.path("/usr/local/bin/soci")).unwrap().file_type().is_symlink());
+
+    let dry = node.run("uninstall", &["--dry-run", "--output", "json"], &[]);
+    assert_code(&dry, 0);
+    assert_eq!(action(&json(&dry), "/etc/containerd/config.toml")["action"], "restore");
+    let out = node.run("uninstall", &["--output", "json"], &[]);
+    assert_code(&out, 0);
+    let after = files(&node.tree());
+    let store: Vec<_> = after.keys().filter(|p| p.starts_with("usr/local/lib/soci-agent")).cloned().collect();
+    assert!(!store.is_empty(), "the store is kept without --purge");
+    let without_store: BTreeMap<_, _> = after.into_iter().filter(|(p, _)| !p.starts_with("usr/local/lib/soci-agent")).collect();
+    assert_eq!(without_store, files(&before), "every file as it was before install");
+
+    // Again with --purge: nothing of soci-agent's is left.
+    assert_code(&node.install(&["--archive", archive.to_str().unwrap()]), 0);
+    assert_code(&node.run("uninstall", &["--purge"], &[]), 0);
+    assert_eq!(files(&node.tree()), files(&before));
+    // Nothing recorded: a no-op.
+    assert_code(&node.run("uninstall", &[], &[]), 0);
+}
+
+#[test]
+fn boot_verifies_the_binary_against_the_record() {
+    let node = Node::plain();
+    let archive = node.archive();
+    assert_code(&node.install(&["--archive", archive.to_str().unwrap()]), 0);
+    let out = node.run("boot", &["--output", "json"], &[]);
+    assert_code(&out, 0);
+    let report = json(&out);
+    let step = |r: &serde_json::Value, name: &str| r["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).cloned().unwrap();
+    assert_eq!(step(&report, "verify-binary")["status"], "ok", "{report:#}");
+    assert_eq!(step(&report, "pause-image")["status"], "skipped");
+
+    std::fs::write(node.path("/usr/local/lib/soci-agent/releases/0.15.0-amd64/soci-snapshotter-grpc"), "tampered").unwrap();
+    let out = node.run("boot", &["--output", "json"], &[]);
+    assert_code(&out, 0);
+    assert_eq!(step(&json(&out), "verify-binary")["status"], "failed");
+    assert_code(&node.run("boot", &["--strict"], &[]), 1);
 }

@@ -21,8 +21,14 @@ const PROBE: &str = "[Unit]\nDescription=probe\n\n[Service]\nType=oneshot\nRemai
 const BROKEN: &str = "[Service]\nType=oneshot\nExecStart=/bin/false\n";
 /// Never sends READY=1; systemd gives up after 2 s.
 const SILENT: &str = "[Service]\nType=notify\nExecStart=/bin/sleep infinity\nTimeoutStartSec=2\n";
+/// Never sends READY=1; the start job (not the service) times out after 2 s.
+const JOB_TIMEOUT: &str =
+    "[Unit]\nJobTimeoutSec=2\n\n[Service]\nType=notify\nExecStart=/bin/sleep infinity\nTimeoutStartSec=300\n";
 /// Never sends READY=1 and systemd would wait 5 minutes: only our bound can end the wait.
 const SLOW: &str = "[Service]\nType=notify\nExecStart=/bin/sleep infinity\nTimeoutStartSec=300\n";
+/// A socket nobody connects to, so it stays `listening`.
+const LISTEN_SOCKET: &str = "[Socket]\nListenStream=/run/listen.sock\n";
+const LISTEN_SERVICE: &str = "[Service]\nType=oneshot\nExecStart=/bin/true\n";
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -45,16 +51,20 @@ fn systemd_client_drives_a_booted_node() {
             .file("/etc/systemd/system/probe.service", PROBE)
             .file("/etc/systemd/system/broken.service", BROKEN)
             .file("/etc/systemd/system/silent.service", SILENT)
-            .file("/etc/systemd/system/slow.service", SLOW),
+            .file("/etc/systemd/system/jobtimeout.service", JOB_TIMEOUT)
+            .file("/etc/systemd/system/slow.service", SLOW)
+            .file("/etc/systemd/system/listen.socket", LISTEN_SOCKET)
+            .file("/etc/systemd/system/listen.service", LISTEN_SERVICE),
     );
     let booted = started.elapsed();
     runtime().block_on(async {
         let sd = Systemd::connect_address(&node.bus_address(), BOUND)
             .await
             .expect("connect to the node's bus");
-        reload_picks_up_changed_files(&node, &sd).await;
+        fresh_unit_state(&sd).await;
         enable_creates_the_install_symlink(&node, &sd).await;
         start_restart_and_invocation_ids(&node, &sd).await;
+        reload_picks_up_changed_files(&node, &sd).await;
         failing_start_is_job_failed(&sd).await;
         stop_and_disable(&node, &sd).await;
         socket_and_missing_units(&node, &sd).await;
@@ -75,28 +85,44 @@ async fn state(sd: &Systemd, unit: &str) -> UnitState {
         .unwrap_or_else(|e| panic!("unit_state {unit}: {e}"))
 }
 
+async fn fresh_unit_state(sd: &Systemd) {
+    step("state of a unit that never ran");
+    let probe = state(sd, "probe.service").await;
+    assert_eq!(probe.name, "probe.service");
+    assert_eq!(
+        (probe.load_state.as_str(), probe.active_state.as_str()),
+        ("loaded", "inactive")
+    );
+    assert_eq!(probe.unit_file_state, "disabled");
+    assert_eq!(probe.fragment_path, "/etc/systemd/system/probe.service");
+    assert!(probe.drop_in_paths.is_empty(), "{probe:?}");
+    assert!(!probe.need_daemon_reload);
+    assert_eq!(probe.invocation_id, "", "never ran");
+}
+
+/// Needs probe.service active: an inactive, unreferenced unit is unloaded after each call and
+/// read afresh by the next `LoadUnit`, so it never "needs" a reload.
 async fn reload_picks_up_changed_files(node: &Node, sd: &Systemd) {
     step("reload");
     let before = state(sd, "probe.service").await;
-    assert_eq!(before.load_state, "loaded");
-    assert_eq!(before.active_state, "inactive");
-    assert_eq!(before.unit_file_state, "disabled");
-    assert_eq!(before.fragment_path, "/etc/systemd/system/probe.service");
-    assert!(before.drop_in_paths.is_empty(), "{before:?}");
-    assert!(!before.need_daemon_reload);
-    assert_eq!(before.invocation_id, "", "never ran");
-
+    assert!(before.is_active() && !before.need_daemon_reload, "{before:?}");
+    let fragment = node.path("/etc/systemd/system/probe.service");
+    std::fs::write(
+        &fragment,
+        PROBE.replace("Description=probe", "Description=probe, edited"),
+    )
+    .unwrap();
     let dropin = node.path("/etc/systemd/system/probe.service.d/10-test.conf");
     std::fs::create_dir_all(dropin.parent().unwrap()).unwrap();
     std::fs::write(&dropin, "[Unit]\nDescription=probe with a drop-in\n").unwrap();
     assert!(
         state(sd, "probe.service").await.need_daemon_reload,
-        "a new drop-in needs a reload"
+        "a changed unit file needs a reload"
     );
 
     sd.reload().await.unwrap();
     let after = state(sd, "probe.service").await;
-    assert!(!after.need_daemon_reload);
+    assert!(!after.need_daemon_reload, "{after:?}");
     assert_eq!(
         after.drop_in_paths,
         ["/etc/systemd/system/probe.service.d/10-test.conf"]
@@ -105,6 +131,7 @@ async fn reload_picks_up_changed_files(node: &Node, sd: &Systemd) {
         node.check(&["systemctl", "show", "-P", "Description", "probe"]),
         "probe with a drop-in"
     );
+    assert_eq!(after.invocation_id, before.invocation_id, "a reload restarts nothing");
 }
 
 async fn enable_creates_the_install_symlink(node: &Node, sd: &Systemd) {
@@ -121,7 +148,10 @@ async fn enable_creates_the_install_symlink(node: &Node, sd: &Systemd) {
     );
     let target = std::fs::read_link(node.path(link)).expect("symlink in the node's rootfs");
     assert_eq!(target.to_str(), Some("/etc/systemd/system/probe.service"));
+    sd.reload().await.unwrap();
     assert_eq!(state(sd, "probe.service").await.unit_file_state, "enabled");
+    let wants = node.check(&["systemctl", "show", "-P", "Wants", "multi-user.target"]);
+    assert!(wants.split_whitespace().any(|u| u == "probe.service"), "{wants}");
     assert_eq!(node.check(&["systemctl", "is-enabled", "probe"]), "enabled");
     assert_eq!(
         sd.enable(&["probe.service"]).await.unwrap(),
@@ -220,14 +250,18 @@ async fn stop_and_disable(node: &Node, sd: &Systemd) {
     assert_eq!(changes.len(), 1, "{changes:?}");
     assert_eq!((changes[0].kind.as_str(), changes[0].path.as_str()), ("unlink", link));
     assert!(std::fs::symlink_metadata(node.path(link)).is_err(), "symlink removed");
+    // A loaded unit's UnitFileState is cached until the next reload (systemctl reloads too).
+    sd.reload().await.unwrap();
     assert_eq!(state(sd, "probe.service").await.unit_file_state, "disabled");
+    assert_eq!(node.exec(&["systemctl", "is-enabled", "probe"]).stdout, b"disabled\n");
     assert_eq!(sd.disable(&["probe.service"]).await.unwrap(), []);
 }
 
 async fn socket_and_missing_units(node: &Node, sd: &Systemd) {
     step("socket unit, missing unit");
-    let socket = state(sd, "dbus.socket").await;
-    assert_eq!(socket.name, "dbus.socket");
+    sd.start("listen.socket").await.unwrap();
+    let socket = state(sd, "listen.socket").await;
+    assert_eq!(socket.name, "listen.socket");
     assert_eq!(
         (socket.active_state.as_str(), socket.sub_state.as_str()),
         ("active", "listening")
@@ -249,24 +283,43 @@ async fn socket_and_missing_units(node: &Node, sd: &Systemd) {
     );
 }
 
+/// TimeoutStartSec= failing a start fails the job (result `failed`) with the service's
+/// `Result=timeout`; the job result `timeout` comes from JobTimeoutSec=.
 async fn notify_unit_that_never_notifies(sd: &Systemd) {
-    step("Type=notify without READY=1, TimeoutStartSec=2");
+    step("Type=notify without READY=1: TimeoutStartSec=2, then JobTimeoutSec=2");
     let t = Instant::now();
     let err = sd.start("silent.service").await.unwrap_err();
     let SystemdError::JobFailed { result, state, .. } = &err else {
         panic!("expected JobFailed, got {err:?}");
     };
-    assert_eq!(result, "timeout");
+    assert_eq!(result, "failed");
     assert_eq!(
         (state.active_state.as_str(), state.result.as_str()),
         ("failed", "timeout"),
         "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "start silent.service: job failed (result=failed; ActiveState=failed SubState=failed Result=timeout)"
     );
     assert!(
         t.elapsed() >= Duration::from_secs(2),
         "systemd's timeout decided: {:?}",
         t.elapsed()
     );
+
+    let t = Instant::now();
+    let err = sd.start("jobtimeout.service").await.unwrap_err();
+    let SystemdError::JobFailed { result, .. } = &err else {
+        panic!("expected JobFailed, got {err:?}");
+    };
+    assert_eq!(result, "timeout", "{err}");
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "systemd's job timeout decided: {:?}",
+        t.elapsed()
+    );
+    sd.stop("jobtimeout.service").await.unwrap();
 }
 
 async fn our_bound_ends_a_wait_systemd_would_continue(node: &Node, sd: &Systemd) {
