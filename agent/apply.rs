@@ -267,6 +267,12 @@ impl Transaction {
 pub async fn apply(root: &Root, plan: &Plan, http: HttpOptions) -> Result<(Applied, Transaction), ApplyError> {
     let mut txn = Transaction::default();
     let mut applied = Applied::default();
+    // Temp files of an interrupted run never sit at final paths; clear them.
+    let mut dirs: Vec<PathBuf> = plan.actions.iter().filter_map(|a| root.path(&a.path).parent().map(Path::to_path_buf)).collect();
+    dirs.dedup();
+    for d in &dirs {
+        sweep_temps(d);
+    }
     let result = async {
         let started = Instant::now();
         for action in plan.actions.iter().filter(|a| a.changed) {

@@ -332,38 +332,42 @@ impl Builder<'_> {
     }
 }
 
-/// Adds to `record` the paths this plan changes for the first time, with
-/// their current state, and the store entry it creates.
-fn next_record(root: &Root, mut record: Record, actions: &[Action], daemon: &str, adopted: Option<Sha256Hex>) -> Record {
-    let backups: Vec<(&str, &str)> = actions
-        .iter()
-        .filter_map(|a| match &a.op {
-            Op::Backup { source } => Some((source.as_str(), a.path.as_str())),
-            _ => None,
-        })
-        .collect();
-    for a in actions.iter().filter(|a| a.action == ActionKind::KeepRelease) {
-        // Everything under the store is soci-agent's own, whoever made it.
-        record.store_entries.insert(a.path.clone());
-    }
-    for a in actions.iter().filter(|a| a.changed) {
-        match &a.op {
-            Op::Release(step) => {
+/// Adds to `record` the paths this plan touches for the first time, with
+/// their state before soci-agent, and the store entries in use. A path
+/// already holding exactly our content (left by an interrupted run) counts as
+/// created by us, except `merged` (the containerd config, which we only edit).
+fn next_record(
+    root: &Root,
+    mut record: Record,
+    actions: &[Action],
+    merged: &str,
+    daemon: &str,
+    adopted: Option<Sha256Hex>,
+) -> Record {
+    for a in actions {
+        let first_time = !record.paths.contains_key(&a.path);
+        let backup = format!("{BACKUP_DIR}{}", a.path);
+        let backed_up = root.exists(&backup) || actions.iter().any(|b| b.path == backup);
+        let before = match (&a.op, a.action) {
+            (Op::Release(step), _) => {
                 record.store_entries.insert(step.entry.clone());
+                continue;
             }
-            Op::Write { .. } | Op::Symlink { .. } if !record.paths.contains_key(&a.path) => {
-                let before = if let Some((_, backup)) = backups.iter().find(|(src, _)| *src == a.path) {
-                    Before::Backup { backup: backup.to_string() }
-                } else {
-                    match std::fs::read_link(root.path(&a.path)) {
-                        Ok(t) if !t.starts_with(store::STORE_DIR) => Before::Link { target: t.display().to_string() },
-                        _ => Before::Absent,
-                    }
-                };
-                record.paths.insert(a.path.clone(), before);
+            (_, ActionKind::KeepRelease) => {
+                // Everything under the store is soci-agent's own, whoever made it.
+                record.store_entries.insert(a.path.clone());
+                continue;
             }
-            _ => {}
-        }
+            (Op::Backup { .. }, _) => continue,
+            _ if !first_time => continue,
+            _ if backed_up => Before::Backup { backup },
+            (_, ActionKind::Unchanged) if a.path == merged => continue,
+            _ => match std::fs::read_link(root.path(&a.path)) {
+                Ok(t) if !t.starts_with(store::STORE_DIR) => Before::Link { target: t.display().to_string() },
+                _ => Before::Absent,
+            },
+        };
+        record.paths.insert(a.path.clone(), before);
     }
     record.daemon_binary = daemon.to_string();
     record.adopted_sha256 = adopted;
@@ -699,7 +703,14 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         RecordError::Read(fs) => PlanError::Fs(fs),
         invalid => PlanError::Record(invalid.to_string()),
     })?;
-    let record = next_record(root, previous.unwrap_or_default(), &b.actions, &daemon_binary, adopted_sha256);
+    let record = next_record(
+        root,
+        previous.unwrap_or_default(),
+        &b.actions,
+        &s.containerd_config,
+        &daemon_binary,
+        adopted_sha256,
+    );
     b.file(RECORD_PATH, record.to_json(), 0o644, Effects::default())?;
 
     if root.is_host() {

@@ -65,7 +65,7 @@ pub struct UnitState {
     /// `InvocationID` as 32 hex digits; empty when the unit never ran. Changes on every start.
     pub invocation_id: String,
     pub need_daemon_reload: bool,
-    /// `Service.MainPID`; 0 when not running or not a service.
+    /// `Service.MainPID` (in systemd's pid namespace); 0 when not running or not a service.
     pub main_pid: u32,
     pub n_restarts: u32,
     pub fragment_path: String,
@@ -301,7 +301,10 @@ impl Systemd {
                     unit: unit.to_owned(),
                     op: op.name(),
                     waited: self.timeout,
-                    state: self.unit_state(unit).await.ok(),
+                    state: tokio::time::timeout(self.timeout, self.unit_state(unit))
+                        .await
+                        .ok()
+                        .and_then(Result::ok),
                 });
             }
         };

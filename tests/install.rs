@@ -753,3 +753,64 @@ fn boot_verifies_the_binary_against_the_record() {
     assert_eq!(step(&json(&out), "verify-binary")["status"], "failed");
     assert_code(&node.run("boot", &["--strict"], &[]), 1);
 }
+
+/// Content, mode and link targets only (a crashed-then-rerun install may
+/// differ from a clean one in mtimes, nothing else).
+fn shape(tree: &BTreeMap<PathBuf, String>) -> BTreeMap<PathBuf, String> {
+    tree.iter()
+        .filter(|(_, d)| !d.starts_with("dir"))
+        .map(|(p, d)| (p.clone(), d.split(" mtime ").next().unwrap().to_string()))
+        .collect()
+}
+
+#[test]
+fn sigkill_at_any_point_then_rerun_converges_to_a_clean_install() {
+    // A release with a large CLI entry widens the window where a kill lands mid-extraction.
+    let big = common::archive::noise(8 << 20, 7);
+    let daemon = common::archive::daemon_script(VER);
+    let bytes = common::archive::release_tar_gz(&[
+        ("soci-snapshotter-grpc", &daemon),
+        ("soci", &big),
+        ("THIRD_PARTY_LICENSES", b"licenses\n"),
+        ("NOTICE.md", b"notice\n"),
+    ]);
+    // One archive path for every node: release.json records where the digest came from.
+    let shared = tempfile::tempdir().unwrap();
+    let archive = shared.path().join(ARCHIVE);
+    std::fs::write(&archive, &bytes).unwrap();
+    std::fs::write(shared.path().join(format!("{ARCHIVE}.sha256sum")), sha256sum_line(&bytes, ARCHIVE)).unwrap();
+    let write_archive = |_: &Node| archive.clone();
+    let reference = Node::plain();
+    let before = shape(&reference.tree());
+    let a = write_archive(&reference);
+    assert_code(&reference.install(&["--archive", a.to_str().unwrap()]), 0);
+    let want = shape(&reference.tree());
+
+    for delay_ms in [0u64, 5, 20, 60, 150, 400] {
+        let node = Node::plain();
+        let a = write_archive(&node);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_soci-agent"))
+            .arg("install")
+            .arg("--root")
+            .arg(node.root())
+            .args(["--no-start", "--arch", "amd64", "--log-level", "error", "--archive", a.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // The fault injection point, not a synchronisation: kill wherever it is.
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        child.kill().ok(); // SIGKILL
+        child.wait().unwrap();
+
+        let out = node.install(&["--archive", a.to_str().unwrap()]);
+        assert_code(&out, 0);
+        let got = shape(&node.tree());
+        let stray: Vec<_> = got.keys().filter(|p| p.to_string_lossy().contains(".soci-agent-tmp")).collect();
+        assert!(stray.is_empty(), "kill after {delay_ms} ms left temp files: {stray:?}");
+        assert_eq!(got, want, "kill after {delay_ms} ms, then a rerun: differs from one clean run");
+        // The record is consistent: uninstall puts every original file back.
+        assert_code(&node.run("uninstall", &["--purge"], &[]), 0);
+        assert_eq!(shape(&node.tree()), before, "kill after {delay_ms} ms: uninstall did not restore the node");
+    }
+}

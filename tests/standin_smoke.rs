@@ -31,6 +31,8 @@ use sha2::{Digest, Sha256};
 const PARALLEL_CONFIG: &str = "[pull_modes.parallel_pull_unpack]\nenable = true\n\
                                discard_unpacked_layers = true\n";
 const IMAGE: &str = "docker.io/library/standin-smoke:1";
+/// Bound for one quick `ctr` call.
+const BOUND: Duration = Duration::from_secs(20);
 
 /// Builds the stand-in (release, like the archives the end-to-end tests ship) once per test
 /// binary with a nested `cargo build`, and returns the path cargo reports for it.
@@ -395,6 +397,8 @@ fn containerd_imports_an_image_through_the_standin() {
             p(&soci_root),
             "--config",
             p(&config),
+            "--log-level",
+            "debug",
         ])
         .env("NOTIFY_SOCKET", &notify.env),
         d.join("standin.log"),
@@ -495,6 +499,38 @@ fn containerd_imports_an_image_through_the_standin() {
         "hello from layer 2\n"
     );
     assert!(!top.join("etc/gone").exists(), "whiteout of etc/gone not applied");
+
+    // A read-only view of the top layer is a read-only bind mount of its tree.
+    let top_key = snapshots
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() == 3 && f[2] == "Committed")
+        .map(|f| f[0].to_string())
+        .expect("a committed snapshot with a parent");
+    let soci_snapshots = |args: &[&str]| {
+        let mut c = ctr(&["-n", "k8s.io", "snapshots", "--snapshotter", "soci"]);
+        c.args(args);
+        c
+    };
+    let view = run_ok(
+        &mut soci_snapshots(&["view", "--mounts", "standin-view", &top_key]),
+        BOUND,
+    );
+    let mounts: serde_json::Value = serde_json::from_str(&view).unwrap_or_else(|e| panic!("{e}: {view}"));
+    assert_eq!(mounts[0]["Type"], "bind", "{view}");
+    assert_eq!(mounts[0]["Source"], p(&top), "{view}");
+    assert_eq!(mounts[0]["Options"], json!(["rbind", "ro"]), "{view}");
+    run_ok(&mut soci_snapshots(&["rm", "standin-view"]), BOUND);
+
+    // Removing the image lets containerd's GC remove both snapshots through the stand-in.
+    run_ok(
+        &mut ctr(&["-n", "k8s.io", "images", "rm", "--sync", IMAGE]),
+        Duration::from_secs(60),
+    );
+    let left = run_ok(&mut soci_snapshots(&["ls"]), BOUND);
+    assert_eq!(left.lines().count(), 1, "snapshots left after GC:\n{left}");
+    let dirs = fs::read_dir(soci_root.join("snapshotter/snapshots")).unwrap().count();
+    assert_eq!(dirs, 0, "snapshot directories left after GC");
 
     drop(daemon);
     standin.assert_running();

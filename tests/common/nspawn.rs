@@ -190,6 +190,9 @@ fn tool(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} not found: install debootstrap and systemd-container; .ci/run does"))
 }
 
+/// A closure run on the copy's root before boot.
+type Prepare = Box<dyn FnOnce(&Path) + Send>;
+
 /// What to change in a node's copy of the rootfs before it boots.
 ///
 /// ```ignore
@@ -205,7 +208,7 @@ pub struct NodeOptions {
     remove: Vec<String>,
     files: Vec<(String, Vec<u8>, u32)>,
     bind_ro: Vec<(PathBuf, String)>,
-    prepare: Vec<Box<dyn FnOnce(&Path) + Send>>,
+    prepare: Vec<Prepare>,
     boot_timeout: Option<Duration>,
 }
 
