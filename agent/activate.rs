@@ -78,8 +78,10 @@ pub async fn activate(sd: &Systemd, root: &Root, plan: &Plan, act: &mut Activati
         act.enabled.push(unit.to_string());
         act.steps.push(format!("enabled {unit}"));
     }
-    if act.reloaded && !act.enabled.is_empty() {
+    if !act.enabled.is_empty() {
+        // systemd keeps the old dependencies until a reload after enabling.
         sd.reload().await?;
+        act.reloaded = true;
     }
 
     if plan.wiring == Wiring::Nodeadm {

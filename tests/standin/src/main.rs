@@ -178,8 +178,8 @@ fn check_config(path: &Path) -> Result<(), String> {
 /// Returns the activated listener when systemd passed one to this process (and unsets the
 /// `LISTEN_*` variables so children do not see them), like go-systemd's `activation.Listeners`.
 fn activated_listener() -> Option<std::os::unix::net::UnixListener> {
-    let pid = std::env::var("LISTEN_PID").ok()?.parse::<u32>().ok();
-    let fds = std::env::var("LISTEN_FDS").ok()?.parse::<u32>().ok();
+    let pid = std::env::var("LISTEN_PID").ok().and_then(|v| v.parse::<u32>().ok());
+    let fds = std::env::var("LISTEN_FDS").ok().and_then(|v| v.parse::<u32>().ok());
     // SAFETY: called before the runtime or any other thread starts.
     unsafe {
         std::env::remove_var("LISTEN_PID");
