@@ -25,7 +25,11 @@ pub struct Bounds {
 
 impl Default for Bounds {
     fn default() -> Self {
-        Bounds { job: Duration::from_secs(90), socket: Duration::from_secs(30), health: Duration::from_secs(60) }
+        Bounds {
+            job: Duration::from_secs(90),
+            socket: Duration::from_secs(30),
+            health: Duration::from_secs(60),
+        }
     }
 }
 
@@ -52,11 +56,20 @@ pub struct Activation {
 }
 
 fn enabled_state(s: &str) -> bool {
-    matches!(s, "enabled" | "enabled-runtime" | "static" | "alias" | "indirect" | "generated")
+    matches!(
+        s,
+        "enabled" | "enabled-runtime" | "static" | "alias" | "indirect" | "generated"
+    )
 }
 
 /// Runs the systemd step for `plan`; on error, `act` holds what was done.
-pub async fn activate(sd: &Systemd, root: &Root, plan: &Plan, act: &mut Activation, bounds: Bounds) -> Result<(), ActivateError> {
+pub async fn activate(
+    sd: &Systemd,
+    root: &Root,
+    plan: &Plan,
+    act: &mut Activation,
+    bounds: Bounds,
+) -> Result<(), ActivateError> {
     let effects = plan.effects();
     let soci = units::SERVICE;
     let mut wanted = vec![soci, units::SOCKET];
@@ -103,26 +116,32 @@ pub async fn activate(sd: &Systemd, root: &Root, plan: &Plan, act: &mut Activati
     if effects.restart_soci || !soci_state.is_active() {
         act.restarted.push((soci.to_string(), soci_state.is_active()));
         sd.restart(soci).await?;
-        act.steps.push(format!("{} {soci}", if soci_state.is_active() { "restarted" } else { "started" }));
+        act.steps.push(format!(
+            "{} {soci}",
+            if soci_state.is_active() { "restarted" } else { "started" }
+        ));
     }
     let waited = health::wait_for_socket(&root.path(SOCI_SOCKET), bounds.socket).await?;
     act.soci_socket_seconds = Some(waited.as_secs_f64());
 
     if !containerd_before.is_active() {
-        act.steps.push("containerd is not running: it uses SOCI from its next start".into());
+        act.steps
+            .push("containerd is not running: it uses SOCI from its next start".into());
         return Ok(());
     }
     // containerd Requires= the snapshotter, so restarting SOCI restarted it too.
     let containerd_now = sd.unit_state(units::CONTAINERD_SERVICE).await?;
     let restarted_along = containerd_now.invocation_id != containerd_before.invocation_id;
     if !effects.restart_containerd && !restarted_along {
-        act.steps.push("containerd wiring unchanged: containerd not restarted".into());
+        act.steps
+            .push("containerd wiring unchanged: containerd not restarted".into());
         return Ok(());
     }
     let started = Instant::now();
     act.restarted.push((units::CONTAINERD_SERVICE.to_string(), true));
     if restarted_along && containerd_now.is_active() {
-        act.steps.push("containerd restarted along with the snapshotter (Requires=)".into());
+        act.steps
+            .push("containerd restarted along with the snapshotter (Requires=)".into());
     } else {
         sd.restart(units::CONTAINERD_SERVICE).await?;
     }
@@ -147,7 +166,11 @@ pub async fn undo(sd: &Systemd, act: &Activation) -> Vec<String> {
     };
     note(sd.reload().await);
     for (unit, was_active) in act.restarted.iter().rev() {
-        note(if *was_active { sd.restart(unit).await } else { sd.stop(unit).await });
+        note(if *was_active {
+            sd.restart(unit).await
+        } else {
+            sd.stop(unit).await
+        });
     }
     if !act.enabled.is_empty() {
         let units: Vec<&str> = act.enabled.iter().map(String::as_str).collect();

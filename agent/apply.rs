@@ -237,7 +237,10 @@ fn apply_file_op(root: &Root, path: &str, op: &Op) -> Result<(), FsError> {
 pub fn apply_actions(txn: &mut Transaction, root: &Root, actions: &[Action]) -> Result<(), ApplyError> {
     for action in actions.iter().filter(|a| a.changed && !matches!(a.op, Op::Release(_))) {
         let target = root.path(&action.path);
-        let fs = |source| ApplyError::Fs { path: action.path.clone(), source };
+        let fs = |source| ApplyError::Fs {
+            path: action.path.clone(),
+            source,
+        };
         let snap = Snapshot::take(&target).map_err(fs)?;
         txn.note_missing_dirs(&target);
         txn.snapshots.push((target, snap));
@@ -251,7 +254,10 @@ impl Transaction {
     /// Writes a file atomically, snapshotting it first so rollback restores it.
     pub fn write(&mut self, root: &Root, node_path: &str, bytes: &[u8], mode: u32) -> Result<(), ApplyError> {
         let target = root.path(node_path);
-        let fs = |source| ApplyError::Fs { path: node_path.to_string(), source };
+        let fs = |source| ApplyError::Fs {
+            path: node_path.to_string(),
+            source,
+        };
         if !self.snapshots.iter().any(|(p, _)| *p == target) {
             let snap = Snapshot::take(&target).map_err(fs)?;
             self.note_missing_dirs(&target);
@@ -268,7 +274,11 @@ pub async fn apply(root: &Root, plan: &Plan, http: HttpOptions) -> Result<(Appli
     let mut txn = Transaction::default();
     let mut applied = Applied::default();
     // Temp files of an interrupted run never sit at final paths; clear them.
-    let mut dirs: Vec<PathBuf> = plan.actions.iter().filter_map(|a| root.path(&a.path).parent().map(Path::to_path_buf)).collect();
+    let mut dirs: Vec<PathBuf> = plan
+        .actions
+        .iter()
+        .filter_map(|a| root.path(&a.path).parent().map(Path::to_path_buf))
+        .collect();
     dirs.dedup();
     for d in &dirs {
         sweep_temps(d);

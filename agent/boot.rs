@@ -42,7 +42,10 @@ impl BootReport {
     pub fn to_text(&self) -> String {
         let mut out = format!("soci-agent boot: exit {} in {:.1}s\n", self.exit_code, self.seconds);
         for s in &self.steps {
-            out.push_str(&format!("  {:<8} {:<14} {} ({:.1}s)\n", s.status, s.name, s.detail, s.seconds));
+            out.push_str(&format!(
+                "  {:<8} {:<14} {} ({:.1}s)\n",
+                s.status, s.name, s.detail, s.seconds
+            ));
         }
         out
     }
@@ -53,10 +56,16 @@ fn verify_binary(root: &Root, record: &Record) -> Result<String, String> {
     let bin = &record.daemon_binary;
     if let Some(want) = &record.adopted_sha256 {
         let got = store::sha256_file(&root.path(bin)).map_err(|e| format!("{bin}: {e}"))?;
-        return if &got == want { Ok(format!("{bin} sha256 {got} as recorded")) } else { Err(format!("{bin} sha256 {got}, recorded {want}")) };
+        return if &got == want {
+            Ok(format!("{bin} sha256 {got} as recorded"))
+        } else {
+            Err(format!("{bin} sha256 {got}, recorded {want}"))
+        };
     }
     let target = std::fs::read_link(root.path(bin)).map_err(|e| format!("{bin} is not soci-agent's link: {e}"))?;
-    let entry = target.parent().ok_or_else(|| format!("{bin} -> {} is outside the store", target.display()))?;
+    let entry = target
+        .parent()
+        .ok_or_else(|| format!("{bin} -> {} is outside the store", target.display()))?;
     let manifest_text = std::fs::read_to_string(root.path(entry).join(store::MANIFEST))
         .map_err(|e| format!("{}/{}: {e}", entry.display(), store::MANIFEST))?;
     let m: Manifest = serde_json::from_str(&manifest_text).map_err(|e| format!("{}: {e}", store::MANIFEST))?;
@@ -66,7 +75,12 @@ fn verify_binary(root: &Root, record: &Record) -> Result<String, String> {
         flavor: m.flavor,
     };
     match store::inspect(root, &spec, Some(&m.archive_sha256)) {
-        EntryState::Valid(m) => Ok(format!("{bin} -> SOCI {} matches {} (archive sha256 {})", m.version, store::MANIFEST, m.archive_sha256)),
+        EntryState::Valid(m) => Ok(format!(
+            "{bin} -> SOCI {} matches {} (archive sha256 {})",
+            m.version,
+            store::MANIFEST,
+            m.archive_sha256
+        )),
         EntryState::Missing => Err(format!("store entry {} is missing", entry.display())),
         EntryState::Stale(why) => Err(why),
     }
@@ -74,8 +88,13 @@ fn verify_binary(root: &Root, record: &Record) -> Result<String, String> {
 
 /// `ctr` flags differ between containerd 1.6 and 2.x: use what this ctr knows.
 async fn import_flags(ctr: &Path) -> Vec<&'static str> {
-    let help = tokio::process::Command::new(ctr).args(["images", "import", "--help"]).output().await;
-    let text = help.map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)).unwrap_or_default();
+    let help = tokio::process::Command::new(ctr)
+        .args(["images", "import", "--help"])
+        .output()
+        .await;
+    let text = help
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+        .unwrap_or_default();
     let mut flags = Vec::new();
     if text.contains("--discard-unpacked-layers") {
         flags.push("--discard-unpacked-layers=false");
@@ -87,19 +106,31 @@ async fn import_flags(ctr: &Path) -> Vec<&'static str> {
 }
 
 async fn import_pause(root: &Root, archive: &str) -> Result<String, String> {
-    let ctr = CTR_CANDIDATES.iter().map(|c| root.path(c)).find(|p| p.is_file()).ok_or("no ctr binary found")?;
+    let ctr = CTR_CANDIDATES
+        .iter()
+        .map(|c| root.path(c))
+        .find(|p| p.is_file())
+        .ok_or("no ctr binary found")?;
     let socket = root.path(CONTAINERD_SOCKET);
-    crate::health::wait_for_socket(&socket, Duration::from_secs(60)).await.map_err(|e| e.to_string())?;
+    crate::health::wait_for_socket(&socket, Duration::from_secs(60))
+        .await
+        .map_err(|e| e.to_string())?;
     let mut cmd = tokio::process::Command::new(&ctr);
-    cmd.arg("--address").arg(&socket).args(["-n", "k8s.io", "images", "import", "--snapshotter", "soci"]);
-    cmd.args(import_flags(&ctr).await).arg(root.path(archive)).kill_on_drop(true);
+    cmd.arg("--address")
+        .arg(&socket)
+        .args(["-n", "k8s.io", "images", "import", "--snapshotter", "soci"]);
+    cmd.args(import_flags(&ctr).await)
+        .arg(root.path(archive))
+        .kill_on_drop(true);
     let out = cmd.output().await.map_err(|e| format!("{}: {e}", ctr.display()))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         tracing::info!(target: "ctr", "{line}");
     }
     if out.status.success() {
-        Ok(format!("imported {archive} into the soci snapshotter (namespace k8s.io)"))
+        Ok(format!(
+            "imported {archive} into the soci snapshotter (namespace k8s.io)"
+        ))
     } else {
         Err(format!("ctr images import failed ({}): {}", out.status, text.trim()))
     }
@@ -111,11 +142,21 @@ async fn steps(args: &BootArgs, root: &Root, report: &mut Vec<Step>) -> bool {
     let record = match Record::load(root) {
         Ok(Some(r)) => r,
         Ok(None) => {
-            report.push(Step { name: "record", status: "failed", detail: "no install record: run soci-agent install".into(), seconds: 0.0 });
+            report.push(Step {
+                name: "record",
+                status: "failed",
+                detail: "no install record: run soci-agent install".into(),
+                seconds: 0.0,
+            });
             return false;
         }
         Err(e) => {
-            report.push(Step { name: "record", status: "failed", detail: e.to_string(), seconds: 0.0 });
+            report.push(Step {
+                name: "record",
+                status: "failed",
+                detail: e.to_string(),
+                seconds: 0.0,
+            });
             return false;
         }
     };
@@ -127,24 +168,49 @@ async fn steps(args: &BootArgs, root: &Root, report: &mut Vec<Step>) -> bool {
             ("failed", d)
         }
     };
-    report.push(Step { name: "verify-binary", status, detail, seconds: t.elapsed().as_secs_f64() });
+    report.push(Step {
+        name: "verify-binary",
+        status,
+        detail,
+        seconds: t.elapsed().as_secs_f64(),
+    });
 
     let t = Instant::now();
     let archive = args.pause_archive.as_str();
     let step = if !root.path(archive).is_file() {
-        Step { name: "pause-image", status: "skipped", detail: format!("no {archive} on this node"), seconds: 0.0 }
+        Step {
+            name: "pause-image",
+            status: "skipped",
+            detail: format!("no {archive} on this node"),
+            seconds: 0.0,
+        }
     } else {
         match import_pause(root, archive).await {
-            Ok(d) => Step { name: "pause-image", status: "ok", detail: d, seconds: t.elapsed().as_secs_f64() },
+            Ok(d) => Step {
+                name: "pause-image",
+                status: "ok",
+                detail: d,
+                seconds: t.elapsed().as_secs_f64(),
+            },
             Err(d) => {
                 ok = false;
                 tracing::error!("pause image import FAILED: {d}");
-                Step { name: "pause-image", status: "failed", detail: d, seconds: t.elapsed().as_secs_f64() }
+                Step {
+                    name: "pause-image",
+                    status: "failed",
+                    detail: d,
+                    seconds: t.elapsed().as_secs_f64(),
+                }
             }
         }
     };
     report.push(step);
-    report.push(Step { name: "prefetch", status: "skipped", detail: "no pre-pull list configured".into(), seconds: 0.0 });
+    report.push(Step {
+        name: "prefetch",
+        status: "skipped",
+        detail: "no pre-pull list configured".into(),
+        seconds: 0.0,
+    });
     ok
 }
 
@@ -157,14 +223,31 @@ pub async fn run(args: &BootArgs) -> (BootReport, OutputFormat) {
         Ok(ok) => ok,
         Err(_) => {
             tracing::error!("soci-agent boot did not finish within {bound:?}: giving up so kubelet can start");
-            list.push(Step { name: "timeout", status: "failed", detail: format!("gave up after {bound:?}"), seconds: bound.as_secs_f64() });
+            list.push(Step {
+                name: "timeout",
+                status: "failed",
+                detail: format!("gave up after {bound:?}"),
+                seconds: bound.as_secs_f64(),
+            });
             false
         }
     };
-    let kind = if ok || !args.strict { ExitKind::Ok } else { ExitKind::Failed };
+    let kind = if ok || !args.strict {
+        ExitKind::Ok
+    } else {
+        ExitKind::Failed
+    };
     if !ok && !args.strict {
-        tracing::error!("soci-agent boot had failures (see above); exiting 0 so the node still joins (use --strict to fail)");
+        tracing::error!(
+            "soci-agent boot had failures (see above); exiting 0 so the node still joins (use --strict to fail)"
+        );
     }
-    let report = BootReport { command: "boot", exit_code: kind.code(), strict: args.strict, steps: list, seconds: started.elapsed().as_secs_f64() };
+    let report = BootReport {
+        command: "boot",
+        exit_code: kind.code(),
+        strict: args.strict,
+        steps: list,
+        seconds: started.elapsed().as_secs_f64(),
+    };
     (report, args.output)
 }

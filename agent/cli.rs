@@ -48,7 +48,7 @@ hosts), kubelet and the systemd units.\n\nSettings come from flags, then SOCI_AG
 variables, then the [install] table of the config file, then the defaults shown here.\n\n\
 A second run with the same inputs changes nothing and says so."
     )]
-    Install(InstallArgs),
+    Install(Box<InstallArgs>),
 
     /// Undo install: restore every file from the install record, disable the
     /// units soci-agent enabled, restart containerd without SOCI.

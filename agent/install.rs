@@ -9,13 +9,13 @@ use std::time::Duration;
 use crate::activate::{Activation, Bounds, activate, undo};
 use crate::apply::Transaction;
 use crate::cli::{InstallArgs, OutputFormat};
-use crate::record::{RECORD_PATH, Record};
-use crate::systemd::Systemd;
 use crate::exit::{ExitKind, error_chain};
 use crate::fetch::{HttpOptions, Progress};
 use crate::plan::{Plan, Wiring};
+use crate::record::{RECORD_PATH, Record};
 use crate::report::{InstallReport, PlanSummary};
 use crate::settings::InstallSettings;
+use crate::systemd::Systemd;
 
 /// Runs install; always returns a report (with the error when it failed).
 pub async fn run(args: &InstallArgs) -> (InstallReport, OutputFormat) {
@@ -78,7 +78,11 @@ pub async fn run(args: &InstallArgs) -> (InstallReport, OutputFormat) {
     let (applied, mut txn) = match crate::apply::apply(&settings.root, &plan, http).await {
         Ok(x) => x,
         Err(e) => {
-            let kind = if e.is_verification_failure() { ExitKind::Verification } else { ExitKind::Failed };
+            let kind = if e.is_verification_failure() {
+                ExitKind::Verification
+            } else {
+                ExitKind::Failed
+            };
             fail(&mut report, kind, &e);
             report.changed = false;
             report.seconds = started.elapsed().as_secs_f64();
@@ -95,8 +99,12 @@ pub async fn run(args: &InstallArgs) -> (InstallReport, OutputFormat) {
             Err((e, act, undo_problems)) => {
                 txn.rollback();
                 fail(&mut report, ExitKind::Failed, e.as_ref());
-                report.notes.push("rolled back: every file restored, units restarted or stopped as they were".into());
-                report.warnings.extend(undo_problems.into_iter().map(|p| format!("rollback: {p}")));
+                report
+                    .notes
+                    .push("rolled back: every file restored, units restarted or stopped as they were".into());
+                report
+                    .warnings
+                    .extend(undo_problems.into_iter().map(|p| format!("rollback: {p}")));
                 report.changed = false;
                 report.systemd = act;
                 report.seconds = started.elapsed().as_secs_f64();
@@ -118,13 +126,19 @@ fn fail(report: &mut InstallReport, kind: ExitKind, e: &(dyn std::error::Error +
     report.error = Some(msg);
 }
 
-type StartFailure = (Box<dyn std::error::Error + Send + Sync>, Option<Activation>, Vec<String>);
+type StartFailure = (
+    Box<dyn std::error::Error + Send + Sync>,
+    Option<Activation>,
+    Vec<String>,
+);
 
 /// Connects to systemd, runs the systemd step and records the units it
 /// enabled. On failure the systemd side is already undone; the caller
 /// restores the files.
 async fn start_units(s: &InstallSettings, plan: &Plan, txn: &mut Transaction) -> Result<Activation, StartFailure> {
-    let sd = Systemd::connect(Duration::from_secs(10)).await.map_err(|e| (Box::new(e) as _, None, Vec::new()))?;
+    let sd = Systemd::connect(Duration::from_secs(10))
+        .await
+        .map_err(|e| (Box::new(e) as _, None, Vec::new()))?;
     let mut act = Activation::default();
     if let Err(e) = activate(&sd, &s.root, plan, &mut act, Bounds::default()).await {
         // Files first (so a restart below runs the old config), then units.

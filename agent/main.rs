@@ -21,22 +21,8 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Install(args) => {
-            let (report, output) = runtime.block_on(soci_agent::install::run(&args));
-            match output {
-                OutputFormat::Json => println!("{}", report.to_json()),
-                OutputFormat::Text => print!("{}", report.to_text()),
-            }
-            ExitCode::from(report.exit_code)
-        }
-        Command::Uninstall(args) => {
-            let (report, output) = runtime.block_on(soci_agent::uninstall::run(&args));
-            match output {
-                OutputFormat::Json => println!("{}", report.to_json()),
-                OutputFormat::Text => print!("{}", report.to_text()),
-            }
-            ExitCode::from(report.exit_code)
-        }
+        Command::Install(args) => print_report(runtime.block_on(soci_agent::install::run(&args))),
+        Command::Uninstall(args) => print_report(runtime.block_on(soci_agent::uninstall::run(&args))),
         Command::Boot(args) => {
             let (report, output) = runtime.block_on(soci_agent::boot::run(&args));
             match output {
@@ -46,4 +32,12 @@ fn main() -> ExitCode {
             ExitCode::from(report.exit_code)
         }
     }
+}
+
+fn print_report((report, output): (soci_agent::report::InstallReport, OutputFormat)) -> ExitCode {
+    match output {
+        OutputFormat::Json => println!("{}", report.to_json()),
+        OutputFormat::Text => print!("{}", report.to_text()),
+    }
+    ExitCode::from(report.exit_code)
 }

@@ -8,12 +8,12 @@ use serde::Serialize;
 use crate::cli::WiringMode;
 use crate::containerd_config::{self, ConfigVersion, ContainerdConfigError, SociWiring};
 use crate::host::{HostFacts, SociUnit};
+use crate::record::{Before, RECORD_PATH, Record, RecordError};
 use crate::release::{Arch, BINARIES, DAEMON_BINARY, ReleaseSpec, Sha256Hex};
 use crate::rootfs::{FsError, Root};
 use crate::settings::{DecompressorChoice, InstallSettings, sibling_checksum};
 use crate::soci_config::{Decompressor, SociConfig};
 use crate::store::{self, BIN_DIR, EntryState};
-use crate::record::{Before, RECORD_PATH, Record, RecordError};
 use crate::units::{self, DaemonCommand};
 use crate::{kubelet, nodeconfig};
 
@@ -125,7 +125,9 @@ pub enum Op {
     /// Remove the file or symlink at the action's path (uninstall).
     Remove,
     /// Copy the file at `source` back to the action's path (uninstall).
-    Restore { source: String },
+    Restore {
+        source: String,
+    },
     Nothing,
 }
 
@@ -363,7 +365,9 @@ fn next_record(
             _ if backed_up => Before::Backup { backup },
             (_, ActionKind::Unchanged) if a.path == merged => continue,
             _ => match std::fs::read_link(root.path(&a.path)) {
-                Ok(t) if !t.starts_with(store::STORE_DIR) => Before::Link { target: t.display().to_string() },
+                Ok(t) if !t.starts_with(store::STORE_DIR) => Before::Link {
+                    target: t.display().to_string(),
+                },
                 _ => Before::Absent,
             },
         };
@@ -496,8 +500,9 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
             found.version.as_deref().unwrap_or("unknown")
         ));
         let resolved = root.path(&found.path);
-        adopted_sha256 =
-            Some(store::sha256_file(&resolved).map_err(|source| PlanError::Fs(FsError::Read { path: resolved, source }))?);
+        adopted_sha256 = Some(
+            store::sha256_file(&resolved).map_err(|source| PlanError::Fs(FsError::Read { path: resolved, source }))?,
+        );
         found.path.clone()
     } else {
         let (step, kept) = release_step(root, s, spec)?;

@@ -55,7 +55,10 @@ impl Record {
             None => Ok(None),
             Some(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
-                .map_err(|e| RecordError::Invalid { path: RECORD_PATH.into(), message: e.to_string() }),
+                .map_err(|e| RecordError::Invalid {
+                    path: RECORD_PATH.into(),
+                    message: e.to_string(),
+                }),
         }
     }
 

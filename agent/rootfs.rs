@@ -172,7 +172,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError>
 /// time (backups, and restores from them, are indistinguishable from the
 /// original).
 pub fn copy_atomic(src: &Path, dst: &Path) -> Result<(), FsError> {
-    let read_err = |source| FsError::Read { path: src.to_path_buf(), source };
+    let read_err = |source| FsError::Read {
+        path: src.to_path_buf(),
+        source,
+    };
     let meta = fs::metadata(src).map_err(read_err)?;
     let bytes = fs::read(src).map_err(read_err)?;
     write_atomic(dst, &bytes, meta.permissions().mode() & 0o7777)?;
@@ -181,7 +184,10 @@ pub fn copy_atomic(src: &Path, dst: &Path) -> Result<(), FsError> {
             .write(true)
             .open(dst)
             .and_then(|f| f.set_modified(mtime))
-            .map_err(|source| FsError::Write { path: dst.to_path_buf(), source })?;
+            .map_err(|source| FsError::Write {
+                path: dst.to_path_buf(),
+                source,
+            })?;
     }
     Ok(())
 }
@@ -229,8 +235,14 @@ pub fn remove_file(path: &Path) -> Result<(), FsError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Snapshot {
     Absent,
-    File { bytes: Vec<u8>, mode: u32, mtime: Option<std::time::SystemTime> },
-    Symlink { target: PathBuf },
+    File {
+        bytes: Vec<u8>,
+        mode: u32,
+        mtime: Option<std::time::SystemTime>,
+    },
+    Symlink {
+        target: PathBuf,
+    },
 }
 
 impl Snapshot {
@@ -259,7 +271,10 @@ impl Snapshot {
             Snapshot::File { bytes, mode, mtime } => {
                 write_atomic(path, bytes, *mode)?;
                 if let Some(t) = mtime {
-                    let _ = fs::File::options().write(true).open(path).and_then(|f| f.set_modified(*t));
+                    let _ = fs::File::options()
+                        .write(true)
+                        .open(path)
+                        .and_then(|f| f.set_modified(*t));
                 }
                 Ok(())
             }

@@ -16,7 +16,15 @@ use crate::systemd::{Systemd, SystemdError};
 use crate::units;
 
 fn action(path: &str, kind: ActionKind, op: Op, detail: String) -> Action {
-    Action { path: path.to_string(), action: kind, changed: true, detail, diff: None, op, effects: Effects::default() }
+    Action {
+        path: path.to_string(),
+        action: kind,
+        changed: true,
+        detail,
+        diff: None,
+        op,
+        effects: Effects::default(),
+    }
 }
 
 /// The restore actions for `record`, in reverse order of installation.
@@ -25,7 +33,12 @@ pub fn plan(root: &Root, record: &Record) -> Vec<Action> {
     for (path, before) in record.paths.iter().rev() {
         let exists = std::fs::symlink_metadata(root.path(path)).is_ok();
         match before {
-            Before::Absent if exists => actions.push(action(path, ActionKind::Remove, Op::Remove, "created by soci-agent".into())),
+            Before::Absent if exists => actions.push(action(
+                path,
+                ActionKind::Remove,
+                Op::Remove,
+                "created by soci-agent".into(),
+            )),
             Before::Absent => {}
             Before::Backup { backup } => actions.push(action(
                 path,
@@ -41,7 +54,12 @@ pub fn plan(root: &Root, record: &Record) -> Vec<Action> {
             )),
         }
     }
-    actions.push(action(RECORD_PATH, ActionKind::Remove, Op::Remove, "the install record".into()));
+    actions.push(action(
+        RECORD_PATH,
+        ActionKind::Remove,
+        Op::Remove,
+        "the install record".into(),
+    ));
     actions
 }
 
@@ -83,13 +101,22 @@ pub async fn run(args: &UninstallArgs) -> (InstallReport, OutputFormat) {
     };
     let root = Root::new(&args.root);
     if !root.is_host() && !args.no_start && !args.dry_run {
-        fail(&mut report, ExitKind::Usage, format!("--root {}: uninstalling from another root needs --no-start", args.root.display()));
+        fail(
+            &mut report,
+            ExitKind::Usage,
+            format!(
+                "--root {}: uninstalling from another root needs --no-start",
+                args.root.display()
+            ),
+        );
         return (report, output);
     }
     let record = match Record::load(&root) {
         Ok(Some(r)) => r,
         Ok(None) => {
-            report.notes.push(format!("no install record at {RECORD_PATH}: nothing to uninstall"));
+            report
+                .notes
+                .push(format!("no install record at {RECORD_PATH}: nothing to uninstall"));
             return (report, output);
         }
         Err(e) => {
@@ -126,7 +153,10 @@ pub async fn run(args: &UninstallArgs) -> (InstallReport, OutputFormat) {
     if !args.no_start
         && let Err(e) = systemd_side(&record, &mut steps).await
     {
-        report.warnings.push(format!("files restored, but the systemd step failed: {}", error_chain(&e)));
+        report.warnings.push(format!(
+            "files restored, but the systemd step failed: {}",
+            error_chain(&e)
+        ));
         fail(&mut report, ExitKind::Failed, error_chain(&e));
     }
     let _ = std::fs::remove_dir_all(root.path(BACKUP_DIR));
@@ -139,7 +169,9 @@ pub async fn run(args: &UninstallArgs) -> (InstallReport, OutputFormat) {
             }
         }
     } else if !record.store_entries.is_empty() {
-        report.notes.push("the versioned store under /usr/local/lib/soci-agent/releases is kept (use --purge to remove it)".into());
+        report.notes.push(
+            "the versioned store under /usr/local/lib/soci-agent/releases is kept (use --purge to remove it)".into(),
+        );
     }
     report.notes.extend(steps);
     report.seconds = started.elapsed().as_secs_f64();

@@ -97,7 +97,10 @@ impl Node {
     /// Runs `soci-agent <sub> --root <root> --no-start <args>` (boot has no --no-start).
     fn run(&self, sub: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_soci-agent"));
-        cmd.arg(sub).arg("--root").arg(self.root()).args(["--log-level", "warn"]);
+        cmd.arg(sub)
+            .arg("--root")
+            .arg(self.root())
+            .args(["--log-level", "warn"]);
         if sub != "boot" {
             cmd.arg("--no-start");
         }
@@ -703,7 +706,10 @@ fn missing_release_and_unreachable_mirror_exit_1_and_change_nothing() {
 
 /// Files and links only (directories soci-agent created may stay).
 fn files(tree: &BTreeMap<PathBuf, String>) -> BTreeMap<PathBuf, String> {
-    tree.iter().filter(|(_, d)| !d.starts_with("dir")).map(|(p, d)| (p.clone(), d.clone())).collect()
+    tree.iter()
+        .filter(|(_, d)| !d.starts_with("dir"))
+        .map(|(p, d)| (p.clone(), d.clone()))
+        .collect()
 }
 
 #[test]
@@ -714,7 +720,12 @@ fn uninstall_restores_every_file_and_purge_removes_the_store() {
     let before = node.tree();
     assert_code(&node.install(&["--archive", archive.to_str().unwrap()]), 0);
     assert!(node.path("/var/lib/soci-agent/record.json").exists());
-    assert!(std::fs::symlink_metadata(node.path("/usr/local/bin/soci")).unwrap().file_type().is_symlink());
+    assert!(
+        std::fs::symlink_metadata(node.path("/usr/local/bin/soci"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
 
     let dry = node.run("uninstall", &["--dry-run", "--output", "json"], &[]);
     assert_code(&dry, 0);
@@ -722,9 +733,16 @@ fn uninstall_restores_every_file_and_purge_removes_the_store() {
     let out = node.run("uninstall", &["--output", "json"], &[]);
     assert_code(&out, 0);
     let after = files(&node.tree());
-    let store: Vec<_> = after.keys().filter(|p| p.starts_with("usr/local/lib/soci-agent")).cloned().collect();
+    let store: Vec<_> = after
+        .keys()
+        .filter(|p| p.starts_with("usr/local/lib/soci-agent"))
+        .cloned()
+        .collect();
     assert!(!store.is_empty(), "the store is kept without --purge");
-    let without_store: BTreeMap<_, _> = after.into_iter().filter(|(p, _)| !p.starts_with("usr/local/lib/soci-agent")).collect();
+    let without_store: BTreeMap<_, _> = after
+        .into_iter()
+        .filter(|(p, _)| !p.starts_with("usr/local/lib/soci-agent"))
+        .collect();
     assert_eq!(without_store, files(&before), "every file as it was before install");
 
     // Again with --purge: nothing of soci-agent's is left.
@@ -743,11 +761,23 @@ fn boot_verifies_the_binary_against_the_record() {
     let out = node.run("boot", &["--output", "json"], &[]);
     assert_code(&out, 0);
     let report = json(&out);
-    let step = |r: &serde_json::Value, name: &str| r["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).cloned().unwrap();
+    let step = |r: &serde_json::Value, name: &str| {
+        r["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+            .unwrap()
+    };
     assert_eq!(step(&report, "verify-binary")["status"], "ok", "{report:#}");
     assert_eq!(step(&report, "pause-image")["status"], "skipped");
 
-    std::fs::write(node.path("/usr/local/lib/soci-agent/releases/0.15.0-amd64/soci-snapshotter-grpc"), "tampered").unwrap();
+    std::fs::write(
+        node.path("/usr/local/lib/soci-agent/releases/0.15.0-amd64/soci-snapshotter-grpc"),
+        "tampered",
+    )
+    .unwrap();
     let out = node.run("boot", &["--output", "json"], &[]);
     assert_code(&out, 0);
     assert_eq!(step(&json(&out), "verify-binary")["status"], "failed");
@@ -778,7 +808,11 @@ fn sigkill_at_any_point_then_rerun_converges_to_a_clean_install() {
     let shared = tempfile::tempdir().unwrap();
     let archive = shared.path().join(ARCHIVE);
     std::fs::write(&archive, &bytes).unwrap();
-    std::fs::write(shared.path().join(format!("{ARCHIVE}.sha256sum")), sha256sum_line(&bytes, ARCHIVE)).unwrap();
+    std::fs::write(
+        shared.path().join(format!("{ARCHIVE}.sha256sum")),
+        sha256sum_line(&bytes, ARCHIVE),
+    )
+    .unwrap();
     let write_archive = |_: &Node| archive.clone();
     let reference = Node::plain();
     let before = shape(&reference.tree());
@@ -793,7 +827,15 @@ fn sigkill_at_any_point_then_rerun_converges_to_a_clean_install() {
             .arg("install")
             .arg("--root")
             .arg(node.root())
-            .args(["--no-start", "--arch", "amd64", "--log-level", "error", "--archive", a.to_str().unwrap()])
+            .args([
+                "--no-start",
+                "--arch",
+                "amd64",
+                "--log-level",
+                "error",
+                "--archive",
+                a.to_str().unwrap(),
+            ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -806,11 +848,21 @@ fn sigkill_at_any_point_then_rerun_converges_to_a_clean_install() {
         let out = node.install(&["--archive", a.to_str().unwrap()]);
         assert_code(&out, 0);
         let got = shape(&node.tree());
-        let stray: Vec<_> = got.keys().filter(|p| p.to_string_lossy().contains(".soci-agent-tmp")).collect();
+        let stray: Vec<_> = got
+            .keys()
+            .filter(|p| p.to_string_lossy().contains(".soci-agent-tmp"))
+            .collect();
         assert!(stray.is_empty(), "kill after {delay_ms} ms left temp files: {stray:?}");
-        assert_eq!(got, want, "kill after {delay_ms} ms, then a rerun: differs from one clean run");
+        assert_eq!(
+            got, want,
+            "kill after {delay_ms} ms, then a rerun: differs from one clean run"
+        );
         // The record is consistent: uninstall puts every original file back.
         assert_code(&node.run("uninstall", &["--purge"], &[]), 0);
-        assert_eq!(shape(&node.tree()), before, "kill after {delay_ms} ms: uninstall did not restore the node");
+        assert_eq!(
+            shape(&node.tree()),
+            before,
+            "kill after {delay_ms} ms: uninstall did not restore the node"
+        );
     }
 }
