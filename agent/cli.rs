@@ -57,6 +57,14 @@ A second run with the same inputs changes nothing and says so."
     /// Boot-time tasks (run by soci-agent-boot.service before kubelet): verify
     /// the SOCI binary, import the pause image into the soci snapshotter.
     Boot(BootArgs),
+
+    /// Pre-pull images through containerd's CRI into the snapshotter kubelet
+    /// uses, skipping what the node already has (an attached snapshot cache).
+    Prefetch(Box<crate::prefetch::PrefetchArgs>),
+
+    /// Render the artifacts that deliver soci-agent: EC2 user data (MIME),
+    /// the NodeConfig drop-in, a Karpenter EC2NodeClass, launch-template user data.
+    Render(Box<crate::render::RenderArgs>),
 }
 
 #[derive(Debug, Clone, Args)]

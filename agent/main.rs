@@ -23,6 +23,12 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Install(args) => print_report(runtime.block_on(soci_agent::install::run(&args))),
         Command::Uninstall(args) => print_report(runtime.block_on(soci_agent::uninstall::run(&args))),
+        Command::Prefetch(args) => ExitCode::from(runtime.block_on(soci_agent::prefetch::run(&args))),
+        Command::Render(args) => {
+            let (text, code) = soci_agent::render::run(&args);
+            print!("{text}");
+            ExitCode::from(code)
+        }
         Command::Boot(args) => {
             let (report, output) = runtime.block_on(soci_agent::boot::run(&args));
             match output {
