@@ -65,6 +65,11 @@ A second run with the same inputs changes nothing and says so."
     /// Render the artifacts that deliver soci-agent: EC2 user data (MIME),
     /// the NodeConfig drop-in, a Karpenter EC2NodeClass, launch-template user data.
     Render(Box<crate::render::RenderArgs>),
+
+    /// Explain the node's SOCI state: each check with a verdict, the evidence
+    /// and what to do. Read-only.
+    #[command(visible_alias = "status")]
+    Doctor(Box<crate::doctor::DoctorArgs>),
 }
 
 #[derive(Debug, Clone, Args)]

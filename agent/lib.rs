@@ -15,6 +15,7 @@ pub mod boot;
 pub mod cli;
 pub mod containerd_config;
 pub mod diff;
+pub mod doctor;
 pub mod exit;
 pub mod extract;
 pub mod fetch;

@@ -12,7 +12,8 @@ runs=${1:-7}
 cargo build --release --quiet
 bin=target/x86_64-unknown-linux-gnu/release/soci-agent; [ -x "$bin" ] || bin=target/release/soci-agent
 work=$(mktemp -d /tmp/soci-agent-bench.XXXXXX)
-trap 'kill ${server:-0} 2>/dev/null || true; rm -rf "$work"' EXIT
+server=
+trap '[ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"' EXIT
 ver=0.15.0
 
 make_release() { # $1 = MiB of payload; writes the archive under $work/mirror-$1
@@ -41,7 +42,7 @@ PY
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 serve() { # $1 = directory
-  kill ${server:-0} 2>/dev/null || true
+  if [ -n "$server" ]; then kill "$server" 2>/dev/null || true; fi
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   python3 -m http.server --bind 127.0.0.1 --directory "$1" "$port" >/dev/null 2>&1 &
   server=$!

@@ -21,7 +21,6 @@ use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use flate2::Compression;
@@ -29,43 +28,15 @@ use flate2::write::GzEncoder;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+mod common;
+
+use common::standin::standin_binary;
+
 const PARALLEL_CONFIG: &str = "[pull_modes.parallel_pull_unpack]\nenable = true\n\
                                discard_unpacked_layers = true\n";
 const IMAGE: &str = "docker.io/library/standin-smoke:1";
 /// Bound for one quick `ctr` call.
 const BOUND: Duration = Duration::from_secs(20);
-
-/// Builds the stand-in (release, like the archives the end-to-end tests ship) once per test
-/// binary with a nested `cargo build`, and returns the path cargo reports for it.
-pub fn standin_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(cargo)
-            .args(["build", "-p", "soci-standin", "--release", "--message-format=json"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdin(Stdio::null())
-            .output()
-            .expect("run cargo build -p soci-standin");
-        assert!(
-            out.status.success(),
-            "cargo build -p soci-standin failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut exe = None;
-        for line in out.stdout.split(|b| *b == b'\n') {
-            let Ok(msg) = serde_json::from_slice::<serde_json::Value>(line) else {
-                continue;
-            };
-            if msg["reason"] == "compiler-artifact" && msg["target"]["name"] == "soci-snapshotter-grpc" {
-                exe = msg["executable"].as_str().map(PathBuf::from).or(exe);
-            }
-        }
-        exe.expect("cargo's JSON output names no soci-snapshotter-grpc executable")
-    })
-    .clone()
-}
 
 // ---------------------------------------------------------------------------------------------
 // Process helpers: bounded waits, logs in files, kill + reap on drop.

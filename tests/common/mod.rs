@@ -14,6 +14,7 @@
 pub mod archive;
 pub mod mirror;
 pub mod nspawn;
+pub mod standin;
 
 use std::path::Path;
 use std::time::Duration;
