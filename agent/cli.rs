@@ -241,6 +241,11 @@ pub struct InstallArgs {
     #[arg(long, value_enum, env = "SOCI_AGENT_OUTPUT")]
     pub output: Option<OutputFormat>,
 
+    /// Also write this run's figures as Prometheus gauges to DIR/soci_agent_install.prom
+    /// (node-exporter textfile collector; resolved under --root).
+    #[arg(long, value_name = "DIR", env = "SOCI_AGENT_TEXTFILE_DIR")]
+    pub textfile_dir: Option<String>,
+
     /// Give up on a download that sends nothing for this many seconds (then retry). [default: 30]
     #[arg(long, value_name = "SECS", env = "SOCI_AGENT_HTTP_TIMEOUT")]
     pub http_timeout: Option<f64>,

@@ -14,12 +14,31 @@ use crate::fetch::{HttpOptions, Progress};
 use crate::plan::{Plan, Wiring};
 use crate::record::{RECORD_PATH, Record};
 use crate::report::{InstallReport, PlanSummary};
+use crate::rootfs::Root;
 use crate::settings::InstallSettings;
 use crate::systemd::Systemd;
 
 /// Runs install; always returns a report (with the error when it failed).
+/// A run that got past validation saves its report under the state dir
+/// (and, with `--textfile-dir`, as Prometheus gauges).
 pub async fn run(args: &InstallArgs) -> (InstallReport, OutputFormat) {
     let started = Instant::now();
+    let mut saved_to = None;
+    let (mut report, output) = execute(args, &mut saved_to).await;
+    report.seconds = started.elapsed().as_secs_f64();
+    report.phases.insert("total".into(), report.seconds);
+    if let Some((root, textfile_dir)) = saved_to {
+        crate::reports::record_run(&root, "install", &report.to_json(), report.exit_code, &report.phases, textfile_dir.as_deref());
+    }
+    (report, output)
+}
+
+async fn execute(args: &InstallArgs, saved_to: &mut Option<(Root, Option<String>)>) -> (InstallReport, OutputFormat) {
+    let mut phase = Instant::now();
+    let mut lap = |report: &mut InstallReport, name: &str| {
+        report.phases.insert(name.to_string(), phase.elapsed().as_secs_f64());
+        phase = Instant::now();
+    };
     let mut report = InstallReport::new(args.dry_run);
     let fallback_output = args.output.unwrap_or(OutputFormat::Text);
     let settings = match InstallSettings::resolve(args) {
@@ -30,10 +49,14 @@ pub async fn run(args: &InstallArgs) -> (InstallReport, OutputFormat) {
         }
     };
     let output = settings.output;
+    if !settings.dry_run {
+        *saved_to = Some((settings.root.clone(), settings.textfile_dir.clone()));
+    }
     if let Some(f) = &settings.config_file {
         report.notes.push(format!("settings read from {}", f.display()));
     }
     let facts = crate::host::detect(&settings.root).await;
+    lap(&mut report, "detect");
     report.host = Some(facts.clone());
     let plan = match crate::plan::build(&settings, &facts) {
         Ok(p) => p,
@@ -48,6 +71,7 @@ pub async fn run(args: &InstallArgs) -> (InstallReport, OutputFormat) {
             return (report, output);
         }
     };
+    lap(&mut report, "plan");
     for w in &plan.warnings {
         tracing::warn!("{w}");
     }
@@ -59,7 +83,6 @@ pub async fn run(args: &InstallArgs) -> (InstallReport, OutputFormat) {
 
     if settings.dry_run {
         report.next_steps = next_steps(&settings, &plan);
-        report.seconds = started.elapsed().as_secs_f64();
         return (report, output);
     }
     for a in &mut report.actions {
@@ -85,11 +108,13 @@ pub async fn run(args: &InstallArgs) -> (InstallReport, OutputFormat) {
             };
             fail(&mut report, kind, &e);
             report.changed = false;
-            report.seconds = started.elapsed().as_secs_f64();
             return (report, output);
         }
     };
     report.release = applied.release;
+    report.phases.insert("release".into(), applied.release_seconds);
+    report.phases.insert("files".into(), applied.files_seconds);
+    lap(&mut report, "apply");
     if !settings.no_start {
         match start_units(&settings, &plan, &mut txn).await {
             Ok(act) => {
@@ -107,14 +132,15 @@ pub async fn run(args: &InstallArgs) -> (InstallReport, OutputFormat) {
                     .extend(undo_problems.into_iter().map(|p| format!("rollback: {p}")));
                 report.changed = false;
                 report.systemd = act;
-                report.seconds = started.elapsed().as_secs_f64();
                 return (report, output);
             }
         }
     }
+    if !settings.no_start {
+        lap(&mut report, "systemd");
+    }
     txn.commit();
     report.next_steps = next_steps(&settings, &plan);
-    report.seconds = started.elapsed().as_secs_f64();
     (report, output)
 }
 

@@ -31,6 +31,7 @@ pub mod record;
 pub mod release;
 pub mod render;
 pub mod report;
+pub mod reports;
 pub mod rootfs;
 pub mod settings;
 pub mod soci_config;

@@ -32,6 +32,9 @@ pub struct InstallReport {
     pub warnings: Vec<String>,
     pub notes: Vec<String>,
     pub next_steps: Vec<String>,
+    /// Seconds per phase (detect, plan, release = download + verify +
+    /// extract in one streaming pass, files, apply, systemd, total).
+    pub phases: std::collections::BTreeMap<String, f64>,
     pub seconds: f64,
 }
 
@@ -78,6 +81,7 @@ impl InstallReport {
             warnings: Vec::new(),
             notes: Vec::new(),
             next_steps: Vec::new(),
+            phases: Default::default(),
             seconds: 0.0,
         }
     }

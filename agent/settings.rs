@@ -61,6 +61,7 @@ struct InstallFile {
     adopt: Option<bool>,
     no_start: Option<bool>,
     output: Option<OutputFormat>,
+    textfile_dir: Option<String>,
     http_timeout: Option<f64>,
     retries: Option<u32>,
 }
@@ -101,6 +102,8 @@ pub struct InstallSettings {
     pub no_start: bool,
     pub dry_run: bool,
     pub output: OutputFormat,
+    /// node-exporter textfile collector directory (node path), for gauges.
+    pub textfile_dir: Option<String>,
     pub http_timeout: Duration,
     pub retries: u32,
     /// Things worth saying that do not stop the install (e.g. plain http).
@@ -331,6 +334,7 @@ impl InstallSettings {
             no_start,
             dry_run: args.dry_run,
             output: args.output.or(f.output).unwrap_or(OutputFormat::Text),
+            textfile_dir: args.textfile_dir.clone().or(f.textfile_dir),
             http_timeout: Duration::from_secs_f64(http_timeout),
             retries,
             warnings,

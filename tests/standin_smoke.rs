@@ -13,6 +13,8 @@
 //!
 //! Needs root, `/usr/bin/containerd` and `ctr` (Debian `containerd`; `.ci/run` installs it).
 
+mod common;
+
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -27,8 +29,6 @@ use flate2::Compression;
 use flate2::write::GzEncoder;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-
-mod common;
 
 use common::standin::standin_binary;
 

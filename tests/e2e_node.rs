@@ -1,0 +1,922 @@
+//! End to end on a real systemd node: `soci-agent install` inside a booted Debian bookworm node
+//! (`common::nspawn`), from a loopback mirror serving a release archive with the real layout whose
+//! `soci-snapshotter-grpc` is the TEST-ONLY stand-in (`tests/standin`).
+//!
+//! One node per `#[test]` (they run in parallel):
+//! - [`plain_host_install_noop_boot_unit_and_uninstall`]: a Debian node with containerd enabled
+//!   and running. Install (cases 1), the no-op second run with unchanged InvocationIDs (2), the
+//!   boot unit importing a pause image into the soci snapshotter (7), uninstall (5).
+//! - [`al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts`] (3): the AMI's preinstalled
+//!   unit and enabled socket, nodeadm, containerd not enabled: drop-ins only, nothing started;
+//!   then containerd's start (what nodeadm-run does) brings the snapshotter up through Requires=.
+//! - [`broken_snapshotter_rolls_the_node_back`] (4): a daemon that exits 1 at once: exit 1 and the
+//!   node's files byte-identical to before, containerd running unwired.
+//! - [`sigkill_mid_install_then_rerun_converges`] (6): the agent killed (SIGKILL) during the
+//!   download, right after start and during the systemd step; a re-run ends as case 1.
+//!
+//! States are read from the node (files, `systemctl`, `ctr`) and from its systemd over D-Bus from
+//! the host (`Systemd::unit_state`), never from log text. A failing assertion shows the agent's
+//! report and logs; the node's journal is printed when the node drops during the panic.
+//!
+//! Needs root, debootstrap, systemd-container (systemd-nspawn), nsenter and protoc (the stand-in).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::archive::{release_tar_gz, sha256_hex};
+use common::mirror::{Fault, Mirror};
+use common::nspawn::{Node, NodeOptions, text};
+use common::standin::standin_binary;
+use serde_json::{Value, json};
+use soci_agent::systemd::{Systemd, UnitState};
+
+const VERSION: &str = "0.15.0";
+const ARCHIVE: &str = "soci-snapshotter-0.15.0-linux-amd64-static.tar.gz";
+/// The agent binary, as copied into the node's `/share`.
+const AGENT: &str = "/share/soci-agent";
+/// Bound of one agent run (its own waits are 90 s per job, 60 s health).
+const RUN_BOUND: Duration = Duration::from_secs(240);
+/// Bound of a D-Bus call from the host.
+const DBUS_BOUND: Duration = Duration::from_secs(30);
+
+const SOCI: &str = "soci-snapshotter.service";
+const SOCKET: &str = "soci-snapshotter.socket";
+const CONTAINERD: &str = "containerd.service";
+const BOOT: &str = "soci-agent-boot.service";
+const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
+const SERVICE_PATH: &str = "/etc/systemd/system/soci-snapshotter.service";
+const SOCKET_PATH: &str = "/etc/systemd/system/soci-snapshotter.socket";
+const BOOT_PATH: &str = "/etc/systemd/system/soci-agent-boot.service";
+const SERVICE_DROPIN: &str = "/etc/systemd/system/soci-snapshotter.service.d/50-soci-agent.conf";
+const CONTAINERD_DROPIN: &str = "/etc/systemd/system/containerd.service.d/10-soci-snapshotter.conf";
+const NODECONFIG_DROPIN: &str = "/etc/eks/nodeadm.d/50-soci-agent.yaml";
+const RECORD: &str = "/var/lib/soci-agent/record.json";
+const STORE_DAEMON: &str = "/usr/local/lib/soci-agent/releases/0.15.0-amd64/soci-snapshotter-grpc";
+const PAUSE_IMAGE: &str = "localhost/kubernetes/pause:latest";
+
+// ---------------------------------------------------------------------------------------------
+// The release, the node, agent runs.
+
+/// A release archive with the real layout and names; `daemon` is `soci-snapshotter-grpc`.
+fn release(daemon: &[u8]) -> Vec<u8> {
+    release_tar_gz(&[
+        ("soci-snapshotter-grpc", daemon),
+        ("soci", b"#!/bin/sh\necho \"soci version v0.15.0 standin\"\n"),
+        ("THIRD_PARTY_LICENSES", b"Third-party licenses of a test release.\n"),
+        ("NOTICE.md", b"# NOTICE\nTest release built by soci-agent's end-to-end tests.\n"),
+    ])
+}
+
+/// The release with the stand-in daemon (built once per test binary).
+fn standin_release() -> &'static [u8] {
+    static ARCHIVE_BYTES: OnceLock<Vec<u8>> = OnceLock::new();
+    ARCHIVE_BYTES.get_or_init(|| release(&fs::read(standin_binary()).expect("read the stand-in")))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// One agent run inside the node.
+struct Run {
+    what: String,
+    out: Output,
+    report: Value,
+}
+
+impl Run {
+    fn code(&self) -> Option<i32> {
+        self.out.status.code()
+    }
+    /// The report, stdout and stderr, for assertion messages.
+    fn show(&self) -> String {
+        format!(
+            "---- {} ({}) report ----\n{}\n---- stderr (agent logs) ----\n{}",
+            self.what,
+            self.out.status,
+            serde_json::to_string_pretty(&self.report).unwrap_or_else(|_| text(&self.out.stdout)),
+            text(&self.out.stderr)
+        )
+    }
+    fn expect_code(&self, want: i32) -> &Self {
+        assert_eq!(self.code(), Some(want), "{}: exit code\n{}", self.what, self.show());
+        self
+    }
+    fn systemd(&self) -> &Value {
+        &self.report["systemd"]
+    }
+    /// Units the systemd step (re)started.
+    fn restarted(&self) -> Vec<String> {
+        self.systemd()["restarted"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|p| p[0].as_str().map(str::to_owned)).collect())
+            .unwrap_or_default()
+    }
+    fn steps(&self) -> Vec<String> {
+        self.systemd()["steps"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default()
+    }
+}
+
+fn parse_report(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| json!({ "unparsed_stdout": text(&out.stdout) }))
+}
+
+/// A booted node, its mirror and a D-Bus connection to its systemd from the host.
+struct Rig {
+    // Field order = drop order: the bus connection and runtime go before the node powers off.
+    sd: Systemd,
+    rt: tokio::runtime::Runtime,
+    mirror: Mirror,
+    node: Node,
+    started: Instant,
+}
+
+impl Rig {
+    /// Starts a mirror serving `archive` as release 0.15.0, boots a node with `opts` and copies the
+    /// agent into its `/share`.
+    fn boot(opts: NodeOptions, archive: &[u8]) -> Rig {
+        let started = Instant::now();
+        let mirror = Mirror::start();
+        mirror.publish(VERSION, ARCHIVE, archive);
+        let node = Node::boot(opts);
+        let agent = node.share().join("soci-agent");
+        fs::copy(env!("CARGO_BIN_EXE_soci-agent"), &agent).expect("copy the agent into the node's /share");
+        fs::set_permissions(&agent, fs::Permissions::from_mode(0o755)).unwrap();
+        let rt = runtime();
+        let sd = rt
+            .block_on(Systemd::connect_address(&node.bus_address(), DBUS_BOUND))
+            .expect("connect to the node's systemd from the host");
+        Rig {
+            sd,
+            rt,
+            mirror,
+            node,
+            started,
+        }
+    }
+
+    fn step(&self, name: &str) {
+        eprintln!("-- [{:6.1}s] {name}", self.started.elapsed().as_secs_f64());
+    }
+
+    fn install_argv(&self) -> Vec<String> {
+        [
+            AGENT,
+            "install",
+            "--release-url",
+            &self.mirror.base_url(),
+            "--soci-version",
+            VERSION,
+            "--output",
+            "json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// `soci-agent install` from the mirror, inside the node.
+    fn install(&self) -> Run {
+        let argv = self.install_argv();
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        self.agent("install", &argv)
+    }
+
+    /// Runs `argv` (an agent command with `--output json`) inside the node.
+    fn agent(&self, what: &str, argv: &[&str]) -> Run {
+        let started = Instant::now();
+        let out = self.node.exec_timeout(argv, RUN_BOUND);
+        let report = parse_report(&out);
+        eprintln!(
+            "   {what}: {} in {:.1}s",
+            out.status,
+            started.elapsed().as_secs_f64()
+        );
+        Run {
+            what: what.to_owned(),
+            out,
+            report,
+        }
+    }
+
+    fn unit(&self, name: &str) -> UnitState {
+        self.rt
+            .block_on(self.sd.unit_state(name))
+            .unwrap_or_else(|e| panic!("unit_state({name}) over D-Bus: {e}"))
+    }
+
+    /// `systemctl is-active UNIT` inside the node (its stdout, trimmed).
+    fn is_active(&self, unit: &str) -> String {
+        text(&self.node.exec(&["systemctl", "is-active", unit]).stdout)
+            .trim()
+            .to_owned()
+    }
+
+    /// The `ctr plugins ls` line of the `soci` snapshotter, if containerd lists one.
+    fn soci_plugin(&self) -> Option<String> {
+        let plugins = self.node.check(&["ctr", "plugins", "ls"]);
+        plugins
+            .lines()
+            .find(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.first() == Some(&"io.containerd.snapshotter.v1") && f.get(1) == Some(&"soci")
+            })
+            .map(str::to_owned)
+    }
+
+    /// Node file bytes (host side of the copy); `None` when absent.
+    fn read(&self, node_path: &str) -> Option<Vec<u8>> {
+        fs::read(self.node.path(node_path)).ok()
+    }
+
+    fn exists(&self, node_path: &str) -> bool {
+        fs::symlink_metadata(self.node.path(node_path)).is_ok()
+    }
+
+    /// Asserts the end state of a good install on a plain host (case 1).
+    fn assert_installed_and_healthy(&self, ctx: &str) {
+        assert_eq!(self.is_active(SOCI), "active", "{ctx}: systemctl is-active {SOCI}");
+        assert_eq!(self.is_active(CONTAINERD), "active", "{ctx}: systemctl is-active containerd");
+        let soci = self.unit(SOCI);
+        assert!(soci.is_active() && soci.sub_state == "running", "{ctx}: {SOCI}: {soci}");
+        assert_eq!(soci.unit_file_state, "enabled", "{ctx}: {SOCI} is not enabled");
+        assert_eq!(self.unit(SOCKET).unit_file_state, "enabled", "{ctx}: {SOCKET} is not enabled");
+        // The unit runs the verified store binary.
+        let exe = self
+            .node
+            .check(&["readlink", &format!("/proc/{}/exe", soci.main_pid)]);
+        assert_eq!(exe, STORE_DAEMON, "{ctx}: {SOCI} runs {exe}");
+        // containerd loaded the proxy plugin and reaches it.
+        let line = self.soci_plugin();
+        assert!(
+            line.as_deref().is_some_and(|l| l.split_whitespace().last() == Some("ok")),
+            "{ctx}: ctr plugins ls: soci snapshotter not ok: {line:?}"
+        );
+        self.node.check(&["ctr", "-n", "k8s.io", "snapshots", "--snapshotter", "soci", "ls"]);
+        let config = String::from_utf8(self.read(CONTAINERD_CONFIG).expect("containerd config")).unwrap();
+        assert_wired_v2(&config, ctx);
+    }
+
+    /// Starts an install in the background; see [`Background`].
+    fn install_in_background(&self) -> Background {
+        let argv = self.install_argv();
+        let mut cmd = Command::new("nsenter");
+        cmd.arg("-t")
+            .arg(self.node.leader().to_string())
+            .arg("-a")
+            .args(&argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let nsenter = cmd.spawn().expect("spawn nsenter");
+        // nsenter forks into the node's pid namespace: the agent is its child.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let agent_pid = loop {
+            if let Some(pid) = children(nsenter.id()).into_iter().next() {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "no agent process under nsenter after 10 s");
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        Background {
+            nsenter,
+            agent_pid,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// An agent run started with [`Rig::install_in_background`].
+struct Background {
+    nsenter: Child,
+    /// Host pid of the agent process (nsenter's child).
+    agent_pid: u32,
+    started: Instant,
+}
+
+impl Background {
+    fn running(&self) -> bool {
+        // A zombie (not yet reaped by nsenter) counts as dead.
+        fs::read_to_string(format!("/proc/{}/stat", self.agent_pid))
+            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+    }
+
+    /// SIGKILLs the agent itself and checks it died; returns its output so far.
+    fn kill(mut self, point: &str) -> Output {
+        assert!(
+            self.running(),
+            "{point}: the agent ended before the kill; output:\n{}",
+            output_text(&self.nsenter.wait_with_output().unwrap())
+        );
+        let status = Command::new("kill")
+            .args(["-KILL", &self.agent_pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -KILL {}", self.agent_pid);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.nsenter.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "{point}: nsenter still waiting 10 s after the kill");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = self.nsenter.wait_with_output().unwrap();
+        assert!(
+            !Path::new(&format!("/proc/{}", self.agent_pid)).exists(),
+            "{point}: agent pid {} still exists after SIGKILL",
+            self.agent_pid
+        );
+        // nsenter re-raises its child's signal: the agent died of SIGKILL, it did not exit.
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "{point}: the agent was not killed by SIGKILL ({}); output:\n{}",
+            out.status,
+            output_text(&out)
+        );
+        eprintln!(
+            "   killed the agent {:.2}s after start ({point})",
+            self.started.elapsed().as_secs_f64()
+        );
+        out
+    }
+}
+
+fn output_text(out: &Output) -> String {
+    format!("stdout:\n{}\nstderr:\n{}", text(&out.stdout), text(&out.stderr))
+}
+
+/// Pids of the direct children of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
+        .collect()
+}
+
+/// Asserts a version-2 containerd config wires `soci` as proxy snapshotter and CRI snapshotter.
+fn assert_wired_v2(config: &str, ctx: &str) {
+    let doc: toml_edit::DocumentMut = config
+        .parse()
+        .unwrap_or_else(|e| panic!("{ctx}: containerd config does not parse: {e}\n{config}"));
+    let soci = &doc["proxy_plugins"]["soci"];
+    assert_eq!(soci["type"].as_str(), Some("snapshot"), "{ctx}: proxy_plugins.soci.type\n{config}");
+    assert_eq!(
+        soci["address"].as_str(),
+        Some("/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock"),
+        "{ctx}: proxy_plugins.soci.address\n{config}"
+    );
+    let cri = &doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"];
+    assert_eq!(cri["snapshotter"].as_str(), Some("soci"), "{ctx}: CRI snapshotter\n{config}");
+    assert_eq!(
+        cri["disable_snapshot_annotations"].as_bool(),
+        Some(false),
+        "{ctx}: disable_snapshot_annotations\n{config}"
+    );
+}
+
+/// Whether a containerd config mentions soci at all.
+fn mentions_soci(config: Option<&[u8]>) -> bool {
+    config.is_some_and(|c| String::from_utf8_lossy(c).contains("soci"))
+}
+
+/// Content + mode of every file, target of every link, mode of every directory under the given
+/// node directories (host side of the copy), keyed by node path.
+fn tree(node: &Node, dirs: &[&str]) -> BTreeMap<String, String> {
+    fn walk(dir: &Path, node_dir: &str, out: &mut BTreeMap<String, String>) {
+        let Ok(rd) = fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let path = e.path();
+            let node_path = format!("{node_dir}/{}", e.file_name().to_string_lossy());
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let mode = meta.permissions().mode() & 0o7777;
+            let desc = if meta.file_type().is_symlink() {
+                format!("link -> {}", fs::read_link(&path).unwrap().display())
+            } else if meta.is_dir() {
+                walk(&path, &node_path, out);
+                format!("dir {mode:04o}")
+            } else if meta.is_file() {
+                format!("file {mode:04o} sha256 {}", sha256_hex(&fs::read(&path).unwrap()))
+            } else {
+                format!("special {mode:04o}")
+            };
+            out.insert(node_path, desc);
+        }
+    }
+    let mut out = BTreeMap::new();
+    for d in dirs {
+        let host = node.path(d);
+        if fs::symlink_metadata(&host).is_ok() {
+            out.insert(d.to_string(), "root".into());
+        }
+        walk(&host, d, &mut out);
+    }
+    out
+}
+
+/// Human listing of what differs between two [`tree`]s.
+fn tree_diff(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) -> String {
+    let mut out = String::new();
+    for (k, v) in before {
+        match after.get(k) {
+            None => out.push_str(&format!("  - {k} ({v})\n")),
+            Some(w) if w != v => out.push_str(&format!("  ~ {k}: {v} -> {w}\n")),
+            _ => {}
+        }
+    }
+    for (k, v) in after {
+        if !before.contains_key(k) {
+            out.push_str(&format!("  + {k} ({v})\n"));
+        }
+    }
+    out
+}
+
+/// Node paths under `dirs` whose name carries the agent's temp marker.
+fn temp_leftovers(node: &Node, dirs: &[&str]) -> Vec<String> {
+    tree(node, dirs)
+        .into_keys()
+        .filter(|p| p.rsplit('/').next().is_some_and(|n| n.contains(".soci-agent-tmp")))
+        .collect()
+}
+
+/// Enabled-unit symlinks (in `*.wants`/`*.requires` under /etc/systemd/system) named `unit`.
+fn wants_links(node: &Node, unit: &str) -> Vec<String> {
+    tree(node, &["/etc/systemd/system"])
+        .into_iter()
+        .filter(|(p, desc)| desc.starts_with("link") && p.ends_with(&format!("/{unit}")) && p.contains(".wants/"))
+        .map(|(p, desc)| format!("{p} {desc}"))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// A small OCI image archive (one gzip'd layer), named like the EKS pause image.
+
+fn tar_of(entries: &[(&str, Option<&[u8]>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        match data {
+            None => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                b.append_data(&mut h, name, std::io::empty()).unwrap();
+            }
+            Some(data) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o755);
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, name, *data).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(data).unwrap();
+    gz.finish().unwrap()
+}
+
+/// An OCI image layout tarball of `PAUSE_IMAGE` with one layer holding `/pause`.
+fn pause_image_tar() -> Vec<u8> {
+    let layer = tar_of(&[("pause", Some(b"#!/bin/sh\nexec sleep infinity\n"))]);
+    let layer_gz = gzip(&layer);
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": { "Entrypoint": ["/pause"] },
+        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&layer))] },
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": format!("sha256:{}", sha256_hex(&config)),
+            "size": config.len(),
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": format!("sha256:{}", sha256_hex(&layer_gz)),
+            "size": layer_gz.len(),
+        }],
+    }))
+    .unwrap();
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{}", sha256_hex(&manifest)),
+            "size": manifest.len(),
+            "annotations": {
+                "io.containerd.image.name": PAUSE_IMAGE,
+                "org.opencontainers.image.ref.name": "latest",
+            },
+        }],
+    }))
+    .unwrap();
+    let mut files: Vec<(String, Vec<u8>)> = vec![
+        ("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec()),
+        ("index.json".into(), index),
+    ];
+    for blob in [layer_gz, config, manifest] {
+        files.push((format!("blobs/sha256/{}", sha256_hex(&blob)), blob));
+    }
+    let mut entries: Vec<(&str, Option<&[u8]>)> = vec![("blobs/", None), ("blobs/sha256/", None)];
+    entries.extend(files.iter().map(|(n, d)| (n.as_str(), Some(d.as_slice()))));
+    tar_of(&entries)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cases 1, 2, 7, 5 on one plain Debian node.
+
+#[test]
+fn plain_host_install_noop_boot_unit_and_uninstall() {
+    let archive = standin_release();
+    let rig = Rig::boot(NodeOptions::new(), archive);
+    let booted = rig.started.elapsed();
+    assert_eq!(rig.is_active(CONTAINERD), "active", "Debian's containerd runs at boot");
+    assert_eq!(rig.soci_plugin(), None, "no soci snapshotter before install");
+    let config_before = rig.read(CONTAINERD_CONFIG);
+    let containerd_before = rig.unit(CONTAINERD);
+
+    // 1. Fresh install.
+    rig.step("case 1: fresh install on a plain host");
+    let run = rig.install();
+    run.expect_code(0);
+    assert_eq!(run.report["changed"], true, "{}", run.show());
+    rig.assert_installed_and_healthy("after install");
+    let restarted = run.restarted();
+    assert!(
+        restarted.iter().any(|u| u == CONTAINERD) && restarted.iter().any(|u| u == SOCI),
+        "report.systemd.restarted should name containerd and soci: {restarted:?}\n{}",
+        run.show()
+    );
+    assert_eq!(run.systemd()["health"]["loaded"], true, "report.systemd.health\n{}", run.show());
+    assert_ne!(
+        rig.unit(CONTAINERD).invocation_id,
+        containerd_before.invocation_id,
+        "containerd was not restarted"
+    );
+    assert!(
+        run.systemd()["enabled"].as_array().is_some_and(|e| e.contains(&json!(SOCI)) && e.contains(&json!(BOOT))),
+        "report.systemd.enabled\n{}",
+        run.show()
+    );
+    for path in [SERVICE_PATH, SOCKET_PATH, BOOT_PATH, CONTAINERD_DROPIN, "/usr/local/bin/soci-agent"] {
+        assert!(rig.exists(path), "{path} missing after install");
+    }
+
+    // 2. The second run changes nothing and restarts nothing.
+    rig.step("case 2: second run is a no-op");
+    let ids_before = (rig.unit(SOCI).invocation_id, rig.unit(CONTAINERD).invocation_id);
+    let second = rig.install();
+    second.expect_code(0);
+    assert_eq!(second.report["changed"], false, "{}", second.show());
+    let changed: Vec<&Value> = second.report["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["changed"] != false)
+        .collect();
+    assert!(changed.is_empty(), "actions changed on the second run: {changed:?}");
+    assert_eq!(second.restarted(), Vec::<String>::new(), "{}", second.show());
+    let ids_after = (rig.unit(SOCI).invocation_id, rig.unit(CONTAINERD).invocation_id);
+    assert_eq!(ids_after, ids_before, "InvocationIDs (soci, containerd) changed on a no-op run");
+    rig.assert_installed_and_healthy("after the second run");
+
+    // 7. The boot unit imports the node's pause image into the soci snapshotter.
+    rig.step("case 7: soci-agent-boot.service imports /etc/eks/pause.tar");
+    fs::create_dir_all(rig.node.path("/etc/eks")).unwrap();
+    fs::write(rig.node.path("/etc/eks/pause.tar"), pause_image_tar()).unwrap();
+    let images_before = rig.node.check(&["ctr", "-n", "k8s.io", "images", "ls", "-q"]);
+    assert!(!images_before.lines().any(|l| l == PAUSE_IMAGE), "{images_before}");
+    rig.rt
+        .block_on(rig.sd.start(BOOT))
+        .unwrap_or_else(|e| panic!("start {BOOT}: {e}"));
+    let boot = rig.unit(BOOT);
+    assert_eq!(
+        (boot.active_state.as_str(), boot.sub_state.as_str(), boot.result.as_str()),
+        ("active", "exited", "success"),
+        "{BOOT}: {boot}"
+    );
+    let images = rig.node.check(&["ctr", "-n", "k8s.io", "images", "ls", "-q"]);
+    assert!(images.lines().any(|l| l == PAUSE_IMAGE), "pause image not imported:\n{images}");
+    let snapshots = rig
+        .node
+        .check(&["ctr", "-n", "k8s.io", "snapshots", "--snapshotter", "soci", "ls"]);
+    assert!(
+        snapshots.lines().skip(1).any(|l| l.split_whitespace().last() == Some("Committed")),
+        "no committed snapshot in the soci snapshotter:\n{snapshots}"
+    );
+    // The stand-in holds the unpacked layer: the import went through SOCI.
+    let unpacked = rig.node.check(&[
+        "sh",
+        "-c",
+        "ls /var/lib/soci-snapshotter-grpc/snapshotter/snapshots/*/fs/pause",
+    ]);
+    assert!(!unpacked.is_empty());
+    let boot_cli = rig.agent(
+        "boot --strict",
+        &["/usr/local/bin/soci-agent", "boot", "--strict", "--output", "json"],
+    );
+    boot_cli.expect_code(0);
+    for (name, want) in [("verify-binary", "ok"), ("pause-image", "ok")] {
+        let step = boot_cli.report["steps"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == name))
+            .unwrap_or_else(|| panic!("no {name} step\n{}", boot_cli.show()));
+        assert_eq!(step["status"], want, "{name}\n{}", boot_cli.show());
+    }
+
+    // 5. Uninstall puts the node back.
+    rig.step("case 5: uninstall");
+    let un = rig.agent("uninstall", &[AGENT, "uninstall", "--output", "json"]);
+    un.expect_code(0);
+    assert_eq!(
+        rig.read(CONTAINERD_CONFIG),
+        config_before,
+        "containerd config not byte-identical to before install"
+    );
+    for path in [
+        SERVICE_PATH,
+        SOCKET_PATH,
+        BOOT_PATH,
+        CONTAINERD_DROPIN,
+        "/usr/local/bin/soci-agent",
+        "/usr/local/bin/soci-snapshotter-grpc",
+        "/etc/soci-snapshotter-grpc/config.toml",
+        RECORD,
+    ] {
+        assert!(!rig.exists(path), "{path} left after uninstall\n{}", un.show());
+    }
+    for unit in [SOCI, SOCKET, BOOT] {
+        assert_eq!(wants_links(&rig.node, unit), Vec::<String>::new(), "{unit} still enabled");
+        let state = rig.unit(unit);
+        assert!(!state.is_active(), "{unit} still active after uninstall: {state}");
+        assert_eq!(state.load_state, "not-found", "{unit} still loadable after uninstall: {state:?}");
+    }
+    assert_eq!(rig.is_active(SOCI), "inactive");
+    assert_eq!(rig.is_active(CONTAINERD), "active", "containerd runs after uninstall");
+    assert_eq!(rig.soci_plugin(), None, "containerd still lists the soci snapshotter");
+    let containerd = rig.unit(CONTAINERD);
+    assert!(
+        !containerd.drop_in_paths.iter().any(|p| p.contains("soci")),
+        "containerd still has soci drop-ins loaded: {:?}",
+        containerd.drop_in_paths
+    );
+    eprintln!(
+        "plain host: node up in {booted:.1?}, whole test {:.1?}",
+        rig.started.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 3: an AL2023-shaped node.
+
+const AMI_SERVICE: &str = "[Unit]\nDescription=soci snapshotter containerd plugin (as on the AL2023 EKS AMI)\n\n\
+                           [Service]\nType=notify\nExecStart=/usr/bin/soci-snapshotter-grpc --address fd://\n\
+                           Restart=no\n\n[Install]\nWantedBy=multi-user.target\n";
+const AMI_SOCKET: &str = "[Unit]\nDescription=soci snapshotter socket\n\n[Socket]\n\
+                          ListenStream=/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock\nSocketMode=0660\n\n\
+                          [Install]\nWantedBy=sockets.target\n";
+
+#[test]
+fn al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts() {
+    let archive = standin_release();
+    let standin = fs::read(standin_binary()).unwrap();
+    let opts = NodeOptions::new()
+        .al2023_like()
+        .file(SERVICE_PATH, AMI_SERVICE)
+        .file(SOCKET_PATH, AMI_SOCKET)
+        .file_mode("/usr/bin/soci-snapshotter-grpc", standin, 0o755)
+        .file_mode("/usr/bin/nodeadm", "#!/bin/sh\necho \"nodeadm stub $*\" >&2\n", 0o755)
+        .file("/etc/eks/containerd-version.txt", "1.7.27\n")
+        .prepare(|root: &Path| {
+            fs::create_dir_all(root.join("etc/eks/nodeadm.d")).unwrap();
+            let wants = root.join("etc/systemd/system/sockets.target.wants");
+            fs::create_dir_all(&wants).unwrap();
+            std::os::unix::fs::symlink(SOCKET_PATH, wants.join(SOCKET)).unwrap();
+        });
+    let rig = Rig::boot(opts, archive);
+    let booted = rig.started.elapsed();
+    assert_eq!(rig.is_active(CONTAINERD), "inactive", "containerd is not started at boot here");
+    assert_eq!(rig.is_active(SOCKET), "active", "the AMI's socket listens from boot");
+    assert_eq!(rig.is_active(SOCI), "inactive");
+    let config_before = rig.read(CONTAINERD_CONFIG);
+    let ami_unit_before = rig.read(SERVICE_PATH);
+
+    rig.step("case 3: install on an AL2023-shaped node");
+    let run = rig.install();
+    run.expect_code(0);
+    assert_eq!(run.report["plan"]["wiring"], "nodeadm", "{}", run.show());
+    for path in [SERVICE_DROPIN, CONTAINERD_DROPIN, NODECONFIG_DROPIN] {
+        assert!(rig.exists(path), "{path} missing\n{}", run.show());
+    }
+    assert_eq!(rig.read(SERVICE_PATH), ami_unit_before, "the AMI's unit must be kept as is");
+    assert!(!rig.exists(BOOT_PATH) || rig.unit(BOOT).unit_file_state != "enabled");
+    assert_eq!(rig.read(CONTAINERD_CONFIG), config_before, "nodeadm owns containerd's config");
+    // v2 table names for containerd 1.7 in the NodeConfig drop-in.
+    let yaml: serde_yaml_ng::Value =
+        serde_yaml_ng::from_slice(&rig.read(NODECONFIG_DROPIN).unwrap()).expect("NodeConfig drop-in is YAML");
+    let fragment = yaml["spec"]["containerd"]["config"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no spec.containerd.config in {yaml:?}"));
+    let doc: toml_edit::DocumentMut = fragment.parse().expect("containerd fragment is TOML");
+    assert_eq!(
+        doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["snapshotter"].as_str(),
+        Some("soci"),
+        "{fragment}"
+    );
+    // Enabled and reloaded, nothing started.
+    assert!(
+        run.steps().iter().any(|s| s.contains("nodeadm")),
+        "report.systemd.steps should say nodeadm: {:?}",
+        run.steps()
+    );
+    assert_eq!(run.restarted(), Vec::<String>::new(), "{}", run.show());
+    assert_eq!(rig.is_active(CONTAINERD), "inactive", "containerd must not be started\n{}", run.show());
+    assert_eq!(rig.is_active(SOCI), "inactive", "the snapshotter must not be started\n{}", run.show());
+    let soci = rig.unit(SOCI);
+    assert_eq!(soci.unit_file_state, "enabled", "{SOCI}: {soci:?}");
+    assert!(soci.drop_in_paths.iter().any(|p| p == SERVICE_DROPIN), "drop-in not loaded: {soci:?}");
+    assert!(!soci.need_daemon_reload, "{SOCI} needs a daemon-reload");
+    assert_eq!(rig.unit(SOCKET).unit_file_state, "enabled");
+    assert!(rig.unit(SOCKET).is_active());
+    let containerd = rig.unit(CONTAINERD);
+    assert!(
+        containerd.drop_in_paths.iter().any(|p| p == CONTAINERD_DROPIN) && !containerd.need_daemon_reload,
+        "containerd drop-in not loaded: {containerd:?}"
+    );
+
+    // What nodeadm-run does next: start containerd. Its Requires= brings up the snapshotter,
+    // running the binary from the agent's drop-in, with its listener from the AMI's socket.
+    rig.step("case 3: containerd's start (as nodeadm-run) brings the snapshotter up");
+    rig.rt
+        .block_on(rig.sd.start(CONTAINERD))
+        .unwrap_or_else(|e| panic!("start containerd: {e}"));
+    let soci = rig.unit(SOCI);
+    assert!(soci.is_active(), "{SOCI} not started by containerd's Requires=: {soci}");
+    let exe = rig
+        .node
+        .check(&["readlink", &format!("/proc/{}/exe", soci.main_pid)]);
+    assert_eq!(exe, STORE_DAEMON, "the drop-in's ExecStart is not in effect");
+    eprintln!(
+        "AL2023-shaped: node up in {booted:.1?}, whole test {:.1?}",
+        rig.started.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 4: a snapshotter that cannot start.
+
+#[test]
+fn broken_snapshotter_rolls_the_node_back() {
+    let archive = release(b"#!/bin/sh\nexit 1\n");
+    let rig = Rig::boot(NodeOptions::new(), &archive);
+    let booted = rig.started.elapsed();
+    assert_eq!(rig.is_active(CONTAINERD), "active");
+    let watched = ["/etc", "/usr/local", "/var/lib/soci-agent"];
+    let before = tree(&rig.node, &watched);
+    let config_before = rig.read(CONTAINERD_CONFIG);
+
+    rig.step("case 4: install with a snapshotter that exits 1");
+    let run = rig.install();
+    run.expect_code(1);
+    let error = run.report["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(SOCI) && error.contains("start"),
+        "the error should name the failing step (starting {SOCI}): {error:?}\n{}",
+        run.show()
+    );
+    assert_eq!(run.report["exit_code"], 1);
+    let after = tree(&rig.node, &watched);
+    assert!(
+        before == after,
+        "files differ after the rollback:\n{}\n{}",
+        tree_diff(&before, &after),
+        run.show()
+    );
+    assert_eq!(rig.read(CONTAINERD_CONFIG), config_before);
+    let soci = rig.unit(SOCI);
+    assert!(
+        !soci.is_active() && soci.active_state != "activating",
+        "{SOCI} after the rollback: {soci}\n{}",
+        run.show()
+    );
+    assert_ne!(rig.is_active(SOCI), "active");
+    assert_eq!(
+        rig.is_active(CONTAINERD),
+        "active",
+        "containerd must run again after the rollback\n{}",
+        run.show()
+    );
+    let containerd = rig.unit(CONTAINERD);
+    assert!(
+        !containerd.drop_in_paths.iter().any(|p| p.contains("soci")),
+        "containerd still has the soci drop-in loaded: {:?}",
+        containerd.drop_in_paths
+    );
+    assert_eq!(rig.soci_plugin(), None, "containerd is still wired to soci");
+    assert!(!mentions_soci(rig.read(CONTAINERD_CONFIG).as_deref()));
+    for unit in [SOCI, SOCKET, BOOT] {
+        assert_eq!(wants_links(&rig.node, unit), Vec::<String>::new(), "{unit} left enabled");
+    }
+    // Still down a while later: nothing (auto-restart, socket) brings the broken unit back.
+    assert_ne!(rig.is_active(SOCI), "active");
+    eprintln!(
+        "broken snapshotter: node up in {booted:.1?}, whole test {:.1?}",
+        rig.started.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 6: SIGKILL mid-install, then a re-run converges.
+
+#[test]
+fn sigkill_mid_install_then_rerun_converges() {
+    let archive = standin_release();
+    let rig = Rig::boot(NodeOptions::new(), archive);
+    let booted = rig.started.elapsed();
+    let archive_path = format!("/v{VERSION}/{ARCHIVE}");
+    let watched = ["/etc", "/usr/local", "/var/lib/soci-agent"];
+
+    // a. During the download: the mirror holds the first byte back; kill once the request is in.
+    rig.step("case 6a: SIGKILL during the download");
+    rig.mirror.fault(&archive_path, Fault::SlowFirstByte(Duration::from_secs(20)));
+    let requests = rig.mirror.requests(&archive_path);
+    let bg = rig.install_in_background();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rig.mirror.requests(&archive_path) == requests {
+        assert!(bg.running(), "the agent ended before downloading");
+        assert!(Instant::now() < deadline, "no archive request within 60 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bg.kill("during the download");
+
+    // b. Right after start.
+    rig.step("case 6b: SIGKILL right after start");
+    let bg = rig.install_in_background();
+    std::thread::sleep(Duration::from_millis(150)); // injection delay, not synchronisation
+    bg.kill("right after start");
+
+    // c. During the systemd step: once the agent has enabled the snapshotter unit.
+    rig.step("case 6c: SIGKILL during the systemd step");
+    let bg = rig.install_in_background();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while rig.unit(SOCI).unit_file_state != "enabled" {
+        assert!(bg.running(), "the agent ended before the systemd step");
+        assert!(Instant::now() < deadline, "{SOCI} not enabled within 120 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    bg.kill("during the systemd step");
+
+    // The re-run converges to the state of a clean install.
+    rig.step("case 6: re-run after the kills");
+    let run = rig.install();
+    run.expect_code(0);
+    rig.assert_installed_and_healthy("re-run after SIGKILLs");
+    let leftovers = temp_leftovers(&rig.node, &watched);
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+    let record: Value = serde_json::from_slice(&rig.read(RECORD).expect("install record")).unwrap();
+    for unit in [SOCI, SOCKET, BOOT] {
+        assert!(
+            record["enabled_units"].as_array().is_some_and(|u| u.contains(&json!(unit))),
+            "the install record does not list {unit} as enabled by soci-agent (uninstall would leave it enabled): {record}\n{}",
+            run.show()
+        );
+    }
+    // And it stays converged: one more run is a no-op.
+    let again = rig.install();
+    again.expect_code(0);
+    assert_eq!(again.report["changed"], false, "{}", again.show());
+    eprintln!(
+        "SIGKILL: node up in {booted:.1?}, whole test {:.1?}",
+        rig.started.elapsed()
+    );
+}
