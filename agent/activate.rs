@@ -76,7 +76,15 @@ pub async fn activate(
     if !plan.kubelet_present {
         wanted.push(units::BOOT_SERVICE);
     }
-    let needs_reload = effects.daemon_reload || sd.unit_state(soci).await?.need_daemon_reload;
+    // A run killed after writing files but before its reload leaves units whose files changed
+    // since the last reload: the plan then sees no change, so ask systemd too.
+    let mut needs_reload = effects.daemon_reload;
+    for unit in [soci, units::SOCKET, units::CONTAINERD_SERVICE, units::BOOT_SERVICE] {
+        if needs_reload {
+            break;
+        }
+        needs_reload = sd.unit_state(unit).await?.need_daemon_reload;
+    }
     if needs_reload {
         sd.reload().await?;
         act.reloaded = true;
@@ -113,7 +121,15 @@ pub async fn activate(
     }
     let containerd_before = sd.unit_state(units::CONTAINERD_SERVICE).await?;
     let soci_state = sd.unit_state(soci).await?;
+    let containerd_entry = (units::CONTAINERD_SERVICE.to_string(), true);
     if effects.restart_soci || !soci_state.is_active() {
+        // containerd Requires= the snapshotter: restarting it restarts containerd too, and a
+        // snapshotter that fails to start leaves containerd stopped (its start job fails with
+        // `dependency`). Log containerd first so that `undo` starts it again, after the
+        // snapshotter is stopped.
+        if containerd_before.is_active() {
+            act.restarted.push(containerd_entry.clone());
+        }
         act.restarted.push((soci.to_string(), soci_state.is_active()));
         sd.restart(soci).await?;
         act.steps.push(format!(
@@ -133,12 +149,32 @@ pub async fn activate(
     let containerd_now = sd.unit_state(units::CONTAINERD_SERVICE).await?;
     let restarted_along = containerd_now.invocation_id != containerd_before.invocation_id;
     if !effects.restart_containerd && !restarted_along {
-        act.steps
-            .push("containerd wiring unchanged: containerd not restarted".into());
-        return Ok(());
+        // The files say containerd is already wired; a run killed between writing them and
+        // restarting containerd leaves it running the old config, so check what it loaded.
+        match health::query_snapshotter(&root.path(CONTAINERD_SOCKET), "soci").await {
+            Ok(status) if status.loaded => {
+                act.restarted.retain(|u| *u != containerd_entry);
+                act.steps.push(format!(
+                    "containerd wiring unchanged and containerd {} uses the soci snapshotter: not restarted",
+                    status.containerd_version
+                ));
+                act.health = Some(status);
+                return Ok(());
+            }
+            Ok(status) => act.steps.push(format!(
+                "containerd {} does not use the soci snapshotter yet ({}): restarting it",
+                status.containerd_version,
+                status.init_error.as_deref().unwrap_or("not listed")
+            )),
+            Err(e) => act.steps.push(format!(
+                "containerd does not answer about the soci snapshotter ({e}): restarting it"
+            )),
+        }
     }
     let started = Instant::now();
-    act.restarted.push((units::CONTAINERD_SERVICE.to_string(), true));
+    if !act.restarted.contains(&containerd_entry) {
+        act.restarted.push(containerd_entry);
+    }
     if restarted_along && containerd_now.is_active() {
         act.steps
             .push("containerd restarted along with the snapshotter (Requires=)".into());

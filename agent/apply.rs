@@ -228,6 +228,7 @@ fn apply_file_op(root: &Root, path: &str, op: &Op) -> Result<(), FsError> {
         Op::Write { content, mode } => rootfs::write_atomic(&target, content, *mode),
         Op::Symlink { target: link_target } => rootfs::symlink_atomic(Path::new(link_target), &target),
         Op::Remove => rootfs::remove_file(&target),
+        Op::Copy { source, mode } => rootfs::copy_file_atomic(source, &target, *mode),
         Op::Backup { source } | Op::Restore { source } => rootfs::copy_atomic(&root.path(source), &target),
         Op::Release(_) | Op::Nothing => Ok(()),
     }

@@ -122,6 +122,9 @@ pub enum Op {
         source: String,
     },
     Release(Box<ReleaseStep>),
+    /// Copy a file from outside the root (the agent's own executable),
+    /// streamed, to the action's path.
+    Copy { source: std::path::PathBuf, mode: u32 },
     /// Remove the file or symlink at the action's path (uninstall).
     Remove,
     /// Copy the file at `source` back to the action's path (uninstall).
@@ -267,24 +270,27 @@ impl Builder<'_> {
     }
 
     /// Plans installing an executable (no diff; compared by content).
-    fn binary(&mut self, path: &str, content: Vec<u8>) -> Result<(), FsError> {
-        let old = self.root.read_opt(path)?;
-        let (kind, changed) = match &old {
-            None => (ActionKind::Create, true),
-            Some(b) if *b == content => (ActionKind::Unchanged, false),
-            Some(_) => (ActionKind::Update, true),
+    fn binary(&mut self, path: &str, source: &std::path::Path) -> Result<(), FsError> {
+        let read_err = |p: &std::path::Path| {
+            let p = p.to_path_buf();
+            move |source| FsError::Read { path: p, source }
+        };
+        let want = store::sha256_file(source).map_err(read_err(source))?;
+        let size = std::fs::metadata(source).map_err(read_err(source))?.len();
+        let target = self.root.path(path);
+        let (kind, changed) = match store::sha256_file(&target) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (ActionKind::Create, true),
+            Err(e) => return Err(read_err(&target)(e)),
+            Ok(have) if have == want => (ActionKind::Unchanged, false),
+            Ok(_) => (ActionKind::Update, true),
         };
         self.actions.push(Action {
             path: path.to_string(),
             action: kind,
             changed,
-            detail: format!("{} bytes, mode 0755", content.len()),
+            detail: format!("{size} bytes, sha256 {want}, mode 0755"),
             diff: None,
-            op: if changed {
-                Op::Write { content, mode: 0o755 }
-            } else {
-                Op::Nothing
-            },
+            op: if changed { Op::Copy { source: source.to_path_buf(), mode: 0o755 } } else { Op::Nothing },
             effects: Effects::default(),
         });
         Ok(())
@@ -615,11 +621,7 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         path: "/proc/self/exe".into(),
         source,
     })?;
-    let me_bytes = std::fs::read(&me).map_err(|source| FsError::Read {
-        path: me.clone(),
-        source,
-    })?;
-    b.binary(units::AGENT_BINARY_PATH, me_bytes)?;
+    b.binary(units::AGENT_BINARY_PATH, &me)?;
     let reload = Effects {
         daemon_reload: true,
         ..Effects::default()

@@ -192,6 +192,27 @@ pub fn copy_atomic(src: &Path, dst: &Path) -> Result<(), FsError> {
     Ok(())
 }
 
+/// Streams `src` into `dst` atomically with `mode` (constant memory; for
+/// binaries).
+pub fn copy_file_atomic(src: &Path, dst: &Path, mode: u32) -> Result<(), FsError> {
+    let dir = parent_of(dst);
+    create_dirs(dir)?;
+    let tmp = tmp_sibling(dst);
+    let result = (|| {
+        let mut input = fs::File::open(src)?;
+        let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        io::copy(&mut input, &mut f)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.sync_all()
+    })();
+    if let Err(source) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(FsError::Write { path: dst.to_path_buf(), source });
+    }
+    rename(&tmp, dst)?;
+    fsync_dir(dir)
+}
+
 /// Renames, removing `from` when the rename fails.
 pub fn rename(from: &Path, to: &Path) -> Result<(), FsError> {
     fs::rename(from, to).map_err(|source| {

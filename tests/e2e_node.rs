@@ -71,7 +71,10 @@ fn release(daemon: &[u8]) -> Vec<u8> {
         ("soci-snapshotter-grpc", daemon),
         ("soci", b"#!/bin/sh\necho \"soci version v0.15.0 standin\"\n"),
         ("THIRD_PARTY_LICENSES", b"Third-party licenses of a test release.\n"),
-        ("NOTICE.md", b"# NOTICE\nTest release built by soci-agent's end-to-end tests.\n"),
+        (
+            "NOTICE.md",
+            b"# NOTICE\nTest release built by soci-agent's end-to-end tests.\n",
+        ),
     ])
 }
 
@@ -202,11 +205,7 @@ impl Rig {
         let started = Instant::now();
         let out = self.node.exec_timeout(argv, RUN_BOUND);
         let report = parse_report(&out);
-        eprintln!(
-            "   {what}: {} in {:.1}s",
-            out.status,
-            started.elapsed().as_secs_f64()
-        );
+        eprintln!("   {what}: {} in {:.1}s", out.status, started.elapsed().as_secs_f64());
         Run {
             what: what.to_owned(),
             out,
@@ -251,23 +250,31 @@ impl Rig {
     /// Asserts the end state of a good install on a plain host (case 1).
     fn assert_installed_and_healthy(&self, ctx: &str) {
         assert_eq!(self.is_active(SOCI), "active", "{ctx}: systemctl is-active {SOCI}");
-        assert_eq!(self.is_active(CONTAINERD), "active", "{ctx}: systemctl is-active containerd");
+        assert_eq!(
+            self.is_active(CONTAINERD),
+            "active",
+            "{ctx}: systemctl is-active containerd"
+        );
         let soci = self.unit(SOCI);
         assert!(soci.is_active() && soci.sub_state == "running", "{ctx}: {SOCI}: {soci}");
         assert_eq!(soci.unit_file_state, "enabled", "{ctx}: {SOCI} is not enabled");
-        assert_eq!(self.unit(SOCKET).unit_file_state, "enabled", "{ctx}: {SOCKET} is not enabled");
+        assert_eq!(
+            self.unit(SOCKET).unit_file_state,
+            "enabled",
+            "{ctx}: {SOCKET} is not enabled"
+        );
         // The unit runs the verified store binary.
-        let exe = self
-            .node
-            .check(&["readlink", &format!("/proc/{}/exe", soci.main_pid)]);
+        let exe = self.node.check(&["readlink", &format!("/proc/{}/exe", soci.main_pid)]);
         assert_eq!(exe, STORE_DAEMON, "{ctx}: {SOCI} runs {exe}");
         // containerd loaded the proxy plugin and reaches it.
         let line = self.soci_plugin();
         assert!(
-            line.as_deref().is_some_and(|l| l.split_whitespace().last() == Some("ok")),
+            line.as_deref()
+                .is_some_and(|l| l.split_whitespace().last() == Some("ok")),
             "{ctx}: ctr plugins ls: soci snapshotter not ok: {line:?}"
         );
-        self.node.check(&["ctr", "-n", "k8s.io", "snapshots", "--snapshotter", "soci", "ls"]);
+        self.node
+            .check(&["ctr", "-n", "k8s.io", "snapshots", "--snapshotter", "soci", "ls"]);
         let config = String::from_utf8(self.read(CONTAINERD_CONFIG).expect("containerd config")).unwrap();
         assert_wired_v2(&config, ctx);
     }
@@ -312,8 +319,11 @@ struct Background {
 impl Background {
     fn running(&self) -> bool {
         // A zombie (not yet reaped by nsenter) counts as dead.
-        fs::read_to_string(format!("/proc/{}/stat", self.agent_pid))
-            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+        fs::read_to_string(format!("/proc/{}/stat", self.agent_pid)).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
     }
 
     /// SIGKILLs the agent itself and checks it died; returns its output so far.
@@ -330,7 +340,10 @@ impl Background {
         assert!(status.success(), "kill -KILL {}", self.agent_pid);
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.nsenter.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "{point}: nsenter still waiting 10 s after the kill");
+            assert!(
+                Instant::now() < deadline,
+                "{point}: nsenter still waiting 10 s after the kill"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         let out = self.nsenter.wait_with_output().unwrap();
@@ -368,7 +381,11 @@ fn children(pid: u32) -> Vec<u32> {
     tasks
         .flatten()
         .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
         .collect()
 }
 
@@ -378,14 +395,22 @@ fn assert_wired_v2(config: &str, ctx: &str) {
         .parse()
         .unwrap_or_else(|e| panic!("{ctx}: containerd config does not parse: {e}\n{config}"));
     let soci = &doc["proxy_plugins"]["soci"];
-    assert_eq!(soci["type"].as_str(), Some("snapshot"), "{ctx}: proxy_plugins.soci.type\n{config}");
+    assert_eq!(
+        soci["type"].as_str(),
+        Some("snapshot"),
+        "{ctx}: proxy_plugins.soci.type\n{config}"
+    );
     assert_eq!(
         soci["address"].as_str(),
         Some("/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock"),
         "{ctx}: proxy_plugins.soci.address\n{config}"
     );
     let cri = &doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"];
-    assert_eq!(cri["snapshotter"].as_str(), Some("soci"), "{ctx}: CRI snapshotter\n{config}");
+    assert_eq!(
+        cri["snapshotter"].as_str(),
+        Some("soci"),
+        "{ctx}: CRI snapshotter\n{config}"
+    );
     assert_eq!(
         cri["disable_snapshot_annotations"].as_bool(),
         Some(false),
@@ -430,6 +455,19 @@ fn tree(node: &Node, dirs: &[&str]) -> BTreeMap<String, String> {
         walk(&host, d, &mut out);
     }
     out
+}
+
+/// [`tree`] without the agent's run reports (`/var/lib/soci-agent/reports/`, kept on purpose
+/// after a failed run too, for diagnosis), nor `/var/lib/soci-agent` when they are all it holds.
+fn tree_without_reports(node: &Node, dirs: &[&str]) -> BTreeMap<String, String> {
+    const STATE: &str = "/var/lib/soci-agent";
+    let reports = format!("{STATE}/reports");
+    let mut t = tree(node, dirs);
+    t.retain(|p, _| *p != reports && !p.starts_with(&format!("{reports}/")));
+    if !t.keys().any(|p| p.starts_with(&format!("{STATE}/"))) {
+        t.remove(STATE);
+    }
+    t
 }
 
 /// Human listing of what differs between two [`tree`]s.
@@ -577,18 +615,31 @@ fn plain_host_install_noop_boot_unit_and_uninstall() {
         "report.systemd.restarted should name containerd and soci: {restarted:?}\n{}",
         run.show()
     );
-    assert_eq!(run.systemd()["health"]["loaded"], true, "report.systemd.health\n{}", run.show());
+    assert_eq!(
+        run.systemd()["health"]["loaded"],
+        true,
+        "report.systemd.health\n{}",
+        run.show()
+    );
     assert_ne!(
         rig.unit(CONTAINERD).invocation_id,
         containerd_before.invocation_id,
         "containerd was not restarted"
     );
     assert!(
-        run.systemd()["enabled"].as_array().is_some_and(|e| e.contains(&json!(SOCI)) && e.contains(&json!(BOOT))),
+        run.systemd()["enabled"]
+            .as_array()
+            .is_some_and(|e| e.contains(&json!(SOCI)) && e.contains(&json!(BOOT))),
         "report.systemd.enabled\n{}",
         run.show()
     );
-    for path in [SERVICE_PATH, SOCKET_PATH, BOOT_PATH, CONTAINERD_DROPIN, "/usr/local/bin/soci-agent"] {
+    for path in [
+        SERVICE_PATH,
+        SOCKET_PATH,
+        BOOT_PATH,
+        CONTAINERD_DROPIN,
+        "/usr/local/bin/soci-agent",
+    ] {
         assert!(rig.exists(path), "{path} missing after install");
     }
 
@@ -607,7 +658,10 @@ fn plain_host_install_noop_boot_unit_and_uninstall() {
     assert!(changed.is_empty(), "actions changed on the second run: {changed:?}");
     assert_eq!(second.restarted(), Vec::<String>::new(), "{}", second.show());
     let ids_after = (rig.unit(SOCI).invocation_id, rig.unit(CONTAINERD).invocation_id);
-    assert_eq!(ids_after, ids_before, "InvocationIDs (soci, containerd) changed on a no-op run");
+    assert_eq!(
+        ids_after, ids_before,
+        "InvocationIDs (soci, containerd) changed on a no-op run"
+    );
     rig.assert_installed_and_healthy("after the second run");
 
     // 7. The boot unit imports the node's pause image into the soci snapshotter.
@@ -621,17 +675,27 @@ fn plain_host_install_noop_boot_unit_and_uninstall() {
         .unwrap_or_else(|e| panic!("start {BOOT}: {e}"));
     let boot = rig.unit(BOOT);
     assert_eq!(
-        (boot.active_state.as_str(), boot.sub_state.as_str(), boot.result.as_str()),
+        (
+            boot.active_state.as_str(),
+            boot.sub_state.as_str(),
+            boot.result.as_str()
+        ),
         ("active", "exited", "success"),
         "{BOOT}: {boot}"
     );
     let images = rig.node.check(&["ctr", "-n", "k8s.io", "images", "ls", "-q"]);
-    assert!(images.lines().any(|l| l == PAUSE_IMAGE), "pause image not imported:\n{images}");
+    assert!(
+        images.lines().any(|l| l == PAUSE_IMAGE),
+        "pause image not imported:\n{images}"
+    );
     let snapshots = rig
         .node
         .check(&["ctr", "-n", "k8s.io", "snapshots", "--snapshotter", "soci", "ls"]);
     assert!(
-        snapshots.lines().skip(1).any(|l| l.split_whitespace().last() == Some("Committed")),
+        snapshots
+            .lines()
+            .skip(1)
+            .any(|l| l.split_whitespace().last() == Some("Committed")),
         "no committed snapshot in the soci snapshotter:\n{snapshots}"
     );
     // The stand-in holds the unpacked layer: the import went through SOCI.
@@ -676,10 +740,17 @@ fn plain_host_install_noop_boot_unit_and_uninstall() {
         assert!(!rig.exists(path), "{path} left after uninstall\n{}", un.show());
     }
     for unit in [SOCI, SOCKET, BOOT] {
-        assert_eq!(wants_links(&rig.node, unit), Vec::<String>::new(), "{unit} still enabled");
+        assert_eq!(
+            wants_links(&rig.node, unit),
+            Vec::<String>::new(),
+            "{unit} still enabled"
+        );
         let state = rig.unit(unit);
         assert!(!state.is_active(), "{unit} still active after uninstall: {state}");
-        assert_eq!(state.load_state, "not-found", "{unit} still loadable after uninstall: {state:?}");
+        assert_eq!(
+            state.load_state, "not-found",
+            "{unit} still loadable after uninstall: {state:?}"
+        );
     }
     assert_eq!(rig.is_active(SOCI), "inactive");
     assert_eq!(rig.is_active(CONTAINERD), "active", "containerd runs after uninstall");
@@ -725,7 +796,11 @@ fn al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts() {
         });
     let rig = Rig::boot(opts, archive);
     let booted = rig.started.elapsed();
-    assert_eq!(rig.is_active(CONTAINERD), "inactive", "containerd is not started at boot here");
+    assert_eq!(
+        rig.is_active(CONTAINERD),
+        "inactive",
+        "containerd is not started at boot here"
+    );
     assert_eq!(rig.is_active(SOCKET), "active", "the AMI's socket listens from boot");
     assert_eq!(rig.is_active(SOCI), "inactive");
     let config_before = rig.read(CONTAINERD_CONFIG);
@@ -738,9 +813,17 @@ fn al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts() {
     for path in [SERVICE_DROPIN, CONTAINERD_DROPIN, NODECONFIG_DROPIN] {
         assert!(rig.exists(path), "{path} missing\n{}", run.show());
     }
-    assert_eq!(rig.read(SERVICE_PATH), ami_unit_before, "the AMI's unit must be kept as is");
+    assert_eq!(
+        rig.read(SERVICE_PATH),
+        ami_unit_before,
+        "the AMI's unit must be kept as is"
+    );
     assert!(!rig.exists(BOOT_PATH) || rig.unit(BOOT).unit_file_state != "enabled");
-    assert_eq!(rig.read(CONTAINERD_CONFIG), config_before, "nodeadm owns containerd's config");
+    assert_eq!(
+        rig.read(CONTAINERD_CONFIG),
+        config_before,
+        "nodeadm owns containerd's config"
+    );
     // v2 table names for containerd 1.7 in the NodeConfig drop-in.
     let yaml: serde_yaml_ng::Value =
         serde_yaml_ng::from_slice(&rig.read(NODECONFIG_DROPIN).unwrap()).expect("NodeConfig drop-in is YAML");
@@ -760,11 +843,24 @@ fn al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts() {
         run.steps()
     );
     assert_eq!(run.restarted(), Vec::<String>::new(), "{}", run.show());
-    assert_eq!(rig.is_active(CONTAINERD), "inactive", "containerd must not be started\n{}", run.show());
-    assert_eq!(rig.is_active(SOCI), "inactive", "the snapshotter must not be started\n{}", run.show());
+    assert_eq!(
+        rig.is_active(CONTAINERD),
+        "inactive",
+        "containerd must not be started\n{}",
+        run.show()
+    );
+    assert_eq!(
+        rig.is_active(SOCI),
+        "inactive",
+        "the snapshotter must not be started\n{}",
+        run.show()
+    );
     let soci = rig.unit(SOCI);
     assert_eq!(soci.unit_file_state, "enabled", "{SOCI}: {soci:?}");
-    assert!(soci.drop_in_paths.iter().any(|p| p == SERVICE_DROPIN), "drop-in not loaded: {soci:?}");
+    assert!(
+        soci.drop_in_paths.iter().any(|p| p == SERVICE_DROPIN),
+        "drop-in not loaded: {soci:?}"
+    );
     assert!(!soci.need_daemon_reload, "{SOCI} needs a daemon-reload");
     assert_eq!(rig.unit(SOCKET).unit_file_state, "enabled");
     assert!(rig.unit(SOCKET).is_active());
@@ -782,9 +878,7 @@ fn al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts() {
         .unwrap_or_else(|e| panic!("start containerd: {e}"));
     let soci = rig.unit(SOCI);
     assert!(soci.is_active(), "{SOCI} not started by containerd's Requires=: {soci}");
-    let exe = rig
-        .node
-        .check(&["readlink", &format!("/proc/{}/exe", soci.main_pid)]);
+    let exe = rig.node.check(&["readlink", &format!("/proc/{}/exe", soci.main_pid)]);
     assert_eq!(exe, STORE_DAEMON, "the drop-in's ExecStart is not in effect");
     eprintln!(
         "AL2023-shaped: node up in {booted:.1?}, whole test {:.1?}",
@@ -802,7 +896,7 @@ fn broken_snapshotter_rolls_the_node_back() {
     let booted = rig.started.elapsed();
     assert_eq!(rig.is_active(CONTAINERD), "active");
     let watched = ["/etc", "/usr/local", "/var/lib/soci-agent"];
-    let before = tree(&rig.node, &watched);
+    let before = tree_without_reports(&rig.node, &watched);
     let config_before = rig.read(CONTAINERD_CONFIG);
 
     rig.step("case 4: install with a snapshotter that exits 1");
@@ -815,7 +909,7 @@ fn broken_snapshotter_rolls_the_node_back() {
         run.show()
     );
     assert_eq!(run.report["exit_code"], 1);
-    let after = tree(&rig.node, &watched);
+    let after = tree_without_reports(&rig.node, &watched);
     assert!(
         before == after,
         "files differ after the rollback:\n{}\n{}",
@@ -845,7 +939,11 @@ fn broken_snapshotter_rolls_the_node_back() {
     assert_eq!(rig.soci_plugin(), None, "containerd is still wired to soci");
     assert!(!mentions_soci(rig.read(CONTAINERD_CONFIG).as_deref()));
     for unit in [SOCI, SOCKET, BOOT] {
-        assert_eq!(wants_links(&rig.node, unit), Vec::<String>::new(), "{unit} left enabled");
+        assert_eq!(
+            wants_links(&rig.node, unit),
+            Vec::<String>::new(),
+            "{unit} left enabled"
+        );
     }
     // Still down a while later: nothing (auto-restart, socket) brings the broken unit back.
     assert_ne!(rig.is_active(SOCI), "active");
@@ -868,7 +966,8 @@ fn sigkill_mid_install_then_rerun_converges() {
 
     // a. During the download: the mirror holds the first byte back; kill once the request is in.
     rig.step("case 6a: SIGKILL during the download");
-    rig.mirror.fault(&archive_path, Fault::SlowFirstByte(Duration::from_secs(20)));
+    rig.mirror
+        .fault(&archive_path, Fault::SlowFirstByte(Duration::from_secs(20)));
     let requests = rig.mirror.requests(&archive_path);
     let bg = rig.install_in_background();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -906,7 +1005,9 @@ fn sigkill_mid_install_then_rerun_converges() {
     let record: Value = serde_json::from_slice(&rig.read(RECORD).expect("install record")).unwrap();
     for unit in [SOCI, SOCKET, BOOT] {
         assert!(
-            record["enabled_units"].as_array().is_some_and(|u| u.contains(&json!(unit))),
+            record["enabled_units"]
+                .as_array()
+                .is_some_and(|u| u.contains(&json!(unit))),
             "the install record does not list {unit} as enabled by soci-agent (uninstall would leave it enabled): {record}\n{}",
             run.show()
         );
