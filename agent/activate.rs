@@ -39,6 +39,8 @@ pub enum ActivateError {
     Systemd(#[from] SystemdError),
     #[error("health check failed")]
     Health(#[from] HealthError),
+    #[error("cannot update the install record: {0}")]
+    Record(String),
 }
 
 /// What the systemd step did, in order (also the undo log).
@@ -69,6 +71,7 @@ pub async fn activate(
     plan: &Plan,
     act: &mut Activation,
     bounds: Bounds,
+    record_enabled: &mut (dyn FnMut(&[String]) -> Result<(), String> + Send),
 ) -> Result<(), ActivateError> {
     let effects = plan.effects();
     let soci = units::SERVICE;
@@ -90,14 +93,21 @@ pub async fn activate(
         act.reloaded = true;
         act.steps.push("daemon-reload".into());
     }
+    let mut to_enable = Vec::new();
     for unit in wanted {
         let state = sd.unit_state(unit).await?;
-        if state.load_state == "not-found" || enabled_state(&state.unit_file_state) {
-            continue;
+        if state.load_state != "not-found" && !enabled_state(&state.unit_file_state) {
+            to_enable.push(unit.to_string());
         }
-        sd.enable(&[unit]).await?;
-        act.enabled.push(unit.to_string());
+    }
+    if !to_enable.is_empty() {
+        // Recorded before enabling, so uninstall knows even if this run is killed next.
+        record_enabled(&to_enable).map_err(ActivateError::Record)?;
+    }
+    for unit in to_enable {
+        sd.enable(&[unit.as_str()]).await?;
         act.steps.push(format!("enabled {unit}"));
+        act.enabled.push(unit);
     }
     if !act.enabled.is_empty() {
         // systemd keeps the old dependencies until a reload after enabling.

@@ -74,11 +74,6 @@ impl Transaction {
 
     pub fn rollback(mut self) {
         self.restore_files();
-        for (path, snap) in self.snapshots.into_iter().rev() {
-            if let Err(e) = snap.restore(&path) {
-                tracing::error!(path = %path.display(), error = %crate::exit::error_chain(&e), "rollback could not restore a file");
-            }
-        }
         if let Some(dir) = self.created_entry {
             let _ = std::fs::remove_dir_all(&dir);
         }

@@ -166,24 +166,18 @@ async fn start_units(s: &InstallSettings, plan: &Plan, txn: &mut Transaction) ->
         .await
         .map_err(|e| (Box::new(e) as _, None, Vec::new()))?;
     let mut act = Activation::default();
-    if let Err(e) = activate(&sd, &s.root, plan, &mut act, Bounds::default()).await {
+    let root = s.root.clone();
+    let mut record_enabled = |units: &[String]| -> Result<(), String> {
+        let mut record = Record::load(&root).map_err(|e| error_chain(&e))?.unwrap_or_default();
+        record.enabled_units.extend(units.iter().cloned());
+        txn.write(&root, RECORD_PATH, record.to_json().as_bytes(), 0o644).map_err(|e| error_chain(&e))
+    };
+    let result = activate(&sd, &s.root, plan, &mut act, Bounds::default(), &mut record_enabled).await;
+    if let Err(e) = result {
         // Files first (so a restart below runs the old config), then units.
         txn.restore_files();
         let problems = undo(&sd, &act).await;
         return Err((Box::new(e), Some(act), problems));
-    }
-    if !act.enabled.is_empty() {
-        let mut update = || -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-            let mut record = Record::load(&s.root)?.unwrap_or_default();
-            record.enabled_units.extend(act.enabled.iter().cloned());
-            txn.write(&s.root, RECORD_PATH, record.to_json().as_bytes(), 0o644)?;
-            Ok(())
-        };
-        if let Err(e) = update() {
-            txn.restore_files();
-            let problems = undo(&sd, &act).await;
-            return Err((e, Some(act), problems));
-        }
     }
     Ok(act)
 }

@@ -1,8 +1,528 @@
-//! `soci-agent prefetch`: placeholder, replaced by the prefetch implementation.
+//! `soci-agent prefetch`: pre-pull images at boot through containerd's CRI
+//! `ImageService`, into the snapshotter kubelet will use; the fallback when
+//! no snapshot cache is attached to the node.
+//!
+//! ```text
+//! soci-agent prefetch public.ecr.aws/org/app:1.2 registry.example/ml/train@sha256:...
+//! soci-agent prefetch --from /etc/soci-agent/images.txt --concurrency 2 --pin
+//! ```
+//!
+//! Per image (see [`options::PrefetchArgs`] for every flag and the
+//! `[prefetch]` config table):
+//! 1. the reference is validated and normalized (`nginx` ->
+//!    `docker.io/library/nginx:latest`); duplicates are dropped, so one
+//!    reference is never pulled twice at once;
+//! 2. `ImageStatus`: present -> cache hit, nothing pulled;
+//! 3. absent -> `PullImage` with credentials ([`credentials`]: `--auth-file`,
+//!    then kubelet credential provider plugins, else anonymous), retried with
+//!    capped exponential backoff and jitter on transient errors ([`cri`]);
+//!    a bad reference, a missing image or an authorization failure is a
+//!    per-image error, never retried; the whole image (status, retries, pin)
+//!    is bounded by `--timeout-per-image`;
+//! 4. `--pin` labels the image `io.cri-containerd.pinned=pinned` in
+//!    containerd (namespace `k8s.io`), `--unpin` removes the label ([`pin`]);
+//! 5. `--platform` (bake mode) also fetches other platforms' content ([`bake`]).
+//!
+//! At most `--concurrency` images are in flight. When SOCI's parallel mode
+//! runs with `discard_unpacked_layers = true`, images of the same registry
+//! repository are pulled one at a time, with a warning: their shared layers
+//! trip upstream soci-snapshotter issue 2035 ("compressed digests did not
+//! match") when pulled concurrently.
+//!
+//! Output: on a terminal, a live line per image (state, elapsed) on stderr;
+//! otherwise one structured log line per image. The report (text or `--output
+//! json`) goes to stdout and ends with a summary line. Exit 0 when every image
+//! was a hit or pulled, 4 when some failed, 2 for a usage/configuration error.
+//!
+//! Library entry: [`prefetch`] takes a plain [`PrefetchOptions`] (build it
+//! with [`PrefetchOptions::new`] or [`PrefetchOptions::from_config`]) and
+//! returns a [`PrefetchReport`]; it never exits the process and never
+//! panics on a bad image. The boot path decides strictness from
+//! `PrefetchOptions::strict` and [`PrefetchReport::failed`].
+//!
+//! Building a data-volume snapshot (the snapshot cache this command is the
+//! fallback for): on a builder instance of the target AMI, mount a fresh EBS
+//! volume where containerd and SOCI keep state (`/var/lib/containerd` and
+//! `/var/lib/soci-snapshotter-grpc`, e.g. two directories of one volume bound
+//! there) before they start, run `soci-agent install`, then
+//! `soci-agent prefetch --from images.txt --pin --platform linux/amd64,linux/arm64`
+//! (the second platform needs containerd 1.7+: on 1.6 it is reported as
+//! unsupported and only this node's platform is cached). Stop kubelet,
+//! containerd and the snapshotter so their bolt databases are closed,
+//! unmount, and snapshot the volume. Nodes get a volume from that snapshot
+//! mapped onto the same paths before containerd starts; `prefetch` at boot
+//! then reports every cached image as a hit and pulls only what is missing.
+//! The other family finds its blobs in the content store and only unpacks
+//! (with SOCI parallel mode, which fetches layers itself, it downloads again).
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct PrefetchArgs {}
+mod bake;
+mod credentials;
+mod cri;
+mod matchimage;
+mod options;
+mod pin;
+mod progress;
+mod reference;
+mod report;
 
-pub async fn run(_args: &PrefetchArgs) -> u8 {
-    0
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+
+pub use bake::{PlatformReport, PlatformState};
+pub use credentials::go_duration;
+pub use options::{
+    DEFAULT_CONCURRENCY, DEFAULT_CONTAINERD_ADDRESS, DEFAULT_CRI_ENDPOINT, DEFAULT_PROVIDER_BIN_DIR,
+    DEFAULT_PROVIDER_CONFIG, DEFAULT_TIMEOUT_PER_IMAGE_SECS, OptionsError, PinMode, PrefetchArgs, PrefetchOptions,
+    read_image_list,
+};
+pub use reference::{ImageRef, RefError};
+pub use report::{EXIT_SOME_FAILED, ImageReport, ImageState, PrefetchReport, Summary};
+
+use credentials::Keyring;
+use cri::{CallError, Cri};
+use progress::Board;
+
+/// Longest wait between two attempts.
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// The CLI: resolve the options, prefetch, print the report, return the exit code.
+pub async fn run(args: &PrefetchArgs) -> u8 {
+    let (opts, output) = match options::resolve(args) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("soci-agent prefetch: {}", crate::exit::error_chain(&e));
+            return report::EXIT_USAGE;
+        }
+    };
+    let report = prefetch(&opts).await;
+    match output {
+        crate::cli::OutputFormat::Json => println!("{}", report.to_json()),
+        crate::cli::OutputFormat::Text => print!("{}", report.to_text()),
+    }
+    report.exit_code
+}
+
+/// One unique image to work on.
+struct Item {
+    /// As given.
+    given: String,
+    parsed: Result<ImageRef, RefError>,
+}
+
+/// What every image task shares.
+struct Ctx<'a> {
+    opts: &'a PrefetchOptions,
+    cri: Cri,
+    containerd: Channel,
+    keyring: Keyring,
+    slots: tokio::sync::Semaphore,
+    /// Per-repository locks when images of one repo must not overlap.
+    repo_locks: HashMap<String, tokio::sync::Mutex<()>>,
+    board: Board,
+}
+
+/// Pre-pulls `opts.images` through CRI and reports on each; see the module
+/// documentation. Never panics on a bad image and never exits: a failed
+/// image is `ImageState::Failed` with an error, a configuration that cannot
+/// be used (unreadable auth file, invalid credential provider config, a
+/// non-unix CRI endpoint) is `report.error` with exit code 2.
+pub async fn prefetch(opts: &PrefetchOptions) -> PrefetchReport {
+    let started = Instant::now();
+    let mut report = PrefetchReport::new(opts.concurrency, opts.pin, opts.strict);
+    let setup = (|| {
+        let keyring = Keyring::load(
+            opts.auth_file.as_deref(),
+            opts.credential_provider_config.as_deref(),
+            opts.credential_provider_config_required,
+            &opts.credential_provider_bin_dir,
+        )
+        .map_err(|e| crate::exit::error_chain(&e))?;
+        let socket = cri::socket_path(&opts.cri_endpoint)?;
+        if opts.concurrency == 0 {
+            return Err("concurrency must be at least 1".to_string());
+        }
+        Ok((keyring, socket))
+    })();
+    let (keyring, cri_socket) = match setup {
+        Ok(x) => x,
+        Err(e) => {
+            report.error = Some(e);
+            report.finish();
+            return report;
+        }
+    };
+    report.warnings.extend(keyring.warnings.iter().cloned());
+
+    let items = dedupe(&opts.images, &mut report.warnings);
+    let repo_locks = serialization(opts, &items, &mut report);
+    let names = items
+        .iter()
+        .map(|i| i.parsed.as_ref().map_or(i.given.clone(), ToString::to_string))
+        .collect();
+    let ctx = Ctx {
+        opts,
+        cri: Cri::new(cri::unix_channel(cri_socket)),
+        containerd: cri::unix_channel(opts.containerd_address.clone()),
+        keyring,
+        slots: tokio::sync::Semaphore::new(opts.concurrency),
+        repo_locks,
+        board: Board::new(names, opts.progress),
+    };
+    if !report.warnings.is_empty() && !ctx.board.enabled() {
+        for w in &report.warnings {
+            tracing::warn!("{w}");
+        }
+    }
+    let work = futures_util::future::join_all(items.iter().enumerate().map(|(i, item)| one_image(&ctx, i, item)));
+    tokio::pin!(work);
+    let images = loop {
+        tokio::select! {
+            done = &mut work => break done,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => ctx.board.draw(),
+        }
+    };
+    ctx.board.draw();
+    report.images = images;
+    report.seconds = started.elapsed().as_secs_f64();
+    report.finish();
+    if !ctx.board.enabled() {
+        tracing::info!(
+            images = report.summary.images,
+            hit = report.summary.hit,
+            pulled = report.summary.pulled,
+            failed = report.summary.failed,
+            bytes_pulled = report.summary.bytes_pulled,
+            seconds = report.seconds,
+            "{}",
+            report.summary_line()
+        );
+    }
+    report
+}
+
+/// Parses every reference and drops repeats of the same normalized one.
+fn dedupe(images: &[String], warnings: &mut Vec<String>) -> Vec<Item> {
+    let mut seen: HashMap<String, String> = HashMap::new();
+    let mut items = Vec::new();
+    for given in images {
+        let given = given.trim();
+        let parsed = ImageRef::parse(given);
+        let key = parsed.as_ref().map_or(given.to_string(), ToString::to_string);
+        if let Some(first) = seen.get(&key) {
+            warnings.push(format!("{given} is the same image as {first}: prefetched once"));
+            continue;
+        }
+        seen.insert(key, given.to_string());
+        items.push(Item {
+            given: given.to_string(),
+            parsed,
+        });
+    }
+    items
+}
+
+/// The issue-2035 guard: when SOCI discards unpacked layers in parallel
+/// mode, one lock per repository holding two or more images.
+fn serialization(
+    opts: &PrefetchOptions,
+    items: &[Item],
+    report: &mut PrefetchReport,
+) -> HashMap<String, tokio::sync::Mutex<()>> {
+    let mut by_repo: BTreeMap<String, usize> = BTreeMap::new();
+    for r in items.iter().filter_map(|i| i.parsed.as_ref().ok()) {
+        *by_repo.entry(r.repo()).or_default() += 1;
+    }
+    let shared: Vec<String> = by_repo.into_iter().filter(|(_, n)| *n > 1).map(|(r, _)| r).collect();
+    if shared.is_empty() || opts.concurrency == 1 {
+        return HashMap::new();
+    }
+    match soci_discards_unpacked_layers(&opts.soci_config) {
+        Ok(false) => HashMap::new(),
+        Ok(true) => {
+            for repo in &shared {
+                report.warnings.push(format!(
+                    "SOCI parallel mode runs with discard_unpacked_layers = true: images of {repo} are \
+                     pulled one at a time (shared layers fail concurrently, soci-snapshotter issue 2035)"
+                ));
+            }
+            report.serialized_repos = shared.clone();
+            shared.into_iter().map(|r| (r, tokio::sync::Mutex::new(()))).collect()
+        }
+        Err(e) => {
+            report
+                .warnings
+                .push(format!("{e}; images of one repository are not serialized"));
+            HashMap::new()
+        }
+    }
+}
+
+/// Whether SOCI's config enables parallel pull/unpack with
+/// `discard_unpacked_layers = true`; a missing file is `false`.
+pub fn soci_discards_unpacked_layers(path: &Path) -> Result<bool, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let doc: toml_edit::DocumentMut = text
+        .parse()
+        .map_err(|e: toml_edit::TomlError| format!("{} is not valid TOML: {}", path.display(), e.message()))?;
+    let par = doc
+        .get("pull_modes")
+        .and_then(|p| p.get("parallel_pull_unpack"));
+    let on = |key: &str| par.and_then(|p| p.get(key)).and_then(|v| v.as_bool()).unwrap_or(false);
+    Ok(on("enable") && on("discard_unpacked_layers"))
+}
+
+/// Per-image call bookkeeping that survives the timeout cancelling the work.
+#[derive(Default)]
+struct Tracker {
+    pulls: AtomicU32,
+    last_error: Mutex<Option<String>>,
+    auth: Mutex<Option<String>>,
+}
+
+async fn one_image(ctx: &Ctx<'_>, idx: usize, item: &Item) -> ImageReport {
+    let mut rep = ImageReport::new(&item.given, item.parsed.as_ref().ok().map(ToString::to_string));
+    let image = match &item.parsed {
+        Ok(r) => r,
+        Err(e) => {
+            rep.error = Some(e.to_string());
+            ctx.board.finish(idx, "failed", 0.0);
+            log_result(ctx, &rep);
+            return rep;
+        }
+    };
+    let _repo_turn = match ctx.repo_locks.get(&image.repo()) {
+        Some(lock) => Some(lock.lock().await),
+        None => None,
+    };
+    let _slot = ctx.slots.acquire().await.expect("semaphore is never closed");
+    let started = Instant::now();
+    ctx.board.set(idx, "checking");
+    let tracker = Tracker::default();
+    let bound = ctx.opts.timeout_per_image;
+    match tokio::time::timeout(bound, work(ctx, idx, image, &tracker, &mut rep)).await {
+        Ok(Ok(state)) => rep.state = state,
+        Ok(Err(e)) => {
+            rep.state = ImageState::Failed;
+            rep.error = Some(e);
+        }
+        Err(_) => {
+            rep.state = ImageState::Failed;
+            let last = tracker.last_error.lock().expect("tracker lock").clone();
+            rep.error = Some(match last {
+                Some(l) => format!("timed out after {} s (--timeout-per-image); last error: {l}", bound.as_secs_f64()),
+                None => format!("timed out after {} s (--timeout-per-image)", bound.as_secs_f64()),
+            });
+        }
+    }
+    rep.attempts = tracker.pulls.load(Ordering::Relaxed);
+    if rep.auth.is_none() {
+        rep.auth = tracker.auth.lock().expect("tracker lock").clone();
+    }
+    rep.seconds = started.elapsed().as_secs_f64();
+    ctx.board.finish(idx, rep.state.as_str(), rep.seconds);
+    log_result(ctx, &rep);
+    rep
+}
+
+/// One structured log line per image (off a terminal).
+fn log_result(ctx: &Ctx<'_>, rep: &ImageReport) {
+    if ctx.board.enabled() {
+        return;
+    }
+    let image = rep.name();
+    let state = rep.state.as_str();
+    let bytes = rep.bytes.unwrap_or(0);
+    let auth = rep.auth.as_deref().unwrap_or("");
+    match &rep.error {
+        None => tracing::info!(
+            image,
+            state,
+            bytes,
+            seconds = rep.seconds,
+            attempts = rep.attempts,
+            auth,
+            "image {state}"
+        ),
+        Some(error) => tracing::warn!(
+            image,
+            state,
+            seconds = rep.seconds,
+            attempts = rep.attempts,
+            auth,
+            error = error.as_str(),
+            "image failed"
+        ),
+    }
+}
+
+async fn work(
+    ctx: &Ctx<'_>,
+    idx: usize,
+    image: &ImageRef,
+    tracker: &Tracker,
+    rep: &mut ImageReport,
+) -> Result<ImageState, String> {
+    let reference = image.to_string();
+    let status = retry(ctx, idx, tracker, "ImageStatus", None, || ctx.cri.status(&reference)).await?;
+    let mut credential = None;
+    let (state, found) = match status {
+        Some(found) => (ImageState::Hit, found),
+        None if ctx.opts.pin == PinMode::Unpin => return Ok(ImageState::Absent),
+        None => {
+            let resolved = ctx.keyring.lookup(image).await;
+            *tracker.auth.lock().expect("tracker lock") = Some(resolved.source.clone());
+            credential = resolved.credential;
+            ctx.board.set(idx, "pulling");
+            let pulled = retry(ctx, idx, tracker, "PullImage", Some(&tracker.pulls), || {
+                ctx.cri.pull(&reference, credential.as_ref())
+            })
+            .await;
+            if let Err(e) = pulled {
+                return Err(match resolved.note {
+                    Some(note) => format!("{e} (credentials: {note})"),
+                    None => e,
+                });
+            }
+            let found = retry(ctx, idx, tracker, "ImageStatus", None, || ctx.cri.status(&reference))
+                .await?
+                .ok_or_else(|| format!("PullImage succeeded but ImageStatus does not find {reference}"))?;
+            (ImageState::Pulled, found)
+        }
+    };
+    rep.image_id = Some(found.id.clone());
+    rep.bytes = Some(found.size);
+    if ctx.opts.pin != PinMode::Keep {
+        let pinned = ctx.opts.pin == PinMode::Pin;
+        ctx.board.set(idx, if pinned { "pinning" } else { "unpinning" });
+        let names = pin::record_names(&found);
+        retry(ctx, idx, tracker, "pin", None, || pin::set_pinned(&ctx.containerd, &names, pinned))
+            .await
+            .map_err(|e| format!("image {}, but {e}", state.as_str()))?;
+        rep.pinned = Some(pinned);
+    }
+    if !ctx.opts.platforms.is_empty() {
+        if state == ImageState::Hit && credential.is_none() {
+            credential = ctx.keyring.lookup(image).await.credential;
+        }
+        let native = bake::native_platform();
+        for platform in &ctx.opts.platforms {
+            let p = if *platform == native {
+                PlatformReport {
+                    platform: platform.clone(),
+                    state: PlatformState::Native,
+                    error: None,
+                }
+            } else {
+                ctx.board.set(idx, "fetching");
+                ctx.board.note(idx, platform);
+                let pin = ctx.opts.pin == PinMode::Pin;
+                bake::fetch_platform(&ctx.containerd, &reference, platform, credential.as_ref(), pin).await
+            };
+            rep.platforms.push(p);
+        }
+    }
+    Ok(state)
+}
+
+/// Calls `call` until it succeeds, fails for good, or `retries` extra
+/// attempts on transient errors are spent (backoff doubling from
+/// `retry_backoff` to 30 s, with up to 25 % jitter).
+async fn retry<T, F, Fut>(
+    ctx: &Ctx<'_>,
+    idx: usize,
+    tracker: &Tracker,
+    what: &str,
+    counter: Option<&AtomicU32>,
+    mut call: F,
+) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, CallError>>,
+{
+    let mut attempt: u32 = 0;
+    loop {
+        attempt += 1;
+        if let Some(c) = counter {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        let err = match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        *tracker.last_error.lock().expect("tracker lock") = Some(err.message.clone());
+        if !err.transient || attempt > ctx.opts.retries {
+            let tries = if attempt > 1 {
+                format!(" (after {attempt} attempts)")
+            } else {
+                String::new()
+            };
+            return Err(format!("{what}: {err}{tries}"));
+        }
+        let delay = backoff(ctx.opts.retry_backoff, attempt);
+        if ctx.board.enabled() {
+            ctx.board.note(idx, &format!("retry {attempt}: {}", err.message));
+        } else {
+            tracing::info!(
+                call = what,
+                attempt,
+                delay_seconds = delay.as_secs_f64(),
+                error = err.message.as_str(),
+                "transient error, retrying"
+            );
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16)).min(BACKOFF_CAP);
+    exp + exp.mul_f64(fastrand::f64() * 0.25)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedupes_by_normalized_reference() {
+        let mut w = Vec::new();
+        let images = ["nginx", "docker.io/library/nginx:latest", "a:1", "Bad/Ref", "a:1"].map(String::from);
+        let items = dedupe(&images, &mut w);
+        let given: Vec<&str> = items.iter().map(|i| i.given.as_str()).collect();
+        assert_eq!(given, ["nginx", "a:1", "Bad/Ref"]);
+        assert_eq!(w.len(), 2);
+        assert!(items[2].parsed.is_err());
+    }
+
+    #[test]
+    fn reads_soci_discard_setting() {
+        let dir = std::env::temp_dir().join(format!("soci-agent-prefetch-soci-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("config.toml");
+        assert_eq!(soci_discards_unpacked_layers(&f), Ok(false));
+        std::fs::write(&f, "[pull_modes.parallel_pull_unpack]\nenable = true\ndiscard_unpacked_layers = true\n").unwrap();
+        assert_eq!(soci_discards_unpacked_layers(&f), Ok(true));
+        std::fs::write(&f, "[pull_modes.parallel_pull_unpack]\nenable = false\ndiscard_unpacked_layers = true\n").unwrap();
+        assert_eq!(soci_discards_unpacked_layers(&f), Ok(false));
+        std::fs::write(&f, "[pull_modes\n").unwrap();
+        assert!(soci_discards_unpacked_layers(&f).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let b = Duration::from_secs(1);
+        assert!(backoff(b, 1) >= b && backoff(b, 1) <= b.mul_f64(1.25));
+        assert!(backoff(b, 3) >= Duration::from_secs(4));
+        assert!(backoff(b, 30) <= BACKOFF_CAP.mul_f64(1.25));
+    }
 }

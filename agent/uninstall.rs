@@ -63,6 +63,27 @@ pub fn plan(root: &Root, record: &Record) -> Vec<Action> {
     actions
 }
 
+/// The units to disable: those the record lists as enabled by soci-agent, plus soci-agent's own
+/// unit files that still exist (the record says soci-agent created them). An install killed
+/// between enabling its units and writing the record enabled them without recording it, and
+/// nobody else can have enabled a unit whose file soci-agent created; leaving them enabled would
+/// leave dangling `.wants/` links once the files are removed.
+fn units_to_disable(root: &Root, record: &Record) -> Vec<String> {
+    let mut units: Vec<String> = record.enabled_units.iter().cloned().collect();
+    let own = [
+        (units::SERVICE, units::SERVICE_PATH),
+        (units::SOCKET, units::SOCKET_PATH),
+        (units::BOOT_SERVICE, units::BOOT_SERVICE_PATH),
+    ];
+    for (unit, path) in own {
+        let created = matches!(record.paths.get(path), Some(Before::Absent));
+        if created && root.exists(path) && !units.iter().any(|u| u == unit) {
+            units.push(unit.to_string());
+        }
+    }
+    units
+}
+
 async fn systemd_side(record: &Record, steps: &mut Vec<String>) -> Result<(), SystemdError> {
     let sd = Systemd::connect(Duration::from_secs(10)).await?;
     sd.reload().await?;
@@ -132,8 +153,9 @@ pub async fn run(args: &UninstallArgs) -> (InstallReport, OutputFormat) {
 
     let mut steps = Vec::new();
     let mut txn = crate::apply::Transaction::default();
-    if !args.no_start && !record.enabled_units.is_empty() {
-        let units: Vec<&str> = record.enabled_units.iter().map(String::as_str).collect();
+    let to_disable = units_to_disable(&root, &record);
+    if !args.no_start && !to_disable.is_empty() {
+        let units: Vec<&str> = to_disable.iter().map(String::as_str).collect();
         let disabled = async { Systemd::connect(Duration::from_secs(10)).await?.disable(&units).await };
         match disabled.await {
             Ok(_) => steps.push(format!("disabled {}", units.join(", "))),
@@ -176,4 +198,33 @@ pub async fn run(args: &UninstallArgs) -> (InstallReport, OutputFormat) {
     report.notes.extend(steps);
     report.seconds = started.elapsed().as_secs_f64();
     (report, output)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_unit_files_are_disabled_even_when_the_record_missed_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::new(dir.path());
+        for path in [units::SERVICE_PATH, units::SOCKET_PATH] {
+            let p = root.path(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, "# Installed by soci-agent\n").unwrap();
+        }
+        let mut record = Record::default();
+        // Created by soci-agent, enabled by a run killed before it recorded that.
+        record.paths.insert(units::SERVICE_PATH.into(), Before::Absent);
+        // Someone else's file (backed up): not ours to disable unless recorded.
+        record
+            .paths
+            .insert(units::SOCKET_PATH.into(), Before::Backup { backup: "/x".into() });
+        // Created by soci-agent but already gone: nothing to disable.
+        record.paths.insert(units::BOOT_SERVICE_PATH.into(), Before::Absent);
+        record.enabled_units.insert("other.service".into());
+        assert_eq!(units_to_disable(&root, &record), vec!["other.service", units::SERVICE]);
+        record.enabled_units.insert(units::SERVICE.into());
+        assert_eq!(units_to_disable(&root, &record), vec!["other.service", units::SERVICE]);
+    }
 }

@@ -4,7 +4,7 @@
 //!
 //! One node per `#[test]` (they run in parallel):
 //! - [`plain_host_install_noop_boot_unit_and_uninstall`]: a Debian node with containerd enabled
-//!   and running. Install (cases 1), the no-op second run with unchanged InvocationIDs (2), the
+//!   and running. Install (case 1), the no-op second run with unchanged InvocationIDs (2), the
 //!   boot unit importing a pause image into the soci snapshotter (7), uninstall (5).
 //! - [`al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts`] (3): the AMI's preinstalled
 //!   unit and enabled socket, nodeadm, containerd not enabled: drop-ins only, nothing started;
@@ -12,7 +12,10 @@
 //! - [`broken_snapshotter_rolls_the_node_back`] (4): a daemon that exits 1 at once: exit 1 and the
 //!   node's files byte-identical to before, containerd running unwired.
 //! - [`sigkill_mid_install_then_rerun_converges`] (6): the agent killed (SIGKILL) during the
-//!   download, right after start and during the systemd step; a re-run ends as case 1.
+//!   download, right after start and during the systemd step; a re-run ends as case 1. Then
+//!   files already wired but containerd still on its old config (a kill between writing and
+//!   restarting): a plain run restarts containerd. Uninstall then disables every unit, including
+//!   those an interrupted run enabled without recording them.
 //!
 //! States are read from the node (files, `systemctl`, `ctr`) and from its systemd over D-Bus from
 //! the host (`Systemd::unit_state`), never from log text. A failing assertion shows the agent's
@@ -24,7 +27,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -205,7 +208,20 @@ impl Rig {
         let started = Instant::now();
         let out = self.node.exec_timeout(argv, RUN_BOUND);
         let report = parse_report(&out);
-        eprintln!("   {what}: {} in {:.1}s", out.status, started.elapsed().as_secs_f64());
+        let steps = report["systemd"]["steps"]
+            .as_array()
+            .map(|s| {
+                format!(
+                    "; systemd: {}",
+                    s.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" | ")
+                )
+            })
+            .unwrap_or_default();
+        eprintln!(
+            "   {what}: {} in {:.1}s{steps}",
+            out.status,
+            started.elapsed().as_secs_f64()
+        );
         Run {
             what: what.to_owned(),
             out,
@@ -282,14 +298,16 @@ impl Rig {
     /// Starts an install in the background; see [`Background`].
     fn install_in_background(&self) -> Background {
         let argv = self.install_argv();
+        // Output into files, not pipes: nobody reads while it runs, and a full pipe would block it.
+        let (stdout, stderr) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
         let mut cmd = Command::new("nsenter");
         cmd.arg("-t")
             .arg(self.node.leader().to_string())
             .arg("-a")
             .args(&argv)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stdout(stdout.try_clone().unwrap())
+            .stderr(stderr.try_clone().unwrap());
         let nsenter = cmd.spawn().expect("spawn nsenter");
         // nsenter forks into the node's pid namespace: the agent is its child.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -304,6 +322,7 @@ impl Rig {
             nsenter,
             agent_pid,
             started: Instant::now(),
+            output: [stdout, stderr],
         }
     }
 }
@@ -314,6 +333,8 @@ struct Background {
     /// Host pid of the agent process (nsenter's child).
     agent_pid: u32,
     started: Instant,
+    /// Its stdout and stderr (unnamed temp files).
+    output: [fs::File; 2],
 }
 
 impl Background {
@@ -326,27 +347,43 @@ impl Background {
         })
     }
 
-    /// SIGKILLs the agent itself and checks it died; returns its output so far.
-    fn kill(mut self, point: &str) -> Output {
-        assert!(
-            self.running(),
-            "{point}: the agent ended before the kill; output:\n{}",
-            output_text(&self.nsenter.wait_with_output().unwrap())
-        );
+    /// Its stdout and stderr so far.
+    fn output(&self) -> String {
+        let [out, err] = self.output.each_ref().map(|f| {
+            let mut text = String::new();
+            let mut f = f.try_clone().unwrap();
+            f.seek(SeekFrom::Start(0)).unwrap();
+            f.read_to_string(&mut text).unwrap();
+            text
+        });
+        format!("stdout:\n{out}\nstderr:\n{err}")
+    }
+
+    /// SIGKILLs the agent itself and checks it died.
+    fn kill(mut self, point: &str) {
+        if !self.running() {
+            let status = self.nsenter.wait().unwrap();
+            panic!(
+                "{point}: the agent ended ({status}) before the kill; output:\n{}",
+                self.output()
+            );
+        }
         let status = Command::new("kill")
             .args(["-KILL", &self.agent_pid.to_string()])
             .status()
             .unwrap();
         assert!(status.success(), "kill -KILL {}", self.agent_pid);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.nsenter.try_wait().unwrap().is_none() {
+        let status = loop {
+            if let Some(status) = self.nsenter.try_wait().unwrap() {
+                break status;
+            }
             assert!(
                 Instant::now() < deadline,
                 "{point}: nsenter still waiting 10 s after the kill"
             );
             std::thread::sleep(Duration::from_millis(10));
-        }
-        let out = self.nsenter.wait_with_output().unwrap();
+        };
         assert!(
             !Path::new(&format!("/proc/{}", self.agent_pid)).exists(),
             "{point}: agent pid {} still exists after SIGKILL",
@@ -355,22 +392,16 @@ impl Background {
         // nsenter re-raises its child's signal: the agent died of SIGKILL, it did not exit.
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(
-            out.status.signal(),
+            status.signal(),
             Some(9),
-            "{point}: the agent was not killed by SIGKILL ({}); output:\n{}",
-            out.status,
-            output_text(&out)
+            "{point}: the agent was not killed by SIGKILL ({status}); output:\n{}",
+            self.output()
         );
         eprintln!(
             "   killed the agent {:.2}s after start ({point})",
             self.started.elapsed().as_secs_f64()
         );
-        out
     }
-}
-
-fn output_text(out: &Output) -> String {
-    format!("stdout:\n{}\nstderr:\n{}", text(&out.stdout), text(&out.stderr))
 }
 
 /// Pids of the direct children of `pid`.
@@ -956,13 +987,18 @@ fn broken_snapshotter_rolls_the_node_back() {
 // ---------------------------------------------------------------------------------------------
 // Case 6: SIGKILL mid-install, then a re-run converges.
 
+/// Test-only drop-in that slows the snapshotter's start (a window to kill the agent in).
+const SLOW_START_DROPIN: &str = "/etc/systemd/system/soci-snapshotter.service.d/05-e2e-slow-start.conf";
+
 #[test]
 fn sigkill_mid_install_then_rerun_converges() {
     let archive = standin_release();
-    let rig = Rig::boot(NodeOptions::new(), archive);
+    let opts = NodeOptions::new().file(SLOW_START_DROPIN, "[Service]\nExecStartPre=/bin/sleep 3\n");
+    let rig = Rig::boot(opts, archive);
     let booted = rig.started.elapsed();
     let archive_path = format!("/v{VERSION}/{ARCHIVE}");
     let watched = ["/etc", "/usr/local", "/var/lib/soci-agent"];
+    let config_before = rig.read(CONTAINERD_CONFIG);
 
     // a. During the download: the mirror holds the first byte back; kill once the request is in.
     rig.step("case 6a: SIGKILL during the download");
@@ -985,15 +1021,24 @@ fn sigkill_mid_install_then_rerun_converges() {
     bg.kill("right after start");
 
     // c. During the systemd step: once the agent has enabled the snapshotter unit.
+    // A test drop-in (ExecStartPre=sleep) holds the snapshotter's start job open; the agent is
+    // killed while it waits for that job, with containerd stopped by the restart it propagates.
     rig.step("case 6c: SIGKILL during the systemd step");
     let bg = rig.install_in_background();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while rig.unit(SOCI).unit_file_state != "enabled" {
-        assert!(bg.running(), "the agent ended before the systemd step");
-        assert!(Instant::now() < deadline, "{SOCI} not enabled within 120 s");
+    while rig.unit(SOCI).active_state != "activating" {
+        assert!(bg.running(), "the agent ended before starting {SOCI}");
+        assert!(Instant::now() < deadline, "{SOCI} not activating within 120 s");
         std::thread::sleep(Duration::from_millis(5));
     }
     bg.kill("during the systemd step");
+    let soci = rig.unit(SOCI);
+    assert_eq!(
+        soci.active_state, "activating",
+        "the kill did not land during the start job: {soci}"
+    );
+    fs::remove_file(rig.node.path(SLOW_START_DROPIN)).unwrap();
+    fs::remove_dir(rig.node.path(SLOW_START_DROPIN).parent().unwrap()).unwrap();
 
     // The re-run converges to the state of a clean install.
     rig.step("case 6: re-run after the kills");
@@ -1002,20 +1047,57 @@ fn sigkill_mid_install_then_rerun_converges() {
     rig.assert_installed_and_healthy("re-run after SIGKILLs");
     let leftovers = temp_leftovers(&rig.node, &watched);
     assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
-    let record: Value = serde_json::from_slice(&rig.read(RECORD).expect("install record")).unwrap();
-    for unit in [SOCI, SOCKET, BOOT] {
-        assert!(
-            record["enabled_units"]
-                .as_array()
-                .is_some_and(|u| u.contains(&json!(unit))),
-            "the install record does not list {unit} as enabled by soci-agent (uninstall would leave it enabled): {record}\n{}",
-            run.show()
-        );
-    }
     // And it stays converged: one more run is a no-op.
     let again = rig.install();
     again.expect_code(0);
     assert_eq!(again.report["changed"], false, "{}", again.show());
+    assert_eq!(again.restarted(), Vec::<String>::new(), "{}", again.show());
+
+    // d. The files already wired but containerd still running its old config, as after a run
+    // killed between writing the files and restarting containerd (or `install --no-start` on a
+    // running node): the plan sees no change, yet containerd must be restarted.
+    rig.step("case 6d: files wired, containerd not restarted yet");
+    fs::write(rig.node.path(CONTAINERD_CONFIG), config_before.as_deref().unwrap()).unwrap();
+    rig.rt
+        .block_on(rig.sd.restart(CONTAINERD))
+        .unwrap_or_else(|e| panic!("restart containerd: {e}"));
+    assert_eq!(rig.soci_plugin(), None, "containerd restarted with its original config");
+    let mut argv = rig.install_argv();
+    argv.push("--no-start".into());
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    rig.agent("install --no-start", &argv).expect_code(0);
+    let containerd_before = rig.unit(CONTAINERD);
+    let run = rig.install();
+    run.expect_code(0);
+    assert_ne!(
+        rig.unit(CONTAINERD).invocation_id,
+        containerd_before.invocation_id,
+        "containerd runs a config without soci but was not restarted\n{}",
+        run.show()
+    );
+    rig.assert_installed_and_healthy("after files wired without a containerd restart");
+
+    // Uninstall undoes what the interrupted runs did too (units enabled by a run killed before
+    // it could record them included).
+    rig.step("case 6: uninstall after the interrupted runs");
+    let un = rig.agent("uninstall", &[AGENT, "uninstall", "--output", "json"]);
+    un.expect_code(0);
+    assert_eq!(
+        rig.read(CONTAINERD_CONFIG),
+        config_before,
+        "containerd config after uninstall"
+    );
+    for unit in [SOCI, SOCKET, BOOT] {
+        assert_eq!(
+            wants_links(&rig.node, unit),
+            Vec::<String>::new(),
+            "{unit} left enabled after uninstall\n{}",
+            un.show()
+        );
+        assert_eq!(rig.unit(unit).load_state, "not-found", "{unit} after uninstall");
+    }
+    assert_eq!(rig.is_active(CONTAINERD), "active");
+    assert_eq!(rig.soci_plugin(), None);
     eprintln!(
         "SIGKILL: node up in {booted:.1?}, whole test {:.1?}",
         rig.started.elapsed()

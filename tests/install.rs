@@ -14,6 +14,20 @@ const VER: &str = "0.15.0";
 const ARCHIVE: &str = "soci-snapshotter-0.15.0-linux-amd64-static.tar.gz";
 const DEBIAN_DEFAULT: &str = include_str!("data/containerd/debian-default/input.toml");
 
+/// The agent under test, copied once per test process: install copies its
+/// own executable into the root, so a rebuild of the cargo target while
+/// tests run must not change it between runs.
+fn agent() -> &'static Path {
+    static AGENT: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    let (_, path) = AGENT.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("soci-agent");
+        std::fs::copy(env!("CARGO_BIN_EXE_soci-agent"), &path).unwrap();
+        (dir, path)
+    });
+    path
+}
+
 /// A node tree under a temp dir plus a local release archive beside it.
 struct Node {
     dir: tempfile::TempDir,
@@ -96,7 +110,7 @@ impl Node {
     }
     /// Runs `soci-agent <sub> --root <root> --no-start <args>` (boot has no --no-start).
     fn run(&self, sub: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_soci-agent"));
+        let mut cmd = Command::new(agent());
         cmd.arg(sub)
             .arg("--root")
             .arg(self.root())
@@ -823,10 +837,10 @@ fn sigkill_at_any_point_then_rerun_converges_to_a_clean_install() {
     assert_code(&reference.install(&["--archive", a.to_str().unwrap()]), 0);
     let want = shape(&reference.tree());
 
-    for delay_ms in [0u64, 5, 20, 60, 150, 400] {
+    for delay_ms in [0u64, 10, 60, 200, 500] {
         let node = Node::plain();
         let a = write_archive(&node);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_soci-agent"))
+        let mut child = Command::new(agent())
             .arg("install")
             .arg("--root")
             .arg(node.root())
@@ -856,9 +870,16 @@ fn sigkill_at_any_point_then_rerun_converges_to_a_clean_install() {
             .filter(|p| p.to_string_lossy().contains(".soci-agent-tmp"))
             .collect();
         assert!(stray.is_empty(), "kill after {delay_ms} ms left temp files: {stray:?}");
-        assert_eq!(
-            got, want,
-            "kill after {delay_ms} ms, then a rerun: differs from one clean run"
+        let differs: Vec<_> = want
+            .keys()
+            .chain(got.keys())
+            .filter(|k| want.get(*k) != got.get(*k))
+            .map(|k| format!("{}: clean {:?} vs rerun {:?}", k.display(), want.get(k), got.get(k)))
+            .collect();
+        assert!(
+            differs.is_empty(),
+            "kill after {delay_ms} ms, then a rerun differs from one clean run:\n{}",
+            differs.join("\n")
         );
         // The record is consistent: uninstall puts every original file back.
         assert_code(&node.run("uninstall", &["--purge"], &[]), 0);

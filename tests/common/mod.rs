@@ -12,8 +12,10 @@
 #![allow(dead_code)]
 
 pub mod archive;
+pub mod containerd;
 pub mod mirror;
 pub mod nspawn;
+pub mod registry;
 pub mod standin;
 
 use std::path::Path;

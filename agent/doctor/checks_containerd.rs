@@ -1,0 +1,243 @@
+//! containerd.*: its version, and its config file (`--containerd-config`)
+//! read the way containerd reads it: the format version, `proxy_plugins.soci`
+//! (address = the socket the SOCI unit serves, exports.root = its --root),
+//! the CRI snapshotter and snapshot annotations under the table for the
+//! file's version, and on containerd >= 2.1 which pull path CRI takes.
+
+use toml_edit::{DocumentMut, Item};
+
+use super::Check;
+use super::node::{Node, Text};
+use crate::containerd_config::{self, ConfigVersion, OwnedKey, SociWiring};
+
+const IDS: [&str; 6] = [
+    "containerd.proxy-plugin",
+    "containerd.exports-root",
+    "containerd.snapshotter",
+    "containerd.snapshot-annotations",
+    "containerd.pull-path",
+    "containerd.runtime-platforms",
+];
+
+pub fn checks(node: &Node) -> Vec<Check> {
+    let mut out = vec![version(node)];
+    let path = &node.containerd_config_path;
+    let skip_rest = |why: String| IDS.iter().map(|id| Check::skip(id, why.clone())).collect::<Vec<_>>();
+    let text = match &node.containerd_config {
+        Text::Found(t) => t,
+        Text::Unreadable(e) => {
+            out.push(Check::skip("containerd.config-version", format!("{path}: {e}")).advise("run doctor as root"));
+            out.extend(skip_rest(format!("{path} unreadable")));
+            return out;
+        }
+        Text::Missing if node.nodeadm() => {
+            out.push(Check::skip(
+                "containerd.config-version",
+                format!("no {path} yet: nodeadm renders it from the NodeConfig at boot (see nodeadm.dropin)"),
+            ));
+            out.extend(skip_rest(format!("no {path} yet")));
+            return out;
+        }
+        Text::Missing => {
+            out.push(Check::fail(
+                "containerd.config-version",
+                format!("no {path}: containerd runs with its defaults, which know nothing of soci"),
+                "run soci-agent install (it writes a minimal wired config)",
+            ));
+            out.extend(skip_rest(format!("no {path}")));
+            return out;
+        }
+    };
+    let version = match containerd_config::detect_version(text, path) {
+        Ok(Some(v)) => v,
+        Ok(None) => {
+            out.push(Check::fail(
+                "containerd.config-version",
+                format!("{path} is empty: containerd runs with its defaults"),
+                "run soci-agent install",
+            ));
+            out.extend(skip_rest(format!("{path} is empty")));
+            return out;
+        }
+        Err(e) => {
+            out.push(Check::fail(
+                "containerd.config-version",
+                e.to_string(),
+                "containerd refuses a malformed config: fix the file (install leaves it untouched)",
+            ));
+            out.extend(skip_rest(format!("{path} does not parse")));
+            return out;
+        }
+    };
+    let doc: DocumentMut = text.parse().expect("detect_version parsed it");
+    out.push(config_version(node, version, path));
+    let wiring = SociWiring {
+        address: node.soci_socket.value.clone(),
+        soci_root: node.soci_root.value.clone(),
+    };
+    let keys = containerd_config::owned_keys(version, &wiring);
+    out.push(proxy_plugin(node, &doc, &keys, path));
+    out.push(exports_root(node, &doc, &keys[4], path));
+    out.push(snapshotter(&doc, &keys[0], path));
+    out.push(annotations(&doc, &keys[1], path));
+    out.push(super::checks_pull_path::pull_path(node, &doc, version, path));
+    out.push(super::checks_pull_path::runtime_platforms(&doc, version, path));
+    out
+}
+
+fn version(node: &Node) -> Check {
+    const ID: &str = "containerd.version";
+    let Some(v) = &node.facts.containerd else {
+        return Check::warn(
+            ID,
+            format!(
+                "no {} and no containerd binary under the root",
+                crate::host::CONTAINERD_VERSION_FILE
+            ),
+            "install containerd (1.7.16 or newer, or 2.x)",
+        );
+    };
+    let patch: u32 = v
+        .version
+        .split('.')
+        .nth(2)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    let evidence = format!("containerd {} (from {})", v.version, v.source);
+    if (v.major, v.minor, patch) < (1, 7, 16) {
+        return Check::warn(
+            ID,
+            evidence,
+            "containerd before 1.7.16 runs no image GC and enforces no storage limits for proxy snapshotters: \
+             upgrade to 1.7.16+ or 2.x",
+        );
+    }
+    Check::ok(ID, evidence)
+}
+
+fn config_version(node: &Node, version: ConfigVersion, path: &str) -> Check {
+    const ID: &str = "containerd.config-version";
+    let evidence = format!("version = {version} ({path})");
+    match (&node.facts.containerd, version) {
+        (Some(c), ConfigVersion::V3) if c.major < 2 => Check::fail(
+            ID,
+            format!("{evidence}, but containerd is {}", c.version),
+            "containerd 1.x cannot read a version 3 config: use version 2 tables",
+        ),
+        (Some(c), ConfigVersion::V2) if c.major >= 2 => Check::warn(
+            ID,
+            format!("{evidence}, containerd is {}", c.version),
+            "containerd 2.x migrates version 2 at every start; move to version 3 tables \
+             (plugins.'io.containerd.cri.v1.images')",
+        ),
+        (Some(c), _) => Check::ok(ID, format!("{evidence}, containerd {}", c.version)),
+        (None, _) => Check::ok(ID, evidence),
+    }
+}
+
+/// The value at `key`, shown as written (`"soci"`, `false`), or why not.
+fn shown(doc: &DocumentMut, key: &OwnedKey) -> Option<String> {
+    let item = key.lookup(doc.as_table())?;
+    Some(match item.as_value() {
+        Some(v) => v.to_string().trim().to_string(),
+        None => format!("a {}", item.type_name()),
+    })
+}
+
+fn proxy_plugin(node: &Node, doc: &DocumentMut, keys: &[OwnedKey], path: &str) -> Check {
+    const ID: &str = "containerd.proxy-plugin";
+    let (ty, address) = (&keys[2], &keys[3]);
+    if doc.get("proxy_plugins").and_then(|p| p.get("soci")).is_none() {
+        return Check::fail(
+            ID,
+            format!("no [proxy_plugins.soci] in {path}"),
+            "containerd does not know the soci snapshotter: run soci-agent install",
+        );
+    }
+    if !ty.is_set_in(doc.as_table()) {
+        return Check::fail(
+            ID,
+            format!("proxy_plugins.soci.type = {} ({path})", shown(doc, ty).unwrap_or("unset".into())),
+            "set type = \"snapshot\"",
+        );
+    }
+    let found = shown(doc, address).unwrap_or("unset".into());
+    if !address.is_set_in(doc.as_table()) {
+        return Check::fail(
+            ID,
+            format!(
+                "proxy_plugins.soci.address = {found} ({path}), but the daemon serves {} ({})",
+                node.soci_socket.value, node.soci_socket.source
+            ),
+            format!("set address = \"{}\" (soci-agent install does)", node.soci_socket.value),
+        );
+    }
+    Check::ok(
+        ID,
+        format!(
+            "proxy_plugins.soci: type \"snapshot\", address {found} ({path}) = the daemon's socket ({})",
+            node.soci_socket.source
+        ),
+    )
+}
+
+fn exports_root(node: &Node, doc: &DocumentMut, key: &OwnedKey, path: &str) -> Check {
+    const ID: &str = "containerd.exports-root";
+    let want = &node.soci_root.value;
+    match shown(doc, key) {
+        _ if key.is_set_in(doc.as_table()) => Check::ok(
+            ID,
+            format!("proxy_plugins.soci.exports.root = \"{want}\" ({path}) = the daemon's root ({})", node.soci_root.source),
+        ),
+        None => Check::warn(
+            ID,
+            format!("proxy_plugins.soci.exports.root unset ({path})"),
+            format!("set it to \"{want}\": kubelet uses it for disk accounting and image GC"),
+        ),
+        Some(found) => Check::fail(
+            ID,
+            format!(
+                "proxy_plugins.soci.exports.root = {found} ({path}), but the daemon's root is {want} ({})",
+                node.soci_root.source
+            ),
+            format!("set it to \"{want}\" (or pass --soci-root if doctor guessed wrong)"),
+        ),
+    }
+}
+
+fn snapshotter(doc: &DocumentMut, key: &OwnedKey, path: &str) -> Check {
+    const ID: &str = "containerd.snapshotter";
+    let dotted = key.dotted();
+    match shown(doc, key) {
+        _ if key.is_set_in(doc.as_table()) => Check::ok(ID, format!("{dotted} = \"soci\" ({path})")),
+        None => Check::fail(
+            ID,
+            format!("{dotted} unset ({path}): CRI pulls use overlayfs, not SOCI"),
+            "set snapshotter = \"soci\" (soci-agent install does)",
+        ),
+        Some(found) => Check::fail(
+            ID,
+            format!("{dotted} = {found} ({path}): CRI pulls do not use SOCI"),
+            "set snapshotter = \"soci\"",
+        ),
+    }
+}
+
+fn annotations(doc: &DocumentMut, key: &OwnedKey, path: &str) -> Check {
+    const ID: &str = "containerd.snapshot-annotations";
+    let dotted = key.dotted();
+    if key.is_set_in(doc.as_table()) {
+        return Check::ok(ID, format!("{dotted} = false ({path})"));
+    }
+    let found = shown(doc, key).unwrap_or_else(|| "unset (default true)".into());
+    Check::fail(
+        ID,
+        format!("{dotted} = {found} ({path}): parallel mode gets no image and layer labels"),
+        "set disable_snapshot_annotations = false (soci-agent install does)",
+    )
+}
+
+/// Looks up a dotted path of plain key names (no quoting) in `doc`.
+pub(super) fn get<'a>(doc: &'a DocumentMut, path: &[&str]) -> Option<&'a Item> {
+    path.iter().try_fold(doc.as_item(), |item, k| item.get(k))
+}

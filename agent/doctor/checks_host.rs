@@ -1,0 +1,321 @@
+//! host.*: the distribution, architecture, size, and the disk under the SOCI
+//! root (free space, filesystem, instance store or EBS).
+
+use std::path::{Path, PathBuf};
+
+use super::Check;
+use super::node::Node;
+use crate::plan::{MIN_CPUS, MIN_MEMORY_BYTES};
+use crate::release::Arch;
+
+const GIB: f64 = (1u64 << 30) as f64;
+/// Below this much free space under the SOCI root, pulls will fail.
+const FAIL_FREE_BYTES: u64 = 2 << 30;
+/// Below this (or 10 %), large images will not fit for long.
+const WARN_FREE_BYTES: u64 = 20 << 30;
+/// Where nodeadm mounts local (instance store) disks.
+const K8S_DISKS: &str = "/mnt/k8s-disks";
+
+pub fn os(node: &Node) -> Check {
+    const ID: &str = "host.os";
+    let os = &node.facts.os;
+    if os.is_bottlerocket() {
+        return Check::skip(
+            ID,
+            format!("{} (ID=bottlerocket in /etc/os-release): SOCI is built in", os.pretty_name),
+        )
+        .advise(
+            "configure SOCI through Bottlerocket's settings API (settings.container-runtime-plugins, \
+             settings.kubernetes); soci-agent does not manage Bottlerocket nodes",
+        );
+    }
+    if os.id.is_empty() {
+        return Check::skip(ID, "no /etc/os-release or /usr/lib/os-release under the root (or no ID= in it)");
+    }
+    let name = if os.pretty_name.is_empty() { &os.id } else { &os.pretty_name };
+    Check::ok(
+        ID,
+        format!("{name} (ID={} VERSION_ID={} in /etc/os-release)", os.id, os.version_id),
+    )
+}
+
+pub fn checks(node: &Node) -> Vec<Check> {
+    vec![arch(node), size(node), disk(node), storage(node)]
+}
+
+fn arch(node: &Node) -> Check {
+    const ID: &str = "host.arch";
+    let machine = &node.facts.machine;
+    let arch = match Arch::from_machine(machine) {
+        Ok(a) => a,
+        Err(e) => return Check::fail(ID, format!("uname -m: {machine}"), e.to_string()),
+    };
+    let whose = if node.root.is_host() {
+        ""
+    } else {
+        " (the machine running doctor; --root is not /)"
+    };
+    let stored = node.exec.as_ref().and_then(|e| store_manifest(node, e.binary()));
+    match stored {
+        Some((entry, m)) if node.root.is_host() && m.arch != arch => Check::fail(
+            ID,
+            format!("uname -m: {machine} ({arch}), but {entry}/release.json is for {}", m.arch),
+            format!("re-run soci-agent install (it installs the {arch} release)"),
+        ),
+        _ => Check::ok(ID, format!("uname -m: {machine} ({arch}){whose}")),
+    }
+}
+
+/// The store entry and manifest a binary resolves into, if it does.
+pub(super) fn store_manifest(node: &Node, binary: &str) -> Option<(String, crate::store::Manifest)> {
+    let resolved = node.resolve(binary);
+    let entry = Path::new(&resolved).parent()?;
+    if !entry.starts_with(crate::store::STORE_DIR) {
+        return None;
+    }
+    let text = std::fs::read_to_string(node.root.path(entry).join(crate::store::MANIFEST)).ok()?;
+    Some((entry.display().to_string(), serde_json::from_str(&text).ok()?))
+}
+
+fn size(node: &Node) -> Check {
+    const ID: &str = "host.size";
+    if !node.root.is_host() {
+        return Check::skip(ID, "--root is not /: this machine's vCPU and memory say nothing about the node");
+    }
+    let cpus = node.facts.cpus;
+    let mem = node.facts.memory_bytes;
+    let mem_s = mem.map_or("unknown memory".into(), |m| format!("{:.1} GiB", m as f64 / GIB));
+    let evidence = format!("{cpus} vCPU, {mem_s} (available_parallelism, /proc/meminfo)");
+    if cpus < MIN_CPUS || mem.is_some_and(|m| m < MIN_MEMORY_BYTES) {
+        return Check::warn(
+            ID,
+            evidence,
+            format!(
+                "parallel pull/unpack helps little below {MIN_CPUS} vCPU / 7 GiB (nodeadm's FastImagePull \
+                 skips SOCI there): use a larger instance type for image-heavy pods"
+            ),
+        );
+    }
+    Check::ok(ID, evidence)
+}
+
+/// The SOCI root, or its nearest existing ancestor (host path).
+fn existing_ancestor(node: &Node) -> (PathBuf, bool) {
+    let want = node.host_path(&node.soci_root.value);
+    let mut p = want.as_path();
+    loop {
+        if p.exists() {
+            return (p.to_path_buf(), p == want);
+        }
+        match p.parent() {
+            Some(parent) => p = parent,
+            None => return (PathBuf::from("/"), false),
+        }
+    }
+}
+
+fn disk(node: &Node) -> Check {
+    const ID: &str = "host.disk";
+    let soci_root = &node.soci_root.value;
+    let (at, exists) = existing_ancestor(node);
+    let where_ = if exists {
+        format!("{soci_root} ({})", node.soci_root.source)
+    } else {
+        format!("{soci_root} (not created yet; measured at {})", at.display())
+    };
+    let st = match nix::sys::statvfs::statvfs(&at) {
+        Ok(s) => s,
+        Err(e) => return Check::skip(ID, format!("statvfs {}: {e}", at.display())),
+    };
+    let frag = st.fragment_size() as u64;
+    let (avail, total) = (st.blocks_available() as u64 * frag, st.blocks() as u64 * frag);
+    let pct = if total > 0 { avail as f64 * 100.0 / total as f64 } else { 0.0 };
+    let mount = std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|t| {
+            let canon = std::fs::canonicalize(&at).unwrap_or(at.clone());
+            mount_for(&parse_mountinfo(&t), &canon).cloned()
+        });
+    let fs = mount.as_ref().map_or("filesystem unknown".to_string(), |m| {
+        format!("{} on {} mounted at {}", m.fstype, m.source, m.mount_point)
+    });
+    let evidence = format!(
+        "{where_}: {:.1} GiB free of {:.1} GiB ({pct:.0}%), {fs}",
+        avail as f64 / GIB,
+        total as f64 / GIB
+    );
+    if avail < FAIL_FREE_BYTES {
+        return Check::fail(
+            ID,
+            evidence,
+            "free space under the SOCI root: images are unpacked there; put it on a larger volume (--soci-root)",
+        );
+    }
+    if let Some(m) = &mount
+        && (matches!(m.fstype.as_str(), "overlay" | "nfs" | "nfs4" | "tmpfs") || m.fstype.starts_with("fuse"))
+    {
+        return Check::warn(
+            ID,
+            evidence,
+            format!(
+                "{} is a poor home for snapshots (overlayfs on it may be refused, or it lives in RAM): \
+                 use an ext4 or xfs volume",
+                m.fstype
+            ),
+        );
+    }
+    if avail < WARN_FREE_BYTES || pct < 10.0 {
+        return Check::warn(
+            ID,
+            evidence,
+            "little free space under the SOCI root for large images: grow the volume or use instance store",
+        );
+    }
+    Check::ok(ID, evidence)
+}
+
+fn storage(node: &Node) -> Check {
+    const ID: &str = "host.storage";
+    if !node.root.is_host() {
+        return Check::skip(ID, "--root is not /: mounts are the running host's, not the node's");
+    }
+    let text = match std::fs::read_to_string("/proc/self/mountinfo") {
+        Ok(t) => t,
+        Err(e) => return Check::skip(ID, format!("/proc/self/mountinfo: {e}")),
+    };
+    let mounts = parse_mountinfo(&text);
+    let (at, _) = existing_ancestor(node);
+    let canon = std::fs::canonicalize(&at).unwrap_or(at);
+    let Some(m) = mount_for(&mounts, &canon) else {
+        return Check::skip(ID, format!("no mount found for {} in /proc/self/mountinfo", canon.display()));
+    };
+    let soci_root = &node.soci_root.value;
+    let local: Vec<&Mount> = mounts.iter().filter(|x| x.mount_point.starts_with(K8S_DISKS)).collect();
+    let bound = m.mount_point.starts_with(K8S_DISKS) || local.iter().any(|x| x.dev == m.dev);
+    let model = device_model(&m.dev);
+    if bound || model.as_deref().is_some_and(|s| s.contains("Instance Storage")) {
+        return Check::ok(
+            ID,
+            format!(
+                "{soci_root} is on instance store: {} {} (dev {}) {}",
+                m.fstype,
+                m.source,
+                m.dev,
+                if bound { "shared with a /mnt/k8s-disks mount" } else { "" }
+            )
+            .trim_end()
+            .to_string(),
+        );
+    }
+    let what = match model.as_deref() {
+        Some(s) if s.contains("Elastic Block Store") => "on EBS".to_string(),
+        Some(s) => format!("on a {s:?} device, not instance store"),
+        None => "not on instance store".to_string(),
+    };
+    let evidence = format!("{soci_root} is {what}: {} {} mounted at {}", m.fstype, m.source, m.mount_point);
+    if !local.is_empty() {
+        return Check::warn(
+            ID,
+            evidence,
+            format!(
+                "local disks are mounted under {K8S_DISKS} but the SOCI root is not on them: with nodeadm, \
+                 keep the root at /var/lib/soci-snapshotter-grpc and do not list SOCI in localStorage.disabledMounts"
+            ),
+        );
+    }
+    Check::ok(ID, evidence)
+}
+
+/// `/sys/dev/block/MAJ:MIN/device/model` (or the parent disk's, for a partition).
+fn device_model(dev: &str) -> Option<String> {
+    let base = PathBuf::from(format!("/sys/dev/block/{dev}"));
+    [base.join("device/model"), base.join("../device/model")]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_string())
+}
+
+/// One line of `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// `major:minor` of the device.
+    pub dev: String,
+    /// The mounted directory of the filesystem (not `/` for bind mounts).
+    pub fs_root: String,
+    pub mount_point: String,
+    pub fstype: String,
+    pub source: String,
+}
+
+/// Parses mountinfo lines; malformed lines are skipped.
+pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            Some(Mount {
+                dev: fields.get(2)?.to_string(),
+                fs_root: unescape(fields.get(3)?),
+                mount_point: unescape(fields.get(4)?),
+                fstype: fields.get(sep + 1)?.to_string(),
+                source: unescape(fields.get(sep + 2)?),
+            })
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], oct) {
+            (b'\\', Some(d)) => {
+                out.push(d.iter().fold(0u8, |acc, c| acc.wrapping_mul(8).wrapping_add(c - b'0')));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The mount holding `path`: the longest mount point that contains it (the
+/// last one listed when several are stacked).
+pub fn mount_for<'a>(mounts: &'a [Mount], path: &Path) -> Option<&'a Mount> {
+    // `max_by_key` returns the last of equal maxima: the mount on top.
+    mounts
+        .iter()
+        .filter(|m| path.starts_with(&m.mount_point))
+        .max_by_key(|m| Path::new(&m.mount_point).components().count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+22 1 259:1 / / rw,relatime shared:1 - xfs /dev/nvme0n1p1 rw
+30 22 9:127 / /mnt/k8s-disks/0 rw shared:5 - xfs /dev/md127 rw
+31 22 9:127 /soci /var/lib/soci-snapshotter-grpc rw shared:5 - xfs /dev/md127 rw
+32 22 0:44 / /mnt/with\\040space rw - tmpfs tmpfs rw
+";
+
+    #[test]
+    fn mountinfo_finds_the_bind_mount() {
+        let mounts = parse_mountinfo(MOUNTINFO);
+        assert_eq!(mounts.len(), 4);
+        assert_eq!(mounts[3].mount_point, "/mnt/with space");
+        let m = mount_for(&mounts, Path::new("/var/lib/soci-snapshotter-grpc/snapshotter")).unwrap();
+        assert_eq!((m.dev.as_str(), m.fs_root.as_str()), ("9:127", "/soci"));
+        assert_eq!(mount_for(&mounts, Path::new("/var/lib/other")).unwrap().source, "/dev/nvme0n1p1");
+        assert!(mounts.iter().any(|x| x.mount_point.starts_with(K8S_DISKS) && x.dev == m.dev));
+        // `/mnt/k8s` is not inside `/mnt/k8s-disks/0`: component-wise prefixes only.
+        assert_eq!(mount_for(&mounts, Path::new("/mnt/k8s")).unwrap().mount_point, "/");
+    }
+}

@@ -1,0 +1,124 @@
+//! kubelet.image-service-endpoint: with SOCI's `[cri_keychain]` on, kubelet
+//! must send image calls to the SOCI socket (so pull credentials reach it);
+//! with it off, it must not. The value is read where kubelet reads it
+//! (`config.json`, then `config.json.d/*.conf` in lexical order) and, on
+//! nodeadm hosts, where nodeadm takes it from (NodeConfig drop-ins).
+
+use super::Check;
+use super::node::{Node, Text};
+use super::yamlish;
+use crate::kubelet::{CONFIG_PATH, DROPIN_DIR};
+use crate::nodeconfig::DROPIN_DIR as NODEADM_DIR;
+
+const ID: &str = "kubelet.image-service-endpoint";
+const KEY: &str = "imageServiceEndpoint";
+
+/// `*.ext` files of a node directory, sorted by name (node paths).
+fn files(node: &Node, dir: &str, exts: &[&str]) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(node.root.path(dir)) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| exts.iter().any(|x| n.ends_with(x)))
+        .collect();
+    names.sort();
+    names.into_iter().map(|n| format!("{dir}/{n}")).collect()
+}
+
+fn endpoint_in(text: &str, nodeconfig: bool) -> Option<String> {
+    let json: Option<serde_json::Value> = serde_json::from_str(text).ok();
+    match (json, nodeconfig) {
+        (Some(v), false) => v[KEY].as_str().map(str::to_string),
+        (Some(v), true) => v["spec"]["kubelet"]["config"][KEY].as_str().map(str::to_string),
+        (None, false) => yamlish::get(text, &[KEY]),
+        (None, true) => yamlish::get(text, &["spec", "kubelet", "config", KEY]),
+    }
+}
+
+/// The last value set across `paths`, with its file; and whether any file exists.
+fn last_set(node: &Node, paths: &[String], nodeconfig: bool) -> (Option<(String, String)>, bool, Vec<String>) {
+    let (mut value, mut any, mut unreadable) = (None, false, Vec::new());
+    for p in paths {
+        match Text::read(&node.root, p) {
+            Text::Found(t) => {
+                any = true;
+                if let Some(v) = endpoint_in(&t, nodeconfig) {
+                    value = Some((v, p.clone()));
+                }
+            }
+            Text::Unreadable(e) => unreadable.push(format!("{p}: {e}")),
+            Text::Missing => {}
+        }
+    }
+    (value, any, unreadable)
+}
+
+pub fn image_service_endpoint(node: &Node) -> Check {
+    let Some(doc) = super::checks_soci_config::parsed(node) else {
+        return Check::skip(ID, "the SOCI config is missing or invalid (see soci-config.parse): cri_keychain unknown");
+    };
+    let keychain = super::checks_soci_config::keychain(&doc);
+    let want = crate::nodeconfig::image_service_endpoint(&node.soci_socket.value);
+    let mut kubelet_paths = vec![CONFIG_PATH.to_string()];
+    kubelet_paths.extend(files(node, DROPIN_DIR, &[".conf"]));
+    let (kubelet, kubelet_files, mut unreadable) = last_set(node, &kubelet_paths, false);
+    let (nodeadm, _, more) = if node.nodeadm() {
+        last_set(node, &files(node, NODEADM_DIR, &[".yaml", ".yml", ".json"]), true)
+    } else {
+        (None, false, Vec::new())
+    };
+    unreadable.extend(more);
+    if kubelet.is_none() && nodeadm.is_none() && !unreadable.is_empty() {
+        return Check::skip(ID, unreadable.join(", ")).advise("run doctor as root");
+    }
+    // kubelet reads its files; before nodeadm renders them, the NodeConfig is what it will get.
+    let from_nodeadm = |v: &(String, String)| (v.0.clone(), format!("{} (nodeadm writes it into kubelet's config)", v.1));
+    let effective = if kubelet_files {
+        kubelet.clone()
+    } else {
+        nodeadm.as_ref().map(from_nodeadm)
+    };
+    let shown = |e: &Option<(String, String)>| match e {
+        Some((v, src)) => format!("{KEY} = {v} ({src})"),
+        None => format!("{KEY} unset (kubelet uses containerd's socket)"),
+    };
+    let keychain_s = format!("[cri_keychain] enable_keychain = {keychain} ({})", node.soci_config_path.value);
+    if !keychain {
+        if effective.as_ref().is_some_and(|(v, _)| *v == want) {
+            return Check::fail(
+                ID,
+                format!("{}, but {keychain_s}", shown(&effective)),
+                "SOCI serves no image service without its keychain: set enable_keychain = true, or drop imageServiceEndpoint",
+            );
+        }
+        return Check::ok(ID, format!("{}; {keychain_s}: credentials are not proxied", shown(&effective)));
+    }
+    if effective.as_ref().is_some_and(|(v, _)| *v == want) {
+        return Check::ok(ID, format!("{} = the SOCI socket; {keychain_s}", shown(&effective)));
+    }
+    if nodeadm.as_ref().is_some_and(|(v, _)| *v == want) && kubelet_files {
+        return Check::warn(
+            ID,
+            format!(
+                "{}, while {} sets {want}",
+                shown(&kubelet),
+                nodeadm.as_ref().map_or("", |(_, p)| p.as_str())
+            ),
+            "nodeadm has not applied the NodeConfig drop-in yet: it does at the next nodeadm-run (boot)",
+        );
+    }
+    if !kubelet_files && effective.is_none() {
+        return Check::skip(ID, format!("no kubelet configuration under the root; {keychain_s}"))
+            .advise(format!("set {KEY}: {want} in kubelet's configuration"));
+    }
+    Check::fail(
+        ID,
+        format!("{}, but {keychain_s}", shown(&effective)),
+        format!(
+            "kubelet's pull credentials never reach SOCI (private registries fail): set {KEY}: {want} \
+             (soci-agent install writes {DROPIN_DIR}/50-soci-agent.conf)"
+        ),
+    )
+}

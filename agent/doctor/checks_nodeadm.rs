@@ -1,0 +1,202 @@
+//! nodeadm.* (EKS AL2023 hosts): our NodeConfig drop-in
+//! `/etc/eks/nodeadm.d/50-soci-agent.yaml` (does it wire SOCI with the
+//! right table names, and has nodeadm rendered it into containerd's config),
+//! and nodeadm's own `FastImagePull` running alongside the agent.
+
+use toml_edit::DocumentMut;
+
+use super::Check;
+use super::node::{Node, Text};
+use super::yamlish;
+use crate::containerd_config::{self, ConfigVersion, SociWiring};
+use crate::nodeconfig::{self, DROPIN_DIR, DROPIN_PATH};
+
+/// nodeadm's cache of the merged NodeConfig (user data + drop-ins).
+pub const NODEADM_CACHE: &str = "/run/eks/nodeadm/config.json";
+/// cloud-init's copy of the instance's user data.
+const USER_DATA: &str = "/var/lib/cloud/instance/user-data.txt";
+
+pub fn checks(node: &Node) -> Vec<Check> {
+    vec![dropin(node), fast_image_pull(node)]
+}
+
+/// The containerd config format nodeadm renders for this host.
+fn version(node: &Node) -> ConfigVersion {
+    node.facts
+        .containerd
+        .as_ref()
+        .map_or(ConfigVersion::V3, |c| nodeconfig::version_for_containerd(c.major))
+}
+
+fn dropin(node: &Node) -> Check {
+    const ID: &str = "nodeadm.dropin";
+    if !node.nodeadm() {
+        return Check::skip(ID, "not a nodeadm host (no /usr/bin/nodeadm, no /etc/eks/nodeadm.d)");
+    }
+    let text = match Text::read(&node.root, DROPIN_PATH) {
+        Text::Found(t) => t,
+        Text::Unreadable(e) => return Check::skip(ID, format!("{DROPIN_PATH}: {e}")).advise("run doctor as root"),
+        Text::Missing if node.agent_installed() => {
+            return Check::fail(
+                ID,
+                format!("no {DROPIN_PATH}: nodeadm renders containerd and kubelet without SOCI"),
+                "re-run soci-agent install",
+            );
+        }
+        Text::Missing => return Check::skip(ID, format!("no {DROPIN_PATH}: soci-agent has not wired this host")),
+    };
+    let version = version(node);
+    let Some(block) = yamlish::get(&text, &["spec", "containerd", "config"]) else {
+        return Check::fail(
+            ID,
+            format!("{DROPIN_PATH} has no spec.containerd.config"),
+            "re-run soci-agent install",
+        );
+    };
+    let has_v3 = block.contains("io.containerd.cri.v1.images") || block.contains("io.containerd.cri.v1.runtime");
+    match version {
+        ConfigVersion::V3 if !has_v3 => {
+            return Check::fail(
+                ID,
+                format!(
+                    "{DROPIN_PATH}: spec.containerd.config has no io.containerd.cri.v1 table, so nodeadm treats it \
+                     as version 2 and migrates it on containerd 2.x"
+                ),
+                "re-run soci-agent install (it writes v3 table names for containerd 2.x)",
+            );
+        }
+        ConfigVersion::V2 if block.contains("io.containerd.cri.v1.") => {
+            return Check::fail(
+                ID,
+                format!("{DROPIN_PATH}: version 3 tables in spec.containerd.config, but containerd is 1.x"),
+                "re-run soci-agent install (it writes v2 table names for containerd 1.7)",
+            );
+        }
+        _ => {}
+    }
+    let wiring = SociWiring {
+        address: node.soci_socket.value.clone(),
+        soci_root: node.soci_root.value.clone(),
+    };
+    let keys = containerd_config::owned_keys(version, &wiring);
+    let fragment: DocumentMut = match block.parse() {
+        Ok(d) => d,
+        Err(e) => {
+            let msg = e.to_string().lines().next().unwrap_or_default().to_string();
+            return Check::fail(
+                ID,
+                format!("{DROPIN_PATH}: spec.containerd.config is not TOML: {msg}"),
+                "nodeadm skips the drop-in: re-run soci-agent install",
+            );
+        }
+    };
+    let missing: Vec<String> = keys
+        .iter()
+        .filter(|k| !k.is_set_in(fragment.as_table()))
+        .map(|k| format!("{} = {}", k.dotted(), k.value))
+        .collect();
+    if !missing.is_empty() {
+        return Check::fail(
+            ID,
+            format!("{DROPIN_PATH} does not set {}", missing.join(", ")),
+            "re-run soci-agent install",
+        );
+    }
+    let config_path = &node.containerd_config_path;
+    let not_applied: Vec<String> = match node.containerd_config.found().map(str::parse::<DocumentMut>) {
+        Some(Ok(doc)) => keys
+            .iter()
+            .filter(|k| !k.is_set_in(doc.as_table()))
+            .map(|k| k.dotted())
+            .collect(),
+        _ => Vec::new(),
+    };
+    if !not_applied.is_empty() {
+        return Check::warn(
+            ID,
+            format!(
+                "{DROPIN_PATH} wires SOCI, but {config_path} (rendered by nodeadm) lacks {}",
+                not_applied.join(", ")
+            ),
+            "nodeadm has not applied the drop-in yet: nodeadm-run re-renders when the merged NodeConfig changes \
+             (at the next boot); never run nodeadm init by hand",
+        );
+    }
+    let expected = nodeconfig::render(version, &wiring);
+    let rendered = if node.containerd_config.found().is_some() {
+        format!("rendered into {config_path}")
+    } else {
+        format!("{config_path} not rendered yet")
+    };
+    if text != expected {
+        return Check::warn(
+            ID,
+            format!("{DROPIN_PATH} wires SOCI (config version {version}), {rendered}, but differs from what install writes"),
+            "re-run soci-agent install to rewrite it; put local NodeConfig changes in another drop-in",
+        );
+    }
+    Check::ok(ID, format!("{DROPIN_PATH} (config version {version}) as install writes it, {rendered}"))
+}
+
+/// Where a NodeConfig enabling FastImagePull may come from.
+fn sources(node: &Node) -> Vec<String> {
+    let mut list = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(node.root.path(DROPIN_DIR)) {
+        let mut names: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".yaml") || n.ends_with(".yml") || n.ends_with(".json"))
+            .collect();
+        names.sort();
+        list.extend(names.into_iter().map(|n| format!("{DROPIN_DIR}/{n}")));
+    }
+    list.push(NODEADM_CACHE.into());
+    list.push(USER_DATA.into());
+    list
+}
+
+fn fast_image_pull(node: &Node) -> Check {
+    const ID: &str = "nodeadm.fast-image-pull";
+    if !node.nodeadm() {
+        return Check::skip(ID, "not a nodeadm host");
+    }
+    let mut on = Vec::new();
+    let mut unreadable = Vec::new();
+    for path in sources(node) {
+        match Text::read(&node.root, &path) {
+            Text::Found(t) if yamlish::fast_image_pull_on(&t) => on.push(path),
+            Text::Unreadable(e) => unreadable.push(format!("{path}: {e}")),
+            _ => {}
+        }
+    }
+    let small = node.root.is_host()
+        && (node.facts.cpus < crate::plan::MIN_CPUS
+            || node.facts.memory_bytes.is_some_and(|m| m < crate::plan::MIN_MEMORY_BYTES));
+    if on.is_empty() {
+        let note = if unreadable.is_empty() {
+            String::new()
+        } else {
+            format!(" (could not read {})", unreadable.join(", "))
+        };
+        return Check::ok(ID, format!("featureGates.FastImagePull is not enabled in any NodeConfig source{note}"));
+    }
+    let evidence = format!("featureGates.FastImagePull: true in {}", on.join(", "));
+    if node.agent_installed() {
+        return Check::warn(
+            ID,
+            format!("{evidence}, and soci-agent is installed"),
+            "both apply: nodeadm rewrites /etc/soci-snapshotter-grpc/config.toml (its fixed tuning wins) and \
+             containerd.service.d/10-soci-snapshotter.conf at every config phase, while the agent's \
+             soci-snapshotter.service.d/50-soci-agent.conf still overrides ExecStart (the agent's binary runs): \
+             drop FastImagePull from the NodeConfig, or uninstall the agent",
+        );
+    }
+    if small {
+        return Check::warn(
+            ID,
+            format!("{evidence}, on {} vCPU", node.facts.cpus),
+            "nodeadm silently ignores FastImagePull below 4 vCPU / 7 GiB: SOCI is not set up on this instance",
+        );
+    }
+    Check::ok(ID, format!("{evidence}: nodeadm manages SOCI (soci-agent is not installed)"))
+}

@@ -1,0 +1,146 @@
+//! agent.record and recent.*: the install record and the last saved report
+//! of each command (age, outcome, per-phase timings).
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde_json::Value;
+
+use super::Check;
+use super::node::{Node, Text};
+use crate::record::RECORD_PATH;
+use crate::reports::REPORTS_DIR;
+
+pub fn record(node: &Node) -> Check {
+    const ID: &str = "agent.record";
+    match (&node.record, Text::read(&node.root, RECORD_PATH)) {
+        (_, Text::Unreadable(e)) => Check::skip(ID, format!("{RECORD_PATH}: {e}")).advise("run doctor as root"),
+        (Err(e), _) => Check::fail(
+            ID,
+            e.clone(),
+            format!("move {RECORD_PATH} aside and re-run soci-agent install (uninstall needs a valid record)"),
+        ),
+        (Ok(None), _) => Check::skip(ID, format!("no {RECORD_PATH}: soci-agent has not installed on this node")),
+        (Ok(Some(r)), _) => {
+            let how = match &r.adopted_sha256 {
+                Some(d) => format!("adopted, sha256 {d}"),
+                None => format!("store entries {}", r.store_entries.iter().cloned().collect::<Vec<_>>().join(", ")),
+            };
+            Check::ok(
+                ID,
+                format!(
+                    "{RECORD_PATH}: daemon_binary {} ({how}); {} paths, {} units enabled by soci-agent",
+                    r.daemon_binary,
+                    r.paths.len(),
+                    r.enabled_units.len()
+                ),
+            )
+        }
+    }
+}
+
+pub fn reports(node: &Node) -> Vec<Check> {
+    vec![
+        report(node, "recent.install", "install"),
+        report(node, "recent.boot", "boot"),
+        report(node, "recent.prefetch", "prefetch"),
+    ]
+}
+
+fn report(node: &Node, id: &'static str, command: &str) -> Check {
+    if let Err(e) = std::fs::read_dir(node.root.path(REPORTS_DIR))
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return Check::skip(id, format!("{REPORTS_DIR}: {e}")).advise("run doctor as root");
+    }
+    let Some((path, value)) = crate::reports::latest(&node.root, command) else {
+        return Check::skip(id, format!("no {command} report in {REPORTS_DIR}"));
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let age = name
+        .strip_prefix(&format!("{command}-"))
+        .and_then(|s| s.strip_suffix(".json"))
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+        .and_then(|t| node.now.duration_since(t).ok())
+        .map_or("age unknown".to_string(), |d| format!("{} ago", human(d)));
+    let exit = value["exit_code"].as_u64();
+    let failed_steps: Vec<String> = steps(&value)
+        .iter()
+        .filter(|s| s["status"] == "failed")
+        .map(|s| format!("{}: {}", s["name"].as_str().unwrap_or("?"), s["detail"].as_str().unwrap_or("")))
+        .collect();
+    let outcome = match exit {
+        Some(0) if failed_steps.is_empty() => "ok".to_string(),
+        Some(0) => format!("{} step(s) failed", failed_steps.len()),
+        Some(code) => format!("exit {code}"),
+        None => "outcome unknown".to_string(),
+    };
+    let timings = timings(&value);
+    let evidence = format!("{REPORTS_DIR}/{name}: {age}, {outcome}{timings}");
+    let error = value["error"].as_str().map(str::to_string).or_else(|| failed_steps.first().cloned());
+    match (command, exit, failed_steps.is_empty()) {
+        (_, Some(0), true) => Check::ok(id, evidence),
+        ("boot", _, _) => Check::fail(
+            id,
+            evidence,
+            format!(
+                "the last boot tasks failed ({}): see journalctl -u soci-agent-boot.service; run soci-agent boot --strict",
+                error.unwrap_or_default()
+            ),
+        ),
+        ("install", _, _) => Check::warn(
+            id,
+            evidence,
+            format!(
+                "the last install failed and left the node as it was ({}): fix that and re-run soci-agent install",
+                error.unwrap_or_default()
+            ),
+        ),
+        _ => Check::warn(
+            id,
+            evidence,
+            format!("the last {command} failed ({}): see its report", error.unwrap_or_default()),
+        ),
+    }
+}
+
+fn steps(value: &Value) -> Vec<Value> {
+    value["steps"].as_array().cloned().unwrap_or_default()
+}
+
+/// `; phases: detect 0.1s, …` or `; steps: verify-binary ok 0.0s, …`.
+fn timings(value: &Value) -> String {
+    if let Some(phases) = value["phases"].as_object().filter(|p| !p.is_empty()) {
+        let list: Vec<String> = phases
+            .iter()
+            .filter_map(|(k, v)| Some(format!("{k} {:.1}s", v.as_f64()?)))
+            .collect();
+        return format!("; phases: {}", list.join(", "));
+    }
+    let list: Vec<String> = steps(value)
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {} {:.1}s",
+                s["name"].as_str().unwrap_or("?"),
+                s["status"].as_str().unwrap_or("?"),
+                s["seconds"].as_f64().unwrap_or(0.0)
+            )
+        })
+        .collect();
+    if list.is_empty() {
+        String::new()
+    } else {
+        format!("; steps: {}", list.join(", "))
+    }
+}
+
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}

@@ -1,0 +1,268 @@
+//! soci-config.*: the SOCI daemon's `config.toml` (the `--config` of the
+//! unit's ExecStart, else the default path), read with the daemon's own
+//! defaults for missing keys: parses, parallel mode on, keys known, limits
+//! consistent, chunk size grammar, decompressors, content store rule.
+
+use std::os::unix::fs::PermissionsExt;
+
+use toml_edit::{DocumentMut, Item};
+
+use super::Check;
+use super::node::{Node, Text};
+use crate::soci_config::{self, Tuning};
+
+const PARALLEL: &str = "pull_modes.parallel_pull_unpack";
+
+/// The parsed config, for the kubelet check too.
+pub fn parsed(node: &Node) -> Option<DocumentMut> {
+    node.soci_config.found()?.parse().ok()
+}
+
+/// `[cri_keychain] enable_keychain` and `image_service_path`, when the config parses.
+pub fn keychain(doc: &DocumentMut) -> bool {
+    doc.get("cri_keychain")
+        .and_then(|k| k.get("enable_keychain"))
+        .and_then(Item::as_bool)
+        .unwrap_or(false)
+}
+
+pub fn config_checks(node: &Node) -> Vec<Check> {
+    let path = &node.soci_config_path.value;
+    let shown = format!("{path} ({})", node.soci_config_path.source);
+    let ids = [
+        "soci-config.parallel",
+        "soci-config.keys",
+        "soci-config.limits",
+        "soci-config.chunk-size",
+        "soci-config.decompressor",
+        "soci-config.content-store",
+    ];
+    let rest_skip = |why: &str| ids.iter().map(|id| Check::skip(id, why.to_string())).collect::<Vec<_>>();
+    let text = match &node.soci_config {
+        Text::Found(t) => t,
+        Text::Missing => {
+            let mut out = vec![Check::fail(
+                "soci-config.parse",
+                format!("{shown} does not exist: SOCI 0.10/0.11.0 refuse to start, later ones run without parallel mode"),
+                "run soci-agent install (it writes the config with parallel mode on)",
+            )];
+            out.extend(rest_skip("no config file (see soci-config.parse)"));
+            return out;
+        }
+        Text::Unreadable(e) => {
+            let mut out = vec![Check::skip("soci-config.parse", format!("{shown}: {e}")).advise("run doctor as root")];
+            out.extend(rest_skip("config unreadable (see soci-config.parse)"));
+            return out;
+        }
+    };
+    let doc: DocumentMut = match text.parse() {
+        Ok(d) => d,
+        Err(e) => {
+            let msg = e.to_string().lines().next().unwrap_or_default().to_string();
+            let mut out = vec![Check::fail(
+                "soci-config.parse",
+                format!("{shown}: not valid TOML: {msg}"),
+                "the daemon refuses to start on it: fix the file or re-run soci-agent install",
+            )];
+            out.extend(rest_skip("config does not parse (see soci-config.parse)"));
+            return out;
+        }
+    };
+    vec![
+        Check::ok("soci-config.parse", format!("{shown} parses")),
+        parallel(&doc, path),
+        keys(text, path),
+        limits(&doc, path),
+        chunk_size(&doc, path),
+        decompressor(node, &doc, path),
+        content_store(&doc, path),
+    ]
+}
+
+fn get<'a>(doc: &'a DocumentMut, dotted: &str) -> Option<&'a Item> {
+    dotted.split('.').try_fold(doc.as_item(), |item, k| item.get(k))
+}
+
+fn parallel(doc: &DocumentMut, path: &str) -> Check {
+    const ID: &str = "soci-config.parallel";
+    let key = format!("{PARALLEL}.enable");
+    match get(doc, &key).map(|i| (i.as_bool(), i)) {
+        Some((Some(true), _)) => Check::ok(ID, format!("{key} = true ({path})")),
+        Some((Some(false), _)) => Check::fail(
+            ID,
+            format!("{key} = false ({path})"),
+            "parallel pull/unpack mode is off: set it to true (soci-agent install does)",
+        ),
+        Some((None, item)) => Check::fail(
+            ID,
+            format!("{key} is {} ({path}), not a boolean", item.type_name()),
+            "set it to true",
+        ),
+        None => Check::fail(
+            ID,
+            format!("{key} is not set ({path}; the daemon's default is false)"),
+            "parallel pull/unpack mode is off: run soci-agent install",
+        ),
+    }
+}
+
+fn keys(text: &str, path: &str) -> Check {
+    const ID: &str = "soci-config.keys";
+    match soci_config::unknown_keys(text) {
+        Ok(list) if list.is_empty() => Check::ok(ID, format!("every key in {path} is one the daemon knows")),
+        Ok(list) => {
+            let shown: Vec<String> = list
+                .iter()
+                .map(|k| match &k.suggestion {
+                    Some(s) => format!("{} (did you mean {s}?)", k.path),
+                    None => k.path.clone(),
+                })
+                .collect();
+            Check::warn(
+                ID,
+                format!("unknown to the daemon, silently ignored ({path}): {}", shown.join("; ")),
+                "fix or remove these keys: the daemon never reports them",
+            )
+        }
+        Err(e) => Check::skip(ID, e.to_string()),
+    }
+}
+
+/// The effective tuning, with the daemon's defaults for missing keys.
+fn tuning(doc: &DocumentMut) -> Result<Tuning, String> {
+    let int = |key: &str, default: i64| match get(doc, &format!("{PARALLEL}.{key}")) {
+        None => Ok(default),
+        Some(i) => i
+            .as_integer()
+            .ok_or_else(|| format!("{PARALLEL}.{key} is {}, not an integer", i.type_name())),
+    };
+    let chunk = match get(doc, &format!("{PARALLEL}.concurrent_download_chunk_size")) {
+        None => String::new(),
+        Some(i) => i
+            .as_str()
+            .ok_or_else(|| format!("{PARALLEL}.concurrent_download_chunk_size is {}, not a string", i.type_name()))?
+            .to_string(),
+    };
+    Ok(Tuning {
+        max_concurrent_downloads: int("max_concurrent_downloads", -1)?,
+        max_concurrent_downloads_per_image: int("max_concurrent_downloads_per_image", 3)?,
+        concurrent_download_chunk_size: chunk,
+        max_concurrent_unpacks: int("max_concurrent_unpacks", -1)?,
+        max_concurrent_unpacks_per_image: int("max_concurrent_unpacks_per_image", 1)?,
+        discard_unpacked_layers: get(doc, &format!("{PARALLEL}.discard_unpacked_layers"))
+            .and_then(Item::as_bool)
+            .unwrap_or(false),
+    })
+}
+
+fn limits(doc: &DocumentMut, path: &str) -> Check {
+    const ID: &str = "soci-config.limits";
+    let t = match tuning(doc) {
+        Ok(t) => t,
+        Err(e) => return Check::fail(ID, format!("{e} ({path})"), "the daemon refuses to start: fix the value"),
+    };
+    let evidence = format!(
+        "downloads {} global / {} per image, unpacks {} global / {} per image ({path}, daemon defaults for unset keys)",
+        t.max_concurrent_downloads,
+        t.max_concurrent_downloads_per_image,
+        t.max_concurrent_unpacks,
+        t.max_concurrent_unpacks_per_image
+    );
+    let limits_only = Tuning {
+        concurrent_download_chunk_size: String::new(),
+        ..t
+    };
+    match soci_config::validate(&limits_only) {
+        Ok(()) => Check::ok(ID, evidence),
+        Err(e) => Check::fail(ID, format!("{evidence}: {e}"), "fix the limits (soci-agent install validates them)"),
+    }
+}
+
+fn chunk_size(doc: &DocumentMut, path: &str) -> Check {
+    const ID: &str = "soci-config.chunk-size";
+    let key = format!("{PARALLEL}.concurrent_download_chunk_size");
+    let value = match get(doc, &key) {
+        None => return Check::ok(ID, format!("{key} unset ({path}): whole layers per request (daemon default)")),
+        Some(i) => match i.as_str() {
+            Some(s) => s.to_string(),
+            None => return Check::fail(ID, format!("{key} is {} ({path})", i.type_name()), "use a string such as \"16mb\""),
+        },
+    };
+    match soci_config::parse_chunk_size(&value) {
+        Ok(Some(bytes)) => Check::ok(ID, format!("{key} = {value:?} = {bytes} bytes ({path})")),
+        Ok(None) => Check::ok(ID, format!("{key} = {value:?} ({path}): whole layers per request")),
+        Err(e) => Check::fail(ID, format!("{key} = {value:?} ({path})"), e.to_string()),
+    }
+}
+
+fn decompressor(node: &Node, doc: &DocumentMut, path: &str) -> Check {
+    const ID: &str = "soci-config.decompressor";
+    let mut found = Vec::new();
+    for kind in ["gzip", "zstd"] {
+        let table = format!("{PARALLEL}.decompress_streams.{kind}");
+        let Some(t) = get(doc, &table) else { continue };
+        let Some(p) = t.get("path").and_then(Item::as_str) else {
+            return Check::fail(ID, format!("[{table}] has no path ({path})"), "set path to an absolute executable");
+        };
+        if let Err(e) = soci_config::validate_decompressor_path(p) {
+            return Check::fail(ID, format!("[{table}] path = {p:?} ({path})"), e.to_string());
+        }
+        let resolved = node.resolve(p);
+        match std::fs::metadata(node.host_path(&resolved)) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {}
+            Ok(_) => {
+                return Check::fail(
+                    ID,
+                    format!("[{table}] path = {p:?} ({path}) is not an executable file"),
+                    "the daemon refuses to start: fix the path, or install pigz",
+                );
+            }
+            Err(e) => {
+                return Check::fail(
+                    ID,
+                    format!("[{table}] path = {p:?} ({path}): {e}"),
+                    "the daemon refuses to start: install pigz (unpigz) or remove the table",
+                );
+            }
+        }
+        let args = t
+            .get("args")
+            .and_then(Item::as_array)
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default();
+        found.push(format!("{kind}: {p} {args}").trim_end().to_string());
+    }
+    if !found.is_empty() {
+        return Check::ok(ID, format!("{} ({path})", found.join("; ")));
+    }
+    let unpigz = crate::host::UNPIGZ;
+    if node.host_path(unpigz).is_file() {
+        Check::warn(
+            ID,
+            format!("no decompress_streams in {path}, though {unpigz} exists"),
+            "re-run soci-agent install to use unpigz (multi-threaded gzip) for layer unpacks",
+        )
+    } else {
+        Check::warn(
+            ID,
+            format!("no decompress_streams in {path} and no {unpigz}: Go's single-threaded gzip unpacks layers"),
+            "install pigz and re-run soci-agent install",
+        )
+    }
+}
+
+fn content_store(doc: &DocumentMut, path: &str) -> Check {
+    const ID: &str = "soci-config.content-store";
+    let store = get(doc, "content_store.type").and_then(Item::as_str).unwrap_or("");
+    let discard = get(doc, &format!("{PARALLEL}.discard_unpacked_layers"))
+        .and_then(Item::as_bool)
+        .unwrap_or(false);
+    let evidence = format!(
+        "content_store.type = {} and discard_unpacked_layers = {discard} ({path})",
+        if store.is_empty() { "unset (soci)".to_string() } else { format!("{store:?}") }
+    );
+    match soci_config::check_content_store_rule(store, discard) {
+        Ok(()) => Check::ok(ID, evidence),
+        Err(e) => Check::fail(ID, evidence, e.to_string()),
+    }
+}

@@ -1,0 +1,272 @@
+//! systemd.*: the SOCI service and socket (enabled, active), containerd's
+//! ordering drop-in, the boot unit (enabled, or wanted by kubelet) and its
+//! last result. Over D-Bus when a bus answers, else from the unit files.
+
+use super::Check;
+use super::node::{Bus, Node};
+use super::unitfile::{UnitFiles, enablement_links};
+use crate::systemd::UnitState;
+use crate::units::{BOOT_SERVICE, CONTAINERD_SERVICE, KUBELET_SERVICE, SERVICE, SOCKET};
+
+pub fn checks(node: &Node) -> Vec<Check> {
+    vec![
+        bus(node),
+        service(node),
+        socket(node),
+        containerd_dropin(node),
+        boot_unit(node),
+        boot_result(node),
+    ]
+}
+
+fn bus(node: &Node) -> Check {
+    const ID: &str = "systemd.bus";
+    match &node.bus {
+        Bus::Connected { address, units } => {
+            let errors: Vec<String> = units
+                .iter()
+                .filter_map(|(u, r)| r.as_ref().err().map(|e| format!("{u}: {e}")))
+                .collect();
+            if errors.is_empty() {
+                Check::ok(ID, format!("systemd answers on {address}"))
+            } else {
+                Check::warn(ID, format!("systemd on {address}: {}", errors.join("; ")), "run doctor as root")
+            }
+        }
+        Bus::Unavailable(why) => Check::skip(ID, why.clone()),
+    }
+}
+
+fn links_shown(links: &[String]) -> String {
+    if links.is_empty() {
+        "no enablement links".into()
+    } else {
+        links.join(", ")
+    }
+}
+
+fn state_shown(st: &UnitState) -> String {
+    let mut s = format!("{st}, UnitFileState={}", st.unit_file_state);
+    if st.n_restarts > 0 {
+        s.push_str(&format!(", NRestarts={}", st.n_restarts));
+    }
+    s
+}
+
+fn enabled(st: &UnitState) -> bool {
+    matches!(
+        st.unit_file_state.as_str(),
+        "enabled" | "enabled-runtime" | "static" | "indirect" | "linked" | "alias"
+    )
+}
+
+fn service(node: &Node) -> Check {
+    const ID: &str = "systemd.soci-service";
+    let journal = format!("see journalctl -u {SERVICE}");
+    let containerd_active = node.bus.unit(CONTAINERD_SERVICE).is_some_and(UnitState::is_active);
+    if let Some(st) = node.bus.unit(SERVICE) {
+        let evidence = format!("{SERVICE}: {} (D-Bus)", state_shown(st));
+        return match (st.load_state.as_str(), st.active_state.as_str()) {
+            ("not-found", _) => Check::fail(ID, evidence, "run soci-agent install"),
+            ("masked", _) => Check::fail(ID, evidence, format!("systemctl unmask {SERVICE}")),
+            _ if st.need_daemon_reload => Check::warn(ID, evidence, "unit files changed since systemd read them: systemctl daemon-reload"),
+            (_, "failed") => Check::fail(ID, evidence, journal),
+            (_, "active" | "reloading" | "activating") => Check::ok(ID, evidence),
+            _ if containerd_active => Check::fail(
+                ID,
+                format!("{evidence}, while containerd is active"),
+                format!("containerd runs without its snapshotter: systemctl start {SERVICE}; {journal}"),
+            ),
+            _ if enabled(st) || node.bus.unit(SOCKET).is_some_and(enabled) => {
+                Check::ok(ID, format!("{evidence}; containerd's Requires= starts it"))
+            }
+            _ => Check::warn(ID, evidence, format!("systemctl enable {SERVICE} {SOCKET}")),
+        };
+    }
+    if !node.soci_unit.exists() {
+        return Check::fail(ID, format!("no {SERVICE} unit file (see soci.binary)"), "run soci-agent install");
+    }
+    let links = enablement_links(&node.root, SERVICE);
+    let socket_links = enablement_links(&node.root, SOCKET);
+    let evidence = format!("{SERVICE}: {} (unit files)", links_shown(&links));
+    if !links.is_empty() {
+        return Check::ok(ID, evidence);
+    }
+    if !socket_links.is_empty() {
+        return Check::ok(ID, format!("{evidence}; {SOCKET} is enabled and containerd's Requires= starts it"));
+    }
+    Check::warn(
+        ID,
+        format!("{evidence}: neither it nor {SOCKET} is enabled"),
+        format!("systemctl enable {SERVICE} {SOCKET} (install --no-start leaves them disabled)"),
+    )
+}
+
+fn socket(node: &Node) -> Check {
+    const ID: &str = "systemd.soci-socket";
+    let fd = node.exec.as_ref().and_then(|e| e.flag("--address")) == Some("fd://");
+    let unit = &node.soci_socket_unit;
+    if !unit.exists() {
+        if fd {
+            return Check::warn(
+                ID,
+                format!("ExecStart uses --address fd:// but there is no {SOCKET}"),
+                "the daemon falls back to its default socket and is not socket-activated: re-run soci-agent install",
+            );
+        }
+        return Check::skip(ID, format!("no {SOCKET}, and ExecStart does not use fd:// (none needed)"));
+    }
+    let listen = unit
+        .list("Socket", "ListenStream")
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect::<Vec<_>>()
+        .join(" ");
+    if let Some(st) = node.bus.unit(SOCKET) {
+        let evidence = format!("{SOCKET} (ListenStream={listen}): {} (D-Bus)", state_shown(st));
+        return match st.active_state.as_str() {
+            "active" => Check::ok(ID, evidence),
+            "failed" => Check::fail(ID, evidence, format!("see journalctl -u {SOCKET}")),
+            _ if enabled(st) => Check::ok(ID, evidence),
+            _ => Check::warn(ID, evidence, format!("systemctl enable --now {SOCKET}")),
+        };
+    }
+    let links = enablement_links(&node.root, SOCKET);
+    let evidence = format!("{SOCKET} (ListenStream={listen}): {} (unit files)", links_shown(&links));
+    if links.is_empty() {
+        return Check::warn(
+            ID,
+            evidence,
+            format!("systemctl enable {SOCKET} (install --no-start leaves it disabled)"),
+        );
+    }
+    Check::ok(ID, evidence)
+}
+
+/// Files of `unit` listing `wanted` under `[Unit] key`.
+fn listed_in(unit: &UnitFiles, key: &str, wanted: &str) -> Vec<String> {
+    unit.list("Unit", key)
+        .into_iter()
+        .filter(|(_, v)| v == wanted)
+        .map(|(p, _)| p)
+        .collect()
+}
+
+fn containerd_dropin(node: &Node) -> Check {
+    const ID: &str = "systemd.containerd-dropin";
+    let unit = UnitFiles::load(&node.root, CONTAINERD_SERVICE);
+    let requires = listed_in(&unit, "Requires", SERVICE);
+    let after = listed_in(&unit, "After", SERVICE);
+    let fix = "re-run soci-agent install (it writes containerd.service.d/10-soci-snapshotter.conf)";
+    match (requires.first(), after.first()) {
+        (Some(r), Some(a)) => {
+            let st = node.bus.unit(CONTAINERD_SERVICE);
+            let evidence = format!("Requires={SERVICE} ({r}), After={SERVICE} ({a})");
+            match st {
+                Some(st) if st.need_daemon_reload => Check::warn(
+                    ID,
+                    format!("{evidence}; systemd has not reloaded {CONTAINERD_SERVICE} since they changed"),
+                    "systemctl daemon-reload",
+                ),
+                Some(st) if !st.drop_in_paths.iter().any(|p| p == r) => Check::warn(
+                    ID,
+                    format!("{evidence}; systemd loaded {} instead", st.drop_in_paths.join(", ")),
+                    "systemctl daemon-reload",
+                ),
+                _ => Check::ok(ID, evidence),
+            }
+        }
+        (None, Some(a)) => Check::fail(
+            ID,
+            format!("After={SERVICE} ({a}) but no Requires={SERVICE}"),
+            format!("containerd can start without SOCI: {fix}"),
+        ),
+        (Some(r), None) => Check::fail(
+            ID,
+            format!("Requires={SERVICE} ({r}) but no After={SERVICE}"),
+            format!("containerd may start before SOCI serves: {fix}"),
+        ),
+        (None, None) => Check::fail(
+            ID,
+            format!("no {CONTAINERD_SERVICE} file or drop-in requires or orders after {SERVICE}"),
+            format!("containerd may start before or without SOCI: {fix}"),
+        ),
+    }
+}
+
+fn boot_unit(node: &Node) -> Check {
+    const ID: &str = "systemd.boot-unit";
+    let unit = UnitFiles::load(&node.root, BOOT_SERVICE);
+    let pause = node.root.exists(crate::boot::DEFAULT_PAUSE_ARCHIVE);
+    if !unit.exists() {
+        if !node.agent_installed() {
+            return Check::skip(ID, format!("no {BOOT_SERVICE}: soci-agent has not installed here"));
+        }
+        return Check::fail(ID, format!("no {BOOT_SERVICE}"), "re-run soci-agent install");
+    }
+    if let Some(e) = unit.exec_start()
+        && !node.root.path(node.resolve(e.binary())).is_file()
+    {
+        return Check::fail(
+            ID,
+            format!("{BOOT_SERVICE} runs {} ({}), which does not exist", e.binary(), e.source),
+            "re-run soci-agent install (it copies itself there)",
+        );
+    }
+    let kubelet = UnitFiles::load(&node.root, KUBELET_SERVICE);
+    let mut wanted = listed_in(&kubelet, "Wants", BOOT_SERVICE);
+    wanted.extend(listed_in(&kubelet, "Requires", BOOT_SERVICE));
+    let links = enablement_links(&node.root, BOOT_SERVICE);
+    let bus_enabled = node.bus.unit(BOOT_SERVICE).filter(|st| enabled(st));
+    let mut how = Vec::new();
+    if let Some(st) = bus_enabled {
+        how.push(format!("UnitFileState={} (D-Bus)", st.unit_file_state));
+    } else if !links.is_empty() {
+        how.push(format!("enabled ({})", links.join(", ")));
+    }
+    if let Some(w) = wanted.first() {
+        how.push(format!("wanted by {KUBELET_SERVICE} ({w})"));
+    }
+    if !how.is_empty() {
+        return Check::ok(ID, format!("{BOOT_SERVICE}: {}", how.join("; ")));
+    }
+    let evidence = format!("{BOOT_SERVICE} exists but is neither enabled nor wanted by {KUBELET_SERVICE}");
+    if pause {
+        return Check::fail(
+            ID,
+            format!("{evidence}, and {} exists", crate::boot::DEFAULT_PAUSE_ARCHIVE),
+            format!(
+                "the pause image is never imported into soci, so nodes stay NotReady: systemctl enable {BOOT_SERVICE}"
+            ),
+        );
+    }
+    Check::warn(
+        ID,
+        evidence,
+        format!("systemctl enable {BOOT_SERVICE} (install --no-start leaves it disabled)"),
+    )
+}
+
+fn boot_result(node: &Node) -> Check {
+    const ID: &str = "systemd.boot-result";
+    let Some(st) = node.bus.unit(BOOT_SERVICE) else {
+        let why = match &node.bus {
+            Bus::Unavailable(_) => "no D-Bus (see systemd.bus); the last boot report is recent.boot",
+            Bus::Connected { .. } => "systemd did not answer for the boot unit",
+        };
+        return Check::skip(ID, why);
+    };
+    let evidence = format!("{BOOT_SERVICE}: {} (D-Bus)", state_shown(st));
+    match (st.load_state.as_str(), st.active_state.as_str(), st.result.as_str()) {
+        ("not-found", _, _) => Check::skip(ID, format!("{BOOT_SERVICE} is not installed")),
+        (_, "failed", _) => Check::fail(
+            ID,
+            evidence,
+            format!("see journalctl -u {BOOT_SERVICE}; run soci-agent boot --strict by hand"),
+        ),
+        (_, "active", "success") => Check::ok(ID, evidence),
+        (_, "activating", _) => Check::ok(ID, format!("{evidence}: running now")),
+        (_, _, _) if st.invocation_id.is_empty() => Check::skip(ID, format!("{evidence}: has not run since boot")),
+        _ => Check::warn(ID, evidence, format!("see journalctl -u {BOOT_SERVICE}")),
+    }
+}

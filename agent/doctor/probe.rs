@@ -1,0 +1,165 @@
+//! Does containerd reach the soci snapshotter? Being listed by
+//! Introspection proves little: a proxy plugin is listed even when nothing
+//! serves its socket (containerd dials lazily), and `Snapshots.List` is
+//! answered from containerd's own metadata store without calling the
+//! proxy. A `Snapshots.Stat` of an existing soci snapshot does call it.
+//! When containerd holds no soci snapshot, the daemon's socket is asked
+//! directly (`Snapshots.List`, read-only).
+
+use std::path::Path;
+use std::time::Duration;
+
+use containerd_client::services::v1::snapshots::{ListSnapshotsRequest, StatSnapshotRequest};
+use containerd_client::services::v1::{ListNamespacesRequest, PluginsRequest};
+
+const SNAPSHOTTER: &str = "soci";
+const PLUGIN_TYPE: &str = crate::health::SNAPSHOTTER_PLUGIN_TYPE;
+const BOUND: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reach {
+    NotListed,
+    InitError(String),
+    /// A Stat of `key` (namespace `ns`) went through containerd to the daemon.
+    Stat { ns: String, key: String },
+    /// The Stat through containerd failed.
+    StatFailed { key: String, error: String },
+    /// containerd holds no soci snapshot; the daemon answered at the socket directly.
+    Direct,
+    /// containerd holds no soci snapshot and the socket does not answer.
+    DirectFailed(String),
+    /// containerd holds no soci snapshot, and dialing was not allowed.
+    NotProbed,
+}
+
+fn request<T>(ns: &str, msg: T) -> Result<tonic::Request<T>, String> {
+    let mut req = tonic::Request::new(msg);
+    let value = ns.parse().map_err(|_| format!("namespace {ns:?}"))?;
+    req.metadata_mut().insert("containerd-namespace", value);
+    Ok(req)
+}
+
+async fn bounded<T>(what: &str, f: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
+    tokio::time::timeout(BOUND, f)
+        .await
+        .map_err(|_| format!("{what}: no answer within {BOUND:?}"))?
+}
+
+/// The first soci snapshot key containerd knows, in any namespace (k8s.io first).
+async fn first_snapshot(client: &containerd_client::Client) -> Result<Option<(String, String)>, String> {
+    let mut namespaces: Vec<String> = client
+        .namespaces()
+        .list(ListNamespacesRequest { filter: String::new() })
+        .await
+        .map_err(|e| format!("Namespaces.List: {}", e.message()))?
+        .into_inner()
+        .namespaces
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+    namespaces.sort_by_key(|n| n != "k8s.io");
+    for ns in namespaces {
+        let list = ListSnapshotsRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            filters: vec![],
+        };
+        let mut stream = client
+            .snapshots()
+            .list(request(&ns, list)?)
+            .await
+            .map_err(|e| format!("Snapshots.List ({ns}): {}", e.message()))?
+            .into_inner();
+        if let Some(batch) = stream.message().await.map_err(|e| format!("Snapshots.List ({ns}): {}", e.message()))?
+            && let Some(info) = batch.info.into_iter().next()
+        {
+            return Ok(Some((ns, info.name)));
+        }
+    }
+    Ok(None)
+}
+
+/// Asks containerd at `containerd` (and, if needed and `may_dial`, the daemon at `soci`).
+/// Returns containerd's version and what was found.
+pub async fn probe(containerd: &Path, soci: &Path, may_dial: bool) -> Result<(String, Reach), String> {
+    let client = bounded("connect", async {
+        containerd_client::Client::from_path(containerd)
+            .await
+            .map_err(|e| format!("connect: {e}"))
+    })
+    .await?;
+    let version = bounded("Version", async {
+        client
+            .version()
+            .version(())
+            .await
+            .map(|r| r.into_inner().version)
+            .map_err(|e| format!("Version: {}", e.message()))
+    })
+    .await?;
+    let filter = format!("type=={PLUGIN_TYPE},id=={SNAPSHOTTER}");
+    let plugins = bounded("Introspection.Plugins", async {
+        client
+            .introspection()
+            .plugins(PluginsRequest { filters: vec![filter] })
+            .await
+            .map(|r| r.into_inner().plugins)
+            .map_err(|e| format!("Introspection.Plugins: {}", e.message()))
+    })
+    .await?;
+    let Some(plugin) = plugins.into_iter().find(|p| p.r#type == PLUGIN_TYPE && p.id == SNAPSHOTTER) else {
+        return Ok((version, Reach::NotListed));
+    };
+    if let Some(err) = plugin.init_err {
+        return Ok((version, Reach::InitError(err.message)));
+    }
+    if let Some((ns, key)) = bounded("Snapshots.List", first_snapshot(&client)).await? {
+        let stat = StatSnapshotRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            key: key.clone(),
+        };
+        let req = request(&ns, stat)?;
+        let reach = match tokio::time::timeout(BOUND, client.snapshots().stat(req)).await {
+            Ok(Ok(_)) => Reach::Stat { ns, key },
+            Ok(Err(e)) => Reach::StatFailed {
+                key,
+                error: e.message().to_string(),
+            },
+            Err(_) => Reach::StatFailed {
+                key,
+                error: format!("no answer within {BOUND:?}"),
+            },
+        };
+        return Ok((version, reach));
+    }
+    if !may_dial {
+        return Ok((version, Reach::NotProbed));
+    }
+    let direct = bounded("the SOCI socket", async {
+        let daemon = containerd_client::Client::from_path(soci)
+            .await
+            .map_err(|e| format!("connect {}: {e}", soci.display()))?;
+        let list = ListSnapshotsRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            filters: vec![],
+        };
+        let mut stream = daemon
+            .snapshots()
+            .list(list)
+            .await
+            .map_err(|e| format!("Snapshots.List at {}: {}", soci.display(), e.message()))?
+            .into_inner();
+        stream
+            .message()
+            .await
+            .map_err(|e| format!("Snapshots.List at {}: {}", soci.display(), e.message()))?;
+        Ok(())
+    })
+    .await;
+    Ok((
+        version,
+        match direct {
+            Ok(()) => Reach::Direct,
+            Err(e) => Reach::DirectFailed(e),
+        },
+    ))
+}

@@ -1,0 +1,193 @@
+//! Bake mode (`--platform linux/amd64,linux/arm64`): besides the CRI pull
+//! for this node's platform, fetch every other listed platform's content
+//! into containerd's content store (namespace `k8s.io`, same image name and
+//! CRI's `io.cri-containerd.image=managed` label), so one data-volume
+//! snapshot serves both instance families: on the other family the CRI pull
+//! at boot finds every blob local and only unpacks.
+//!
+//! This goes through containerd's Transfer service (`OCIRegistry` source,
+//! `ImageStore` destination limited to one platform, no unpack), which
+//! containerd has from 1.7 on. containerd 1.6 has no Transfer service: the
+//! call answers `Unimplemented` and every such platform is reported as
+//! "unsupported by this containerd" (the CRI pull of the native platform is
+//! unaffected). Credentials go as a static `Authorization` header (Basic, or
+//! Bearer for a registry token), which suits ECR and basic-auth registries.
+
+use std::collections::HashMap;
+
+use containerd_client::services::v1::TransferRequest;
+use containerd_client::services::v1::transfer_client::TransferClient;
+use containerd_client::types::Platform;
+use containerd_client::types::transfer::{ImageStore, OciRegistry, RegistryResolver};
+use tonic::transport::Channel;
+
+use super::credentials::Credential;
+use super::pin::{CRI_NAMESPACE, PINNED_LABEL, PINNED_VALUE};
+
+/// containerd's CRI hosts directory, handed to the transfer resolver when present.
+const HOSTS_DIR: &str = "/etc/containerd/certs.d";
+
+/// The outcome for one extra platform.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlatformState {
+    /// This node's platform: pulled through CRI.
+    Native,
+    /// Content fetched through the Transfer service.
+    Fetched,
+    /// containerd has no Transfer service (1.6).
+    Unsupported,
+    Failed,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlatformReport {
+    pub platform: String,
+    pub state: PlatformState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `linux/amd64` for this build's architecture.
+pub fn native_platform() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    format!("linux/{arch}")
+}
+
+/// Parses `os/arch[/variant]`.
+pub fn parse_platform(text: &str) -> Result<Platform, String> {
+    let parts: Vec<&str> = text.split('/').collect();
+    let ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    match parts.as_slice() {
+        [os, arch] if ok(os) && ok(arch) => Ok(Platform {
+            os: os.to_string(),
+            architecture: arch.to_string(),
+            ..Platform::default()
+        }),
+        [os, arch, variant] if ok(os) && ok(arch) && ok(variant) => Ok(Platform {
+            os: os.to_string(),
+            architecture: arch.to_string(),
+            variant: variant.to_string(),
+            ..Platform::default()
+        }),
+        _ => Err(format!("platform {text:?} is not os/arch[/variant] (e.g. linux/arm64)")),
+    }
+}
+
+/// Fetches `reference`'s content for `platform` into containerd's store.
+pub async fn fetch_platform(
+    channel: &Channel,
+    reference: &str,
+    platform: &str,
+    credential: Option<&Credential>,
+    pin: bool,
+) -> PlatformReport {
+    let report = |state, error| PlatformReport {
+        platform: platform.to_string(),
+        state,
+        error,
+    };
+    let parsed = match parse_platform(platform) {
+        Ok(p) => p,
+        Err(e) => return report(PlatformState::Failed, Some(e)),
+    };
+    let mut headers = HashMap::new();
+    if let Some(value) = credential.and_then(authorization) {
+        headers.insert("Authorization".to_string(), value);
+    }
+    let source = OciRegistry {
+        reference: reference.to_string(),
+        resolver: Some(RegistryResolver {
+            headers,
+            host_dir: if std::path::Path::new(HOSTS_DIR).is_dir() {
+                HOSTS_DIR.to_string()
+            } else {
+                String::new()
+            },
+            ..RegistryResolver::default()
+        }),
+    };
+    let mut labels = HashMap::from([("io.cri-containerd.image".to_string(), "managed".to_string())]);
+    if pin {
+        labels.insert(PINNED_LABEL.to_string(), PINNED_VALUE.to_string());
+    }
+    let destination = ImageStore {
+        name: reference.to_string(),
+        labels,
+        platforms: vec![parsed],
+        ..ImageStore::default()
+    };
+    let mut req = tonic::Request::new(TransferRequest {
+        source: Some(containerd_client::to_any(&source)),
+        destination: Some(containerd_client::to_any(&destination)),
+        options: None,
+    });
+    req.metadata_mut()
+        .insert("containerd-namespace", tonic::metadata::MetadataValue::from_static(CRI_NAMESPACE));
+    match TransferClient::new(channel.clone()).transfer(req).await {
+        Ok(_) => report(PlatformState::Fetched, None),
+        Err(s) if s.code() == tonic::Code::Unimplemented => report(
+            PlatformState::Unsupported,
+            Some("unsupported by this containerd: no Transfer service (containerd 1.7 or newer needed)".into()),
+        ),
+        Err(s) => report(PlatformState::Failed, Some(format!("{:?}: {}", s.code(), s.message()))),
+    }
+}
+
+/// The static `Authorization` header value for a credential, if it has one.
+fn authorization(c: &Credential) -> Option<String> {
+    if !c.registry_token.is_empty() {
+        Some(format!("Bearer {}", c.registry_token))
+    } else if !c.username.is_empty() {
+        Some(format!("Basic {}", base64(format!("{}:{}", c.username, c.password).as_bytes())))
+    } else if !c.auth.is_empty() {
+        Some(format!("Basic {}", c.auth))
+    } else {
+        None
+    }
+}
+
+/// Standard base64 with padding (for one header value).
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platforms_and_headers() {
+        assert_eq!(parse_platform("linux/arm64").unwrap().architecture, "arm64");
+        assert_eq!(parse_platform("linux/arm/v7").unwrap().variant, "v7");
+        assert!(parse_platform("arm64").is_err());
+        assert!(parse_platform("linux//x").is_err());
+        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+        assert_eq!(base64(b"a"), "YQ==");
+        assert_eq!(base64(b"ab"), "YWI=");
+        let c = Credential {
+            username: "user".into(),
+            password: "pass".into(),
+            ..Credential::default()
+        };
+        assert_eq!(authorization(&c).unwrap(), "Basic dXNlcjpwYXNz");
+        assert!(native_platform().starts_with("linux/"));
+    }
+}

@@ -1,0 +1,246 @@
+//! `render ec2nodeclass`: a Karpenter `EC2NodeClass` (karpenter.k8s.aws/v1,
+//! AL2023) with a gp3 root volume fast enough for parallel unpack and the
+//! user data embedded as a literal block scalar. YAML written by hand.
+
+use clap::Args;
+
+use super::userdata::{self, UserdataArgs};
+use super::yaml::{block_scalar, quote};
+use super::{RenderError, Rendered, invalid};
+
+pub const API_VERSION: &str = "karpenter.k8s.aws/v1";
+/// gp3 limits this renderer enforces (MiB/s, IOPS).
+const THROUGHPUT: std::ops::RangeInclusive<u32> = 125..=1000;
+const IOPS: std::ops::RangeInclusive<u32> = 3000..=16000;
+/// The AL2023 EKS AMI's root snapshot is 20 GiB; gp3 volumes end at 16 TiB.
+const VOLUME_GIB: std::ops::RangeInclusive<u64> = 20..=16384;
+
+#[derive(Debug, Clone, Args)]
+pub struct Ec2NodeClassArgs {
+    /// metadata.name of the EC2NodeClass (a NodePool's nodeClassRef.name).
+    #[arg(long, value_name = "NAME", default_value = "soci")]
+    pub name: String,
+
+    /// IAM role name of the nodes (spec.role), e.g. KarpenterNodeRole-my-cluster.
+    #[arg(long, value_name = "ROLE")]
+    pub role: String,
+
+    /// Cluster name: subnets and security groups are selected by the tag
+    /// karpenter.sh/discovery=<CLUSTER>.
+    #[arg(long, value_name = "CLUSTER")]
+    pub cluster: String,
+
+    /// AMI selector alias (AL2023 family), e.g. al2023@latest or al2023@v20260714.
+    #[arg(long, value_name = "ALIAS", default_value = "al2023@latest")]
+    pub ami_alias: String,
+
+    /// Root volume (/dev/xvda, gp3) throughput in MiB/s, 125..=1000; parallel unpack wants >= 600.
+    #[arg(long, value_name = "MIBPS", default_value_t = 600)]
+    pub ebs_throughput: u32,
+
+    /// Root volume IOPS, 3000..=16000, at least 4 per MiB/s of throughput.
+    #[arg(long, value_name = "IOPS", default_value_t = 6000)]
+    pub ebs_iops: u32,
+
+    /// Root volume size (Gi or Ti), at least 20Gi (the AMI's snapshot).
+    #[arg(long, value_name = "SIZE", default_value = "100Gi")]
+    pub volume_size: String,
+
+    /// Set instanceStorePolicy: RAID0 (nodeadm puts containerd's and SOCI's
+    /// state on the instance-store RAID).
+    #[arg(long)]
+    pub instance_store_raid0: bool,
+
+    #[command(flatten)]
+    pub userdata: UserdataArgs,
+}
+
+pub(super) fn render(a: &Ec2NodeClassArgs) -> Result<Rendered, RenderError> {
+    check_name(&a.name)?;
+    check_role(&a.role)?;
+    check_cluster_name("--cluster", &a.cluster)?;
+    check_alias(&a.ami_alias)?;
+    check_volume(a)?;
+    let mut notes = Vec::new();
+    let user_data = userdata::build(&a.userdata, Vec::new(), &mut notes)?;
+    if a.instance_store_raid0
+        && let Some(root) = &a.userdata.soci_root
+        && root.trim_end_matches('/') != crate::settings::DEFAULT_SOCI_ROOT
+    {
+        notes.push(format!(
+            "with RAID0, nodeadm moves only {} onto the instance store; --soci-root {root} stays on the root volume",
+            crate::settings::DEFAULT_SOCI_ROOT
+        ));
+    }
+    let mut y = String::new();
+    y.push_str("# Rendered by `soci-agent render ec2nodeclass`. Karpenter appends its own NodeConfig\n");
+    y.push_str("# (cluster fields) after this user data when it launches a node.\n");
+    y.push_str(&format!("apiVersion: {API_VERSION}\nkind: EC2NodeClass\nmetadata:\n"));
+    y.push_str(&format!("  name: {}\n", quote(&a.name)));
+    y.push_str("spec:\n  amiFamily: AL2023\n  amiSelectorTerms:\n");
+    y.push_str(&format!("    - alias: {}\n", quote(&a.ami_alias)));
+    y.push_str(&format!("  role: {}\n", quote(&a.role)));
+    for term in ["subnetSelectorTerms", "securityGroupSelectorTerms"] {
+        y.push_str(&format!(
+            "  {term}:\n    - tags:\n        karpenter.sh/discovery: {}\n",
+            quote(&a.cluster)
+        ));
+    }
+    y.push_str("  blockDeviceMappings:\n    - deviceName: /dev/xvda\n      ebs:\n");
+    y.push_str(&format!("        volumeSize: {}\n", quote(&a.volume_size)));
+    y.push_str("        volumeType: gp3\n");
+    y.push_str(&format!("        iops: {}\n", a.ebs_iops));
+    y.push_str(&format!("        throughput: {}\n", a.ebs_throughput));
+    y.push_str("        encrypted: true\n        deleteOnTermination: true\n");
+    if a.instance_store_raid0 {
+        y.push_str("  instanceStorePolicy: RAID0\n");
+    }
+    y.push_str(&block_scalar("userData", &user_data, 4));
+    Ok(Rendered { text: y, notes })
+}
+
+/// A Kubernetes object name (DNS subdomain).
+fn check_name(v: &str) -> Result<(), RenderError> {
+    let b = v.as_bytes();
+    let ok = (1..=253).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"-.".contains(c))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "--name",
+            v,
+            "must be a Kubernetes name: lowercase letters, digits, '-' and '.', starting and ending alphanumeric",
+        ))
+    }
+}
+
+/// An IAM role name.
+fn check_role(v: &str) -> Result<(), RenderError> {
+    let ok = (1..=64).contains(&v.len()) && v.bytes().all(|c| c.is_ascii_alphanumeric() || b"+=,.@_-".contains(&c));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "--role",
+            v,
+            "must be an IAM role name (not an ARN): up to 64 of letters, digits and +=,.@_-",
+        ))
+    }
+}
+
+/// An EKS cluster name.
+pub(super) fn check_cluster_name(option: &'static str, v: &str) -> Result<(), RenderError> {
+    let b = v.as_bytes();
+    let ok = (1..=100).contains(&b.len())
+        && b[0].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || b"_-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            option,
+            v,
+            "must be an EKS cluster name: up to 100 of letters, digits, '-' and '_', starting alphanumeric",
+        ))
+    }
+}
+
+fn check_alias(v: &str) -> Result<(), RenderError> {
+    let ok = v
+        .strip_prefix("al2023@")
+        .is_some_and(|ver| !ver.is_empty() && ver.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "--ami-alias",
+            v,
+            "must be an AL2023 alias: al2023@latest or al2023@<version>, e.g. al2023@v20260714",
+        ))
+    }
+}
+
+fn check_volume(a: &Ec2NodeClassArgs) -> Result<(), RenderError> {
+    if !THROUGHPUT.contains(&a.ebs_throughput) {
+        return Err(invalid(
+            "--ebs-throughput",
+            &a.ebs_throughput.to_string(),
+            "gp3 throughput is 125 to 1000 MiB/s (parallel unpack wants 600 or more)",
+        ));
+    }
+    if !IOPS.contains(&a.ebs_iops) {
+        return Err(invalid(
+            "--ebs-iops",
+            &a.ebs_iops.to_string(),
+            "gp3 IOPS are 3000 to 16000",
+        ));
+    }
+    if u64::from(a.ebs_throughput) * 4 > u64::from(a.ebs_iops) {
+        return Err(invalid(
+            "--ebs-throughput",
+            &a.ebs_throughput.to_string(),
+            format!(
+                "gp3 allows at most 0.25 MiB/s per provisioned IOPS: {} MiB/s needs --ebs-iops {} or more",
+                a.ebs_throughput,
+                a.ebs_throughput * 4
+            ),
+        ));
+    }
+    let gib = parse_size(&a.volume_size).ok_or_else(|| {
+        invalid(
+            "--volume-size",
+            &a.volume_size,
+            "expected a whole number of Gi or Ti, e.g. 100Gi",
+        )
+    })?;
+    if !VOLUME_GIB.contains(&gib) {
+        return Err(invalid(
+            "--volume-size",
+            &a.volume_size,
+            "must be between 20Gi (the AL2023 AMI's snapshot) and 16Ti (gp3's limit)",
+        ));
+    }
+    Ok(())
+}
+
+/// `NGi` or `NTi` in GiB.
+fn parse_size(v: &str) -> Option<u64> {
+    let (n, mult) = if let Some(n) = v.strip_suffix("Gi") {
+        (n, 1)
+    } else {
+        (v.strip_suffix("Ti")?, 1024)
+    };
+    if n.is_empty() || n.len() > 6 || !n.bytes().all(|c| c.is_ascii_digit()) || n.starts_with('0') {
+        return None;
+    }
+    n.parse::<u64>().ok().map(|n| n * mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("100Gi"), Some(100));
+        assert_eq!(parse_size("2Ti"), Some(2048));
+        for bad in ["100", "100G", "0Gi", "010Gi", "1.5Ti", "Gi", "-1Gi"] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert!(check_name("soci").is_ok());
+        assert!(check_name("Soci").is_err());
+        assert!(check_role("KarpenterNodeRole-my-cluster").is_ok());
+        assert!(check_role("arn:aws:iam::1:role/x").is_err());
+        assert!(check_alias("al2023@latest").is_ok());
+        assert!(check_alias("al2@latest").is_err());
+        assert!(check_alias("al2023@").is_err());
+    }
+}

@@ -1,0 +1,1115 @@
+//! `soci-agent doctor` as a user runs it: node trees under `--root` (built by
+//! `soci-agent install`, then broken one way per case), `--output json`, and
+//! the verdict of each check asserted by id. The live checks run against the
+//! host's Debian containerd (1.6) started on private paths, with and without
+//! a proxy plugin, and with the test stand-in serving as SOCI.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::archive::{sha256sum_line, standard_release};
+use serde_json::Value;
+
+const VER: &str = "0.15.0";
+const ARCHIVE: &str = "soci-snapshotter-0.15.0-linux-amd64-static.tar.gz";
+const DEBIAN_DEFAULT: &str = include_str!("data/containerd/debian-default/input.toml");
+const V3_PLAIN: &str = include_str!("data/doctor/containerd-v3-plain.toml");
+const V3_WIRED: &str = include_str!("data/doctor/containerd-v3-wired.toml");
+const V3_TRANSFER: &str = include_str!("data/doctor/containerd-v3-transfer.toml");
+const AL2023_UNIT: &str = include_str!("data/doctor/al2023-soci-snapshotter.service");
+const FAST_IMAGE_PULL: &str = include_str!("data/doctor/nodeconfig-fast-image-pull.yaml");
+const BOOT_FAILED: &str = include_str!("data/doctor/boot-report-failed.json");
+const INSTALL_FAILED: &str = include_str!("data/doctor/install-report-failed.json");
+
+const SOCI_CONFIG: &str = "/etc/soci-snapshotter-grpc/config.toml";
+const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
+const SOCI_SOCKET: &str = "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock";
+const PAUSE_IMAGE: &str = "localhost/kubernetes/pause:latest";
+
+/// A node tree under a temp dir.
+struct Node {
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn new() -> Self {
+        let n = Node {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        n.write(
+            "/etc/os-release",
+            "ID=debian\nVERSION_ID=\"12\"\nPRETTY_NAME=\"Debian GNU/Linux 12\"\n",
+            0o644,
+        );
+        n
+    }
+    /// Debian containerd's default config, unpigz, a kubelet config.
+    fn plain() -> Self {
+        let n = Node::new();
+        n.write(CONTAINERD_CONFIG, DEBIAN_DEFAULT, 0o644);
+        n.write("/usr/bin/unpigz", "#!/bin/sh\nexec gzip \"$@\"\n", 0o755);
+        n.write("/etc/kubernetes/kubelet/config.json", "{}\n", 0o644);
+        n
+    }
+    /// An AL2023-shaped nodeadm host (containerd version in the EKS file).
+    fn nodeadm(containerd_version: &str) -> Self {
+        let n = Node::new();
+        n.write(
+            "/etc/os-release",
+            "ID=\"amzn\"\nVERSION_ID=\"2023\"\nPRETTY_NAME=\"Amazon Linux 2023\"\n",
+            0o644,
+        );
+        n.write("/usr/bin/nodeadm", "#!/bin/sh\nexit 0\n", 0o755);
+        std::fs::create_dir_all(n.path("/etc/eks/nodeadm.d")).unwrap();
+        n.write("/etc/eks/containerd-version.txt", &format!("{containerd_version}\n"), 0o644);
+        n.write("/usr/bin/unpigz", "#!/bin/sh\nexec gzip \"$@\"\n", 0o755);
+        n
+    }
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+    fn path(&self, node_path: &str) -> PathBuf {
+        self.root().join(node_path.trim_start_matches('/'))
+    }
+    fn write(&self, node_path: &str, content: &str, mode: u32) {
+        let p = self.path(node_path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let _ = std::fs::remove_file(&p);
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    fn read(&self, node_path: &str) -> String {
+        std::fs::read_to_string(self.path(node_path)).unwrap_or_else(|e| panic!("{node_path}: {e}"))
+    }
+    fn remove(&self, node_path: &str) {
+        let p = self.path(node_path);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p).unwrap(),
+            Ok(_) => std::fs::remove_file(&p).unwrap(),
+            Err(e) => panic!("remove {node_path}: {e}"),
+        }
+    }
+    fn symlink(&self, target: &str, node_path: &str) {
+        let p = self.path(node_path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(target, p).unwrap();
+    }
+    /// Replaces `from` (which must be there) with `to` in a node file.
+    fn edit(&self, node_path: &str, from: &str, to: &str) {
+        let text = self.read(node_path);
+        assert!(text.contains(from), "{node_path} has no {from:?}:\n{text}");
+        self.write(node_path, &text.replacen(from, to, 1), 0o644);
+    }
+    /// Saves a run report as the newest of its command.
+    fn report(&self, command: &str, json: &str) {
+        let millis = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() + 60_000;
+        self.write(
+            &format!("/var/lib/soci-agent/reports/{command}-{millis}.json"),
+            json,
+            0o644,
+        );
+    }
+    /// `soci-agent install --no-start --arch amd64 --archive <standard release>`; must succeed.
+    fn install(&self, args: &[&str]) {
+        let bytes = standard_release(VER);
+        let archive = self.dir.path().join(ARCHIVE);
+        std::fs::write(&archive, &bytes).unwrap();
+        std::fs::write(
+            self.dir.path().join(format!("{ARCHIVE}.sha256sum")),
+            sha256sum_line(&bytes, ARCHIVE),
+        )
+        .unwrap();
+        let out = agent(&["install", "--no-start", "--arch", "amd64"])
+            .arg("--root")
+            .arg(self.root())
+            .arg("--archive")
+            .arg(&archive)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "install failed:\n{}", show(&out));
+    }
+    /// A copy of the whole tree (links kept as links).
+    fn copy(&self) -> Node {
+        let n = Node {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let st = Command::new("cp").arg("-a").arg(self.root()).arg(n.root()).status().unwrap();
+        assert!(st.success());
+        n
+    }
+    /// `soci-agent doctor --root <root> --output json <args>`.
+    fn doctor(&self, args: &[&str]) -> Doctor {
+        let out = agent(&["doctor", "--output", "json"])
+            .arg("--root")
+            .arg(self.root())
+            .args(args)
+            .output()
+            .unwrap();
+        let report = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("doctor stdout is not JSON ({e}):\n{}", show(&out)));
+        Doctor { out, report }
+    }
+    /// Doctor on the file checks only.
+    fn files(&self) -> Doctor {
+        self.doctor(&["--no-live"])
+    }
+}
+
+/// The agent binary with a clean environment (no SOCI_AGENT_* from the caller).
+fn agent(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_soci-agent"));
+    cmd.args(args).args(["--log-level", "warn"]).stdin(Stdio::null());
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SOCI_AGENT_")) {
+        cmd.env_remove(k);
+    }
+    cmd
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+struct Doctor {
+    out: Output,
+    report: Value,
+}
+
+impl Doctor {
+    fn check(&self, id: &str) -> &Value {
+        let checks = self.report["checks"].as_array().expect("checks array");
+        checks.iter().find(|c| c["id"] == id).unwrap_or_else(|| {
+            let ids: Vec<&str> = checks.iter().filter_map(|c| c["id"].as_str()).collect();
+            panic!("no check {id}; have {ids:?}")
+        })
+    }
+    fn code(&self) -> i32 {
+        self.out.status.code().expect("exited")
+    }
+    /// `id` has `verdict` and its evidence or advice contains `contains`.
+    fn expect(&self, id: &str, verdict: &str, contains: &str) -> Result<(), String> {
+        let c = self.check(id);
+        let text = format!("{} {}", c["evidence"].as_str().unwrap_or(""), c["advice"].as_str().unwrap_or(""));
+        if c["verdict"] != verdict || !text.contains(contains) {
+            return Err(format!("{id}: want {verdict} with {contains:?}, got {c}"));
+        }
+        if c["verdict"] != "ok" && c["verdict"] != "skip" && !c["advice"].is_string() {
+            return Err(format!("{id}: a {verdict} without advice: {c}"));
+        }
+        let want_code = i32::from(self.report["summary"]["fail"].as_u64() != Some(0));
+        if self.code() != want_code {
+            return Err(format!("exit {} but summary {}", self.code(), self.report["summary"]));
+        }
+        Ok(())
+    }
+    fn assert(&self, id: &str, verdict: &str, contains: &str) {
+        if let Err(e) = self.expect(id, verdict, contains) {
+            panic!("{e}\nfull report:\n{}", serde_json::to_string_pretty(&self.report).unwrap());
+        }
+    }
+    fn failing(&self) -> Vec<String> {
+        self.report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["verdict"] == "fail")
+            .map(|c| c.to_string())
+            .collect()
+    }
+}
+
+/// One way to break (or fix) a healthy tree, and the verdict it must give.
+struct Case {
+    name: &'static str,
+    mutate: fn(&Node),
+    id: &'static str,
+    verdict: &'static str,
+    contains: &'static str,
+}
+
+/// Runs every case on its own copy of `template`; reports all mismatches at once.
+fn run_cases(template: &Node, cases: &[Case]) {
+    let errors: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|case| {
+                s.spawn(move || {
+                    let n = template.copy();
+                    (case.mutate)(&n);
+                    n.files().expect(case.id, case.verdict, case.contains).map_err(|e| format!("[{}] {e}", case.name))
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().unwrap().err()).collect()
+    });
+    assert!(errors.is_empty(), "{} case(s) failed:\n{}", errors.len(), errors.join("\n"));
+}
+
+fn installed_plain() -> Node {
+    let n = Node::plain();
+    n.install(&[]);
+    n
+}
+
+/// A daemon script printing `out` for --version, at a node path.
+fn fake_daemon(n: &Node, node_path: &str, out: &str) {
+    n.write(node_path, &format!("#!/bin/sh\necho \"{out}\"\n"), 0o755);
+}
+
+/// A drop-in making the unit run `line`.
+fn exec_dropin(n: &Node, line: &str) {
+    n.write(
+        "/etc/systemd/system/soci-snapshotter.service.d/60-local.conf",
+        &format!("[Service]\nExecStart=\nExecStart={line}\n"),
+        0o644,
+    );
+}
+
+#[test]
+fn a_fresh_install_has_no_failing_check() {
+    let n = installed_plain();
+    let d = n.files();
+    assert!(d.failing().is_empty(), "failing checks:\n{}", d.failing().join("\n"));
+    assert_eq!(d.code(), 0, "{}", show(&d.out));
+    for id in [
+        "host.os",
+        "host.arch",
+        "host.disk",
+        "agent.record",
+        "soci.binary",
+        "soci.version",
+        "soci.digest",
+        "soci.other-copies",
+        "soci-config.parse",
+        "soci-config.parallel",
+        "soci-config.keys",
+        "soci-config.limits",
+        "soci-config.chunk-size",
+        "soci-config.decompressor",
+        "soci-config.content-store",
+        "containerd.config-version",
+        "containerd.proxy-plugin",
+        "containerd.exports-root",
+        "containerd.snapshotter",
+        "containerd.snapshot-annotations",
+        "kubelet.image-service-endpoint",
+        "systemd.containerd-dropin",
+        "recent.install",
+    ] {
+        d.assert(id, "ok", "");
+    }
+    d.assert("soci.version", "ok", "SOCI 0.15.0");
+    d.assert("soci.digest", "ok", "release.json");
+    d.assert("soci-config.chunk-size", "ok", "16777216 bytes");
+    d.assert("recent.install", "ok", "phases:");
+    // install --no-start enables nothing; the tree has no containerd binary.
+    d.assert("systemd.soci-service", "warn", "systemctl enable");
+    d.assert("systemd.soci-socket", "warn", "systemctl enable");
+    d.assert("systemd.boot-unit", "warn", "systemctl enable soci-agent-boot.service");
+    d.assert("containerd.version", "warn", "no containerd binary");
+    for id in ["host.size", "host.storage", "systemd.bus", "live.soci-socket", "live.containerd-soci"] {
+        d.assert(id, "skip", "");
+    }
+    d.assert("nodeadm.dropin", "skip", "not a nodeadm host");
+    let s = &d.report["summary"];
+    let total: u64 = ["ok", "warn", "fail", "skip"].iter().map(|k| s[k].as_u64().unwrap()).sum();
+    assert_eq!(total as usize, d.report["checks"].as_array().unwrap().len());
+
+    // The same in text: a headline and one row per check.
+    let out = agent(&["status", "--no-live"]).arg("--root").arg(n.root()).output().unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("soci-agent doctor: 0 fail, "), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("ok      soci.digest")), "{text}");
+    assert!(text.lines().any(|l| l.trim_start().starts_with("-> systemctl enable")), "{text}");
+}
+
+#[test]
+fn soci_binary_and_config_failures() {
+    let template = installed_plain();
+    let cases = [
+        Case {
+            name: "store binary changed",
+            mutate: |n| {
+                let p = n.path("/usr/local/lib/soci-agent/releases/0.15.0-amd64/soci-snapshotter-grpc");
+                let mut text = std::fs::read_to_string(&p).unwrap();
+                text.push_str("# tampered\n");
+                std::fs::write(p, text).unwrap();
+            },
+            id: "soci.digest",
+            verdict: "fail",
+            contains: "changed on disk",
+        },
+        Case {
+            name: "link removed",
+            mutate: |n| n.remove("/usr/local/bin/soci-snapshotter-grpc"),
+            id: "soci.binary",
+            verdict: "fail",
+            contains: "No such file",
+        },
+        Case {
+            name: "unit removed",
+            mutate: |n| n.remove("/etc/systemd/system/soci-snapshotter.service"),
+            id: "soci.binary",
+            verdict: "fail",
+            contains: "no soci-snapshotter.service in /etc/systemd/system",
+        },
+        Case {
+            name: "old SOCI via drop-in",
+            mutate: |n| {
+                fake_daemon(n, "/opt/old/soci-snapshotter-grpc", "soci-snapshotter-grpc version v0.10.0 abc");
+                exec_dropin(n, "/opt/old/soci-snapshotter-grpc --address fd://");
+            },
+            id: "soci.version",
+            verdict: "fail",
+            contains: "no parallel pull/unpack mode",
+        },
+        Case {
+            name: "drop-in runs another binary than the record's",
+            mutate: |n| {
+                fake_daemon(n, "/usr/bin/soci-snapshotter-grpc", "soci-snapshotter-grpc version v0.11.1 rpm");
+                exec_dropin(n, "/usr/bin/soci-snapshotter-grpc --address fd://");
+            },
+            id: "soci.digest",
+            verdict: "fail",
+            contains: "the install record says /usr/local/bin/soci-snapshotter-grpc",
+        },
+        Case {
+            name: "unparseable version",
+            mutate: |n| {
+                fake_daemon(n, "/opt/x/daemon", "hello");
+                exec_dropin(n, "/opt/x/daemon --address fd://");
+            },
+            id: "soci.version",
+            verdict: "warn",
+            contains: "no version found",
+        },
+        Case {
+            name: "RPM copy besides ours",
+            mutate: |n| fake_daemon(n, "/usr/bin/soci-snapshotter-grpc", "soci-snapshotter-grpc version v0.9.0 rpm"),
+            id: "soci.other-copies",
+            verdict: "ok",
+            contains: "/usr/bin/soci-snapshotter-grpc (SOCI 0.9.0, the distribution's (RPM) copy)",
+        },
+        Case {
+            name: "typo in a key",
+            mutate: |n| n.edit(SOCI_CONFIG, "max_concurrent_downloads_per_image", "max_concurent_downloads_per_image"),
+            id: "soci-config.keys",
+            verdict: "warn",
+            contains: "did you mean max_concurrent_downloads_per_image?",
+        },
+        Case {
+            name: "parallel mode off",
+            mutate: |n| n.edit(SOCI_CONFIG, "\nenable = true", "\nenable = false"),
+            id: "soci-config.parallel",
+            verdict: "fail",
+            contains: "= false",
+        },
+        Case {
+            name: "per-image above global",
+            mutate: |n| n.edit(SOCI_CONFIG, "max_concurrent_downloads = -1", "max_concurrent_downloads = 10"),
+            id: "soci-config.limits",
+            verdict: "fail",
+            contains: "exceeds --max-concurrent-downloads 10",
+        },
+        Case {
+            name: "MiB chunk size",
+            mutate: |n| n.edit(SOCI_CONFIG, "\"16mb\"", "\"16MiB\""),
+            id: "soci-config.chunk-size",
+            verdict: "fail",
+            contains: "use 16mb",
+        },
+        Case {
+            name: "decompressor missing",
+            mutate: |n| n.remove("/usr/bin/unpigz"),
+            id: "soci-config.decompressor",
+            verdict: "fail",
+            contains: "refuses to start",
+        },
+        Case {
+            name: "no decompressor configured",
+            mutate: |n| {
+                let text = n.read(SOCI_CONFIG);
+                let cut = text.find("\n[pull_modes.parallel_pull_unpack.decompress_streams.gzip]").unwrap();
+                n.write(SOCI_CONFIG, &text[..cut], 0o644);
+            },
+            id: "soci-config.decompressor",
+            verdict: "warn",
+            contains: "though /usr/bin/unpigz exists",
+        },
+        Case {
+            name: "soci content store without discard",
+            mutate: |n| {
+                n.edit(SOCI_CONFIG, "type = \"containerd\"", "type = \"soci\"");
+                n.edit(SOCI_CONFIG, "discard_unpacked_layers = true", "discard_unpacked_layers = false");
+            },
+            id: "soci-config.content-store",
+            verdict: "fail",
+            contains: "parallel pull/unpack mode needs",
+        },
+        Case {
+            name: "malformed config",
+            mutate: |n| n.write(SOCI_CONFIG, "[content_store\n", 0o644),
+            id: "soci-config.parse",
+            verdict: "fail",
+            contains: "not valid TOML",
+        },
+        Case {
+            name: "config missing",
+            mutate: |n| n.remove(SOCI_CONFIG),
+            id: "soci-config.parse",
+            verdict: "fail",
+            contains: "does not exist",
+        },
+        Case {
+            name: "invalid record",
+            mutate: |n| n.write("/var/lib/soci-agent/record.json", "{not json", 0o644),
+            id: "agent.record",
+            verdict: "fail",
+            contains: "not valid JSON",
+        },
+        Case {
+            name: "boot tasks failed",
+            mutate: |n| n.report("boot", BOOT_FAILED),
+            id: "recent.boot",
+            verdict: "fail",
+            contains: "pause-image failed 2.5s",
+        },
+        Case {
+            name: "last install failed",
+            mutate: |n| n.report("install", INSTALL_FAILED),
+            id: "recent.install",
+            verdict: "warn",
+            contains: "job failed",
+        },
+    ];
+    run_cases(&template, &cases);
+}
+
+#[test]
+fn containerd_kubelet_and_systemd_failures() {
+    let template = installed_plain();
+    let cases = [
+        Case {
+            name: "proxy address elsewhere",
+            mutate: |n| n.edit(CONTAINERD_CONFIG, &format!("address = \"{SOCI_SOCKET}\""), "address = \"/run/other.sock\""),
+            id: "containerd.proxy-plugin",
+            verdict: "fail",
+            contains: "but the daemon serves /run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock",
+        },
+        Case {
+            name: "no proxy plugin",
+            mutate: |n| n.write(CONTAINERD_CONFIG, DEBIAN_DEFAULT, 0o644),
+            id: "containerd.proxy-plugin",
+            verdict: "fail",
+            contains: "no [proxy_plugins.soci]",
+        },
+        Case {
+            name: "exports root differs",
+            mutate: |n| n.edit(CONTAINERD_CONFIG, "root = \"/var/lib/soci-snapshotter-grpc\"", "root = \"/data/soci\""),
+            id: "containerd.exports-root",
+            verdict: "fail",
+            contains: "= \"/data/soci\"",
+        },
+        Case {
+            name: "daemon root from the unit's ExecStart",
+            mutate: |n| exec_dropin(n, "/usr/local/bin/soci-snapshotter-grpc --address fd:// --root /data/soci"),
+            id: "containerd.exports-root",
+            verdict: "fail",
+            contains: "--root in ExecStart of /etc/systemd/system/soci-snapshotter.service.d/60-local.conf",
+        },
+        Case {
+            name: "CRI snapshotter overlayfs",
+            mutate: |n| n.edit(CONTAINERD_CONFIG, "snapshotter = \"soci\"", "snapshotter = \"overlayfs\""),
+            id: "containerd.snapshotter",
+            verdict: "fail",
+            contains: "= \"overlayfs\"",
+        },
+        Case {
+            name: "annotations disabled",
+            mutate: |n| n.edit(CONTAINERD_CONFIG, "disable_snapshot_annotations = false", "disable_snapshot_annotations = true"),
+            id: "containerd.snapshot-annotations",
+            verdict: "fail",
+            contains: "= true",
+        },
+        Case {
+            name: "malformed containerd config",
+            mutate: |n| n.write(CONTAINERD_CONFIG, "version = 2\n[plugins\n", 0o644),
+            id: "containerd.config-version",
+            verdict: "fail",
+            contains: "cannot parse",
+        },
+        Case {
+            name: "v3 config on containerd 1.7",
+            mutate: |n| {
+                n.write("/etc/eks/containerd-version.txt", "1.7.27\n", 0o644);
+                n.write(CONTAINERD_CONFIG, V3_WIRED, 0o644);
+            },
+            id: "containerd.config-version",
+            verdict: "fail",
+            contains: "cannot read a version 3 config",
+        },
+        Case {
+            name: "v2 config on containerd 2.2",
+            mutate: |n| n.write("/etc/eks/containerd-version.txt", "2.2.1\n", 0o644),
+            id: "containerd.config-version",
+            verdict: "warn",
+            contains: "migrates version 2",
+        },
+        Case {
+            name: "old containerd",
+            mutate: |n| n.write("/etc/eks/containerd-version.txt", "1.7.2\n", 0o644),
+            id: "containerd.version",
+            verdict: "warn",
+            contains: "1.7.16",
+        },
+        Case {
+            name: "current containerd",
+            mutate: |n| n.write("/etc/eks/containerd-version.txt", "1.7.27\n", 0o644),
+            id: "containerd.version",
+            verdict: "ok",
+            contains: "containerd 1.7.27 (from /etc/eks/containerd-version.txt)",
+        },
+        Case {
+            name: "2.2 local pull path",
+            mutate: |n| {
+                n.write("/etc/eks/containerd-version.txt", "2.2.1\n", 0o644);
+                n.write(CONTAINERD_CONFIG, V3_WIRED, 0o644);
+            },
+            id: "containerd.pull-path",
+            verdict: "ok",
+            contains: "local pull path (disable_snapshot_annotations = false, discard_unpacked_layers = true",
+        },
+        Case {
+            name: "2.2 transfer service into soci",
+            mutate: |n| {
+                n.write("/etc/eks/containerd-version.txt", "2.2.1\n", 0o644);
+                n.write(CONTAINERD_CONFIG, V3_TRANSFER, 0o644);
+            },
+            id: "containerd.pull-path",
+            verdict: "ok",
+            contains: "go through the transfer service",
+        },
+        Case {
+            name: "2.2 transfer service into overlayfs",
+            mutate: |n| {
+                n.write("/etc/eks/containerd-version.txt", "2.2.1\n", 0o644);
+                n.write(CONTAINERD_CONFIG, &V3_TRANSFER.replace("platform = \"linux\"\nsnapshotter = \"soci\"", "platform = \"linux\"\nsnapshotter = \"overlayfs\""), 0o644);
+            },
+            id: "containerd.pull-path",
+            verdict: "fail",
+            contains: "images land in overlayfs",
+        },
+        Case {
+            name: "runtime class unpacking elsewhere",
+            mutate: |n| {
+                n.write("/etc/eks/containerd-version.txt", "2.2.1\n", 0o644);
+                let extra = "\n[plugins.'io.containerd.cri.v1.images'.runtime_platforms.kata]\nsnapshotter = \"overlayfs\"\n";
+                n.write(CONTAINERD_CONFIG, &format!("{V3_WIRED}{extra}"), 0o644);
+            },
+            id: "containerd.runtime-platforms",
+            verdict: "warn",
+            contains: "kata -> overlayfs",
+        },
+        Case {
+            name: "kubelet drop-in removed",
+            mutate: |n| n.remove("/etc/kubernetes/kubelet/config.json.d/50-soci-agent.conf"),
+            id: "kubelet.image-service-endpoint",
+            verdict: "fail",
+            contains: "imageServiceEndpoint unset",
+        },
+        Case {
+            name: "a later kubelet drop-in wins",
+            mutate: |n| {
+                n.write(
+                    "/etc/kubernetes/kubelet/config.json.d/90-other.conf",
+                    "{\"imageServiceEndpoint\": \"unix:///run/containerd/containerd.sock\"}\n",
+                    0o644,
+                )
+            },
+            id: "kubelet.image-service-endpoint",
+            verdict: "fail",
+            contains: "90-other.conf",
+        },
+        Case {
+            name: "endpoint set, keychain off",
+            mutate: |n| n.edit(SOCI_CONFIG, "enable_keychain = true", "enable_keychain = false"),
+            id: "kubelet.image-service-endpoint",
+            verdict: "fail",
+            contains: "serves no image service",
+        },
+        Case {
+            name: "no kubelet",
+            mutate: |n| n.remove("/etc/kubernetes"),
+            id: "kubelet.image-service-endpoint",
+            verdict: "skip",
+            contains: "no kubelet configuration",
+        },
+        Case {
+            name: "containerd drop-in removed",
+            mutate: |n| n.remove("/etc/systemd/system/containerd.service.d/10-soci-snapshotter.conf"),
+            id: "systemd.containerd-dropin",
+            verdict: "fail",
+            contains: "may start before or without SOCI",
+        },
+        Case {
+            name: "containerd drop-in without After",
+            mutate: |n| {
+                n.write(
+                    "/etc/systemd/system/containerd.service.d/10-soci-snapshotter.conf",
+                    "[Unit]\nRequires=soci-snapshotter.service\n",
+                    0o644,
+                )
+            },
+            id: "systemd.containerd-dropin",
+            verdict: "fail",
+            contains: "but no After=",
+        },
+        Case {
+            name: "units enabled",
+            mutate: |n| {
+                n.symlink(
+                    "/etc/systemd/system/soci-snapshotter.service",
+                    "/etc/systemd/system/multi-user.target.wants/soci-snapshotter.service",
+                );
+                n.symlink(
+                    "/etc/systemd/system/soci-snapshotter.socket",
+                    "/etc/systemd/system/sockets.target.wants/soci-snapshotter.socket",
+                );
+            },
+            id: "systemd.soci-service",
+            verdict: "ok",
+            contains: "multi-user.target.wants/soci-snapshotter.service",
+        },
+        Case {
+            name: "socket unit removed under fd://",
+            mutate: |n| n.remove("/etc/systemd/system/soci-snapshotter.socket"),
+            id: "systemd.soci-socket",
+            verdict: "warn",
+            contains: "no soci-snapshotter.socket",
+        },
+        Case {
+            name: "boot unit removed",
+            mutate: |n| n.remove("/etc/systemd/system/soci-agent-boot.service"),
+            id: "systemd.boot-unit",
+            verdict: "fail",
+            contains: "no soci-agent-boot.service",
+        },
+        Case {
+            name: "pause archive, boot unit never runs",
+            mutate: |n| n.write("/etc/eks/pause.tar", "", 0o644),
+            id: "systemd.boot-unit",
+            verdict: "fail",
+            contains: "NotReady",
+        },
+        Case {
+            name: "boot unit wanted by kubelet",
+            mutate: |n| {
+                n.write("/etc/eks/pause.tar", "", 0o644);
+                n.write(
+                    "/etc/systemd/system/kubelet.service.d/50-soci-agent-boot.conf",
+                    "[Unit]\nWants=soci-agent-boot.service\nAfter=soci-agent-boot.service\n",
+                    0o644,
+                );
+            },
+            id: "systemd.boot-unit",
+            verdict: "ok",
+            contains: "wanted by kubelet.service",
+        },
+    ];
+    run_cases(&template, &cases);
+}
+
+#[test]
+fn nodeadm_hosts() {
+    let template = Node::nodeadm("2.2.1");
+    template.install(&[]);
+    let d = template.files();
+    assert!(d.failing().is_empty(), "failing checks:\n{}", d.failing().join("\n"));
+    d.assert("nodeadm.dropin", "ok", "not rendered yet");
+    d.assert("containerd.config-version", "skip", "nodeadm renders it");
+    d.assert("kubelet.image-service-endpoint", "ok", "50-soci-agent.yaml (nodeadm writes it");
+    d.assert("nodeadm.fast-image-pull", "ok", "not enabled");
+    d.assert("containerd.version", "ok", "2.2.1");
+
+    let cases = [
+        Case {
+            name: "rendered with SOCI",
+            mutate: |n| n.write(CONTAINERD_CONFIG, V3_WIRED, 0o644),
+            id: "nodeadm.dropin",
+            verdict: "ok",
+            contains: "rendered into /etc/containerd/config.toml",
+        },
+        Case {
+            name: "rendered before the drop-in",
+            mutate: |n| n.write(CONTAINERD_CONFIG, V3_PLAIN, 0o644),
+            id: "nodeadm.dropin",
+            verdict: "warn",
+            contains: "nodeadm has not applied the drop-in yet",
+        },
+        Case {
+            name: "rendered before the drop-in: CRI check",
+            mutate: |n| n.write(CONTAINERD_CONFIG, V3_PLAIN, 0o644),
+            id: "containerd.snapshotter",
+            verdict: "fail",
+            contains: "plugins.\"io.containerd.cri.v1.images\".snapshotter unset",
+        },
+        Case {
+            name: "rendered before the drop-in: pull path",
+            mutate: |n| n.write(CONTAINERD_CONFIG, V3_PLAIN, 0o644),
+            id: "containerd.pull-path",
+            verdict: "ok",
+            contains: "discard_unpacked_layers = true",
+        },
+        Case {
+            name: "v2 table names on containerd 2",
+            mutate: |n| {
+                let p = "/etc/eks/nodeadm.d/50-soci-agent.yaml";
+                let text = n.read(p).replace("'io.containerd.cri.v1.images'", "\"io.containerd.grpc.v1.cri\".containerd");
+                n.write(p, &text, 0o644);
+            },
+            id: "nodeadm.dropin",
+            verdict: "fail",
+            contains: "treats it as version 2",
+        },
+        Case {
+            name: "drop-in edited",
+            mutate: |n| n.edit("/etc/eks/nodeadm.d/50-soci-agent.yaml", "kind: NodeConfig\n", "kind: NodeConfig\n# local edit\n"),
+            id: "nodeadm.dropin",
+            verdict: "warn",
+            contains: "differs from what install writes",
+        },
+        Case {
+            name: "drop-in removed",
+            mutate: |n| n.remove("/etc/eks/nodeadm.d/50-soci-agent.yaml"),
+            id: "nodeadm.dropin",
+            verdict: "fail",
+            contains: "without SOCI",
+        },
+        Case {
+            name: "FastImagePull alongside the agent",
+            mutate: |n| n.write("/etc/eks/nodeadm.d/10-user.yaml", FAST_IMAGE_PULL, 0o644),
+            id: "nodeadm.fast-image-pull",
+            verdict: "warn",
+            contains: "overrides ExecStart",
+        },
+        Case {
+            name: "FastImagePull in nodeadm's cache",
+            mutate: |n| {
+                n.write(
+                    "/run/eks/nodeadm/config.json",
+                    "{\"spec\":{\"featureGates\":{\"FastImagePull\":true}}}",
+                    0o644,
+                )
+            },
+            id: "nodeadm.fast-image-pull",
+            verdict: "warn",
+            contains: "/run/eks/nodeadm/config.json",
+        },
+        Case {
+            name: "kubelet rendered before the drop-in",
+            mutate: |n| n.write("/etc/kubernetes/kubelet/config.json", "{\"kind\":\"KubeletConfiguration\"}\n", 0o644),
+            id: "kubelet.image-service-endpoint",
+            verdict: "warn",
+            contains: "has not applied the NodeConfig drop-in",
+        },
+        Case {
+            name: "AL2023 RPM unit with our drop-in",
+            mutate: |n| {
+                n.write("/etc/systemd/system/soci-snapshotter.service", AL2023_UNIT, 0o644);
+                n.write(
+                    "/etc/systemd/system/soci-snapshotter.service.d/50-soci-agent.conf",
+                    "[Service]\nExecStart=\nExecStart=/usr/local/bin/soci-snapshotter-grpc --address fd://\n",
+                    0o644,
+                );
+            },
+            id: "soci.binary",
+            verdict: "ok",
+            contains: "ExecStart in /etc/systemd/system/soci-snapshotter.service.d/50-soci-agent.conf",
+        },
+    ];
+    run_cases(&template, &cases);
+
+    // nodeadm manages SOCI alone: FastImagePull is fine there.
+    let alone = Node::nodeadm("2.2.1");
+    alone.write("/etc/eks/nodeadm.d/10-user.yaml", FAST_IMAGE_PULL, 0o644);
+    alone.files().assert("nodeadm.fast-image-pull", "ok", "soci-agent is not installed");
+}
+
+#[test]
+fn bottlerocket_and_bare_trees() {
+    let br = Node::new();
+    br.write("/etc/os-release", "NAME=Bottlerocket\nID=bottlerocket\nVERSION_ID=1.44.0\nPRETTY_NAME=\"Bottlerocket OS 1.44.0\"\n", 0o644);
+    let d = br.files();
+    d.assert("host.os", "skip", "settings API");
+    assert_eq!(d.report["checks"].as_array().unwrap().len(), 1, "{}", d.report);
+    assert_eq!(d.code(), 0);
+
+    let bare = Node::new();
+    bare.remove("/etc/os-release");
+    let d = bare.files();
+    d.assert("host.os", "skip", "no /etc/os-release");
+    d.assert("agent.record", "skip", "has not installed");
+    d.assert("soci.binary", "fail", "no soci-snapshotter.service");
+    d.assert("containerd.config-version", "fail", "defaults");
+    d.assert("systemd.boot-unit", "skip", "has not installed");
+    assert_eq!(d.code(), 1);
+}
+
+#[test]
+fn an_unreachable_bus_falls_back_to_unit_files() {
+    let n = installed_plain();
+    let bus = format!("unix:path={}", n.dir.path().join("no-bus.sock").display());
+    let d = n.doctor(&["--bus-address", &bus]);
+    d.assert("systemd.bus", "skip", "no bus at");
+    d.assert("systemd.soci-service", "warn", "(unit files)");
+    // Live, but the tree's sockets do not exist: skipped, not failed.
+    d.assert("live.soci-socket", "skip", "not running here");
+    d.assert("live.containerd-soci", "skip", "not running here");
+}
+
+#[test]
+fn little_space_under_the_soci_root_fails() {
+    let n = installed_plain();
+    let dir = n.path("/var/lib/soci-snapshotter-grpc");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(dir);
+    n.files().assert("host.disk", "fail", "tmpfs on tmpfs");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Live checks: the host's containerd on private paths.
+
+/// A background process, killed and reaped on drop; its output in a log file.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(cmd: &mut Command, log: PathBuf) -> Daemon {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        Daemon { child, log }
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- {}:\n{}", self.log.display(), self.log());
+        }
+    }
+}
+
+fn ctr(address: &Path, args: &[&str]) -> Output {
+    Command::new("ctr").arg("--address").arg(address).args(args).output().unwrap()
+}
+
+/// containerd with everything under `dir` (no CRI); `soci` = the proxy plugin's address.
+fn containerd(dir: &Path, soci: Option<&Path>) -> (Daemon, PathBuf) {
+    let bin = Path::new("/usr/bin/containerd");
+    assert!(bin.exists(), "needs Debian's containerd: apt-get install -y containerd (.ci/run does)");
+    let address = dir.join("containerd.sock");
+    let proxy = soci.map_or(String::new(), |s| {
+        format!("\n[proxy_plugins.soci]\n  type = \"snapshot\"\n  address = {:?}\n", s.display().to_string())
+    });
+    let config = dir.join("containerd.toml");
+    let p = |name: &str| dir.join(name).display().to_string();
+    std::fs::write(
+        &config,
+        format!(
+            "version = 2\nroot = {:?}\nstate = {:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\n\
+             [grpc]\n  address = {:?}\n\n[ttrpc]\n  address = {:?}\n\n\
+             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {:?}\n{proxy}",
+            p("containerd-root"),
+            p("containerd-state"),
+            address.display().to_string(),
+            format!("{}.ttrpc", address.display()),
+            p("containerd-opt"),
+        ),
+    )
+    .unwrap();
+    let mut daemon = Daemon::spawn(Command::new(bin).arg("--config").arg(&config), dir.join("containerd.log"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ctr(&address, &["version"]).status.success() {
+        if let Some(s) = daemon.child.try_wait().unwrap() {
+            panic!("containerd exited ({s}):\n{}", daemon.log());
+        }
+        assert!(Instant::now() < deadline, "containerd not serving after 30 s:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (daemon, address)
+}
+
+fn live(n: &Node, containerd: &Path, soci: &Path) -> Doctor {
+    n.doctor(&[
+        "--containerd-socket",
+        containerd.to_str().unwrap(),
+        "--soci-socket",
+        soci.to_str().unwrap(),
+    ])
+}
+
+#[test]
+fn live_containerd_without_a_proxy_plugin() {
+    let n = installed_plain();
+    let tmp = tempfile::tempdir().unwrap();
+    let (_daemon, address) = containerd(tmp.path(), None);
+    let d = live(&n, &address, &tmp.path().join("nobody.sock"));
+    d.assert("live.containerd-soci", "fail", "lists no soci snapshotter");
+    d.assert("live.soci-socket", "fail", "no socket at");
+    d.assert("live.pause-image", "skip", "no /etc/eks/pause.tar");
+    assert_eq!(d.code(), 1);
+}
+
+#[test]
+fn live_containerd_with_nothing_serving_soci() {
+    let n = installed_plain();
+    let tmp = tempfile::tempdir().unwrap();
+    let soci = tmp.path().join("soci.sock");
+    let (_daemon, address) = containerd(tmp.path(), Some(&soci));
+    let d = live(&n, &address, &soci);
+    d.assert("live.containerd-soci", "fail", "lists soci but cannot reach it");
+    d.assert("live.soci-socket", "fail", "no socket at");
+}
+
+#[test]
+fn live_standin_serving_soci_and_the_pause_image() {
+    let n = installed_plain();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let soci = d.join("soci.sock");
+    let config = d.join("soci.toml");
+    std::fs::write(&config, "[pull_modes.parallel_pull_unpack]\nenable = true\n").unwrap();
+    let mut cmd = Command::new(common::standin::standin_binary());
+    cmd.arg("--address")
+        .arg(&soci)
+        .arg("--root")
+        .arg(d.join("soci-root"))
+        .arg("--config")
+        .arg(&config)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDS");
+    let standin = Daemon::spawn(&mut cmd, d.join("standin.log"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&soci).is_err() {
+        assert!(Instant::now() < deadline, "stand-in not serving:\n{}", standin.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_daemon, address) = containerd(d, Some(&soci));
+    let pause = oci_image_tar(PAUSE_IMAGE);
+    std::fs::create_dir_all(n.path("/etc/eks")).unwrap();
+    std::fs::write(n.path("/etc/eks/pause.tar"), &pause).unwrap();
+
+    let report = live(&n, &address, &soci);
+    report.assert("live.soci-socket", "ok", "accepted a connection");
+    report.assert("live.containerd-soci", "ok", "answers Snapshots.List");
+    report.assert("live.pause-image", "fail", "not in containerd's k8s.io namespace");
+
+    let tar = d.join("pause.tar");
+    std::fs::write(&tar, &pause).unwrap();
+    let import = |snapshotter: &str| {
+        let out = ctr(
+            &address,
+            &["-n", "k8s.io", "images", "import", "--snapshotter", snapshotter, tar.to_str().unwrap()],
+        );
+        assert!(out.status.success(), "ctr import --snapshotter {snapshotter}: {}", show(&out));
+    };
+    import("native");
+    live(&n, &address, &soci).assert("live.pause-image", "fail", "not unpacked in soci (unpacked in: native)");
+    import("soci");
+    live(&n, &address, &soci).assert("live.pause-image", "ok", "is unpacked in soci (snapshot sha256:");
+}
+
+/// A one-layer OCI image layout tarball named `name`.
+fn oci_image_tar(name: &str) -> Vec<u8> {
+    use common::archive::sha256_hex;
+    use std::io::Write;
+    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in files {
+            let mut h = tar::Header::new_ustar();
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            h.set_mtime(1_700_000_000);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, path, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+    let layer = tar_of(&[("pause", b"#!/bin/sh\n")]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&layer).unwrap();
+    let gz = gz.finish().unwrap();
+    let arch = match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        _ => "amd64",
+    };
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": arch, "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&layer))]},
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": format!("sha256:{}", sha256_hex(&config)), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": format!("sha256:{}", sha256_hex(&gz)), "size": gz.len()}],
+    }))
+    .unwrap();
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": format!("sha256:{}", sha256_hex(&manifest)), "size": manifest.len(),
+                       "annotations": {"io.containerd.image.name": name}}],
+    }))
+    .unwrap();
+    let blobs: Vec<(String, &[u8])> = [gz.as_slice(), &config, &manifest]
+        .into_iter()
+        .map(|b| (format!("blobs/sha256/{}", sha256_hex(b)), b))
+        .collect();
+    let mut files: Vec<(&str, &[u8])> = vec![
+        ("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#),
+        ("index.json", &index),
+    ];
+    files.extend(blobs.iter().map(|(n, b)| (n.as_str(), *b)));
+    tar_of(&files)
+}

@@ -1,0 +1,413 @@
+//! `soci-agent prefetch` against real parts: the host's Debian containerd (1.6, CRI plugin on a
+//! private socket, `tests/common/containerd.rs`) and Debian's `docker-registry` on a loopback port
+//! (`tests/common/registry.rs`), holding small OCI images of random layers built and pushed here.
+//! Nothing about either is mocked.
+//!
+//! - pulls N images, a missing tag and a bad reference fail per image (exit 4), the others succeed;
+//!   SOCI's `discard_unpacked_layers = true` serializes images of one repository (issue 2035);
+//! - a second run is all cache hits; `--pin` labels every CRI record of each image in containerd,
+//!   `--unpin` removes the label; `--platform` on containerd 1.6 reports the other platform as
+//!   unsupported;
+//! - registry down: a per-image timeout names the last error; then down and brought up while the
+//!   agent retries: the pull succeeds after more than one attempt;
+//! - credentials: a test credential provider plugin (exec protocol) whose credentials an htpasswd
+//!   registry requires -> pulled, the plugin run once per registry (its cache), wrong credentials
+//!   -> a clear failure without retries, `--auth-file` -> pulled; no password in stdout, stderr
+//!   or the report.
+//!
+//! Needs root, `/usr/bin/containerd` + `ctr` (containerd), `/usr/bin/docker-registry`
+//! (docker-registry) and `htpasswd` (apache2-utils).
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use common::containerd::{Containerd, wait_until};
+use common::registry::{Registry, base64};
+
+const BIN: &str = env!("CARGO_BIN_EXE_soci-agent");
+/// Bound for one prefetch run in these tests.
+const RUN_BOUND: Duration = Duration::from_secs(90);
+const PINNED: &str = "io.cri-containerd.pinned=pinned";
+
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("report is not JSON ({e}):\n{}", self.stdout))
+    }
+    fn show(&self) -> String {
+        format!("exit {:?}\nstdout:\n{}\nstderr:\n{}", self.code(), self.stdout, self.stderr)
+    }
+}
+
+/// A node: its `--root` and the containerd serving CRI.
+struct Node {
+    root: PathBuf,
+    containerd: Containerd,
+}
+
+impl Node {
+    fn new(dir: &Path) -> Node {
+        let root = dir.join("node");
+        fs::create_dir_all(&root).unwrap();
+        Node {
+            root,
+            containerd: Containerd::start(&dir.join("containerd")),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--log-level", "info", "prefetch"])
+            .args(if args.contains(&"--retries") { &[][..] } else { &["--retries", "2"][..] })
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--cri-endpoint")
+            .arg(self.containerd.endpoint())
+            .arg("--containerd-address")
+            .arg(&self.containerd.socket)
+            .args(args)
+            .env_remove("SOCI_AGENT_LOG")
+            .env_remove("SOCI_AGENT_CONFIG")
+            .env_remove("SOCI_AGENT_OUTPUT");
+        cmd
+    }
+
+    fn prefetch(&self, args: &[&str]) -> Run {
+        let out = common::containerd::run_bounded(&mut self.command(args), RUN_BOUND);
+        Run {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+fn image<'a>(report: &'a Value, reference: &str) -> &'a Value {
+    report["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["reference"] == reference || i["image"] == reference)
+        .unwrap_or_else(|| panic!("{reference} not in report:\n{report:#}"))
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("prefetch-").tempdir_in("/tmp").unwrap()
+}
+
+#[test]
+fn pulls_reports_failures_then_hits_pins_and_unpins() {
+    let t0 = Instant::now();
+    let tmp = tempdir();
+    let registry = Registry::start_new(&tmp.path().join("registry"), None);
+    let web1 = registry.push_random_image("team/web", "1", 3, 256 << 10);
+    let web2 = registry.push_random_image("team/web", "2", 2, 256 << 10);
+    let api = registry.push_random_image("team/api", "1", 2, 256 << 10);
+    let node = Node::new(tmp.path());
+    node.containerd.trust_plain_http(&registry.host());
+    // SOCI in parallel mode discarding unpacked layers: team/web's two tags must not overlap.
+    let soci = node.root.join("etc/soci-snapshotter-grpc");
+    fs::create_dir_all(&soci).unwrap();
+    fs::write(
+        soci.join("config.toml"),
+        "[pull_modes.parallel_pull_unpack]\nenable = true\ndiscard_unpacked_layers = true\n",
+    )
+    .unwrap();
+
+    let missing = format!("{}/team/web:missing", registry.host());
+    let bad = format!("{}/Team/Bad:1", registry.host());
+    let good = [web1.reference.as_str(), web2.reference.as_str(), api.reference.as_str()];
+    let mut args = good.to_vec();
+    args.extend([missing.as_str(), bad.as_str(), web1.reference.as_str()]);
+    args.extend(["--concurrency", "3", "--output", "json"]);
+    let run = node.prefetch(&args);
+    assert_eq!(run.code(), 4, "{}", run.show());
+    let report = run.json();
+    assert_eq!(report["summary"]["pulled"], 3, "{report:#}");
+    assert_eq!(report["summary"]["failed"], 2, "{report:#}");
+    assert_eq!(report["summary"]["images"], 5, "duplicate dropped: {report:#}");
+    for r in good {
+        let i = image(&report, r);
+        assert_eq!(i["state"], "pulled", "{i:#}");
+        assert_eq!(i["attempts"], 1, "{i:#}");
+        assert_eq!(i["auth"], "anonymous", "{i:#}");
+        assert!(i["bytes"].as_u64().unwrap() > 256 << 10, "{i:#}");
+        assert!(i["image_id"].as_str().unwrap().starts_with("sha256:"), "{i:#}");
+    }
+    let m = image(&report, &missing);
+    assert_eq!((&m["state"], &m["attempts"]), (&Value::from("failed"), &Value::from(1)), "{m:#}");
+    assert!(m["error"].as_str().unwrap().contains("not found"), "{m:#}");
+    let b = image(&report, &bad);
+    assert_eq!(b["attempts"], 0, "{b:#}");
+    assert!(b["error"].as_str().unwrap().contains("invalid image reference"), "{b:#}");
+    let warnings = report["warnings"].to_string();
+    assert!(warnings.contains("2035") && warnings.contains("same image"), "{warnings}");
+    assert_eq!(report["serialized_repos"], serde_json::json!([format!("{}/team/web", registry.host())]));
+    // One structured log line per image (stderr is not a terminal), plus the summary.
+    let lines: Vec<Value> = run.stderr.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    for r in good {
+        assert!(
+            lines.iter().any(|l| l["image"] == r && l["state"] == "pulled" && l["bytes"].as_u64() > Some(0)),
+            "no log line for {r}:\n{}",
+            run.stderr
+        );
+    }
+    let names = node.containerd.image_names();
+    for r in good {
+        assert!(names.iter().any(|n| n == r), "{r} not in containerd's k8s.io images: {names:?}");
+    }
+    eprintln!("first run: {:.1} s", t0.elapsed().as_secs_f64());
+
+    // Second run: all hits, pinned (text report), and bake mode reports what 1.6 cannot do.
+    let mut args = good.to_vec();
+    args.extend(["--pin", "--platform", "linux/amd64,linux/arm64,linux/arm/v7"]);
+    let run = node.prefetch(&args);
+    assert_eq!(run.code(), 0, "{}", run.show());
+    assert!(run.stdout.contains("prefetch: 3 images: 3 hit, 0 pulled, 0 failed"), "{}", run.show());
+    assert_eq!(run.stdout.matches("pinned").count(), 3, "{}", run.show());
+    assert!(run.stdout.contains("unsupported by this containerd"), "{}", run.show());
+    for r in good {
+        let labels = node.containerd.image_labels(r).unwrap();
+        assert!(labels.contains(PINNED), "{r}: {labels}");
+    }
+    // Every CRI record of the image carries it: tag, digest reference and ID.
+    let digest_ref = format!("{}/team/web@{}", registry.host(), web1.manifest_digest);
+    assert!(node.containerd.image_labels(&digest_ref).unwrap().contains(PINNED));
+
+    let mut args = good.to_vec();
+    args.extend(["--unpin", "--output", "json"]);
+    args.push(&missing);
+    let run = node.prefetch(&args);
+    assert_eq!(run.code(), 0, "{}", run.show());
+    let report = run.json();
+    assert_eq!(report["summary"]["hit"], 3, "{report:#}");
+    assert_eq!(image(&report, &missing)["state"], "absent", "unpin pulls nothing: {report:#}");
+    for r in good.iter().copied().chain([digest_ref.as_str()]) {
+        let labels = node.containerd.image_labels(r).unwrap();
+        assert!(!labels.contains(PINNED), "{r}: {labels}");
+        assert!(labels.contains("io.cri-containerd.image=managed"), "other labels kept: {labels}");
+    }
+    assert!(node.containerd.image_labels(&missing).is_none());
+    eprintln!("pulls/hits/pins: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+#[test]
+fn retries_until_the_registry_is_up() {
+    let t0 = Instant::now();
+    let tmp = tempdir();
+    let mut registry = Registry::start_new(&tmp.path().join("registry"), None);
+    let app = registry.push_random_image("slow/app", "1", 2, 128 << 10);
+    registry.stop();
+    let mut node = Node::new(tmp.path());
+    node.containerd.trust_plain_http(&registry.host());
+
+    // Down for good: the per-image bound ends it with the last error.
+    let run = node.prefetch(&[&app.reference, "--timeout-per-image", "3", "--output", "json"]);
+    assert_eq!(run.code(), 4, "{}", run.show());
+    let i = run.json()["images"][0].clone();
+    let error = i["error"].as_str().unwrap();
+    assert!(error.contains("timed out after 3 s") && error.contains("connection refused"), "{i:#}");
+    assert!(i["attempts"].as_u64().unwrap() >= 2, "{i:#}");
+
+    // Down, then up while the agent backs off: the next attempt pulls it.
+    let stderr_path = tmp.path().join("prefetch.stderr");
+    let stdout_path = tmp.path().join("prefetch.stdout");
+    let mut child = node
+        .command(&[&app.reference, "--retries", "8", "--output", "json"])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&stdout_path).unwrap())
+        .stderr(fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until(
+        "a retry after connection refused",
+        Duration::from_secs(30),
+        || fs::read_to_string(&stderr_path).unwrap_or_default().contains("transient error, retrying"),
+        || fs::read_to_string(&stderr_path).unwrap_or_default(),
+    );
+    registry.start();
+    let deadline = Instant::now() + RUN_BOUND;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("prefetch still running; stderr:\n{}", fs::read_to_string(&stderr_path).unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = fs::read_to_string(&stdout_path).unwrap();
+    let stderr = fs::read_to_string(&stderr_path).unwrap();
+    assert_eq!(status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let i = &report["images"][0];
+    assert_eq!(i["state"], "pulled", "{i:#}");
+    assert!(i["attempts"].as_u64().unwrap() >= 2, "{i:#}");
+    node.containerd.assert_running();
+    assert!(node.containerd.image_names().contains(&app.reference));
+    eprintln!("retries: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+const USER: &str = "prefetch-user";
+const PASSWORD: &str = "pw-Zq81-s3cret-never-logged";
+const WRONG: &str = "pw-wrong-Kx02-also-never-logged";
+
+/// Writes the plugin and a CredentialProviderConfig naming it; returns (config, bin dir, request log).
+fn credential_provider(dir: &Path, registry: &str, password: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let bin = dir.join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    let plugin = bin.join("test-credential-provider");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/prefetch/test-credential-provider.sh");
+    fs::copy(&script, &plugin).unwrap();
+    fs::set_permissions(&plugin, fs::Permissions::from_mode(0o755)).unwrap();
+    let log = dir.join("requests.log");
+    let config = serde_json::json!({
+        "apiVersion": "kubelet.config.k8s.io/v1",
+        "kind": "CredentialProviderConfig",
+        "providers": [
+            {
+                "name": "ecr-credential-provider",
+                "matchImages": ["*.dkr.ecr.*.amazonaws.com"],
+                "defaultCacheDuration": "12h",
+                "apiVersion": "credentialprovider.kubelet.k8s.io/v1"
+            },
+            {
+                "name": "test-credential-provider",
+                "matchImages": ["127.0.0.1:*", registry],
+                "defaultCacheDuration": "1m",
+                "apiVersion": "credentialprovider.kubelet.k8s.io/v1",
+                "args": ["get-credentials"],
+                "env": [
+                    {"name": "TEST_CREDENTIAL_REGISTRY", "value": registry},
+                    {"name": "TEST_CREDENTIAL_USER", "value": USER},
+                    {"name": "TEST_CREDENTIAL_PASSWORD", "value": password},
+                    {"name": "TEST_CREDENTIAL_LOG", "value": log.to_str().unwrap()}
+                ]
+            }
+        ]
+    });
+    let path = dir.join("config.json");
+    fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    (path, bin, log)
+}
+
+fn assert_no_secret(run: &Run) {
+    for secret in [PASSWORD, WRONG, &base64(format!("{USER}:{PASSWORD}").as_bytes())] {
+        assert!(
+            !run.stdout.contains(secret) && !run.stderr.contains(secret),
+            "a secret leaked into the output:\n{}",
+            run.show()
+        );
+    }
+}
+
+#[test]
+fn credentials_from_a_provider_plugin_and_an_auth_file() {
+    let t0 = Instant::now();
+    let tmp = tempdir();
+    let registry = Registry::start_new(&tmp.path().join("registry"), Some((USER, PASSWORD)));
+    let one = registry.push_random_image("private/one", "1", 2, 128 << 10);
+    let two = registry.push_random_image("private/two", "1", 2, 128 << 10);
+    let three = registry.push_random_image("private/three", "1", 1, 128 << 10);
+    let node = Node::new(tmp.path());
+    node.containerd.trust_plain_http(&registry.host());
+    let host = registry.host();
+
+    // Anonymous: the registry refuses, clearly and without retries.
+    let run = node.prefetch(&[&one.reference, "--output", "json"]);
+    assert_eq!(run.code(), 4, "{}", run.show());
+    let i = run.json()["images"][0].clone();
+    assert_eq!((&i["auth"], &i["attempts"]), (&Value::from("anonymous"), &Value::from(1)), "{i:#}");
+    assert!(i["error"].as_str().unwrap().contains("401 Unauthorized"), "{i:#}");
+
+    // The plugin's credentials: both images pulled, the plugin run once (cacheKeyType Registry).
+    let (config, bin, log) = credential_provider(&tmp.path().join("provider"), &host, PASSWORD);
+    let provider_args = [
+        "--image-credential-provider-config",
+        config.to_str().unwrap(),
+        "--image-credential-provider-bin-dir",
+        bin.to_str().unwrap(),
+    ];
+    let mut args = vec![one.reference.as_str(), two.reference.as_str(), "--output", "json"];
+    args.extend(provider_args);
+    let run = node.prefetch(&args);
+    assert_eq!(run.code(), 0, "{}", run.show());
+    assert_no_secret(&run);
+    let report = run.json();
+    for r in [&one.reference, &two.reference] {
+        let i = image(&report, r);
+        assert_eq!(i["state"], "pulled", "{i:#}");
+        assert_eq!(i["auth"], "credential-provider:test-credential-provider", "{i:#}");
+    }
+    let requests: Vec<Value> = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(requests.len(), 1, "cached per registry: {requests:?}");
+    assert_eq!(requests[0]["apiVersion"], "credentialprovider.kubelet.k8s.io/v1");
+    assert!(requests[0]["image"].as_str().unwrap().starts_with(&format!("{host}/private/")));
+
+    // Wrong credentials: a clear per-image failure, not retried, no secret shown.
+    let (config, bin, _) = credential_provider(&tmp.path().join("wrong"), &host, WRONG);
+    let run = node.prefetch(&[
+        &three.reference,
+        "--image-credential-provider-config",
+        config.to_str().unwrap(),
+        "--image-credential-provider-bin-dir",
+        bin.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code(), 4, "{}", run.show());
+    assert_no_secret(&run);
+    assert!(
+        run.stdout.contains("failed") && run.stdout.contains("401 Unauthorized"),
+        "{}",
+        run.show()
+    );
+    assert!(!run.stderr.contains("retrying"), "authorization failures are not retried:\n{}", run.show());
+
+    // An explicit docker config.json comes first, even with a provider configured.
+    let auth_file = tmp.path().join("auth.json");
+    let auth = base64(format!("{USER}:{PASSWORD}").as_bytes());
+    fs::write(&auth_file, format!("{{\"auths\":{{\"http://{host}\":{{\"auth\":\"{auth}\"}}}}}}")).unwrap();
+    let run = node.prefetch(&[
+        &three.reference,
+        "--auth-file",
+        auth_file.to_str().unwrap(),
+        "--image-credential-provider-config",
+        config.to_str().unwrap(),
+        "--image-credential-provider-bin-dir",
+        bin.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(run.code(), 0, "{}", run.show());
+    assert_no_secret(&run);
+    let i = run.json()["images"][0].clone();
+    assert_eq!((&i["state"], &i["auth"]), (&Value::from("pulled"), &Value::from("auth-file")), "{i:#}");
+
+    // A provider config that is not JSON is a configuration error (exit 2), nothing pulled.
+    let yaml = tmp.path().join("provider.yaml");
+    fs::write(&yaml, "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\n").unwrap();
+    let run = node.prefetch(&[&one.reference, "--image-credential-provider-config", yaml.to_str().unwrap()]);
+    assert_eq!(run.code(), 2, "{}", run.show());
+    assert!(run.stdout.contains("YAML is not supported"), "{}", run.show());
+    eprintln!("credentials: {:.1} s", t0.elapsed().as_secs_f64());
+}
