@@ -57,6 +57,11 @@ pub struct Activation {
     pub steps: Vec<String>,
 }
 
+/// Running, or on its way (a start job in progress).
+fn running(state: &crate::systemd::UnitState) -> bool {
+    matches!(state.active_state.as_str(), "active" | "activating" | "reloading")
+}
+
 fn enabled_state(s: &str) -> bool {
     matches!(
         s,
@@ -137,7 +142,7 @@ pub async fn activate(
         // snapshotter that fails to start leaves containerd stopped (its start job fails with
         // `dependency`). Log containerd first so that `undo` starts it again, after the
         // snapshotter is stopped.
-        if containerd_before.is_active() {
+        if running(&containerd_before) {
             act.restarted.push(containerd_entry.clone());
         }
         act.restarted.push((soci.to_string(), soci_state.is_active()));
@@ -150,13 +155,19 @@ pub async fn activate(
     let waited = health::wait_for_socket(&root.path(SOCI_SOCKET), bounds.socket).await?;
     act.soci_socket_seconds = Some(waited.as_secs_f64());
 
-    if !containerd_before.is_active() {
+    // A start job queued before this run (e.g. by an interrupted run) shows up
+    // only now that the snapshotter it waits for is up.
+    let mut containerd_now = sd.unit_state(units::CONTAINERD_SERVICE).await?;
+    if !running(&containerd_before) && !running(&containerd_now) {
         act.steps
             .push("containerd is not running: it uses SOCI from its next start".into());
         return Ok(());
     }
-    // containerd Requires= the snapshotter, so restarting SOCI restarted it too.
-    let containerd_now = sd.unit_state(units::CONTAINERD_SERVICE).await?;
+    if !containerd_now.is_active() {
+        sd.start(units::CONTAINERD_SERVICE).await?;
+        act.steps.push("waited for containerd's pending start".into());
+        containerd_now = sd.unit_state(units::CONTAINERD_SERVICE).await?;
+    }
     let restarted_along = containerd_now.invocation_id != containerd_before.invocation_id;
     if !effects.restart_containerd && !restarted_along {
         // The files say containerd is already wired; a run killed between writing them and

@@ -87,6 +87,8 @@ use credentials::Keyring;
 use cri::{CallError, Cri};
 use progress::Board;
 
+/// Where SOCI's sockets live (its CRI keychain serves the ImageService there).
+const SOCI_RUN_DIR: &str = "/run/soci-snapshotter-grpc";
 /// Longest wait between two attempts.
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
@@ -159,7 +161,18 @@ pub async fn prefetch(opts: &PrefetchOptions) -> PrefetchReport {
     report.warnings.extend(keyring.warnings.iter().cloned());
 
     let items = dedupe(&opts.images, &mut report.warnings);
-    let repo_locks = serialization(opts, &items, &mut report);
+    let soci = read_soci_config(&opts.soci_config);
+    let repo_locks = serialization(opts, &soci, &items, &mut report);
+    let credentials_configured =
+        opts.auth_file.is_some() || opts.credential_provider_config.as_deref().is_some_and(Path::exists);
+    if soci.as_ref().is_ok_and(|f| f.cri_keychain) && credentials_configured && !cri_socket.starts_with(SOCI_RUN_DIR) {
+        report.warnings.push(format!(
+            "SOCI's CRI keychain is enabled: credentials of pulls through {} do not reach SOCI, which fetches \
+             layers itself in parallel mode; point --cri-endpoint at SOCI's socket (kubelet's \
+             imageServiceEndpoint) for private registries",
+            opts.cri_endpoint
+        ));
+    }
     let names = items
         .iter()
         .map(|i| i.parsed.as_ref().map_or(i.given.clone(), ToString::to_string))
@@ -230,6 +243,7 @@ fn dedupe(images: &[String], warnings: &mut Vec<String>) -> Vec<Item> {
 /// mode, one lock per repository holding two or more images.
 fn serialization(
     opts: &PrefetchOptions,
+    soci: &Result<SociFacts, String>,
     items: &[Item],
     report: &mut PrefetchReport,
 ) -> HashMap<String, tokio::sync::Mutex<()>> {
@@ -241,9 +255,9 @@ fn serialization(
     if shared.is_empty() || opts.concurrency == 1 {
         return HashMap::new();
     }
-    match soci_discards_unpacked_layers(&opts.soci_config) {
-        Ok(false) => HashMap::new(),
-        Ok(true) => {
+    match soci {
+        Ok(facts) if !facts.discards_unpacked_layers => HashMap::new(),
+        Ok(_) => {
             for repo in &shared {
                 report.warnings.push(format!(
                     "SOCI parallel mode runs with discard_unpacked_layers = true: images of {repo} are \
@@ -262,22 +276,41 @@ fn serialization(
     }
 }
 
-/// Whether SOCI's config enables parallel pull/unpack with
-/// `discard_unpacked_layers = true`; a missing file is `false`.
-pub fn soci_discards_unpacked_layers(path: &Path) -> Result<bool, String> {
+/// What `prefetch` needs to know from SOCI's config file.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SociFacts {
+    /// Parallel pull/unpack is on with `discard_unpacked_layers = true`.
+    pub discards_unpacked_layers: bool,
+    /// `[cri_keychain] enable_keychain = true`: SOCI learns pull credentials
+    /// only from CRI pulls made through its own socket.
+    pub cri_keychain: bool,
+}
+
+/// Reads SOCI's `config.toml`; a missing file is all `false`.
+pub fn read_soci_config(path: &Path) -> Result<SociFacts, String> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(SociFacts::default()),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
     let doc: toml_edit::DocumentMut = text
         .parse()
         .map_err(|e: toml_edit::TomlError| format!("{} is not valid TOML: {}", path.display(), e.message()))?;
-    let par = doc
-        .get("pull_modes")
-        .and_then(|p| p.get("parallel_pull_unpack"));
-    let on = |key: &str| par.and_then(|p| p.get(key)).and_then(|v| v.as_bool()).unwrap_or(false);
-    Ok(on("enable") && on("discard_unpacked_layers"))
+    let flag = |table: &[&str], key: &str| {
+        let mut item = doc.as_item();
+        for t in table {
+            match item.get(t) {
+                Some(i) => item = i,
+                None => return false,
+            }
+        }
+        item.get(key).and_then(|v| v.as_bool()).unwrap_or(false)
+    };
+    let par = ["pull_modes", "parallel_pull_unpack"];
+    Ok(SociFacts {
+        discards_unpacked_layers: flag(&par, "enable") && flag(&par, "discard_unpacked_layers"),
+        cri_keychain: flag(&["cri_keychain"], "enable_keychain"),
+    })
 }
 
 /// Per-image call bookkeeping that survives the timeout cancelling the work.
@@ -318,7 +351,10 @@ async fn one_image(ctx: &Ctx<'_>, idx: usize, item: &Item) -> ImageReport {
             rep.state = ImageState::Failed;
             let last = tracker.last_error.lock().expect("tracker lock").clone();
             rep.error = Some(match last {
-                Some(l) => format!("timed out after {} s (--timeout-per-image); last error: {l}", bound.as_secs_f64()),
+                Some(l) => format!(
+                    "timed out after {} s (--timeout-per-image); last error: {l}",
+                    bound.as_secs_f64()
+                ),
                 None => format!("timed out after {} s (--timeout-per-image)", bound.as_secs_f64()),
             });
         }
@@ -341,7 +377,7 @@ fn log_result(ctx: &Ctx<'_>, rep: &ImageReport) {
     let image = rep.name();
     let state = rep.state.as_str();
     let bytes = rep.bytes.unwrap_or(0);
-    let auth = rep.auth.as_deref().unwrap_or("");
+    let auth = rep.auth.as_deref().unwrap_or("none");
     match &rep.error {
         None => tracing::info!(
             image,
@@ -404,9 +440,11 @@ async fn work(
         let pinned = ctx.opts.pin == PinMode::Pin;
         ctx.board.set(idx, if pinned { "pinning" } else { "unpinning" });
         let names = pin::record_names(&found);
-        retry(ctx, idx, tracker, "pin", None, || pin::set_pinned(&ctx.containerd, &names, pinned))
-            .await
-            .map_err(|e| format!("image {}, but {e}", state.as_str()))?;
+        retry(ctx, idx, tracker, "pin", None, || {
+            pin::set_pinned(&ctx.containerd, &names, pinned)
+        })
+        .await
+        .map_err(|e| format!("image {}, but {e}", state.as_str()))?;
         rep.pinned = Some(pinned);
     }
     if !ctx.opts.platforms.is_empty() {
@@ -484,7 +522,9 @@ where
 }
 
 fn backoff(base: Duration, attempt: u32) -> Duration {
-    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16)).min(BACKOFF_CAP);
+    let exp = base
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+        .min(BACKOFF_CAP);
     exp + exp.mul_f64(fastrand::f64() * 0.25)
 }
 
@@ -504,17 +544,30 @@ mod tests {
     }
 
     #[test]
-    fn reads_soci_discard_setting() {
+    fn reads_soci_config() {
         let dir = std::env::temp_dir().join(format!("soci-agent-prefetch-soci-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("config.toml");
-        assert_eq!(soci_discards_unpacked_layers(&f), Ok(false));
-        std::fs::write(&f, "[pull_modes.parallel_pull_unpack]\nenable = true\ndiscard_unpacked_layers = true\n").unwrap();
-        assert_eq!(soci_discards_unpacked_layers(&f), Ok(true));
-        std::fs::write(&f, "[pull_modes.parallel_pull_unpack]\nenable = false\ndiscard_unpacked_layers = true\n").unwrap();
-        assert_eq!(soci_discards_unpacked_layers(&f), Ok(false));
+        assert_eq!(read_soci_config(&f), Ok(SociFacts::default()));
+        std::fs::write(
+            &f,
+            "[pull_modes.parallel_pull_unpack]\nenable = true\ndiscard_unpacked_layers = true\n\
+             [cri_keychain]\nenable_keychain = true\n",
+        )
+        .unwrap();
+        let on = SociFacts {
+            discards_unpacked_layers: true,
+            cri_keychain: true,
+        };
+        assert_eq!(read_soci_config(&f), Ok(on));
+        std::fs::write(
+            &f,
+            "[pull_modes.parallel_pull_unpack]\nenable = false\ndiscard_unpacked_layers = true\n",
+        )
+        .unwrap();
+        assert_eq!(read_soci_config(&f), Ok(SociFacts::default()));
         std::fs::write(&f, "[pull_modes\n").unwrap();
-        assert!(soci_discards_unpacked_layers(&f).is_err());
+        assert!(read_soci_config(&f).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -65,7 +65,11 @@ impl Node {
         );
         n.write("/usr/bin/nodeadm", "#!/bin/sh\nexit 0\n", 0o755);
         std::fs::create_dir_all(n.path("/etc/eks/nodeadm.d")).unwrap();
-        n.write("/etc/eks/containerd-version.txt", &format!("{containerd_version}\n"), 0o644);
+        n.write(
+            "/etc/eks/containerd-version.txt",
+            &format!("{containerd_version}\n"),
+            0o644,
+        );
         n.write("/usr/bin/unpigz", "#!/bin/sh\nexec gzip \"$@\"\n", 0o755);
         n
     }
@@ -138,7 +142,12 @@ impl Node {
         let n = Node {
             dir: tempfile::tempdir().unwrap(),
         };
-        let st = Command::new("cp").arg("-a").arg(self.root()).arg(n.root()).status().unwrap();
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(self.root())
+            .arg(n.root())
+            .status()
+            .unwrap();
         assert!(st.success());
         n
     }
@@ -198,7 +207,11 @@ impl Doctor {
     /// `id` has `verdict` and its evidence or advice contains `contains`.
     fn expect(&self, id: &str, verdict: &str, contains: &str) -> Result<(), String> {
         let c = self.check(id);
-        let text = format!("{} {}", c["evidence"].as_str().unwrap_or(""), c["advice"].as_str().unwrap_or(""));
+        let text = format!(
+            "{} {}",
+            c["evidence"].as_str().unwrap_or(""),
+            c["advice"].as_str().unwrap_or("")
+        );
         if c["verdict"] != verdict || !text.contains(contains) {
             return Err(format!("{id}: want {verdict} with {contains:?}, got {c}"));
         }
@@ -213,7 +226,10 @@ impl Doctor {
     }
     fn assert(&self, id: &str, verdict: &str, contains: &str) {
         if let Err(e) = self.expect(id, verdict, contains) {
-            panic!("{e}\nfull report:\n{}", serde_json::to_string_pretty(&self.report).unwrap());
+            panic!(
+                "{e}\nfull report:\n{}",
+                serde_json::to_string_pretty(&self.report).unwrap()
+            );
         }
     }
     fn failing(&self) -> Vec<String> {
@@ -245,13 +261,20 @@ fn run_cases(template: &Node, cases: &[Case]) {
                 s.spawn(move || {
                     let n = template.copy();
                     (case.mutate)(&n);
-                    n.files().expect(case.id, case.verdict, case.contains).map_err(|e| format!("[{}] {e}", case.name))
+                    n.files()
+                        .expect(case.id, case.verdict, case.contains)
+                        .map_err(|e| format!("[{}] {e}", case.name))
                 })
             })
             .collect();
         handles.into_iter().filter_map(|h| h.join().unwrap().err()).collect()
     });
-    assert!(errors.is_empty(), "{} case(s) failed:\n{}", errors.len(), errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "{} case(s) failed:\n{}",
+        errors.len(),
+        errors.join("\n")
+    );
 }
 
 fn installed_plain() -> Node {
@@ -316,21 +339,37 @@ fn a_fresh_install_has_no_failing_check() {
     d.assert("systemd.soci-socket", "warn", "systemctl enable");
     d.assert("systemd.boot-unit", "warn", "systemctl enable soci-agent-boot.service");
     d.assert("containerd.version", "warn", "no containerd binary");
-    for id in ["host.size", "host.storage", "systemd.bus", "live.soci-socket", "live.containerd-soci"] {
+    for id in [
+        "host.size",
+        "host.storage",
+        "systemd.bus",
+        "live.soci-socket",
+        "live.containerd-soci",
+    ] {
         d.assert(id, "skip", "");
     }
     d.assert("nodeadm.dropin", "skip", "not a nodeadm host");
     let s = &d.report["summary"];
-    let total: u64 = ["ok", "warn", "fail", "skip"].iter().map(|k| s[k].as_u64().unwrap()).sum();
+    let total: u64 = ["ok", "warn", "fail", "skip"]
+        .iter()
+        .map(|k| s[k].as_u64().unwrap())
+        .sum();
     assert_eq!(total as usize, d.report["checks"].as_array().unwrap().len());
 
     // The same in text: a headline and one row per check.
-    let out = agent(&["status", "--no-live"]).arg("--root").arg(n.root()).output().unwrap();
+    let out = agent(&["status", "--no-live"])
+        .arg("--root")
+        .arg(n.root())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", show(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("soci-agent doctor: 0 fail, "), "{text}");
     assert!(text.lines().any(|l| l.starts_with("ok      soci.digest")), "{text}");
-    assert!(text.lines().any(|l| l.trim_start().starts_with("-> systemctl enable")), "{text}");
+    assert!(
+        text.lines().any(|l| l.trim_start().starts_with("-> systemctl enable")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -366,7 +405,11 @@ fn soci_binary_and_config_failures() {
         Case {
             name: "old SOCI via drop-in",
             mutate: |n| {
-                fake_daemon(n, "/opt/old/soci-snapshotter-grpc", "soci-snapshotter-grpc version v0.10.0 abc");
+                fake_daemon(
+                    n,
+                    "/opt/old/soci-snapshotter-grpc",
+                    "soci-snapshotter-grpc version v0.10.0 abc",
+                );
                 exec_dropin(n, "/opt/old/soci-snapshotter-grpc --address fd://");
             },
             id: "soci.version",
@@ -376,7 +419,11 @@ fn soci_binary_and_config_failures() {
         Case {
             name: "drop-in runs another binary than the record's",
             mutate: |n| {
-                fake_daemon(n, "/usr/bin/soci-snapshotter-grpc", "soci-snapshotter-grpc version v0.11.1 rpm");
+                fake_daemon(
+                    n,
+                    "/usr/bin/soci-snapshotter-grpc",
+                    "soci-snapshotter-grpc version v0.11.1 rpm",
+                );
                 exec_dropin(n, "/usr/bin/soci-snapshotter-grpc --address fd://");
             },
             id: "soci.digest",
@@ -395,14 +442,26 @@ fn soci_binary_and_config_failures() {
         },
         Case {
             name: "RPM copy besides ours",
-            mutate: |n| fake_daemon(n, "/usr/bin/soci-snapshotter-grpc", "soci-snapshotter-grpc version v0.9.0 rpm"),
+            mutate: |n| {
+                fake_daemon(
+                    n,
+                    "/usr/bin/soci-snapshotter-grpc",
+                    "soci-snapshotter-grpc version v0.9.0 rpm",
+                )
+            },
             id: "soci.other-copies",
             verdict: "ok",
             contains: "/usr/bin/soci-snapshotter-grpc (SOCI 0.9.0, the distribution's (RPM) copy)",
         },
         Case {
             name: "typo in a key",
-            mutate: |n| n.edit(SOCI_CONFIG, "max_concurrent_downloads_per_image", "max_concurent_downloads_per_image"),
+            mutate: |n| {
+                n.edit(
+                    SOCI_CONFIG,
+                    "max_concurrent_downloads_per_image",
+                    "max_concurent_downloads_per_image",
+                )
+            },
             id: "soci-config.keys",
             verdict: "warn",
             contains: "did you mean max_concurrent_downloads_per_image?",
@@ -416,7 +475,13 @@ fn soci_binary_and_config_failures() {
         },
         Case {
             name: "per-image above global",
-            mutate: |n| n.edit(SOCI_CONFIG, "max_concurrent_downloads = -1", "max_concurrent_downloads = 10"),
+            mutate: |n| {
+                n.edit(
+                    SOCI_CONFIG,
+                    "max_concurrent_downloads = -1",
+                    "max_concurrent_downloads = 10",
+                )
+            },
             id: "soci-config.limits",
             verdict: "fail",
             contains: "exceeds --max-concurrent-downloads 10",
@@ -439,7 +504,9 @@ fn soci_binary_and_config_failures() {
             name: "no decompressor configured",
             mutate: |n| {
                 let text = n.read(SOCI_CONFIG);
-                let cut = text.find("\n[pull_modes.parallel_pull_unpack.decompress_streams.gzip]").unwrap();
+                let cut = text
+                    .find("\n[pull_modes.parallel_pull_unpack.decompress_streams.gzip]")
+                    .unwrap();
                 n.write(SOCI_CONFIG, &text[..cut], 0o644);
             },
             id: "soci-config.decompressor",
@@ -450,7 +517,11 @@ fn soci_binary_and_config_failures() {
             name: "soci content store without discard",
             mutate: |n| {
                 n.edit(SOCI_CONFIG, "type = \"containerd\"", "type = \"soci\"");
-                n.edit(SOCI_CONFIG, "discard_unpacked_layers = true", "discard_unpacked_layers = false");
+                n.edit(
+                    SOCI_CONFIG,
+                    "discard_unpacked_layers = true",
+                    "discard_unpacked_layers = false",
+                );
             },
             id: "soci-config.content-store",
             verdict: "fail",
@@ -501,7 +572,13 @@ fn containerd_kubelet_and_systemd_failures() {
     let cases = [
         Case {
             name: "proxy address elsewhere",
-            mutate: |n| n.edit(CONTAINERD_CONFIG, &format!("address = \"{SOCI_SOCKET}\""), "address = \"/run/other.sock\""),
+            mutate: |n| {
+                n.edit(
+                    CONTAINERD_CONFIG,
+                    &format!("address = \"{SOCI_SOCKET}\""),
+                    "address = \"/run/other.sock\"",
+                )
+            },
             id: "containerd.proxy-plugin",
             verdict: "fail",
             contains: "but the daemon serves /run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock",
@@ -515,28 +592,51 @@ fn containerd_kubelet_and_systemd_failures() {
         },
         Case {
             name: "exports root differs",
-            mutate: |n| n.edit(CONTAINERD_CONFIG, "root = \"/var/lib/soci-snapshotter-grpc\"", "root = \"/data/soci\""),
+            mutate: |n| {
+                n.edit(
+                    CONTAINERD_CONFIG,
+                    "root = \"/var/lib/soci-snapshotter-grpc\"",
+                    "root = \"/data/soci\"",
+                )
+            },
             id: "containerd.exports-root",
             verdict: "fail",
             contains: "= \"/data/soci\"",
         },
         Case {
             name: "daemon root from the unit's ExecStart",
-            mutate: |n| exec_dropin(n, "/usr/local/bin/soci-snapshotter-grpc --address fd:// --root /data/soci"),
+            mutate: |n| {
+                exec_dropin(
+                    n,
+                    "/usr/local/bin/soci-snapshotter-grpc --address fd:// --root /data/soci",
+                )
+            },
             id: "containerd.exports-root",
             verdict: "fail",
             contains: "--root in ExecStart of /etc/systemd/system/soci-snapshotter.service.d/60-local.conf",
         },
         Case {
             name: "CRI snapshotter overlayfs",
-            mutate: |n| n.edit(CONTAINERD_CONFIG, "snapshotter = \"soci\"", "snapshotter = \"overlayfs\""),
+            mutate: |n| {
+                n.edit(
+                    CONTAINERD_CONFIG,
+                    "snapshotter = \"soci\"",
+                    "snapshotter = \"overlayfs\"",
+                )
+            },
             id: "containerd.snapshotter",
             verdict: "fail",
             contains: "= \"overlayfs\"",
         },
         Case {
             name: "annotations disabled",
-            mutate: |n| n.edit(CONTAINERD_CONFIG, "disable_snapshot_annotations = false", "disable_snapshot_annotations = true"),
+            mutate: |n| {
+                n.edit(
+                    CONTAINERD_CONFIG,
+                    "disable_snapshot_annotations = false",
+                    "disable_snapshot_annotations = true",
+                )
+            },
             id: "containerd.snapshot-annotations",
             verdict: "fail",
             contains: "= true",
@@ -603,7 +703,14 @@ fn containerd_kubelet_and_systemd_failures() {
             name: "2.2 transfer service into overlayfs",
             mutate: |n| {
                 n.write("/etc/eks/containerd-version.txt", "2.2.1\n", 0o644);
-                n.write(CONTAINERD_CONFIG, &V3_TRANSFER.replace("platform = \"linux\"\nsnapshotter = \"soci\"", "platform = \"linux\"\nsnapshotter = \"overlayfs\""), 0o644);
+                n.write(
+                    CONTAINERD_CONFIG,
+                    &V3_TRANSFER.replace(
+                        "platform = \"linux\"\nsnapshotter = \"soci\"",
+                        "platform = \"linux\"\nsnapshotter = \"overlayfs\"",
+                    ),
+                    0o644,
+                );
             },
             id: "containerd.pull-path",
             verdict: "fail",
@@ -613,7 +720,8 @@ fn containerd_kubelet_and_systemd_failures() {
             name: "runtime class unpacking elsewhere",
             mutate: |n| {
                 n.write("/etc/eks/containerd-version.txt", "2.2.1\n", 0o644);
-                let extra = "\n[plugins.'io.containerd.cri.v1.images'.runtime_platforms.kata]\nsnapshotter = \"overlayfs\"\n";
+                let extra =
+                    "\n[plugins.'io.containerd.cri.v1.images'.runtime_platforms.kata]\nsnapshotter = \"overlayfs\"\n";
                 n.write(CONTAINERD_CONFIG, &format!("{V3_WIRED}{extra}"), 0o644);
             },
             id: "containerd.runtime-platforms",
@@ -737,7 +845,11 @@ fn nodeadm_hosts() {
     assert!(d.failing().is_empty(), "failing checks:\n{}", d.failing().join("\n"));
     d.assert("nodeadm.dropin", "ok", "not rendered yet");
     d.assert("containerd.config-version", "skip", "nodeadm renders it");
-    d.assert("kubelet.image-service-endpoint", "ok", "50-soci-agent.yaml (nodeadm writes it");
+    d.assert(
+        "kubelet.image-service-endpoint",
+        "ok",
+        "50-soci-agent.yaml (nodeadm writes it",
+    );
     d.assert("nodeadm.fast-image-pull", "ok", "not enabled");
     d.assert("containerd.version", "ok", "2.2.1");
 
@@ -774,7 +886,10 @@ fn nodeadm_hosts() {
             name: "v2 table names on containerd 2",
             mutate: |n| {
                 let p = "/etc/eks/nodeadm.d/50-soci-agent.yaml";
-                let text = n.read(p).replace("'io.containerd.cri.v1.images'", "\"io.containerd.grpc.v1.cri\".containerd");
+                let text = n.read(p).replace(
+                    "'io.containerd.cri.v1.images'",
+                    "\"io.containerd.grpc.v1.cri\".containerd",
+                );
                 n.write(p, &text, 0o644);
             },
             id: "nodeadm.dropin",
@@ -783,7 +898,13 @@ fn nodeadm_hosts() {
         },
         Case {
             name: "drop-in edited",
-            mutate: |n| n.edit("/etc/eks/nodeadm.d/50-soci-agent.yaml", "kind: NodeConfig\n", "kind: NodeConfig\n# local edit\n"),
+            mutate: |n| {
+                n.edit(
+                    "/etc/eks/nodeadm.d/50-soci-agent.yaml",
+                    "kind: NodeConfig\n",
+                    "kind: NodeConfig\n# local edit\n",
+                )
+            },
             id: "nodeadm.dropin",
             verdict: "warn",
             contains: "differs from what install writes",
@@ -817,7 +938,13 @@ fn nodeadm_hosts() {
         },
         Case {
             name: "kubelet rendered before the drop-in",
-            mutate: |n| n.write("/etc/kubernetes/kubelet/config.json", "{\"kind\":\"KubeletConfiguration\"}\n", 0o644),
+            mutate: |n| {
+                n.write(
+                    "/etc/kubernetes/kubelet/config.json",
+                    "{\"kind\":\"KubeletConfiguration\"}\n",
+                    0o644,
+                )
+            },
             id: "kubelet.image-service-endpoint",
             verdict: "warn",
             contains: "has not applied the NodeConfig drop-in",
@@ -842,13 +969,19 @@ fn nodeadm_hosts() {
     // nodeadm manages SOCI alone: FastImagePull is fine there.
     let alone = Node::nodeadm("2.2.1");
     alone.write("/etc/eks/nodeadm.d/10-user.yaml", FAST_IMAGE_PULL, 0o644);
-    alone.files().assert("nodeadm.fast-image-pull", "ok", "soci-agent is not installed");
+    alone
+        .files()
+        .assert("nodeadm.fast-image-pull", "ok", "soci-agent is not installed");
 }
 
 #[test]
 fn bottlerocket_and_bare_trees() {
     let br = Node::new();
-    br.write("/etc/os-release", "NAME=Bottlerocket\nID=bottlerocket\nVERSION_ID=1.44.0\nPRETTY_NAME=\"Bottlerocket OS 1.44.0\"\n", 0o644);
+    br.write(
+        "/etc/os-release",
+        "NAME=Bottlerocket\nID=bottlerocket\nVERSION_ID=1.44.0\nPRETTY_NAME=\"Bottlerocket OS 1.44.0\"\n",
+        0o644,
+    );
     let d = br.files();
     d.assert("host.os", "skip", "settings API");
     assert_eq!(d.report["checks"].as_array().unwrap().len(), 1, "{}", d.report);
@@ -937,16 +1070,27 @@ impl Drop for Daemon {
 }
 
 fn ctr(address: &Path, args: &[&str]) -> Output {
-    Command::new("ctr").arg("--address").arg(address).args(args).output().unwrap()
+    Command::new("ctr")
+        .arg("--address")
+        .arg(address)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// containerd with everything under `dir` (no CRI); `soci` = the proxy plugin's address.
 fn containerd(dir: &Path, soci: Option<&Path>) -> (Daemon, PathBuf) {
     let bin = Path::new("/usr/bin/containerd");
-    assert!(bin.exists(), "needs Debian's containerd: apt-get install -y containerd (.ci/run does)");
+    assert!(
+        bin.exists(),
+        "needs Debian's containerd: apt-get install -y containerd (.ci/run does)"
+    );
     let address = dir.join("containerd.sock");
     let proxy = soci.map_or(String::new(), |s| {
-        format!("\n[proxy_plugins.soci]\n  type = \"snapshot\"\n  address = {:?}\n", s.display().to_string())
+        format!(
+            "\n[proxy_plugins.soci]\n  type = \"snapshot\"\n  address = {:?}\n",
+            s.display().to_string()
+        )
     });
     let config = dir.join("containerd.toml");
     let p = |name: &str| dir.join(name).display().to_string();
@@ -964,13 +1108,20 @@ fn containerd(dir: &Path, soci: Option<&Path>) -> (Daemon, PathBuf) {
         ),
     )
     .unwrap();
-    let mut daemon = Daemon::spawn(Command::new(bin).arg("--config").arg(&config), dir.join("containerd.log"));
+    let mut daemon = Daemon::spawn(
+        Command::new(bin).arg("--config").arg(&config),
+        dir.join("containerd.log"),
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while !ctr(&address, &["version"]).status.success() {
         if let Some(s) = daemon.child.try_wait().unwrap() {
             panic!("containerd exited ({s}):\n{}", daemon.log());
         }
-        assert!(Instant::now() < deadline, "containerd not serving after 30 s:\n{}", daemon.log());
+        assert!(
+            Instant::now() < deadline,
+            "containerd not serving after 30 s:\n{}",
+            daemon.log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     (daemon, address)
@@ -1047,14 +1198,38 @@ fn live_standin_serving_soci_and_the_pause_image() {
     let import = |snapshotter: &str| {
         let out = ctr(
             &address,
-            &["-n", "k8s.io", "images", "import", "--snapshotter", snapshotter, tar.to_str().unwrap()],
+            &[
+                "-n",
+                "k8s.io",
+                "images",
+                "import",
+                "--snapshotter",
+                snapshotter,
+                tar.to_str().unwrap(),
+            ],
         );
-        assert!(out.status.success(), "ctr import --snapshotter {snapshotter}: {}", show(&out));
+        assert!(
+            out.status.success(),
+            "ctr import --snapshotter {snapshotter}: {}",
+            show(&out)
+        );
     };
     import("native");
     live(&n, &address, &soci).assert("live.pause-image", "fail", "not unpacked in soci (unpacked in: native)");
     import("soci");
-    live(&n, &address, &soci).assert("live.pause-image", "ok", "is unpacked in soci (snapshot sha256:");
+    let report = live(&n, &address, &soci);
+    report.assert("live.pause-image", "ok", "is unpacked in soci (snapshot sha256:");
+    report.assert("live.containerd-soci", "ok", "reaches it (Snapshots.Stat of sha256:");
+
+    // The daemon goes away: containerd still lists soci, but a Stat through it fails.
+    drop(standin);
+    let report = live(&n, &address, &soci);
+    report.assert("live.soci-socket", "fail", "did not accept a connection");
+    report.assert(
+        "live.containerd-soci",
+        "fail",
+        "lists soci but cannot reach it (Snapshots.",
+    );
 }
 
 /// A one-layer OCI image layout tarball named `name`.
@@ -1112,4 +1287,93 @@ fn oci_image_tar(name: &str) -> Vec<u8> {
     ];
     files.extend(blobs.iter().map(|(n, b)| (n.as_str(), *b)));
     tar_of(&files)
+}
+
+// ---------------------------------------------------------------------------------------------
+// A booted systemd node: doctor inside it, over its D-Bus, with its containerd and the stand-in.
+
+/// `soci-agent doctor --output json` run inside the node (root `/`, the system bus, live checks).
+fn doctor_in(node: &common::nspawn::Node) -> Doctor {
+    let out = node.exec(&[
+        "/usr/local/bin/soci-agent",
+        "doctor",
+        "--output",
+        "json",
+        "--log-level",
+        "warn",
+    ]);
+    let report = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doctor stdout is not JSON ({e}):\n{}", show(&out)));
+    Doctor { out, report }
+}
+
+#[test]
+fn booted_node_over_dbus() {
+    use common::nspawn::{Node as Booted, NodeOptions};
+    let daemon = std::fs::read(common::standin::standin_binary()).unwrap();
+    let archive = common::archive::release_tar_gz(&[
+        ("soci-snapshotter-grpc", &daemon),
+        ("soci", b"#!/bin/sh\necho \"soci version v0.15.0 standin\"\n"),
+        ("THIRD_PARTY_LICENSES", b"Third-party licenses of a test release.\n"),
+        ("NOTICE.md", b"# NOTICE\nTest release.\n"),
+    ]);
+    let node = Booted::boot(NodeOptions::new());
+    std::fs::write(node.share().join(ARCHIVE), &archive).unwrap();
+    std::fs::write(
+        node.share().join(format!("{ARCHIVE}.sha256sum")),
+        sha256sum_line(&archive, ARCHIVE),
+    )
+    .unwrap();
+    let agent_copy = node.share().join("soci-agent");
+    std::fs::copy(env!("CARGO_BIN_EXE_soci-agent"), &agent_copy).unwrap();
+    let install = node.exec_timeout(
+        &[
+            "/share/soci-agent",
+            "install",
+            "--archive",
+            &format!("/share/{ARCHIVE}"),
+            "--log-level",
+            "warn",
+        ],
+        Duration::from_secs(240),
+    );
+    assert!(install.status.success(), "install in the node:\n{}", show(&install));
+    // The boot unit runs once by hand (no pause archive on Debian: verify only).
+    node.check(&["systemctl", "start", "soci-agent-boot.service"]);
+
+    let d = doctor_in(&node);
+    assert!(
+        d.failing().is_empty(),
+        "failing checks:\n{}\n{}",
+        d.failing().join("\n"),
+        node.journal()
+    );
+    d.assert(
+        "systemd.bus",
+        "ok",
+        "systemd answers on unix:path=/run/dbus/system_bus_socket",
+    );
+    d.assert("systemd.soci-service", "ok", "ActiveState=active");
+    d.assert("systemd.soci-socket", "ok", "(D-Bus)");
+    d.assert("systemd.boot-unit", "ok", "UnitFileState=enabled (D-Bus)");
+    d.assert("systemd.boot-result", "ok", "Result=success");
+    d.assert("systemd.containerd-dropin", "ok", "10-soci-snapshotter.conf");
+    d.assert("live.soci-socket", "ok", "accepted a connection");
+    d.assert("live.containerd-soci", "ok", "lists soci");
+    d.assert("soci.version", "ok", "standin");
+    d.assert("soci.digest", "ok", "release.json");
+    let size = d.check("host.size");
+    assert!(
+        size["evidence"].as_str().unwrap().contains("vCPU") && size["verdict"] != "skip",
+        "{size}"
+    );
+
+    // A snapshotter that refuses to start: the unit fails, containerd goes down with it.
+    let cfg = "/etc/soci-snapshotter-grpc/config.toml";
+    let text = std::fs::read_to_string(node.path(cfg)).unwrap();
+    std::fs::write(node.path(cfg), format!("# standin: fail-at-start\n{text}")).unwrap();
+    let _ = node.exec(&["systemctl", "restart", "soci-snapshotter.service"]);
+    let d = doctor_in(&node);
+    d.assert("systemd.soci-service", "fail", "Result=exit-code");
+    assert_eq!(d.code(), 1);
 }

@@ -50,7 +50,12 @@ impl Run {
         serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("report is not JSON ({e}):\n{}", self.stdout))
     }
     fn show(&self) -> String {
-        format!("exit {:?}\nstdout:\n{}\nstderr:\n{}", self.code(), self.stdout, self.stderr)
+        format!(
+            "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.code(),
+            self.stdout,
+            self.stderr
+        )
     }
 }
 
@@ -73,7 +78,11 @@ impl Node {
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(BIN);
         cmd.args(["--log-level", "info", "prefetch"])
-            .args(if args.contains(&"--retries") { &[][..] } else { &["--retries", "2"][..] })
+            .args(if args.contains(&"--retries") {
+                &[][..]
+            } else {
+                &["--retries", "2"][..]
+            })
             .arg("--root")
             .arg(&self.root)
             .arg("--cri-endpoint")
@@ -150,26 +159,48 @@ fn pulls_reports_failures_then_hits_pins_and_unpins() {
         assert!(i["image_id"].as_str().unwrap().starts_with("sha256:"), "{i:#}");
     }
     let m = image(&report, &missing);
-    assert_eq!((&m["state"], &m["attempts"]), (&Value::from("failed"), &Value::from(1)), "{m:#}");
+    assert_eq!(
+        (&m["state"], &m["attempts"]),
+        (&Value::from("failed"), &Value::from(1)),
+        "{m:#}"
+    );
     assert!(m["error"].as_str().unwrap().contains("not found"), "{m:#}");
     let b = image(&report, &bad);
     assert_eq!(b["attempts"], 0, "{b:#}");
-    assert!(b["error"].as_str().unwrap().contains("invalid image reference"), "{b:#}");
+    assert!(
+        b["error"].as_str().unwrap().contains("invalid image reference"),
+        "{b:#}"
+    );
     let warnings = report["warnings"].to_string();
-    assert!(warnings.contains("2035") && warnings.contains("same image"), "{warnings}");
-    assert_eq!(report["serialized_repos"], serde_json::json!([format!("{}/team/web", registry.host())]));
+    assert!(
+        warnings.contains("2035") && warnings.contains("same image"),
+        "{warnings}"
+    );
+    assert_eq!(
+        report["serialized_repos"],
+        serde_json::json!([format!("{}/team/web", registry.host())])
+    );
     // One structured log line per image (stderr is not a terminal), plus the summary.
-    let lines: Vec<Value> = run.stderr.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let lines: Vec<Value> = run
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
     for r in good {
         assert!(
-            lines.iter().any(|l| l["image"] == r && l["state"] == "pulled" && l["bytes"].as_u64() > Some(0)),
+            lines
+                .iter()
+                .any(|l| l["image"] == r && l["state"] == "pulled" && l["bytes"].as_u64() > Some(0)),
             "no log line for {r}:\n{}",
             run.stderr
         );
     }
     let names = node.containerd.image_names();
     for r in good {
-        assert!(names.iter().any(|n| n == r), "{r} not in containerd's k8s.io images: {names:?}");
+        assert!(
+            names.iter().any(|n| n == r),
+            "{r} not in containerd's k8s.io images: {names:?}"
+        );
     }
     eprintln!("first run: {:.1} s", t0.elapsed().as_secs_f64());
 
@@ -178,7 +209,11 @@ fn pulls_reports_failures_then_hits_pins_and_unpins() {
     args.extend(["--pin", "--platform", "linux/amd64,linux/arm64,linux/arm/v7"]);
     let run = node.prefetch(&args);
     assert_eq!(run.code(), 0, "{}", run.show());
-    assert!(run.stdout.contains("prefetch: 3 images: 3 hit, 0 pulled, 0 failed"), "{}", run.show());
+    assert!(
+        run.stdout.contains("prefetch: 3 images: 3 hit, 0 pulled, 0 failed"),
+        "{}",
+        run.show()
+    );
     assert_eq!(run.stdout.matches("pinned").count(), 3, "{}", run.show());
     assert!(run.stdout.contains("unsupported by this containerd"), "{}", run.show());
     for r in good {
@@ -196,11 +231,18 @@ fn pulls_reports_failures_then_hits_pins_and_unpins() {
     assert_eq!(run.code(), 0, "{}", run.show());
     let report = run.json();
     assert_eq!(report["summary"]["hit"], 3, "{report:#}");
-    assert_eq!(image(&report, &missing)["state"], "absent", "unpin pulls nothing: {report:#}");
+    assert_eq!(
+        image(&report, &missing)["state"],
+        "absent",
+        "unpin pulls nothing: {report:#}"
+    );
     for r in good.iter().copied().chain([digest_ref.as_str()]) {
         let labels = node.containerd.image_labels(r).unwrap();
         assert!(!labels.contains(PINNED), "{r}: {labels}");
-        assert!(labels.contains("io.cri-containerd.image=managed"), "other labels kept: {labels}");
+        assert!(
+            labels.contains("io.cri-containerd.image=managed"),
+            "other labels kept: {labels}"
+        );
     }
     assert!(node.containerd.image_labels(&missing).is_none());
     eprintln!("pulls/hits/pins: {:.1} s", t0.elapsed().as_secs_f64());
@@ -221,7 +263,10 @@ fn retries_until_the_registry_is_up() {
     assert_eq!(run.code(), 4, "{}", run.show());
     let i = run.json()["images"][0].clone();
     let error = i["error"].as_str().unwrap();
-    assert!(error.contains("timed out after 3 s") && error.contains("connection refused"), "{i:#}");
+    assert!(
+        error.contains("timed out after 3 s") && error.contains("connection refused"),
+        "{i:#}"
+    );
     assert!(i["attempts"].as_u64().unwrap() >= 2, "{i:#}");
 
     // Down, then up while the agent backs off: the next attempt pulls it.
@@ -237,7 +282,11 @@ fn retries_until_the_registry_is_up() {
     wait_until(
         "a retry after connection refused",
         Duration::from_secs(30),
-        || fs::read_to_string(&stderr_path).unwrap_or_default().contains("transient error, retrying"),
+        || {
+            fs::read_to_string(&stderr_path)
+                .unwrap_or_default()
+                .contains("transient error, retrying")
+        },
         || fs::read_to_string(&stderr_path).unwrap_or_default(),
     );
     registry.start();
@@ -249,7 +298,10 @@ fn retries_until_the_registry_is_up() {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("prefetch still running; stderr:\n{}", fs::read_to_string(&stderr_path).unwrap());
+            panic!(
+                "prefetch still running; stderr:\n{}",
+                fs::read_to_string(&stderr_path).unwrap()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -334,7 +386,11 @@ fn credentials_from_a_provider_plugin_and_an_auth_file() {
     let run = node.prefetch(&[&one.reference, "--output", "json"]);
     assert_eq!(run.code(), 4, "{}", run.show());
     let i = run.json()["images"][0].clone();
-    assert_eq!((&i["auth"], &i["attempts"]), (&Value::from("anonymous"), &Value::from(1)), "{i:#}");
+    assert_eq!(
+        (&i["auth"], &i["attempts"]),
+        (&Value::from("anonymous"), &Value::from(1)),
+        "{i:#}"
+    );
     assert!(i["error"].as_str().unwrap().contains("401 Unauthorized"), "{i:#}");
 
     // The plugin's credentials: both images pulled, the plugin run once (cacheKeyType Registry).
@@ -363,7 +419,12 @@ fn credentials_from_a_provider_plugin_and_an_auth_file() {
         .collect();
     assert_eq!(requests.len(), 1, "cached per registry: {requests:?}");
     assert_eq!(requests[0]["apiVersion"], "credentialprovider.kubelet.k8s.io/v1");
-    assert!(requests[0]["image"].as_str().unwrap().starts_with(&format!("{host}/private/")));
+    assert!(
+        requests[0]["image"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{host}/private/"))
+    );
 
     // Wrong credentials: a clear per-image failure, not retried, no secret shown.
     let (config, bin, _) = credential_provider(&tmp.path().join("wrong"), &host, WRONG);
@@ -381,12 +442,20 @@ fn credentials_from_a_provider_plugin_and_an_auth_file() {
         "{}",
         run.show()
     );
-    assert!(!run.stderr.contains("retrying"), "authorization failures are not retried:\n{}", run.show());
+    assert!(
+        !run.stderr.contains("retrying"),
+        "authorization failures are not retried:\n{}",
+        run.show()
+    );
 
     // An explicit docker config.json comes first, even with a provider configured.
     let auth_file = tmp.path().join("auth.json");
     let auth = base64(format!("{USER}:{PASSWORD}").as_bytes());
-    fs::write(&auth_file, format!("{{\"auths\":{{\"http://{host}\":{{\"auth\":\"{auth}\"}}}}}}")).unwrap();
+    fs::write(
+        &auth_file,
+        format!("{{\"auths\":{{\"http://{host}\":{{\"auth\":\"{auth}\"}}}}}}"),
+    )
+    .unwrap();
     let run = node.prefetch(&[
         &three.reference,
         "--auth-file",
@@ -401,12 +470,24 @@ fn credentials_from_a_provider_plugin_and_an_auth_file() {
     assert_eq!(run.code(), 0, "{}", run.show());
     assert_no_secret(&run);
     let i = run.json()["images"][0].clone();
-    assert_eq!((&i["state"], &i["auth"]), (&Value::from("pulled"), &Value::from("auth-file")), "{i:#}");
+    assert_eq!(
+        (&i["state"], &i["auth"]),
+        (&Value::from("pulled"), &Value::from("auth-file")),
+        "{i:#}"
+    );
 
     // A provider config that is not JSON is a configuration error (exit 2), nothing pulled.
     let yaml = tmp.path().join("provider.yaml");
-    fs::write(&yaml, "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\n").unwrap();
-    let run = node.prefetch(&[&one.reference, "--image-credential-provider-config", yaml.to_str().unwrap()]);
+    fs::write(
+        &yaml,
+        "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\n",
+    )
+    .unwrap();
+    let run = node.prefetch(&[
+        &one.reference,
+        "--image-credential-provider-config",
+        yaml.to_str().unwrap(),
+    ]);
     assert_eq!(run.code(), 2, "{}", run.show());
     assert!(run.stdout.contains("YAML is not supported"), "{}", run.show());
     eprintln!("credentials: {:.1} s", t0.elapsed().as_secs_f64());

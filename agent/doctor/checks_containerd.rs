@@ -97,12 +97,7 @@ fn version(node: &Node) -> Check {
             "install containerd (1.7.16 or newer, or 2.x)",
         );
     };
-    let patch: u32 = v
-        .version
-        .split('.')
-        .nth(2)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
+    let patch: u32 = v.version.split('.').nth(2).and_then(|p| p.parse().ok()).unwrap_or(0);
     let evidence = format!("containerd {} (from {})", v.version, v.source);
     if (v.major, v.minor, patch) < (1, 7, 16) {
         return Check::warn(
@@ -157,7 +152,10 @@ fn proxy_plugin(node: &Node, doc: &DocumentMut, keys: &[OwnedKey], path: &str) -
     if !ty.is_set_in(doc.as_table()) {
         return Check::fail(
             ID,
-            format!("proxy_plugins.soci.type = {} ({path})", shown(doc, ty).unwrap_or("unset".into())),
+            format!(
+                "proxy_plugins.soci.type = {} ({path})",
+                shown(doc, ty).unwrap_or("unset".into())
+            ),
             "set type = \"snapshot\"",
         );
     }
@@ -187,7 +185,10 @@ fn exports_root(node: &Node, doc: &DocumentMut, key: &OwnedKey, path: &str) -> C
     match shown(doc, key) {
         _ if key.is_set_in(doc.as_table()) => Check::ok(
             ID,
-            format!("proxy_plugins.soci.exports.root = \"{want}\" ({path}) = the daemon's root ({})", node.soci_root.source),
+            format!(
+                "proxy_plugins.soci.exports.root = \"{want}\" ({path}) = the daemon's root ({})",
+                node.soci_root.source
+            ),
         ),
         None => Check::warn(
             ID,

@@ -22,7 +22,10 @@ pub fn os(node: &Node) -> Check {
     if os.is_bottlerocket() {
         return Check::skip(
             ID,
-            format!("{} (ID=bottlerocket in /etc/os-release): SOCI is built in", os.pretty_name),
+            format!(
+                "{} (ID=bottlerocket in /etc/os-release): SOCI is built in",
+                os.pretty_name
+            ),
         )
         .advise(
             "configure SOCI through Bottlerocket's settings API (settings.container-runtime-plugins, \
@@ -30,9 +33,16 @@ pub fn os(node: &Node) -> Check {
         );
     }
     if os.id.is_empty() {
-        return Check::skip(ID, "no /etc/os-release or /usr/lib/os-release under the root (or no ID= in it)");
+        return Check::skip(
+            ID,
+            "no /etc/os-release or /usr/lib/os-release under the root (or no ID= in it)",
+        );
     }
-    let name = if os.pretty_name.is_empty() { &os.id } else { &os.pretty_name };
+    let name = if os.pretty_name.is_empty() {
+        &os.id
+    } else {
+        &os.pretty_name
+    };
     Check::ok(
         ID,
         format!("{name} (ID={} VERSION_ID={} in /etc/os-release)", os.id, os.version_id),
@@ -59,7 +69,10 @@ fn arch(node: &Node) -> Check {
     match stored {
         Some((entry, m)) if node.root.is_host() && m.arch != arch => Check::fail(
             ID,
-            format!("uname -m: {machine} ({arch}), but {entry}/release.json is for {}", m.arch),
+            format!(
+                "uname -m: {machine} ({arch}), but {entry}/release.json is for {}",
+                m.arch
+            ),
             format!("re-run soci-agent install (it installs the {arch} release)"),
         ),
         _ => Check::ok(ID, format!("uname -m: {machine} ({arch}){whose}")),
@@ -80,7 +93,10 @@ pub(super) fn store_manifest(node: &Node, binary: &str) -> Option<(String, crate
 fn size(node: &Node) -> Check {
     const ID: &str = "host.size";
     if !node.root.is_host() {
-        return Check::skip(ID, "--root is not /: this machine's vCPU and memory say nothing about the node");
+        return Check::skip(
+            ID,
+            "--root is not /: this machine's vCPU and memory say nothing about the node",
+        );
     }
     let cpus = node.facts.cpus;
     let mem = node.facts.memory_bytes;
@@ -129,13 +145,15 @@ fn disk(node: &Node) -> Check {
     };
     let frag = st.fragment_size() as u64;
     let (avail, total) = (st.blocks_available() as u64 * frag, st.blocks() as u64 * frag);
-    let pct = if total > 0 { avail as f64 * 100.0 / total as f64 } else { 0.0 };
-    let mount = std::fs::read_to_string("/proc/self/mountinfo")
-        .ok()
-        .and_then(|t| {
-            let canon = std::fs::canonicalize(&at).unwrap_or(at.clone());
-            mount_for(&parse_mountinfo(&t), &canon).cloned()
-        });
+    let pct = if total > 0 {
+        avail as f64 * 100.0 / total as f64
+    } else {
+        0.0
+    };
+    let mount = std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|t| {
+        let canon = std::fs::canonicalize(&at).unwrap_or(at.clone());
+        mount_for(&parse_mountinfo(&t), &canon).cloned()
+    });
     let fs = mount.as_ref().map_or("filesystem unknown".to_string(), |m| {
         format!("{} on {} mounted at {}", m.fstype, m.source, m.mount_point)
     });
@@ -187,7 +205,10 @@ fn storage(node: &Node) -> Check {
     let (at, _) = existing_ancestor(node);
     let canon = std::fs::canonicalize(&at).unwrap_or(at);
     let Some(m) = mount_for(&mounts, &canon) else {
-        return Check::skip(ID, format!("no mount found for {} in /proc/self/mountinfo", canon.display()));
+        return Check::skip(
+            ID,
+            format!("no mount found for {} in /proc/self/mountinfo", canon.display()),
+        );
     };
     let soci_root = &node.soci_root.value;
     let local: Vec<&Mount> = mounts.iter().filter(|x| x.mount_point.starts_with(K8S_DISKS)).collect();
@@ -201,7 +222,11 @@ fn storage(node: &Node) -> Check {
                 m.fstype,
                 m.source,
                 m.dev,
-                if bound { "shared with a /mnt/k8s-disks mount" } else { "" }
+                if bound {
+                    "shared with a /mnt/k8s-disks mount"
+                } else {
+                    ""
+                }
             )
             .trim_end()
             .to_string(),
@@ -212,7 +237,10 @@ fn storage(node: &Node) -> Check {
         Some(s) => format!("on a {s:?} device, not instance store"),
         None => "not on instance store".to_string(),
     };
-    let evidence = format!("{soci_root} is {what}: {} {} mounted at {}", m.fstype, m.source, m.mount_point);
+    let evidence = format!(
+        "{soci_root} is {what}: {} {} mounted at {}",
+        m.fstype, m.source, m.mount_point
+    );
     if !local.is_empty() {
         return Check::warn(
             ID,
@@ -270,7 +298,9 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let oct = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match (b[i], oct) {
             (b'\\', Some(d)) => {
                 out.push(d.iter().fold(0u8, |acc, c| acc.wrapping_mul(8).wrapping_add(c - b'0')));
@@ -313,8 +343,15 @@ mod tests {
         assert_eq!(mounts[3].mount_point, "/mnt/with space");
         let m = mount_for(&mounts, Path::new("/var/lib/soci-snapshotter-grpc/snapshotter")).unwrap();
         assert_eq!((m.dev.as_str(), m.fs_root.as_str()), ("9:127", "/soci"));
-        assert_eq!(mount_for(&mounts, Path::new("/var/lib/other")).unwrap().source, "/dev/nvme0n1p1");
-        assert!(mounts.iter().any(|x| x.mount_point.starts_with(K8S_DISKS) && x.dev == m.dev));
+        assert_eq!(
+            mount_for(&mounts, Path::new("/var/lib/other")).unwrap().source,
+            "/dev/nvme0n1p1"
+        );
+        assert!(
+            mounts
+                .iter()
+                .any(|x| x.mount_point.starts_with(K8S_DISKS) && x.dev == m.dev)
+        );
         // `/mnt/k8s` is not inside `/mnt/k8s-disks/0`: component-wise prefixes only.
         assert_eq!(mount_for(&mounts, Path::new("/mnt/k8s")).unwrap().mount_point, "/");
     }

@@ -57,7 +57,10 @@ fn last_set(node: &Node, paths: &[String], nodeconfig: bool) -> (Option<(String,
 
 pub fn image_service_endpoint(node: &Node) -> Check {
     let Some(doc) = super::checks_soci_config::parsed(node) else {
-        return Check::skip(ID, "the SOCI config is missing or invalid (see soci-config.parse): cri_keychain unknown");
+        return Check::skip(
+            ID,
+            "the SOCI config is missing or invalid (see soci-config.parse): cri_keychain unknown",
+        );
     };
     let keychain = super::checks_soci_config::keychain(&doc);
     let want = crate::nodeconfig::image_service_endpoint(&node.soci_socket.value);
@@ -74,7 +77,12 @@ pub fn image_service_endpoint(node: &Node) -> Check {
         return Check::skip(ID, unreadable.join(", ")).advise("run doctor as root");
     }
     // kubelet reads its files; before nodeadm renders them, the NodeConfig is what it will get.
-    let from_nodeadm = |v: &(String, String)| (v.0.clone(), format!("{} (nodeadm writes it into kubelet's config)", v.1));
+    let from_nodeadm = |v: &(String, String)| {
+        (
+            v.0.clone(),
+            format!("{} (nodeadm writes it into kubelet's config)", v.1),
+        )
+    };
     let effective = if kubelet_files {
         kubelet.clone()
     } else {
@@ -84,7 +92,10 @@ pub fn image_service_endpoint(node: &Node) -> Check {
         Some((v, src)) => format!("{KEY} = {v} ({src})"),
         None => format!("{KEY} unset (kubelet uses containerd's socket)"),
     };
-    let keychain_s = format!("[cri_keychain] enable_keychain = {keychain} ({})", node.soci_config_path.value);
+    let keychain_s = format!(
+        "[cri_keychain] enable_keychain = {keychain} ({})",
+        node.soci_config_path.value
+    );
     if !keychain {
         if effective.as_ref().is_some_and(|(v, _)| *v == want) {
             return Check::fail(
@@ -93,7 +104,10 @@ pub fn image_service_endpoint(node: &Node) -> Check {
                 "SOCI serves no image service without its keychain: set enable_keychain = true, or drop imageServiceEndpoint",
             );
         }
-        return Check::ok(ID, format!("{}; {keychain_s}: credentials are not proxied", shown(&effective)));
+        return Check::ok(
+            ID,
+            format!("{}; {keychain_s}: credentials are not proxied", shown(&effective)),
+        );
     }
     if effective.as_ref().is_some_and(|(v, _)| *v == want) {
         return Check::ok(ID, format!("{} = the SOCI socket; {keychain_s}", shown(&effective)));

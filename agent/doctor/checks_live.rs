@@ -30,7 +30,10 @@ pub async fn checks(ctx: &DoctorContext, node: &Node) -> Vec<Check> {
         .unwrap_or_else(|| node.root.path(CONTAINERD_SOCKET));
     let reach = containerd_soci(ctx, node, &containerd).await;
     let pause = if reach.verdict == super::Verdict::Skip {
-        Check::skip("live.pause-image", "containerd not reachable (see live.containerd-soci)")
+        Check::skip(
+            "live.pause-image",
+            "containerd not reachable (see live.containerd-soci)",
+        )
     } else {
         pause_image(node, &containerd).await
     };
@@ -62,11 +65,18 @@ async fn soci_socket(ctx: &DoctorContext, node: &Node) -> Check {
                 format!("systemctl start {SOCKET} {SERVICE}; see journalctl -u {SERVICE}"),
             );
         }
-        return Check::skip(ID, format!("{evidence} (--root is not /: the node is not running here)"));
+        return Check::skip(
+            ID,
+            format!("{evidence} (--root is not /: the node is not running here)"),
+        );
     }
     match crate::health::wait_for_socket(&path, CONNECT_BOUND).await {
         Ok(_) => Check::ok(ID, format!("{} accepted a connection", path.display())),
-        Err(e) => Check::fail(ID, e.to_string(), format!("see systemctl status {SERVICE} and journalctl -u {SERVICE}")),
+        Err(e) => Check::fail(
+            ID,
+            e.to_string(),
+            format!("see systemctl status {SERVICE} and journalctl -u {SERVICE}"),
+        ),
     }
 }
 
@@ -92,9 +102,16 @@ async fn containerd_soci(ctx: &DoctorContext, node: &Node, socket: &std::path::P
     if !socket.exists() {
         let evidence = format!("no containerd socket at {}", socket.display());
         if explicit {
-            return Check::fail(ID, evidence, format!("start containerd: systemctl start {CONTAINERD_SERVICE}"));
+            return Check::fail(
+                ID,
+                evidence,
+                format!("start containerd: systemctl start {CONTAINERD_SERVICE}"),
+            );
         }
-        return Check::skip(ID, format!("{evidence} (--root is not /: the node is not running here)"));
+        return Check::skip(
+            ID,
+            format!("{evidence} (--root is not /: the node is not running here)"),
+        );
     }
     let soci: PathBuf = match (&ctx.soci_socket, proxy_address(node)) {
         (Some(p), _) => p.clone(),
@@ -112,7 +129,11 @@ async fn containerd_soci(ctx: &DoctorContext, node: &Node, socket: &std::path::P
             );
         }
         Ok(Err(e)) => {
-            return Check::fail(ID, format!("cannot talk to containerd at {shown}: {e}"), "see journalctl -u containerd");
+            return Check::fail(
+                ID,
+                format!("cannot talk to containerd at {shown}: {e}"),
+                "see journalctl -u containerd",
+            );
         }
         Ok(Ok(x)) => x,
     };
@@ -135,12 +156,14 @@ async fn containerd_soci(ctx: &DoctorContext, node: &Node, socket: &std::path::P
         ),
         Reach::NotProbed => Check::warn(
             ID,
-            format!("containerd {v} at {shown} lists soci; no soci snapshot to probe through it, and {SERVICE} is idle"),
+            format!(
+                "containerd {v} at {shown} lists soci; no soci snapshot to probe through it, and {SERVICE} is idle"
+            ),
             format!("systemctl start {SERVICE}, then run doctor again"),
         ),
-        Reach::StatFailed { key, error } => Check::fail(
+        Reach::Unreachable { call, error } => Check::fail(
             ID,
-            format!("containerd {v} at {shown} lists soci but cannot reach it (Snapshots.Stat of {key}: {error})"),
+            format!("containerd {v} at {shown} lists soci but cannot reach it ({call}: {error})"),
             unserved,
         ),
         Reach::DirectFailed(error) => Check::fail(
@@ -155,7 +178,9 @@ async fn containerd_soci(ctx: &DoctorContext, node: &Node, socket: &std::path::P
         ),
         Reach::NotListed => Check::fail(
             ID,
-            format!("containerd {v} at {shown} lists no soci snapshotter: the config it loaded has no [proxy_plugins.soci]"),
+            format!(
+                "containerd {v} at {shown} lists no soci snapshotter: the config it loaded has no [proxy_plugins.soci]"
+            ),
             "wire containerd (soci-agent install), then restart it; containerd config dump shows what it loaded",
         ),
     }
@@ -169,7 +194,12 @@ async fn pause_image(node: &Node, containerd: &std::path::Path) -> Check {
     }
     let names = match pause::archive_names(&archive) {
         Ok(n) if !n.is_empty() => n,
-        Ok(_) => return Check::skip(ID, format!("{DEFAULT_PAUSE_ARCHIVE} names no image (no index.json annotation)")),
+        Ok(_) => {
+            return Check::skip(
+                ID,
+                format!("{DEFAULT_PAUSE_ARCHIVE} names no image (no index.json annotation)"),
+            );
+        }
         Err(e) => return Check::skip(ID, format!("cannot read {DEFAULT_PAUSE_ARCHIVE}: {e}")),
     };
     let arch = crate::release::Arch::from_machine(&node.facts.machine).map_or("amd64", |a| a.as_str());
@@ -178,17 +208,27 @@ async fn pause_image(node: &Node, containerd: &std::path::Path) -> Check {
          ctr -n k8s.io images import --snapshotter soci {DEFAULT_PAUSE_ARCHIVE}"
     );
     match tokio::time::timeout(QUERY_BOUND, pause::state(containerd, &names, arch)).await {
-        Err(_) => Check::fail(ID, format!("containerd: no answer within {QUERY_BOUND:?}"), "see journalctl -u containerd"),
+        Err(_) => Check::fail(
+            ID,
+            format!("containerd: no answer within {QUERY_BOUND:?}"),
+            "see journalctl -u containerd",
+        ),
         Ok(Err(e)) => Check::fail(ID, e, "see journalctl -u containerd"),
         Ok(Ok(PauseState::InSoci { name, chain_id })) => Check::ok(
             ID,
-            format!("{name} (from {DEFAULT_PAUSE_ARCHIVE}) is unpacked in soci (snapshot {chain_id}, namespace k8s.io)"),
+            format!(
+                "{name} (from {DEFAULT_PAUSE_ARCHIVE}) is unpacked in soci (snapshot {chain_id}, namespace k8s.io)"
+            ),
         ),
         Ok(Ok(PauseState::Elsewhere { name, snapshotters })) => Check::fail(
             ID,
             format!(
                 "{name} is in k8s.io but not unpacked in soci (unpacked in: {})",
-                if snapshotters.is_empty() { "none".into() } else { snapshotters.join(", ") }
+                if snapshotters.is_empty() {
+                    "none".into()
+                } else {
+                    snapshotters.join(", ")
+                }
             ),
             format!("with snapshotter = \"soci\" the sandbox cannot start and the node stays NotReady: {import}"),
         ),

@@ -131,11 +131,16 @@ fn dropin(node: &Node) -> Check {
     if text != expected {
         return Check::warn(
             ID,
-            format!("{DROPIN_PATH} wires SOCI (config version {version}), {rendered}, but differs from what install writes"),
+            format!(
+                "{DROPIN_PATH} wires SOCI (config version {version}), {rendered}, but differs from what install writes"
+            ),
             "re-run soci-agent install to rewrite it; put local NodeConfig changes in another drop-in",
         );
     }
-    Check::ok(ID, format!("{DROPIN_PATH} (config version {version}) as install writes it, {rendered}"))
+    Check::ok(
+        ID,
+        format!("{DROPIN_PATH} (config version {version}) as install writes it, {rendered}"),
+    )
 }
 
 /// Where a NodeConfig enabling FastImagePull may come from.
@@ -171,14 +176,20 @@ fn fast_image_pull(node: &Node) -> Check {
     }
     let small = node.root.is_host()
         && (node.facts.cpus < crate::plan::MIN_CPUS
-            || node.facts.memory_bytes.is_some_and(|m| m < crate::plan::MIN_MEMORY_BYTES));
+            || node
+                .facts
+                .memory_bytes
+                .is_some_and(|m| m < crate::plan::MIN_MEMORY_BYTES));
     if on.is_empty() {
         let note = if unreadable.is_empty() {
             String::new()
         } else {
             format!(" (could not read {})", unreadable.join(", "))
         };
-        return Check::ok(ID, format!("featureGates.FastImagePull is not enabled in any NodeConfig source{note}"));
+        return Check::ok(
+            ID,
+            format!("featureGates.FastImagePull is not enabled in any NodeConfig source{note}"),
+        );
     }
     let evidence = format!("featureGates.FastImagePull: true in {}", on.join(", "));
     if node.agent_installed() {
@@ -198,5 +209,8 @@ fn fast_image_pull(node: &Node) -> Check {
             "nodeadm silently ignores FastImagePull below 4 vCPU / 7 GiB: SOCI is not set up on this instance",
         );
     }
-    Check::ok(ID, format!("{evidence}: nodeadm manages SOCI (soci-agent is not installed)"))
+    Check::ok(
+        ID,
+        format!("{evidence}: nodeadm manages SOCI (soci-agent is not installed)"),
+    )
 }

@@ -35,9 +35,10 @@ pub fn pull_path(node: &Node, doc: &DocumentMut, version: ConfigVersion, path: &
             ),
         );
     }
-    let which = c.map_or("containerd version unknown, config version 3: assuming 2.1+".to_string(), |c| {
-        format!("containerd {}", c.version)
-    });
+    let which = c.map_or(
+        "containerd version unknown, config version 3: assuming 2.1+".to_string(),
+        |c| format!("containerd {}", c.version),
+    );
     let mut triggers = Vec::new();
     if images_key(doc, "disable_snapshot_annotations").and_then(Item::as_bool) == Some(false) {
         triggers.push("disable_snapshot_annotations = false");
@@ -66,11 +67,15 @@ pub fn pull_path(node: &Node, doc: &DocumentMut, version: ConfigVersion, path: &
         );
     }
     // The transfer service: its unpack_config decides the snapshotter.
-    let unpack_soci = get(doc, &UNPACK)
-        .and_then(Item::as_array_of_tables)
-        .is_some_and(|a| a.iter().any(|t| t.get("snapshotter").and_then(Item::as_str) == Some("soci")));
-    let remote_labels = get(doc, &["proxy_plugins", "soci", "exports", "enable_remote_snapshot_annotations"])
-        .and_then(Item::as_str)
+    let unpack_soci = get(doc, &UNPACK).and_then(Item::as_array_of_tables).is_some_and(|a| {
+        a.iter()
+            .any(|t| t.get("snapshotter").and_then(Item::as_str) == Some("soci"))
+    });
+    let remote_labels = get(
+        doc,
+        &["proxy_plugins", "soci", "exports", "enable_remote_snapshot_annotations"],
+    )
+    .and_then(Item::as_str)
         == Some("true");
     if unpack_soci && remote_labels {
         return Check::ok(
@@ -118,12 +123,22 @@ pub fn runtime_platforms(doc: &DocumentMut, version: ConfigVersion, path: &str) 
         }
     }
     if other.is_empty() {
-        let listed = if soci.is_empty() { "none set".to_string() } else { soci.join(", ") };
-        return Check::ok(ID, format!("{IMAGES_SHOWN}.runtime_platforms with soci: {listed} ({path})"));
+        let listed = if soci.is_empty() {
+            "none set".to_string()
+        } else {
+            soci.join(", ")
+        };
+        return Check::ok(
+            ID,
+            format!("{IMAGES_SHOWN}.runtime_platforms with soci: {listed} ({path})"),
+        );
     }
     Check::warn(
         ID,
-        format!("{IMAGES_SHOWN}.runtime_platforms unpack elsewhere: {} ({path})", other.join(", ")),
+        format!(
+            "{IMAGES_SHOWN}.runtime_platforms unpack elsewhere: {} ({path})",
+            other.join(", ")
+        ),
         "pods of those runtime classes do not use SOCI: set snapshotter = \"soci\" there if they should",
     )
 }

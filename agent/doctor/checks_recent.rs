@@ -19,11 +19,17 @@ pub fn record(node: &Node) -> Check {
             e.clone(),
             format!("move {RECORD_PATH} aside and re-run soci-agent install (uninstall needs a valid record)"),
         ),
-        (Ok(None), _) => Check::skip(ID, format!("no {RECORD_PATH}: soci-agent has not installed on this node")),
+        (Ok(None), _) => Check::skip(
+            ID,
+            format!("no {RECORD_PATH}: soci-agent has not installed on this node"),
+        ),
         (Ok(Some(r)), _) => {
             let how = match &r.adopted_sha256 {
                 Some(d) => format!("adopted, sha256 {d}"),
-                None => format!("store entries {}", r.store_entries.iter().cloned().collect::<Vec<_>>().join(", ")),
+                None => format!(
+                    "store entries {}",
+                    r.store_entries.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
             };
             Check::ok(
                 ID,
@@ -55,7 +61,10 @@ fn report(node: &Node, id: &'static str, command: &str) -> Check {
     let Some((path, value)) = crate::reports::latest(&node.root, command) else {
         return Check::skip(id, format!("no {command} report in {REPORTS_DIR}"));
     };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let age = name
         .strip_prefix(&format!("{command}-"))
         .and_then(|s| s.strip_suffix(".json"))
@@ -67,7 +76,13 @@ fn report(node: &Node, id: &'static str, command: &str) -> Check {
     let failed_steps: Vec<String> = steps(&value)
         .iter()
         .filter(|s| s["status"] == "failed")
-        .map(|s| format!("{}: {}", s["name"].as_str().unwrap_or("?"), s["detail"].as_str().unwrap_or("")))
+        .map(|s| {
+            format!(
+                "{}: {}",
+                s["name"].as_str().unwrap_or("?"),
+                s["detail"].as_str().unwrap_or("")
+            )
+        })
         .collect();
     let outcome = match exit {
         Some(0) if failed_steps.is_empty() => "ok".to_string(),
@@ -77,7 +92,10 @@ fn report(node: &Node, id: &'static str, command: &str) -> Check {
     };
     let timings = timings(&value);
     let evidence = format!("{REPORTS_DIR}/{name}: {age}, {outcome}{timings}");
-    let error = value["error"].as_str().map(str::to_string).or_else(|| failed_steps.first().cloned());
+    let error = value["error"]
+        .as_str()
+        .map(str::to_string)
+        .or_else(|| failed_steps.first().cloned());
     match (command, exit, failed_steps.is_empty()) {
         (_, Some(0), true) => Check::ok(id, evidence),
         ("boot", _, _) => Check::fail(
@@ -99,7 +117,10 @@ fn report(node: &Node, id: &'static str, command: &str) -> Check {
         _ => Check::warn(
             id,
             evidence,
-            format!("the last {command} failed ({}): see its report", error.unwrap_or_default()),
+            format!(
+                "the last {command} failed ({}): see its report",
+                error.unwrap_or_default()
+            ),
         ),
     }
 }

@@ -34,7 +34,11 @@ fn binary(node: &Node) -> (Check, Option<ExecStart>) {
     let install = "run soci-agent install";
     if unit.masked {
         return (
-            Check::fail(ID, format!("{SERVICE} is masked (a link to /dev/null)"), format!("systemctl unmask {SERVICE}")),
+            Check::fail(
+                ID,
+                format!("{SERVICE} is masked (a link to /dev/null)"),
+                format!("systemctl unmask {SERVICE}"),
+            ),
             None,
         );
     }
@@ -45,7 +49,10 @@ fn binary(node: &Node) -> (Check, Option<ExecStart>) {
         let where_ = if unit.dropins.is_empty() {
             format!("in {}", SEARCH_PATH.join(", "))
         } else {
-            format!("(only drop-ins: {})", unit.dropins.iter().map(|d| d.0.as_str()).collect::<Vec<_>>().join(", "))
+            format!(
+                "(only drop-ins: {})",
+                unit.dropins.iter().map(|d| d.0.as_str()).collect::<Vec<_>>().join(", ")
+            )
         };
         return (Check::fail(ID, format!("no {SERVICE} {where_}"), install), None);
     }
@@ -110,7 +117,9 @@ async fn version(node: &Node, exec: &ExecStart) -> Check {
         Ok(parsed) if parsed < MIN_SOCI_VERSION => Check::fail(
             ID,
             format!("{bin} --version: SOCI {v}"),
-            format!("SOCI {v} has no parallel pull/unpack mode: install {MIN_SOCI_VERSION} or newer (soci-agent install)"),
+            format!(
+                "SOCI {v} has no parallel pull/unpack mode: install {MIN_SOCI_VERSION} or newer (soci-agent install)"
+            ),
         ),
         _ => Check::ok(ID, format!("{bin} --version: SOCI {v} ({first})")),
     }
@@ -151,12 +160,19 @@ fn digest(node: &Node, exec: &ExecStart) -> Check {
     let Some((entry, m)) = super::checks_host::store_manifest(node, bin) else {
         return Check::fail(
             ID,
-            format!("{bin} -> {resolved} is not in soci-agent's store ({})", store::STORE_DIR),
+            format!(
+                "{bin} -> {resolved} is not in soci-agent's store ({})",
+                store::STORE_DIR
+            ),
             reinstall,
         );
     };
     let Ok(version) = m.version.parse::<Version>() else {
-        return Check::fail(ID, format!("{entry}/{}: bad version {:?}", store::MANIFEST, m.version), reinstall);
+        return Check::fail(
+            ID,
+            format!("{entry}/{}: bad version {:?}", store::MANIFEST, m.version),
+            reinstall,
+        );
     };
     let spec = ReleaseSpec {
         version,
@@ -195,10 +211,16 @@ async fn other_copies(node: &Node, exec: Option<&ExecStart>) -> Check {
             .ok()
             .and_then(|out| crate::host::parse_soci_version(&out))
             .unwrap_or_else(|| "version unknown".into());
-        let rpm = if loc.starts_with("/usr/bin/") { ", the distribution's (RPM) copy" } else { "" };
+        let rpm = if loc.starts_with("/usr/bin/") {
+            ", the distribution's (RPM) copy"
+        } else {
+            ""
+        };
         others.push(format!("{loc} (SOCI {v}{rpm})"));
     }
-    let running = exec.map_or("the unit runs none".to_string(), |e| format!("the unit runs {}", e.binary()));
+    let running = exec.map_or("the unit runs none".to_string(), |e| {
+        format!("the unit runs {}", e.binary())
+    });
     if others.is_empty() {
         let places = crate::host::SOCI_BINARY_LOCATIONS.join(", ");
         return Check::ok(ID, format!("no other soci-snapshotter-grpc at {places} ({running})"));

@@ -37,13 +37,19 @@ pub fn config_checks(node: &Node) -> Vec<Check> {
         "soci-config.decompressor",
         "soci-config.content-store",
     ];
-    let rest_skip = |why: &str| ids.iter().map(|id| Check::skip(id, why.to_string())).collect::<Vec<_>>();
+    let rest_skip = |why: &str| {
+        ids.iter()
+            .map(|id| Check::skip(id, why.to_string()))
+            .collect::<Vec<_>>()
+    };
     let text = match &node.soci_config {
         Text::Found(t) => t,
         Text::Missing => {
             let mut out = vec![Check::fail(
                 "soci-config.parse",
-                format!("{shown} does not exist: SOCI 0.10/0.11.0 refuse to start, later ones run without parallel mode"),
+                format!(
+                    "{shown} does not exist: SOCI 0.10/0.11.0 refuse to start, later ones run without parallel mode"
+                ),
                 "run soci-agent install (it writes the config with parallel mode on)",
             )];
             out.extend(rest_skip("no config file (see soci-config.parse)"));
@@ -140,7 +146,12 @@ fn tuning(doc: &DocumentMut) -> Result<Tuning, String> {
         None => String::new(),
         Some(i) => i
             .as_str()
-            .ok_or_else(|| format!("{PARALLEL}.concurrent_download_chunk_size is {}, not a string", i.type_name()))?
+            .ok_or_else(|| {
+                format!(
+                    "{PARALLEL}.concurrent_download_chunk_size is {}, not a string",
+                    i.type_name()
+                )
+            })?
             .to_string(),
     };
     Ok(Tuning {
@@ -159,7 +170,13 @@ fn limits(doc: &DocumentMut, path: &str) -> Check {
     const ID: &str = "soci-config.limits";
     let t = match tuning(doc) {
         Ok(t) => t,
-        Err(e) => return Check::fail(ID, format!("{e} ({path})"), "the daemon refuses to start: fix the value"),
+        Err(e) => {
+            return Check::fail(
+                ID,
+                format!("{e} ({path})"),
+                "the daemon refuses to start: fix the value",
+            );
+        }
     };
     let evidence = format!(
         "downloads {} global / {} per image, unpacks {} global / {} per image ({path}, daemon defaults for unset keys)",
@@ -174,7 +191,11 @@ fn limits(doc: &DocumentMut, path: &str) -> Check {
     };
     match soci_config::validate(&limits_only) {
         Ok(()) => Check::ok(ID, evidence),
-        Err(e) => Check::fail(ID, format!("{evidence}: {e}"), "fix the limits (soci-agent install validates them)"),
+        Err(e) => Check::fail(
+            ID,
+            format!("{evidence}: {e}"),
+            "fix the limits (soci-agent install validates them)",
+        ),
     }
 }
 
@@ -182,10 +203,21 @@ fn chunk_size(doc: &DocumentMut, path: &str) -> Check {
     const ID: &str = "soci-config.chunk-size";
     let key = format!("{PARALLEL}.concurrent_download_chunk_size");
     let value = match get(doc, &key) {
-        None => return Check::ok(ID, format!("{key} unset ({path}): whole layers per request (daemon default)")),
+        None => {
+            return Check::ok(
+                ID,
+                format!("{key} unset ({path}): whole layers per request (daemon default)"),
+            );
+        }
         Some(i) => match i.as_str() {
             Some(s) => s.to_string(),
-            None => return Check::fail(ID, format!("{key} is {} ({path})", i.type_name()), "use a string such as \"16mb\""),
+            None => {
+                return Check::fail(
+                    ID,
+                    format!("{key} is {} ({path})", i.type_name()),
+                    "use a string such as \"16mb\"",
+                );
+            }
         },
     };
     match soci_config::parse_chunk_size(&value) {
@@ -202,7 +234,11 @@ fn decompressor(node: &Node, doc: &DocumentMut, path: &str) -> Check {
         let table = format!("{PARALLEL}.decompress_streams.{kind}");
         let Some(t) = get(doc, &table) else { continue };
         let Some(p) = t.get("path").and_then(Item::as_str) else {
-            return Check::fail(ID, format!("[{table}] has no path ({path})"), "set path to an absolute executable");
+            return Check::fail(
+                ID,
+                format!("[{table}] has no path ({path})"),
+                "set path to an absolute executable",
+            );
         };
         if let Err(e) = soci_config::validate_decompressor_path(p) {
             return Check::fail(ID, format!("[{table}] path = {p:?} ({path})"), e.to_string());
@@ -259,7 +295,11 @@ fn content_store(doc: &DocumentMut, path: &str) -> Check {
         .unwrap_or(false);
     let evidence = format!(
         "content_store.type = {} and discard_unpacked_layers = {discard} ({path})",
-        if store.is_empty() { "unset (soci)".to_string() } else { format!("{store:?}") }
+        if store.is_empty() {
+            "unset (soci)".to_string()
+        } else {
+            format!("{store:?}")
+        }
     );
     match soci_config::check_content_store_rule(store, discard) {
         Ok(()) => Check::ok(ID, evidence),

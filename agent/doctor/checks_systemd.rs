@@ -30,7 +30,11 @@ fn bus(node: &Node) -> Check {
             if errors.is_empty() {
                 Check::ok(ID, format!("systemd answers on {address}"))
             } else {
-                Check::warn(ID, format!("systemd on {address}: {}", errors.join("; ")), "run doctor as root")
+                Check::warn(
+                    ID,
+                    format!("systemd on {address}: {}", errors.join("; ")),
+                    "run doctor as root",
+                )
             }
         }
         Bus::Unavailable(why) => Check::skip(ID, why.clone()),
@@ -69,8 +73,22 @@ fn service(node: &Node) -> Check {
         return match (st.load_state.as_str(), st.active_state.as_str()) {
             ("not-found", _) => Check::fail(ID, evidence, "run soci-agent install"),
             ("masked", _) => Check::fail(ID, evidence, format!("systemctl unmask {SERVICE}")),
-            _ if st.need_daemon_reload => Check::warn(ID, evidence, "unit files changed since systemd read them: systemctl daemon-reload"),
+            _ if st.need_daemon_reload => Check::warn(
+                ID,
+                evidence,
+                "unit files changed since systemd read them: systemctl daemon-reload",
+            ),
             (_, "failed") => Check::fail(ID, evidence, journal),
+            _ if st.sub_state == "auto-restart" => Check::fail(
+                ID,
+                format!("{evidence}: it keeps exiting and systemd keeps restarting it"),
+                journal,
+            ),
+            (_, "active") if st.n_restarts > 0 => Check::warn(
+                ID,
+                format!("{evidence}: running, after exiting {} time(s)", st.n_restarts),
+                format!("{journal} (CRI keychain credentials are lost at every restart)"),
+            ),
             (_, "active" | "reloading" | "activating") => Check::ok(ID, evidence),
             _ if containerd_active => Check::fail(
                 ID,
@@ -84,7 +102,11 @@ fn service(node: &Node) -> Check {
         };
     }
     if !node.soci_unit.exists() {
-        return Check::fail(ID, format!("no {SERVICE} unit file (see soci.binary)"), "run soci-agent install");
+        return Check::fail(
+            ID,
+            format!("no {SERVICE} unit file (see soci.binary)"),
+            "run soci-agent install",
+        );
     }
     let links = enablement_links(&node.root, SERVICE);
     let socket_links = enablement_links(&node.root, SOCKET);
@@ -93,7 +115,10 @@ fn service(node: &Node) -> Check {
         return Check::ok(ID, evidence);
     }
     if !socket_links.is_empty() {
-        return Check::ok(ID, format!("{evidence}; {SOCKET} is enabled and containerd's Requires= starts it"));
+        return Check::ok(
+            ID,
+            format!("{evidence}; {SOCKET} is enabled and containerd's Requires= starts it"),
+        );
     }
     Check::warn(
         ID,
@@ -114,7 +139,10 @@ fn socket(node: &Node) -> Check {
                 "the daemon falls back to its default socket and is not socket-activated: re-run soci-agent install",
             );
         }
-        return Check::skip(ID, format!("no {SOCKET}, and ExecStart does not use fd:// (none needed)"));
+        return Check::skip(
+            ID,
+            format!("no {SOCKET}, and ExecStart does not use fd:// (none needed)"),
+        );
     }
     let listen = unit
         .list("Socket", "ListenStream")
@@ -209,7 +237,11 @@ fn boot_unit(node: &Node) -> Check {
     {
         return Check::fail(
             ID,
-            format!("{BOOT_SERVICE} runs {} ({}), which does not exist", e.binary(), e.source),
+            format!(
+                "{BOOT_SERVICE} runs {} ({}), which does not exist",
+                e.binary(),
+                e.source
+            ),
             "re-run soci-agent install (it copies itself there)",
         );
     }

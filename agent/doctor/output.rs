@@ -43,8 +43,14 @@ mod tests {
             Check::fail("a.longer", "broken", "fix it"),
         ]);
         let t = r.to_text();
-        assert!(t.starts_with("soci-agent doctor: 1 fail, 0 warn, 1 ok, 0 skip (exit 1)\n"), "{t}");
+        assert!(
+            t.starts_with("soci-agent doctor: 1 fail, 0 warn, 1 ok, 0 skip (exit 1)\n"),
+            "{t}"
+        );
         assert!(t.contains("\nok      a.b       fine\n"), "{t}");
-        assert!(t.contains("\nFAIL    a.longer  broken\n                  -> fix it\n"), "{t}");
+        assert!(
+            t.contains("\nFAIL    a.longer  broken\n                  -> fix it\n"),
+            "{t}"
+        );
     }
 }

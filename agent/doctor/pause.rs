@@ -80,8 +80,10 @@ fn normalize_docker(t: &str) -> String {
 
 fn request<T>(msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
-    req.metadata_mut()
-        .insert("containerd-namespace", tonic::metadata::MetadataValue::from_static(NAMESPACE));
+    req.metadata_mut().insert(
+        "containerd-namespace",
+        tonic::metadata::MetadataValue::from_static(NAMESPACE),
+    );
     req
 }
 
@@ -117,7 +119,11 @@ pub async fn state(socket: &Path, names: &[String], arch: &str) -> Result<PauseS
         .map_err(|e| format!("connect {}: {e}", socket.display()))?;
     let mut found = None;
     for name in names {
-        match client.images().get(request(GetImageRequest { name: name.clone() })).await {
+        match client
+            .images()
+            .get(request(GetImageRequest { name: name.clone() }))
+            .await
+        {
             Ok(r) => {
                 if let Some(img) = r.into_inner().image {
                     found = Some(img);
@@ -131,7 +137,9 @@ pub async fn state(socket: &Path, names: &[String], arch: &str) -> Result<PauseS
     let Some(image) = found else {
         return Ok(PauseState::Absent { names: names.to_vec() });
     };
-    let target = image.target.ok_or_else(|| format!("{}: image has no target", image.name))?;
+    let target = image
+        .target
+        .ok_or_else(|| format!("{}: image has no target", image.name))?;
     let mut doc = read_json(&client, &target.digest).await?;
     if let Some(list) = doc["manifests"].as_array() {
         let pick = list

@@ -21,9 +21,15 @@ pub enum Reach {
     NotListed,
     InitError(String),
     /// A Stat of `key` (namespace `ns`) went through containerd to the daemon.
-    Stat { ns: String, key: String },
-    /// The Stat through containerd failed.
-    StatFailed { key: String, error: String },
+    Stat {
+        ns: String,
+        key: String,
+    },
+    /// A call through containerd to the daemon failed (`call` names it).
+    Unreachable {
+        call: String,
+        error: String,
+    },
     /// containerd holds no soci snapshot; the daemon answered at the socket directly.
     Direct,
     /// containerd holds no soci snapshot and the socket does not answer.
@@ -45,8 +51,18 @@ async fn bounded<T>(what: &str, f: impl std::future::Future<Output = Result<T, S
         .map_err(|_| format!("{what}: no answer within {BOUND:?}"))?
 }
 
-/// The first soci snapshot key containerd knows, in any namespace (k8s.io first).
-async fn first_snapshot(client: &containerd_client::Client) -> Result<Option<(String, String)>, String> {
+/// Where the first soci snapshot containerd knows is (namespace, key), k8s.io first.
+enum First {
+    Found(String, String),
+    None,
+    /// Listing failed: with snapshots present, containerd stats each through the proxy.
+    ListFailed {
+        ns: String,
+        error: String,
+    },
+}
+
+async fn first_snapshot(client: &containerd_client::Client) -> Result<First, String> {
     let mut namespaces: Vec<String> = client
         .namespaces()
         .list(ListNamespacesRequest { filter: String::new() })
@@ -63,19 +79,25 @@ async fn first_snapshot(client: &containerd_client::Client) -> Result<Option<(St
             snapshotter: SNAPSHOTTER.into(),
             filters: vec![],
         };
-        let mut stream = client
-            .snapshots()
-            .list(request(&ns, list)?)
-            .await
-            .map_err(|e| format!("Snapshots.List ({ns}): {}", e.message()))?
-            .into_inner();
-        if let Some(batch) = stream.message().await.map_err(|e| format!("Snapshots.List ({ns}): {}", e.message()))?
-            && let Some(info) = batch.info.into_iter().next()
-        {
-            return Ok(Some((ns, info.name)));
+        let failed = |e: tonic::Status| First::ListFailed {
+            ns: ns.clone(),
+            error: e.message().to_string(),
+        };
+        let mut stream = match client.snapshots().list(request(&ns, list)?).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => return Ok(failed(e)),
+        };
+        match stream.message().await {
+            Ok(Some(batch)) => {
+                if let Some(info) = batch.info.into_iter().next() {
+                    return Ok(First::Found(ns, info.name));
+                }
+            }
+            Ok(None) => {}
+            Err(e) => return Ok(failed(e)),
         }
     }
-    Ok(None)
+    Ok(First::None)
 }
 
 /// Asks containerd at `containerd` (and, if needed and `may_dial`, the daemon at `soci`).
@@ -106,30 +128,41 @@ pub async fn probe(containerd: &Path, soci: &Path, may_dial: bool) -> Result<(St
             .map_err(|e| format!("Introspection.Plugins: {}", e.message()))
     })
     .await?;
-    let Some(plugin) = plugins.into_iter().find(|p| p.r#type == PLUGIN_TYPE && p.id == SNAPSHOTTER) else {
+    let Some(plugin) = plugins
+        .into_iter()
+        .find(|p| p.r#type == PLUGIN_TYPE && p.id == SNAPSHOTTER)
+    else {
         return Ok((version, Reach::NotListed));
     };
     if let Some(err) = plugin.init_err {
         return Ok((version, Reach::InitError(err.message)));
     }
-    if let Some((ns, key)) = bounded("Snapshots.List", first_snapshot(&client)).await? {
-        let stat = StatSnapshotRequest {
-            snapshotter: SNAPSHOTTER.into(),
-            key: key.clone(),
-        };
-        let req = request(&ns, stat)?;
-        let reach = match tokio::time::timeout(BOUND, client.snapshots().stat(req)).await {
-            Ok(Ok(_)) => Reach::Stat { ns, key },
-            Ok(Err(e)) => Reach::StatFailed {
-                key,
-                error: e.message().to_string(),
-            },
-            Err(_) => Reach::StatFailed {
-                key,
-                error: format!("no answer within {BOUND:?}"),
-            },
-        };
-        return Ok((version, reach));
+    match bounded("Snapshots.List", first_snapshot(&client)).await? {
+        First::Found(ns, key) => {
+            let stat = StatSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.clone(),
+            };
+            let req = request(&ns, stat)?;
+            let call = format!("Snapshots.Stat of {key} in {ns}");
+            let reach = match tokio::time::timeout(BOUND, client.snapshots().stat(req)).await {
+                Ok(Ok(_)) => Reach::Stat { ns, key },
+                Ok(Err(e)) => Reach::Unreachable {
+                    call,
+                    error: e.message().to_string(),
+                },
+                Err(_) => Reach::Unreachable {
+                    call,
+                    error: format!("no answer within {BOUND:?}"),
+                },
+            };
+            return Ok((version, reach));
+        }
+        First::ListFailed { ns, error } => {
+            let call = format!("Snapshots.List in {ns}");
+            return Ok((version, Reach::Unreachable { call, error }));
+        }
+        First::None => {}
     }
     if !may_dial {
         return Ok((version, Reach::NotProbed));

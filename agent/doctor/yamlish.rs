@@ -16,7 +16,9 @@ pub fn values(text: &str) -> Vec<(Vec<String>, String)> {
             continue;
         }
         let indent = line.len() - line.trim_start_matches(' ').len();
-        let Some((key, value)) = split_key(trimmed) else { continue };
+        let Some((key, value)) = split_key(trimmed) else {
+            continue;
+        };
         while stack.last().is_some_and(|(ind, _)| *ind >= indent) {
             stack.pop();
         }

@@ -126,15 +126,20 @@ pub async fn fetch_platform(
         destination: Some(containerd_client::to_any(&destination)),
         options: None,
     });
-    req.metadata_mut()
-        .insert("containerd-namespace", tonic::metadata::MetadataValue::from_static(CRI_NAMESPACE));
+    req.metadata_mut().insert(
+        "containerd-namespace",
+        tonic::metadata::MetadataValue::from_static(CRI_NAMESPACE),
+    );
     match TransferClient::new(channel.clone()).transfer(req).await {
         Ok(_) => report(PlatformState::Fetched, None),
         Err(s) if s.code() == tonic::Code::Unimplemented => report(
             PlatformState::Unsupported,
             Some("unsupported by this containerd: no Transfer service (containerd 1.7 or newer needed)".into()),
         ),
-        Err(s) => report(PlatformState::Failed, Some(format!("{:?}: {}", s.code(), s.message()))),
+        Err(s) => report(
+            PlatformState::Failed,
+            Some(format!("failed: {:?}: {}", s.code(), s.message())),
+        ),
     }
 }
 
@@ -143,7 +148,10 @@ fn authorization(c: &Credential) -> Option<String> {
     if !c.registry_token.is_empty() {
         Some(format!("Bearer {}", c.registry_token))
     } else if !c.username.is_empty() {
-        Some(format!("Basic {}", base64(format!("{}:{}", c.username, c.password).as_bytes())))
+        Some(format!(
+            "Basic {}",
+            base64(format!("{}:{}", c.username, c.password).as_bytes())
+        ))
     } else if !c.auth.is_empty() {
         Some(format!("Basic {}", c.auth))
     } else {

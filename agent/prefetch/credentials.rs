@@ -54,7 +54,10 @@ impl std::fmt::Debug for Credential {
 
 impl Credential {
     fn is_empty(&self) -> bool {
-        self.username.is_empty() && self.auth.is_empty() && self.identity_token.is_empty() && self.registry_token.is_empty()
+        self.username.is_empty()
+            && self.auth.is_empty()
+            && self.identity_token.is_empty()
+            && self.registry_token.is_empty()
     }
 }
 
@@ -210,7 +213,11 @@ impl Keyring {
             };
         }
         let mut notes = Vec::new();
-        for p in self.providers.iter().filter(|p| p.match_images.iter().any(|m| matches(m, &target))) {
+        for p in self
+            .providers
+            .iter()
+            .filter(|p| p.match_images.iter().any(|m| matches(m, &target)))
+        {
             match p.provide(&self.bin_dir, &target, &image.registry).await {
                 Ok(auths) => match best(&auths, &target) {
                     Some(c) => {
@@ -220,7 +227,10 @@ impl Keyring {
                             note: None,
                         };
                     }
-                    None => notes.push(format!("credential provider {} returned no auth matching {target}", p.name)),
+                    None => notes.push(format!(
+                        "credential provider {} returned no auth matching {target}",
+                        p.name
+                    )),
                 },
                 Err(e) => notes.push(format!("credential provider {}: {e}", p.name)),
             }
@@ -303,7 +313,9 @@ fn load_providers(path: &Path) -> Result<Vec<Provider>, CredentialError> {
         message,
     };
     if !text.trim_start().starts_with('{') {
-        return Err(invalid("YAML is not supported; write the JSON form (the EKS AMI's)".into()));
+        return Err(invalid(
+            "YAML is not supported; write the JSON form (the EKS AMI's)".into(),
+        ));
     }
     let file: ProviderConfigFile = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
     if let Some(kind) = &file.kind
@@ -328,8 +340,12 @@ fn load_providers(path: &Path) -> Result<Vec<Provider>, CredentialError> {
             }
             let default_cache = match &p.default_cache_duration {
                 None => Duration::ZERO,
-                Some(d) => go_duration(d)
-                    .ok_or_else(|| invalid(format!("provider {}: defaultCacheDuration {d:?} is not a duration", p.name)))?,
+                Some(d) => go_duration(d).ok_or_else(|| {
+                    invalid(format!(
+                        "provider {}: defaultCacheDuration {d:?} is not a duration",
+                        p.name
+                    ))
+                })?,
             };
             Ok(Provider {
                 name: p.name,
@@ -346,7 +362,11 @@ fn load_providers(path: &Path) -> Result<Vec<Provider>, CredentialError> {
 
 impl Provider {
     async fn provide(&self, bin_dir: &Path, image: &str, registry: &str) -> Result<AuthList, String> {
-        let keys = [format!("image:{image}"), format!("registry:{registry}"), "global".to_string()];
+        let keys = [
+            format!("image:{image}"),
+            format!("registry:{registry}"),
+            "global".to_string(),
+        ];
         let mut cache = self.cache.lock().await;
         let now = Instant::now();
         cache.retain(|_, (expiry, _)| *expiry > now);
@@ -413,12 +433,20 @@ impl Provider {
             .map_err(|e| format!("{}: {e}", program.display()))?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
-            let tail: String = stderr.trim().chars().rev().take(300).collect::<Vec<_>>().into_iter().rev().collect();
+            let tail: String = stderr
+                .trim()
+                .chars()
+                .rev()
+                .take(300)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
             return Err(format!("{} failed ({}): {tail}", program.display(), out.status));
         }
         // serde_json's error names a position, never the content.
-        let resp: ProviderResponse =
-            serde_json::from_slice(&out.stdout).map_err(|e| format!("{}: response is not valid JSON: {e}", self.name))?;
+        let resp: ProviderResponse = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("{}: response is not valid JSON: {e}", self.name))?;
         if resp.kind != RESPONSE_KIND {
             return Err(format!("response kind {:?} is not {RESPONSE_KIND}", resp.kind));
         }
@@ -444,10 +472,14 @@ pub fn go_duration(text: &str) -> Option<Duration> {
     }
     let mut total = 0f64;
     while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
         let number: f64 = rest[..num_len].parse().ok()?;
         rest = &rest[num_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let scale = match &rest[..unit_len] {
             "ns" => 1e-9,
             "us" | "µs" | "μs" => 1e-6,

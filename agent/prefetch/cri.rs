@@ -21,7 +21,9 @@ pub fn unix_channel(socket: PathBuf) -> Channel {
         .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
             async move {
-                let stream = tokio::net::UnixStream::connect(&socket).await?;
+                let stream = tokio::net::UnixStream::connect(&socket)
+                    .await
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("connect to {}: {e}", socket.display())))?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
             }
         }))
@@ -173,8 +175,14 @@ mod tests {
                        \"127.0.0.1:5000/a:1\": failed to do request: Head \"http://127.0.0.1:5000/v2/a/manifests/1\": \
                        dial tcp 127.0.0.1:5000: connect: connection refused";
         assert!(is_transient(Code::Unknown, refused));
-        assert!(is_transient(Code::Unknown, "unexpected status from GET request: 503 Service Unavailable"));
-        assert!(!is_transient(Code::Unknown, "pulling from host r failed with status code: 401 Unauthorized"));
+        assert!(is_transient(
+            Code::Unknown,
+            "unexpected status from GET request: 503 Service Unavailable"
+        ));
+        assert!(!is_transient(
+            Code::Unknown,
+            "pulling from host r failed with status code: 401 Unauthorized"
+        ));
         assert!(!is_transient(Code::NotFound, "127.0.0.1:5000/a:missing: not found"));
         assert!(!is_transient(Code::Unknown, "something nobody knows"));
         assert!(!is_transient(Code::InvalidArgument, "connection refused"));

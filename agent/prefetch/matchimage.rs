@@ -137,6 +137,9 @@ mod tests {
         assert!(matches("reg[0-9].example", "reg7.example/x"));
         assert!(!matches("reg[^0-9].example", "reg7.example/x"));
         assert!(matches("reg\\*.example", "reg*.example/x"));
-        assert!(!matches("reg[.example", "reg[.example/x"), "malformed pattern never matches");
+        assert!(
+            !matches("reg[.example", "reg[.example/x"),
+            "malformed pattern never matches"
+        );
     }
 }

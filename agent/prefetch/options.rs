@@ -24,10 +24,12 @@ const MAX_CONCURRENCY: usize = 64;
 
 /// Pre-pull images through containerd's CRI into the snapshotter kubelet uses.
 #[derive(Debug, Clone, Default, clap::Args)]
-#[command(after_help = "Examples:\n  soci-agent prefetch public.ecr.aws/org/app:1.2 registry.example/ml/train@sha256:<hex>\n  \
+#[command(
+    after_help = "Examples:\n  soci-agent prefetch public.ecr.aws/org/app:1.2 registry.example/ml/train@sha256:<hex>\n  \
 soci-agent prefetch --from /etc/soci-agent/images.txt --concurrency 2 --pin\n\n\
 Exit codes: 0 every image present (cache hit) or pulled; 4 some images failed (the report says which); \
-2 usage or configuration error.")]
+2 usage or configuration error."
+)]
 pub struct PrefetchArgs {
     /// Image references (tag or digest). Without any (and without --from), the config file's `images`.
     #[arg(value_name = "IMAGE")]
@@ -345,7 +347,12 @@ pub fn resolve(args: &PrefetchArgs) -> Result<(PrefetchOptions, OutputFormat), O
     } else {
         args.platform.clone()
     };
-    o.platforms = o.platforms.iter().map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect();
+    o.platforms = o
+        .platforms
+        .iter()
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
     for p in &o.platforms {
         if super::bake::parse_platform(p).is_err() {
             return Err(OptionsError::Invalid {
@@ -388,7 +395,10 @@ mod tests {
             ..PrefetchArgs::default()
         };
         let (o, _) = resolve(&args).unwrap();
-        assert_eq!((o.images.as_slice(), o.concurrency, o.pin), (&["c:3".to_string()][..], 1, PinMode::Unpin));
+        assert_eq!(
+            (o.images.as_slice(), o.concurrency, o.pin),
+            (&["c:3".to_string()][..], 1, PinMode::Unpin)
+        );
         std::fs::write(dir.join("etc/soci-agent/config.toml"), "[prefetch]\ncolor = 1\n").unwrap();
         assert!(matches!(
             PrefetchOptions::from_config(&dir, None),

@@ -23,8 +23,10 @@ pub const CRI_NAMESPACE: &str = "k8s.io";
 
 fn request<T>(msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
-    req.metadata_mut()
-        .insert("containerd-namespace", tonic::metadata::MetadataValue::from_static(CRI_NAMESPACE));
+    req.metadata_mut().insert(
+        "containerd-namespace",
+        tonic::metadata::MetadataValue::from_static(CRI_NAMESPACE),
+    );
     req
 }
 

@@ -205,7 +205,10 @@ mod tests {
         assert_eq!(norm("localhost/app"), "localhost/app:latest");
         assert_eq!(norm("public.ecr.aws/org/app:1.2"), "public.ecr.aws/org/app:1.2");
         let d = format!("sha256:{}", "a".repeat(64));
-        assert_eq!(norm(&format!("registry.example/ml/train@{d}")), format!("registry.example/ml/train@{d}"));
+        assert_eq!(
+            norm(&format!("registry.example/ml/train@{d}")),
+            format!("registry.example/ml/train@{d}")
+        );
         assert_eq!(norm(&format!("r.io/a:t@{d}")), format!("r.io/a:t@{d}"));
         let r = ImageRef::parse("host:5000/a/b:t").unwrap();
         assert_eq!((r.registry.as_str(), r.repo().as_str()), ("host:5000", "host:5000/a/b"));

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::bake::PlatformReport;
+use super::bake::{PlatformReport, PlatformState};
 use super::options::PinMode;
 
 /// Exit code when some images failed.
@@ -182,6 +182,9 @@ impl PrefetchReport {
         if let Some(e) = &self.error {
             return format!("prefetch: not started: {e}");
         }
+        if s.images == 0 {
+            return "prefetch: nothing to do: no images (arguments, --from or [prefetch] images)".to_string();
+        }
         let mut parts = vec![format!("{} hit", s.hit), format!("{} pulled", s.pulled)];
         if s.absent > 0 {
             parts.push(format!("{} absent", s.absent));
@@ -227,13 +230,13 @@ impl PrefetchReport {
                 out.push_str(&format!("          error: {e}\n"));
             }
             for p in &i.platforms {
-                let state = serde_json::to_value(&p.state).ok();
-                let state = state.as_ref().and_then(|v| v.as_str()).unwrap_or("?");
-                out.push_str(&format!("          {}: {state}", p.platform));
-                if let Some(e) = &p.error {
-                    out.push_str(&format!(" ({e})"));
-                }
-                out.push('\n');
+                let state = match (&p.state, &p.error) {
+                    (PlatformState::Native, _) => "native (pulled through CRI)".to_string(),
+                    (PlatformState::Fetched, _) => "content fetched".to_string(),
+                    (_, Some(e)) => e.clone(),
+                    (s, None) => format!("{s:?}").to_lowercase(),
+                };
+                out.push_str(&format!("          {}: {state}\n", p.platform));
             }
         }
         for w in &self.warnings {
