@@ -249,5 +249,10 @@ pub async fn run(args: &BootArgs) -> (BootReport, OutputFormat) {
         steps: list,
         seconds: started.elapsed().as_secs_f64(),
     };
+    let mut phases: std::collections::BTreeMap<String, f64> =
+        report.steps.iter().map(|s| (s.name.to_string(), s.seconds)).collect();
+    phases.insert("total".into(), report.seconds);
+    let json = serde_json::to_string_pretty(&report).expect("report serializes");
+    crate::reports::record_run(&root, "boot", &json, report.exit_code, &phases, args.textfile_dir.as_deref());
     (report, args.output)
 }

@@ -105,6 +105,9 @@ pub struct BootArgs {
     /// Exit 1 when a step fails or the time bound is hit (default: log loudly, exit 0 so the node joins).
     #[arg(long)]
     pub strict: bool,
+    /// Also write this run's figures as Prometheus gauges to DIR/soci_agent_boot.prom (under --root).
+    #[arg(long, value_name = "DIR", env = "SOCI_AGENT_TEXTFILE_DIR")]
+    pub textfile_dir: Option<String>,
     /// Report format on stdout.
     #[arg(long, value_enum, default_value = "text")]
     pub output: OutputFormat,

@@ -799,6 +799,12 @@ fn boot_verifies_the_binary_against_the_record() {
     assert_code(&out, 0);
     assert_eq!(step(&json(&out), "verify-binary")["status"], "failed");
     assert_code(&node.run("boot", &["--strict"], &[]), 1);
+    let boots = std::fs::read_dir(node.path("/var/lib/soci-agent/reports"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("boot-"))
+        .count();
+    assert_eq!(boots, 3, "every boot run saves its report");
 }
 
 /// Content, mode and link targets only (a crashed-then-rerun install may
