@@ -167,6 +167,10 @@ impl Report {
 }
 
 #[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Exit codes: 0 when no check fails (warn and skip included), 1 otherwise.\n\
+JSON: {\"checks\":[{\"id\",\"verdict\",\"evidence\",\"advice\"}],\"summary\":{\"ok\",\"warn\",\"fail\",\"skip\"}}"
+)]
 pub struct DoctorArgs {
     /// Directory every node path is resolved under (an image root, tests).
     #[arg(long, value_name = "DIR", env = "SOCI_AGENT_ROOT", default_value = "/")]

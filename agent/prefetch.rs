@@ -126,6 +126,8 @@ struct Ctx<'a> {
     /// Per-repository locks when images of one repo must not overlap.
     repo_locks: HashMap<String, tokio::sync::Mutex<()>>,
     board: Board,
+    /// When the run started (for `ImageReport::started_at`).
+    started: Instant,
 }
 
 /// Pre-pulls `opts.images` through CRI and reports on each; see the module
@@ -185,6 +187,7 @@ pub async fn prefetch(opts: &PrefetchOptions) -> PrefetchReport {
         slots: tokio::sync::Semaphore::new(opts.concurrency),
         repo_locks,
         board: Board::new(names, opts.progress),
+        started,
     };
     if !report.warnings.is_empty() && !ctx.board.enabled() {
         for w in &report.warnings {
@@ -338,6 +341,7 @@ async fn one_image(ctx: &Ctx<'_>, idx: usize, item: &Item) -> ImageReport {
     };
     let _slot = ctx.slots.acquire().await.expect("semaphore is never closed");
     let started = Instant::now();
+    rep.started_at = ctx.started.elapsed().as_secs_f64();
     ctx.board.set(idx, "checking");
     let tracker = Tracker::default();
     let bound = ctx.opts.timeout_per_image;

@@ -61,12 +61,11 @@ fn binary(node: &Node) -> (Check, Option<ExecStart>) {
     };
     let bin = exec.binary();
     let resolved = node.resolve(bin);
-    let shown = if resolved == bin {
-        bin.to_string()
+    let evidence = if resolved == bin {
+        format!("ExecStart in {}: {}", exec.source, exec.line)
     } else {
-        format!("{bin} -> {resolved}")
+        format!("ExecStart in {}: {}; {bin} -> {resolved}", exec.source, exec.line)
     };
-    let evidence = format!("ExecStart in {}: {}; {shown}", exec.source, exec.line);
     match std::fs::metadata(node.host_path(&resolved)) {
         Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => (Check::ok(ID, evidence), Some(exec)),
         Ok(_) => (

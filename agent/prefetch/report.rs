@@ -50,6 +50,10 @@ pub struct ImageReport {
     /// `ImageStatus.image.size`: the image's size in bytes as CRI reports it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
+    /// When work on the image began (it had its turn and a slot), in seconds
+    /// after the run started.
+    pub started_at: f64,
+    /// How long the image took from then.
     pub seconds: f64,
     /// `PullImage` calls made (0 for a hit).
     pub attempts: u32,
@@ -75,6 +79,7 @@ impl ImageReport {
             state: ImageState::Failed,
             image_id: None,
             bytes: None,
+            started_at: 0.0,
             seconds: 0.0,
             attempts: 0,
             auth: None,
