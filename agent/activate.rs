@@ -172,7 +172,7 @@ pub async fn activate(
     if !effects.restart_containerd && !restarted_along {
         // The files say containerd is already wired; a run killed between writing them and
         // restarting containerd leaves it running the old config, so check what it loaded.
-        match health::query_snapshotter(&root.path(CONTAINERD_SOCKET), "soci").await {
+        match health::query_snapshotter(&root.path(CONTAINERD_SOCKET), &root.path(SOCI_SOCKET)).await {
             Ok(status) if status.loaded => {
                 act.restarted.retain(|u| *u != containerd_entry);
                 act.steps.push(format!(
@@ -202,7 +202,7 @@ pub async fn activate(
     } else {
         sd.restart(units::CONTAINERD_SERVICE).await?;
     }
-    let status = health::wait_for_snapshotter(&root.path(CONTAINERD_SOCKET), "soci", bounds.health).await?;
+    let status = health::wait_for_snapshotter(&root.path(CONTAINERD_SOCKET), &root.path(SOCI_SOCKET), bounds.health).await?;
     act.steps.push(format!(
         "restarted containerd {} ({:.1}s): it lists the soci snapshotter and reaches it",
         status.containerd_version,

@@ -28,7 +28,7 @@ mod checks_systemd;
 mod node;
 mod output;
 mod pause;
-mod probe;
+
 mod unitfile;
 mod yamlish;
 

@@ -180,6 +180,14 @@ fn pulls_reports_failures_then_hits_pins_and_unpins() {
         report["serialized_repos"],
         serde_json::json!([format!("{}/team/web", registry.host())])
     );
+    // ... and they did not overlap (the intervals each image held its slot).
+    let span = |r: &str| {
+        let i = image(&report, r);
+        let start = i["started_at"].as_f64().unwrap();
+        (start, start + i["seconds"].as_f64().unwrap())
+    };
+    let (a, b) = (span(&web1.reference), span(&web2.reference));
+    assert!(a.1 <= b.0 || b.1 <= a.0, "team/web images overlapped: {a:?} {b:?}");
     // One structured log line per image (stderr is not a terminal), plus the summary.
     let lines: Vec<Value> = run
         .stderr
@@ -204,10 +212,25 @@ fn pulls_reports_failures_then_hits_pins_and_unpins() {
     }
     eprintln!("first run: {:.1} s", t0.elapsed().as_secs_f64());
 
-    // Second run: all hits, pinned (text report), and bake mode reports what 1.6 cannot do.
-    let mut args = good.to_vec();
-    args.extend(["--pin", "--platform", "linux/amd64,linux/arm64,linux/arm/v7"]);
-    let run = node.prefetch(&args);
+    // Second run, from a list file and the agent config's [prefetch] table: all hits, pinned
+    // (text report), and bake mode reports what containerd 1.6 cannot do.
+    let list = tmp.path().join("images.txt");
+    fs::write(
+        &list,
+        format!(
+            "# images to prefetch\n{}\n\n{}  # the API\n{}\n",
+            good[0], good[2], good[1]
+        ),
+    )
+    .unwrap();
+    let config = tmp.path().join("agent.toml");
+    fs::write(
+        &config,
+        "[install]\nretries = 1\n\n[prefetch]\nimages = [\"ignored:1\"]\npin = true\nconcurrency = 2\n\
+         platform = [\"linux/amd64\", \"linux/arm64\", \"linux/arm/v7\"]\n",
+    )
+    .unwrap();
+    let run = node.prefetch(&["--from", list.to_str().unwrap(), "--config", config.to_str().unwrap()]);
     assert_eq!(run.code(), 0, "{}", run.show());
     assert!(
         run.stdout.contains("prefetch: 3 images: 3 hit, 0 pulled, 0 failed"),

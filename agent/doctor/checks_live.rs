@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::node::Node;
 use super::pause::{self, PauseState};
-use super::probe::{self, Reach};
+use crate::health::probe::{self, Reach};
 use super::{Check, DoctorContext};
 use crate::boot::DEFAULT_PAUSE_ARCHIVE;
 use crate::plan::CONTAINERD_SOCKET;

@@ -1,4 +1,5 @@
-//! Does containerd reach the soci snapshotter? Being listed by
+//! Does containerd reach the soci snapshotter? (shared by install's health
+//! check and doctor) Being listed by
 //! Introspection proves little: a proxy plugin is listed even when nothing
 //! serves its socket (containerd dials lazily), and `Snapshots.List` is
 //! answered from containerd's own metadata store without calling the
