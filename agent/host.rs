@@ -189,7 +189,12 @@ pub async fn detect(root: &Root) -> HostFacts {
         };
         let managed = meta.file_type().is_symlink()
             && std::fs::read_link(&p).is_ok_and(|t| t.starts_with(crate::store::STORE_DIR));
-        let version = run_version(&p).await.as_deref().and_then(parse_soci_version);
+        // Follow an absolute link inside the root, never out of it.
+        let exe = match std::fs::read_link(&p) {
+            Ok(t) if t.is_absolute() => root.path(&t),
+            _ => p.clone(),
+        };
+        let version = run_version(&exe).await.as_deref().and_then(parse_soci_version);
         soci_installed.push(InstalledSoci {
             path: loc.to_string(),
             managed,

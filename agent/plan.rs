@@ -350,6 +350,7 @@ fn next_record(
     actions: &[Action],
     merged: &str,
     daemon: &str,
+    soci_root: &str,
     adopted: Option<Sha256Hex>,
 ) -> Record {
     for a in actions {
@@ -380,6 +381,7 @@ fn next_record(
         record.paths.insert(a.path.clone(), before);
     }
     record.daemon_binary = daemon.to_string();
+    record.soci_root = soci_root.to_string();
     record.adopted_sha256 = adopted;
     record
 }
@@ -716,6 +718,7 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         &b.actions,
         &s.containerd_config,
         &daemon_binary,
+        &s.soci_root,
         adopted_sha256,
     );
     b.file(RECORD_PATH, record.to_json(), 0o644, Effects::default())?;

@@ -34,6 +34,9 @@ pub struct Record {
     pub store_entries: BTreeSet<String>,
     /// The binary the SOCI unit runs.
     pub daemon_binary: String,
+    /// The snapshotter's `--root` (containerd's `exports.root`).
+    #[serde(default)]
+    pub soci_root: String,
     /// Its digest when it was adopted (store binaries are checked against
     /// their entry's `release.json`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
