@@ -70,6 +70,10 @@ A second run with the same inputs changes nothing and says so."
     /// and what to do. Read-only.
     #[command(visible_alias = "status")]
     Doctor(Box<crate::doctor::DoctorArgs>),
+
+    /// Stay on after boot: watch what install set up, repair what the agent
+    /// owns, keep the configured images warm, serve Prometheus metrics.
+    Daemon(Box<crate::daemon::DaemonArgs>),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -14,6 +14,7 @@ pub mod apply;
 pub mod boot;
 pub mod cli;
 pub mod containerd_config;
+pub mod daemon;
 pub mod diff;
 pub mod doctor;
 pub mod exit;

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Install(args) => print_report(runtime.block_on(soci_agent::install::run(&args))),
         Command::Uninstall(args) => print_report(runtime.block_on(soci_agent::uninstall::run(&args))),
+        Command::Daemon(args) => ExitCode::from(runtime.block_on(soci_agent::daemon::run(&args))),
         Command::Doctor(args) => ExitCode::from(runtime.block_on(soci_agent::doctor::run(&args))),
         Command::Prefetch(args) => ExitCode::from(runtime.block_on(soci_agent::prefetch::run(&args))),
         Command::Render(args) => {

@@ -7,27 +7,34 @@
 //! soci-agent prefetch --from /etc/soci-agent/images.txt --concurrency 2 --pin
 //! ```
 //!
-//! Per image (see [`options::PrefetchArgs`] for every flag and the
+//! Per image (see [`PrefetchArgs`] for every flag and the
 //! `[prefetch]` config table):
 //! 1. the reference is validated and normalized (`nginx` ->
 //!    `docker.io/library/nginx:latest`); duplicates are dropped, so one
 //!    reference is never pulled twice at once;
 //! 2. `ImageStatus`: present -> cache hit, nothing pulled;
-//! 3. absent -> `PullImage` with credentials ([`credentials`]: `--auth-file`,
+//! 3. absent -> `PullImage` with credentials (`prefetch/credentials.rs`: `--auth-file`,
 //!    then kubelet credential provider plugins, else anonymous), retried with
-//!    capped exponential backoff and jitter on transient errors ([`cri`]);
+//!    capped exponential backoff and jitter on transient errors
+//!    (`prefetch/cri.rs`);
 //!    a bad reference, a missing image or an authorization failure is a
 //!    per-image error, never retried; the whole image (status, retries, pin)
 //!    is bounded by `--timeout-per-image`;
 //! 4. `--pin` labels the image `io.cri-containerd.pinned=pinned` in
-//!    containerd (namespace `k8s.io`), `--unpin` removes the label ([`pin`]);
-//! 5. `--platform` (bake mode) also fetches other platforms' content ([`bake`]).
+//!    containerd (namespace `k8s.io`), `--unpin` removes the label (`prefetch/pin.rs`);
+//! 5. `--platform` (bake mode) also fetches other platforms' content (`prefetch/bake.rs`).
 //!
 //! At most `--concurrency` images are in flight. When SOCI's parallel mode
 //! runs with `discard_unpacked_layers = true`, images of the same registry
 //! repository are pulled one at a time, with a warning: their shared layers
 //! trip upstream soci-snapshotter issue 2035 ("compressed digests did not
 //! match") when pulled concurrently.
+//!
+//! Private registries with SOCI's parallel mode: SOCI fetches layers itself
+//! and learns credentials only from CRI pulls through its own socket (its
+//! `[cri_keychain]`, kubelet's `imageServiceEndpoint`). Pulls through
+//! containerd's socket with credentials then warn to use
+//! `--cri-endpoint unix:///run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock`.
 //!
 //! Output: on a terminal, a live line per image (state, elapsed) on stderr;
 //! otherwise one structured log line per image. The report (text or `--output
@@ -64,8 +71,9 @@ mod pin;
 mod progress;
 mod reference;
 mod report;
+mod soci;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -86,6 +94,7 @@ pub use report::{EXIT_SOME_FAILED, ImageReport, ImageState, PrefetchReport, Summ
 use credentials::Keyring;
 use cri::{CallError, Cri};
 use progress::Board;
+pub use soci::{SociFacts, read_soci_config};
 
 /// Where SOCI's sockets live (its CRI keychain serves the ImageService there).
 const SOCI_RUN_DIR: &str = "/run/soci-snapshotter-grpc";
@@ -164,7 +173,12 @@ pub async fn prefetch(opts: &PrefetchOptions) -> PrefetchReport {
 
     let items = dedupe(&opts.images, &mut report.warnings);
     let soci = read_soci_config(&opts.soci_config);
-    let repo_locks = serialization(opts, &soci, &items, &mut report);
+    let repos: Vec<String> = items
+        .iter()
+        .filter_map(|i| i.parsed.as_ref().ok())
+        .map(ImageRef::repo)
+        .collect();
+    let repo_locks = soci::serialization(opts, &soci, &repos, &mut report);
     let credentials_configured =
         opts.auth_file.is_some() || opts.credential_provider_config.as_deref().is_some_and(Path::exists);
     if soci.as_ref().is_ok_and(|f| f.cri_keychain) && credentials_configured && !cri_socket.starts_with(SOCI_RUN_DIR) {
@@ -189,10 +203,9 @@ pub async fn prefetch(opts: &PrefetchOptions) -> PrefetchReport {
         board: Board::new(names, opts.progress),
         started,
     };
-    if !report.warnings.is_empty() && !ctx.board.enabled() {
-        for w in &report.warnings {
-            tracing::warn!("{w}");
-        }
+    // Logged before the progress board (if any) starts drawing.
+    for w in &report.warnings {
+        tracing::warn!("{w}");
     }
     let work = futures_util::future::join_all(items.iter().enumerate().map(|(i, item)| one_image(&ctx, i, item)));
     tokio::pin!(work);
@@ -240,80 +253,6 @@ fn dedupe(images: &[String], warnings: &mut Vec<String>) -> Vec<Item> {
         });
     }
     items
-}
-
-/// The issue-2035 guard: when SOCI discards unpacked layers in parallel
-/// mode, one lock per repository holding two or more images.
-fn serialization(
-    opts: &PrefetchOptions,
-    soci: &Result<SociFacts, String>,
-    items: &[Item],
-    report: &mut PrefetchReport,
-) -> HashMap<String, tokio::sync::Mutex<()>> {
-    let mut by_repo: BTreeMap<String, usize> = BTreeMap::new();
-    for r in items.iter().filter_map(|i| i.parsed.as_ref().ok()) {
-        *by_repo.entry(r.repo()).or_default() += 1;
-    }
-    let shared: Vec<String> = by_repo.into_iter().filter(|(_, n)| *n > 1).map(|(r, _)| r).collect();
-    if shared.is_empty() || opts.concurrency == 1 {
-        return HashMap::new();
-    }
-    match soci {
-        Ok(facts) if !facts.discards_unpacked_layers => HashMap::new(),
-        Ok(_) => {
-            for repo in &shared {
-                report.warnings.push(format!(
-                    "SOCI parallel mode runs with discard_unpacked_layers = true: images of {repo} are \
-                     pulled one at a time (shared layers fail concurrently, soci-snapshotter issue 2035)"
-                ));
-            }
-            report.serialized_repos = shared.clone();
-            shared.into_iter().map(|r| (r, tokio::sync::Mutex::new(()))).collect()
-        }
-        Err(e) => {
-            report
-                .warnings
-                .push(format!("{e}; images of one repository are not serialized"));
-            HashMap::new()
-        }
-    }
-}
-
-/// What `prefetch` needs to know from SOCI's config file.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct SociFacts {
-    /// Parallel pull/unpack is on with `discard_unpacked_layers = true`.
-    pub discards_unpacked_layers: bool,
-    /// `[cri_keychain] enable_keychain = true`: SOCI learns pull credentials
-    /// only from CRI pulls made through its own socket.
-    pub cri_keychain: bool,
-}
-
-/// Reads SOCI's `config.toml`; a missing file is all `false`.
-pub fn read_soci_config(path: &Path) -> Result<SociFacts, String> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(SociFacts::default()),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-    };
-    let doc: toml_edit::DocumentMut = text
-        .parse()
-        .map_err(|e: toml_edit::TomlError| format!("{} is not valid TOML: {}", path.display(), e.message()))?;
-    let flag = |table: &[&str], key: &str| {
-        let mut item = doc.as_item();
-        for t in table {
-            match item.get(t) {
-                Some(i) => item = i,
-                None => return false,
-            }
-        }
-        item.get(key).and_then(|v| v.as_bool()).unwrap_or(false)
-    };
-    let par = ["pull_modes", "parallel_pull_unpack"];
-    Ok(SociFacts {
-        discards_unpacked_layers: flag(&par, "enable") && flag(&par, "discard_unpacked_layers"),
-        cri_keychain: flag(&["cri_keychain"], "enable_keychain"),
-    })
 }
 
 /// Per-image call bookkeeping that survives the timeout cancelling the work.
@@ -451,7 +390,7 @@ async fn work(
         .map_err(|e| format!("image {}, but {e}", state.as_str()))?;
         rep.pinned = Some(pinned);
     }
-    if !ctx.opts.platforms.is_empty() {
+    if !ctx.opts.platforms.is_empty() && ctx.opts.pin != PinMode::Unpin {
         if state == ImageState::Hit && credential.is_none() {
             credential = ctx.keyring.lookup(image).await.credential;
         }
@@ -545,34 +484,6 @@ mod tests {
         assert_eq!(given, ["nginx", "a:1", "Bad/Ref"]);
         assert_eq!(w.len(), 2);
         assert!(items[2].parsed.is_err());
-    }
-
-    #[test]
-    fn reads_soci_config() {
-        let dir = std::env::temp_dir().join(format!("soci-agent-prefetch-soci-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("config.toml");
-        assert_eq!(read_soci_config(&f), Ok(SociFacts::default()));
-        std::fs::write(
-            &f,
-            "[pull_modes.parallel_pull_unpack]\nenable = true\ndiscard_unpacked_layers = true\n\
-             [cri_keychain]\nenable_keychain = true\n",
-        )
-        .unwrap();
-        let on = SociFacts {
-            discards_unpacked_layers: true,
-            cri_keychain: true,
-        };
-        assert_eq!(read_soci_config(&f), Ok(on));
-        std::fs::write(
-            &f,
-            "[pull_modes.parallel_pull_unpack]\nenable = false\ndiscard_unpacked_layers = true\n",
-        )
-        .unwrap();
-        assert_eq!(read_soci_config(&f), Ok(SociFacts::default()));
-        std::fs::write(&f, "[pull_modes\n").unwrap();
-        assert!(read_soci_config(&f).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub struct PrefetchArgs {
     #[arg(long, value_name = "DIR", env = "SOCI_AGENT_ROOT", default_value = "/")]
     pub root: PathBuf,
 
-    /// Agent config file ([prefetch] table: images, concurrency, pin, timeout_per_image, strict, ...).
+    /// Agent config file (its `[prefetch]` table: images, concurrency, pin, timeout_per_image, strict, ...).
     /// [default: /etc/soci-agent/config.toml under --root, when present]
     #[arg(long, value_name = "FILE", env = "SOCI_AGENT_CONFIG")]
     pub config: Option<PathBuf>,
@@ -78,7 +78,7 @@ pub struct PrefetchArgs {
     #[arg(long, value_name = "PATH", env = "SOCI_AGENT_CONTAINERD_ADDRESS")]
     pub containerd_address: Option<PathBuf>,
 
-    /// docker config.json with registry credentials (auths.<registry>.auth or username/password); consulted first.
+    /// docker config.json with registry credentials (`auths.<registry>.auth` or username/password); consulted first.
     #[arg(long, value_name = "FILE")]
     pub auth_file: Option<PathBuf>,
 
