@@ -139,28 +139,14 @@ async fn import_pause(root: &Root, archive: &str) -> Result<String, String> {
 async fn steps(args: &BootArgs, root: &Root, report: &mut Vec<Step>) -> bool {
     let mut ok = true;
     let t = Instant::now();
-    let record = match Record::load(root) {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            report.push(Step {
-                name: "record",
-                status: "failed",
-                detail: "no install record: run soci-agent install".into(),
-                seconds: 0.0,
-            });
-            return false;
-        }
-        Err(e) => {
-            report.push(Step {
-                name: "record",
-                status: "failed",
-                detail: e.to_string(),
-                seconds: 0.0,
-            });
-            return false;
-        }
+    // Without a usable record the binary cannot be verified; the pause image
+    // and the pre-pull still matter, so they run regardless.
+    let verified = match Record::load(root) {
+        Ok(Some(record)) => verify_binary(root, &record),
+        Ok(None) => Err("no install record: run soci-agent install".to_string()),
+        Err(e) => Err(e.to_string()),
     };
-    let (status, detail) = match verify_binary(root, &record) {
+    let (status, detail) = match verified {
         Ok(d) => ("ok", d),
         Err(d) => {
             ok = false;
@@ -168,12 +154,7 @@ async fn steps(args: &BootArgs, root: &Root, report: &mut Vec<Step>) -> bool {
             ("failed", d)
         }
     };
-    report.push(Step {
-        name: "verify-binary",
-        status,
-        detail,
-        seconds: t.elapsed().as_secs_f64(),
-    });
+    report.push(Step { name: "verify-binary", status, detail, seconds: t.elapsed().as_secs_f64() });
 
     let t = Instant::now();
     let archive = args.pause_archive.as_str();
@@ -205,12 +186,42 @@ async fn steps(args: &BootArgs, root: &Root, report: &mut Vec<Step>) -> bool {
         }
     };
     report.push(step);
-    report.push(Step {
-        name: "prefetch",
-        status: "skipped",
-        detail: "no pre-pull list configured".into(),
-        seconds: 0.0,
-    });
+    let t = Instant::now();
+    let step = match crate::prefetch::PrefetchOptions::from_config(root.base(), args.config.as_deref()) {
+        Err(e) => {
+            ok = false;
+            Step { name: "prefetch", status: "failed", detail: crate::exit::error_chain(&e), seconds: 0.0 }
+        }
+        Ok(opts) if opts.images.is_empty() => {
+            Step { name: "prefetch", status: "skipped", detail: "no [prefetch] images configured".into(), seconds: 0.0 }
+        }
+        Ok(opts) => {
+            let pre = crate::prefetch::prefetch(&opts).await;
+            crate::reports::record_run(root, "prefetch", &pre.to_json(), pre.exit_code, &Default::default(), None);
+            let detail = format!(
+                "{} image(s): {} hit, {} pulled, {} failed",
+                pre.images.len(),
+                pre.summary.hit,
+                pre.summary.pulled,
+                pre.summary.failed
+            );
+            // A failed image fails the boot only when [prefetch] strict asks for it.
+            let failed = !pre.all_ok();
+            if failed && opts.strict {
+                ok = false;
+            }
+            if failed {
+                tracing::error!("image pre-pull had failures: {detail}");
+            }
+            Step {
+                name: "prefetch",
+                status: if failed { "failed" } else { "ok" },
+                detail,
+                seconds: t.elapsed().as_secs_f64(),
+            }
+        }
+    };
+    report.push(step);
     ok
 }
 

@@ -109,6 +109,9 @@ pub struct BootArgs {
     /// Exit 1 when a step fails or the time bound is hit (default: log loudly, exit 0 so the node joins).
     #[arg(long)]
     pub strict: bool,
+    /// Agent config file ([prefetch] images to pre-pull). [default: /etc/soci-agent/config.toml under --root, when present]
+    #[arg(long, value_name = "FILE", env = "SOCI_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Also write this run's figures as Prometheus gauges to DIR/soci_agent_boot.prom (under --root).
     #[arg(long, value_name = "DIR", env = "SOCI_AGENT_TEXTFILE_DIR")]
     pub textfile_dir: Option<String>,

@@ -111,6 +111,15 @@ pub async fn run(args: &PrefetchArgs) -> u8 {
         }
     };
     let report = prefetch(&opts).await;
+    let phases = report.images.iter().map(|i| (i.image.clone(), i.seconds)).collect();
+    crate::reports::record_run(
+        &crate::rootfs::Root::new(&args.root),
+        "prefetch",
+        &report.to_json(),
+        report.exit_code,
+        &phases,
+        None,
+    );
     match output {
         crate::cli::OutputFormat::Json => println!("{}", report.to_json()),
         crate::cli::OutputFormat::Text => print!("{}", report.to_text()),

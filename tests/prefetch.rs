@@ -515,3 +515,46 @@ fn credentials_from_a_provider_plugin_and_an_auth_file() {
     assert!(run.stdout.contains("YAML is not supported"), "{}", run.show());
     eprintln!("credentials: {:.1} s", t0.elapsed().as_secs_f64());
 }
+
+#[test]
+fn boot_pulls_the_configured_images_and_saves_the_report() {
+    let tmp = tempdir();
+    let registry = Registry::start_new(&tmp.path().join("registry"), None);
+    let app = registry.push_random_image("boot/app", "1", 2, 128 << 10);
+    let node = Node::new(tmp.path());
+    node.containerd.trust_plain_http(&registry.host());
+    let config = tmp.path().join("agent.toml");
+    fs::write(
+        &config,
+        format!(
+            "[prefetch]\nimages = [{:?}]\ncri_endpoint = {:?}\ncontainerd_address = {:?}\nretries = 2\n",
+            app.reference,
+            node.containerd.endpoint(),
+            node.containerd.socket.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = common::containerd::run_bounded(
+        Command::new(BIN)
+            .args(["--log-level", "info", "boot", "--output", "json", "--root"])
+            .arg(&node.root)
+            .arg("--config")
+            .arg(&config),
+        RUN_BOUND,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // No install record here: verify-binary fails, which is logged and, without --strict, exit 0.
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let step = report["steps"].as_array().and_then(|s| s.iter().find(|s| s["name"] == "prefetch")).cloned();
+    let step = step.unwrap_or_else(|| panic!("no prefetch step in {report:#}"));
+    assert_eq!(step["status"], "ok", "{report:#}");
+    assert!(step["detail"].as_str().unwrap().contains("1 pulled"), "{step:#}");
+    let reports: Vec<String> = fs::read_dir(node.root.join("var/lib/soci-agent/reports"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(reports.iter().any(|n| n.starts_with("prefetch-")), "{reports:?}");
+    assert!(reports.iter().any(|n| n.starts_with("boot-")), "{reports:?}");
+}
