@@ -36,11 +36,17 @@ impl Default for Bounds {
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     #[error("systemd step failed")]
-    Systemd(#[from] SystemdError),
+    Systemd(#[source] Box<SystemdError>),
     #[error("health check failed")]
     Health(#[from] HealthError),
     #[error("cannot update the install record: {0}")]
     Record(String),
+}
+
+impl From<SystemdError> for ActivateError {
+    fn from(e: SystemdError) -> Self {
+        ActivateError::Systemd(Box::new(e))
+    }
 }
 
 /// What the systemd step did, in order (also the undo log).
@@ -202,7 +208,8 @@ pub async fn activate(
     } else {
         sd.restart(units::CONTAINERD_SERVICE).await?;
     }
-    let status = health::wait_for_snapshotter(&root.path(CONTAINERD_SOCKET), &root.path(SOCI_SOCKET), bounds.health).await?;
+    let status =
+        health::wait_for_snapshotter(&root.path(CONTAINERD_SOCKET), &root.path(SOCI_SOCKET), bounds.health).await?;
     act.steps.push(format!(
         "restarted containerd {} ({:.1}s): it lists the soci snapshotter and reaches it",
         status.containerd_version,

@@ -154,7 +154,12 @@ async fn steps(args: &BootArgs, root: &Root, report: &mut Vec<Step>) -> bool {
             ("failed", d)
         }
     };
-    report.push(Step { name: "verify-binary", status, detail, seconds: t.elapsed().as_secs_f64() });
+    report.push(Step {
+        name: "verify-binary",
+        status,
+        detail,
+        seconds: t.elapsed().as_secs_f64(),
+    });
 
     let t = Instant::now();
     let archive = args.pause_archive.as_str();
@@ -190,14 +195,29 @@ async fn steps(args: &BootArgs, root: &Root, report: &mut Vec<Step>) -> bool {
     let step = match crate::prefetch::PrefetchOptions::from_config(root.base(), args.config.as_deref()) {
         Err(e) => {
             ok = false;
-            Step { name: "prefetch", status: "failed", detail: crate::exit::error_chain(&e), seconds: 0.0 }
+            Step {
+                name: "prefetch",
+                status: "failed",
+                detail: crate::exit::error_chain(&e),
+                seconds: 0.0,
+            }
         }
-        Ok(opts) if opts.images.is_empty() => {
-            Step { name: "prefetch", status: "skipped", detail: "no [prefetch] images configured".into(), seconds: 0.0 }
-        }
+        Ok(opts) if opts.images.is_empty() => Step {
+            name: "prefetch",
+            status: "skipped",
+            detail: "no [prefetch] images configured".into(),
+            seconds: 0.0,
+        },
         Ok(opts) => {
             let pre = crate::prefetch::prefetch(&opts).await;
-            crate::reports::record_run(root, "prefetch", &pre.to_json(), pre.exit_code, &Default::default(), None);
+            crate::reports::record_run(
+                root,
+                "prefetch",
+                &pre.to_json(),
+                pre.exit_code,
+                &Default::default(),
+                None,
+            );
             let detail = format!(
                 "{} image(s): {} hit, {} pulled, {} failed",
                 pre.images.len(),
@@ -264,6 +284,13 @@ pub async fn run(args: &BootArgs) -> (BootReport, OutputFormat) {
         report.steps.iter().map(|s| (s.name.to_string(), s.seconds)).collect();
     phases.insert("total".into(), report.seconds);
     let json = serde_json::to_string_pretty(&report).expect("report serializes");
-    crate::reports::record_run(&root, "boot", &json, report.exit_code, &phases, args.textfile_dir.as_deref());
+    crate::reports::record_run(
+        &root,
+        "boot",
+        &json,
+        report.exit_code,
+        &phases,
+        args.textfile_dir.as_deref(),
+    );
     (report, args.output)
 }

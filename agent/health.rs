@@ -70,7 +70,11 @@ pub async fn query_snapshotter(containerd_socket: &Path, soci_socket: &Path) -> 
         Reach::DirectFailed(e) => Some(e),
         Reach::NotProbed => Some("not probed".to_string()),
     };
-    Ok(SnapshotterStatus { containerd_version: version, loaded: why.is_none(), init_error: why })
+    Ok(SnapshotterStatus {
+        containerd_version: version,
+        loaded: why.is_none(),
+        init_error: why,
+    })
 }
 
 /// Polls until containerd lists `soci` and reaches it.
@@ -83,11 +87,19 @@ pub async fn wait_for_snapshotter(
     loop {
         let last = match query_snapshotter(containerd_socket, soci_socket).await {
             Ok(s) if s.loaded => return Ok(s),
-            Ok(s) => format!("containerd {}: {}", s.containerd_version, s.init_error.unwrap_or_default()),
+            Ok(s) => format!(
+                "containerd {}: {}",
+                s.containerd_version,
+                s.init_error.unwrap_or_default()
+            ),
             Err(e) => e,
         };
         if started.elapsed() >= bound {
-            return Err(HealthError::SnapshotterNotLoaded { socket: containerd_socket.to_path_buf(), waited: bound, last });
+            return Err(HealthError::SnapshotterNotLoaded {
+                socket: containerd_socket.to_path_buf(),
+                waited: bound,
+                last,
+            });
         }
         tokio::time::sleep(POLL).await;
     }

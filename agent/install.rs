@@ -28,7 +28,14 @@ pub async fn run(args: &InstallArgs) -> (InstallReport, OutputFormat) {
     report.seconds = started.elapsed().as_secs_f64();
     report.phases.insert("total".into(), report.seconds);
     if let Some((root, textfile_dir)) = saved_to {
-        crate::reports::record_run(&root, "install", &report.to_json(), report.exit_code, &report.phases, textfile_dir.as_deref());
+        crate::reports::record_run(
+            &root,
+            "install",
+            &report.to_json(),
+            report.exit_code,
+            &report.phases,
+            textfile_dir.as_deref(),
+        );
     }
     (report, output)
 }
@@ -170,7 +177,8 @@ async fn start_units(s: &InstallSettings, plan: &Plan, txn: &mut Transaction) ->
     let mut record_enabled = |units: &[String]| -> Result<(), String> {
         let mut record = Record::load(&root).map_err(|e| error_chain(&e))?.unwrap_or_default();
         record.enabled_units.extend(units.iter().cloned());
-        txn.write(&root, RECORD_PATH, record.to_json().as_bytes(), 0o644).map_err(|e| error_chain(&e))
+        txn.write(&root, RECORD_PATH, record.to_json().as_bytes(), 0o644)
+            .map_err(|e| error_chain(&e))
     };
     let result = activate(&sd, &s.root, plan, &mut act, Bounds::default(), &mut record_enabled).await;
     if let Err(e) = result {

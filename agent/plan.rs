@@ -124,7 +124,10 @@ pub enum Op {
     Release(Box<ReleaseStep>),
     /// Copy a file from outside the root (the agent's own executable),
     /// streamed, to the action's path.
-    Copy { source: std::path::PathBuf, mode: u32 },
+    Copy {
+        source: std::path::PathBuf,
+        mode: u32,
+    },
     /// Remove the file or symlink at the action's path (uninstall).
     Remove,
     /// Copy the file at `source` back to the action's path (uninstall).
@@ -290,7 +293,14 @@ impl Builder<'_> {
             changed,
             detail: format!("{size} bytes, sha256 {want}, mode 0755"),
             diff: None,
-            op: if changed { Op::Copy { source: source.to_path_buf(), mode: 0o755 } } else { Op::Nothing },
+            op: if changed {
+                Op::Copy {
+                    source: source.to_path_buf(),
+                    mode: 0o755,
+                }
+            } else {
+                Op::Nothing
+            },
             effects: Effects::default(),
         });
         Ok(())

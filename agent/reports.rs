@@ -32,7 +32,10 @@ fn reports_of(dir: &Path, command: &str) -> Vec<PathBuf> {
 /// Saves `json` as the newest report of `command` and prunes old ones.
 pub fn save(root: &Root, command: &str, json: &str) -> Result<PathBuf, FsError> {
     let dir = root.path(REPORTS_DIR);
-    let millis = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
     let path = dir.join(format!("{command}-{millis}.json"));
     rootfs::write_atomic(&path, json.as_bytes(), 0o644)?;
     let all = reports_of(&dir, command);
@@ -51,7 +54,10 @@ pub fn latest(root: &Root, command: &str) -> Option<(PathBuf, serde_json::Value)
 
 /// Writes `{dir}/soci_agent_{command}.prom` atomically (node-exporter textfile
 /// collector format) from `(metric, labels, value)` rows.
-pub fn write_textfile(dir: &Path, command: &str, rows: &[(&str, Vec<(&str, String)>, f64)]) -> Result<PathBuf, FsError> {
+/// One gauge sample: metric name, labels, value.
+pub type Gauge<'a> = (&'a str, Vec<(&'a str, String)>, f64);
+
+pub fn write_textfile(dir: &Path, command: &str, rows: &[Gauge<'_>]) -> Result<PathBuf, FsError> {
     let mut out = String::new();
     let mut seen = Vec::new();
     for (name, labels, value) in rows {
@@ -59,9 +65,20 @@ pub fn write_textfile(dir: &Path, command: &str, rows: &[(&str, Vec<(&str, Strin
             out.push_str(&format!("# TYPE {name} gauge\n"));
             seen.push(name);
         }
-        let labels: Vec<String> =
-            labels.iter().map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n"))).collect();
-        let labels = if labels.is_empty() { String::new() } else { format!("{{{}}}", labels.join(",")) };
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "{k}=\"{}\"",
+                    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+                )
+            })
+            .collect();
+        let labels = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{}}}", labels.join(","))
+        };
         out.push_str(&format!("{name}{labels} {value}\n"));
     }
     let path = dir.join(format!("soci_agent_{command}.prom"));
@@ -84,14 +101,21 @@ pub fn record_run(
         tracing::warn!(error = %crate::exit::error_chain(&e), "could not save the run report");
     }
     let Some(dir) = textfile_dir else { return };
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
     let cmd = || vec![("command", command.to_string())];
     let mut rows = vec![
         ("soci_agent_last_run_timestamp_seconds", cmd(), now),
         ("soci_agent_last_run_exit_code", cmd(), f64::from(exit_code)),
     ];
     for (phase, secs) in phases {
-        rows.push(("soci_agent_phase_seconds", vec![("command", command.to_string()), ("phase", phase.clone())], *secs));
+        rows.push((
+            "soci_agent_phase_seconds",
+            vec![("command", command.to_string()), ("phase", phase.clone())],
+            *secs,
+        ));
     }
     if let Err(e) = write_textfile(&root.path(dir), command, &rows) {
         tracing::warn!(error = %crate::exit::error_chain(&e), "could not write the textfile metrics");
@@ -108,7 +132,12 @@ mod tests {
         let root = Root::new(d.path());
         for i in 0..(KEEP + 3) {
             let dir = root.path(REPORTS_DIR);
-            rootfs::write_atomic(&dir.join(format!("install-{}.json", 1000 + i)), format!("{{\"n\":{i}}}").as_bytes(), 0o644).unwrap();
+            rootfs::write_atomic(
+                &dir.join(format!("install-{}.json", 1000 + i)),
+                format!("{{\"n\":{i}}}").as_bytes(),
+                0o644,
+            )
+            .unwrap();
         }
         save(&root, "install", "{\"n\":99}").unwrap();
         assert_eq!(reports_of(&root.path(REPORTS_DIR), "install").len(), KEEP);
@@ -119,8 +148,16 @@ mod tests {
     #[test]
     fn textfile_is_prometheus_text() {
         let d = tempfile::tempdir().unwrap();
-        let p = write_textfile(d.path(), "install", &[("soci_agent_phase_seconds", vec![("phase", "download".into())], 1.5)]).unwrap();
+        let p = write_textfile(
+            d.path(),
+            "install",
+            &[("soci_agent_phase_seconds", vec![("phase", "download".into())], 1.5)],
+        )
+        .unwrap();
         let text = std::fs::read_to_string(p).unwrap();
-        assert_eq!(text, "# TYPE soci_agent_phase_seconds gauge\nsoci_agent_phase_seconds{phase=\"download\"} 1.5\n");
+        assert_eq!(
+            text,
+            "# TYPE soci_agent_phase_seconds gauge\nsoci_agent_phase_seconds{phase=\"download\"} 1.5\n"
+        );
     }
 }

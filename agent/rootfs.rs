@@ -200,14 +200,22 @@ pub fn copy_file_atomic(src: &Path, dst: &Path, mode: u32) -> Result<(), FsError
     let tmp = tmp_sibling(dst);
     let result = (|| {
         let mut input = fs::File::open(src)?;
-        let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
         io::copy(&mut input, &mut f)?;
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.sync_all()
     })();
     if let Err(source) = result {
         let _ = fs::remove_file(&tmp);
-        return Err(FsError::Write { path: dst.to_path_buf(), source });
+        return Err(FsError::Write {
+            path: dst.to_path_buf(),
+            source,
+        });
     }
     rename(&tmp, dst)?;
     fsync_dir(dir)

@@ -544,9 +544,17 @@ fn boot_pulls_the_configured_images_and_saves_the_report() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     // No install record here: verify-binary fails, which is logged and, without --strict, exit 0.
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: Value = serde_json::from_str(&stdout).unwrap();
-    let step = report["steps"].as_array().and_then(|s| s.iter().find(|s| s["name"] == "prefetch")).cloned();
+    let step = report["steps"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "prefetch"))
+        .cloned();
     let step = step.unwrap_or_else(|| panic!("no prefetch step in {report:#}"));
     assert_eq!(step["status"], "ok", "{report:#}");
     assert!(step["detail"].as_str().unwrap().contains("1 pulled"), "{step:#}");

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use super::node::Node;
 use super::pause::{self, PauseState};
-use crate::health::probe::{self, Reach};
 use super::{Check, DoctorContext};
 use crate::boot::DEFAULT_PAUSE_ARCHIVE;
+use crate::health::probe::{self, Reach};
 use crate::plan::CONTAINERD_SOCKET;
 use crate::units::{CONTAINERD_SERVICE, SERVICE, SOCKET};
 
