@@ -143,6 +143,21 @@ fn parent_of(path: &Path) -> &Path {
 /// directory, fsync, chmod, rename over the target, fsync the directory.
 /// Readers see the old or the new content, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError> {
+    write_atomic_with(path, mode, |f| f.write_all(bytes))
+}
+
+/// Streams `src` into `dst` atomically with `mode` (constant memory; for
+/// binaries).
+pub fn copy_file_atomic(src: &Path, dst: &Path, mode: u32) -> Result<(), FsError> {
+    write_atomic_with(dst, mode, |f| io::copy(&mut fs::File::open(src)?, f).map(drop))
+}
+
+/// The one atomic-write path: `fill` writes the temp file's content.
+fn write_atomic_with(
+    path: &Path,
+    mode: u32,
+    fill: impl FnOnce(&mut fs::File) -> io::Result<()>,
+) -> Result<(), FsError> {
     let dir = parent_of(path);
     create_dirs(dir)?;
     let tmp = tmp_sibling(path);
@@ -153,7 +168,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError>
             .truncate(true)
             .mode(mode)
             .open(&tmp)?;
-        f.write_all(bytes)?;
+        fill(&mut f)?;
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.sync_all()
     })();
@@ -172,13 +187,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError>
 /// time (backups, and restores from them, are indistinguishable from the
 /// original).
 pub fn copy_atomic(src: &Path, dst: &Path) -> Result<(), FsError> {
-    let read_err = |source| FsError::Read {
+    let meta = fs::metadata(src).map_err(|source| FsError::Read {
         path: src.to_path_buf(),
         source,
-    };
-    let meta = fs::metadata(src).map_err(read_err)?;
-    let bytes = fs::read(src).map_err(read_err)?;
-    write_atomic(dst, &bytes, meta.permissions().mode() & 0o7777)?;
+    })?;
+    copy_file_atomic(src, dst, meta.permissions().mode() & 0o7777)?;
     if let Ok(mtime) = meta.modified() {
         fs::File::options()
             .write(true)
@@ -190,35 +203,6 @@ pub fn copy_atomic(src: &Path, dst: &Path) -> Result<(), FsError> {
             })?;
     }
     Ok(())
-}
-
-/// Streams `src` into `dst` atomically with `mode` (constant memory; for
-/// binaries).
-pub fn copy_file_atomic(src: &Path, dst: &Path, mode: u32) -> Result<(), FsError> {
-    let dir = parent_of(dst);
-    create_dirs(dir)?;
-    let tmp = tmp_sibling(dst);
-    let result = (|| {
-        let mut input = fs::File::open(src)?;
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        io::copy(&mut input, &mut f)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.sync_all()
-    })();
-    if let Err(source) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(FsError::Write {
-            path: dst.to_path_buf(),
-            source,
-        });
-    }
-    rename(&tmp, dst)?;
-    fsync_dir(dir)
 }
 
 /// Renames, removing `from` when the rename fails.
