@@ -22,7 +22,8 @@ Kubernetes node, verifies what it downloads, writes a validated SOCI config, wir
 and kubelet to it (through a NodeConfig drop-in on EKS nodeadm hosts) and installs its systemd \
 units. Every file change is atomic, backed up, and shown with --dry-run first.\n\n\
 Exit codes: 0 done or nothing to do; 1 failed, node left as it was; 2 usage or validation \
-error; 3 verification failed (checksum or archive refused).",
+error; 3 verification failed (checksum or archive refused); 4 prefetch: some images failed. \
+doctor exits 1 when a check fails.",
     after_help = "Examples:\n  soci-agent install\n  soci-agent install --root /mnt/image --no-start\n  \
 soci-agent install --dry-run\n  soci-agent install --archive ./soci-snapshotter-0.15.0-linux-amd64-static.tar.gz --sha256 <hex>"
 )]
