@@ -192,24 +192,30 @@ async fn start_units(s: &InstallSettings, plan: &Plan, txn: &mut Transaction) ->
 
 /// What the operator (or the next soci-agent step) still has to do.
 fn next_steps(s: &InstallSettings, plan: &Plan) -> Vec<String> {
-    let effects = plan.effects();
-    let mut steps = Vec::new();
-    if s.no_start {
-        steps.push("--no-start: units written, nothing enabled or started; systemd picks them up at the next boot once enabled".into());
+    if !s.no_start {
+        return Vec::new();
     }
+    let mut units = vec!["soci-snapshotter.socket", "soci-snapshotter.service"];
+    if !plan.kubelet_present {
+        units.push("soci-agent-boot.service");
+    }
+    let units = units.join(" ");
+    let mut steps = vec![
+        "--no-start: units written, nothing enabled or started; once enabled, systemd starts them at boot".to_string(),
+    ];
     match plan.wiring {
-        Wiring::Nodeadm => steps.push(
-            "systemctl daemon-reload && systemctl enable soci-snapshotter.socket soci-snapshotter.service (start nothing: nodeadm-run starts containerd, whose Requires= starts SOCI)".into(),
-        ),
+        Wiring::Nodeadm => steps.push(format!(
+            "systemctl daemon-reload && systemctl enable {units} (start nothing: nodeadm-run starts containerd, whose Requires= starts SOCI)"
+        )),
         Wiring::Containerd => {
-            steps.push("systemctl daemon-reload && systemctl enable --now soci-snapshotter.socket soci-snapshotter.service".into());
-            if effects.restart_containerd {
-                steps.push("systemctl restart containerd (its config or drop-ins changed), then check: ctr plugins ls id==soci".into());
+            steps.push(format!("systemctl daemon-reload && systemctl enable {units}"));
+            if plan.effects().restart_containerd {
+                steps.push(
+                    "on a running node: systemctl restart containerd (its config or drop-ins changed), then soci-agent doctor"
+                        .into(),
+                );
             }
         }
-    }
-    if !s.no_start {
-        steps.clear();
     }
     steps
 }
