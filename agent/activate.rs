@@ -76,7 +76,39 @@ fn enabled_state(s: &str) -> bool {
 }
 
 /// Runs the systemd step for `plan`; on error, `act` holds what was done.
+/// With `install --daemon` on a non-nodeadm host, soci-agent.service is
+/// (re)started last, once the snapshotter and containerd are healthy.
 pub async fn activate(
+    sd: &Systemd,
+    root: &Root,
+    plan: &Plan,
+    act: &mut Activation,
+    bounds: Bounds,
+    record_enabled: &mut (dyn FnMut(&[String]) -> Result<(), String> + Send),
+) -> Result<(), ActivateError> {
+    activate_units(sd, root, plan, act, bounds, record_enabled).await?;
+    if !plan.daemon || plan.wiring == Wiring::Nodeadm {
+        return Ok(());
+    }
+    let unit = units::DAEMON_SERVICE;
+    let changed = plan
+        .actions
+        .iter()
+        .any(|a| a.changed && a.path == units::DAEMON_SERVICE_PATH);
+    let state = sd.unit_state(unit).await?;
+    if changed || !state.is_active() {
+        act.restarted.push((unit.to_string(), state.is_active()));
+        sd.restart(unit).await?;
+        act.steps.push(format!(
+            "{} {unit}",
+            if state.is_active() { "restarted" } else { "started" }
+        ));
+    }
+    Ok(())
+}
+
+/// The snapshotter and containerd part of `activate`.
+async fn activate_units(
     sd: &Systemd,
     root: &Root,
     plan: &Plan,
@@ -89,6 +121,9 @@ pub async fn activate(
     let mut wanted = vec![soci, units::SOCKET];
     if !plan.kubelet_present {
         wanted.push(units::BOOT_SERVICE);
+    }
+    if plan.daemon {
+        wanted.push(units::DAEMON_SERVICE);
     }
     // A run killed after writing files but before its reload leaves units whose files changed
     // since the last reload: the plan then sees no change, so ask systemd too.

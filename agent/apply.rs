@@ -229,6 +229,35 @@ fn apply_file_op(root: &Root, path: &str, op: &Op) -> Result<(), FsError> {
     }
 }
 
+/// Held (exclusive) while install or uninstall changes the node; the daemon
+/// only tries it, shared and non-blocking, and skips its repairs meanwhile.
+pub const INSTALL_LOCK: &str = "/run/soci-agent/install.lock";
+
+/// Takes the install lock on a live host (`--root /`); other roots have no
+/// daemon to coordinate with, so nothing is created there.
+pub fn lock_node(root: &Root) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, FsError> {
+    if !root.is_host() {
+        return Ok(None);
+    }
+    let path = root.path(INSTALL_LOCK);
+    rootfs::create_dirs(path.parent().expect("lock has a parent"))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| FsError::Write {
+            path: path.clone(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map(Some)
+        .map_err(|(_, errno)| FsError::Write {
+            path,
+            source: std::io::Error::from(errno),
+        })
+}
+
 /// Applies the file actions (everything but releases) inside `txn`.
 pub fn apply_actions(txn: &mut Transaction, root: &Root, actions: &[Action]) -> Result<(), ApplyError> {
     for action in actions.iter().filter(|a| a.changed && !matches!(a.op, Op::Release(_))) {

@@ -240,6 +240,11 @@ pub struct InstallArgs {
     #[arg(long, env = "SOCI_AGENT_ADOPT")]
     pub adopt: bool,
 
+    /// Also install and enable soci-agent.service (`soci-agent daemon`: health loop,
+    /// repair, warm images, metrics; settings in the [daemon] table of the config).
+    #[arg(long, env = "SOCI_AGENT_DAEMON")]
+    pub daemon: bool,
+
     /// Write files only; never talk to systemd (AMI baking, containers).
     #[arg(long, env = "SOCI_AGENT_NO_START")]
     pub no_start: bool,

@@ -62,6 +62,18 @@ async fn execute(args: &InstallArgs, saved_to: &mut Option<(Root, Option<String>
     if let Some(f) = &settings.config_file {
         report.notes.push(format!("settings read from {}", f.display()));
     }
+    // Held until this run is done, so the daemon never repairs mid-install.
+    let _lock = if settings.dry_run {
+        None
+    } else {
+        match crate::apply::lock_node(&settings.root) {
+            Ok(l) => l,
+            Err(e) => {
+                fail(&mut report, ExitKind::Failed, &e);
+                return (report, output);
+            }
+        }
+    };
     let facts = crate::host::detect(&settings.root).await;
     lap(&mut report, "detect");
     report.host = Some(facts.clone());

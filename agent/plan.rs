@@ -184,6 +184,8 @@ pub enum Wiring {
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
     pub arch: Arch,
+    /// soci-agent.service is installed (install --daemon).
+    pub daemon: bool,
     /// kubelet exists (its drop-in pulls the boot unit in); else the boot
     /// unit is enabled for multi-user.target.
     pub kubelet_present: bool,
@@ -639,6 +641,18 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         ..Effects::default()
     };
     b.file(units::BOOT_SERVICE_PATH, units::boot_service(), 0o644, reload)?;
+    if s.daemon {
+        let daemon_change = Effects {
+            daemon_reload: true,
+            ..Effects::default()
+        };
+        b.file(
+            units::DAEMON_SERVICE_PATH,
+            units::daemon_service(),
+            0o644,
+            daemon_change,
+        )?;
+    }
     let kubelet_present = facts.kubelet_unit || facts.nodeadm;
     if kubelet_present {
         b.file(units::KUBELET_DROPIN_PATH, units::kubelet_dropin(), 0o644, reload)?;
@@ -746,6 +760,7 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
 
     Ok(Plan {
         arch,
+        daemon: s.daemon,
         kubelet_present,
         wiring,
         containerd_config_version,

@@ -94,12 +94,17 @@ async fn systemd_side(record: &Record, steps: &mut Vec<String>) -> Result<(), Sy
         steps.push("restarted containerd without SOCI".into());
     }
     let ours = matches!(record.paths.get(units::SERVICE_PATH), Some(Before::Absent));
-    for unit in [units::SERVICE, units::SOCKET, units::BOOT_SERVICE] {
+    for unit in [
+        units::DAEMON_SERVICE,
+        units::SERVICE,
+        units::SOCKET,
+        units::BOOT_SERVICE,
+    ] {
         let state = sd.unit_state(unit).await?;
         if !state.is_active() {
             continue;
         }
-        if ours || unit == units::BOOT_SERVICE {
+        if ours || unit == units::BOOT_SERVICE || unit == units::DAEMON_SERVICE {
             sd.stop(unit).await?;
             steps.push(format!("stopped {unit}"));
         } else if unit == units::SERVICE {
@@ -151,6 +156,13 @@ pub async fn run(args: &UninstallArgs) -> (InstallReport, OutputFormat) {
         return (report, output);
     }
 
+    let _lock = match crate::apply::lock_node(&root) {
+        Ok(l) => l,
+        Err(e) => {
+            fail(&mut report, ExitKind::Failed, error_chain(&e));
+            return (report, output);
+        }
+    };
     let mut steps = Vec::new();
     let mut txn = crate::apply::Transaction::default();
     let to_disable = units_to_disable(&root, &record);

@@ -17,6 +17,10 @@ const SERVICE_DROPIN_TEMPLATE: &str = include_str!("../systemd/soci-snapshotter.
 const CONTAINERD_DROPIN: &str = include_str!("../systemd/containerd.service.d/10-soci-snapshotter.conf");
 const BOOT_SERVICE_TEMPLATE: &str = include_str!("../systemd/soci-agent-boot.service");
 const KUBELET_DROPIN: &str = include_str!("../systemd/kubelet.service.d/50-soci-agent-boot.conf");
+const DAEMON_SERVICE_TEMPLATE: &str = include_str!("../systemd/soci-agent.service");
+
+pub const DAEMON_SERVICE: &str = "soci-agent.service";
+pub const DAEMON_SERVICE_PATH: &str = "/etc/systemd/system/soci-agent.service";
 
 pub const BOOT_SERVICE: &str = "soci-agent-boot.service";
 pub const BOOT_SERVICE_PATH: &str = "/etc/systemd/system/soci-agent-boot.service";
@@ -85,6 +89,11 @@ pub fn boot_service() -> String {
 /// `kubelet.service.d/50-soci-agent-boot.conf`: Wants= and After= the boot unit.
 pub fn kubelet_dropin() -> String {
     KUBELET_DROPIN.to_string()
+}
+
+/// The daemon unit (`soci-agent daemon`), installed with `install --daemon`.
+pub fn daemon_service() -> String {
+    DAEMON_SERVICE_TEMPLATE.to_string()
 }
 
 /// True when a unit file's text was written by soci-agent.

@@ -695,6 +695,17 @@ fn plain_host_install_noop_boot_unit_and_uninstall() {
     );
     rig.assert_installed_and_healthy("after the second run");
 
+    // 2b. `install --daemon` adds and starts soci-agent.service, restarting nothing else.
+    rig.step("case 2b: install --daemon starts the daemon and restarts nothing else");
+    let mut argv = rig.install_argv();
+    argv.push("--daemon".into());
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let with_daemon = rig.agent("install", &argv);
+    with_daemon.expect_code(0);
+    assert_eq!(rig.is_active("soci-agent.service"), "active", "{}", with_daemon.show());
+    let ids_daemon = (rig.unit(SOCI).invocation_id, rig.unit(CONTAINERD).invocation_id);
+    assert_eq!(ids_daemon, ids_before, "adding the daemon restarted soci or containerd");
+
     // 7. The boot unit imports the node's pause image into the soci snapshotter.
     rig.step("case 7: soci-agent-boot.service imports /etc/eks/pause.tar");
     fs::create_dir_all(rig.node.path("/etc/eks")).unwrap();

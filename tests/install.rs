@@ -933,3 +933,26 @@ fn every_run_saves_its_report_and_textfile_gauges() {
         2
     );
 }
+
+#[test]
+fn daemon_flag_installs_the_daemon_unit_and_uninstall_removes_it() {
+    let node = Node::plain();
+    let archive = node.archive();
+    let a = archive.to_str().unwrap();
+    assert_code(&node.install(&["--archive", a]), 0);
+    assert!(
+        !node.path("/etc/systemd/system/soci-agent.service").exists(),
+        "only with --daemon"
+    );
+    assert_code(&node.install(&["--archive", a, "--daemon"]), 0);
+    let unit = node.read("/etc/systemd/system/soci-agent.service");
+    assert!(
+        unit.contains("ExecStart=/usr/local/bin/soci-agent daemon") && unit.contains("Type=notify"),
+        "{unit}"
+    );
+    let out = node.install(&["--archive", a, "--daemon", "--output", "json"]);
+    assert_code(&out, 0);
+    assert_eq!(json(&out)["changed"], false);
+    assert_code(&node.run("uninstall", &[], &[]), 0);
+    assert!(!node.path("/etc/systemd/system/soci-agent.service").exists());
+}

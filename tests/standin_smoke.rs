@@ -42,7 +42,6 @@ const BOUND: Duration = Duration::from_secs(20);
 // ---------------------------------------------------------------------------------------------
 // Process helpers: bounded waits, logs in files, kill + reap on drop.
 
-
 /// A background daemon with stdout+stderr in a log file; killed and reaped on drop.
 struct Daemon {
     name: &'static str,

@@ -1,0 +1,258 @@
+//! Drift: are the files install owns still what install would write?
+//!
+//! "Owned" is what the install record lists (`record.paths`: every path
+//! soci-agent ever wrote) plus the release store entry. "What install would
+//! write" is [`crate::plan::build`] with the daemon's install settings (the
+//! `[install]` table and `SOCI_AGENT_*`): an action with `changed == false`
+//! means no drift. The containerd config is merged, not replaced, so edits a
+//! person made to other keys are not drift; only losing the soci wiring is.
+//!
+//! A drifted file or link can be put back ([`Fix`]); a stale store entry or
+//! a different agent binary cannot (that is `soci-agent install`'s job, or a
+//! restart of the daemon after an upgrade), nor is the install record
+//! rewritten: those are reported only.
+
+use std::path::Path;
+
+use crate::doctor::Check;
+use crate::plan::{ActionKind, Effects, Op};
+use crate::record::{RECORD_PATH, Record};
+use crate::rootfs::{self, FsError, Root};
+use crate::settings::InstallSettings;
+
+use super::state::FileDrift;
+
+pub const CHECK_ID: &str = "agent.drift";
+
+/// How to put one drifted path back.
+#[derive(Debug, Clone)]
+pub struct Fix {
+    pub path: String,
+    pub op: FixOp,
+    /// What the change means for running services (from the plan).
+    pub effects: Effects,
+    /// Why (one line, for the repair log).
+    pub why: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum FixOp {
+    Write { content: Vec<u8>, mode: u32 },
+    Symlink { target: String },
+}
+
+impl FixOp {
+    pub fn action(&self) -> &'static str {
+        match self {
+            FixOp::Write { .. } => "rewrite",
+            FixOp::Symlink { .. } => "relink",
+        }
+    }
+}
+
+/// The outcome of one look.
+#[derive(Debug, Clone)]
+pub struct Assessment {
+    pub check: Check,
+    pub files: Vec<FileDrift>,
+    pub fixes: Vec<Fix>,
+}
+
+impl Assessment {
+    fn only(check: Check) -> Self {
+        Assessment {
+            check,
+            files: Vec::new(),
+            fixes: Vec::new(),
+        }
+    }
+}
+
+/// `+3 -1 lines` from a unified diff.
+fn diff_size(diff: Option<&str>) -> String {
+    let Some(d) = diff else { return String::new() };
+    let count = |c: char| {
+        d.lines()
+            .filter(|l| l.starts_with(c) && !l.starts_with("+++") && !l.starts_with("---"))
+            .count()
+    };
+    format!("+{} -{} lines", count('+'), count('-'))
+}
+
+/// Compares what the record says install wrote with what it would write now.
+pub async fn assess(root: &Root, settings: &InstallSettings) -> Assessment {
+    let record = match Record::load(root) {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return Assessment::only(Check::skip(
+                CHECK_ID,
+                format!("no install record ({RECORD_PATH}): soci-agent has not installed here"),
+            ));
+        }
+        Err(e) => {
+            return Assessment::only(Check::warn(
+                CHECK_ID,
+                crate::exit::error_chain(&e),
+                "run soci-agent install (it rewrites the record)",
+            ));
+        }
+    };
+    let facts = crate::host::detect(root).await;
+    let plan = match crate::plan::build(settings, &facts) {
+        Ok(p) => p,
+        Err(e) => {
+            return Assessment::only(Check::warn(
+                CHECK_ID,
+                format!(
+                    "cannot compute what install would write: {}",
+                    crate::exit::error_chain(&e)
+                ),
+                "fix the [install] settings, or run soci-agent install to see the error",
+            ));
+        }
+    };
+    let mut files = Vec::new();
+    let mut fixes = Vec::new();
+    for a in &plan.actions {
+        let store = matches!(a.action, ActionKind::InstallRelease | ActionKind::KeepRelease);
+        if matches!(a.op, Op::Backup { .. }) || !(store || record.paths.contains_key(&a.path)) {
+            continue;
+        }
+        if !a.changed {
+            files.push(FileDrift {
+                path: a.path.clone(),
+                state: "ok",
+                detail: String::new(),
+                repairable: false,
+            });
+            continue;
+        }
+        let (state, detail, fix) = match &a.op {
+            Op::Write { content, mode } => {
+                let current = root.read_opt(&a.path).ok().flatten();
+                let (state, detail) = match &current {
+                    None => ("missing", "missing".to_string()),
+                    Some(b) if b == content => ("mode", format!("mode is not {mode:04o}")),
+                    Some(_) => (
+                        "changed",
+                        format!("content differs: install would write {}", diff_size(a.diff.as_deref())),
+                    ),
+                };
+                let fix = (a.path != RECORD_PATH).then(|| FixOp::Write {
+                    content: content.clone(),
+                    mode: *mode,
+                });
+                (state, detail, fix)
+            }
+            Op::Symlink { target } => {
+                let now = std::fs::read_link(root.path(&a.path))
+                    .map(|t| format!("-> {}", t.display()))
+                    .unwrap_or_else(|_| "not a symlink, or missing".into());
+                let fix = FixOp::Symlink { target: target.clone() };
+                ("link", format!("{now}, want -> {target}"), Some(fix))
+            }
+            Op::Release(_) => ("release", format!("{}: run soci-agent install", a.detail), None),
+            Op::Copy { .. } => (
+                "changed",
+                "differs from the running daemon's binary (restart the daemon after an upgrade)".into(),
+                None,
+            ),
+            _ => ("changed", a.detail.clone(), None),
+        };
+        let state = if a.path == RECORD_PATH { "record" } else { state };
+        files.push(FileDrift {
+            path: a.path.clone(),
+            state,
+            detail: detail.clone(),
+            repairable: fix.is_some(),
+        });
+        if let Some(op) = fix {
+            fixes.push(Fix {
+                path: a.path.clone(),
+                op,
+                effects: a.effects,
+                why: detail,
+            });
+        }
+    }
+    let check = verdict(&files);
+    Assessment { check, files, fixes }
+}
+
+fn verdict(files: &[FileDrift]) -> Check {
+    let drifted: Vec<String> = files
+        .iter()
+        .filter(|f| f.state != "ok")
+        .map(|f| format!("{} ({})", f.path, f.detail))
+        .collect();
+    if drifted.is_empty() {
+        return Check::ok(
+            CHECK_ID,
+            format!("{} paths install owns are as install would write them", files.len()),
+        );
+    }
+    let evidence = format!(
+        "{} of {} paths drifted: {}",
+        drifted.len(),
+        files.len(),
+        drifted.join("; ")
+    );
+    if files.iter().any(|f| f.state != "ok" && f.repairable) {
+        Check::fail(
+            CHECK_ID,
+            evidence,
+            "soci-agent install puts them back (or [daemon] repair = true); soci-agent install --dry-run shows the diff",
+        )
+    } else {
+        Check::warn(
+            CHECK_ID,
+            evidence,
+            "run soci-agent install (soci-agent install --dry-run shows what it would do)",
+        )
+    }
+}
+
+/// Puts one path back, atomically.
+pub fn apply(root: &Root, fix: &Fix) -> Result<(), FsError> {
+    let path = root.path(&fix.path);
+    match &fix.op {
+        FixOp::Write { content, mode } => rootfs::write_atomic(&path, content, *mode),
+        FixOp::Symlink { target } => rootfs::symlink_atomic(Path::new(target), &path),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_sizes() {
+        assert_eq!(
+            diff_size(Some("--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n+c\n")),
+            "+2 -1 lines"
+        );
+        assert_eq!(diff_size(None), "");
+    }
+
+    #[test]
+    fn verdicts() {
+        let f = |state: &'static str, repairable| FileDrift {
+            path: "/etc/x".into(),
+            state,
+            detail: "d".into(),
+            repairable,
+        };
+        assert_eq!(verdict(&[f("ok", false)]).verdict, crate::doctor::Verdict::Ok);
+        assert_eq!(
+            verdict(&[f("ok", false), f("changed", true)]).verdict,
+            crate::doctor::Verdict::Fail
+        );
+        let w = verdict(&[f("release", false)]);
+        assert_eq!(w.verdict, crate::doctor::Verdict::Warn);
+        assert!(
+            w.evidence.contains("1 of 1 paths drifted: /etc/x (d)"),
+            "{}",
+            w.evidence
+        );
+    }
+}

@@ -1,0 +1,295 @@
+//! One reconcile: run doctor's checks (`crate::doctor::diagnose`, cheap and
+//! live: the sockets, containerd, systemd over D-Bus) plus the drift check
+//! (`drift`), log every verdict that changed since the last reconcile (once,
+//! not every loop), repair what the agent owns when `repair = true`
+//! (`repair` and `units`), read the newest run reports, and publish the
+//! result to the shared state.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::config::Config;
+use super::drift::{self, Assessment};
+use super::repair::{Budget, Deferred};
+use super::state::{CheckState, LastReconcile, RepairEvent, Shared, lock, unix_now};
+use crate::doctor::{Check, DoctorContext, Summary, Verdict};
+use crate::plan::Effects;
+use crate::rootfs::Root;
+
+/// Where the daemons are, as given on the command line.
+#[derive(Debug, Clone, Default)]
+pub struct Endpoints {
+    /// D-Bus address of systemd; `None` = the system bus when the root is `/`.
+    pub bus_address: Option<String>,
+    pub containerd_socket: Option<PathBuf>,
+    pub soci_socket: Option<PathBuf>,
+}
+
+/// What one reconcile's repairs did and left undone.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub events: Vec<RepairEvent>,
+    pub pending: Vec<String>,
+    pub budget_exhausted: bool,
+}
+
+pub struct Reconciler {
+    pub(super) root: Root,
+    pub(super) ends: Endpoints,
+    pub(super) cfg: Arc<Config>,
+    shared: Shared,
+    /// Last verdict per check id and since when (unix seconds).
+    last: BTreeMap<String, (Verdict, f64)>,
+    pub(super) budget: Budget,
+    /// The last deferral reason logged per target (logged again only when it changes).
+    deferred: HashMap<String, String>,
+    /// Owned paths seen as install would write them since start or the last install run:
+    /// only their drift is repaired (see [`Reconciler::repairable`]).
+    seen_ok: BTreeSet<String>,
+    /// The newest install report seen (a new one resets `seen_ok`).
+    install_report: Option<String>,
+    reconciles: u64,
+}
+
+impl Reconciler {
+    pub fn new(root: Root, ends: Endpoints, cfg: Arc<Config>, shared: Shared) -> Self {
+        let budget = Budget::new(cfg.max_repairs_per_hour, cfg.repair_backoff);
+        Reconciler {
+            root,
+            ends,
+            cfg,
+            shared,
+            last: BTreeMap::new(),
+            budget,
+            deferred: HashMap::new(),
+            seen_ok: BTreeSet::new(),
+            install_report: None,
+            reconciles: 0,
+        }
+    }
+
+    /// A new configuration generation (after a reload).
+    pub fn set_config(&mut self, cfg: Arc<Config>) {
+        self.budget.configure(cfg.max_repairs_per_hour, cfg.repair_backoff);
+        self.cfg = cfg;
+    }
+
+    fn doctor_context(&self) -> DoctorContext {
+        DoctorContext {
+            root: self.root.clone(),
+            soci_root: None,
+            containerd_config: self.cfg.install.containerd_config.clone(),
+            bus_address: self.ends.bus_address.clone(),
+            live: true,
+            containerd_socket: self.ends.containerd_socket.clone(),
+            soci_socket: self.ends.soci_socket.clone(),
+            now: std::time::SystemTime::now(),
+        }
+    }
+
+    /// Runs one reconcile and publishes it.
+    pub async fn run_once(&mut self) {
+        let started = Instant::now();
+        let mut checks = crate::doctor::diagnose(&self.doctor_context()).await;
+        let assessment = drift::assess(&self.root, &self.cfg.install).await;
+        checks.push(assessment.check.clone());
+        let now = unix_now();
+        self.note_transitions(&checks, now);
+        let previous = lock(&self.shared).reports.clone();
+        let reports = super::figures::refresh(&self.root, &previous);
+        self.note_baseline(&reports, &assessment);
+        let outcome = if self.cfg.repair {
+            self.repair(&checks, &assessment).await
+        } else {
+            Outcome::default()
+        };
+        self.reconciles += 1;
+        let last_hour = self.budget.last_hour(Instant::now());
+        let mut live = lock(&self.shared);
+        live.summary = Summary::of(&checks);
+        live.checks = checks
+            .iter()
+            .map(|c| CheckState {
+                id: c.id.to_string(),
+                verdict: c.verdict,
+                evidence: c.evidence.clone(),
+                advice: c.advice.clone(),
+                since: self.last.get(c.id).map_or(now, |(_, since)| *since),
+            })
+            .collect();
+        live.drift = assessment.files;
+        for e in outcome.events {
+            live.repairs.push(e);
+        }
+        live.repairs.enabled = self.cfg.repair;
+        live.repairs.budget = self.cfg.max_repairs_per_hour;
+        live.repairs.last_hour = last_hour;
+        live.repairs.budget_exhausted = outcome.budget_exhausted;
+        live.repairs.pending = outcome.pending;
+        live.reports = reports;
+        live.reconciles = self.reconciles;
+        live.last_reconcile = Some(LastReconcile {
+            at: unix_now(),
+            seconds: started.elapsed().as_secs_f64(),
+        });
+        live.ready = true;
+    }
+
+    /// Logs each verdict that changed (and, at the first reconcile, each that is not ok).
+    fn note_transitions(&mut self, checks: &[Check], now: f64) {
+        let first = self.last.is_empty();
+        for c in checks {
+            let advice = c.advice.as_deref().unwrap_or("");
+            match self.last.get(c.id) {
+                Some((was, _)) if *was == c.verdict => continue,
+                Some((was, _)) => {
+                    let (from, to) = (was.as_str(), c.verdict.as_str());
+                    match c.verdict {
+                        Verdict::Ok | Verdict::Skip => {
+                            tracing::info!(check = c.id, from, to, evidence = c.evidence.as_str(), "check changed")
+                        }
+                        Verdict::Warn | Verdict::Fail => tracing::warn!(
+                            check = c.id,
+                            from,
+                            to,
+                            evidence = c.evidence.as_str(),
+                            advice,
+                            "check changed"
+                        ),
+                    }
+                }
+                None if first && matches!(c.verdict, Verdict::Warn | Verdict::Fail) => tracing::warn!(
+                    check = c.id,
+                    to = c.verdict.as_str(),
+                    evidence = c.evidence.as_str(),
+                    advice,
+                    "check at start"
+                ),
+                None => {}
+            }
+            self.last.insert(c.id.to_string(), (c.verdict, now));
+        }
+        self.last.retain(|id, _| checks.iter().any(|c| c.id == id));
+    }
+
+    /// Tracks which owned paths were seen as install writes them. A new install run (a new
+    /// install report) starts over: what it wrote is the new baseline, and a path that
+    /// differs from the daemon's plan right after it (install ran with flags the daemon does
+    /// not know, or is still running) is reported, never "repaired" back.
+    fn note_baseline(&mut self, reports: &[super::state::RunFigures], a: &Assessment) {
+        let newest = reports.iter().find(|r| r.command == "install").map(|r| r.path.clone());
+        if newest != self.install_report {
+            if self.install_report.is_some() {
+                tracing::info!(report = ?newest, "a new install run: drift is judged from what it wrote");
+            }
+            self.install_report = newest;
+            self.seen_ok.clear();
+        }
+        for f in a.files.iter().filter(|f| f.state == "ok") {
+            self.seen_ok.insert(f.path.clone());
+        }
+        self.seen_ok.retain(|p| a.files.iter().any(|f| &f.path == p));
+    }
+
+    /// Only drift the daemon saw happen is repaired.
+    fn repairable(&self, path: &str) -> bool {
+        self.seen_ok.contains(path)
+    }
+
+    /// Notes that `target` was not repaired now (logged when the reason changes).
+    pub(super) fn defer(&mut self, target: &str, why: &Deferred, out: &mut Outcome) {
+        let line = format!("{target}: {why}");
+        if self.deferred.get(target) != Some(&line) {
+            tracing::info!(target, reason = %why, "repair deferred");
+            self.deferred.insert(target.to_string(), line.clone());
+        }
+        out.budget_exhausted |= *why == Deferred::Budget;
+        out.pending.push(line);
+    }
+
+    /// Counts an attempt on `target` now.
+    pub(super) fn attempt(&mut self, target: &str) {
+        self.budget.record(target, Instant::now());
+        self.deferred.remove(target);
+    }
+
+    /// Forgets `target`'s backoff: it is healthy.
+    pub(super) fn healthy(&mut self, target: &str) {
+        self.budget.healthy(target);
+        self.deferred.remove(target);
+    }
+
+    async fn repair(&mut self, checks: &[Check], a: &Assessment) -> Outcome {
+        let mut out = Outcome::default();
+        for f in a.files.iter().filter(|f| f.state == "ok") {
+            self.healthy(&f.path);
+        }
+        let mut effects = Effects::default();
+        let install_lock = match super::repair::try_install_lock(&self.root) {
+            Ok(Some(l)) => Some(l),
+            Ok(None) => {
+                out.pending.push(format!(
+                    "{}: held (install, uninstall or boot is changing the node): repairs wait",
+                    super::repair::INSTALL_LOCK
+                ));
+                return out;
+            }
+            Err(e) => {
+                out.pending.push(format!("install lock: {e}: file repairs skipped"));
+                None
+            }
+        };
+        for fix in a.fixes.iter().filter(|_| install_lock.is_some()) {
+            if !self.repairable(&fix.path) {
+                out.pending.push(format!(
+                    "{}: drifted before the daemon saw it as install writes it (since start or the last \
+                     install): not put back; soci-agent install --dry-run shows the difference",
+                    fix.path
+                ));
+                continue;
+            }
+            if let Err(why) = self.budget.permit(&fix.path, Instant::now()) {
+                self.defer(&fix.path, &why, &mut out);
+                continue;
+            }
+            self.attempt(&fix.path);
+            let action = fix.op.action();
+            let (result, detail) = match drift::apply(&self.root, fix) {
+                Ok(()) => {
+                    tracing::warn!(
+                        path = fix.path.as_str(),
+                        action,
+                        why = fix.why.as_str(),
+                        "repaired a drifted file"
+                    );
+                    effects.daemon_reload |= fix.effects.daemon_reload;
+                    effects.restart_soci |= fix.effects.restart_soci;
+                    effects.restart_containerd |= fix.effects.restart_containerd;
+                    ("ok", format!("was: {}", fix.why))
+                }
+                Err(e) => {
+                    let e = crate::exit::error_chain(&e);
+                    tracing::error!(path = fix.path.as_str(), action, error = e.as_str(), "repair failed");
+                    ("failed", e)
+                }
+            };
+            out.events.push(RepairEvent {
+                at: unix_now(),
+                target: fix.path.clone(),
+                action,
+                result,
+                detail,
+            });
+        }
+        drop(install_lock);
+        super::units::repair(self, checks, effects, &mut out).await;
+        out
+    }
+}
+
+/// The verdict of check `id`, if it ran.
+pub fn verdict_of<'a>(checks: &'a [Check], id: &str) -> Option<&'a Check> {
+    checks.iter().find(|c| c.id == id)
+}

@@ -1,0 +1,1284 @@
+//! `soci-agent daemon` as systemd runs it, against real parts: node trees
+//! built by `soci-agent install --root DIR --no-start --archive …`, the
+//! status socket (one JSON object), `/metrics` (checked by a strict
+//! Prometheus text parser below), a test `NOTIFY_SOCKET`, real containerd
+//! with the SOCI stand-in for the live checks, a real registry and
+//! containerd's CRI for warm images and moved tags, and a booted systemd
+//! node (`common::nspawn`) for repairs over D-Bus. Every wait polls the
+//! daemon's state with a deadline; nothing sleeps to synchronise.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::archive::{sha256sum_line, standard_release};
+use serde_json::Value;
+
+const VER: &str = "0.15.0";
+const ARCHIVE: &str = "soci-snapshotter-0.15.0-linux-amd64-static.tar.gz";
+const DEBIAN_DEFAULT: &str = include_str!("data/containerd/debian-default/input.toml");
+const SOCI_CONFIG: &str = "/etc/soci-snapshotter-grpc/config.toml";
+const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
+const CONTAINERD_DROPIN: &str = "/etc/systemd/system/containerd.service.d/10-soci-snapshotter.conf";
+const AGENT_CONFIG: &str = "/etc/soci-agent/config.toml";
+/// The daemon's promise: it is gone this soon after SIGTERM.
+const STOP_BOUND: Duration = Duration::from_secs(10);
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The agent under test, copied once per test process (install copies its own
+/// executable into the tree, and drift compares that copy with the running
+/// daemon's: a rebuild of the cargo target meanwhile must not change it).
+fn agent_bin() -> &'static Path {
+    static AGENT: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    let (_, path) = AGENT.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("soci-agent");
+        std::fs::copy(env!("CARGO_BIN_EXE_soci-agent"), &path).unwrap();
+        (dir, path)
+    });
+    path
+}
+
+/// The agent with a clean environment (nothing from a surrounding systemd or SOCI_AGENT_*).
+fn agent(args: &[&str]) -> Command {
+    let mut cmd = Command::new(agent_bin());
+    cmd.args(args).stdin(Stdio::null());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SOCI_AGENT_") || k == "NOTIFY_SOCKET" || k.starts_with("WATCHDOG_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Node trees and the daemon process.
+
+/// A node tree under a temp dir, installed by `soci-agent install --no-start`.
+struct Tree {
+    dir: tempfile::TempDir,
+}
+
+impl Tree {
+    /// A plain Debian-like host (containerd's default config, unpigz, kubelet config), installed.
+    fn installed() -> Tree {
+        let t = Tree {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        t.write(
+            "/etc/os-release",
+            "ID=debian\nVERSION_ID=\"12\"\nPRETTY_NAME=\"Debian GNU/Linux 12\"\n",
+            0o644,
+        );
+        t.write(CONTAINERD_CONFIG, DEBIAN_DEFAULT, 0o644);
+        t.write("/usr/bin/unpigz", "#!/bin/sh\nexec gzip \"$@\"\n", 0o755);
+        t.write("/etc/kubernetes/kubelet/config.json", "{}\n", 0o644);
+        let bytes = standard_release(VER);
+        let archive = t.dir.path().join(ARCHIVE);
+        std::fs::write(&archive, &bytes).unwrap();
+        std::fs::write(
+            t.dir.path().join(format!("{ARCHIVE}.sha256sum")),
+            sha256sum_line(&bytes, ARCHIVE),
+        )
+        .unwrap();
+        let out = agent(&["install", "--no-start", "--log-level", "warn"])
+            .arg("--root")
+            .arg(t.root())
+            .arg("--archive")
+            .arg(&archive)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "install failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t
+    }
+    /// An empty tree (nothing installed): for the image tests.
+    fn bare() -> Tree {
+        let t = Tree {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        std::fs::create_dir_all(t.root()).unwrap();
+        t
+    }
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+    fn path(&self, node_path: &str) -> PathBuf {
+        self.root().join(node_path.trim_start_matches('/'))
+    }
+    fn write(&self, node_path: &str, content: &str, mode: u32) {
+        let p = self.path(node_path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let _ = std::fs::remove_file(&p);
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    fn read(&self, node_path: &str) -> Vec<u8> {
+        std::fs::read(self.path(node_path)).unwrap_or_else(|e| panic!("{node_path}: {e}"))
+    }
+    fn text(&self, node_path: &str) -> String {
+        String::from_utf8(self.read(node_path)).unwrap()
+    }
+    fn mode(&self, node_path: &str) -> u32 {
+        common::mode_of(&self.path(node_path))
+    }
+    fn config(&self, text: &str) {
+        self.write(AGENT_CONFIG, text, 0o644);
+    }
+    /// Where the daemon's status socket is put (a short host path: sun_path is 108 bytes).
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("d.sock")
+    }
+}
+
+/// A running `soci-agent daemon`; killed (and its log shown) on drop during a panic.
+struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(tree: &Tree, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let log = tree.dir.path().join(format!("daemon-{}.log", fastrand::u32(..)));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = agent(&["daemon", "--log-level", "info"]);
+        cmd.arg("--root")
+            .arg(tree.root())
+            .arg("--state-socket")
+            .arg(tree.socket())
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        let child = cmd.spawn().unwrap();
+        Daemon {
+            child: Some(child),
+            log,
+            socket: tree.socket(),
+        }
+    }
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    /// The log's JSON lines.
+    fn events(&self) -> Vec<Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+    /// Log lines with `message` (and `check == check` when given).
+    fn count(&self, message: &str, check: Option<&str>) -> usize {
+        self.events()
+            .iter()
+            .filter(|e| e["message"] == message && check.is_none_or(|c| e["check"] == c))
+            .count()
+    }
+    /// One answer of the status socket, if it answers.
+    fn try_status(&self) -> Option<Value> {
+        let mut s = UnixStream::connect(&self.socket).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+    fn status(&self) -> Value {
+        self.try_status()
+            .unwrap_or_else(|| panic!("status socket does not answer\n{}", self.log()))
+    }
+    /// Polls the status until `ok(status)`; returns that status.
+    fn wait(&mut self, what: &str, limit: Duration, ok: impl Fn(&Value) -> bool) -> Value {
+        let mut last = Value::Null;
+        let deadline = Instant::now() + limit;
+        loop {
+            self.assert_running();
+            if let Some(v) = self.try_status() {
+                if ok(&v) {
+                    return v;
+                }
+                last = v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {limit:?}\nlast status: {}\nlog:\n{}",
+                serde_json::to_string_pretty(&last).unwrap(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    fn ready(&mut self) -> Value {
+        self.wait("ready", WAIT, |v| v["ready"] == true)
+    }
+    /// Waits for `n` more reconciles than `status` shows; returns the newest status.
+    fn reconciles_after(&mut self, status: &Value, n: u64) -> Value {
+        let base = status["reconciles"].as_u64().unwrap();
+        self.wait(&format!("{n} more reconciles"), WAIT, |v| {
+            v["reconciles"].as_u64().unwrap() >= base + n
+        })
+    }
+    fn assert_running(&mut self) {
+        if let Some(s) = self.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("the daemon exited ({s}); log:\n{}", self.log());
+        }
+    }
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{sig}");
+    }
+    /// SIGTERM, then waits (bounded) for the exit: its status and how long it took.
+    fn terminate(&mut self) -> (ExitStatus, Duration) {
+        self.signal("TERM");
+        let started = Instant::now();
+        let mut child = self.child.take().unwrap();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if started.elapsed() > STOP_BOUND + Duration::from_secs(5) {
+                let _ = child.kill();
+                panic!("still running {:?} after SIGTERM\n{}", started.elapsed(), self.log());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        (status, started.elapsed())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- daemon log:\n{}", self.log());
+        }
+    }
+}
+
+fn check<'a>(status: &'a Value, id: &str) -> &'a Value {
+    let checks = status["checks"].as_array().expect("checks");
+    checks
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("no check {id} in {status}"))
+}
+
+fn drift_of<'a>(status: &'a Value, path: &str) -> &'a Value {
+    let drift = status["drift"].as_array().expect("drift");
+    drift
+        .iter()
+        .find(|d| d["path"] == path)
+        .unwrap_or_else(|| panic!("no drift entry for {path} in {status}"))
+}
+
+fn repaired(status: &Value) -> BTreeSet<String> {
+    status["repairs"]["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["result"] == "ok")
+        .map(|e| e["target"].as_str().unwrap().to_string())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drift, repair, reload.
+
+#[test]
+fn drift_is_reported_and_with_repair_on_put_back() {
+    let t = Tree::installed();
+    let soci_config = t.read(SOCI_CONFIG);
+    let dropin = t.read(CONTAINERD_DROPIN);
+    t.config("[daemon]\nrepair = true\n");
+    let mut d = Daemon::start(&t, &["--interval", "0.1"], &[]);
+    let s = d.ready();
+    assert_eq!(check(&s, "agent.drift")["verdict"], "ok", "{s}");
+    assert_eq!(drift_of(&s, SOCI_CONFIG)["state"], "ok");
+
+    // A person edits SOCI's config, deletes containerd's drop-in, and edits containerd's
+    // config: an unrelated comment (theirs to keep) and the soci wiring (ours to put back).
+    let local = String::from_utf8_lossy(&soci_config).replace("enable = true", "enable = false");
+    assert_ne!(
+        local.as_bytes(),
+        &soci_config[..],
+        "the SOCI config has a parallel switch to flip"
+    );
+    t.write(SOCI_CONFIG, &local, 0o644);
+    std::fs::remove_file(t.path(CONTAINERD_DROPIN)).unwrap();
+    let wired = t.text(CONTAINERD_CONFIG);
+    assert!(wired.contains("snapshotter = \"soci\""), "{wired}");
+    let edited = format!(
+        "# kept: a local note\n{}",
+        wired.replacen("snapshotter = \"soci\"", "snapshotter = \"overlayfs\"", 1)
+    );
+    t.write(CONTAINERD_CONFIG, &edited, 0o644);
+
+    let s = d.wait("three files repaired", WAIT, |v| {
+        let r = repaired(v);
+        [SOCI_CONFIG, CONTAINERD_DROPIN, CONTAINERD_CONFIG]
+            .iter()
+            .all(|p| r.contains(*p))
+            && check(v, "agent.drift")["verdict"] == "ok"
+    });
+    assert_eq!(
+        t.read(SOCI_CONFIG),
+        soci_config,
+        "SOCI config bytes are install's again"
+    );
+    assert_eq!(t.read(CONTAINERD_DROPIN), dropin, "drop-in bytes are install's again");
+    let merged = t.text(CONTAINERD_CONFIG);
+    assert!(merged.starts_with("# kept: a local note\n"), "{merged}");
+    assert!(
+        merged.contains("snapshotter = \"soci\"") && !merged.contains("snapshotter = \"overlayfs\""),
+        "{merged}"
+    );
+    assert_eq!(s["repairs"]["failed"], 0);
+    assert!(s["repairs"]["total"].as_u64().unwrap() >= 3);
+    for p in [SOCI_CONFIG, CONTAINERD_DROPIN, CONTAINERD_CONFIG] {
+        assert_eq!(drift_of(&s, p)["state"], "ok", "{p}");
+        let logged = d
+            .events()
+            .iter()
+            .filter(|e| e["message"] == "repaired a drifted file" && e["path"] == p)
+            .count();
+        assert_eq!(logged, 1, "{p} repaired once");
+    }
+
+    // A mode change is drift too.
+    std::fs::set_permissions(t.path(SOCI_CONFIG), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let total = s["repairs"]["total"].as_u64().unwrap();
+    d.wait("mode repaired", WAIT, |v| {
+        v["repairs"]["total"].as_u64().unwrap() > total && check(v, "agent.drift")["verdict"] == "ok"
+    });
+    assert_eq!(t.mode(SOCI_CONFIG), 0o644);
+    assert_eq!(t.read(SOCI_CONFIG), soci_config);
+}
+
+#[test]
+fn drift_with_repair_off_is_reported_once_and_left_alone() {
+    let t = Tree::installed();
+    let mut d = Daemon::start(&t, &["--interval", "0.1"], &[]);
+    let s = d.ready();
+    assert_eq!(s["config"]["repair"], false, "repair is off by default");
+    let drifted = format!("{}# a local change\n", t.text(SOCI_CONFIG));
+    t.write(SOCI_CONFIG, &drifted, 0o644);
+    let s = d.wait("drift reported", WAIT, |v| check(v, "agent.drift")["verdict"] == "fail");
+    let c = check(&s, "agent.drift");
+    assert!(c["evidence"].as_str().unwrap().contains(SOCI_CONFIG), "{c}");
+    assert!(c["advice"].as_str().unwrap().contains("soci-agent install"), "{c}");
+    assert_eq!(drift_of(&s, SOCI_CONFIG)["state"], "changed");
+    assert_eq!(drift_of(&s, SOCI_CONFIG)["repairable"], true);
+    let s = d.reconciles_after(&s, 5);
+    assert_eq!(t.text(SOCI_CONFIG), drifted, "not restored with repair off");
+    assert_eq!(s["repairs"]["total"], 0);
+    assert_eq!(check(&s, "agent.drift")["verdict"], "fail");
+    assert_eq!(
+        d.count("check changed", Some("agent.drift")),
+        1,
+        "the transition is logged once"
+    );
+    let metrics = d.count("repaired a drifted file", None);
+    assert_eq!(metrics, 0);
+}
+
+#[test]
+fn drift_found_at_start_or_while_install_holds_its_lock_is_not_put_back() {
+    use nix::fcntl::{Flock, FlockArg};
+    let t = Tree::installed();
+    let soci_config = t.read(SOCI_CONFIG);
+    t.config("[daemon]\nrepair = true\n");
+    // Drifted before the daemon ever saw it as install writes it (install may have run with
+    // flags the daemon does not know): reported, never "put back".
+    let before = format!("{}# changed before the daemon started\n", t.text(SOCI_CONFIG));
+    t.write(SOCI_CONFIG, &before, 0o644);
+    let mut d = Daemon::start(&t, &["--interval", "0.1"], &[]);
+    let s = d.ready();
+    assert_eq!(check(&s, "agent.drift")["verdict"], "fail");
+    let s = d.reconciles_after(&s, 5);
+    assert_eq!(t.text(SOCI_CONFIG), before);
+    assert_eq!(s["repairs"]["total"], 0);
+    let pending = s["repairs"]["pending"].to_string();
+    assert!(pending.contains("drifted before the daemon saw it"), "{pending}");
+
+    // Put right by hand: now it is the baseline, and a later change is repaired...
+    t.write(SOCI_CONFIG, std::str::from_utf8(&soci_config).unwrap(), 0o644);
+    d.wait("ok again", WAIT, |v| check(v, "agent.drift")["verdict"] == "ok");
+    // ...except while install holds its lock: the daemon neither waits nor writes.
+    let lock_path = t.path("/run/soci-agent/install.lock");
+    std::fs::create_dir_all(lock_path.parent().unwrap()).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .unwrap();
+    let install = Flock::lock(file, FlockArg::LockExclusive).unwrap();
+    let later = format!("{}# changed while the daemon watched\n", t.text(SOCI_CONFIG));
+    t.write(SOCI_CONFIG, &later, 0o644);
+    let s = d.wait("drift while locked", WAIT, |v| {
+        check(v, "agent.drift")["verdict"] == "fail" && v["repairs"]["pending"].to_string().contains("install.lock")
+    });
+    let s = d.reconciles_after(&s, 3);
+    assert_eq!(
+        t.text(SOCI_CONFIG),
+        later,
+        "nothing written while install holds the lock"
+    );
+    assert_eq!(s["repairs"]["total"], 0);
+    drop(install);
+    d.wait("repaired once the lock is free", WAIT, |v| {
+        v["repairs"]["total"] == 1 && check(v, "agent.drift")["verdict"] == "ok"
+    });
+    assert_eq!(t.read(SOCI_CONFIG), soci_config);
+}
+
+#[test]
+fn sighup_with_a_broken_config_keeps_the_old_one_running() {
+    let t = Tree::installed();
+    t.config("[daemon]\ninterval = \"100ms\"\n");
+    let mut d = Daemon::start(&t, &[], &[]);
+    let s = d.ready();
+    assert_eq!(
+        (
+            s["config_generation"].as_u64(),
+            s["config"]["interval_seconds"].as_f64()
+        ),
+        (Some(1), Some(0.1))
+    );
+
+    t.config("[daemon\ninterval = \"1h\"\n");
+    d.signal("HUP");
+    let s = d.wait("reload refused", WAIT, |v| v["config_errors"] == 1);
+    let err = s["config_error"]["error"].as_str().unwrap();
+    assert!(err.contains("is not valid"), "{err}");
+    assert_eq!(s["config_generation"], 1);
+    assert_eq!(s["config"]["interval_seconds"], 0.1, "the old interval still runs");
+    d.reconciles_after(&s, 3);
+    assert_eq!(d.count("reload refused: the running configuration stays", None), 1);
+
+    // A well-formed file with a bad value is refused as well.
+    t.config("[daemon]\ninterval = \"soon\"\n");
+    d.signal("HUP");
+    let s = d.wait("second refusal", WAIT, |v| v["config_errors"] == 2);
+    assert!(
+        s["config_error"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("[daemon] interval"),
+        "{s}"
+    );
+
+    // A good one is applied.
+    t.config("[daemon]\ninterval = \"200ms\"\nrepair = true\n");
+    d.signal("HUP");
+    let s = d.wait("reloaded", WAIT, |v| v["config_generation"] == 2);
+    assert_eq!(
+        (
+            s["config"]["repair"].as_bool(),
+            s["config"]["interval_seconds"].as_f64()
+        ),
+        (Some(true), Some(0.2))
+    );
+    assert!(s["config_error"].is_null());
+    // The query CLI reads the same socket.
+    let out = agent(&["daemon", "--query", "--state-socket"])
+        .arg(t.socket())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let q: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(q["config_generation"], 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// sd_notify and shutdown.
+
+#[test]
+fn ready_after_the_first_reconcile_watchdog_reloading_and_stopping() {
+    let t = Tree::installed();
+    let notify = t.dir.path().join("notify.sock");
+    let rx = UnixDatagram::bind(&notify).unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut d = Daemon::start(
+        &t,
+        &["--interval", "0.5"],
+        &[("NOTIFY_SOCKET", notify.to_str().unwrap()), ("WATCHDOG_USEC", "200000")],
+    );
+    let mut seen: Vec<String> = Vec::new();
+    let recv = |seen: &mut Vec<String>| {
+        let mut buf = [0u8; 512];
+        rx.recv(&mut buf).ok().map(|n| {
+            let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+            seen.push(m.clone());
+            m
+        })
+    };
+    // Receives until a message starting with `prefix` (bounded).
+    let until = |seen: &mut Vec<String>, prefix: &str| -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(m) = recv(seen).filter(|m| m.starts_with(prefix)) {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "no {prefix} within {WAIT:?}: {seen:?}");
+        }
+    };
+    let ready = until(&mut seen, "READY=1");
+    // READY goes out after the first reconcile was published.
+    let s = d.status();
+    assert_eq!(s["ready"], true);
+    assert!(s["reconciles"].as_u64().unwrap() >= 1, "{s}");
+    assert!(ready.contains("STATUS=reconcile 1:"), "{ready}");
+    assert_eq!(seen.iter().filter(|m| m.contains("READY=1")).count(), 1, "{seen:?}");
+    // Half of WATCHDOG_USEC: a ping every 100 ms.
+    let started = Instant::now();
+    let mut pings = 0;
+    while pings < 5 {
+        if recv(&mut seen).is_some_and(|m| m == "WATCHDOG=1") {
+            pings += 1;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "WATCHDOG=1 pings: {seen:?}");
+    }
+    d.signal("HUP");
+    until(&mut seen, "RELOADING=1");
+    until(&mut seen, "READY=1");
+
+    let (status, took) = d.terminate();
+    assert!(status.success(), "exit status after SIGTERM: {status}\n{}", d.log());
+    assert!(took < STOP_BOUND, "took {took:?} to stop");
+    let mut rest = Vec::new();
+    while recv(&mut rest).is_some() {}
+    assert!(
+        rest.iter().any(|m| m.starts_with("STOPPING=1")),
+        "no STOPPING=1 in {rest:?}"
+    );
+    assert!(!t.socket().exists(), "the status socket is removed on exit");
+}
+
+// ---------------------------------------------------------------------------------------------
+// /metrics as Prometheus text.
+
+/// One parsed sample.
+#[derive(Debug, Clone)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// A strict parser of the Prometheus text format (0.0.4) as the daemon must write it:
+/// `# HELP` then `# TYPE` once per family, before its samples; families contiguous; metric
+/// and label names valid; label values quoted with `\\`, `\"`, `\n` escapes; no duplicate
+/// series; counters named `_total`; every line ends with `\n`.
+fn parse_prometheus(text: &str) -> Result<Vec<Sample>, String> {
+    fn name_ok(n: &str, colon: bool) -> bool {
+        let mut cs = n.chars();
+        cs.next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
+            && cs.all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
+    }
+    if !text.ends_with('\n') {
+        return Err("does not end with a newline".into());
+    }
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    let mut helped = BTreeSet::new();
+    let mut closed = BTreeSet::new();
+    let mut current: Option<String> = None;
+    let mut series = BTreeSet::new();
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let err = |m: &str| format!("line {}: {m}: {line:?}", i + 1);
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let (kw, name) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let arg = parts.next().unwrap_or("");
+            if !name_ok(name, true) {
+                return Err(err("bad metric name"));
+            }
+            if let Some(c) = current.replace(name.to_string())
+                && c != name
+            {
+                closed.insert(c);
+            }
+            if closed.contains(name) {
+                return Err(err("family is not contiguous"));
+            }
+            match kw {
+                "HELP" if helped.insert(name.to_string()) && !types.contains_key(name) => {}
+                "TYPE" if !types.contains_key(name) => {
+                    if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&arg) {
+                        return Err(err("bad type"));
+                    }
+                    if arg == "counter" && !name.ends_with("_total") {
+                        return Err(err("counter without _total"));
+                    }
+                    types.insert(name.to_string(), arg.to_string());
+                }
+                _ => return Err(err("misplaced or repeated HELP/TYPE")),
+            }
+            continue;
+        }
+        if line.starts_with('#') || line.trim().is_empty() {
+            return Err(err("stray comment or blank line"));
+        }
+        let name_end = line.find(['{', ' ']).ok_or_else(|| err("no value"))?;
+        let name = &line[..name_end];
+        if !name_ok(name, true) {
+            return Err(err("bad metric name"));
+        }
+        if current.as_deref() != Some(name) || !types.contains_key(name) {
+            return Err(err("sample outside its family (no TYPE before it)"));
+        }
+        let mut rest = &line[name_end..];
+        let mut labels = BTreeMap::new();
+        if let Some(r) = rest.strip_prefix('{') {
+            let mut chars = r.char_indices();
+            let mut key = String::new();
+            let end = loop {
+                let (idx, c) = chars.next().ok_or_else(|| err("unterminated labels"))?;
+                match c {
+                    '}' if key.is_empty() => break idx,
+                    '=' => {
+                        if !name_ok(&key, false) {
+                            return Err(err("bad label name"));
+                        }
+                        if chars.next().map(|(_, c)| c) != Some('"') {
+                            return Err(err("label value not quoted"));
+                        }
+                        let mut value = String::new();
+                        loop {
+                            match chars.next().map(|(_, c)| c).ok_or_else(|| err("unterminated value"))? {
+                                '\\' => match chars.next().map(|(_, c)| c) {
+                                    Some('\\') => value.push('\\'),
+                                    Some('"') => value.push('"'),
+                                    Some('n') => value.push('\n'),
+                                    _ => return Err(err("bad escape")),
+                                },
+                                '"' => break,
+                                '\n' => return Err(err("raw newline in value")),
+                                c => value.push(c),
+                            }
+                        }
+                        if labels.insert(std::mem::take(&mut key), value).is_some() {
+                            return Err(err("repeated label"));
+                        }
+                        match chars.next() {
+                            Some((_, ',')) => {}
+                            Some((i, '}')) => break i,
+                            _ => return Err(err("bad label separator")),
+                        }
+                    }
+                    c => key.push(c),
+                }
+            };
+            rest = &r[end + 1..];
+        }
+        let value_text = rest.strip_prefix(' ').ok_or_else(|| err("no space before the value"))?;
+        let value: f64 = match value_text {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            "NaN" => f64::NAN,
+            v => v.parse().map_err(|_| err("value is not a number"))?,
+        };
+        if !series.insert(format!("{name}{labels:?}")) {
+            return Err(err("duplicate series"));
+        }
+        out.push(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        });
+    }
+    Ok(out)
+}
+
+fn find<'a>(samples: &'a [Sample], name: &str, labels: &[(&str, &str)]) -> Option<&'a Sample> {
+    samples.iter().find(|s| {
+        s.name == name
+            && labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+    })
+}
+
+/// One HTTP/1.1 request over `stream`: the status code, headers and body.
+fn http_get<S: Read + Write>(mut stream: S, method: &str, path: &str) -> (u16, String, String) {
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("header end");
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, head.to_string(), body.to_string())
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_carry_the_figures() {
+    let t = Tree::installed();
+    let port = common::registry::free_port();
+    // An image that cannot be pulled (no CRI there): its state is reported, not fatal.
+    t.config(&format!(
+        "[daemon]\nmetrics_address = \"127.0.0.1:{port}\"\n\n[prefetch]\nimages = [\"registry.invalid/team/app:1\"]\n\
+         cri_endpoint = \"unix://{}\"\nretries = 0\ntimeout_per_image = 5\n",
+        t.dir.path().join("no-cri.sock").display()
+    ));
+    let mut d = Daemon::start(&t, &["--interval", "0.2"], &[]);
+    d.wait("ready, image checked", WAIT, |v| {
+        v["ready"] == true && v["images"][0]["state"] == "failed"
+    });
+    let scrape = |method: &str, path: &str| {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        http_get(s, method, path)
+    };
+    let (code, head, body) = scrape("GET", "/metrics");
+    assert_eq!(code, 200, "{head}");
+    assert!(head.contains("Content-Type: text/plain; version=0.0.4"), "{head}");
+    let samples = parse_prometheus(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        find(&samples, name, labels)
+            .unwrap_or_else(|| panic!("no {name}{labels:?} in\n{body}"))
+            .value
+    };
+    assert_eq!(value("soci_agent_ready", &[]), 1.0);
+    assert_eq!(value("soci_agent_check_ok", &[("check", "agent.drift")]), 1.0);
+    assert_eq!(value("soci_agent_check_ok", &[("check", "soci-config.parallel")]), 1.0);
+    assert_eq!(
+        value("soci_agent_check_ok", &[("check", "containerd.snapshotter")]),
+        1.0
+    );
+    assert!(
+        find(&samples, "soci_agent_check_ok", &[("check", "live.soci-socket")]).is_none(),
+        "skipped checks are left out"
+    );
+    let last = value("soci_agent_last_reconcile_timestamp_seconds", &[]);
+    assert!((unix_now() - last).abs() < 60.0, "last reconcile at {last}");
+    assert!(value("soci_agent_reconciles_total", &[]) >= 1.0);
+    assert_eq!(value("soci_agent_repairs_total", &[]), 0.0);
+    assert_eq!(value("soci_agent_file_drifted", &[("path", SOCI_CONFIG)]), 0.0);
+    let image = [("image", "registry.invalid/team/app:1"), ("state", "failed")];
+    assert_eq!(value("soci_agent_image_state", &image), 1.0);
+    assert_eq!(
+        value(
+            "soci_agent_image_state",
+            &[("image", "registry.invalid/team/app:1"), ("state", "hit")]
+        ),
+        0.0
+    );
+    assert!(value("soci_agent_image_seconds", &[("image", "registry.invalid/team/app:1")]) >= 0.0);
+    // Install's phase timings, from its saved report.
+    assert!(
+        value(
+            "soci_agent_phase_seconds",
+            &[("command", "install"), ("phase", "total")]
+        ) > 0.0
+    );
+    assert!(
+        find(
+            &samples,
+            "soci_agent_phase_seconds",
+            &[("command", "install"), ("phase", "plan")]
+        )
+        .is_some()
+    );
+    assert_eq!(value("soci_agent_last_run_exit_code", &[("command", "install")]), 0.0);
+    assert_eq!(scrape("GET", "/nope").0, 404);
+    assert_eq!(scrape("POST", "/metrics").0, 405);
+    let (code, _, body) = scrape("HEAD", "/metrics");
+    assert_eq!((code, body.as_str()), (200, ""));
+
+    // A drift shows up in the figures; a reload moves /metrics to a unix socket.
+    let edited = format!("{}# local\n", t.text(SOCI_CONFIG));
+    t.write(SOCI_CONFIG, &edited, 0o644);
+    d.wait("drift", WAIT, |v| check(v, "agent.drift")["verdict"] == "fail");
+    let node_sock = "/run/soci-agent/metrics.sock";
+    t.config(&format!("[daemon]\nmetrics_address = \"{node_sock}\"\n"));
+    d.signal("HUP");
+    d.wait("reloaded", WAIT, |v| v["config_generation"] == 2);
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the TCP listener is gone"
+    );
+    let s = UnixStream::connect(t.path(node_sock)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (code, _, body) = http_get(s, "GET", "/metrics");
+    assert_eq!(code, 200);
+    let samples = parse_prometheus(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    assert_eq!(
+        find(&samples, "soci_agent_check_ok", &[("check", "agent.drift")])
+            .unwrap()
+            .value,
+        0.0
+    );
+    assert_eq!(
+        find(&samples, "soci_agent_file_drifted", &[("path", SOCI_CONFIG)])
+            .unwrap()
+            .value,
+        1.0
+    );
+    assert_eq!(find(&samples, "soci_agent_config_generation", &[]).unwrap().value, 2.0);
+}
+
+#[test]
+fn the_prometheus_parser_rejects_what_it_must() {
+    let good = "# HELP a_total x\n# TYPE a_total counter\na_total{k=\"v\\\"\\n\"} 1\n";
+    assert_eq!(parse_prometheus(good).unwrap()[0].labels["k"], "v\"\n");
+    for bad in [
+        "a 1\n",                                      // no TYPE
+        "# TYPE a gauge\na 1",                        // no final newline
+        "# TYPE a gauge\na{k=v} 1\n",                 // unquoted
+        "# TYPE a gauge\na 1\na 2\n",                 // duplicate series
+        "# TYPE a counter\na 1\n",                    // counter without _total
+        "# TYPE a gauge\na x\n",                      // not a number
+        "# TYPE a gauge\n# TYPE b gauge\nb 1\na 1\n", // not contiguous
+        "# TYPE a gauge\na{k=\"v\"}1\n",              // no space
+        "# TYPE a gauge\na{k=\"\\x\"} 1\n",           // bad escape
+        "# TYPE a gauge\n# TYPE a gauge\na 1\n",      // repeated TYPE
+    ] {
+        assert!(parse_prometheus(bad).is_err(), "accepted {bad:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Live checks: real containerd with a proxy plugin, the SOCI stand-in serving it.
+
+/// containerd (no CRI) with everything under `dir` and `[proxy_plugins.soci]` at `soci`.
+fn containerd_with_proxy(dir: &Path, soci: &Path) -> (common::containerd::Daemon, PathBuf) {
+    assert!(
+        Path::new("/usr/bin/containerd").exists(),
+        "needs Debian's containerd (.ci/run installs it)"
+    );
+    let address = dir.join("containerd.sock");
+    let p = |name: &str| dir.join(name).display().to_string();
+    let config = dir.join("containerd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 2\nroot = {:?}\nstate = {:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\n\
+             [grpc]\n  address = {:?}\n\n[ttrpc]\n  address = {:?}\n\n\
+             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {:?}\n\n\
+             [proxy_plugins.soci]\n  type = \"snapshot\"\n  address = {:?}\n",
+            p("containerd-root"),
+            p("containerd-state"),
+            address.display().to_string(),
+            format!("{}.ttrpc", address.display()),
+            p("containerd-opt"),
+            soci.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut daemon = common::containerd::Daemon::spawn(
+        "containerd",
+        Command::new("/usr/bin/containerd").arg("--config").arg(&config),
+        dir.join("containerd.log"),
+    );
+    common::containerd::wait_until(
+        "containerd answering",
+        WAIT,
+        || {
+            daemon.assert_running();
+            Command::new("ctr")
+                .arg("--address")
+                .arg(&address)
+                .arg("version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        },
+        String::new,
+    );
+    (daemon, address)
+}
+
+/// The SOCI stand-in serving `socket` (its state under `dir`).
+fn standin(dir: &Path, socket: &Path) -> common::containerd::Daemon {
+    let config = dir.join("soci.toml");
+    std::fs::write(&config, "[pull_modes.parallel_pull_unpack]\nenable = true\n").unwrap();
+    let mut cmd = Command::new(common::standin::standin_binary());
+    cmd.arg("--address")
+        .arg(socket)
+        .arg("--root")
+        .arg(dir.join("soci-root"))
+        .arg("--config")
+        .arg(&config)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDS");
+    let mut d = common::containerd::Daemon::spawn("standin", &mut cmd, dir.join("standin.log"));
+    common::containerd::wait_until(
+        "stand-in serving",
+        WAIT,
+        || {
+            d.assert_running();
+            UnixStream::connect(socket).is_ok()
+        },
+        String::new,
+    );
+    d
+}
+
+#[test]
+fn live_checks_follow_the_snapshotter_and_each_change_is_logged_once() {
+    let t = Tree::installed();
+    let work = tempfile::tempdir().unwrap();
+    let soci = work.path().join("soci.sock");
+    let mut snapshotter = standin(work.path(), &soci);
+    let (_containerd, address) = containerd_with_proxy(work.path(), &soci);
+    let args = [
+        "--interval",
+        "0.1",
+        "--containerd-socket",
+        address.to_str().unwrap(),
+        "--soci-socket",
+        soci.to_str().unwrap(),
+    ];
+    let mut d = Daemon::start(&t, &args, &[]);
+    let s = d.wait("live checks ok", WAIT, |v| {
+        v["ready"] == true && check(v, "live.soci-socket")["verdict"] == "ok"
+    });
+    let reach = check(&s, "live.containerd-soci");
+    assert_eq!(reach["verdict"], "ok", "{reach}");
+
+    snapshotter.stop();
+    let _ = std::fs::remove_file(&soci);
+    let s = d.wait("socket down reported", WAIT, |v| {
+        check(v, "live.soci-socket")["verdict"] == "fail"
+    });
+    assert_eq!(check(&s, "live.containerd-soci")["verdict"], "fail");
+    let s = d.reconciles_after(&s, 5);
+    assert_eq!(check(&s, "live.soci-socket")["verdict"], "fail");
+    assert_eq!(
+        d.count("check changed", Some("live.soci-socket")),
+        1,
+        "logged once, not every loop"
+    );
+    let since = check(&s, "live.soci-socket")["since"].as_f64().unwrap();
+    assert!(since <= s["last_reconcile"]["at"].as_f64().unwrap());
+
+    let _snapshotter = standin(work.path(), &soci);
+    d.wait("socket back", WAIT, |v| check(v, "live.soci-socket")["verdict"] == "ok");
+    assert_eq!(d.count("check changed", Some("live.soci-socket")), 2);
+    let back = d
+        .events()
+        .into_iter()
+        .filter(|e| e["message"] == "check changed" && e["check"] == "live.soci-socket")
+        .map(|e| {
+            (
+                e["from"].as_str().unwrap().to_string(),
+                e["to"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(back, [("ok".into(), "fail".into()), ("fail".into(), "ok".into())]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warm images and moved tags: containerd's CRI and a real registry.
+
+const PINNED: &str = "io.cri-containerd.pinned=pinned";
+
+fn image<'a>(status: &'a Value, given: &str) -> &'a Value {
+    status["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["image"] == given)
+        .unwrap_or_else(|| panic!("no image {given} in {status}"))
+}
+
+#[test]
+fn images_are_kept_warm_and_a_moved_tag_is_pulled_pinned_and_the_old_one_unpinned() {
+    let work = tempfile::tempdir().unwrap();
+    let containerd = common::containerd::Containerd::start(&work.path().join("containerd"));
+    let registry = common::registry::Registry::start_new(&work.path().join("registry"), None);
+    containerd.trust_plain_http(&registry.host());
+    let first = registry.push_random_image("team/app", "1", 2, 64 * 1024);
+    let app = first.reference.clone();
+    let t = Tree::bare();
+    let prefetch = format!(
+        "[prefetch]\npin = true\nretries = 1\ncri_endpoint = \"{}\"\ncontainerd_address = \"{}\"\n",
+        containerd.endpoint(),
+        containerd.socket.display()
+    );
+    t.config(&format!(
+        "[daemon]\nrefresh = \"1s\"\n\n{prefetch}images = [\"{app}\"]\n"
+    ));
+    let mut d = Daemon::start(&t, &["--interval", "0.2"], &[]);
+    let s = d.wait("pulled and pinned", WAIT, |v| {
+        image(v, &app)["state"] == "pulled" || image(v, &app)["pinned"] == true && image(v, &app)["state"] == "hit"
+    });
+    let old_id = image(&s, &app)["image_id"].as_str().unwrap().to_string();
+    // The first refresh learns the digest the tag names: no move.
+    let s = d.wait("tag resolved", WAIT, |v| image(v, &app)["digest"].is_string());
+    assert_eq!(image(&s, &app)["digest"], first.manifest_digest.as_str(), "{s}");
+    assert_eq!(image(&s, &app)["moves"], 0);
+    assert!(containerd.image_labels(&app).unwrap().contains(PINNED));
+    // Later checks are hits (one ImageStatus each), by digest.
+    let s = d.wait("a hit", WAIT, |v| image(v, &app)["state"] == "hit");
+    assert_eq!(image(&s, &app)["pulls"], 1, "pulled once: {s}");
+
+    // The tag moves: the new digest is pulled and pinned before anyone asks; the old one unpinned.
+    let second = registry.push_random_image("team/app", "1", 2, 64 * 1024);
+    assert_ne!(second.manifest_digest, first.manifest_digest);
+    let s = d.wait("the move seen", WAIT, |v| image(v, &app)["moves"] == 1);
+    let st = image(&s, &app);
+    assert_eq!(st["digest"], second.manifest_digest.as_str(), "{st}");
+    assert_eq!(st["previous_digest"], first.manifest_digest.as_str(), "{st}");
+    assert_ne!(st["image_id"].as_str().unwrap(), old_id);
+    assert_eq!(st["pinned"], true);
+    let repo = app.rsplit_once(':').unwrap().0;
+    let new_ref = format!("{repo}@{}", second.manifest_digest);
+    let old_ref = format!("{repo}@{}", first.manifest_digest);
+    let labels = |r: &str| {
+        containerd
+            .image_labels(r)
+            .unwrap_or_else(|| panic!("no image record {r}"))
+    };
+    assert!(
+        labels(&new_ref).contains(PINNED),
+        "new digest pinned: {}",
+        labels(&new_ref)
+    );
+    assert!(
+        !labels(&old_ref).contains(PINNED),
+        "old digest unpinned: {}",
+        labels(&old_ref)
+    );
+    assert!(
+        !labels(&app).contains(PINNED),
+        "the tag's record still names the old image: unpinned"
+    );
+    assert!(d.count("tag moved: new digest pulled", None) == 1, "{}", d.log());
+
+    // New entries are pulled on reload.
+    let other = registry.push_random_image("team/other", "2", 1, 32 * 1024);
+    t.config(&format!(
+        "[daemon]\nrefresh = \"1s\"\n\n{prefetch}images = [\"{app}\", \"{}\"]\n",
+        other.reference
+    ));
+    d.signal("HUP");
+    let s = d.wait("new image pulled", WAIT, |v| {
+        v["config_generation"] == 2 && image(v, &other.reference)["pulls"] == 1
+    });
+    assert_eq!(image(&s, &app)["moves"], 1, "kept what it knew of the old entry");
+    assert!(labels(&other.reference).contains(PINNED));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A booted systemd node: the unit (Type=notify), repairs over D-Bus.
+
+/// `soci-agent daemon --query` inside the node.
+fn query_in(node: &common::nspawn::Node) -> Option<Value> {
+    let out = node.exec(&["/usr/local/bin/soci-agent", "daemon", "--query"]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+/// Polls the node's daemon state until `ok`.
+fn wait_in(node: &common::nspawn::Node, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = query_in(node) {
+            if ok(&v) {
+                return v;
+            }
+            last = v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within 60 s\nlast status: {}\n{}",
+            serde_json::to_string_pretty(&last).unwrap(),
+            node.journal()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
+    use common::nspawn::{Node, NodeOptions};
+    use soci_agent::systemd::Systemd;
+    const SOCI: &str = "soci-snapshotter.service";
+    const CONTAINERD: &str = "containerd.service";
+    let daemon = std::fs::read(common::standin::standin_binary()).unwrap();
+    let archive = common::archive::release_tar_gz(&[
+        ("soci-snapshotter-grpc", &daemon),
+        ("soci", b"#!/bin/sh\necho \"soci version v0.15.0 standin\"\n"),
+        ("THIRD_PARTY_LICENSES", b"Third-party licenses of a test release.\n"),
+        ("NOTICE.md", b"# NOTICE\nTest release.\n"),
+    ]);
+    let node = Node::boot(
+        NodeOptions::new()
+            .file(
+                "/etc/systemd/system/soci-agent.service",
+                include_str!("../systemd/soci-agent.service"),
+            )
+            // systemd would revive a killed snapshotter itself (Restart=always): this test wants the daemon to.
+            .file(
+                "/etc/systemd/system/soci-snapshotter.service.d/60-test.conf",
+                "[Service]\nRestart=no\n",
+            )
+            .file(
+                AGENT_CONFIG,
+                "[daemon]\ninterval = \"300ms\"\nrepair = true\nrepair_backoff = \"1s\"\n",
+            )
+            // ExecReload= runs /bin/kill (procps or util-linux on real nodes, not in debootstrap's
+            // minbase): the shell's builtin stands in.
+            .file_mode("/usr/bin/kill", "#!/bin/sh\nkill \"$@\"\n", 0o755),
+    );
+    std::fs::write(node.share().join(ARCHIVE), &archive).unwrap();
+    std::fs::write(
+        node.share().join(format!("{ARCHIVE}.sha256sum")),
+        sha256sum_line(&archive, ARCHIVE),
+    )
+    .unwrap();
+    std::fs::copy(agent_bin(), node.share().join("soci-agent")).unwrap();
+    let install = node.exec_timeout(
+        &[
+            "/share/soci-agent",
+            "install",
+            "--archive",
+            &format!("/share/{ARCHIVE}"),
+            "--log-level",
+            "warn",
+        ],
+        Duration::from_secs(240),
+    );
+    assert!(
+        install.status.success(),
+        "install: {}",
+        String::from_utf8_lossy(&install.stderr)
+    );
+
+    // Type=notify: `systemctl start` returns once READY=1 came, after the first reconcile.
+    let started = Instant::now();
+    node.check(&["systemctl", "start", "soci-agent.service"]);
+    eprintln!("soci-agent.service started (READY=1) in {:.2?}", started.elapsed());
+    let s = query_in(&node).expect("the status socket answers once the unit is started");
+    assert!(s["ready"] == true && s["reconciles"].as_u64() >= Some(1), "{s}");
+    for id in [
+        "live.soci-socket",
+        "live.containerd-soci",
+        "systemd.soci-service",
+        "agent.drift",
+    ] {
+        assert_eq!(check(&s, id)["verdict"], "ok", "{id}: {}", check(&s, id));
+    }
+    let mode = node.check(&["stat", "-c", "%a %U", "/run/soci-agent/daemon.sock"]);
+    assert_eq!(mode, "600 root");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let sd = rt
+        .block_on(Systemd::connect_address(&node.bus_address(), Duration::from_secs(30)))
+        .unwrap();
+    let unit = |name: &str| rt.block_on(sd.unit_state(name)).unwrap();
+    let containerd_before = unit(CONTAINERD).invocation_id;
+    let soci_before = unit(SOCI).invocation_id;
+
+    // Killed with its socket stopped (as when both failed and systemd gave up; with the socket
+    // listening, containerd's reconnect would socket-activate it): reported, then started again
+    // through D-Bus, socket first; containerd untouched.
+    let kill = || {
+        node.check(&["systemctl", "stop", "soci-snapshotter.socket"]);
+        node.check(&["systemctl", "kill", "--kill-whom=main", "--signal=KILL", SOCI]);
+    };
+    kill();
+    let s = wait_in(&node, "snapshotter started by the daemon", |v| {
+        v["repairs"]["recent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["target"] == SOCI && e["action"] == "start" && e["result"] == "ok")
+    });
+    assert!(
+        s["repairs"]["recent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["target"] == "soci-snapshotter.socket"),
+        "{s}"
+    );
+    assert!(unit("soci-snapshotter.socket").is_active());
+    let soci = unit(SOCI);
+    assert!(soci.is_active(), "{soci}");
+    assert_ne!(soci.invocation_id, soci_before, "a new invocation");
+    let containerd = unit(CONTAINERD);
+    assert!(containerd.is_active(), "{containerd}");
+    assert_eq!(
+        containerd.invocation_id, containerd_before,
+        "containerd was not restarted"
+    );
+    assert_eq!(s["repairs"]["failed"], 0, "{s}");
+    wait_in(&node, "healthy again", |v| {
+        check(v, "systemd.soci-service")["verdict"] == "ok"
+    });
+
+    // Repair off (applied by `systemctl reload`): reported, not started.
+    std::fs::write(
+        node.path(AGENT_CONFIG),
+        "[daemon]\ninterval = \"300ms\"\nrepair = false\n",
+    )
+    .unwrap();
+    node.check(&["systemctl", "reload", "soci-agent.service"]);
+    let s = wait_in(&node, "reloaded", |v| v["config_generation"] == 2);
+    let repairs = s["repairs"]["total"].clone();
+    kill();
+    let s = wait_in(&node, "reported", |v| {
+        check(v, "systemd.soci-service")["verdict"] == "fail"
+    });
+    let n = s["reconciles"].as_u64().unwrap();
+    let s = wait_in(&node, "more reconciles", |v| v["reconciles"].as_u64().unwrap() >= n + 5);
+    assert_eq!(s["repairs"]["total"], repairs, "no repair with repair = false");
+    assert!(!unit(SOCI).is_active(), "left down: {}", unit(SOCI));
+    assert_eq!(unit(CONTAINERD).invocation_id, containerd_before);
+
+    // Why a restart of a running snapshotter needs restart_containerd = true: systemd propagates
+    // it to containerd, which Requires= it.
+    node.check(&["systemctl", "start", "soci-snapshotter.socket", SOCI]);
+    let before = unit(CONTAINERD).invocation_id;
+    node.check(&["systemctl", "restart", SOCI]);
+    assert_ne!(
+        unit(CONTAINERD).invocation_id,
+        before,
+        "restarting {SOCI} restarted containerd"
+    );
+
+    // SIGTERM (systemctl stop): a clean exit within the bound.
+    let stopping = Instant::now();
+    node.check(&["systemctl", "stop", "soci-agent.service"]);
+    assert!(stopping.elapsed() < STOP_BOUND, "stop took {:?}", stopping.elapsed());
+    let agent = unit("soci-agent.service");
+    assert_eq!(
+        (agent.active_state.as_str(), agent.result.as_str()),
+        ("inactive", "success"),
+        "{agent}"
+    );
+    drop(sd);
+}
