@@ -1133,10 +1133,6 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
     ]);
     let node = Node::boot(
         NodeOptions::new()
-            .file(
-                "/etc/systemd/system/soci-agent.service",
-                include_str!("../systemd/soci-agent.service"),
-            )
             // systemd would revive a killed snapshotter itself (Restart=always): this test wants the daemon to.
             .file(
                 "/etc/systemd/system/soci-snapshotter.service.d/60-test.conf",
@@ -1161,6 +1157,7 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
         &[
             "/share/soci-agent",
             "install",
+            "--daemon",
             "--archive",
             &format!("/share/{ARCHIVE}"),
             "--log-level",
@@ -1174,10 +1171,16 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
         String::from_utf8_lossy(&install.stderr)
     );
 
-    // Type=notify: `systemctl start` returns once READY=1 came, after the first reconcile.
+    // install --daemon wrote, enabled and started the unit (systemd/soci-agent.service).
+    assert_eq!(
+        node.check(&["systemctl", "is-enabled", "soci-agent.service"]),
+        "enabled"
+    );
+    assert_eq!(node.check(&["systemctl", "is-active", "soci-agent.service"]), "active");
+    // Type=notify: `systemctl restart` returns once READY=1 came, after the first reconcile.
     let started = Instant::now();
-    node.check(&["systemctl", "start", "soci-agent.service"]);
-    eprintln!("soci-agent.service started (READY=1) in {:.2?}", started.elapsed());
+    node.check(&["systemctl", "restart", "soci-agent.service"]);
+    eprintln!("soci-agent.service restarted (READY=1) in {:.2?}", started.elapsed());
     let s = query_in(&node).expect("the status socket answers once the unit is started");
     assert!(s["ready"] == true && s["reconciles"].as_u64() >= Some(1), "{s}");
     for id in [
@@ -1235,7 +1238,15 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
         containerd.invocation_id, containerd_before,
         "containerd was not restarted"
     );
-    assert_eq!(s["repairs"]["failed"], 0, "{s}");
+    // A start can fail (systemd in nspawn sometimes has not yet removed the killed service's
+    // cgroup: 219/CGROUP); the next attempt comes after the backoff, within the hourly budget.
+    let starts = s["repairs"]["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["target"] == SOCI)
+        .count();
+    assert!(starts <= 3, "{s}");
     wait_in(&node, "healthy again", |v| {
         check(v, "systemd.soci-service")["verdict"] == "ok"
     });
@@ -1261,7 +1272,16 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
 
     // Why a restart of a running snapshotter needs restart_containerd = true: systemd propagates
     // it to containerd, which Requires= it.
-    node.check(&["systemctl", "start", "soci-snapshotter.socket", SOCI]);
+    // (a start right after a kill can meet systemd-in-nspawn's cgroup race, 219/CGROUP: poll)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !node
+        .exec(&["systemctl", "start", "soci-snapshotter.socket", SOCI])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "{SOCI} does not start:\n{}", node.journal());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let before = unit(CONTAINERD).invocation_id;
     node.check(&["systemctl", "restart", SOCI]);
     assert_ne!(

@@ -208,14 +208,15 @@ fn config_path(root: &Root, explicit: Option<&Path>) -> Option<PathBuf> {
     }
 }
 
-/// Install settings as `soci-agent install --root ROOT --config FILE --no-start`
+/// Install settings as `soci-agent install --root ROOT --config FILE --no-start --daemon`
 /// would resolve them, environment included.
 fn install_settings(root: &Root, file: Option<&Path>) -> Result<InstallSettings, ConfigError> {
     let mut argv = vec!["install".into(), "--root".into(), root.base().as_os_str().to_owned()];
     if let Some(f) = file {
         argv.extend(["--config".into(), f.as_os_str().to_owned()]);
     }
-    argv.push("--no-start".into());
+    // The daemon runs: its own unit is part of what install wrote (install --daemon).
+    argv.extend(["--no-start".into(), "--daemon".into()]);
     let cmd = InstallArgs::augment_args(clap::Command::new("install").no_binary_name(false));
     let matches = cmd
         .try_get_matches_from(argv)
@@ -362,6 +363,7 @@ mod tests {
             (&["a:1".to_string()][..], PinMode::Pin)
         );
         assert_eq!(c.install.retries, 1);
+        assert!(c.install.daemon, "the daemon's own unit is among what install wrote");
         let o = Overrides {
             interval: Some(0.01),
             ..Overrides::default()
