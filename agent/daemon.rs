@@ -30,11 +30,12 @@
 //!   removed, exit 0 within [`STOP_BOUND`].
 //!
 //! The daemon never makes `install`, `uninstall` or `boot` wait: it only
-//! tries their lock ([`INSTALL_LOCK`], shared, non-blocking) around its file
-//! writes and skips repairs while they hold it; and it repairs only drift it
-//! saw happen (a file already different at start, or right after an install
-//! run, is reported, not "put back": install may have used other settings). Its state is bounded (one entry per check, owned file, configured
-//! image and report; the last 20 repairs).
+//! tries the install lock ([`INSTALL_LOCK`], shared, non-blocking) around its
+//! file writes and skips repairs while install or uninstall hold it; and it
+//! repairs only drift it saw happen (a file already different at start, or
+//! right after an install run, is reported, not "put back": install may have
+//! used other settings). Its state is bounded (one entry per check, owned
+//! file, configured image and report; the last 20 repairs).
 
 mod config;
 mod drift;

@@ -231,7 +231,7 @@ impl Reconciler {
             Ok(Some(l)) => Some(l),
             Ok(None) => {
                 out.pending.push(format!(
-                    "{}: held (install, uninstall or boot is changing the node): repairs wait",
+                    "{}: held (install or uninstall is changing the node): repairs wait",
                     super::repair::INSTALL_LOCK
                 ));
                 return out;

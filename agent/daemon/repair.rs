@@ -26,8 +26,8 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::rootfs::Root;
 
-/// The advisory lock `install`, `uninstall` and `boot` hold (`flock`, exclusive) while they
-/// change the node. The daemon only ever tries it, shared and non-blocking, around its file
+/// The advisory lock `install` and `uninstall` hold (`flock`, exclusive, `apply::lock_node`)
+/// while they change the node. The daemon only ever tries it, shared and non-blocking, around its file
 /// writes (milliseconds), and skips its repairs while someone else holds it: it never makes
 /// them wait on a reconcile.
 pub const INSTALL_LOCK: &str = crate::apply::INSTALL_LOCK;
