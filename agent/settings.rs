@@ -128,16 +128,18 @@ fn absolute(option: &'static str, value: String) -> Result<String, SettingsError
     Ok(value.trim_end_matches('/').to_string().max("/".to_string()))
 }
 
+/// The agent config file every subcommand reads: `--config` as given, else
+/// the default under the root when it exists.
+pub fn config_path(root: &Root, explicit: Option<&Path>) -> Option<PathBuf> {
+    match explicit {
+        Some(p) => Some(p.to_path_buf()),
+        None => Some(root.path(DEFAULT_CONFIG_FILE)).filter(|p| p.exists()),
+    }
+}
+
 fn read_file_config(args: &InstallArgs, root: &Root) -> Result<(Option<PathBuf>, FileConfig), SettingsError> {
-    let path = match &args.config {
-        Some(p) => p.clone(),
-        None => {
-            let p = root.path(DEFAULT_CONFIG_FILE);
-            if !p.exists() {
-                return Ok((None, FileConfig::default()));
-            }
-            p
-        }
+    let Some(path) = config_path(root, args.config.as_deref()) else {
+        return Ok((None, FileConfig::default()));
     };
     let text = std::fs::read_to_string(&path).map_err(|source| SettingsError::ReadConfig {
         path: path.clone(),

@@ -27,7 +27,7 @@ use serde::Deserialize;
 use crate::cli::InstallArgs;
 use crate::prefetch::{PinMode, PrefetchOptions};
 use crate::rootfs::Root;
-use crate::settings::{DEFAULT_CONFIG_FILE, InstallSettings};
+use crate::settings::InstallSettings;
 
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_REPAIRS_PER_HOUR: u32 = 6;
@@ -200,13 +200,7 @@ fn invalid(key: &'static str, value: impl Into<String>, reason: impl Into<String
     }
 }
 
-/// The config file to read: `--config`, else the default under the root when it exists.
-fn config_path(root: &Root, explicit: Option<&Path>) -> Option<PathBuf> {
-    match explicit {
-        Some(p) => Some(p.to_path_buf()),
-        None => Some(root.path(DEFAULT_CONFIG_FILE)).filter(|p| p.exists()),
-    }
-}
+use crate::settings::config_path;
 
 /// Install settings as `soci-agent install --root ROOT --config FILE --no-start --daemon`
 /// would resolve them, environment included.
@@ -320,7 +314,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let root = Root::new(d.path());
         std::fs::create_dir_all(root.path("/etc/soci-agent")).unwrap();
-        std::fs::write(root.path(DEFAULT_CONFIG_FILE), config).unwrap();
+        std::fs::write(root.path(crate::settings::DEFAULT_CONFIG_FILE), config).unwrap();
         (d, root)
     }
 

@@ -11,7 +11,6 @@ use serde::Deserialize;
 use crate::cli::OutputFormat;
 use crate::rootfs::Root;
 
-pub const DEFAULT_CONFIG_FILE: &str = "/etc/soci-agent/config.toml";
 pub const DEFAULT_CRI_ENDPOINT: &str = "unix:///run/containerd/containerd.sock";
 pub const DEFAULT_CONTAINERD_ADDRESS: &str = "/run/containerd/containerd.sock";
 pub const DEFAULT_CONCURRENCY: usize = 2;
@@ -19,7 +18,7 @@ pub const DEFAULT_TIMEOUT_PER_IMAGE_SECS: f64 = 600.0;
 pub const DEFAULT_RETRIES: u32 = 4;
 pub const DEFAULT_PROVIDER_CONFIG: &str = "/etc/eks/image-credential-provider/config.json";
 pub const DEFAULT_PROVIDER_BIN_DIR: &str = "/etc/eks/image-credential-provider";
-pub const SOCI_CONFIG: &str = "/etc/soci-snapshotter-grpc/config.toml";
+pub const SOCI_CONFIG: &str = crate::plan::SOCI_CONFIG_PATH;
 const MAX_CONCURRENCY: usize = 64;
 
 /// Pre-pull images through containerd's CRI into the snapshotter kubelet uses.
@@ -229,15 +228,8 @@ struct FileConfig {
 }
 
 fn read_config(args: &PrefetchArgs, root: &Root) -> Result<PrefetchFile, OptionsError> {
-    let path = match &args.config {
-        Some(p) => p.clone(),
-        None => {
-            let p = root.path(DEFAULT_CONFIG_FILE);
-            if !p.exists() {
-                return Ok(PrefetchFile::default());
-            }
-            p
-        }
+    let Some(path) = crate::settings::config_path(root, args.config.as_deref()) else {
+        return Ok(PrefetchFile::default());
     };
     let text = std::fs::read_to_string(&path).map_err(|source| OptionsError::Read {
         path: path.clone(),
