@@ -27,6 +27,12 @@ pub enum ApplyError {
     },
     #[error("{path}")]
     Fs { path: String, source: FsError },
+    #[error("SOCI {version} ({binary}) refuses the config soci-agent would write: {message}")]
+    SociRejected {
+        binary: String,
+        version: String,
+        message: String,
+    },
 }
 
 impl ApplyError {
@@ -34,8 +40,13 @@ impl ApplyError {
         match self {
             ApplyError::Fetch { source, .. } => source.is_verification_failure(),
             ApplyError::Checksum { .. } => true,
-            ApplyError::Fs { .. } => false,
+            ApplyError::Fs { .. } | ApplyError::SociRejected { .. } => false,
         }
+    }
+
+    /// A setting the target SOCI refuses: a usage/validation error (exit 2).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, ApplyError::SociRejected { .. })
     }
 }
 
@@ -229,6 +240,77 @@ fn apply_file_op(root: &Root, path: &str, op: &Op) -> Result<(), FsError> {
     }
 }
 
+/// Bound of `soci-snapshotter-grpc config dump`.
+const DUMP_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Before a new SOCI config is promoted, the SOCI that will read it loads it
+/// (`soci-snapshotter-grpc config dump --config STAGED`, SOCI 0.12+): what it
+/// refuses at load (bad TOML, types, chunk size, drop policy, headers) is
+/// refused here with its own message, before anything else changes. Skipped
+/// (logged) when the binary cannot run here: another architecture, a
+/// preinstalled binary inside a mounted image, or SOCI < 0.12.
+async fn validate_soci_config(root: &Root, plan: &Plan) -> Result<(), ApplyError> {
+    let Some(check) = &plan.soci_check else {
+        return Ok(());
+    };
+    let Some(Op::Write { content, .. }) = plan
+        .actions
+        .iter()
+        .find(|a| a.changed && a.path == crate::plan::SOCI_CONFIG_PATH)
+        .map(|a| &a.op)
+    else {
+        return Ok(());
+    };
+    let binary = root.path(&check.binary);
+    let staged = std::env::temp_dir().join(format!("soci-agent-config-check-{}.toml", std::process::id()));
+    let fs = |source| ApplyError::Fs {
+        path: staged.display().to_string(),
+        source,
+    };
+    rootfs::write_atomic(&staged, content, 0o600).map_err(fs)?;
+    let run = tokio::process::Command::new(&binary)
+        .args(["config", "dump", "--config"])
+        .arg(&staged)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(DUMP_BOUND, run).await;
+    let _ = std::fs::remove_file(&staged);
+    let out = match out {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => {
+            tracing::warn!(binary = %binary.display(), error = %e, "cannot run SOCI to check its config; skipped");
+            return Ok(());
+        }
+        Err(_) => {
+            tracing::warn!(binary = %binary.display(), "SOCI's config check did not finish within {DUMP_BOUND:?}; skipped");
+            return Ok(());
+        }
+    };
+    if out.status.success() {
+        tracing::info!(binary = %check.binary, "SOCI {} accepts the new config", check.version);
+        return Ok(());
+    }
+    Err(ApplyError::SociRejected {
+        binary: check.binary.clone(),
+        version: check.version.to_string(),
+        message: soci_message(&String::from_utf8_lossy(&out.stderr)),
+    })
+}
+
+/// The `msg="..."` of SOCI's logrus fatal line, else its last stderr line.
+fn soci_message(stderr: &str) -> String {
+    let line = stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("(no message)");
+    line.split_once(" msg=\"")
+        .and_then(|(_, rest)| rest.split_once("\" ").or_else(|| rest.rsplit_once('"')))
+        .map(|(msg, _)| msg.replace("\\\"", "\""))
+        .unwrap_or_else(|| line.trim().to_string())
+}
+
 /// Held (exclusive) while install or uninstall changes the node; the daemon
 /// only tries it, shared and non-blocking, and skips its repairs meanwhile.
 pub const INSTALL_LOCK: &str = "/run/soci-agent/install.lock";
@@ -321,6 +403,7 @@ pub async fn apply(root: &Root, plan: &Plan, http: HttpOptions) -> Result<(Appli
             }
         }
         applied.release_seconds = started.elapsed().as_secs_f64();
+        validate_soci_config(root, plan).await?;
         let started = Instant::now();
         apply_actions(&mut txn, root, &plan.actions)?;
         applied.files_seconds = started.elapsed().as_secs_f64();
@@ -334,5 +417,18 @@ pub async fn apply(root: &Root, plan: &Plan, http: HttpOptions) -> Result<(Appli
             txn.rollback();
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn soci_messages_are_quoted_from_logrus() {
+        let line = "time=\"2026-12-04T19:08:19Z\" level=fatal msg=\"config file at \\\"/tmp/x\\\": failed to parse config: invalid size format: 16MiB\" error=\"x\"\n";
+        assert_eq!(
+            super::soci_message(line),
+            "config file at \"/tmp/x\": failed to parse config: invalid size format: 16MiB"
+        );
+        assert_eq!(super::soci_message("plain words\n\n"), "plain words");
     }
 }

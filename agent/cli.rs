@@ -139,6 +139,19 @@ pub enum WiringMode {
     Containerd,
 }
 
+/// What install does with a SOCI that came with the node (the AL2023 AMI's package).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PreinstalledPolicy {
+    /// Replace a preinstalled SOCI older than 0.16.0 (no fixes for soci-snapshotter issues 2035/2036 or
+    /// of unknown version); keep a newer one. With no preinstalled SOCI, install --soci-version.
+    Auto,
+    /// Keep the preinstalled soci-snapshotter-grpc and download nothing (fails when there is none).
+    Keep,
+    /// Install --soci-version from the release and run it instead of the preinstalled one.
+    Replace,
+}
+
 #[derive(Debug, Clone, Default, Args)]
 pub struct InstallArgs {
     /// Directory every node path is resolved under (AMI baking, tests). Nothing outside it is touched.
@@ -149,7 +162,7 @@ pub struct InstallArgs {
     #[arg(long, value_name = "FILE", env = "SOCI_AGENT_CONFIG")]
     pub config: Option<PathBuf>,
 
-    /// SOCI release to install; 0.11.0 or newer (parallel mode). [default: 0.15.0]
+    /// SOCI release to install; 0.11.0 or newer (parallel mode). [default: 0.16.1]
     #[arg(long, value_name = "VER", env = "SOCI_AGENT_SOCI_VERSION")]
     pub soci_version: Option<String>,
 
@@ -236,9 +249,21 @@ pub struct InstallArgs {
     #[arg(long, value_enum, env = "SOCI_AGENT_WIRING")]
     pub wiring: Option<WiringMode>,
 
-    /// Keep a preinstalled SOCI binary (e.g. the AL2023 AMI's /usr/bin/soci-snapshotter-grpc); download nothing.
+    /// What to do with a SOCI that came with the node (the AL2023 AMI's /usr/bin/soci-snapshotter-grpc):
+    /// auto replaces one older than 0.16.0 with --soci-version and keeps a newer one; keep downloads nothing;
+    /// replace always installs --soci-version. The report and doctor say which runs and why. [default: auto]
+    #[arg(long, value_enum, env = "SOCI_AGENT_PREINSTALLED")]
+    pub preinstalled: Option<PreinstalledPolicy>,
+
+    /// Same as --preinstalled keep (kept for compatibility).
     #[arg(long, env = "SOCI_AGENT_ADOPT")]
     pub adopt: bool,
+
+    /// containerd version the wiring is written for (MAJOR.MINOR, e.g. 2.2): decides the config format
+    /// (version 2 for 1.x, 3 for 2.0-2.3, 4 for 2.4+). [default: detected from /etc/eks/containerd-version.txt,
+    /// else `containerd --version`]
+    #[arg(long, value_name = "VER", env = "SOCI_AGENT_CONTAINERD_VERSION")]
+    pub containerd_version: Option<String>,
 
     /// Also install and enable soci-agent.service (`soci-agent daemon`: health loop,
     /// repair, warm images, metrics; settings in the [daemon] table of the config).

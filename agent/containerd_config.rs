@@ -10,8 +10,17 @@
 //! stays. Keys already holding the desired value keep their bytes, so a file
 //! that is already wired comes back byte-identical and `merge` is idempotent.
 //! The CRI table is chosen from the file's `version` (2: containerd 1.x,
-//! 3: containerd 2.x); a v3 table is never written into a v2 file or the
-//! other way round.
+//! 3 and 4: containerd 2.x, same table names); a v3 table is never written
+//! into a v2 file or the other way round.
+//!
+//! The running containerd's version decides what may be written at all
+//! ([`Daemon`]): a new file gets the version that containerd writes itself
+//! (2 for 1.x, 3 for 2.0-2.3, 4 for 2.4+), and a file the daemon would read
+//! wrongly is refused. containerd 2.x migrates a version-2 file at every
+//! start, and that migration DROPS `snapshotter` and
+//! `disable_snapshot_annotations` when the CRI `containerd` table has no
+//! `runtimes` (containerd's `plugins/cri/images` migration returns early), so
+//! v2 content is never written for a 2.x daemon.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -27,12 +36,15 @@ const CREATED_HEADER: &str =
     "# Written by soci-agent: containerd wired to the SOCI snapshotter (parallel pull/unpack).";
 
 /// containerd config file format, read from the file's top-level `version`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub enum ConfigVersion {
-    /// `version = 2`: containerd 1.6 / 1.7.
+    /// `version = 2`: containerd 1.6 / 1.7 (2.x migrates it at every start).
     V2,
-    /// `version = 3`: containerd 2.x.
+    /// `version = 3`: written by containerd 2.0-2.3; 2.4 migrates it.
     V3,
+    /// `version = 4`: written by containerd 2.4 (`[grpc]` became a plugin);
+    /// containerd 2.0-2.3 refuse it. CRI and proxy tables are as in v3.
+    V4,
 }
 
 impl ConfigVersion {
@@ -40,15 +52,48 @@ impl ConfigVersion {
         match self {
             ConfigVersion::V2 => 2,
             ConfigVersion::V3 => 3,
+            ConfigVersion::V4 => 4,
         }
     }
 
+    /// The version containerd `major.minor` writes itself (`containerd config default`).
+    pub fn written_by(daemon: Daemon) -> ConfigVersion {
+        match (daemon.major, daemon.minor) {
+            (0 | 1, _) => ConfigVersion::V2,
+            (2, 0..=3) => ConfigVersion::V3,
+            _ => ConfigVersion::V4,
+        }
+    }
+
+    /// The newest version containerd `major.minor` can load.
+    pub fn newest_read_by(daemon: Daemon) -> ConfigVersion {
+        ConfigVersion::written_by(daemon)
+    }
+
+    /// Whether this version uses the containerd 2.x table names.
+    pub fn is_v3_family(self) -> bool {
+        self >= ConfigVersion::V3
+    }
+
     /// Table path (plugin ID included) holding the CRI image settings.
-    fn cri_images_table(self) -> &'static [&'static str] {
+    pub fn cri_images_table(self) -> &'static [&'static str] {
         match self {
             ConfigVersion::V2 => &["plugins", "io.containerd.grpc.v1.cri", "containerd"],
-            ConfigVersion::V3 => &["plugins", "io.containerd.cri.v1.images"],
+            ConfigVersion::V3 | ConfigVersion::V4 => &["plugins", "io.containerd.cri.v1.images"],
         }
+    }
+}
+
+/// The containerd that will read the file (`major.minor`), when known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Daemon {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl fmt::Display for Daemon {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
     }
 }
 
@@ -74,9 +119,39 @@ pub enum ContainerdConfigError {
     Parse { path: String, message: String },
     #[error(
         "containerd config {path}: `version` is {found}; soci-agent edits only \
-         version 2 (containerd 1.x) and version 3 (containerd 2.x) files"
+         version 2 (containerd 1.x), 3 and 4 (containerd 2.x) files"
     )]
     UnknownVersion { path: String, found: String },
+    #[error(
+        "containerd config {path} is version {file} but containerd {daemon} reads at most version {newest}: \
+         containerd would refuse to start; convert it by hand, or pass --containerd-version if the \
+         detected version is wrong"
+    )]
+    TooNewForDaemon {
+        path: String,
+        file: u8,
+        daemon: Daemon,
+        newest: u8,
+    },
+    #[error(
+        "containerd config {path} is version 2, which containerd {daemon} reads only through a migration at \
+         every start{drops}; soci-agent does not write version-2 content for containerd 2.x. Convert the file first: \
+         `containerd config migrate > {path}.new`, review it, move it over {path}, and run install again \
+         (or move {path} aside and soci-agent writes a version {wanted} file)"
+    )]
+    V2ForContainerd2 {
+        path: String,
+        daemon: Daemon,
+        wanted: u8,
+        /// Filled when this file's migration would drop the owned keys.
+        drops: String,
+    },
+    #[error(
+        "no containerd config at {path} and containerd's version is unknown (no /etc/eks/containerd-version.txt \
+         and no containerd binary found): cannot tell whether to write version 2 (containerd 1.x), 3 (2.0-2.3) \
+         or 4 (2.4+); pass --containerd-version (e.g. 2.2)"
+    )]
+    UnknownDaemon { path: String },
     #[error("containerd config {path}: cannot set {key}: {reason}")]
     Conflict { path: String, key: String, reason: String },
 }
@@ -190,13 +265,25 @@ pub fn detect_version(text: &str, path: &str) -> Result<Option<ConfigVersion>, C
 }
 
 /// Wires `existing` (the current file content, `None` when there is no file)
-/// to SOCI. `path` is only used in error messages. On error the caller must
-/// leave the file alone.
-pub fn merge(existing: Option<&str>, path: &str, wiring: &SociWiring) -> Result<Merged, ContainerdConfigError> {
+/// to SOCI, for the containerd `daemon` that will read it (`None`: unknown).
+/// `path` is only used in error messages. On error the caller must leave the
+/// file alone.
+pub fn merge(
+    existing: Option<&str>,
+    path: &str,
+    wiring: &SociWiring,
+    daemon: Option<Daemon>,
+) -> Result<Merged, ContainerdConfigError> {
+    let new_version = || {
+        daemon
+            .map(ConfigVersion::written_by)
+            .ok_or_else(|| ContainerdConfigError::UnknownDaemon { path: path.to_owned() })
+    };
     let Some(text) = existing else {
+        let version = new_version()?;
         return Ok(Merged {
-            text: created_file(wiring),
-            version: ConfigVersion::V2,
+            text: created_file(version, wiring),
+            version,
             changed: true,
             created: true,
         });
@@ -204,19 +291,23 @@ pub fn merge(existing: Option<&str>, path: &str, wiring: &SociWiring) -> Result<
     let mut doc = parse(text, path)?;
     let Some(version) = version_of(&doc, path)? else {
         // Nothing but comments: keep them, append a fresh file after them.
+        let version = new_version()?;
         let mut out = text.to_owned();
         if !out.trim().is_empty() {
             out.truncate(out.trim_end().len());
             out.push_str("\n\n");
         }
-        out.push_str(&created_file(wiring));
+        out.push_str(&created_file(version, wiring));
         return Ok(Merged {
             text: out,
-            version: ConfigVersion::V2,
+            version,
             changed: true,
             created: false,
         });
     };
+    if let Some(daemon) = daemon {
+        check_readable(&doc, version, daemon, path)?;
+    }
     let changed = apply(&mut doc, version, wiring, path)?;
     Ok(Merged {
         text: if changed {
@@ -239,10 +330,58 @@ pub fn fragment(version: ConfigVersion, wiring: &SociWiring) -> String {
     doc.to_string()
 }
 
-/// A new `version = 2` file: header comment, version, owned tables.
-fn created_file(wiring: &SociWiring) -> String {
-    let tables = fragment(ConfigVersion::V2, wiring);
-    format!("{CREATED_HEADER}\nversion = 2\n\n{tables}")
+/// A new file: header comment, version, owned tables.
+fn created_file(version: ConfigVersion, wiring: &SociWiring) -> String {
+    let tables = fragment(version, wiring);
+    format!("{CREATED_HEADER}\nversion = {version}\n\n{tables}")
+}
+
+/// Refuses a file `daemon` cannot load, or loads through the v2 migration.
+fn check_readable(
+    doc: &DocumentMut,
+    version: ConfigVersion,
+    daemon: Daemon,
+    path: &str,
+) -> Result<(), ContainerdConfigError> {
+    let newest = ConfigVersion::newest_read_by(daemon);
+    if version > newest {
+        return Err(ContainerdConfigError::TooNewForDaemon {
+            path: path.to_owned(),
+            file: version.as_u8(),
+            daemon,
+            newest: newest.as_u8(),
+        });
+    }
+    if version == ConfigVersion::V2 && daemon.major >= 2 {
+        let drops = if v2_migration_drops_owned_keys(doc) {
+            ", and with no `runtimes` table under [plugins.\"io.containerd.grpc.v1.cri\".containerd] that \
+             migration drops `snapshotter` and `disable_snapshot_annotations` (pods would pull with overlayfs)"
+                .to_string()
+        } else {
+            String::new()
+        };
+        return Err(ContainerdConfigError::V2ForContainerd2 {
+            path: path.to_owned(),
+            daemon,
+            wanted: ConfigVersion::written_by(daemon).as_u8(),
+            drops,
+        });
+    }
+    Ok(())
+}
+
+/// containerd 2.x's v2 -> v3 migration of the CRI image settings copies
+/// `containerd.snapshotter` and `disable_snapshot_annotations` only when the
+/// v2 `[plugins."io.containerd.grpc.v1.cri".containerd]` table has a
+/// `runtimes` table (it returns early otherwise: checked on 2.2.9 and 2.4.2).
+pub fn v2_migration_drops_owned_keys(doc: &DocumentMut) -> bool {
+    let containerd = doc
+        .get("plugins")
+        .and_then(|p| p.get("io.containerd.grpc.v1.cri"))
+        .and_then(|c| c.get("containerd"));
+    !containerd
+        .and_then(|c| c.get("runtimes"))
+        .is_some_and(Item::is_table_like)
 }
 
 fn parse(text: &str, path: &str) -> Result<DocumentMut, ContainerdConfigError> {
@@ -268,6 +407,7 @@ fn version_of(doc: &DocumentMut, path: &str) -> Result<Option<ConfigVersion>, Co
         Some(item) => match item.as_integer() {
             Some(2) => Ok(Some(ConfigVersion::V2)),
             Some(3) => Ok(Some(ConfigVersion::V3)),
+            Some(4) => Ok(Some(ConfigVersion::V4)),
             _ => Err(unknown(match item.as_value() {
                 Some(v) => {
                     let mut v = v.clone();
@@ -486,7 +626,7 @@ fn table_key(name: &str, version: ConfigVersion) -> Key {
     }
     let repr = match version {
         ConfigVersion::V2 => basic_string(name),
-        ConfigVersion::V3 => format!("'{name}'"),
+        ConfigVersion::V3 | ConfigVersion::V4 => format!("'{name}'"),
     };
     Key::parse(&repr)
         .ok()
@@ -548,11 +688,12 @@ mod tests {
         let v = |text: &str| detect_version(text, "f").map_err(|e| e.to_string());
         assert_eq!(v("version = 2\n"), Ok(Some(ConfigVersion::V2)));
         assert_eq!(v("# c\nversion = 3 # x\n[a]\n"), Ok(Some(ConfigVersion::V3)));
+        assert_eq!(v("version = 4\n"), Ok(Some(ConfigVersion::V4)));
         assert_eq!(v(""), Ok(None));
         assert_eq!(v("  \n# only a comment\n"), Ok(None));
         for (text, found) in [
             ("version = 1", "`version` is 1;"),
-            ("version = 4 # c", "`version` is 4;"),
+            ("version = 5 # c", "`version` is 5;"),
             ("version = '3'", "`version` is '3';"),
             ("[plugins]", "`version` is missing"),
         ] {
@@ -569,16 +710,45 @@ mod tests {
             address: r#"/run/a "b"\c.sock"#.into(),
             soci_root: "/var/lib/it's".into(),
         };
-        let text = merge(None, "f", &odd).unwrap().text;
+        let d = Some(Daemon { major: 1, minor: 7 });
+        let text = merge(None, "f", &odd, d).unwrap().text;
         assert!(text.contains(r#"address = "/run/a \"b\"\\c.sock""#), "{text}");
         assert!(text.contains(r#"root = "/var/lib/it's""#), "{text}");
-        assert!(!merge(Some(&text), "f", &odd).unwrap().changed);
+        assert!(!merge(Some(&text), "f", &odd, d).unwrap().changed);
+    }
+
+    #[test]
+    fn new_files_get_the_version_their_daemon_writes() {
+        let d = |major, minor| Some(Daemon { major, minor });
+        for (daemon, version) in [(d(1, 7), "version = 2"), (d(2, 2), "version = 3"), (d(2, 4), "version = 4")] {
+            let m = merge(None, "f", &wiring(), daemon).unwrap();
+            assert!(m.text.contains(&format!("\n{version}\n")), "{daemon:?}: {}", m.text);
+        }
+        let err = merge(None, "f", &wiring(), None).unwrap_err().to_string();
+        assert!(err.contains("--containerd-version"), "{err}");
+    }
+
+    #[test]
+    fn files_the_daemon_reads_wrongly_are_refused() {
+        let d = |major, minor| Some(Daemon { major, minor });
+        let v2 = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\nsnapshotter = \"overlayfs\"\n";
+        let err = merge(Some(v2), "f", &wiring(), d(2, 2)).unwrap_err().to_string();
+        assert!(err.contains("config migrate") && err.contains("drops"), "{err}");
+        let with_runtimes = format!("{v2}[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n");
+        let err = merge(Some(&with_runtimes), "f", &wiring(), d(2, 4)).unwrap_err().to_string();
+        assert!(err.contains("config migrate") && !err.contains("drops"), "{err}");
+        assert!(merge(Some(v2), "f", &wiring(), d(1, 7)).unwrap().changed);
+        let err = merge(Some("version = 4\n"), "f", &wiring(), d(2, 2)).unwrap_err().to_string();
+        assert!(err.contains("reads at most version 3"), "{err}");
+        let err = merge(Some("version = 3\n"), "f", &wiring(), d(1, 7)).unwrap_err().to_string();
+        assert!(err.contains("reads at most version 2"), "{err}");
+        assert!(merge(Some("version = 3\n"), "f", &wiring(), d(2, 4)).is_ok());
     }
 
     #[test]
     fn crlf_files_keep_crlf() {
         let input = "version = 2\r\n# c\r\n[proxy_plugins.soci]\r\ntype = \"snapshot\"\r\n";
-        let out = merge(Some(input), "f", &wiring()).unwrap().text;
+        let out = merge(Some(input), "f", &wiring(), None).unwrap().text;
         assert!(out.starts_with(input), "{out:?}");
         assert_eq!(out.matches('\n').count(), out.matches("\r\n").count());
     }

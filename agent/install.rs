@@ -122,6 +122,8 @@ async fn execute(args: &InstallArgs, saved_to: &mut Option<(Root, Option<String>
         Err(e) => {
             let kind = if e.is_verification_failure() {
                 ExitKind::Verification
+            } else if e.is_usage() {
+                ExitKind::Usage
             } else {
                 ExitKind::Failed
             };

@@ -3,7 +3,7 @@
 //! the user-data NodeConfig and re-renders containerd's config from it, so
 //! `/etc/containerd/config.toml` itself is never edited on these hosts. Pure.
 
-use crate::containerd_config::{self, ConfigVersion, SociWiring};
+use crate::containerd_config::{self, ConfigVersion, Daemon, SociWiring};
 
 pub const DROPIN_DIR: &str = "/etc/eks/nodeadm.d";
 pub const DROPIN_PATH: &str = "/etc/eks/nodeadm.d/50-soci-agent.yaml";
@@ -33,9 +33,12 @@ pub fn render(version: ConfigVersion, wiring: &SociWiring) -> String {
         .replace("@IMAGE_SERVICE_ENDPOINT@", &image_service_endpoint(&wiring.address))
 }
 
-/// containerd config format for a containerd version string ("2.2.1", "1.7.27").
-pub fn version_for_containerd(major: u32) -> ConfigVersion {
-    if major >= 2 {
+/// Table names for the fragment: nodeadm renders its v3 template (and on
+/// containerd 2.4 migrates it to v4) when the fragment names
+/// `io.containerd.cri.v1.*`, its v2 template otherwise. v3 names for 2.x, v2
+/// for 1.x; the fragment carries no `version` key.
+pub fn version_for_containerd(daemon: Daemon) -> ConfigVersion {
+    if daemon.major >= 2 {
         ConfigVersion::V3
     } else {
         ConfigVersion::V2

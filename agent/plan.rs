@@ -5,11 +5,11 @@
 
 use serde::Serialize;
 
-use crate::cli::WiringMode;
-use crate::containerd_config::{self, ConfigVersion, ContainerdConfigError, SociWiring};
-use crate::host::{HostFacts, SociUnit};
+use crate::cli::{PreinstalledPolicy, WiringMode};
+use crate::containerd_config::{self, ConfigVersion, ContainerdConfigError, Daemon, SociWiring};
+use crate::host::{HostFacts, InstalledSoci, SociUnit};
 use crate::record::{Before, RECORD_PATH, Record, RecordError};
-use crate::release::{Arch, BINARIES, DAEMON_BINARY, ReleaseSpec, Sha256Hex};
+use crate::release::{Arch, BINARIES, DAEMON_BINARY, FIXED_SOCI_VERSION, ReleaseSpec, Sha256Hex, Version};
 use crate::rootfs::{FsError, Root};
 use crate::settings::{DecompressorChoice, InstallSettings, sibling_checksum};
 use crate::soci_config::{Decompressor, SociConfig};
@@ -32,12 +32,18 @@ pub enum PlanError {
         "this is Bottlerocket ({0}): it ships SOCI and configures it through its settings API (settings.container-runtime-plugins / settings.kubernetes); soci-agent does not manage Bottlerocket nodes"
     )]
     Bottlerocket(String),
-    #[error("--adopt: no preinstalled soci-snapshotter-grpc found at {0}")]
+    #[error("--preinstalled keep: no preinstalled soci-snapshotter-grpc found at {0}")]
     NothingToAdopt(String),
     #[error(
-        "--adopt: the preinstalled {path} is SOCI {version}, which has no parallel pull/unpack mode (needs 0.11.0 or newer)"
+        "--preinstalled keep: the preinstalled {path} is SOCI {version}, which has no parallel pull/unpack mode (needs 0.11.0 or newer)"
     )]
     AdoptTooOld { path: String, version: String },
+    #[error(
+        "containerd's version is unknown on this nodeadm host (no {file} and no containerd binary): nodeadm \
+         renders version 2 or 3 table names by containerd version, and the wrong ones make `nodeadm init` fail; \
+         pass --containerd-version (e.g. 2.2)"
+    )]
+    UnknownContainerdForNodeadm { file: &'static str },
     #[error("{0} (use --arch to choose)")]
     Arch(crate::release::ReleaseError),
     #[error(transparent)]
@@ -191,7 +197,14 @@ pub struct Plan {
     pub kubelet_present: bool,
     pub wiring: Wiring,
     pub containerd_config_version: ConfigVersion,
+    /// The containerd version the wiring was written for, and where it came from.
+    pub containerd: Option<String>,
     pub daemon_binary: String,
+    /// Which SOCI runs and why (the --preinstalled policy's decision).
+    pub soci: SociChoice,
+    /// The SOCI binary that checks the new config before it is written
+    /// (`config dump`), when it can run here.
+    pub soci_check: Option<SociCheck>,
     pub soci_unit: &'static str,
     pub actions: Vec<Action>,
     pub warnings: Vec<String>,
@@ -211,6 +224,150 @@ impl Plan {
                 restart_soci: e.restart_soci || a.effects.restart_soci,
                 restart_containerd: e.restart_containerd || a.effects.restart_containerd,
             })
+    }
+}
+
+/// A SOCI binary (node path) that can load a config here.
+#[derive(Debug, Clone, Serialize)]
+pub struct SociCheck {
+    pub binary: String,
+    #[serde(serialize_with = "version_str_plain")]
+    pub version: Version,
+}
+
+fn version_str_plain<S: serde::Serializer>(v: &Version, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&v.to_string())
+}
+
+/// `config dump` exists from SOCI 0.12.0 on.
+const CONFIG_DUMP_SINCE: Version = Version {
+    major: 0,
+    minor: 12,
+    patch: 0,
+};
+
+/// Which binary can check the config: the store entry's (being installed) or
+/// the preinstalled one on a live host; never another architecture's, and
+/// never a mounted image's own programs.
+fn soci_check(root: &Root, soci: &SociChoice, entry: Option<&str>, arch: Arch, host_arch: Option<Arch>) -> (Option<SociCheck>, Option<String>) {
+    let version = match soci.version {
+        Some(v) if v >= CONFIG_DUMP_SINCE => v,
+        Some(v) => return (None, Some(format!("SOCI {v} has no `config dump` (0.12.0+): the config is checked by soci-agent's own rules only"))),
+        None => return (None, Some("SOCI version unknown: the config is checked by soci-agent's own rules only".into())),
+    };
+    if host_arch != Some(arch) {
+        return (None, Some(format!("the {arch} SOCI cannot run on this machine: the config is checked by soci-agent's own rules only")));
+    }
+    match entry {
+        Some(entry) => (
+            Some(SociCheck {
+                binary: format!("{entry}/{DAEMON_BINARY}"),
+                version,
+            }),
+            None,
+        ),
+        None if root.is_host() => (
+            Some(SociCheck {
+                binary: soci.binary.clone(),
+                version,
+            }),
+            None,
+        ),
+        None => (None, Some("the preinstalled SOCI is inside another root and is not run here: the config is checked by soci-agent's own rules only".into())),
+    }
+}
+
+/// Which SOCI binary the unit runs, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct SociChoice {
+    /// Node path of the binary the unit's ExecStart names.
+    pub binary: String,
+    /// Its SOCI version, when known.
+    #[serde(serialize_with = "version_str")]
+    pub version: Option<Version>,
+    /// `preinstalled` (kept) or `release` (installed from the release tree).
+    pub origin: &'static str,
+    /// One sentence: the policy and the facts it decided on.
+    pub reason: String,
+}
+
+fn version_str<S: serde::Serializer>(v: &Option<Version>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.serialize_str(&v.to_string()),
+        None => s.serialize_none(),
+    }
+}
+
+/// Applies the `--preinstalled` policy to what detection found.
+fn choose_soci(policy: PreinstalledPolicy, wanted: Version, found: Option<&InstalledSoci>) -> Result<SociChoice, PlanError> {
+    let keep = |f: &InstalledSoci, version: Option<Version>, reason: String| SociChoice {
+        binary: f.path.clone(),
+        version,
+        origin: "preinstalled",
+        reason,
+    };
+    let release = |reason: String| SociChoice {
+        binary: format!("{BIN_DIR}/{DAEMON_BINARY}"),
+        version: Some(wanted),
+        origin: "release",
+        reason,
+    };
+    let Some(f) = found else {
+        return match policy {
+            PreinstalledPolicy::Keep => Err(PlanError::NothingToAdopt(crate::host::SOCI_BINARY_LOCATIONS.join(" or "))),
+            _ => Ok(release(format!("no preinstalled SOCI: installing {wanted} from the release"))),
+        };
+    };
+    let parsed = f.version.as_deref().and_then(|v| v.parse::<Version>().ok());
+    let shown = f.version.as_deref().unwrap_or("of unknown version");
+    match policy {
+        PreinstalledPolicy::Replace => Ok(release(format!(
+            "--preinstalled replace: running {wanted} from the release instead of the preinstalled {} (SOCI {shown})",
+            f.path
+        ))),
+        PreinstalledPolicy::Keep => match parsed {
+            Some(v) if v < crate::release::MIN_SOCI_VERSION => Err(PlanError::AdoptTooOld {
+                path: f.path.clone(),
+                version: v.to_string(),
+            }),
+            _ => Ok(keep(
+                f,
+                parsed,
+                format!("--preinstalled keep: running the preinstalled {} (SOCI {shown})", f.path),
+            )),
+        },
+        PreinstalledPolicy::Auto => match parsed {
+            Some(v) if v >= FIXED_SOCI_VERSION => Ok(keep(
+                f,
+                parsed,
+                format!(
+                    "--preinstalled auto: keeping the preinstalled {} (SOCI {v}, {FIXED_SOCI_VERSION} or newer)",
+                    f.path
+                ),
+            )),
+            _ => Ok(release(format!(
+                "--preinstalled auto: the preinstalled {} is SOCI {shown}, older than {FIXED_SOCI_VERSION} \
+                 (no fixes for soci-snapshotter issues 2035/2036) or unknown: running {wanted} from the release",
+                f.path
+            ))),
+        },
+    }
+}
+
+/// The containerd version to write for: `--containerd-version`, else detected.
+fn containerd_target(s: &InstallSettings, facts: &HostFacts) -> (Option<Daemon>, Option<String>) {
+    if let Some(d) = s.containerd_version {
+        return (Some(d), Some(format!("{d} (--containerd-version)")));
+    }
+    match &facts.containerd {
+        Some(c) => (
+            Some(Daemon {
+                major: c.major,
+                minor: c.minor,
+            }),
+            Some(format!("{} (from {})", c.version, c.source)),
+        ),
+        None => (None, None),
     }
 }
 
@@ -364,6 +521,7 @@ fn next_record(
     daemon: &str,
     soci_root: &str,
     adopted: Option<Sha256Hex>,
+    soci: &SociChoice,
 ) -> Record {
     for a in actions {
         let first_time = !record.paths.contains_key(&a.path);
@@ -395,6 +553,8 @@ fn next_record(
     record.daemon_binary = daemon.to_string();
     record.soci_root = soci_root.to_string();
     record.adopted_sha256 = adopted;
+    record.soci_version = soci.version.map(|v| v.to_string()).unwrap_or_default();
+    record.soci_reason = soci.reason.clone();
     record
 }
 
@@ -493,37 +653,23 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         ..Effects::default()
     };
 
-    // 1. The binary: adopt the preinstalled one, or the store + links.
+    // 1. The binary: the preinstalled one, or the store + links (--preinstalled policy).
     let mut adopted_sha256 = None;
-    let daemon_binary = if s.adopt {
-        let found = facts
-            .soci_installed
-            .iter()
-            .find(|i| !i.managed)
-            .ok_or_else(|| PlanError::NothingToAdopt(crate::host::SOCI_BINARY_LOCATIONS.join(" or ")))?;
-        match found.version.as_deref().map(crate::release::Version::parse_supported) {
-            Some(Ok(_)) => {}
-            Some(Err(_)) => {
-                return Err(PlanError::AdoptTooOld {
-                    path: found.path.clone(),
-                    version: found.version.clone().unwrap_or_default(),
-                });
-            }
-            None => warnings.push(format!(
+    let preinstalled = facts.soci_installed.iter().find(|i| !i.managed);
+    let soci = choose_soci(s.preinstalled, s.soci_version, preinstalled)?;
+    notes.push(soci.reason.clone());
+    let daemon_binary = if soci.origin == "preinstalled" {
+        if soci.version.is_none() {
+            warnings.push(format!(
                 "could not read the version of {}; parallel mode needs SOCI 0.11.0 or newer",
-                found.path
-            )),
+                soci.binary
+            ));
         }
-        notes.push(format!(
-            "adopting the preinstalled {} (SOCI {})",
-            found.path,
-            found.version.as_deref().unwrap_or("unknown")
-        ));
-        let resolved = root.path(&found.path);
+        let resolved = root.path(&soci.binary);
         adopted_sha256 = Some(
             store::sha256_file(&resolved).map_err(|source| PlanError::Fs(FsError::Read { path: resolved, source }))?,
         );
-        found.path.clone()
+        soci.binary.clone()
     } else {
         let (step, kept) = release_step(root, s, spec)?;
         match step {
@@ -564,13 +710,10 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         }
         format!("{BIN_DIR}/{DAEMON_BINARY}")
     };
-    for i in facts.soci_installed.iter().filter(|i| !i.managed) {
-        notes.push(format!(
-            "preinstalled SOCI at {}: version {}",
-            i.path,
-            i.version.as_deref().unwrap_or("unknown")
-        ));
-    }
+    let entry = (soci.origin == "release").then(|| store::entry_dir(&spec));
+    let host_arch = Arch::from_machine(&facts.machine).ok();
+    let (soci_check, why_not) = soci_check(root, &soci, entry.as_deref(), arch, host_arch);
+    notes.extend(why_not);
 
     // 2. SOCI's own config.
     let gzip = match &s.decompressor {
@@ -670,18 +813,13 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         WiringMode::Auto if facts.nodeadm => Wiring::Nodeadm,
         WiringMode::Auto => Wiring::Containerd,
     };
+    let (daemon, containerd_shown) = containerd_target(s, facts);
     let containerd_config_version = match wiring {
         Wiring::Nodeadm => {
-            let version = match &facts.containerd {
-                Some(v) => nodeconfig::version_for_containerd(v.major),
-                None => {
-                    warnings.push(format!(
-                        "containerd version unknown (no {} and no containerd binary): assuming containerd 2.x (config version 3)",
-                        crate::host::CONTAINERD_VERSION_FILE
-                    ));
-                    ConfigVersion::V3
-                }
-            };
+            let daemon = daemon.ok_or(PlanError::UnknownContainerdForNodeadm {
+                file: crate::host::CONTAINERD_VERSION_FILE,
+            })?;
+            let version = nodeconfig::version_for_containerd(daemon);
             if !facts.nodeadm_dropin_dir {
                 warnings.push(format!(
                     "{} did not exist: nodeadm older than AMI v20251023 does not read drop-ins; pass the NodeConfig in user data instead",
@@ -699,6 +837,12 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
                 s.containerd_config,
                 nodeconfig::DROPIN_PATH
             ));
+            notes.push(format!(
+                "nodeadm's FastImagePull is turned off by {}: soci-agent manages SOCI, and with the gate on nodeadm \
+                 would rewrite {SOCI_CONFIG_PATH} and {} on every boot",
+                nodeconfig::DROPIN_PATH,
+                units::CONTAINERD_DROPIN_PATH
+            ));
             version
         }
         Wiring::Containerd => {
@@ -710,7 +854,15 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
                     })
                 })
                 .transpose()?;
-            let merged = containerd_config::merge(existing.as_deref(), &s.containerd_config, &wiring_in)?;
+            let merged = containerd_config::merge(existing.as_deref(), &s.containerd_config, &wiring_in, daemon)?;
+            if merged.created || existing.as_deref().is_some_and(|t| t.trim().is_empty()) {
+                notes.push(format!(
+                    "{} written as version {} for containerd {}",
+                    s.containerd_config,
+                    merged.version,
+                    containerd_shown.as_deref().unwrap_or("?")
+                ));
+            }
             b.file(&s.containerd_config, merged.text, 0o644, containerd_change)?;
             if facts.kubelet_config_layout {
                 b.file(
@@ -744,6 +896,7 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         &daemon_binary,
         &s.soci_root,
         adopted_sha256,
+        &soci,
     );
     b.file(RECORD_PATH, record.to_json(), 0o644, Effects::default())?;
 
@@ -764,7 +917,10 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         kubelet_present,
         wiring,
         containerd_config_version,
+        containerd: containerd_shown,
         daemon_binary,
+        soci,
+        soci_check,
         soci_unit: units::SERVICE,
         actions: b.actions,
         warnings,

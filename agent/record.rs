@@ -41,6 +41,12 @@ pub struct Record {
     /// their entry's `release.json`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adopted_sha256: Option<Sha256Hex>,
+    /// The SOCI version the unit runs ("" when unknown).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub soci_version: String,
+    /// Why that binary was chosen (the --preinstalled policy's decision).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub soci_reason: String,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -8,7 +8,7 @@ use std::str::FromStr;
 #[macro_export]
 macro_rules! default_soci_version {
     () => {
-        "0.15.0"
+        "0.16.1"
     };
 }
 /// Newest SOCI release recorded in the reference; the default `--soci-version`.
@@ -17,6 +17,15 @@ pub const DEFAULT_SOCI_VERSION: &str = default_soci_version!();
 pub const MIN_SOCI_VERSION: Version = Version {
     major: 0,
     minor: 11,
+    patch: 0,
+};
+/// First release with the fixes for soci-snapshotter issues 2035 (shared
+/// layers + discarded layers: "compressed digests did not match") and 2036
+/// (concurrent pulls of one image crashing the daemon). `--preinstalled auto`
+/// replaces a preinstalled SOCI older than this.
+pub const FIXED_SOCI_VERSION: Version = Version {
+    major: 0,
+    minor: 16,
     patch: 0,
 };
 /// Default base of the release tree.

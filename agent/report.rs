@@ -45,6 +45,10 @@ pub struct PlanSummary {
     pub containerd_config_version: u8,
     pub daemon_binary: String,
     pub soci_unit: &'static str,
+    /// Which SOCI runs and why.
+    pub soci: crate::plan::SociChoice,
+    /// The containerd version the wiring was written for, and its source.
+    pub containerd: Option<String>,
 }
 
 impl PlanSummary {
@@ -55,6 +59,8 @@ impl PlanSummary {
             containerd_config_version: plan.containerd_config_version.as_u8(),
             daemon_binary: plan.daemon_binary.clone(),
             soci_unit: plan.soci_unit,
+            soci: plan.soci.clone(),
+            containerd: plan.containerd.clone(),
         }
     }
 }
@@ -90,6 +96,29 @@ impl InstallReport {
         serde_json::to_string_pretty(self).expect("report serializes")
     }
 
+    /// What the systemd step changed, in a few words.
+    fn systemd_summary(&self) -> String {
+        let Some(act) = &self.systemd else {
+            return "nothing else changed".into();
+        };
+        let mut parts = Vec::new();
+        if act.reloaded {
+            parts.push("systemd reloaded".to_string());
+        }
+        if !act.enabled.is_empty() {
+            parts.push(format!("enabled {}", act.enabled.join(", ")));
+        }
+        if !act.restarted.is_empty() {
+            let names: Vec<&str> = act.restarted.iter().map(|(u, _)| u.as_str()).collect();
+            parts.push(format!("(re)started {}", names.join(", ")));
+        }
+        if parts.is_empty() {
+            "nothing else changed".into()
+        } else {
+            parts.join("; ")
+        }
+    }
+
     /// The human listing; diffs are shown for a dry run.
     pub fn to_text(&self) -> String {
         use std::fmt::Write;
@@ -98,6 +127,9 @@ impl InstallReport {
         let headline = match (self.outcome, self.dry_run, n) {
             (ExitKind::Ok, true, 0) => "dry run: nothing to change".to_string(),
             (ExitKind::Ok, true, n) => format!("dry run: {n} change(s) planned, nothing changed"),
+            (ExitKind::Ok, false, 0) if self.changed => {
+                format!("done: no file changed; {}", self.systemd_summary())
+            }
             (ExitKind::Ok, false, 0) => "nothing to do: the node already matches (no file changed)".to_string(),
             (ExitKind::Ok, false, n) => format!("done: {n} change(s) applied"),
             (kind, _, _) => format!(
@@ -112,18 +144,24 @@ impl InstallReport {
                 .containerd
                 .as_ref()
                 .map_or("unknown".to_string(), |c| c.version.clone());
+            let os = match (h.os.id.as_str(), h.os.version_id.as_str()) {
+                ("", _) => "unknown OS".to_string(),
+                (id, "") => id.to_string(),
+                (id, v) => format!("{id} {v}"),
+            };
             let _ = writeln!(
                 out,
-                "node: {} {}, arch {}, containerd {containerd} (config v{}), wiring {}, SOCI binary {}",
-                if h.os.id.is_empty() { "unknown-os" } else { &h.os.id },
-                h.os.version_id,
+                "node: {}, arch {}, containerd {containerd} (config v{}), wiring {}, SOCI binary {} (SOCI {}, {})",
+                os,
                 p.arch,
                 p.containerd_config_version,
                 match p.wiring {
                     crate::plan::Wiring::Nodeadm => "nodeadm (NodeConfig drop-in)",
                     crate::plan::Wiring::Containerd => "containerd config",
                 },
-                p.daemon_binary
+                p.daemon_binary,
+                p.soci.version.map_or("version unknown".to_string(), |v| v.to_string()),
+                p.soci.origin
             );
         }
         for a in &self.actions {

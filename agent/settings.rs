@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cli::{InstallArgs, OutputFormat, WiringMode};
+use crate::cli::{InstallArgs, OutputFormat, PreinstalledPolicy, WiringMode};
+use crate::containerd_config::Daemon;
 use crate::release::{Arch, DEFAULT_RELEASE_URL, DEFAULT_SOCI_VERSION, Flavor, ReleaseError, Sha256Hex, Version};
 use crate::rootfs::Root;
 use crate::soci_config::{Tuning, TuningError};
@@ -59,6 +60,8 @@ struct InstallFile {
     containerd_config: Option<String>,
     wiring: Option<WiringMode>,
     adopt: Option<bool>,
+    preinstalled: Option<PreinstalledPolicy>,
+    containerd_version: Option<String>,
     daemon: Option<bool>,
     no_start: Option<bool>,
     output: Option<OutputFormat>,
@@ -99,7 +102,10 @@ pub struct InstallSettings {
     pub decompressor: DecompressorChoice,
     pub containerd_config: String,
     pub wiring: WiringMode,
-    pub adopt: bool,
+    /// What to do with a preinstalled SOCI (`--adopt` = keep).
+    pub preinstalled: PreinstalledPolicy,
+    /// `--containerd-version`: overrides the detected containerd version.
+    pub containerd_version: Option<Daemon>,
     /// Install and enable soci-agent.service.
     pub daemon: bool,
     pub no_start: bool,
@@ -313,13 +319,31 @@ impl InstallSettings {
             ));
         }
         let adopt = args.adopt || f.adopt.unwrap_or(false);
-        if adopt && (archive.is_some() || sha256.is_some()) {
+        let preinstalled = match (args.preinstalled.or(f.preinstalled), adopt) {
+            (Some(p), false) | (Some(p @ PreinstalledPolicy::Keep), true) => p,
+            (None, true) => PreinstalledPolicy::Keep,
+            (None, false) => PreinstalledPolicy::Auto,
+            (Some(p), true) => {
+                return Err(invalid(
+                    "--adopt",
+                    "true",
+                    format!("means --preinstalled keep, which contradicts --preinstalled {p:?}"),
+                ));
+            }
+        };
+        if preinstalled == PreinstalledPolicy::Keep && (archive.is_some() || sha256.is_some()) {
             return Err(invalid(
-                "--adopt",
-                "true",
+                "--preinstalled",
+                "keep",
                 "keeps the preinstalled binary; it cannot be combined with --archive or --sha256",
             ));
         }
+        let containerd_version = args
+            .containerd_version
+            .clone()
+            .or(f.containerd_version)
+            .map(|v| parse_containerd_version(&v))
+            .transpose()?;
 
         Ok(InstallSettings {
             root,
@@ -335,7 +359,8 @@ impl InstallSettings {
             decompressor,
             containerd_config,
             wiring: args.wiring.or(f.wiring).unwrap_or(WiringMode::Auto),
-            adopt,
+            preinstalled,
+            containerd_version,
             daemon: args.daemon || f.daemon.unwrap_or(false),
             no_start,
             dry_run: args.dry_run,
@@ -346,6 +371,25 @@ impl InstallSettings {
             warnings,
         })
     }
+}
+
+/// `--containerd-version`: `2.2`, `v2.4.2`, `1.7.27`.
+fn parse_containerd_version(value: &str) -> Result<Daemon, SettingsError> {
+    let bad = || {
+        invalid(
+            "--containerd-version",
+            value,
+            "expected MAJOR.MINOR or MAJOR.MINOR.PATCH, e.g. 2.2 or 1.7.27",
+        )
+    };
+    let t = value.trim().strip_prefix('v').unwrap_or(value.trim());
+    let mut parts = t.split('.');
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    if parts.clone().count() > 1 || parts.any(|p| p.parse::<u32>().is_err()) || !(1..=2).contains(&major) {
+        return Err(bad());
+    }
+    Ok(Daemon { major, minor })
 }
 
 /// The decompressor must exist under the root and be executable, or the

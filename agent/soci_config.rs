@@ -1,15 +1,22 @@
 //! The SOCI snapshotter's `config.toml` with parallel pull/unpack mode on:
 //! operator tuning, the rules the daemon enforces (checked before anything is
-//! written), rendering, and reading an existing file back for `doctor`.
-//! Pure; no I/O.
+//! written), version-aware rendering, and reading an existing file back for
+//! `doctor`. Pure; no I/O.
 //!
 //! The daemon silently ignores unknown keys, so a typo is never reported by
-//! it: [`unknown_keys`] does that. It also refuses to start on some
-//! combinations: [`validate`] and [`check_content_store_rule`] catch them.
-//! Parallel mode needs `[content_store] type = "containerd"` or
-//! `discard_unpacked_layers = true`; [`render`] always writes containerd.
+//! it: [`unknown_keys`] does that, matching key names case-insensitively as
+//! the daemon's TOML decoder (go-toml v2) does. It also refuses to start on
+//! some combinations: [`validate`], [`validate_decompressor_path`] and
+//! [`check_content_store_rule`] catch them. Parallel mode needs
+//! `[content_store] type = "containerd"` or `discard_unpacked_layers = true`;
+//! [`render`] always writes containerd, and only keys the target SOCI release
+//! ([`SociConfig::version`]) reads ([`KNOWN_KEYS`], [`reads_key`]).
+
+use std::fmt;
 
 use toml_edit::{Array, DocumentMut, Item, TableLike};
+
+use crate::release::{MIN_SOCI_VERSION, Version};
 
 /// Where the daemon reads its configuration by default.
 pub const CONFIG_PATH: &str = "/etc/soci-snapshotter-grpc/config.toml";
@@ -25,18 +32,29 @@ pub const FLAG_MAX_UNPACKS: &str = "--max-concurrent-unpacks";
 pub const FLAG_MAX_UNPACKS_PER_IMAGE: &str = "--max-concurrent-unpacks-per-image";
 pub const FLAG_DISCARD_UNPACKED_LAYERS: &str = "--discard-unpacked-layers";
 
-const PARALLEL: [&str; 2] = ["pull_modes", "parallel_pull_unpack"];
+/// Characters SOCI refuses anywhere in a decompressor path (upstream
+/// `internal/os/filepath.go` `SanitizeExecutablePath`, 0.11.0-0.16.1).
+pub const DECOMPRESSOR_FORBIDDEN_CHARS: &str = "#%{}\\|;&$<>";
+
+const PARALLEL: &str = "pull_modes.parallel_pull_unpack";
+
+/// The daemon's parallel-mode defaults (upstream `config/defaults.go`,
+/// identical in 0.11.0-0.16.1): limits <= 0 are unbounded.
+const DAEMON_DOWNLOADS_PER_IMAGE: i64 = 3;
+const DAEMON_UNPACKS_PER_IMAGE: i64 = 1;
 
 /// Operator tuning; defaults = the EKS AMI's published values (soci.md "Tuning references").
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Tuning {
-    /// Global download limit; -1 = unbounded.
+    /// Global download limit; any value <= 0 (e.g. -1) = unbounded.
     pub max_concurrent_downloads: i64,
+    /// Per-image download limit; <= 0 = unbounded. At most a bounded global limit.
     pub max_concurrent_downloads_per_image: i64,
     /// SOCI size grammar, e.g. "16mb"; "" = whole layers.
     pub concurrent_download_chunk_size: String,
-    /// Global unpack limit; -1 = unbounded.
+    /// Global unpack limit; any value <= 0 (e.g. -1) = unbounded.
     pub max_concurrent_unpacks: i64,
+    /// Per-image unpack limit; <= 0 = unbounded. At most a bounded global limit.
     pub max_concurrent_unpacks_per_image: i64,
     pub discard_unpacked_layers: bool,
 }
@@ -80,6 +98,10 @@ pub struct SociConfig {
     pub gzip: Option<Decompressor>,
     pub containerd_address: String,
     pub image_service_path: String,
+    /// The SOCI release the file is for: [`render`] never writes a key it
+    /// does not read. Default: [`crate::release::DEFAULT_SOCI_VERSION`].
+    #[serde(serialize_with = "as_display")]
+    pub version: Version,
 }
 
 impl Default for SociConfig {
@@ -89,18 +111,29 @@ impl Default for SociConfig {
             gzip: None,
             containerd_address: DEFAULT_CONTAINERD_ADDRESS.to_string(),
             image_service_path: DEFAULT_CONTAINERD_ADDRESS.to_string(),
+            version: default_version(),
         }
     }
 }
 
+/// [`crate::release::DEFAULT_SOCI_VERSION`] as a [`Version`].
+pub fn default_version() -> Version {
+    crate::release::DEFAULT_SOCI_VERSION
+        .parse()
+        .expect("DEFAULT_SOCI_VERSION is MAJOR.MINOR.PATCH")
+}
+
+fn as_display<T: fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TuningError {
-    #[error("{flag} {value} is not a valid limit: use -1 for unbounded or a count of 1 or more")]
-    BadLimit { flag: &'static str, value: i64 },
     #[error(
-        "{per_image_flag} {} exceeds {global_flag} {global}: the daemon refuses a per-image \
-         limit above a global limit (use {global} or less)",
-        show_limit(*.per_image)
+        "{per_image_flag} {per_image} exceeds {global_flag} {global}: SOCI refuses to start with a \
+         per-image limit above a bounded global one (\"global {kind} limit less than per-image {kind} \
+         limit\"); use {global} or less, or -1 (unbounded) for {global_flag}",
+        kind = limit_kind(.global_flag)
     )]
     PerImageAboveGlobal {
         per_image_flag: &'static str,
@@ -121,14 +154,36 @@ pub enum TuningError {
         show_store(.content_store_type)
     )]
     ContentStoreRule { content_store_type: String },
-    #[error("decompressor path {0:?} must be absolute, e.g. /usr/bin/unpigz")]
+    #[error(
+        "decompressor path {path:?} contains {chars}: SOCI refuses any of {DECOMPRESSOR_FORBIDDEN_CHARS} \
+         in a decompressor path (\"path contains invalid characters\") and does not start; install or \
+         link the binary at a plain path such as /usr/bin/unpigz"
+    )]
+    DecompressorForbiddenChars { path: String, chars: String },
+    #[error(
+        "decompressor path {0:?} must be absolute, e.g. /usr/bin/unpigz (soci-agent's own rule: SOCI \
+         would resolve a relative path against its working directory)"
+    )]
     RelativeDecompressor(String),
+    #[error("SOCI {0} has no parallel pull/unpack mode: use {MIN_SOCI_VERSION} or newer (--soci-version)")]
+    NoParallelMode(Version),
+    #[error(
+        "SOCI {version} does not read {key} (added in {since}): use --soci-version {since} or newer, or \
+         leave the setting at the daemon's default"
+    )]
+    KeyNotRead {
+        key: String,
+        version: Version,
+        since: Version,
+    },
 }
 
-fn show_limit(v: i64) -> String {
-    match v {
-        -1 => "-1 (unbounded)".to_string(),
-        v => v.to_string(),
+/// "download" or "unpack", as the daemon's limit messages say.
+fn limit_kind(global_flag: &str) -> &'static str {
+    if global_flag == FLAG_MAX_UNPACKS {
+        "unpack"
+    } else {
+        "download"
     }
 }
 
@@ -144,26 +199,31 @@ fn show_store(t: &str) -> String {
 #[error("SOCI config is not valid TOML: {0}")]
 pub struct ParseError(pub String);
 
-/// Checks the rules the daemon enforces (or that make a value meaningless):
-/// every limit is -1 (unbounded) or >= 1; a per-image limit is at most its
-/// bounded global limit (an unbounded per-image limit under a bounded global
-/// one counts as above it); the chunk size matches SOCI's grammar.
+/// Checks the rules the daemon enforces, exactly as it does (upstream
+/// `fs/adaptive_fetch_image_layers.go` `checkParallelPullUnpack`,
+/// 0.11.0-0.16.1): any limit <= 0 (0, -1, -5) is unbounded, and the only
+/// refused combination is a bounded global limit (> 0) with a per-image limit
+/// above it; an unbounded per-image limit (<= 0) under a bounded global one
+/// is accepted. Then the chunk size must match SOCI's grammar (0.11.x
+/// silently ignored a bad one; soci-agent refuses it for every version).
 pub fn validate(t: &Tuning) -> Result<(), TuningError> {
-    use TuningError::{BadLimit, PerImageAboveGlobal};
-    let downloads = (FLAG_MAX_DOWNLOADS, t.max_concurrent_downloads);
-    let downloads_per_image = (FLAG_MAX_DOWNLOADS_PER_IMAGE, t.max_concurrent_downloads_per_image);
-    let unpacks = (FLAG_MAX_UNPACKS, t.max_concurrent_unpacks);
-    let unpacks_per_image = (FLAG_MAX_UNPACKS_PER_IMAGE, t.max_concurrent_unpacks_per_image);
-    for (flag, value) in [downloads, downloads_per_image, unpacks, unpacks_per_image] {
-        if value != -1 && value < 1 {
-            return Err(BadLimit { flag, value });
-        }
-    }
-    for ((global_flag, global), (per_image_flag, per_image)) in
-        [(downloads, downloads_per_image), (unpacks, unpacks_per_image)]
-    {
-        if global != -1 && (per_image == -1 || per_image > global) {
-            return Err(PerImageAboveGlobal {
+    let pairs = [
+        (
+            FLAG_MAX_DOWNLOADS,
+            t.max_concurrent_downloads,
+            FLAG_MAX_DOWNLOADS_PER_IMAGE,
+            t.max_concurrent_downloads_per_image,
+        ),
+        (
+            FLAG_MAX_UNPACKS,
+            t.max_concurrent_unpacks,
+            FLAG_MAX_UNPACKS_PER_IMAGE,
+            t.max_concurrent_unpacks_per_image,
+        ),
+    ];
+    for (global_flag, global, per_image_flag, per_image) in pairs {
+        if global > 0 && per_image > global {
+            return Err(TuningError::PerImageAboveGlobal {
                 per_image_flag,
                 per_image,
                 global_flag,
@@ -246,7 +306,8 @@ fn chunk_size_hint(s: &str) -> String {
         .to_string()
 }
 
-/// Parallel mode needs the containerd content store or discarded layers.
+/// Parallel mode needs the containerd content store or discarded layers
+/// (the compare is case-sensitive, as the daemon's).
 /// soci-agent always writes containerd; `doctor` checks files it finds.
 pub fn check_content_store_rule(store_type: &str, discard: bool) -> Result<(), TuningError> {
     let content_store_type = store_type.to_string();
@@ -258,118 +319,390 @@ pub fn check_content_store_rule(store_type: &str, discard: bool) -> Result<(), T
     }
 }
 
-/// Existence and executability need the filesystem and are the caller's.
-pub fn validate_decompressor_path(p: &str) -> Result<(), TuningError> {
-    let absolute = p.starts_with('/');
-    absolute
-        .then_some(())
-        .ok_or_else(|| TuningError::RelativeDecompressor(p.to_string()))
+/// The daemon's own path rule: none of [`DECOMPRESSOR_FORBIDDEN_CHARS`].
+/// A relative path passes it (the daemon resolves it against its working
+/// directory).
+pub fn check_decompressor_chars(p: &str) -> Result<(), TuningError> {
+    let mut chars: Vec<char> = p.chars().filter(|c| DECOMPRESSOR_FORBIDDEN_CHARS.contains(*c)).collect();
+    chars.dedup();
+    if chars.is_empty() {
+        return Ok(());
+    }
+    let chars = chars.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>().join(", ");
+    Err(TuningError::DecompressorForbiddenChars {
+        path: p.to_string(),
+        chars,
+    })
 }
 
-/// [`validate`] and [`validate_decompressor_path`], then [`render`].
+/// [`check_decompressor_chars`] (the daemon's rule), then an absolute path
+/// (soci-agent's own, stricter rule). Existence, not being a directory and
+/// the exec bit need the filesystem and are the caller's.
+pub fn validate_decompressor_path(p: &str) -> Result<(), TuningError> {
+    check_decompressor_chars(p)?;
+    if !p.starts_with('/') {
+        return Err(TuningError::RelativeDecompressor(p.to_string()));
+    }
+    Ok(())
+}
+
+/// The target version has parallel mode, [`validate`],
+/// [`validate_decompressor_path`], every key whose value matters is read by
+/// the target version; then [`render`].
 pub fn render_checked(cfg: &SociConfig) -> Result<String, TuningError> {
+    if cfg.version < MIN_SOCI_VERSION {
+        return Err(TuningError::NoParallelMode(cfg.version));
+    }
     validate(&cfg.tuning)?;
     if let Some(gzip) = &cfg.gzip {
         validate_decompressor_path(&gzip.path)?;
     }
+    for section in sections(cfg) {
+        for line in section.lines.iter().filter(|l| l.needed) {
+            let key = format!("{}.{}", section.table, line.key);
+            if reads_key(cfg.version, &key) {
+                continue;
+            }
+            if let Some(since) = first_version(&key) {
+                return Err(TuningError::KeyNotRead {
+                    key,
+                    version: cfg.version,
+                    since,
+                });
+            }
+        }
+    }
     Ok(render(cfg))
 }
 
-/// Renders the complete `config.toml`: deterministic, every tuning key
-/// written explicitly. Does not validate (use [`render_checked`]).
-pub fn render(cfg: &SociConfig) -> String {
+struct Line {
+    key: &'static str,
+    value: String,
+    /// Leaving the key out would change what the daemon does (the value is
+    /// not the daemon's default, or soci-agent depends on it).
+    needed: bool,
+}
+
+struct Section {
+    comment: Option<&'static str>,
+    table: &'static str,
+    lines: Vec<Line>,
+}
+
+/// What [`render`] writes, before filtering by version.
+fn sections(cfg: &SociConfig) -> Vec<Section> {
     let t = &cfg.tuning;
     let quote = |s: &str| toml_edit::Value::from(s).to_string();
-    let mut out = format!(
-        "{HEADER}
-
-# Parallel mode reads manifests from containerd's content store.
-[content_store]
-type = \"containerd\"
-containerd_address = {containerd_address}
-
-# Serve the CRI image service so pulls keep kubelet's registry credentials.
-[cri_keychain]
-enable_keychain = true
-image_service_path = {image_service_path}
-
-# Parallel pull/unpack: no lazy loading; limits are -1 (unbounded) or a count.
-[pull_modes.parallel_pull_unpack]
-enable = true
-max_concurrent_downloads = {}
-max_concurrent_downloads_per_image = {}
-concurrent_download_chunk_size = {chunk_size}
-max_concurrent_unpacks = {}
-max_concurrent_unpacks_per_image = {}
-discard_unpacked_layers = {}
-",
-        t.max_concurrent_downloads,
-        t.max_concurrent_downloads_per_image,
-        t.max_concurrent_unpacks,
-        t.max_concurrent_unpacks_per_image,
-        t.discard_unpacked_layers,
-        containerd_address = quote(&cfg.containerd_address),
-        image_service_path = quote(&cfg.image_service_path),
-        chunk_size = quote(&t.concurrent_download_chunk_size),
-    );
+    let line = |key, value: String, needed| Line { key, value, needed };
+    let chunk_needed = !matches!(parse_chunk_size(&t.concurrent_download_chunk_size), Ok(None));
+    let mut out = vec![
+        Section {
+            comment: Some("# Parallel mode reads manifests from containerd's content store."),
+            table: "content_store",
+            lines: vec![
+                line("type", quote("containerd"), true),
+                line(
+                    "containerd_address",
+                    quote(&cfg.containerd_address),
+                    cfg.containerd_address != DEFAULT_CONTAINERD_ADDRESS,
+                ),
+            ],
+        },
+        Section {
+            comment: Some("# Serve the CRI image service so pulls keep kubelet's registry credentials."),
+            table: "cri_keychain",
+            lines: vec![
+                line("enable_keychain", true.to_string(), true),
+                line(
+                    "image_service_path",
+                    quote(&cfg.image_service_path),
+                    cfg.image_service_path != DEFAULT_CONTAINERD_ADDRESS,
+                ),
+            ],
+        },
+        Section {
+            comment: Some("# Parallel pull/unpack: no lazy loading; limits are -1 (unbounded) or a count."),
+            table: PARALLEL,
+            lines: vec![
+                line("enable", true.to_string(), true),
+                line(
+                    "max_concurrent_downloads",
+                    t.max_concurrent_downloads.to_string(),
+                    t.max_concurrent_downloads > 0,
+                ),
+                line(
+                    "max_concurrent_downloads_per_image",
+                    t.max_concurrent_downloads_per_image.to_string(),
+                    t.max_concurrent_downloads_per_image != DAEMON_DOWNLOADS_PER_IMAGE,
+                ),
+                line(
+                    "concurrent_download_chunk_size",
+                    quote(&t.concurrent_download_chunk_size),
+                    chunk_needed,
+                ),
+                line(
+                    "max_concurrent_unpacks",
+                    t.max_concurrent_unpacks.to_string(),
+                    t.max_concurrent_unpacks > 0,
+                ),
+                line(
+                    "max_concurrent_unpacks_per_image",
+                    t.max_concurrent_unpacks_per_image.to_string(),
+                    t.max_concurrent_unpacks_per_image != DAEMON_UNPACKS_PER_IMAGE,
+                ),
+                line(
+                    "discard_unpacked_layers",
+                    t.discard_unpacked_layers.to_string(),
+                    t.discard_unpacked_layers,
+                ),
+            ],
+        },
+    ];
     if let Some(gzip) = &cfg.gzip {
-        let args = toml_edit::Value::from(gzip.args.iter().collect::<Array>());
-        let path = quote(&gzip.path);
-        let table = "[pull_modes.parallel_pull_unpack.decompress_streams.gzip]";
-        out += &format!("\n{table}\npath = {path}\nargs = {args}\n");
+        // Not needed: without it the daemon unpacks with Go's gzip.
+        let args = toml_edit::Value::from(gzip.args.iter().collect::<Array>()).to_string();
+        out.push(Section {
+            comment: None,
+            table: "pull_modes.parallel_pull_unpack.decompress_streams.gzip",
+            lines: vec![line("path", quote(&gzip.path), false), line("args", args, false)],
+        });
     }
     out
 }
 
-/// Dotted paths from a table prefix and its key names.
-macro_rules! keys {
-    ($($table:literal => [$($key:literal),* $(,)?],)*) => { &[$($(concat!($table, $key),)*)*] };
+/// Renders the complete `config.toml`: deterministic, every tuning key
+/// written explicitly, but only keys `cfg.version` reads (a table left
+/// without keys is left out). Does not validate (use [`render_checked`],
+/// which also refuses a version that lacks a key whose value matters).
+pub fn render(cfg: &SociConfig) -> String {
+    let mut out = format!("{HEADER}\n");
+    for section in sections(cfg) {
+        let lines: Vec<&Line> = section
+            .lines
+            .iter()
+            .filter(|l| reads_key(cfg.version, &format!("{}.{}", section.table, l.key)))
+            .collect();
+        if lines.is_empty() {
+            continue;
+        }
+        out.push('\n');
+        if let Some(comment) = section.comment {
+            out += comment;
+            out.push('\n');
+        }
+        out += &format!("[{}]\n", section.table);
+        for l in lines {
+            out += &format!("{} = {}\n", l.key, l.value);
+        }
+    }
+    out
 }
 
-/// Every key the daemon knows, as dotted paths, read from the structs in
-/// upstream `config/*.go` (parallel mode as of v0.14+). Keys match
-/// case-insensitively, as go-toml does. A
-/// table listed by itself (`resolver`, registry host maps) is accepted with
-/// its whole subtree unvalidated.
-pub const KNOWN_KEYS: &[&str] = keys! {
-    "" => [
-        "debug", "metrics_address", "metrics_network", "no_prometheus", "debug_address",
-        "metadata_store", "skip_check_snapshotter_supported", "max_concurrency",
-        // FSConfig, embedded at the top level.
-        "http_cache_type", "filesystem_cache_type", "resolve_result_entry",
-        "disable_verification", "mount_timeout_sec", "fuse_metrics_emit_wait_duration_sec",
-        "resolver", // registry host maps: the whole subtree, unvalidated
-    ],
-    "content_store." => ["type", "containerd_address"],
-    "pull_modes.soci_v1." => ["enable"],
-    "pull_modes.soci_v2." => ["enable"],
-    "pull_modes.parallel_pull_unpack." => [
-        "enable", "max_concurrent_downloads", "max_concurrent_downloads_per_image",
-        "concurrent_download_chunk_size", "max_concurrent_unpacks",
-        "max_concurrent_unpacks_per_image", "discard_unpacked_layers",
-        "experimental_parallel_pull_as_fallback", // v0.14.0+
-    ],
-    "pull_modes.parallel_pull_unpack.decompress_streams.gzip." => ["path", "args"],
-    "pull_modes.parallel_pull_unpack.decompress_streams.zstd." => ["path", "args"],
-    "cri_keychain." => ["enable_keychain", "image_service_path"],
-    "kubeconfig_keychain." => ["enable_keychain", "kubeconfig_path"],
-    "snapshotter." => ["min_layer_size", "allow_invalid_mounts_on_restart"],
-    // Go field names without toml tags.
-    "http." => [
-        "MaxRetries", "MinWaitMsec", "MaxWaitMsec", "DialTimeoutMsec",
-        "ResponseHeaderTimeoutMsec", "RequestTimeoutMsec",
-    ],
-    "blob." => [
-        "valid_interval", "check_always", "fetching_timeout_sec", "force_single_range_mode",
-        "max_retries", "min_wait_msec", "max_wait_msec", "max_span_verification_retries",
-    ],
-    "directory_cache." => ["max_lru_cache_entry", "max_cache_fds", "sync_add", "direct"],
-    "fuse." => ["attr_timeout", "entry_timeout", "negative_timeout", "log_fuse_operations"],
-    "background_fetch." => [
-        "disable", "silence_period_msec", "fetch_period_msec", "max_queue_size",
-        "emit_metric_period_sec",
-    ],
+/// `0.MINOR.PATCH`.
+const fn v0(minor: u32, patch: u32) -> Version {
+    Version { major: 0, minor, patch }
+}
+
+/// A key the daemon reads, and the first release that reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KnownKey {
+    /// Dotted path. A bare segment is a struct field (matched
+    /// case-insensitively, as go-toml v2 does); a quoted one (`"gzip"`) is a
+    /// map key, matched exactly; `*` is any map key.
+    pub path: &'static str,
+    /// First release that reads the key, from 0.11.0 on (the oldest release
+    /// with parallel mode, [`MIN_SOCI_VERSION`]): a key older than 0.11.0
+    /// says 0.11.0. No key was renamed or removed in 0.11.0-0.16.1.
+    pub since: Version,
+}
+
+/// `first_version => { "table." => ["key", ...], ... }` to [`KnownKey`]s.
+macro_rules! keys {
+    ($($since:expr => { $($table:literal => [$($key:literal),* $(,)?],)* },)*) => {
+        &[$($($(KnownKey { path: concat!($table, $key), since: $since },)*)*)*]
+    };
+}
+
+/// Every key SOCI 0.11.0-0.16.1 reads, with the first release that reads it.
+/// Read from the structs and `toml:` tags in upstream `config/*.go`
+/// (`config.go`, `service.go`, `fs.go`, `resolver.go`, `pull_modes.go`,
+/// `parallel.go`) at v0.11.0, v0.11.1, v0.12.0, v0.12.1, v0.13.0, v0.14.0,
+/// v0.14.1, v0.15.0, v0.16.0 and v0.16.1. Embedded structs without a tag are
+/// flattened; fields without a tag use the Go field name (`[http]`).
+pub const KNOWN_KEYS: &[KnownKey] = keys! {
+    v0(11, 0) => {
+        "" => [
+            "debug", "metrics_address", "metrics_network", "no_prometheus", "debug_address",
+            "metadata_store", "skip_check_snapshotter_supported", "max_concurrency",
+            // FSConfig, embedded at the top level.
+            "http_cache_type", "filesystem_cache_type", "resolve_result_entry",
+            "disable_verification", "mount_timeout_sec", "fuse_metrics_emit_wait_duration_sec",
+        ],
+        "content_store." => ["type", "containerd_address"],
+        "pull_modes.soci_v1." => ["enable"],
+        "pull_modes.soci_v2." => ["enable"],
+        "pull_modes.parallel_pull_unpack." => [
+            "enable", "max_concurrent_downloads", "max_concurrent_downloads_per_image",
+            "concurrent_download_chunk_size", "max_concurrent_unpacks",
+            "max_concurrent_unpacks_per_image", "discard_unpacked_layers",
+        ],
+        // A map; the daemon uses only these two names (others: a warning at start).
+        "pull_modes.parallel_pull_unpack.decompress_streams.\"gzip\"." => ["path", "args"],
+        "pull_modes.parallel_pull_unpack.decompress_streams.\"zstd\"." => ["path", "args"],
+        "cri_keychain." => ["enable_keychain", "image_service_path"],
+        "kubeconfig_keychain." => ["enable_keychain", "kubeconfig_path"],
+        "resolver.host.*.mirrors." => ["host", "insecure", "request_timeout_sec"],
+        "snapshotter." => ["min_layer_size", "allow_invalid_mounts_on_restart"],
+        // Go field names without toml tags.
+        "http." => [
+            "MaxRetries", "MinWaitMsec", "MaxWaitMsec", "DialTimeoutMsec",
+            "ResponseHeaderTimeoutMsec", "RequestTimeoutMsec",
+        ],
+        "blob." => [
+            "valid_interval", "check_always", "fetching_timeout_sec", "force_single_range_mode",
+            "max_retries", "min_wait_msec", "max_wait_msec", "max_span_verification_retries",
+        ],
+        "directory_cache." => ["max_lru_cache_entry", "max_cache_fds", "sync_add", "direct"],
+        "fuse." => ["attr_timeout", "entry_timeout", "negative_timeout", "log_fuse_operations"],
+        "background_fetch." => [
+            "disable", "silence_period_msec", "fetch_period_msec", "max_queue_size",
+            "emit_metric_period_sec",
+        ],
+    },
+    v0(13, 0) => {
+        "prefetch." => ["enable", "max_concurrency"],
+    },
+    v0(14, 0) => {
+        "pull_modes.parallel_pull_unpack." => ["experimental_parallel_pull_as_fallback"],
+    },
+    v0(15, 0) => {
+        "" => ["metadata_db_no_sync", "metadata_insertion_chunk_size"],
+        "background_fetch." => ["drop_policy"],
+        "resolver." => ["auth_client_ttl_sec", "enable_auth_client_sharing"],
+    },
+    v0(16, 0) => {
+        "resolver." => ["custom_headers"],
+    },
 };
+
+/// One segment of a dotted path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seg<'a> {
+    /// A struct field: matched case-insensitively.
+    Field(&'a str),
+    /// A map key: matched exactly.
+    MapKey(&'a str),
+    /// Any map key.
+    AnyMapKey,
+}
+
+impl Seg<'_> {
+    /// Whether a key as written in a file selects this segment.
+    fn matches(&self, key: &str) -> bool {
+        match self {
+            Seg::Field(name) => fold_eq(name, key),
+            Seg::MapKey(name) => *name == key,
+            Seg::AnyMapKey => true,
+        }
+    }
+
+    fn text(&self) -> &str {
+        match self {
+            Seg::Field(s) | Seg::MapKey(s) => s,
+            Seg::AnyMapKey => "*",
+        }
+    }
+}
+
+/// Splits a dotted path; a `"quoted"` segment (which may hold dots) is a
+/// map key, `*` any map key, anything else a field name.
+fn split_dotted(path: &str) -> Vec<Seg<'_>> {
+    let mut out = Vec::new();
+    let mut rest = path;
+    loop {
+        let (seg, after) = match rest.strip_prefix('"') {
+            Some(quoted) => {
+                let end = quoted.find('"').unwrap_or(quoted.len());
+                (Seg::MapKey(&quoted[..end]), quoted.get(end + 1..).unwrap_or(""))
+            }
+            None => {
+                let end = rest.find('.').unwrap_or(rest.len());
+                let seg = match &rest[..end] {
+                    "*" => Seg::AnyMapKey,
+                    s => Seg::Field(s),
+                };
+                (seg, &rest[end..])
+            }
+        };
+        out.push(seg);
+        match after.strip_prefix('.') {
+            Some(next) => rest = next,
+            None => return out,
+        }
+    }
+}
+
+/// go-toml v2's case folding (Go `strings.ToLower`) as far as it can make a
+/// key equal an ASCII field name: ASCII letters, KELVIN SIGN (U+212A) to `k`
+/// and LATIN CAPITAL LETTER I WITH DOT ABOVE (U+0130) to `i`.
+fn fold(c: char) -> char {
+    match c {
+        '\u{212A}' => 'k',
+        '\u{0130}' => 'i',
+        c => c.to_ascii_lowercase(),
+    }
+}
+
+/// Case-insensitive key comparison as the daemon's TOML decoder does it.
+fn fold_eq(a: &str, b: &str) -> bool {
+    a.chars().map(fold).eq(b.chars().map(fold))
+}
+
+struct Known {
+    segs: Vec<Seg<'static>>,
+    since: Version,
+}
+
+fn known() -> Vec<Known> {
+    KNOWN_KEYS
+        .iter()
+        .map(|k| Known {
+            segs: split_dotted(k.path),
+            since: k.since,
+        })
+        .collect()
+}
+
+/// The first release that reads `path` (a key, or a table: its oldest key),
+/// `None` for a path no release reads. `path` is dotted; quote a map key
+/// that holds dots (`resolver.host."r.example.com".mirrors.host`). Field
+/// names match case-insensitively, map keys (`decompress_streams.gzip`) exactly.
+pub fn first_version(path: &str) -> Option<Version> {
+    let want = split_dotted(path);
+    known()
+        .into_iter()
+        .filter(|k| k.segs.len() >= want.len() && want.iter().zip(&k.segs).all(|(w, s)| s.matches(w.text())))
+        .map(|k| k.since)
+        .min()
+}
+
+/// Whether SOCI `version` reads the key (or table) at `path` (see
+/// [`first_version`]). Pure; false for releases before 0.11.0, which the
+/// table does not cover.
+pub fn reads_key(version: Version, path: &str) -> bool {
+    first_version(path).is_some_and(|since| since <= version)
+}
+
+/// A known key that the target release does not read yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct NotRead {
+    /// The release the file is checked against.
+    #[serde(serialize_with = "as_display")]
+    pub target: Version,
+    /// The first release that reads the key.
+    #[serde(serialize_with = "as_display")]
+    pub added_in: Version,
+}
 
 /// A key (or a whole table) the daemon would silently ignore.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -379,52 +712,125 @@ pub struct UnknownKey {
     /// A known key name in the same table within edit distance 2, or the full
     /// dotted path when the same name belongs in another table.
     pub suggestion: Option<String>,
+    /// Set when the key is known, but only to releases after the target one.
+    pub not_read: Option<NotRead>,
 }
 
-/// Finds keys and tables the daemon would ignore, in file order. An unknown
-/// table is reported once, not key by key.
+impl fmt::Display for UnknownKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.not_read, &self.suggestion) {
+            (Some(n), _) => write!(
+                f,
+                "{}: not read by SOCI {} (added in {})",
+                self.path, n.target, n.added_in
+            ),
+            (None, Some(s)) => write!(f, "{} (did you mean {s}?)", self.path),
+            (None, None) => f.write_str(&self.path),
+        }
+    }
+}
+
+/// Finds keys and tables every SOCI release from 0.11.0 on would ignore, in
+/// file order. An unknown table is reported once, not key by key.
 pub fn unknown_keys(text: &str) -> Result<Vec<UnknownKey>, ParseError> {
+    unknown_keys_for(text, None)
+}
+
+/// [`unknown_keys`] for one release: with `Some(version)`, a key only later
+/// releases read is reported too, with [`UnknownKey::not_read`] set, and
+/// suggestions name only keys that release reads. A version before 0.11.0
+/// (outside the table) is treated as `None`.
+pub fn unknown_keys_for(text: &str, version: Option<Version>) -> Result<Vec<UnknownKey>, ParseError> {
     let doc = parse(text)?;
-    let known: Vec<KnownPath> = KNOWN_KEYS.iter().map(|k| k.split('.').collect()).collect();
+    let version = version.filter(|v| *v >= MIN_SOCI_VERSION);
+    let known = known();
+    let refs: Vec<&Known> = known.iter().collect();
     let mut out = Vec::new();
-    walk(doc.as_table(), &mut Vec::new(), &known, &mut out);
+    walk(doc.as_table(), &mut Vec::new(), &refs, version, &mut out);
     Ok(out)
 }
 
-type KnownPath = Vec<&'static str>;
-
 /// `known` holds the known paths under `path`.
-fn walk(table: &dyn TableLike, path: &mut Vec<String>, known: &[KnownPath], out: &mut Vec<UnknownKey>) {
+fn walk(
+    table: &dyn TableLike,
+    path: &mut Vec<String>,
+    known: &[&Known],
+    version: Option<Version>,
+    out: &mut Vec<UnknownKey>,
+) {
     let depth = path.len();
     for (key, item) in table.iter() {
-        let under: Vec<KnownPath> = known
-            .iter()
-            .filter(|k| k[depth].eq_ignore_ascii_case(key))
-            .cloned()
-            .collect();
         path.push(key.to_string());
-        let is_table = under.iter().all(|k| k.len() > depth + 1);
+        let under: Vec<&Known> = known.iter().copied().filter(|k| k.segs[depth].matches(key)).collect();
+        let read: Vec<&Known> = under
+            .iter()
+            .copied()
+            .filter(|k| version.is_none_or(|v| k.since <= v))
+            .collect();
+        let found = |suggestion, not_read| UnknownKey {
+            path: path.join("."),
+            suggestion,
+            not_read,
+        };
         if under.is_empty() {
-            out.push(UnknownKey {
-                path: path.join("."),
-                suggestion: suggest(known, depth, key),
-            });
-        } else if let Some(sub) = item.as_table_like().filter(|_| is_table) {
-            walk(sub, path, &under, out);
+            report(out, found(suggest(known, depth, key, version), None));
+        } else if read.is_empty() {
+            let added_in = under.iter().map(|k| k.since).min();
+            let not_read = version.zip(added_in).map(|(target, added_in)| NotRead { target, added_in });
+            report(out, found(None, not_read));
+        } else if read.iter().all(|k| k.segs.len() > depth + 1) {
+            for sub in tables_in(item) {
+                walk(sub, path, &read, version, out);
+            }
         }
         path.pop();
     }
 }
 
+fn report(out: &mut Vec<UnknownKey>, k: UnknownKey) {
+    if !out.iter().any(|o| o.path == k.path) {
+        out.push(k);
+    }
+}
+
+/// A table, or each table of an array of tables (`mirrors`).
+fn tables_in(item: &Item) -> Vec<&dyn TableLike> {
+    if let Some(t) = item.as_table_like() {
+        return vec![t];
+    }
+    if let Some(a) = item.as_array_of_tables() {
+        return a.iter().map(|t| t as &dyn TableLike).collect();
+    }
+    match item.as_array() {
+        Some(a) => a
+            .iter()
+            .filter_map(|v| v.as_inline_table())
+            .map(|t| t as &dyn TableLike)
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
 /// The nearest sibling name within edit distance 2, else the full path of a
-/// known key with this exact name in another table.
-fn suggest(siblings: &[KnownPath], depth: usize, key: &str) -> Option<String> {
-    let lower = key.to_ascii_lowercase();
-    let distance = |k: &&KnownPath| edit_distance(&lower, &k[depth].to_ascii_lowercase());
-    let nearest = siblings.iter().filter(|k| distance(k) <= 2).min_by_key(distance);
-    let same_name = |k: &&&str| k.rsplit('.').next().is_some_and(|n| n.eq_ignore_ascii_case(key));
-    let elsewhere = || KNOWN_KEYS.iter().find(same_name).map(|k| k.to_string());
-    nearest.map(|k| k[depth].to_string()).or_else(elsewhere)
+/// known key with this exact name in another table (only keys `version` reads).
+fn suggest(siblings: &[&Known], depth: usize, key: &str, version: Option<Version>) -> Option<String> {
+    let readable = |since: Version| version.is_none_or(|v| since <= v);
+    let lower: String = key.chars().map(fold).collect();
+    let distance = |name: &str| edit_distance(&lower, &name.chars().map(fold).collect::<String>());
+    let nearest = siblings
+        .iter()
+        .filter(|k| readable(k.since) && k.segs[depth] != Seg::AnyMapKey)
+        .map(|k| k.segs[depth].text())
+        .filter(|name| distance(name) <= 2)
+        .min_by_key(|name| distance(name));
+    let elsewhere = || {
+        KNOWN_KEYS
+            .iter()
+            .filter(|k| readable(k.since))
+            .find(|k| k.path.rsplit('.').next().is_some_and(|n| fold_eq(n, key)))
+            .map(|k| k.path.to_string())
+    };
+    nearest.map(str::to_string).or_else(elsewhere)
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {
@@ -445,21 +851,52 @@ fn parse(text: &str) -> Result<DocumentMut, ParseError> {
         .map_err(|e| ParseError(e.to_string().trim_end().to_string()))
 }
 
+/// Every item at dotted `path` under `root`, in document order, matched as
+/// the daemon matches keys: field names case-insensitively, quoted map keys
+/// (`decompress_streams."gzip"`) exactly. Several items appear when a file
+/// spells a key in more than one case (`enable` and `Enable`).
+pub fn lookup_all<'a>(root: &'a Item, path: &str) -> Vec<&'a Item> {
+    fn collect<'a>(item: &'a Item, segs: &[Seg<'_>], out: &mut Vec<&'a Item>) {
+        let Some((seg, rest)) = segs.split_first() else {
+            out.push(item);
+            return;
+        };
+        if let Some(t) = item.as_table_like() {
+            for (k, child) in t.iter() {
+                if seg.matches(k) {
+                    collect(child, rest, out);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    collect(root, &split_dotted(path), &mut out);
+    out
+}
+
+/// The value the daemon ends up with at `path` (see [`lookup_all`]): the
+/// last one in the file wins, as in go-toml v2.
+pub fn lookup<'a>(root: &'a Item, path: &str) -> Option<&'a Item> {
+    lookup_all(root, path).pop()
+}
+
 /// Reads a file back into the config soci-agent would have rendered for it:
 /// `Some` only when the content store is containerd, the keychain and
 /// parallel mode are enabled and every tuning key is present with its type
-/// (the effective tuning for `doctor`); `None` for any other shape.
+/// (the effective tuning for `doctor`); `None` for any other shape. Keys
+/// match as the daemon matches them ([`lookup`]). The file does not say which
+/// release it is for: `version` is [`default_version`].
 pub fn read_back(text: &str) -> Result<Option<SociConfig>, ParseError> {
     Ok(read_doc(parse(text)?.as_item()))
 }
 
 fn read_doc(doc: &Item) -> Option<SociConfig> {
-    let (store, keychain) = (doc.get("content_store")?, doc.get("cri_keychain")?);
-    let par = doc.get(PARALLEL[0])?.get(PARALLEL[1])?;
-    let string = |item: &Item, key: &str| item.get(key)?.as_str().map(str::to_string);
-    let on = |item: &Item, key: &str| item.get(key)?.as_bool();
-    let int = |key: &str| par.get(key)?.as_integer();
-    let ours = string(store, "type")? == "containerd" && on(keychain, "enable_keychain")? && on(par, "enable")?;
+    let string = |item: &Item, key: &str| lookup(item, key)?.as_str().map(str::to_string);
+    let on = |key: &str| lookup(doc, key)?.as_bool();
+    let int = |key: &str| lookup(doc, &format!("{PARALLEL}.{key}"))?.as_integer();
+    let ours = string(doc, "content_store.type")? == "containerd"
+        && on("cri_keychain.enable_keychain")?
+        && on(&format!("{PARALLEL}.enable"))?;
     if !ours {
         return None;
     }
@@ -469,26 +906,27 @@ fn read_doc(doc: &Item) -> Option<SociConfig> {
             .map(|a| a.as_str().map(str::to_string))
             .collect::<Option<Vec<_>>>()
     };
-    let gzip = match par.get("decompress_streams").and_then(|d| d.get("gzip")) {
+    let gzip = match lookup(doc, &format!("{PARALLEL}.decompress_streams.\"gzip\"")) {
         None => None,
         Some(gz) => Some(Decompressor {
             path: string(gz, "path")?,
-            args: strings(gz.get("args")?)?,
+            args: strings(lookup(gz, "args")?)?,
         }),
     };
     let tuning = Tuning {
         max_concurrent_downloads: int("max_concurrent_downloads")?,
         max_concurrent_downloads_per_image: int("max_concurrent_downloads_per_image")?,
-        concurrent_download_chunk_size: string(par, "concurrent_download_chunk_size")?,
+        concurrent_download_chunk_size: string(doc, &format!("{PARALLEL}.concurrent_download_chunk_size"))?,
         max_concurrent_unpacks: int("max_concurrent_unpacks")?,
         max_concurrent_unpacks_per_image: int("max_concurrent_unpacks_per_image")?,
-        discard_unpacked_layers: on(par, "discard_unpacked_layers")?,
+        discard_unpacked_layers: on(&format!("{PARALLEL}.discard_unpacked_layers"))?,
     };
     Some(SociConfig {
         tuning,
         gzip,
-        containerd_address: string(store, "containerd_address")?,
-        image_service_path: string(keychain, "image_service_path")?,
+        containerd_address: string(doc, "content_store.containerd_address")?,
+        image_service_path: string(doc, "cri_keychain.image_service_path")?,
+        version: default_version(),
     })
 }
 
@@ -510,5 +948,103 @@ mod tests {
             chunk_size_hint("8 Ki"),
             "use 8kb (binary units; Ki is not accepted by SOCI)"
         );
+    }
+
+    #[test]
+    fn folding_matches_go_toml() {
+        assert!(fold_eq("enable", "Enable"));
+        assert!(fold_eq("enable_keychain", "ENABLE_KEYCHAIN"));
+        // Go's strings.ToLower maps these two to ASCII (checked against go-toml v2.4.3).
+        assert!(fold_eq("enable_keychain", "enable_\u{212A}eychain"));
+        assert!(fold_eq("enable_keychain", "enable_keycha\u{0130}n"));
+        assert!(!fold_eq("enable_keychain", "enable_keycha\u{0131}n"));
+        assert!(!fold_eq("enable", "enabl"));
+        assert!(Seg::Field("enable").matches("ENABLE"));
+        assert!(!Seg::MapKey("gzip").matches("GZIP"));
+        assert!(Seg::AnyMapKey.matches("anything"));
+    }
+
+    #[test]
+    fn dotted_paths_split() {
+        use Seg::{AnyMapKey, Field, MapKey};
+        assert_eq!(split_dotted("a.b"), [Field("a"), Field("b")]);
+        assert_eq!(
+            split_dotted("resolver.host.\"r.example.com\".mirrors"),
+            [Field("resolver"), Field("host"), MapKey("r.example.com"), Field("mirrors")]
+        );
+        assert_eq!(split_dotted("x.*.y"), [Field("x"), AnyMapKey, Field("y")]);
+        assert_eq!(split_dotted("\"gzip\""), [MapKey("gzip")]);
+    }
+
+    #[test]
+    fn limits_follow_the_daemon() {
+        let t = |dl: i64, dl_img: i64, up: i64, up_img: i64| Tuning {
+            max_concurrent_downloads: dl,
+            max_concurrent_downloads_per_image: dl_img,
+            max_concurrent_unpacks: up,
+            max_concurrent_unpacks_per_image: up_img,
+            ..Tuning::default()
+        };
+        for v in [0, -1, -5, i64::MIN] {
+            assert_eq!(validate(&t(v, v, v, v)), Ok(()), "{v}");
+            assert_eq!(validate(&t(v, 1000, v, 1000)), Ok(()), "{v}");
+            // An unbounded per-image limit under a bounded global one is accepted.
+            assert_eq!(validate(&t(4, v, 4, v)), Ok(()), "{v}");
+        }
+        assert_eq!(validate(&t(4, 4, 1, 1)), Ok(()));
+        let err = validate(&t(4, 8, -1, 1)).unwrap_err();
+        assert!(matches!(err, TuningError::PerImageAboveGlobal { per_image: 8, global: 4, .. }));
+        assert!(err.to_string().contains("global download limit less than per-image download limit"));
+        let err = validate(&t(-1, 3, 2, 3)).unwrap_err();
+        assert!(err.to_string().contains("global unpack limit less than per-image unpack limit"));
+        assert!(err.to_string().starts_with("--max-concurrent-unpacks-per-image 3 exceeds --max-concurrent-unpacks 2"));
+    }
+
+    #[test]
+    fn decompressor_chars() {
+        for c in DECOMPRESSOR_FORBIDDEN_CHARS.chars() {
+            let p = format!("/usr/bin/un{c}pigz");
+            assert!(
+                matches!(
+                    validate_decompressor_path(&p),
+                    Err(TuningError::DecompressorForbiddenChars { .. })
+                ),
+                "{p}"
+            );
+            // The daemon's rule applies to relative paths too.
+            assert!(check_decompressor_chars(&format!("bin/{c}")).is_err());
+        }
+        assert_eq!(check_decompressor_chars("bin/unpigz"), Ok(()));
+        assert_eq!(validate_decompressor_path("/opt/un pigz (1)/x-y_z.+@!~"), Ok(()));
+    }
+
+    #[test]
+    fn version_table() {
+        let releases = [v0(11, 0), v0(13, 0), v0(14, 0), v0(15, 0), v0(16, 0)];
+        for k in KNOWN_KEYS {
+            assert!(releases.contains(&k.since), "{}: {}", k.path, k.since);
+            assert_eq!(first_version(k.path), Some(k.since), "{}", k.path);
+        }
+        assert_eq!(first_version("prefetch"), Some(v0(13, 0)));
+        assert_eq!(first_version("resolver"), Some(v0(11, 0)));
+        assert_eq!(first_version("Resolver.Custom_Headers"), Some(v0(16, 0)));
+        assert_eq!(first_version("pull_modes.parallel_pull_unpack.decompress_streams.gzip.path"), Some(v0(11, 0)));
+        assert_eq!(first_version("pull_modes.parallel_pull_unpack.decompress_streams.GZIP.path"), None);
+        assert_eq!(first_version("resolver.host.\"r.example.com\".mirrors.insecure"), Some(v0(11, 0)));
+        assert_eq!(first_version("nope"), None);
+        assert!(reads_key(v0(14, 1), "pull_modes.parallel_pull_unpack.experimental_parallel_pull_as_fallback"));
+        assert!(!reads_key(v0(13, 0), "pull_modes.parallel_pull_unpack.experimental_parallel_pull_as_fallback"));
+        assert!(!reads_key(v0(10, 0), "debug"));
+        assert_eq!(default_version(), v0(16, 1));
+    }
+
+    #[test]
+    fn render_below_parallel_mode() {
+        let old = SociConfig {
+            version: v0(10, 0),
+            ..SociConfig::default()
+        };
+        assert_eq!(render(&old), format!("{HEADER}\n"));
+        assert_eq!(render_checked(&old), Err(TuningError::NoParallelMode(v0(10, 0))));
     }
 }

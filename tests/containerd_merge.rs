@@ -4,16 +4,22 @@
 //! Display). `UPDATE_GOLDEN=1 cargo test --test containerd_merge` rewrites the
 //! expected files; review the diff before committing.
 //!
-//! Every v2 result is also fed to the real `containerd -c FILE config dump`
-//! (Debian's containerd 1.6; CI installs it).
+//! Every result is also fed to the real `containerd -c FILE config dump` of
+//! the containerd that reads it: v2 to Debian's containerd 1.6, v3 to the
+//! real v2.2.9 and v2.4.2, v4 to v2.4.2 (and 2.2.9 must refuse it). For v2
+//! results the real 2.x migration is checked against
+//! `v2_migration_drops_owned_keys`, the prediction install and doctor use.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
+use common::real;
 use soci_agent::containerd_config::{
-    ConfigVersion, ContainerdConfigError, DEFAULT_ADDRESS, Merged, SociWiring, detect_version, fragment, merge,
-    owned_keys,
+    ConfigVersion, ContainerdConfigError, DEFAULT_ADDRESS, Daemon, Merged, SociWiring, detect_version, fragment,
+    merge, owned_keys, v2_migration_drops_owned_keys,
 };
 use toml_edit::{DocumentMut, Item};
 
@@ -93,20 +99,38 @@ fn assert_owned_keys_set(case: &str, text: &str, version: ConfigVersion) {
         assert!(key.is_set_in(doc.as_table()), "{case}: {} not set", key.dotted());
     }
     let cri = doc["plugins"].as_table_like().expect("plugins table");
-    let (ours, other) = match version {
-        ConfigVersion::V2 => ("io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images"),
-        ConfigVersion::V3 => ("io.containerd.cri.v1.images", "io.containerd.grpc.v1.cri"),
-    };
-    assert!(cri.contains_key(ours), "{case}");
-    assert!(!cri.contains_key(other), "{case}: wrote {other} into a v{version} file");
+    match version {
+        ConfigVersion::V2 => {
+            assert!(cri.contains_key("io.containerd.grpc.v1.cri"), "{case}");
+            assert!(!cri.contains_key("io.containerd.cri.v1.images"), "{case}: v3 table in a v2 file");
+        }
+        ConfigVersion::V3 | ConfigVersion::V4 => {
+            assert!(cri.contains_key("io.containerd.cri.v1.images"), "{case}");
+            // containerd 2.x keeps a `io.containerd.grpc.v1.cri` plugin (the CRI server), without image settings.
+            let legacy = ["plugins", "io.containerd.grpc.v1.cri", "containerd", "snapshotter"]
+                .iter()
+                .try_fold(doc.as_item(), |item, k| item.get(k))
+                .is_none();
+            assert!(legacy, "{case}: v2 snapshotter key written into a v{version} file");
+        }
+    }
     let soci = &doc["proxy_plugins"]["soci"];
     assert_eq!(soci["type"].as_str(), Some("snapshot"), "{case}");
     assert_eq!(soci["address"].as_str(), Some(DEFAULT_ADDRESS), "{case}");
     assert_eq!(soci["exports"]["root"].as_str(), Some(SOCI_ROOT), "{case}");
 }
 
-/// Loads `text` with the real containerd and checks what it read.
-fn assert_containerd_accepts(case: &str, text: &str) {
+/// The containerd each fixture version is merged for.
+fn daemon_for(version: ConfigVersion) -> Daemon {
+    match version {
+        ConfigVersion::V2 => Daemon { major: 1, minor: 7 },
+        ConfigVersion::V3 => Daemon { major: 2, minor: 2 },
+        ConfigVersion::V4 => Daemon { major: 2, minor: 4 },
+    }
+}
+
+/// Loads `text` with Debian's containerd 1.6 and checks what it read.
+fn assert_containerd_1_6_accepts(case: &str, text: &str) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("config.toml");
     std::fs::write(&file, text).unwrap();
@@ -145,9 +169,55 @@ fn assert_containerd_accepts(case: &str, text: &str) {
     }
 }
 
+/// What the real containerd 2.x of `daemon` read from `text`: every owned key (v3 names) set?
+fn real_2x_reads_every_owned_key(case: &str, daemon: &str, text: &str) -> bool {
+    let (ok, stdout, stderr) = real::config_dump(daemon, text);
+    assert!(ok, "{case}: containerd {daemon} config dump failed: {stderr}");
+    let dump: DocumentMut = stdout.parse().expect("containerd dumps TOML");
+    owned_keys(ConfigVersion::V3, &wiring())
+        .iter()
+        .all(|k| k.is_set_in(dump.as_table()))
+}
+
+/// Loads `text` (a merge result of `version`) with the real containerd versions that read it.
+fn assert_containerd_reads(case: &str, text: &str, version: ConfigVersion) {
+    match version {
+        ConfigVersion::V2 => {
+            assert_containerd_1_6_accepts(case, text);
+            // containerd 2.x migrates v2: the prediction must match what it really does.
+            let doc: DocumentMut = text.parse().unwrap();
+            let drops = v2_migration_drops_owned_keys(&doc);
+            for daemon in real::CONTAINERD_VERSIONS {
+                assert_eq!(
+                    real_2x_reads_every_owned_key(case, daemon, text),
+                    !drops,
+                    "{case}: containerd {daemon}'s v2 migration {} the owned keys, predicted otherwise",
+                    if drops { "kept" } else { "dropped" }
+                );
+            }
+        }
+        ConfigVersion::V3 => {
+            for daemon in real::CONTAINERD_VERSIONS {
+                assert!(
+                    real_2x_reads_every_owned_key(case, daemon, text),
+                    "{case}: containerd {daemon} did not read every owned key"
+                );
+            }
+        }
+        ConfigVersion::V4 => {
+            assert!(real_2x_reads_every_owned_key(case, "2.4.2", text), "{case}: containerd 2.4.2");
+            let (ok, _, stderr) = real::config_dump("2.2.9", text);
+            assert!(!ok, "{case}: containerd 2.2.9 loaded a version 4 file");
+            assert!(stderr.contains("version"), "{case}: {stderr}");
+        }
+    }
+}
+
 fn run_ok(case: &str, version: ConfigVersion) -> Merged {
     let input = read_input(case);
-    let merged = merge(input.as_deref(), PATH, &wiring()).unwrap_or_else(|e| panic!("{case}: merge failed: {e}"));
+    let daemon = Some(daemon_for(version));
+    let merged =
+        merge(input.as_deref(), PATH, &wiring(), daemon).unwrap_or_else(|e| panic!("{case}: merge failed: {e}"));
     golden(&data_dir().join(case).join("expected.toml"), &merged.text);
     assert_eq!(merged.version, version, "{case}");
     assert_eq!(merged.created, input.is_none(), "{case}");
@@ -156,18 +226,20 @@ fn run_ok(case: &str, version: ConfigVersion) -> Merged {
         assert_input_preserved(case, input, &merged.text, version);
     }
     assert_owned_keys_set(case, &merged.text, version);
-    let again = merge(Some(&merged.text), PATH, &wiring()).expect("output merges");
+    let again = merge(Some(&merged.text), PATH, &wiring(), daemon).expect("output merges");
     assert!(!again.changed, "{case}: second merge changed something");
     assert_eq!(again.text, merged.text, "{case}: not idempotent");
-    if version == ConfigVersion::V2 {
-        assert_containerd_accepts(case, &merged.text);
-    }
+    assert_containerd_reads(case, &merged.text, version);
     merged
 }
 
 fn run_err(case: &str, is_expected: fn(&ContainerdConfigError) -> bool) {
+    run_err_for(case, None, is_expected);
+}
+
+fn run_err_for(case: &str, daemon: Option<Daemon>, is_expected: fn(&ContainerdConfigError) -> bool) {
     let input = read_input(case).expect("failure cases have an input");
-    let err = merge(Some(&input), PATH, &wiring()).expect_err(case);
+    let err = merge(Some(&input), PATH, &wiring(), daemon).expect_err(case);
     assert!(is_expected(&err), "{case}: unexpected error {err:?}");
     golden(&data_dir().join(case).join("expected-error.txt"), &format!("{err}\n"));
 }
@@ -188,18 +260,48 @@ fn eks_v3_template() {
 }
 
 #[test]
-fn no_file_creates_minimal_v2() {
-    let merged = run_ok("no-file", ConfigVersion::V2);
-    assert!(merged.text.starts_with("# "), "starts with a comment");
-    assert!(!merged.text.contains("[plugins]\n"), "no empty [plugins] header");
+fn containerd_2_default_configs() {
+    run_ok("containerd-2.2-default", ConfigVersion::V3);
+    run_ok("containerd-2.4-default", ConfigVersion::V4);
+}
+
+/// A new file gets the version its containerd writes: 2 for 1.x, 3 for 2.0-2.3, 4 for 2.4+.
+#[test]
+fn no_file_creates_a_minimal_file_for_the_daemon() {
+    for (case, version) in [
+        ("no-file", ConfigVersion::V2),
+        ("no-file-v3", ConfigVersion::V3),
+        ("no-file-v4", ConfigVersion::V4),
+    ] {
+        let merged = run_ok(case, version);
+        assert!(merged.text.starts_with("# "), "{case}: starts with a comment");
+        assert!(!merged.text.contains("[plugins]\n"), "{case}: no empty [plugins] header");
+    }
+    let err = merge(None, PATH, &wiring(), None).unwrap_err();
+    assert!(matches!(err, ContainerdConfigError::UnknownDaemon { .. }), "{err:?}");
 }
 
 #[test]
-fn empty_and_comment_only_files_get_a_minimal_v2() {
+fn empty_and_comment_only_files_get_a_minimal_file() {
     let empty = run_ok("empty-file", ConfigVersion::V2);
     assert!(!empty.created && empty.changed);
-    assert_eq!(empty.text, merge(None, PATH, &wiring()).unwrap().text);
+    let v2 = Some(daemon_for(ConfigVersion::V2));
+    assert_eq!(empty.text, merge(None, PATH, &wiring(), v2).unwrap().text);
     run_ok("comments-only", ConfigVersion::V2);
+}
+
+/// containerd 2.x reads v2 through a migration (that drops the owned keys without `runtimes`):
+/// no v2 content is written for it. 2.2 cannot load v4.
+#[test]
+fn files_the_daemon_would_misread_are_refused() {
+    let v2_on_2 = |e: &ContainerdConfigError| matches!(e, ContainerdConfigError::V2ForContainerd2 { .. });
+    run_err_for("fail-v2-on-containerd-2", Some(daemon_for(ConfigVersion::V3)), v2_on_2);
+    run_err_for("fail-v2-drops-on-containerd-2", Some(daemon_for(ConfigVersion::V4)), v2_on_2);
+    run_err_for(
+        "fail-v4-on-containerd-2.2",
+        Some(daemon_for(ConfigVersion::V3)),
+        |e| matches!(e, ContainerdConfigError::TooNewForDaemon { file: 4, .. }),
+    );
 }
 
 #[test]
@@ -253,7 +355,7 @@ fn unsupported_versions_are_refused() {
     for case in [
         "fail-version-1",
         "fail-version-missing",
-        "fail-version-4",
+        "fail-version-5",
         "fail-version-string",
     ] {
         run_err(case, unknown);
@@ -281,11 +383,13 @@ fn nodeconfig_fragments() {
         golden(&data_dir().join("fragment").join(name), &text);
         assert!(text.ends_with('\n') && !text.contains("version"), "{name}");
         let file = format!("version = {version}\n\n{text}");
-        let merged = merge(Some(&file), PATH, &wiring()).unwrap();
+        let merged = merge(Some(&file), PATH, &wiring(), Some(daemon_for(version))).unwrap();
         assert!(!merged.changed, "{name}: fragment is not fully wired");
         assert_owned_keys_set(name, &file, version);
         if version == ConfigVersion::V2 {
-            assert_containerd_accepts(name, &file);
+            assert_containerd_1_6_accepts(name, &file);
+        } else {
+            assert_containerd_reads(name, &file, version);
         }
     }
 }

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::archive::{sha256sum_line, standard_release};
 use serde_json::Value;
 
-const VER: &str = "0.15.0";
-const ARCHIVE: &str = "soci-snapshotter-0.15.0-linux-amd64-static.tar.gz";
+const VER: &str = "0.16.1";
+const ARCHIVE: &str = "soci-snapshotter-0.16.1-linux-amd64-static.tar.gz";
 const DEBIAN_DEFAULT: &str = include_str!("data/containerd/debian-default/input.toml");
 const V3_PLAIN: &str = include_str!("data/doctor/containerd-v3-plain.toml");
 const V3_WIRED: &str = include_str!("data/doctor/containerd-v3-wired.toml");
@@ -330,7 +330,7 @@ fn a_fresh_install_has_no_failing_check() {
     ] {
         d.assert(id, "ok", "");
     }
-    d.assert("soci.version", "ok", "SOCI 0.15.0");
+    d.assert("soci.version", "ok", "SOCI 0.16.1");
     d.assert("soci.digest", "ok", "release.json");
     d.assert("soci-config.chunk-size", "ok", "16777216 bytes");
     d.assert("recent.install", "ok", "phases:");
@@ -379,7 +379,7 @@ fn soci_binary_and_config_failures() {
         Case {
             name: "store binary changed",
             mutate: |n| {
-                let p = n.path("/usr/local/lib/soci-agent/releases/0.15.0-amd64/soci-snapshotter-grpc");
+                let p = n.path("/usr/local/lib/soci-agent/releases/0.16.1-amd64/soci-snapshotter-grpc");
                 let mut text = std::fs::read_to_string(&p).unwrap();
                 text.push_str("# tampered\n");
                 std::fs::write(p, text).unwrap();
@@ -656,7 +656,7 @@ fn containerd_kubelet_and_systemd_failures() {
             },
             id: "containerd.config-version",
             verdict: "fail",
-            contains: "cannot read a version 3 config",
+            contains: "reads at most version 2",
         },
         Case {
             name: "v2 config on containerd 2.2",
@@ -850,7 +850,11 @@ fn nodeadm_hosts() {
         "ok",
         "50-soci-agent.yaml (nodeadm writes it",
     );
-    d.assert("nodeadm.fast-image-pull", "ok", "not enabled");
+    d.assert(
+        "nodeadm.fast-image-pull",
+        "ok",
+        "FastImagePull: false in /etc/eks/nodeadm.d/50-soci-agent.yaml",
+    );
     d.assert("containerd.version", "ok", "2.2.1");
 
     let cases = [
@@ -917,11 +921,18 @@ fn nodeadm_hosts() {
             contains: "without SOCI",
         },
         Case {
-            name: "FastImagePull alongside the agent",
+            name: "FastImagePull in a drop-in the agent's overrides",
             mutate: |n| n.write("/etc/eks/nodeadm.d/10-user.yaml", FAST_IMAGE_PULL, 0o644),
             id: "nodeadm.fast-image-pull",
+            verdict: "ok",
+            contains: "false in /etc/eks/nodeadm.d/50-soci-agent.yaml",
+        },
+        Case {
+            name: "FastImagePull in a drop-in merged after the agent's",
+            mutate: |n| n.write("/etc/eks/nodeadm.d/60-user.yaml", FAST_IMAGE_PULL, 0o644),
+            id: "nodeadm.fast-image-pull",
             verdict: "warn",
-            contains: "overrides ExecStart",
+            contains: "60-user.yaml, which nodeadm merges after",
         },
         Case {
             name: "FastImagePull in nodeadm's cache",

@@ -8,10 +8,17 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::archive::{sha256_hex, sha256sum_line, standard_release};
+use common::archive::{sha256_hex, sha256sum_line};
+use common::real;
 
-const VER: &str = "0.15.0";
-const ARCHIVE: &str = "soci-snapshotter-0.15.0-linux-amd64-static.tar.gz";
+/// The real SOCI release (tests/real/build.sh), so install's `config dump` check runs the real daemon.
+const VER: &str = real::SOCI_VERSION;
+const ARCHIVE: &str = "soci-snapshotter-0.16.1-linux-amd64-static.tar.gz";
+
+/// The real release archive's bytes.
+fn standard_release(version: &str) -> Vec<u8> {
+    real::soci_release(version).archive
+}
 const DEBIAN_DEFAULT: &str = include_str!("data/containerd/debian-default/input.toml");
 
 /// The agent under test, copied once per test process: install copies its
@@ -204,7 +211,7 @@ fn plain_host_install_writes_everything_and_second_run_changes_nothing() {
     assert_eq!(report["changed"], true);
 
     // Versioned store and atomic links.
-    let store = "/usr/local/lib/soci-agent/releases/0.15.0-amd64";
+    let store = "/usr/local/lib/soci-agent/releases/0.16.1-amd64";
     for bin in ["soci-snapshotter-grpc", "soci"] {
         let m = std::fs::metadata(node.path(&format!("{store}/{bin}"))).unwrap();
         assert_eq!(m.permissions().mode() & 0o777, 0o755, "{bin} mode");
@@ -503,8 +510,8 @@ fn invalid_settings_exit_2_before_anything_changes() {
             "8",
         ],
         vec!["--concurrent-download-chunk-size", "16MiB"],
-        vec!["--max-concurrent-downloads", "-2"],
-        vec!["--max-concurrent-downloads-per-image", "0"],
+        // SOCI reads any limit <= 0 as unbounded; a bounded global below per-image is what it refuses.
+        vec!["--max-concurrent-downloads", "25", "--max-concurrent-downloads-per-image", "30"],
         vec!["--soci-version", "0.10.0"],
         vec!["--arch", "riscv64"],
         vec!["--decompressor", "/usr/bin/pigz-missing"],
@@ -589,7 +596,7 @@ fn changing_tuning_rewrites_the_config_but_keeps_the_release() {
         "update"
     );
     assert_eq!(
-        action(&report, "/usr/local/lib/soci-agent/releases/0.15.0-amd64")["action"],
+        action(&report, "/usr/local/lib/soci-agent/releases/0.16.1-amd64")["action"],
         "keep_release"
     );
     assert_eq!(action(&report, "/etc/containerd/config.toml")["changed"], false);
@@ -601,15 +608,15 @@ fn a_tampered_store_is_reinstalled() {
     let archive = node.archive();
     let a = archive.to_str().unwrap();
     assert_code(&node.install(&["--archive", a]), 0);
-    let bin = node.path("/usr/local/lib/soci-agent/releases/0.15.0-amd64/soci-snapshotter-grpc");
+    let bin = node.path("/usr/local/lib/soci-agent/releases/0.16.1-amd64/soci-snapshotter-grpc");
     std::fs::write(&bin, "#!/bin/sh\necho evil\n").unwrap();
     let out = node.install(&["--archive", a, "--output", "json"]);
     assert_code(&out, 0);
     assert_eq!(
-        action(&json(&out), "/usr/local/lib/soci-agent/releases/0.15.0-amd64")["action"],
+        action(&json(&out), "/usr/local/lib/soci-agent/releases/0.16.1-amd64")["action"],
         "install_release"
     );
-    assert!(!std::fs::read_to_string(&bin).unwrap().contains("evil"));
+    assert!(!std::fs::read(&bin).unwrap().windows(4).any(|w| w == b"evil"));
 }
 
 #[test]
@@ -791,7 +798,7 @@ fn boot_verifies_the_binary_against_the_record() {
     assert_eq!(step(&report, "pause-image")["status"], "skipped");
 
     std::fs::write(
-        node.path("/usr/local/lib/soci-agent/releases/0.15.0-amd64/soci-snapshotter-grpc"),
+        node.path("/usr/local/lib/soci-agent/releases/0.16.1-amd64/soci-snapshotter-grpc"),
         "tampered",
     )
     .unwrap();

@@ -496,7 +496,10 @@ fn invalid_values_are_exit_2_with_the_option_named() {
             ],
             "--max-concurrent-downloads-per-image",
         ),
-        (&["--max-concurrent-unpacks", "0"], "--max-concurrent-unpacks"),
+        (
+            &["--max-concurrent-unpacks", "2", "--max-concurrent-unpacks-per-image", "3"],
+            "--max-concurrent-unpacks-per-image",
+        ),
         (
             &["--concurrent-download-chunk-size", "16MiB"],
             "--concurrent-download-chunk-size",
@@ -828,7 +831,7 @@ fn script_downloads_verifies_installs_and_runs_install_idempotently() {
     );
     let expected_argv = [
         "install",
-        "--soci-version=0.15.0",
+        "--soci-version=0.16.1",
         "--max-concurrent-unpacks-per-image=8",
         &format!("--sha256={SOCI_AMD64}"),
     ];

@@ -10,7 +10,8 @@ use super::Check;
 use super::node::{Node, Text};
 use crate::containerd_config::{self, ConfigVersion, OwnedKey, SociWiring};
 
-const IDS: [&str; 6] = [
+const IDS: [&str; 7] = [
+    "containerd.legacy-tables",
     "containerd.proxy-plugin",
     "containerd.exports-root",
     "containerd.snapshotter",
@@ -70,7 +71,8 @@ pub fn checks(node: &Node) -> Vec<Check> {
         }
     };
     let doc: DocumentMut = text.parse().expect("detect_version parsed it");
-    out.push(config_version(node, version, path));
+    out.push(config_version(node, &doc, version, path));
+    out.push(legacy_tables(node, &doc, version, path));
     let wiring = SociWiring {
         address: node.soci_socket.value.clone(),
         soci_root: node.soci_root.value.clone(),
@@ -110,23 +112,113 @@ fn version(node: &Node) -> Check {
     Check::ok(ID, evidence)
 }
 
-fn config_version(node: &Node, version: ConfigVersion, path: &str) -> Check {
+fn config_version(node: &Node, doc: &DocumentMut, version: ConfigVersion, path: &str) -> Check {
     const ID: &str = "containerd.config-version";
     let evidence = format!("version = {version} ({path})");
-    match (&node.facts.containerd, version) {
-        (Some(c), ConfigVersion::V3) if c.major < 2 => Check::fail(
+    let Some(c) = &node.facts.containerd else {
+        return Check::ok(ID, evidence);
+    };
+    let daemon = containerd_config::Daemon {
+        major: c.major,
+        minor: c.minor,
+    };
+    let newest = ConfigVersion::newest_read_by(daemon);
+    if version > newest {
+        return Check::fail(
             ID,
-            format!("{evidence}, but containerd is {}", c.version),
-            "containerd 1.x cannot read a version 3 config: use version 2 tables",
-        ),
-        (Some(c), ConfigVersion::V2) if c.major >= 2 => Check::warn(
+            format!("{evidence}, but containerd is {}: it reads at most version {newest}", c.version),
+            format!("containerd refuses to start with this file: write it as version {newest}"),
+        );
+    }
+    if version == ConfigVersion::V2 && c.major >= 2 {
+        if containerd_config::v2_migration_drops_owned_keys(doc) {
+            return Check::fail(
+                ID,
+                format!(
+                    "{evidence}, containerd is {}: its v2 migration drops `snapshotter` and \
+                     `disable_snapshot_annotations` when [plugins.\"io.containerd.grpc.v1.cri\".containerd] has no \
+                     `runtimes` table, so CRI pulls use overlayfs whatever this file says",
+                    c.version
+                ),
+                format!(
+                    "convert the file: `containerd config migrate > {path}.new`, review, move it into place, then \
+                     run soci-agent install (it edits version {} files)",
+                    ConfigVersion::written_by(daemon)
+                ),
+            );
+        }
+        return Check::warn(
             ID,
             format!("{evidence}, containerd is {}", c.version),
             "containerd 2.x migrates version 2 at every start; move to version 3 tables \
-             (plugins.'io.containerd.cri.v1.images')",
+             (plugins.'io.containerd.cri.v1.images'): `containerd config migrate`",
+        );
+    }
+    Check::ok(ID, format!("{evidence}, containerd {}", c.version))
+}
+
+/// Keys containerd 2.x still reads under `plugins."io.containerd.grpc.v1.cri"` in a v3/v4 file.
+const CRI_SERVER_KEYS: [&str; 6] = [
+    "disable_tcp_service",
+    "stream_server_address",
+    "stream_server_port",
+    "stream_idle_timeout",
+    "enable_tls_streaming",
+    "x509_key_pair_streaming",
+];
+
+/// v2 CRI settings left in a v3/v4 file: containerd 2.x ignores them (on
+/// nodeadm hosts, user data written with v2 names ends up like this once the
+/// drop-in's v3 names make nodeadm render its v3 template).
+fn legacy_tables(node: &Node, doc: &DocumentMut, version: ConfigVersion, path: &str) -> Check {
+    const ID: &str = "containerd.legacy-tables";
+    if !version.is_v3_family() {
+        return Check::skip(ID, format!("version = {version}: the v2 CRI table is the right one"));
+    }
+    let Some(cri) = get(doc, &["plugins", "io.containerd.grpc.v1.cri"]).and_then(Item::as_table_like) else {
+        return Check::ok(ID, format!("no leftover v2 CRI settings in {path}"));
+    };
+    let mut lost = Vec::new();
+    for (key, item) in cri.iter() {
+        if !CRI_SERVER_KEYS.contains(&key) {
+            leaf_paths(&format!("plugins.\"io.containerd.grpc.v1.cri\".{key}"), item, &mut lost);
+        }
+    }
+    if lost.is_empty() {
+        return Check::ok(ID, format!("no leftover v2 CRI settings in {path}"));
+    }
+    let origin = if node.nodeadm() {
+        " (on nodeadm hosts: user-data NodeConfig written with version 2 names, rendered into nodeadm's v3 template)"
+    } else {
+        ""
+    };
+    let shown: Vec<&str> = lost.iter().take(8).map(String::as_str).collect();
+    let more = if lost.len() > 8 {
+        format!(" and {} more", lost.len() - 8)
+    } else {
+        String::new()
+    };
+    Check::warn(
+        ID,
+        format!(
+            "{path} is version {version} but sets {}{more} under the v2 CRI plugin, which containerd 2.x ignores{origin}",
+            shown.join(", ")
         ),
-        (Some(c), _) => Check::ok(ID, format!("{evidence}, containerd {}", c.version)),
-        (None, _) => Check::ok(ID, evidence),
+        "move them to their version 3 tables (plugins.'io.containerd.cri.v1.images' / \
+         plugins.'io.containerd.cri.v1.runtime'): e.g. containerd.discard_unpacked_layers -> images.discard_unpacked_layers, \
+         registry.config_path -> images.registry.config_path",
+    )
+}
+
+/// Dotted paths of every value under `item` (tables walked).
+fn leaf_paths(prefix: &str, item: &Item, out: &mut Vec<String>) {
+    match item.as_table_like() {
+        Some(t) => {
+            for (k, v) in t.iter() {
+                leaf_paths(&format!("{prefix}.{k}"), v, out);
+            }
+        }
+        None => out.push(prefix.to_string()),
     }
 }
 

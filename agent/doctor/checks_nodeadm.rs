@@ -20,12 +20,14 @@ pub fn checks(node: &Node) -> Vec<Check> {
     vec![dropin(node), fast_image_pull(node)]
 }
 
-/// The containerd config format nodeadm renders for this host.
+/// The table names nodeadm renders for this host (v3 when containerd's version is unknown).
 fn version(node: &Node) -> ConfigVersion {
-    node.facts
-        .containerd
-        .as_ref()
-        .map_or(ConfigVersion::V3, |c| nodeconfig::version_for_containerd(c.major))
+    node.facts.containerd.as_ref().map_or(ConfigVersion::V3, |c| {
+        nodeconfig::version_for_containerd(crate::containerd_config::Daemon {
+            major: c.major,
+            minor: c.minor,
+        })
+    })
 }
 
 fn dropin(node: &Node) -> Check {
@@ -143,9 +145,10 @@ fn dropin(node: &Node) -> Check {
     )
 }
 
-/// Where a NodeConfig enabling FastImagePull may come from.
+/// NodeConfig sources in nodeadm's merge order (later wins): user data,
+/// then the drop-ins in lexical order.
 fn sources(node: &Node) -> Vec<String> {
-    let mut list = Vec::new();
+    let mut list = vec![USER_DATA.to_string()];
     if let Ok(entries) = std::fs::read_dir(node.root.path(DROPIN_DIR)) {
         let mut names: Vec<String> = entries
             .flatten()
@@ -155,8 +158,6 @@ fn sources(node: &Node) -> Vec<String> {
         names.sort();
         list.extend(names.into_iter().map(|n| format!("{DROPIN_DIR}/{n}")));
     }
-    list.push(NODEADM_CACHE.into());
-    list.push(USER_DATA.into());
     list
 }
 
@@ -165,52 +166,59 @@ fn fast_image_pull(node: &Node) -> Check {
     if !node.nodeadm() {
         return Check::skip(ID, "not a nodeadm host");
     }
-    let mut on = Vec::new();
+    let mut effective: Option<(bool, String)> = None;
     let mut unreadable = Vec::new();
     for path in sources(node) {
         match Text::read(&node.root, &path) {
-            Text::Found(t) if yamlish::fast_image_pull_on(&t) => on.push(path),
+            Text::Found(t) => {
+                if let Some(on) = yamlish::fast_image_pull(&t) {
+                    effective = Some((on, path));
+                }
+            }
             Text::Unreadable(e) => unreadable.push(format!("{path}: {e}")),
-            _ => {}
+            Text::Missing => {}
         }
     }
+    let cached_on = matches!(Text::read(&node.root, NODEADM_CACHE), Text::Found(t) if yamlish::fast_image_pull_on(&t));
+    let note = if unreadable.is_empty() {
+        String::new()
+    } else {
+        format!(" (could not read {})", unreadable.join(", "))
+    };
     let small = node.root.is_host()
         && (node.facts.cpus < crate::plan::MIN_CPUS
             || node
                 .facts
                 .memory_bytes
                 .is_some_and(|m| m < crate::plan::MIN_MEMORY_BYTES));
-    if on.is_empty() {
-        let note = if unreadable.is_empty() {
-            String::new()
-        } else {
-            format!(" (could not read {})", unreadable.join(", "))
-        };
-        return Check::ok(
+    match effective {
+        Some((true, from)) if node.agent_installed() => Check::warn(
+            ID,
+            format!("featureGates.FastImagePull: true in {from}, which nodeadm merges after soci-agent's {DROPIN_PATH}{note}"),
+            "nodeadm then rewrites /etc/soci-snapshotter-grpc/config.toml and containerd.service.d/10-soci-snapshotter.conf \
+             at every config phase (its fixed tuning wins): drop FastImagePull from that NodeConfig",
+        ),
+        Some((true, from)) if small => Check::warn(
+            ID,
+            format!("featureGates.FastImagePull: true in {from}, on {} vCPU{note}", node.facts.cpus),
+            "nodeadm silently ignores FastImagePull below 4 vCPU / 7 GiB: SOCI is not set up on this instance",
+        ),
+        Some((true, from)) => Check::ok(
+            ID,
+            format!("featureGates.FastImagePull: true in {from}: nodeadm manages SOCI (soci-agent is not installed){note}"),
+        ),
+        Some((false, from)) if from == DROPIN_PATH && cached_on => Check::warn(
+            ID,
+            format!(
+                "soci-agent's {DROPIN_PATH} turns FastImagePull off, but nodeadm's last render ({NODEADM_CACHE}) had it on"
+            ),
+            "nodeadm-run re-renders when the merged NodeConfig changed (it does so before starting containerd); \
+             until then nodeadm's SOCI files may be in place: re-run soci-agent install after it",
+        ),
+        Some((false, from)) => Check::ok(ID, format!("featureGates.FastImagePull: false in {from}{note}")),
+        None => Check::ok(
             ID,
             format!("featureGates.FastImagePull is not enabled in any NodeConfig source{note}"),
-        );
+        ),
     }
-    let evidence = format!("featureGates.FastImagePull: true in {}", on.join(", "));
-    if node.agent_installed() {
-        return Check::warn(
-            ID,
-            format!("{evidence}, and soci-agent is installed"),
-            "both apply: nodeadm rewrites /etc/soci-snapshotter-grpc/config.toml (its fixed tuning wins) and \
-             containerd.service.d/10-soci-snapshotter.conf at every config phase, while the agent's \
-             soci-snapshotter.service.d/50-soci-agent.conf still overrides ExecStart (the agent's binary runs): \
-             drop FastImagePull from the NodeConfig, or uninstall the agent",
-        );
-    }
-    if small {
-        return Check::warn(
-            ID,
-            format!("{evidence}, on {} vCPU", node.facts.cpus),
-            "nodeadm silently ignores FastImagePull below 4 vCPU / 7 GiB: SOCI is not set up on this instance",
-        );
-    }
-    Check::ok(
-        ID,
-        format!("{evidence}: nodeadm manages SOCI (soci-agent is not installed)"),
-    )
 }

@@ -102,14 +102,25 @@ fn unquote(v: &str) -> String {
 
 /// `FastImagePull: true` (YAML) or `"FastImagePull": true` (JSON) anywhere in `text`.
 pub fn fast_image_pull_on(text: &str) -> bool {
-    text.match_indices("FastImagePull").any(|(pos, m)| {
-        let rest = text[pos + m.len()..].trim_start_matches(['"', '\'']);
-        let Some(rest) = rest.trim_start().strip_prefix(':') else {
-            return false;
-        };
-        let v = rest.trim_start().trim_start_matches(['"', '\'']);
-        v.get(..4).is_some_and(|w| w.eq_ignore_ascii_case("true"))
-    })
+    fast_image_pull(text) == Some(true)
+}
+
+/// The last `FastImagePull: true|false` in a NodeConfig (YAML or JSON), if any.
+pub fn fast_image_pull(text: &str) -> Option<bool> {
+    text.match_indices("FastImagePull")
+        .filter_map(|(pos, m)| {
+            let rest = text[pos + m.len()..].trim_start_matches(['"', '\'']);
+            let rest = rest.trim_start().strip_prefix(':')?;
+            let v = rest.trim_start().trim_start_matches(['"', '\'']);
+            if v.get(..4).is_some_and(|w| w.eq_ignore_ascii_case("true")) {
+                Some(true)
+            } else if v.get(..5).is_some_and(|w| w.eq_ignore_ascii_case("false")) {
+                Some(false)
+            } else {
+                None
+            }
+        })
+        .last()
 }
 
 #[cfg(test)]

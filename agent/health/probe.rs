@@ -1,11 +1,13 @@
-//! Does containerd reach the soci snapshotter? (shared by install's health
-//! check and doctor) Being listed by
-//! Introspection proves little: a proxy plugin is listed even when nothing
+//! Does containerd reach the soci snapshotter? Shared by install's health
+//! check and doctor. Being listed by Introspection proves little: a proxy plugin is listed even when nothing
 //! serves its socket (containerd dials lazily), and `Snapshots.List` is
 //! answered from containerd's own metadata store without calling the
 //! proxy. A `Snapshots.Stat` of an existing soci snapshot does call it.
 //! When containerd holds no soci snapshot, the daemon's socket is asked
-//! directly (`Snapshots.List`, read-only).
+//! directly (`Snapshots.List`, read-only). A SOCI that holds no snapshot yet
+//! answers that with gRPC NotFound (`bucket does not exist`): that is an
+//! empty snapshotter answering, not an unreachable one. Anything else (no
+//! listener, a server without the snapshots service, a timeout) fails.
 
 use std::path::Path;
 use std::time::Duration;
@@ -176,17 +178,17 @@ pub async fn probe(containerd: &Path, soci: &Path, may_dial: bool) -> Result<(St
             snapshotter: SNAPSHOTTER.into(),
             filters: vec![],
         };
-        let mut stream = daemon
-            .snapshots()
-            .list(list)
-            .await
-            .map_err(|e| format!("Snapshots.List at {}: {}", soci.display(), e.message()))?
-            .into_inner();
-        stream
-            .message()
-            .await
-            .map_err(|e| format!("Snapshots.List at {}: {}", soci.display(), e.message()))?;
-        Ok(())
+        let failed = |e: tonic::Status| format!("Snapshots.List at {}: {}", soci.display(), e.message());
+        let mut stream = match daemon.snapshots().list(list).await {
+            Ok(r) => r.into_inner(),
+            Err(e) if answered_empty(&e) => return Ok(()),
+            Err(e) => return Err(failed(e)),
+        };
+        match stream.message().await {
+            Ok(_) => Ok(()),
+            Err(e) if answered_empty(&e) => Ok(()),
+            Err(e) => Err(failed(e)),
+        }
     })
     .await;
     Ok((
@@ -196,4 +198,10 @@ pub async fn probe(containerd: &Path, soci: &Path, may_dial: bool) -> Result<(St
             Err(e) => Reach::DirectFailed(e),
         },
     ))
+}
+
+/// gRPC NotFound from `Snapshots.List`: the snapshots service answered and
+/// has no snapshot bucket yet (a freshly started SOCI, seen on v0.16.1).
+fn answered_empty(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::NotFound
 }

@@ -15,6 +15,7 @@ pub mod archive;
 pub mod containerd;
 pub mod mirror;
 pub mod nspawn;
+pub mod real;
 pub mod registry;
 pub mod standin;
 
