@@ -192,7 +192,7 @@ pub struct InstallArgs {
     #[arg(long, value_name = "DIR", env = "SOCI_AGENT_SOCI_ROOT")]
     pub soci_root: Option<String>,
 
-    /// Parallel downloads across all images; -1 = unbounded. [default: -1]
+    /// Parallel downloads across all images; <= 0 = unbounded. [default: -1]
     #[arg(
         long,
         value_name = "N",
@@ -214,7 +214,7 @@ pub struct InstallArgs {
     #[arg(long, value_name = "SIZE", env = "SOCI_AGENT_CONCURRENT_DOWNLOAD_CHUNK_SIZE")]
     pub concurrent_download_chunk_size: Option<String>,
 
-    /// Parallel layer unpacks across all images; -1 = unbounded. [default: -1]
+    /// Parallel layer unpacks across all images; <= 0 = unbounded. [default: -1]
     #[arg(
         long,
         value_name = "N",

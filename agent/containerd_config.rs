@@ -720,7 +720,11 @@ mod tests {
     #[test]
     fn new_files_get_the_version_their_daemon_writes() {
         let d = |major, minor| Some(Daemon { major, minor });
-        for (daemon, version) in [(d(1, 7), "version = 2"), (d(2, 2), "version = 3"), (d(2, 4), "version = 4")] {
+        for (daemon, version) in [
+            (d(1, 7), "version = 2"),
+            (d(2, 2), "version = 3"),
+            (d(2, 4), "version = 4"),
+        ] {
             let m = merge(None, "f", &wiring(), daemon).unwrap();
             assert!(m.text.contains(&format!("\n{version}\n")), "{daemon:?}: {}", m.text);
         }
@@ -735,12 +739,18 @@ mod tests {
         let err = merge(Some(v2), "f", &wiring(), d(2, 2)).unwrap_err().to_string();
         assert!(err.contains("config migrate") && err.contains("drops"), "{err}");
         let with_runtimes = format!("{v2}[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n");
-        let err = merge(Some(&with_runtimes), "f", &wiring(), d(2, 4)).unwrap_err().to_string();
+        let err = merge(Some(&with_runtimes), "f", &wiring(), d(2, 4))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("config migrate") && !err.contains("drops"), "{err}");
         assert!(merge(Some(v2), "f", &wiring(), d(1, 7)).unwrap().changed);
-        let err = merge(Some("version = 4\n"), "f", &wiring(), d(2, 2)).unwrap_err().to_string();
+        let err = merge(Some("version = 4\n"), "f", &wiring(), d(2, 2))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("reads at most version 3"), "{err}");
-        let err = merge(Some("version = 3\n"), "f", &wiring(), d(1, 7)).unwrap_err().to_string();
+        let err = merge(Some("version = 3\n"), "f", &wiring(), d(1, 7))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("reads at most version 2"), "{err}");
         assert!(merge(Some("version = 3\n"), "f", &wiring(), d(2, 4)).is_ok());
     }

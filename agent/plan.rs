@@ -60,6 +60,8 @@ pub enum PlanError {
     #[error("{0} (move it aside to start a fresh record)")]
     Record(String),
     #[error(transparent)]
+    Tuning(#[from] crate::soci_config::TuningError),
+    #[error(transparent)]
     Fs(#[from] FsError),
 }
 
@@ -249,14 +251,37 @@ const CONFIG_DUMP_SINCE: Version = Version {
 /// Which binary can check the config: the store entry's (being installed) or
 /// the preinstalled one on a live host; never another architecture's, and
 /// never a mounted image's own programs.
-fn soci_check(root: &Root, soci: &SociChoice, entry: Option<&str>, arch: Arch, host_arch: Option<Arch>) -> (Option<SociCheck>, Option<String>) {
+fn soci_check(
+    root: &Root,
+    soci: &SociChoice,
+    entry: Option<&str>,
+    arch: Arch,
+    host_arch: Option<Arch>,
+) -> (Option<SociCheck>, Option<String>) {
     let version = match soci.version {
         Some(v) if v >= CONFIG_DUMP_SINCE => v,
-        Some(v) => return (None, Some(format!("SOCI {v} has no `config dump` (0.12.0+): the config is checked by soci-agent's own rules only"))),
-        None => return (None, Some("SOCI version unknown: the config is checked by soci-agent's own rules only".into())),
+        Some(v) => {
+            return (
+                None,
+                Some(format!(
+                    "SOCI {v} has no `config dump` (0.12.0+): the config is checked by soci-agent's own rules only"
+                )),
+            );
+        }
+        None => {
+            return (
+                None,
+                Some("SOCI version unknown: the config is checked by soci-agent's own rules only".into()),
+            );
+        }
     };
     if host_arch != Some(arch) {
-        return (None, Some(format!("the {arch} SOCI cannot run on this machine: the config is checked by soci-agent's own rules only")));
+        return (
+            None,
+            Some(format!(
+                "the {arch} SOCI cannot run on this machine: the config is checked by soci-agent's own rules only"
+            )),
+        );
     }
     match entry {
         Some(entry) => (
@@ -299,7 +324,11 @@ fn version_str<S: serde::Serializer>(v: &Option<Version>, s: S) -> Result<S::Ok,
 }
 
 /// Applies the `--preinstalled` policy to what detection found.
-fn choose_soci(policy: PreinstalledPolicy, wanted: Version, found: Option<&InstalledSoci>) -> Result<SociChoice, PlanError> {
+fn choose_soci(
+    policy: PreinstalledPolicy,
+    wanted: Version,
+    found: Option<&InstalledSoci>,
+) -> Result<SociChoice, PlanError> {
     let keep = |f: &InstalledSoci, version: Option<Version>, reason: String| SociChoice {
         binary: f.path.clone(),
         version,
@@ -314,8 +343,12 @@ fn choose_soci(policy: PreinstalledPolicy, wanted: Version, found: Option<&Insta
     };
     let Some(f) = found else {
         return match policy {
-            PreinstalledPolicy::Keep => Err(PlanError::NothingToAdopt(crate::host::SOCI_BINARY_LOCATIONS.join(" or "))),
-            _ => Ok(release(format!("no preinstalled SOCI: installing {wanted} from the release"))),
+            PreinstalledPolicy::Keep => Err(PlanError::NothingToAdopt(
+                crate::host::SOCI_BINARY_LOCATIONS.join(" or "),
+            )),
+            _ => Ok(release(format!(
+                "no preinstalled SOCI: installing {wanted} from the release"
+            ))),
         };
     };
     let parsed = f.version.as_deref().and_then(|v| v.parse::<Version>().ok());
@@ -333,7 +366,10 @@ fn choose_soci(policy: PreinstalledPolicy, wanted: Version, found: Option<&Insta
             _ => Ok(keep(
                 f,
                 parsed,
-                format!("--preinstalled keep: running the preinstalled {} (SOCI {shown})", f.path),
+                format!(
+                    "--preinstalled keep: running the preinstalled {} (SOCI {shown})",
+                    f.path
+                ),
             )),
         },
         PreinstalledPolicy::Auto => match parsed {
@@ -727,11 +763,12 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
     let soci_cfg = SociConfig {
         tuning: s.tuning.clone(),
         gzip,
+        version: soci.version.unwrap_or(crate::release::MIN_SOCI_VERSION),
         ..SociConfig::default()
     };
     b.file(
         SOCI_CONFIG_PATH,
-        crate::soci_config::render(&soci_cfg),
+        crate::soci_config::render_checked(&soci_cfg)?,
         0o644,
         restart_soci,
     )?;

@@ -323,7 +323,10 @@ pub fn check_content_store_rule(store_type: &str, discard: bool) -> Result<(), T
 /// A relative path passes it (the daemon resolves it against its working
 /// directory).
 pub fn check_decompressor_chars(p: &str) -> Result<(), TuningError> {
-    let mut chars: Vec<char> = p.chars().filter(|c| DECOMPRESSOR_FORBIDDEN_CHARS.contains(*c)).collect();
+    let mut chars: Vec<char> = p
+        .chars()
+        .filter(|c| DECOMPRESSOR_FORBIDDEN_CHARS.contains(*c))
+        .collect();
     chars.dedup();
     if chars.is_empty() {
         return Ok(());
@@ -776,11 +779,14 @@ fn walk(
             report(out, found(suggest(known, depth, key, version), None));
         } else if read.is_empty() {
             let added_in = under.iter().map(|k| k.since).min();
-            let not_read = version.zip(added_in).map(|(target, added_in)| NotRead { target, added_in });
+            let not_read = version
+                .zip(added_in)
+                .map(|(target, added_in)| NotRead { target, added_in });
             report(out, found(None, not_read));
-        } else if read.iter().all(|k| k.segs.len() > depth + 1) {
+        } else if under.iter().all(|k| k.segs.len() > depth + 1) {
+            // All versions below: a deeper key may be one this version lacks.
             for sub in tables_in(item) {
-                walk(sub, path, &read, version, out);
+                walk(sub, path, &under, version, out);
             }
         }
         path.pop();
@@ -970,7 +976,12 @@ mod tests {
         assert_eq!(split_dotted("a.b"), [Field("a"), Field("b")]);
         assert_eq!(
             split_dotted("resolver.host.\"r.example.com\".mirrors"),
-            [Field("resolver"), Field("host"), MapKey("r.example.com"), Field("mirrors")]
+            [
+                Field("resolver"),
+                Field("host"),
+                MapKey("r.example.com"),
+                Field("mirrors")
+            ]
         );
         assert_eq!(split_dotted("x.*.y"), [Field("x"), AnyMapKey, Field("y")]);
         assert_eq!(split_dotted("\"gzip\""), [MapKey("gzip")]);
@@ -993,11 +1004,27 @@ mod tests {
         }
         assert_eq!(validate(&t(4, 4, 1, 1)), Ok(()));
         let err = validate(&t(4, 8, -1, 1)).unwrap_err();
-        assert!(matches!(err, TuningError::PerImageAboveGlobal { per_image: 8, global: 4, .. }));
-        assert!(err.to_string().contains("global download limit less than per-image download limit"));
+        assert!(matches!(
+            err,
+            TuningError::PerImageAboveGlobal {
+                per_image: 8,
+                global: 4,
+                ..
+            }
+        ));
+        assert!(
+            err.to_string()
+                .contains("global download limit less than per-image download limit")
+        );
         let err = validate(&t(-1, 3, 2, 3)).unwrap_err();
-        assert!(err.to_string().contains("global unpack limit less than per-image unpack limit"));
-        assert!(err.to_string().starts_with("--max-concurrent-unpacks-per-image 3 exceeds --max-concurrent-unpacks 2"));
+        assert!(
+            err.to_string()
+                .contains("global unpack limit less than per-image unpack limit")
+        );
+        assert!(
+            err.to_string()
+                .starts_with("--max-concurrent-unpacks-per-image 3 exceeds --max-concurrent-unpacks 2")
+        );
     }
 
     #[test]
@@ -1028,12 +1055,27 @@ mod tests {
         assert_eq!(first_version("prefetch"), Some(v0(13, 0)));
         assert_eq!(first_version("resolver"), Some(v0(11, 0)));
         assert_eq!(first_version("Resolver.Custom_Headers"), Some(v0(16, 0)));
-        assert_eq!(first_version("pull_modes.parallel_pull_unpack.decompress_streams.gzip.path"), Some(v0(11, 0)));
-        assert_eq!(first_version("pull_modes.parallel_pull_unpack.decompress_streams.GZIP.path"), None);
-        assert_eq!(first_version("resolver.host.\"r.example.com\".mirrors.insecure"), Some(v0(11, 0)));
+        assert_eq!(
+            first_version("pull_modes.parallel_pull_unpack.decompress_streams.gzip.path"),
+            Some(v0(11, 0))
+        );
+        assert_eq!(
+            first_version("pull_modes.parallel_pull_unpack.decompress_streams.GZIP.path"),
+            None
+        );
+        assert_eq!(
+            first_version("resolver.host.\"r.example.com\".mirrors.insecure"),
+            Some(v0(11, 0))
+        );
         assert_eq!(first_version("nope"), None);
-        assert!(reads_key(v0(14, 1), "pull_modes.parallel_pull_unpack.experimental_parallel_pull_as_fallback"));
-        assert!(!reads_key(v0(13, 0), "pull_modes.parallel_pull_unpack.experimental_parallel_pull_as_fallback"));
+        assert!(reads_key(
+            v0(14, 1),
+            "pull_modes.parallel_pull_unpack.experimental_parallel_pull_as_fallback"
+        ));
+        assert!(!reads_key(
+            v0(13, 0),
+            "pull_modes.parallel_pull_unpack.experimental_parallel_pull_as_fallback"
+        ));
         assert!(!reads_key(v0(10, 0), "debug"));
         assert_eq!(default_version(), v0(16, 1));
     }

@@ -18,8 +18,8 @@ mod common;
 
 use common::real;
 use soci_agent::containerd_config::{
-    ConfigVersion, ContainerdConfigError, DEFAULT_ADDRESS, Daemon, Merged, SociWiring, detect_version, fragment,
-    merge, owned_keys, v2_migration_drops_owned_keys,
+    ConfigVersion, ContainerdConfigError, DEFAULT_ADDRESS, Daemon, Merged, SociWiring, detect_version, fragment, merge,
+    owned_keys, v2_migration_drops_owned_keys,
 };
 use toml_edit::{DocumentMut, Item};
 
@@ -102,7 +102,10 @@ fn assert_owned_keys_set(case: &str, text: &str, version: ConfigVersion) {
     match version {
         ConfigVersion::V2 => {
             assert!(cri.contains_key("io.containerd.grpc.v1.cri"), "{case}");
-            assert!(!cri.contains_key("io.containerd.cri.v1.images"), "{case}: v3 table in a v2 file");
+            assert!(
+                !cri.contains_key("io.containerd.cri.v1.images"),
+                "{case}: v3 table in a v2 file"
+            );
         }
         ConfigVersion::V3 | ConfigVersion::V4 => {
             assert!(cri.contains_key("io.containerd.cri.v1.images"), "{case}");
@@ -205,7 +208,10 @@ fn assert_containerd_reads(case: &str, text: &str, version: ConfigVersion) {
             }
         }
         ConfigVersion::V4 => {
-            assert!(real_2x_reads_every_owned_key(case, "2.4.2", text), "{case}: containerd 2.4.2");
+            assert!(
+                real_2x_reads_every_owned_key(case, "2.4.2", text),
+                "{case}: containerd 2.4.2"
+            );
             let (ok, _, stderr) = real::config_dump("2.2.9", text);
             assert!(!ok, "{case}: containerd 2.2.9 loaded a version 4 file");
             assert!(stderr.contains("version"), "{case}: {stderr}");
@@ -275,7 +281,10 @@ fn no_file_creates_a_minimal_file_for_the_daemon() {
     ] {
         let merged = run_ok(case, version);
         assert!(merged.text.starts_with("# "), "{case}: starts with a comment");
-        assert!(!merged.text.contains("[plugins]\n"), "{case}: no empty [plugins] header");
+        assert!(
+            !merged.text.contains("[plugins]\n"),
+            "{case}: no empty [plugins] header"
+        );
     }
     let err = merge(None, PATH, &wiring(), None).unwrap_err();
     assert!(matches!(err, ContainerdConfigError::UnknownDaemon { .. }), "{err:?}");
@@ -296,12 +305,14 @@ fn empty_and_comment_only_files_get_a_minimal_file() {
 fn files_the_daemon_would_misread_are_refused() {
     let v2_on_2 = |e: &ContainerdConfigError| matches!(e, ContainerdConfigError::V2ForContainerd2 { .. });
     run_err_for("fail-v2-on-containerd-2", Some(daemon_for(ConfigVersion::V3)), v2_on_2);
-    run_err_for("fail-v2-drops-on-containerd-2", Some(daemon_for(ConfigVersion::V4)), v2_on_2);
     run_err_for(
-        "fail-v4-on-containerd-2.2",
-        Some(daemon_for(ConfigVersion::V3)),
-        |e| matches!(e, ContainerdConfigError::TooNewForDaemon { file: 4, .. }),
+        "fail-v2-drops-on-containerd-2",
+        Some(daemon_for(ConfigVersion::V4)),
+        v2_on_2,
     );
+    run_err_for("fail-v4-on-containerd-2.2", Some(daemon_for(ConfigVersion::V3)), |e| {
+        matches!(e, ContainerdConfigError::TooNewForDaemon { file: 4, .. })
+    });
 }
 
 #[test]

@@ -511,7 +511,12 @@ fn invalid_settings_exit_2_before_anything_changes() {
         ],
         vec!["--concurrent-download-chunk-size", "16MiB"],
         // SOCI reads any limit <= 0 as unbounded; a bounded global below per-image is what it refuses.
-        vec!["--max-concurrent-downloads", "25", "--max-concurrent-downloads-per-image", "30"],
+        vec![
+            "--max-concurrent-downloads",
+            "25",
+            "--max-concurrent-downloads-per-image",
+            "30",
+        ],
         vec!["--soci-version", "0.10.0"],
         vec!["--arch", "riscv64"],
         vec!["--decompressor", "/usr/bin/pigz-missing"],

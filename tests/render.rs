@@ -497,7 +497,12 @@ fn invalid_values_are_exit_2_with_the_option_named() {
             "--max-concurrent-downloads-per-image",
         ),
         (
-            &["--max-concurrent-unpacks", "2", "--max-concurrent-unpacks-per-image", "3"],
+            &[
+                "--max-concurrent-unpacks",
+                "2",
+                "--max-concurrent-unpacks-per-image",
+                "3",
+            ],
             "--max-concurrent-unpacks-per-image",
         ),
         (

@@ -126,7 +126,10 @@ fn config_version(node: &Node, doc: &DocumentMut, version: ConfigVersion, path: 
     if version > newest {
         return Check::fail(
             ID,
-            format!("{evidence}, but containerd is {}: it reads at most version {newest}", c.version),
+            format!(
+                "{evidence}, but containerd is {}: it reads at most version {newest}",
+                c.version
+            ),
             format!("containerd refuses to start with this file: write it as version {newest}"),
         );
     }

@@ -194,18 +194,25 @@ fn fast_image_pull(node: &Node) -> Check {
     match effective {
         Some((true, from)) if node.agent_installed() => Check::warn(
             ID,
-            format!("featureGates.FastImagePull: true in {from}, which nodeadm merges after soci-agent's {DROPIN_PATH}{note}"),
+            format!(
+                "featureGates.FastImagePull: true in {from}, which nodeadm merges after soci-agent's {DROPIN_PATH}{note}"
+            ),
             "nodeadm then rewrites /etc/soci-snapshotter-grpc/config.toml and containerd.service.d/10-soci-snapshotter.conf \
              at every config phase (its fixed tuning wins): drop FastImagePull from that NodeConfig",
         ),
         Some((true, from)) if small => Check::warn(
             ID,
-            format!("featureGates.FastImagePull: true in {from}, on {} vCPU{note}", node.facts.cpus),
+            format!(
+                "featureGates.FastImagePull: true in {from}, on {} vCPU{note}",
+                node.facts.cpus
+            ),
             "nodeadm silently ignores FastImagePull below 4 vCPU / 7 GiB: SOCI is not set up on this instance",
         ),
         Some((true, from)) => Check::ok(
             ID,
-            format!("featureGates.FastImagePull: true in {from}: nodeadm manages SOCI (soci-agent is not installed){note}"),
+            format!(
+                "featureGates.FastImagePull: true in {from}: nodeadm manages SOCI (soci-agent is not installed){note}"
+            ),
         ),
         Some((false, from)) if from == DROPIN_PATH && cached_on => Check::warn(
             ID,

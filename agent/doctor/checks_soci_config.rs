@@ -1,7 +1,9 @@
 //! soci-config.*: the SOCI daemon's `config.toml` (the `--config` of the
 //! unit's ExecStart, else the default path), read with the daemon's own
 //! defaults for missing keys: parses, parallel mode on, keys known, limits
-//! consistent, chunk size grammar, decompressors, content store rule.
+//! consistent, chunk size grammar, decompressors, content store rule. Keys
+//! are looked up as the daemon reads them: field names case-insensitively,
+//! map keys (`decompress_streams."gzip"`) exactly.
 
 use std::os::unix::fs::PermissionsExt;
 
@@ -9,6 +11,7 @@ use toml_edit::{DocumentMut, Item};
 
 use super::Check;
 use super::node::{Node, Text};
+use crate::release::Version;
 use crate::soci_config::{self, Tuning};
 
 const PARALLEL: &str = "pull_modes.parallel_pull_unpack";
@@ -20,8 +23,7 @@ pub fn parsed(node: &Node) -> Option<DocumentMut> {
 
 /// `[cri_keychain] enable_keychain` and `image_service_path`, when the config parses.
 pub fn keychain(doc: &DocumentMut) -> bool {
-    doc.get("cri_keychain")
-        .and_then(|k| k.get("enable_keychain"))
+    get(doc, "cri_keychain.enable_keychain")
         .and_then(Item::as_bool)
         .unwrap_or(false)
 }
@@ -77,7 +79,7 @@ pub fn config_checks(node: &Node) -> Vec<Check> {
     vec![
         Check::ok("soci-config.parse", format!("{shown} parses")),
         parallel(&doc, path),
-        keys(text, path),
+        keys(text, path, daemon_version(node)),
         limits(&doc, path),
         chunk_size(&doc, path),
         decompressor(node, &doc, path),
@@ -85,8 +87,29 @@ pub fn config_checks(node: &Node) -> Vec<Check> {
     ]
 }
 
+/// The value the daemon ends up with (case-insensitive field names, the
+/// last spelling in the file wins).
 fn get<'a>(doc: &'a DocumentMut, dotted: &str) -> Option<&'a Item> {
-    dotted.split('.').try_fold(doc.as_item(), |item, k| item.get(k))
+    soci_config::lookup(doc.as_item(), dotted)
+}
+
+/// The version of the binary the unit runs: from host detection, else from
+/// the install record when it names the same binary.
+fn daemon_version(node: &Node) -> Option<Version> {
+    let bin = node.resolve(node.exec.as_ref()?.binary());
+    let detected = node
+        .facts
+        .soci_installed
+        .iter()
+        .filter(|i| node.resolve(&i.path) == bin)
+        .find_map(|i| i.version.as_deref()?.parse().ok());
+    let recorded = || match &node.record {
+        Ok(Some(r)) if !r.daemon_binary.is_empty() && node.resolve(&r.daemon_binary) == bin => {
+            r.soci_version.parse().ok()
+        }
+        _ => None,
+    };
+    detected.or_else(recorded)
 }
 
 fn parallel(doc: &DocumentMut, path: &str) -> Check {
@@ -112,22 +135,31 @@ fn parallel(doc: &DocumentMut, path: &str) -> Check {
     }
 }
 
-fn keys(text: &str, path: &str) -> Check {
+fn keys(text: &str, path: &str, version: Option<Version>) -> Check {
     const ID: &str = "soci-config.keys";
-    match soci_config::unknown_keys(text) {
-        Ok(list) if list.is_empty() => Check::ok(ID, format!("every key in {path} is one the daemon knows")),
+    let against = match version {
+        Some(v) => format!("SOCI {v}, the version the unit runs"),
+        None => "any SOCI from 0.11.0 on; the daemon's version is unknown".to_string(),
+    };
+    match soci_config::unknown_keys_for(text, version) {
+        Ok(list) if list.is_empty() => Check::ok(
+            ID,
+            format!("every key in {path} is one the daemon knows (checked against {against})"),
+        ),
         Ok(list) => {
-            let shown: Vec<String> = list
-                .iter()
-                .map(|k| match &k.suggestion {
-                    Some(s) => format!("{} (did you mean {s}?)", k.path),
-                    None => k.path.clone(),
-                })
-                .collect();
+            let shown: Vec<String> = list.iter().map(ToString::to_string).collect();
+            let advice = if list.iter().any(|k| k.not_read.is_some()) {
+                "fix or remove these keys, or upgrade SOCI for the newer ones: the daemon never reports them"
+            } else {
+                "fix or remove these keys: the daemon never reports them"
+            };
             Check::warn(
                 ID,
-                format!("unknown to the daemon, silently ignored ({path}): {}", shown.join("; ")),
-                "fix or remove these keys: the daemon never reports them",
+                format!(
+                    "unknown to the daemon, silently ignored ({path}; checked against {against}): {}",
+                    shown.join("; ")
+                ),
+                advice,
             )
         }
         Err(e) => Check::skip(ID, e.to_string()),
@@ -227,23 +259,50 @@ fn chunk_size(doc: &DocumentMut, path: &str) -> Check {
     }
 }
 
+/// Every `decompress_streams` entry as the daemon decodes the map: the
+/// table name matched case-insensitively, entry names exactly (a later entry
+/// of the same name replaces an earlier one).
+fn decompress_streams(doc: &DocumentMut) -> Vec<(String, &Item)> {
+    let mut out: Vec<(String, &Item)> = Vec::new();
+    for streams in soci_config::lookup_all(doc.as_item(), &format!("{PARALLEL}.decompress_streams")) {
+        let Some(t) = streams.as_table_like() else { continue };
+        for (name, entry) in t.iter() {
+            match out.iter_mut().find(|(n, _)| n == name) {
+                Some(slot) => slot.1 = entry,
+                None => out.push((name.to_string(), entry)),
+            }
+        }
+    }
+    out
+}
+
 fn decompressor(node: &Node, doc: &DocumentMut, path: &str) -> Check {
     const ID: &str = "soci-config.decompressor";
     let mut found = Vec::new();
-    for kind in ["gzip", "zstd"] {
+    let mut concerns = Vec::new();
+    // The daemon validates every entry's path at start, whatever its name.
+    for (kind, t) in decompress_streams(doc) {
         let table = format!("{PARALLEL}.decompress_streams.{kind}");
-        let Some(t) = get(doc, &table) else { continue };
-        let Some(p) = t.get("path").and_then(Item::as_str) else {
+        let Some(p) = soci_config::lookup(t, "path").and_then(Item::as_str) else {
             return Check::fail(
                 ID,
                 format!("[{table}] has no path ({path})"),
-                "set path to an absolute executable",
+                "the daemon refuses to start: set path to an absolute executable",
             );
         };
-        if let Err(e) = soci_config::validate_decompressor_path(p) {
+        if let Err(e) = soci_config::check_decompressor_chars(p) {
             return Check::fail(ID, format!("[{table}] path = {p:?} ({path})"), e.to_string());
         }
-        let resolved = node.resolve(p);
+        // A relative path works against the daemon's working directory (/ under systemd).
+        let absolute = if p.starts_with('/') {
+            p.to_string()
+        } else {
+            concerns.push(format!(
+                "[{table}] path = {p:?} is relative: the daemon resolves it against its working directory (/ under systemd)"
+            ));
+            format!("/{p}")
+        };
+        let resolved = node.resolve(&absolute);
         match std::fs::metadata(node.host_path(&resolved)) {
             Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {}
             Ok(_) => {
@@ -261,12 +320,23 @@ fn decompressor(node: &Node, doc: &DocumentMut, path: &str) -> Check {
                 );
             }
         }
-        let args = t
-            .get("args")
+        if !matches!(kind.as_str(), "gzip" | "zstd") {
+            concerns.push(format!(
+                "[{table}] is not used: the daemon only uses \"gzip\" and \"zstd\" (exact case) and logs a warning"
+            ));
+        }
+        let args = soci_config::lookup(t, "args")
             .and_then(Item::as_array)
             .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(" "))
             .unwrap_or_default();
         found.push(format!("{kind}: {p} {args}").trim_end().to_string());
+    }
+    if !concerns.is_empty() {
+        return Check::warn(
+            ID,
+            format!("{} ({path}): {}", found.join("; "), concerns.join("; ")),
+            "use an absolute path and the name gzip or zstd (soci-agent install writes [..decompress_streams.gzip] with /usr/bin/unpigz)",
+        );
     }
     if !found.is_empty() {
         return Check::ok(ID, format!("{} ({path})", found.join("; ")));

@@ -58,7 +58,7 @@ pub struct UserdataArgs {
     #[arg(long, value_name = "DIR")]
     pub soci_root: Option<String>,
 
-    /// install: parallel downloads across all images; -1 = unbounded. Validated now. [default: -1]
+    /// install: parallel downloads across all images; <= 0 = unbounded. Validated now. [default: -1]
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub max_concurrent_downloads: Option<i64>,
 
@@ -70,7 +70,7 @@ pub struct UserdataArgs {
     #[arg(long, value_name = "SIZE")]
     pub concurrent_download_chunk_size: Option<String>,
 
-    /// install: parallel unpacks across all images; -1 = unbounded. Validated now. [default: -1]
+    /// install: parallel unpacks across all images; <= 0 = unbounded. Validated now. [default: -1]
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub max_concurrent_unpacks: Option<i64>,
 

@@ -104,7 +104,10 @@ impl SociRelease {
     /// Publishes the archive and its `.sha256sum` on `mirror` at the upstream path
     /// (`/v{VER}/{archive}`).
     pub fn publish(&self, mirror: &super::mirror::Mirror) {
-        mirror.put(&format!("/v{}/{}", self.version, self.archive_name), self.archive.clone());
+        mirror.put(
+            &format!("/v{}/{}", self.version, self.archive_name),
+            self.archive.clone(),
+        );
         mirror.put(
             &format!("/v{}/{}.sha256sum", self.version, self.archive_name),
             self.sha256sum.clone().into_bytes(),
