@@ -862,89 +862,22 @@ fn the_prometheus_parser_rejects_what_it_must() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Live checks: real containerd with a proxy plugin, the SOCI stand-in serving it.
-
-/// containerd (no CRI) with everything under `dir` and `[proxy_plugins.soci]` at `soci`.
-fn containerd_with_proxy(dir: &Path, soci: &Path) -> (common::containerd::Daemon, PathBuf) {
-    assert!(
-        Path::new("/usr/bin/containerd").exists(),
-        "needs Debian's containerd (.ci/run installs it)"
-    );
-    let address = dir.join("containerd.sock");
-    let p = |name: &str| dir.join(name).display().to_string();
-    let config = dir.join("containerd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "version = 2\nroot = {:?}\nstate = {:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\n\
-             [grpc]\n  address = {:?}\n\n[ttrpc]\n  address = {:?}\n\n\
-             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {:?}\n\n\
-             [proxy_plugins.soci]\n  type = \"snapshot\"\n  address = {:?}\n",
-            p("containerd-root"),
-            p("containerd-state"),
-            address.display().to_string(),
-            format!("{}.ttrpc", address.display()),
-            p("containerd-opt"),
-            soci.display().to_string(),
-        ),
-    )
-    .unwrap();
-    let mut daemon = common::containerd::Daemon::spawn(
-        "containerd",
-        Command::new("/usr/bin/containerd").arg("--config").arg(&config),
-        dir.join("containerd.log"),
-    );
-    common::containerd::wait_until(
-        "containerd answering",
-        WAIT,
-        || {
-            daemon.assert_running();
-            Command::new("ctr")
-                .arg("--address")
-                .arg(&address)
-                .arg("version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        },
-        String::new,
-    );
-    (daemon, address)
-}
-
-/// The SOCI stand-in serving `socket` (its state under `dir`).
-fn standin(dir: &Path, socket: &Path) -> common::containerd::Daemon {
-    let config = dir.join("soci.toml");
-    std::fs::write(&config, "[pull_modes.parallel_pull_unpack]\nenable = true\n").unwrap();
-    let mut cmd = Command::new(common::standin::standin_binary());
-    cmd.arg("--address")
-        .arg(socket)
-        .arg("--root")
-        .arg(dir.join("soci-root"))
-        .arg("--config")
-        .arg(&config)
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDS");
-    let mut d = common::containerd::Daemon::spawn("standin", &mut cmd, dir.join("standin.log"));
-    common::containerd::wait_until(
-        "stand-in serving",
-        WAIT,
-        || {
-            d.assert_running();
-            UnixStream::connect(socket).is_ok()
-        },
-        String::new,
-    );
-    d
-}
+// Live checks: the REAL containerd with a proxy plugin, the REAL SOCI serving it.
 
 #[test]
 fn live_checks_follow_the_snapshotter_and_each_change_is_logged_once() {
+    use common::containerd::{Containerd, Options, Soci};
     let t = Tree::installed();
     let work = tempfile::tempdir().unwrap();
-    let soci = work.path().join("soci.sock");
-    let mut snapshotter = standin(work.path(), &soci);
-    let (_containerd, address) = containerd_with_proxy(work.path(), &soci);
+    let soci_dir = work.path().join("soci");
+    let soci = soci_dir.join("soci.sock");
+    let opts = Options {
+        soci: Some(soci.clone()),
+        ..Options::default()
+    };
+    let containerd = Containerd::start_with(&work.path().join("containerd"), opts);
+    let address = containerd.socket.clone();
+    let mut snapshotter = Soci::start(&soci_dir, common::real::SOCI_VERSION, &address);
     let args = [
         "--interval",
         "0.1",
@@ -961,7 +894,6 @@ fn live_checks_follow_the_snapshotter_and_each_change_is_logged_once() {
     assert_eq!(reach["verdict"], "ok", "{reach}");
 
     snapshotter.stop();
-    let _ = std::fs::remove_file(&soci);
     let s = d.wait("socket down reported", WAIT, |v| {
         check(v, "live.soci-socket")["verdict"] == "fail"
     });
@@ -976,7 +908,8 @@ fn live_checks_follow_the_snapshotter_and_each_change_is_logged_once() {
     let since = check(&s, "live.soci-socket")["since"].as_f64().unwrap();
     assert!(since <= s["last_reconcile"]["at"].as_f64().unwrap());
 
-    let _snapshotter = standin(work.path(), &soci);
+    drop(snapshotter);
+    let _snapshotter = Soci::start(&soci_dir, common::real::SOCI_VERSION, &address);
     d.wait("socket back", WAIT, |v| check(v, "live.soci-socket")["verdict"] == "ok");
     assert_eq!(d.count("check changed", Some("live.soci-socket")), 2);
     let back = d
@@ -1124,34 +1057,22 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
     use soci_agent::systemd::Systemd;
     const SOCI: &str = "soci-snapshotter.service";
     const CONTAINERD: &str = "containerd.service";
-    let daemon = std::fs::read(common::standin::standin_binary()).unwrap();
-    let archive = common::archive::release_tar_gz(&[
-        ("soci-snapshotter-grpc", &daemon),
-        ("soci", b"#!/bin/sh\necho \"soci version v0.15.0 standin\"\n"),
-        ("THIRD_PARTY_LICENSES", b"Third-party licenses of a test release.\n"),
-        ("NOTICE.md", b"# NOTICE\nTest release.\n"),
-    ]);
-    let node = Node::boot(
-        NodeOptions::new()
-            // systemd would revive a killed snapshotter itself (Restart=always): this test wants the daemon to.
-            .file(
-                "/etc/systemd/system/soci-snapshotter.service.d/60-test.conf",
-                "[Service]\nRestart=no\n",
-            )
-            .file(
-                AGENT_CONFIG,
-                "[daemon]\ninterval = \"300ms\"\nrepair = true\nrepair_backoff = \"1s\"\n",
-            )
-            // ExecReload= runs /bin/kill (procps or util-linux on real nodes, not in debootstrap's
-            // minbase): the shell's builtin stands in.
-            .file_mode("/usr/bin/kill", "#!/bin/sh\nkill \"$@\"\n", 0o755),
-    );
-    std::fs::write(node.share().join(ARCHIVE), &archive).unwrap();
-    std::fs::write(
-        node.share().join(format!("{ARCHIVE}.sha256sum")),
-        sha256sum_line(&archive, ARCHIVE),
-    )
-    .unwrap();
+    use common::real::{NodeContainerdConfig, with_containerd};
+    let opts = NodeOptions::new()
+        // systemd would revive a killed snapshotter itself (Restart=always): this test wants the daemon to.
+        .file(
+            "/etc/systemd/system/soci-snapshotter.service.d/60-test.conf",
+            "[Service]\nRestart=no\n",
+        )
+        .file(
+            AGENT_CONFIG,
+            "[daemon]\ninterval = \"300ms\"\nrepair = true\nrepair_backoff = \"1s\"\n",
+        )
+        // ExecReload= runs /bin/kill (procps or util-linux on real nodes, not in debootstrap's
+        // minbase): the shell's builtin stands in.
+        .file_mode("/usr/bin/kill", "#!/bin/sh\nkill \"$@\"\n", 0o755);
+    let node = Node::boot(with_containerd(opts, "2.4.2", NodeContainerdConfig::Default));
+    let archive = common::real::release_into(&node.share(), common::real::SOCI_VERSION);
     std::fs::copy(agent_bin(), node.share().join("soci-agent")).unwrap();
     let install = node.exec_timeout(
         &[
@@ -1159,7 +1080,7 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
             "install",
             "--daemon",
             "--archive",
-            &format!("/share/{ARCHIVE}"),
+            &format!("/share/{archive}"),
             "--log-level",
             "warn",
         ],

@@ -1,17 +1,19 @@
 //! `soci-agent doctor` as a user runs it: node trees under `--root` (built by
 //! `soci-agent install`, then broken one way per case), `--output json`, and
 //! the verdict of each check asserted by id. The live checks run against the
-//! host's Debian containerd (1.6) started on private paths, with and without
-//! a proxy plugin, and with the test stand-in serving as SOCI.
+//! REAL containerd v2.4.2 and SOCI v0.16.1 (the rig's builds) started on
+//! private paths, with and without a proxy plugin.
 
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::archive::{sha256sum_line, standard_release};
+use common::containerd::{Containerd, Options, Soci};
+use common::real;
 use serde_json::Value;
 
 const VER: &str = "0.16.1";
@@ -1046,97 +1048,7 @@ fn little_space_under_the_soci_root_fails() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Live checks: the host's containerd on private paths.
-
-/// A background process, killed and reaped on drop; its output in a log file.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn spawn(cmd: &mut Command, log: PathBuf) -> Daemon {
-        let file = std::fs::File::create(&log).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        Daemon { child, log }
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- {}:\n{}", self.log.display(), self.log());
-        }
-    }
-}
-
-fn ctr(address: &Path, args: &[&str]) -> Output {
-    Command::new("ctr")
-        .arg("--address")
-        .arg(address)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// containerd with everything under `dir` (no CRI); `soci` = the proxy plugin's address.
-fn containerd(dir: &Path, soci: Option<&Path>) -> (Daemon, PathBuf) {
-    let bin = Path::new("/usr/bin/containerd");
-    assert!(
-        bin.exists(),
-        "needs Debian's containerd: apt-get install -y containerd (.ci/run does)"
-    );
-    let address = dir.join("containerd.sock");
-    let proxy = soci.map_or(String::new(), |s| {
-        format!(
-            "\n[proxy_plugins.soci]\n  type = \"snapshot\"\n  address = {:?}\n",
-            s.display().to_string()
-        )
-    });
-    let config = dir.join("containerd.toml");
-    let p = |name: &str| dir.join(name).display().to_string();
-    std::fs::write(
-        &config,
-        format!(
-            "version = 2\nroot = {:?}\nstate = {:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\n\
-             [grpc]\n  address = {:?}\n\n[ttrpc]\n  address = {:?}\n\n\
-             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {:?}\n{proxy}",
-            p("containerd-root"),
-            p("containerd-state"),
-            address.display().to_string(),
-            format!("{}.ttrpc", address.display()),
-            p("containerd-opt"),
-        ),
-    )
-    .unwrap();
-    let mut daemon = Daemon::spawn(
-        Command::new(bin).arg("--config").arg(&config),
-        dir.join("containerd.log"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ctr(&address, &["version"]).status.success() {
-        if let Some(s) = daemon.child.try_wait().unwrap() {
-            panic!("containerd exited ({s}):\n{}", daemon.log());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "containerd not serving after 30 s:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    (daemon, address)
-}
+// Live checks: the REAL containerd and SOCI (rig builds) on private paths.
 
 fn live(n: &Node, containerd: &Path, soci: &Path) -> Doctor {
     n.doctor(&[
@@ -1151,8 +1063,8 @@ fn live(n: &Node, containerd: &Path, soci: &Path) -> Doctor {
 fn live_containerd_without_a_proxy_plugin() {
     let n = installed_plain();
     let tmp = tempfile::tempdir().unwrap();
-    let (_daemon, address) = containerd(tmp.path(), None);
-    let d = live(&n, &address, &tmp.path().join("nobody.sock"));
+    let c = Containerd::start(&tmp.path().join("containerd"));
+    let d = live(&n, &c.socket, &tmp.path().join("nobody.sock"));
     d.assert("live.containerd-soci", "fail", "lists no soci snapshotter");
     d.assert("live.soci-socket", "fail", "no socket at");
     d.assert("live.pause-image", "skip", "no /etc/eks/pause.tar");
@@ -1164,78 +1076,60 @@ fn live_containerd_with_nothing_serving_soci() {
     let n = installed_plain();
     let tmp = tempfile::tempdir().unwrap();
     let soci = tmp.path().join("soci.sock");
-    let (_daemon, address) = containerd(tmp.path(), Some(&soci));
-    let d = live(&n, &address, &soci);
+    let opts = Options {
+        soci: Some(soci.clone()),
+        ..Options::default()
+    };
+    let c = Containerd::start_with(&tmp.path().join("containerd"), opts);
+    let d = live(&n, &c.socket, &soci);
     d.assert("live.containerd-soci", "fail", "lists soci but cannot reach it");
     d.assert("live.soci-socket", "fail", "no socket at");
 }
 
 #[test]
-fn live_standin_serving_soci_and_the_pause_image() {
+fn live_real_soci_serving_and_the_pause_image() {
     let n = installed_plain();
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let soci = d.join("soci.sock");
-    let config = d.join("soci.toml");
-    std::fs::write(&config, "[pull_modes.parallel_pull_unpack]\nenable = true\n").unwrap();
-    let mut cmd = Command::new(common::standin::standin_binary());
-    cmd.arg("--address")
-        .arg(&soci)
-        .arg("--root")
-        .arg(d.join("soci-root"))
-        .arg("--config")
-        .arg(&config)
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDS");
-    let standin = Daemon::spawn(&mut cmd, d.join("standin.log"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&soci).is_err() {
-        assert!(Instant::now() < deadline, "stand-in not serving:\n{}", standin.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (_daemon, address) = containerd(d, Some(&soci));
+    let soci_dir = d.join("soci");
+    let opts = Options {
+        soci: Some(soci_dir.join("soci.sock")),
+        ..Options::default()
+    };
+    let c = Containerd::start_with(&d.join("containerd"), opts);
+    let mut soci = Soci::start(&soci_dir, real::SOCI_VERSION, &c.socket);
     let pause = oci_image_tar(PAUSE_IMAGE);
     std::fs::create_dir_all(n.path("/etc/eks")).unwrap();
     std::fs::write(n.path("/etc/eks/pause.tar"), &pause).unwrap();
 
-    let report = live(&n, &address, &soci);
+    // A SOCI that holds no snapshot yet answers, and that is healthy.
+    let report = live(&n, &c.socket, &soci.socket);
     report.assert("live.soci-socket", "ok", "accepted a connection");
     report.assert("live.containerd-soci", "ok", "answers Snapshots.List");
     report.assert("live.pause-image", "fail", "not in containerd's k8s.io namespace");
 
     let tar = d.join("pause.tar");
     std::fs::write(&tar, &pause).unwrap();
-    let import = |snapshotter: &str| {
-        let out = ctr(
-            &address,
-            &[
-                "-n",
-                "k8s.io",
-                "images",
-                "import",
-                "--snapshotter",
-                snapshotter,
-                tar.to_str().unwrap(),
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "ctr import --snapshotter {snapshotter}: {}",
-            show(&out)
-        );
-    };
-    import("native");
-    live(&n, &address, &soci).assert("live.pause-image", "fail", "not unpacked in soci (unpacked in: native)");
-    import("soci");
-    let report = live(&n, &address, &soci);
+    let tar = tar.to_str().unwrap();
+    c.ctr(&["-n", "k8s.io", "images", "import", "--local", "--snapshotter", "native", tar]);
+    live(&n, &c.socket, &soci.socket).assert("live.pause-image", "fail", "not unpacked in soci (unpacked in: native)");
+    c.ctr(&["-n", "k8s.io", "images", "import", "--local", "--snapshotter", "soci", tar]);
+    let report = live(&n, &c.socket, &soci.socket);
     report.assert("live.pause-image", "ok", "is unpacked in soci (snapshot sha256:");
     report.assert("live.containerd-soci", "ok", "reaches it (Snapshots.Stat of sha256:");
+    // The snapshot is SOCI's own, not containerd's.
+    assert!(
+        c.ctr(&["-n", "k8s.io", "snapshots", "--snapshotter", "soci", "ls"])
+            .lines()
+            .count()
+            > 1
+    );
+    assert!(soci.root.join("snapshotter/metadata.db").exists());
 
     // The daemon goes away: containerd still lists soci, but a Stat through it fails.
-    drop(standin);
-    let report = live(&n, &address, &soci);
-    report.assert("live.soci-socket", "fail", "did not accept a connection");
+    soci.stop();
+    let report = live(&n, &c.socket, &soci.socket);
+    report.assert("live.soci-socket", "fail", "no socket at");
     report.assert(
         "live.containerd-soci",
         "fail",
@@ -1285,6 +1179,7 @@ fn oci_image_tar(name: &str) -> Vec<u8> {
         "schemaVersion": 2,
         "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
                        "digest": format!("sha256:{}", sha256_hex(&manifest)), "size": manifest.len(),
+                       "platform": {"architecture": arch, "os": "linux"},
                        "annotations": {"io.containerd.image.name": name}}],
     }))
     .unwrap();
@@ -1301,7 +1196,7 @@ fn oci_image_tar(name: &str) -> Vec<u8> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A booted systemd node: doctor inside it, over its D-Bus, with its containerd and the stand-in.
+// A booted systemd node: doctor inside it, over its D-Bus, with real containerd 2.4.2 and SOCI.
 
 /// `soci-agent doctor --output json` run inside the node (root `/`, the system bus, live checks).
 fn doctor_in(node: &common::nspawn::Node) -> Doctor {
@@ -1321,20 +1216,9 @@ fn doctor_in(node: &common::nspawn::Node) -> Doctor {
 #[test]
 fn booted_node_over_dbus() {
     use common::nspawn::{Node as Booted, NodeOptions};
-    let daemon = std::fs::read(common::standin::standin_binary()).unwrap();
-    let archive = common::archive::release_tar_gz(&[
-        ("soci-snapshotter-grpc", &daemon),
-        ("soci", b"#!/bin/sh\necho \"soci version v0.15.0 standin\"\n"),
-        ("THIRD_PARTY_LICENSES", b"Third-party licenses of a test release.\n"),
-        ("NOTICE.md", b"# NOTICE\nTest release.\n"),
-    ]);
-    let node = Booted::boot(NodeOptions::new());
-    std::fs::write(node.share().join(ARCHIVE), &archive).unwrap();
-    std::fs::write(
-        node.share().join(format!("{ARCHIVE}.sha256sum")),
-        sha256sum_line(&archive, ARCHIVE),
-    )
-    .unwrap();
+    let opts = real::with_containerd(NodeOptions::new(), "2.4.2", real::NodeContainerdConfig::Default);
+    let node = Booted::boot(opts);
+    let archive = real::release_into(&node.share(), real::SOCI_VERSION);
     let agent_copy = node.share().join("soci-agent");
     std::fs::copy(env!("CARGO_BIN_EXE_soci-agent"), &agent_copy).unwrap();
     let install = node.exec_timeout(
@@ -1342,7 +1226,7 @@ fn booted_node_over_dbus() {
             "/share/soci-agent",
             "install",
             "--archive",
-            &format!("/share/{ARCHIVE}"),
+            &format!("/share/{archive}"),
             "--log-level",
             "warn",
         ],
@@ -1371,7 +1255,7 @@ fn booted_node_over_dbus() {
     d.assert("systemd.containerd-dropin", "ok", "10-soci-snapshotter.conf");
     d.assert("live.soci-socket", "ok", "accepted a connection");
     d.assert("live.containerd-soci", "ok", "lists soci");
-    d.assert("soci.version", "ok", "standin");
+    d.assert("soci.version", "ok", "0.16.1");
     d.assert("soci.digest", "ok", "release.json");
     let size = d.check("host.size");
     assert!(
@@ -1379,10 +1263,10 @@ fn booted_node_over_dbus() {
         "{size}"
     );
 
-    // A snapshotter that refuses to start: the unit fails, containerd goes down with it.
+    // A snapshotter that refuses to start (SOCI cannot parse its config): the unit fails.
     let cfg = "/etc/soci-snapshotter-grpc/config.toml";
     let text = std::fs::read_to_string(node.path(cfg)).unwrap();
-    std::fs::write(node.path(cfg), format!("# standin: fail-at-start\n{text}")).unwrap();
+    std::fs::write(node.path(cfg), format!("{text}\nthis is not toml\n")).unwrap();
     let _ = node.exec(&["systemctl", "restart", "soci-snapshotter.service"]);
     let d = doctor_in(&node);
     d.assert("systemd.soci-service", "fail", "Result=exit-code");

@@ -1,27 +1,36 @@
-//! End to end on a real systemd node: `soci-agent install` inside a booted Debian bookworm node
-//! (`common::nspawn`), from a loopback mirror serving a release archive with the real layout whose
-//! `soci-snapshotter-grpc` is the TEST-ONLY stand-in (`tests/standin`).
+//! End to end on a real systemd node with the REAL components: `soci-agent install` inside a
+//! booted Debian bookworm node (`common::nspawn`) whose containerd is the rig's v2.4.2 or v2.2.9
+//! build (`common::real`), installing the REAL SOCI v0.16.1 release (built by the rig, packed in
+//! the upstream layout) from a loopback mirror through its normal download path.
 //!
 //! One node per `#[test]` (they run in parallel):
-//! - [`plain_host_install_noop_boot_unit_and_uninstall`]: a Debian node with containerd enabled
-//!   and running. Install (case 1), the no-op second run with unchanged InvocationIDs (2), the
-//!   boot unit importing a pause image into the soci snapshotter (7), uninstall (5).
-//! - [`al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts`] (3): the AMI's preinstalled
-//!   unit and enabled socket, nodeadm, containerd not enabled: drop-ins only, nothing started;
-//!   then containerd's start (what nodeadm-run does) brings the snapshotter up through Requires=.
-//! - [`broken_snapshotter_rolls_the_node_back`] (4): a daemon that exits 1 at once: exit 1 and the
-//!   node's files byte-identical to before, containerd running unwired.
+//! - [`plain_host_install_pull_noop_boot_unit_and_uninstall`]: containerd 2.4.2 enabled and
+//!   running on its own default config (version 4). Install (case 1), a `crictl pull` from a
+//!   loopback registry landing every layer in SOCI in parallel mode, `doctor` with no failing
+//!   check, the no-op second run with unchanged InvocationIDs (2), the boot unit importing a
+//!   pause image into the soci snapshotter (7), uninstall (5).
+//! - [`containerd_22_without_a_config_file_loads_soci`]: containerd 2.2.9 with no config file:
+//!   the file the agent creates is one containerd 2.2 reads as is (`containerd config dump`).
+//! - [`al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts`] (3): the AMI's real units
+//!   (`soci-snapshotter.service`/`.socket`, containerd's slice drop-in), an older real SOCI
+//!   (0.15.0) in `/usr/bin`, nodeadm, containerd 2.2.9 not enabled: the old SOCI is replaced
+//!   by the release, drop-ins only, nothing started; then containerd's start (what nodeadm-run
+//!   does) brings the snapshotter up through Requires=.
+//! - [`broken_snapshotter_rolls_the_node_back`] (4): the real daemon refusing to start (its root
+//!   is a file): exit 1 and the node's files byte-identical to before, containerd running unwired.
 //! - [`sigkill_mid_install_then_rerun_converges`] (6): the agent killed (SIGKILL) during the
 //!   download, right after start and during the systemd step; a re-run ends as case 1. Then
 //!   files already wired but containerd still on its old config (a kill between writing and
 //!   restarting): a plain run restarts containerd. Uninstall then disables every unit, including
 //!   those an interrupted run enabled without recording them.
 //!
-//! States are read from the node (files, `systemctl`, `ctr`) and from its systemd over D-Bus from
-//! the host (`Systemd::unit_state`), never from log text. A failing assertion shows the agent's
-//! report and logs; the node's journal is printed when the node drops during the panic.
+//! States are read from the node (files, `systemctl`, `ctr`, `containerd config dump`) and from
+//! its systemd over D-Bus from the host (`Systemd::unit_state`), never from log text. A failing
+//! assertion shows the agent's report and logs; the node's journal is printed when the node drops
+//! during the panic.
 //!
-//! Needs root, debootstrap, systemd-container (systemd-nspawn), nsenter and protoc (the stand-in).
+//! Needs root, debootstrap, systemd-container (systemd-nspawn), nsenter, and the rig
+//! (`tests/real/build.sh`: Go, gcc, zlib1g-dev).
 
 mod common;
 
@@ -31,18 +40,17 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::archive::{release_tar_gz, sha256_hex};
+use common::archive::sha256_hex;
 use common::mirror::{Fault, Mirror};
 use common::nspawn::{Node, NodeOptions, text};
-use common::standin::standin_binary;
+use common::real::{self, NodeContainerdConfig, with_containerd};
+use common::registry::Registry;
 use serde_json::{Value, json};
 use soci_agent::systemd::{Systemd, UnitState};
 
-const VERSION: &str = "0.15.0";
-const ARCHIVE: &str = "soci-snapshotter-0.15.0-linux-amd64-static.tar.gz";
+const VERSION: &str = real::SOCI_VERSION;
 /// The agent binary, as copied into the node's `/share`.
 const AGENT: &str = "/share/soci-agent";
 /// Bound of one agent run (its own waits are 90 s per job, 60 s health).
@@ -62,30 +70,12 @@ const SERVICE_DROPIN: &str = "/etc/systemd/system/soci-snapshotter.service.d/50-
 const CONTAINERD_DROPIN: &str = "/etc/systemd/system/containerd.service.d/10-soci-snapshotter.conf";
 const NODECONFIG_DROPIN: &str = "/etc/eks/nodeadm.d/50-soci-agent.yaml";
 const RECORD: &str = "/var/lib/soci-agent/record.json";
-const STORE_DAEMON: &str = "/usr/local/lib/soci-agent/releases/0.15.0-amd64/soci-snapshotter-grpc";
+const STORE_DAEMON: &str = "/usr/local/lib/soci-agent/releases/0.16.1-amd64/soci-snapshotter-grpc";
+const SOCI_ROOT: &str = "/var/lib/soci-snapshotter-grpc";
 const PAUSE_IMAGE: &str = "localhost/kubernetes/pause:latest";
 
 // ---------------------------------------------------------------------------------------------
 // The release, the node, agent runs.
-
-/// A release archive with the real layout and names; `daemon` is `soci-snapshotter-grpc`.
-fn release(daemon: &[u8]) -> Vec<u8> {
-    release_tar_gz(&[
-        ("soci-snapshotter-grpc", daemon),
-        ("soci", b"#!/bin/sh\necho \"soci version v0.15.0 standin\"\n"),
-        ("THIRD_PARTY_LICENSES", b"Third-party licenses of a test release.\n"),
-        (
-            "NOTICE.md",
-            b"# NOTICE\nTest release built by soci-agent's end-to-end tests.\n",
-        ),
-    ])
-}
-
-/// The release with the stand-in daemon (built once per test binary).
-fn standin_release() -> &'static [u8] {
-    static ARCHIVE_BYTES: OnceLock<Vec<u8>> = OnceLock::new();
-    ARCHIVE_BYTES.get_or_init(|| release(&fs::read(standin_binary()).expect("read the stand-in")))
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -153,12 +143,12 @@ struct Rig {
 }
 
 impl Rig {
-    /// Starts a mirror serving `archive` as release 0.15.0, boots a node with `opts` and copies the
+    /// Starts a mirror serving the real SOCI release, boots a node with `opts` and copies the
     /// agent into its `/share`.
-    fn boot(opts: NodeOptions, archive: &[u8]) -> Rig {
+    fn boot(opts: NodeOptions) -> Rig {
         let started = Instant::now();
         let mirror = Mirror::start();
-        mirror.publish(VERSION, ARCHIVE, archive);
+        real::soci_release(VERSION).publish(&mirror);
         let node = Node::boot(opts);
         let agent = node.share().join("soci-agent");
         fs::copy(env!("CARGO_BIN_EXE_soci-agent"), &agent).expect("copy the agent into the node's /share");
@@ -291,8 +281,30 @@ impl Rig {
         );
         self.node
             .check(&["ctr", "-n", "k8s.io", "snapshots", "--snapshotter", "soci", "ls"]);
-        let config = String::from_utf8(self.read(CONTAINERD_CONFIG).expect("containerd config")).unwrap();
-        assert_wired_v2(&config, ctx);
+        self.assert_containerd_reads_soci(ctx);
+    }
+
+    /// `containerd config dump` inside the node (what containerd makes of its config file,
+    /// after its own migration) wires `soci` as proxy snapshotter and CRI snapshotter.
+    fn assert_containerd_reads_soci(&self, ctx: &str) {
+        let dump = self.node.check(&["containerd", "config", "dump"]);
+        let doc: toml_edit::DocumentMut = dump
+            .parse()
+            .unwrap_or_else(|e| panic!("{ctx}: config dump does not parse: {e}\n{dump}"));
+        let soci = &doc["proxy_plugins"]["soci"];
+        assert_eq!(soci["type"].as_str(), Some("snapshot"), "{ctx}: proxy_plugins.soci\n{dump}");
+        assert_eq!(
+            soci["address"].as_str(),
+            Some("/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock"),
+            "{ctx}: proxy_plugins.soci.address\n{dump}"
+        );
+        let images = &doc["plugins"]["io.containerd.cri.v1.images"];
+        assert_eq!(images["snapshotter"].as_str(), Some("soci"), "{ctx}: CRI snapshotter\n{dump}");
+        assert_eq!(
+            images["disable_snapshot_annotations"].as_bool(),
+            Some(false),
+            "{ctx}: disable_snapshot_annotations\n{dump}"
+        );
     }
 
     /// Starts an install in the background; see [`Background`].
@@ -418,35 +430,6 @@ fn children(pid: u32) -> Vec<u32> {
                 .collect::<Vec<u32>>()
         })
         .collect()
-}
-
-/// Asserts a version-2 containerd config wires `soci` as proxy snapshotter and CRI snapshotter.
-fn assert_wired_v2(config: &str, ctx: &str) {
-    let doc: toml_edit::DocumentMut = config
-        .parse()
-        .unwrap_or_else(|e| panic!("{ctx}: containerd config does not parse: {e}\n{config}"));
-    let soci = &doc["proxy_plugins"]["soci"];
-    assert_eq!(
-        soci["type"].as_str(),
-        Some("snapshot"),
-        "{ctx}: proxy_plugins.soci.type\n{config}"
-    );
-    assert_eq!(
-        soci["address"].as_str(),
-        Some("/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock"),
-        "{ctx}: proxy_plugins.soci.address\n{config}"
-    );
-    let cri = &doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"];
-    assert_eq!(
-        cri["snapshotter"].as_str(),
-        Some("soci"),
-        "{ctx}: CRI snapshotter\n{config}"
-    );
-    assert_eq!(
-        cri["disable_snapshot_annotations"].as_bool(),
-        Some(false),
-        "{ctx}: disable_snapshot_annotations\n{config}"
-    );
 }
 
 /// Whether a containerd config mentions soci at all.
@@ -622,14 +605,19 @@ fn pause_image_tar() -> Vec<u8> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Cases 1, 2, 7, 5 on one plain Debian node.
+// Cases 1, 2, 7, 5 on one plain node with containerd 2.4.2.
 
 #[test]
-fn plain_host_install_noop_boot_unit_and_uninstall() {
-    let archive = standin_release();
-    let rig = Rig::boot(NodeOptions::new(), archive);
+fn plain_host_install_pull_noop_boot_unit_and_uninstall() {
+    let registry_dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start_new(registry_dir.path(), None);
+    let image = registry.push_random_image("app", "v1", 4, 1 << 20);
+    let host = registry.host();
+    let opts = with_containerd(NodeOptions::new(), "2.4.2", NodeContainerdConfig::Default)
+        .prepare(move |root: &Path| real::trust_plain_http(root, &host));
+    let rig = Rig::boot(opts);
     let booted = rig.started.elapsed();
-    assert_eq!(rig.is_active(CONTAINERD), "active", "Debian's containerd runs at boot");
+    assert_eq!(rig.is_active(CONTAINERD), "active", "containerd runs at boot");
     assert_eq!(rig.soci_plugin(), None, "no soci snapshotter before install");
     let config_before = rig.read(CONTAINERD_CONFIG);
     let containerd_before = rig.unit(CONTAINERD);
@@ -673,6 +661,36 @@ fn plain_host_install_noop_boot_unit_and_uninstall() {
     ] {
         assert!(rig.exists(path), "{path} missing after install");
     }
+
+    // 1b. A CRI pull lands every layer in SOCI, through parallel pull/unpack.
+    rig.step("case 1b: crictl pull from a loopback registry");
+    rig.node.check(&["crictl", "pull", &image.reference]);
+    let snapshots = rig
+        .node
+        .check(&["ctr", "-n", "k8s.io", "snapshots", "--snapshotter", "soci", "ls"]);
+    let committed = snapshots
+        .lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().last() == Some("Committed"))
+        .count();
+    assert_eq!(committed, image.layer_digests.len(), "soci snapshots:\n{snapshots}");
+    // Parallel mode with discard_unpacked_layers: SOCI fetched and unpacked the layers itself;
+    // their compressed blobs never entered containerd's content store.
+    let content = rig.node.check(&["ctr", "-n", "k8s.io", "content", "ls", "-q"]);
+    assert!(content.contains(&image.manifest_digest), "manifest not in content:\n{content}");
+    for layer in &image.layer_digests {
+        assert!(!content.contains(layer.as_str()), "{layer} kept in containerd's content store");
+    }
+    let doctor = rig.agent(
+        "doctor",
+        &["/usr/local/bin/soci-agent", "doctor", "--output", "json", "--log-level", "warn"],
+    );
+    let failing: Vec<&Value> = doctor.report["checks"]
+        .as_array()
+        .map(|c| c.iter().filter(|c| c["verdict"] == "fail").collect())
+        .unwrap_or_default();
+    assert!(failing.is_empty(), "doctor: failing checks {failing:#?}\n{}", doctor.show());
+    doctor.expect_code(0);
 
     // 2. The second run changes nothing and restarts nothing.
     rig.step("case 2: second run is a no-op");
@@ -740,7 +758,7 @@ fn plain_host_install_noop_boot_unit_and_uninstall() {
             .any(|l| l.split_whitespace().last() == Some("Committed")),
         "no committed snapshot in the soci snapshotter:\n{snapshots}"
     );
-    // The stand-in holds the unpacked layer: the import went through SOCI.
+    // SOCI holds the unpacked layer: the import went through the daemon.
     let unpacked = rig.node.check(&[
         "sh",
         "-c",
@@ -810,33 +828,52 @@ fn plain_host_install_noop_boot_unit_and_uninstall() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Case 3: an AL2023-shaped node.
+// containerd 2.2 with no config file.
 
-const AMI_SERVICE: &str = "[Unit]\nDescription=soci snapshotter containerd plugin (as on the AL2023 EKS AMI)\n\n\
-                           [Service]\nType=notify\nExecStart=/usr/bin/soci-snapshotter-grpc --address fd://\n\
-                           Restart=no\n\n[Install]\nWantedBy=multi-user.target\n";
-const AMI_SOCKET: &str = "[Unit]\nDescription=soci snapshotter socket\n\n[Socket]\n\
-                          ListenStream=/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock\nSocketMode=0660\n\n\
-                          [Install]\nWantedBy=sockets.target\n";
+#[test]
+fn containerd_22_without_a_config_file_loads_soci() {
+    let rig = Rig::boot(with_containerd(NodeOptions::new(), "2.2.9", NodeContainerdConfig::None));
+    assert!(!rig.exists(CONTAINERD_CONFIG));
+    rig.step("install on containerd 2.2.9 with no config file");
+    let run = rig.install();
+    run.expect_code(0);
+    let config = String::from_utf8(rig.read(CONTAINERD_CONFIG).expect("config written")).unwrap();
+    assert!(config.starts_with("version = 3") || config.contains("\nversion = 3"), "{config}");
+    rig.assert_installed_and_healthy("containerd 2.2.9, no config file before");
+    let un = rig.agent("uninstall", &[AGENT, "uninstall", "--output", "json"]);
+    un.expect_code(0);
+    assert!(!rig.exists(CONTAINERD_CONFIG), "the created config is removed again\n{}", un.show());
+    assert_eq!(rig.soci_plugin(), None);
+    eprintln!("containerd 2.2.9 without config: {:.1?}", rig.started.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 3: an AL2023-shaped node.
 
 #[test]
 fn al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts() {
-    let archive = standin_release();
-    let standin = fs::read(standin_binary()).unwrap();
-    let opts = NodeOptions::new()
-        .al2023_like()
-        .file(SERVICE_PATH, AMI_SERVICE)
-        .file(SOCKET_PATH, AMI_SOCKET)
-        .file_mode("/usr/bin/soci-snapshotter-grpc", standin, 0o755)
+    let ami = real::ami_runtime().join("rootfs/etc/systemd/system");
+    let ami_file = |name: &str| fs::read(ami.join(name)).unwrap_or_else(|e| panic!("AMI {name}: {e}"));
+    let old = real::soci_daemon(real::SOCI_OLD_VERSION);
+    let opts = with_containerd(NodeOptions::new().al2023_like(), "2.2.9", NodeContainerdConfig::None)
+        .file(SERVICE_PATH, ami_file("soci-snapshotter.service"))
+        .file(SOCKET_PATH, ami_file("soci-snapshotter.socket"))
+        .file("/etc/systemd/system/runtime.slice", ami_file("runtime.slice"))
+        .file(
+            "/etc/systemd/system/containerd.service.d/00-runtime-slice.conf",
+            ami_file("containerd.service.d/00-runtime-slice.conf"),
+        )
+        .file_mode("/usr/bin/soci-snapshotter-grpc", fs::read(&old).unwrap(), 0o755)
+        .file_mode("/usr/bin/soci", fs::read(old.with_file_name("soci")).unwrap(), 0o755)
         .file_mode("/usr/bin/nodeadm", "#!/bin/sh\necho \"nodeadm stub $*\" >&2\n", 0o755)
-        .file("/etc/eks/containerd-version.txt", "1.7.27\n")
+        .file("/etc/eks/containerd-version.txt", "2.2.9\n")
         .prepare(|root: &Path| {
             fs::create_dir_all(root.join("etc/eks/nodeadm.d")).unwrap();
             let wants = root.join("etc/systemd/system/sockets.target.wants");
             fs::create_dir_all(&wants).unwrap();
             std::os::unix::fs::symlink(SOCKET_PATH, wants.join(SOCKET)).unwrap();
         });
-    let rig = Rig::boot(opts, archive);
+    let rig = Rig::boot(opts);
     let booted = rig.started.elapsed();
     assert_eq!(
         rig.is_active(CONTAINERD),
@@ -852,6 +889,8 @@ fn al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts() {
     let run = rig.install();
     run.expect_code(0);
     assert_eq!(run.report["plan"]["wiring"], "nodeadm", "{}", run.show());
+    // The AMI's SOCI 0.15.0 predates fixes the agent needs: replaced by the verified release.
+    assert_eq!(run.report["plan"]["soci"]["origin"], "release", "{}", run.show());
     for path in [SERVICE_DROPIN, CONTAINERD_DROPIN, NODECONFIG_DROPIN] {
         assert!(rig.exists(path), "{path} missing\n{}", run.show());
     }
@@ -866,7 +905,7 @@ fn al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts() {
         config_before,
         "nodeadm owns containerd's config"
     );
-    // v2 table names for containerd 1.7 in the NodeConfig drop-in.
+    // Version-3 table names for containerd 2.2 in the NodeConfig drop-in.
     let yaml: serde_yaml_ng::Value =
         serde_yaml_ng::from_slice(&rig.read(NODECONFIG_DROPIN).unwrap()).expect("NodeConfig drop-in is YAML");
     let fragment = yaml["spec"]["containerd"]["config"]
@@ -874,7 +913,7 @@ fn al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts() {
         .unwrap_or_else(|| panic!("no spec.containerd.config in {yaml:?}"));
     let doc: toml_edit::DocumentMut = fragment.parse().expect("containerd fragment is TOML");
     assert_eq!(
-        doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["snapshotter"].as_str(),
+        doc["plugins"]["io.containerd.cri.v1.images"]["snapshotter"].as_str(),
         Some("soci"),
         "{fragment}"
     );
@@ -933,15 +972,17 @@ fn al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts() {
 
 #[test]
 fn broken_snapshotter_rolls_the_node_back() {
-    let archive = release(b"#!/bin/sh\nexit 1\n");
-    let rig = Rig::boot(NodeOptions::new(), &archive);
+    // The real daemon cannot create its root (a file is in the way) and exits at start.
+    let opts = with_containerd(NodeOptions::new(), "2.4.2", NodeContainerdConfig::Default)
+        .file(SOCI_ROOT, "not a directory\n");
+    let rig = Rig::boot(opts);
     let booted = rig.started.elapsed();
     assert_eq!(rig.is_active(CONTAINERD), "active");
     let watched = ["/etc", "/usr/local", "/var/lib/soci-agent"];
     let before = tree_without_reports(&rig.node, &watched);
     let config_before = rig.read(CONTAINERD_CONFIG);
 
-    rig.step("case 4: install with a snapshotter that exits 1");
+    rig.step("case 4: install with a snapshotter that cannot start");
     let run = rig.install();
     run.expect_code(1);
     let error = run.report["error"].as_str().unwrap_or_default();
@@ -1003,11 +1044,11 @@ const SLOW_START_DROPIN: &str = "/etc/systemd/system/soci-snapshotter.service.d/
 
 #[test]
 fn sigkill_mid_install_then_rerun_converges() {
-    let archive = standin_release();
-    let opts = NodeOptions::new().file(SLOW_START_DROPIN, "[Service]\nExecStartPre=/bin/sleep 3\n");
-    let rig = Rig::boot(opts, archive);
+    let opts = with_containerd(NodeOptions::new(), "2.4.2", NodeContainerdConfig::Default)
+        .file(SLOW_START_DROPIN, "[Service]\nExecStartPre=/bin/sleep 3\n");
+    let rig = Rig::boot(opts);
     let booted = rig.started.elapsed();
-    let archive_path = format!("/v{VERSION}/{ARCHIVE}");
+    let archive_path = format!("/v{VERSION}/{}", real::soci_release(VERSION).archive_name);
     let watched = ["/etc", "/usr/local", "/var/lib/soci-agent"];
     let config_before = rig.read(CONTAINERD_CONFIG);
 

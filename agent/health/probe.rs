@@ -200,8 +200,10 @@ pub async fn probe(containerd: &Path, soci: &Path, may_dial: bool) -> Result<(St
     ))
 }
 
-/// gRPC NotFound from `Snapshots.List`: the snapshots service answered and
-/// has no snapshot bucket yet (a freshly started SOCI, seen on v0.16.1).
+/// `Snapshots.List` answered "no snapshot bucket yet": a freshly started
+/// SOCI. v0.16.1 sends it as gRPC Unknown with the message
+/// `bucket does not exist: not found` (its List stream does not map
+/// containerd's errdefs to codes); NotFound is accepted too.
 fn answered_empty(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::NotFound
+    status.code() == tonic::Code::NotFound || status.message().contains("bucket does not exist")
 }

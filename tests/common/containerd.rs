@@ -1,9 +1,10 @@
-//! A real containerd (the host's Debian `containerd`, 1.6) on private
-//! `--root`/`--state`/socket paths under a test directory, with its CRI
+//! The REAL containerd (the rig's v2.4.2 or v2.2.9 build, see [`super::real`])
+//! on private `root`/`state`/socket paths under a test directory, with its CRI
 //! plugin serving `runtime.v1.ImageService` on the same socket, and
 //! loopback registries trusted over plain HTTP through `config_path`
 //! (`hosts/<host:port>/hosts.toml`). The CRI snapshotter is overlayfs when
-//! an overlay mount works here, else native.
+//! an overlay mount works here, else native. Optionally wired to a REAL SOCI
+//! ([`Soci`]) through `[proxy_plugins.soci]`.
 //!
 //! Also the process helpers the prefetch tests share: [`Daemon`] (a
 //! background process with its output in a log file, killed on drop) and
@@ -160,42 +161,68 @@ pub fn cri_snapshotter() -> &'static str {
     })
 }
 
-/// A running containerd with CRI, all state under one directory.
+/// How to start a [`Containerd`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// A containerd version the rig builds (see [`super::real::CONTAINERD_VERSIONS`]).
+    pub version: &'static str,
+    /// `[proxy_plugins.soci]` at this socket (`None`: no proxy plugin).
+    pub soci: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            version: super::real::CONTAINERD_VERSIONS[0],
+            soci: None,
+        }
+    }
+}
+
+/// A running REAL containerd (the rig's build) with CRI, all state under one directory.
 pub struct Containerd {
     pub dir: PathBuf,
     pub socket: PathBuf,
     pub hosts_dir: PathBuf,
+    pub version: &'static str,
     daemon: Daemon,
 }
 
 impl Containerd {
-    /// Starts containerd under `dir` and waits (bounded) until its CRI plugin serves.
+    /// Starts the newest rig containerd under `dir`, without a proxy plugin.
     pub fn start(dir: &Path) -> Containerd {
-        let bin = Path::new("/usr/bin/containerd");
-        assert!(
-            bin.exists(),
-            "needs Debian's containerd: apt-get install -y containerd (.ci/run does)"
-        );
+        Containerd::start_with(dir, Options::default())
+    }
+
+    /// Starts containerd under `dir` (config version 3) and waits (bounded) until its CRI
+    /// plugin serves.
+    pub fn start_with(dir: &Path, opts: Options) -> Containerd {
+        let bin = super::real::containerd(opts.version);
         fs::create_dir_all(dir).unwrap();
         let socket = dir.join("containerd.sock");
         let hosts_dir = dir.join("hosts");
         fs::create_dir_all(&hosts_dir).unwrap();
         let config = dir.join("containerd.toml");
         let p = |d: &str| dir.join(d).to_str().unwrap().to_string();
+        let proxy = opts.soci.as_ref().map_or(String::new(), |s| {
+            format!(
+                "\n[proxy_plugins.soci]\n  type = \"snapshot\"\n  address = {:?}\n",
+                s.to_str().unwrap()
+            )
+        });
         fs::write(
             &config,
             format!(
-                "version = 2\nroot = {root:?}\nstate = {state:?}\n\n[grpc]\n  address = {sock:?}\n\n\
+                "version = 3\nroot = {root:?}\nstate = {state:?}\n\n[grpc]\n  address = {sock:?}\n\n\
                  [ttrpc]\n  address = {ttrpc:?}\n\n\
-                 [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {opt:?}\n\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_apparmor = true\n  disable_cgroup = true\n\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = {snap:?}\n\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = {hosts:?}\n",
+                 [plugins.'io.containerd.nri.v1.nri']\n  disable = true\n\n\
+                 [plugins.'io.containerd.cri.v1.runtime']\n  disable_apparmor = true\n\n\
+                 [plugins.'io.containerd.cri.v1.images']\n  snapshotter = {snap:?}\n\n\
+                 [plugins.'io.containerd.cri.v1.images'.registry]\n  config_path = {hosts:?}\n{proxy}",
                 root = p("root"),
                 state = p("state"),
                 sock = socket.to_str().unwrap(),
                 ttrpc = p("containerd.sock.ttrpc"),
-                opt = p("opt"),
                 snap = cri_snapshotter(),
                 hosts = hosts_dir.to_str().unwrap(),
             ),
@@ -210,6 +237,7 @@ impl Containerd {
             dir: dir.to_path_buf(),
             socket,
             hosts_dir,
+            version: opts.version,
             daemon,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -234,6 +262,11 @@ impl Containerd {
         c
     }
 
+    /// Stops the daemon (its state stays).
+    pub fn stop(&mut self) {
+        self.daemon.stop();
+    }
+
     /// Trusts `host` (`127.0.0.1:PORT`) over plain HTTP for CRI pulls.
     pub fn trust_plain_http(&self, host: &str) {
         let d = self.hosts_dir.join(host);
@@ -255,7 +288,10 @@ impl Containerd {
 
     fn ctr_output(&self, args: &[&str]) -> Output {
         run_bounded(
-            Command::new("ctr").arg("--address").arg(&self.socket).args(args),
+            Command::new(super::real::ctr(self.version))
+                .arg("--address")
+                .arg(&self.socket)
+                .args(args),
             Duration::from_secs(60),
         )
     }
@@ -263,7 +299,10 @@ impl Containerd {
     /// `ctr --address SOCKET ARGS...`, which must succeed; its stdout.
     pub fn ctr(&self, args: &[&str]) -> String {
         run_ok(
-            Command::new("ctr").arg("--address").arg(&self.socket).args(args),
+            Command::new(super::real::ctr(self.version))
+                .arg("--address")
+                .arg(&self.socket)
+                .args(args),
             Duration::from_secs(120),
         )
     }
@@ -299,17 +338,104 @@ impl Drop for Containerd {
     fn drop(&mut self) {
         self.daemon.stop();
         // Unpacking may leave nothing mounted, but be sure before the temp dir goes.
-        if let Ok(mounts) = fs::read_to_string("/proc/self/mounts") {
-            let prefix = self.dir.to_str().unwrap_or("/nonexistent").to_string();
-            let mut ours: Vec<&str> = mounts
-                .lines()
-                .filter_map(|l| l.split_whitespace().nth(1))
-                .filter(|m| m.starts_with(&prefix))
-                .collect();
-            ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
-            for m in ours {
-                let _ = Command::new("umount").arg("-l").arg(m).status();
-            }
+        unmount_under(&self.dir);
+    }
+}
+
+/// The REAL `soci-snapshotter-grpc` (a rig build) on a private socket and root under `dir`, in
+/// parallel pull/unpack mode with containerd's content store at `containerd` (it need not be up
+/// yet: SOCI dials it when it pulls).
+pub struct Soci {
+    pub socket: PathBuf,
+    pub root: PathBuf,
+    pub config: PathBuf,
+    daemon: Daemon,
+}
+
+impl Soci {
+    pub fn start(dir: &Path, version: &str, containerd: &Path) -> Soci {
+        fs::create_dir_all(dir).unwrap();
+        let socket = dir.join("soci.sock");
+        let root = dir.join("soci-root");
+        let config = dir.join("soci.toml");
+        fs::write(
+            &config,
+            format!(
+                "[pull_modes.parallel_pull_unpack]\nenable = true\ndiscard_unpacked_layers = true\n\n\
+                 [content_store]\ntype = \"containerd\"\ncontainerd_address = {:?}\n",
+                containerd.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        let mut s = Soci {
+            daemon: Soci::spawn(dir, version, &socket, &root, &config),
+            socket,
+            root,
+            config,
+        };
+        s.wait_serving();
+        s
+    }
+
+    fn spawn(dir: &Path, version: &str, socket: &Path, root: &Path, config: &Path) -> Daemon {
+        let mut cmd = Command::new(super::real::soci_daemon(version));
+        cmd.arg("--address")
+            .arg(socket)
+            .arg("--root")
+            .arg(root)
+            .arg("--config")
+            .arg(config)
+            .args(["--log-level", "debug"])
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDS");
+        Daemon::spawn("soci-snapshotter-grpc", &mut cmd, dir.join("soci.log"))
+    }
+
+    fn wait_serving(&mut self) {
+        let socket = self.socket.clone();
+        let log = self.daemon.log.clone();
+        wait_until(
+            "SOCI serving its socket",
+            Duration::from_secs(30),
+            || {
+                self.daemon.assert_running();
+                std::os::unix::net::UnixStream::connect(&socket).is_ok()
+            },
+            || fs::read_to_string(&log).unwrap_or_default(),
+        );
+    }
+
+    /// Stops the daemon and removes its socket file.
+    pub fn stop(&mut self) {
+        self.daemon.stop();
+        let _ = fs::remove_file(&self.socket);
+    }
+
+    pub fn log(&self) -> String {
+        self.daemon.log()
+    }
+}
+
+impl Drop for Soci {
+    fn drop(&mut self) {
+        self.stop();
+        unmount_under(&self.root);
+    }
+}
+
+/// Lazily unmounts everything mounted under `dir`, deepest first.
+fn unmount_under(dir: &Path) {
+    if let Ok(mounts) = fs::read_to_string("/proc/self/mounts") {
+        let prefix = dir.to_str().unwrap_or("/nonexistent").to_string();
+        let mut ours: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| m.starts_with(&prefix))
+            .collect();
+        ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in ours {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
         }
     }
 }

@@ -134,3 +134,81 @@ pub fn config_dump(version: &str, text: &str) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// What a node's `/etc/containerd/config.toml` starts as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeContainerdConfig {
+    /// No file: containerd runs its built-in defaults.
+    None,
+    /// `containerd config default` of that version (v4 on 2.4, v3 on 2.2), with the CRI
+    /// registry `config_path` set to `/etc/containerd/certs.d` (as the EKS AMI does).
+    Default,
+}
+
+/// Node preparation (run on the copy's root before boot): the rig's containerd `version` and
+/// its `ctr` over Debian's in `/usr/bin`, crictl in `/usr/local/bin` with `/etc/crictl.yaml`
+/// on containerd's socket, and the containerd config `config`.
+pub fn put_containerd(root: &Path, version: &str, config: NodeContainerdConfig) {
+    let copy = |from: PathBuf, to: &str| {
+        let to = root.join(to);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        let _ = std::fs::remove_file(&to);
+        std::fs::copy(&from, &to).unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
+    };
+    copy(containerd(version), "usr/bin/containerd");
+    copy(ctr(version), "usr/bin/ctr");
+    copy(crictl(), "usr/local/bin/crictl");
+    std::fs::write(
+        root.join("etc/crictl.yaml"),
+        "runtime-endpoint: unix:///run/containerd/containerd.sock\n\
+         image-endpoint: unix:///run/containerd/containerd.sock\ntimeout: 60\n",
+    )
+    .unwrap();
+    let file = root.join("etc/containerd/config.toml");
+    let _ = std::fs::remove_file(&file);
+    if config == NodeContainerdConfig::Default {
+        let out = Command::new(containerd(version))
+            .args(["config", "default"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "containerd {version} config default");
+        let text = String::from_utf8(out.stdout)
+            .unwrap()
+            .replace("config_path = ''", "config_path = '/etc/containerd/certs.d'");
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, text).unwrap();
+    }
+}
+
+/// Trusts the loopback registry `host` (`127.0.0.1:PORT`) over plain HTTP in a node whose
+/// containerd reads `/etc/containerd/certs.d` (node preparation, or at any time: containerd
+/// reads hosts files per pull).
+pub fn trust_plain_http(root: &Path, host: &str) {
+    let dir = root.join("etc/containerd/certs.d").join(host);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("hosts.toml"),
+        format!("server = \"http://{host}\"\n\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+    )
+    .unwrap();
+}
+
+/// `opts` with the rig's containerd `version` in place of Debian's, its config `config`
+/// (see [`put_containerd`]).
+pub fn with_containerd(
+    opts: super::nspawn::NodeOptions,
+    version: &'static str,
+    config: NodeContainerdConfig,
+) -> super::nspawn::NodeOptions {
+    opts.prepare(move |root: &Path| put_containerd(root, version, config))
+}
+
+/// Writes the real release of `version` (archive + `.sha256sum`) into `dir` (e.g. a node's
+/// `/share`); returns the archive's file name.
+pub fn release_into(dir: &Path, version: &str) -> String {
+    let r = soci_release(version);
+    std::fs::write(dir.join(&r.archive_name), &r.archive).unwrap();
+    std::fs::write(dir.join(format!("{}.sha256sum", r.archive_name)), &r.sha256sum).unwrap();
+    r.archive_name
+}

@@ -41,6 +41,8 @@ pub struct Pushed {
     pub manifest_digest: String,
     /// Compressed bytes of every layer.
     pub layer_bytes: u64,
+    /// `sha256:...` of each (compressed) layer blob, in manifest order.
+    pub layer_digests: Vec<String>,
 }
 
 /// A free loopback port (bound, then released).
@@ -167,10 +169,12 @@ impl Registry {
         let mut diff_ids = Vec::new();
         let mut descriptors = Vec::new();
         let mut layer_bytes = 0u64;
+        let mut layer_digests = Vec::new();
         for i in 0..layers {
             let (tar, gz) = random_layer(&format!("{repo}-{tag}-{i}"), layer_size);
             diff_ids.push(format!("sha256:{}", hex(&Sha256::digest(&tar))));
             let digest = self.push_blob(repo, &gz);
+            layer_digests.push(digest.clone());
             layer_bytes += gz.len() as u64;
             descriptors.push(serde_json::json!({
                 "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
@@ -208,6 +212,7 @@ impl Registry {
             reference: format!("{}/{repo}:{tag}", self.host()),
             manifest_digest: format!("sha256:{}", hex(&Sha256::digest(manifest.as_bytes()))),
             layer_bytes,
+            layer_digests,
         }
     }
 }
