@@ -238,7 +238,8 @@ fn pulls_reports_failures_then_hits_pins_and_unpins() {
         run.show()
     );
     assert_eq!(run.stdout.matches("pinned").count(), 3, "{}", run.show());
-    assert!(run.stdout.contains("unsupported by this containerd"), "{}", run.show());
+    // containerd 2.x fetches the content of the other platforms (1.x could not).
+    assert!(run.stdout.contains("linux/arm64: content fetched"), "{}", run.show());
     for r in good {
         let labels = node.containerd.image_labels(r).unwrap();
         assert!(labels.contains(PINNED), "{r}: {labels}");
@@ -414,7 +415,8 @@ fn credentials_from_a_provider_plugin_and_an_auth_file() {
         (&Value::from("anonymous"), &Value::from(1)),
         "{i:#}"
     );
-    assert!(i["error"].as_str().unwrap().contains("401 Unauthorized"), "{i:#}");
+    // containerd 2.x: "pull access denied, ... authorization failed: no basic auth credentials".
+    assert!(i["error"].as_str().unwrap().contains("authorization failed"), "{i:#}");
 
     // The plugin's credentials: both images pulled, the plugin run once (cacheKeyType Registry).
     let (config, bin, log) = credential_provider(&tmp.path().join("provider"), &host, PASSWORD);

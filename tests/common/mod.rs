@@ -17,7 +17,6 @@ pub mod mirror;
 pub mod nspawn;
 pub mod real;
 pub mod registry;
-pub mod standin;
 
 use std::path::Path;
 use std::time::Duration;
