@@ -1111,9 +1111,27 @@ fn live_real_soci_serving_and_the_pause_image() {
     let tar = d.join("pause.tar");
     std::fs::write(&tar, &pause).unwrap();
     let tar = tar.to_str().unwrap();
-    c.ctr(&["-n", "k8s.io", "images", "import", "--local", "--snapshotter", "native", tar]);
+    c.ctr(&[
+        "-n",
+        "k8s.io",
+        "images",
+        "import",
+        "--local",
+        "--snapshotter",
+        "native",
+        tar,
+    ]);
     live(&n, &c.socket, &soci.socket).assert("live.pause-image", "fail", "not unpacked in soci (unpacked in: native)");
-    c.ctr(&["-n", "k8s.io", "images", "import", "--local", "--snapshotter", "soci", tar]);
+    c.ctr(&[
+        "-n",
+        "k8s.io",
+        "images",
+        "import",
+        "--local",
+        "--snapshotter",
+        "soci",
+        tar,
+    ]);
     let report = live(&n, &c.socket, &soci.socket);
     report.assert("live.pause-image", "ok", "is unpacked in soci (snapshot sha256:");
     report.assert("live.containerd-soci", "ok", "reaches it (Snapshots.Stat of sha256:");

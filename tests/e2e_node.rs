@@ -5,7 +5,9 @@
 //!
 //! One node per `#[test]` (they run in parallel):
 //! - [`plain_host_install_pull_noop_boot_unit_and_uninstall`]: containerd 2.4.2 enabled and
-//!   running on its own default config (version 4). Install (case 1), a `crictl pull` from a
+//!   running on a version-3 file that only sets the registry `config_path` (and
+//!   [`plain_host_on_containerd_22_with_its_default_config`]: the same on 2.2.9 with the file
+//!   `containerd config default` writes). Install (case 1), a `crictl pull` from a
 //!   loopback registry landing every layer in SOCI in parallel mode, `doctor` with no failing
 //!   check, the no-op second run with unchanged InvocationIDs (2), the boot unit importing a
 //!   pause image into the soci snapshotter (7), uninstall (5).
@@ -292,14 +294,22 @@ impl Rig {
             .parse()
             .unwrap_or_else(|e| panic!("{ctx}: config dump does not parse: {e}\n{dump}"));
         let soci = &doc["proxy_plugins"]["soci"];
-        assert_eq!(soci["type"].as_str(), Some("snapshot"), "{ctx}: proxy_plugins.soci\n{dump}");
+        assert_eq!(
+            soci["type"].as_str(),
+            Some("snapshot"),
+            "{ctx}: proxy_plugins.soci\n{dump}"
+        );
         assert_eq!(
             soci["address"].as_str(),
             Some("/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock"),
             "{ctx}: proxy_plugins.soci.address\n{dump}"
         );
         let images = &doc["plugins"]["io.containerd.cri.v1.images"];
-        assert_eq!(images["snapshotter"].as_str(), Some("soci"), "{ctx}: CRI snapshotter\n{dump}");
+        assert_eq!(
+            images["snapshotter"].as_str(),
+            Some("soci"),
+            "{ctx}: CRI snapshotter\n{dump}"
+        );
         assert_eq!(
             images["disable_snapshot_annotations"].as_bool(),
             Some(false),
@@ -605,15 +615,26 @@ fn pause_image_tar() -> Vec<u8> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Cases 1, 2, 7, 5 on one plain node with containerd 2.4.2.
+// Cases 1, 2, 7, 5 on plain nodes: containerd 2.4.2 with a version-3 file that only sets the
+// registry path, containerd 2.2.9 with its own default config.
 
 #[test]
 fn plain_host_install_pull_noop_boot_unit_and_uninstall() {
+    plain_host("2.4.2", NodeContainerdConfig::RegistryOnly);
+}
+
+#[test]
+fn plain_host_on_containerd_22_with_its_default_config() {
+    plain_host("2.2.9", NodeContainerdConfig::Default);
+}
+
+/// Cases 1, 1b, 2, 2b, 7, 5 on a node running containerd `version` with `config`.
+fn plain_host(version: &'static str, config: NodeContainerdConfig) {
     let registry_dir = tempfile::tempdir().unwrap();
     let registry = Registry::start_new(registry_dir.path(), None);
     let image = registry.push_random_image("app", "v1", 4, 1 << 20);
     let host = registry.host();
-    let opts = with_containerd(NodeOptions::new(), "2.4.2", NodeContainerdConfig::Default)
+    let opts = with_containerd(NodeOptions::new(), version, config)
         .prepare(move |root: &Path| real::trust_plain_http(root, &host));
     let rig = Rig::boot(opts);
     let booted = rig.started.elapsed();
@@ -677,19 +698,50 @@ fn plain_host_install_pull_noop_boot_unit_and_uninstall() {
     // Parallel mode with discard_unpacked_layers: SOCI fetched and unpacked the layers itself;
     // their compressed blobs never entered containerd's content store.
     let content = rig.node.check(&["ctr", "-n", "k8s.io", "content", "ls", "-q"]);
-    assert!(content.contains(&image.manifest_digest), "manifest not in content:\n{content}");
+    assert!(
+        content.contains(&image.manifest_digest),
+        "manifest not in content:\n{content}"
+    );
     for layer in &image.layer_digests {
-        assert!(!content.contains(layer.as_str()), "{layer} kept in containerd's content store");
+        assert!(
+            !content.contains(layer.as_str()),
+            "{layer} kept in containerd's content store"
+        );
     }
+    let journal = rig.node.check(&["journalctl", "-u", SOCI, "--no-pager", "-o", "cat"]);
+    assert_eq!(
+        journal.matches("preparing snapshot with parallel pull/unpack").count(),
+        image.layer_digests.len(),
+        "SOCI's log:\n{journal}"
+    );
+    // The daemon itself accepts the config the agent wrote, parallel mode on.
+    let dump = rig.node.check(&[STORE_DAEMON, "config", "dump"]);
+    let dump: toml_edit::DocumentMut = dump.parse().expect("SOCI dumps TOML");
+    assert_eq!(
+        dump["pull_modes"]["parallel_pull_unpack"]["enable"].as_bool(),
+        Some(true),
+        "{dump}"
+    );
     let doctor = rig.agent(
         "doctor",
-        &["/usr/local/bin/soci-agent", "doctor", "--output", "json", "--log-level", "warn"],
+        &[
+            "/usr/local/bin/soci-agent",
+            "doctor",
+            "--output",
+            "json",
+            "--log-level",
+            "warn",
+        ],
     );
     let failing: Vec<&Value> = doctor.report["checks"]
         .as_array()
         .map(|c| c.iter().filter(|c| c["verdict"] == "fail").collect())
         .unwrap_or_default();
-    assert!(failing.is_empty(), "doctor: failing checks {failing:#?}\n{}", doctor.show());
+    assert!(
+        failing.is_empty(),
+        "doctor: failing checks {failing:#?}\n{}",
+        doctor.show()
+    );
     doctor.expect_code(0);
 
     // 2. The second run changes nothing and restarts nothing.
@@ -822,7 +874,7 @@ fn plain_host_install_pull_noop_boot_unit_and_uninstall() {
         containerd.drop_in_paths
     );
     eprintln!(
-        "plain host: node up in {booted:.1?}, whole test {:.1?}",
+        "plain host (containerd {version}): node up in {booted:.1?}, whole test {:.1?}",
         rig.started.elapsed()
     );
 }
@@ -838,11 +890,18 @@ fn containerd_22_without_a_config_file_loads_soci() {
     let run = rig.install();
     run.expect_code(0);
     let config = String::from_utf8(rig.read(CONTAINERD_CONFIG).expect("config written")).unwrap();
-    assert!(config.starts_with("version = 3") || config.contains("\nversion = 3"), "{config}");
+    assert!(
+        config.starts_with("version = 3") || config.contains("\nversion = 3"),
+        "{config}"
+    );
     rig.assert_installed_and_healthy("containerd 2.2.9, no config file before");
     let un = rig.agent("uninstall", &[AGENT, "uninstall", "--output", "json"]);
     un.expect_code(0);
-    assert!(!rig.exists(CONTAINERD_CONFIG), "the created config is removed again\n{}", un.show());
+    assert!(
+        !rig.exists(CONTAINERD_CONFIG),
+        "the created config is removed again\n{}",
+        un.show()
+    );
     assert_eq!(rig.soci_plugin(), None);
     eprintln!("containerd 2.2.9 without config: {:.1?}", rig.started.elapsed());
 }

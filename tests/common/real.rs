@@ -143,7 +143,13 @@ pub enum NodeContainerdConfig {
     /// `containerd config default` of that version (v4 on 2.4, v3 on 2.2), with the CRI
     /// registry `config_path` set to `/etc/containerd/certs.d` (as the EKS AMI does).
     Default,
+    /// A `version = 3` file that only sets the CRI registry `config_path`.
+    RegistryOnly,
 }
+
+/// The [`NodeContainerdConfig::RegistryOnly`] file.
+pub const REGISTRY_ONLY_V3: &str =
+    "version = 3\n\n[plugins.'io.containerd.cri.v1.images'.registry]\n  config_path = '/etc/containerd/certs.d'\n";
 
 /// Node preparation (run on the copy's root before boot): the rig's containerd `version` and
 /// its `ctr` over Debian's in `/usr/bin`, crictl in `/usr/local/bin` with `/etc/crictl.yaml`
@@ -166,6 +172,10 @@ pub fn put_containerd(root: &Path, version: &str, config: NodeContainerdConfig) 
     .unwrap();
     let file = root.join("etc/containerd/config.toml");
     let _ = std::fs::remove_file(&file);
+    if config == NodeContainerdConfig::RegistryOnly {
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, REGISTRY_ONLY_V3).unwrap();
+    }
     if config == NodeContainerdConfig::Default {
         let out = Command::new(containerd(version))
             .args(["config", "default"])
