@@ -13,6 +13,7 @@
 
 pub mod archive;
 pub mod containerd;
+pub mod imds;
 pub mod mirror;
 pub mod nspawn;
 pub mod real;
