@@ -1,0 +1,839 @@
+//! End to end on an EKS AL2023-shaped node driven by the REAL nodeadm, in the AMI's boot order:
+//! `nodeadm-config.service` at boot, then `soci-agent install` (where cloud-final runs user data),
+//! then `nodeadm-run.service`. Then: SOCI runs the agent's verified release, containerd and
+//! kubelet are wired to it through the NodeConfig drop-in nodeadm merged, a CRI pull through
+//! kubelet's `imageServiceEndpoint` lands in the soci snapshotter, and `soci-agent doctor` has no
+//! failing check.
+//!
+//! What is real:
+//! - nodeadm, built from amazon-eks-ami 81fec2e8 (`common::real::nodeadm`), run by the AMI's own
+//!   `nodeadm-config.service` and `nodeadm-run.service`, unmodified: it reads user data over
+//!   IMDSv2, calls EC2 `DescribeInstances`, renders `/etc/containerd/config.toml` and kubelet's
+//!   config from user data + `/etc/eks/nodeadm.d/`, restarts containerd and kubelet over D-Bus;
+//! - the AMI's `kubelet.service`, `soci-snapshotter.service`/`.socket` (socket enabled, as on
+//!   the AMI), `runtime.slice` and containerd's slice drop-in, byte for byte;
+//! - systemd 252 (a booted Debian bookworm node, `common::nspawn`), containerd 2.2.9 + ctr,
+//!   crictl 1.37.0, SOCI 0.16.1 (installed by the agent from a loopback mirror through its normal
+//!   download path) and an older SOCI 0.15.0 preinstalled in `/usr/bin` as the AMI's package,
+//!   Debian's docker-registry serving the pulled image, the agent binary.
+//!
+//! Stand-ins:
+//! - AWS: IMDSv2 and the EC2 query API on host loopback (`common::imds`, real wire protocols),
+//!   reached through the SDK's own environment variables (`AWS_EC2_METADATA_SERVICE_ENDPOINT`,
+//!   `AWS_ENDPOINT_URL_EC2`, `AWS_REGION`, static keys), set by a test drop-in
+//!   (`90-e2e-aws-standin.conf`) on the two nodeadm units. The AMI unit files are untouched.
+//! - Things the AMI ships that are not under test, as small stub scripts: `/usr/bin/kubelet`
+//!   (prints a version, then idles; its command line is what nodeadm passes), `/usr/sbin/iptables`
+//!   (kubelet.service's `ExecStartPre`), `/etc/eks/image-credential-provider/ecr-credential-provider`
+//!   (nodeadm only checks it exists). `/etc/eks/kubelet-version.txt` and
+//!   `/etc/eks/containerd-version.txt` are the files the AMI build writes; `/etc/eks/pause.tar` is
+//!   a one-layer OCI archive named like the AMI's pause image.
+//! - There is no cloud-init: the test itself takes cloud-final's place. It runs the agent's install
+//!   (the command the user data's shell part carries), then starts `nodeadm-run.service` (which
+//!   the AMI orders `After=cloud-final.service`) with `--job-mode=ignore-requirements`: its
+//!   `Requires=nodeadm-config.service` was met at boot, and a plain start would run the
+//!   (by then inactive, oneshot) config unit a second time, which a real boot never does.
+//!
+//! States are read from the node (files, `/proc`, `systemctl`, `ctr`, `containerd config dump`)
+//! and from its systemd over D-Bus from the host, never from log text. Waits are bounded.
+//! A failing assertion prints the journal of the node (on drop) and the stand-ins' request log.
+//!
+//! Needs root, debootstrap, systemd-container (systemd-nspawn), nsenter, docker-registry, and the
+//! rig (`tests/real/build.sh`: Go, gcc, zlib1g-dev).
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::archive::sha256_hex;
+use common::imds::{AwsStandIn, Instance, Service};
+use common::mirror::Mirror;
+use common::nspawn::{Node, NodeOptions, text};
+use common::real::{self, NodeContainerdConfig, with_containerd};
+use common::registry::{Registry, base64};
+use serde_json::{Value, json};
+use soci_agent::systemd::{Systemd, UnitState};
+
+const VERSION: &str = real::SOCI_VERSION;
+const CONTAINERD_VERSION: &str = "2.2.9";
+const KUBELET_VERSION: &str = "v1.34.2";
+/// The agent binary, as copied into the node's `/share`.
+const AGENT: &str = "/share/soci-agent";
+/// Bound of one agent run inside the node.
+const RUN_BOUND: Duration = Duration::from_secs(240);
+/// Bound of a D-Bus call from the host.
+const DBUS_BOUND: Duration = Duration::from_secs(60);
+/// Bound of `nodeadm-run.service` (nodeadm waits for containerd and kubelet to be active).
+const NODEADM_RUN_BOUND: Duration = Duration::from_secs(180);
+
+const NODEADM_CONFIG: &str = "nodeadm-config.service";
+const NODEADM_RUN: &str = "nodeadm-run.service";
+const SOCI: &str = "soci-snapshotter.service";
+const SOCKET: &str = "soci-snapshotter.socket";
+const CONTAINERD: &str = "containerd.service";
+const KUBELET: &str = "kubelet.service";
+const BOOT: &str = "soci-agent-boot.service";
+
+const UNITS: &str = "/etc/systemd/system";
+const SERVICE_PATH: &str = "/etc/systemd/system/soci-snapshotter.service";
+const SOCKET_PATH: &str = "/etc/systemd/system/soci-snapshotter.socket";
+const SERVICE_DROPIN: &str = "/etc/systemd/system/soci-snapshotter.service.d/50-soci-agent.conf";
+const CONTAINERD_DROPIN: &str = "/etc/systemd/system/containerd.service.d/10-soci-snapshotter.conf";
+const NODECONFIG_DROPIN: &str = "/etc/eks/nodeadm.d/50-soci-agent.yaml";
+const AWS_DROPIN: &str = "90-e2e-aws-standin.conf";
+const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
+const KUBELET_CONFIG: &str = "/etc/kubernetes/kubelet/config.json";
+const KUBELET_CONFIG_DIR: &str = "/etc/kubernetes/kubelet/config.json.d";
+const NODEADM_CACHE: &str = "/run/eks/nodeadm/config.json";
+const STORE_DAEMON: &str = "/usr/local/lib/soci-agent/releases/0.16.1-amd64/soci-snapshotter-grpc";
+const SOCI_SOCKET: &str = "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock";
+const SOCI_ENDPOINT: &str = "unix:///run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock";
+const CONTAINERD_ENDPOINT: &str = "unix:///run/containerd/containerd.sock";
+const CERTS_D: &str = "/etc/containerd/certs.d";
+const PAUSE_ARCHIVE: &str = "/etc/eks/pause.tar";
+const PAUSE_IMAGE: &str = "localhost/kubernetes/pause:latest";
+
+/// The AMI's runtime files this node gets, under `/etc/systemd/system`.
+const AMI_UNITS: [&str; 7] = [
+    "nodeadm-config.service",
+    "nodeadm-run.service",
+    "kubelet.service",
+    "soci-snapshotter.service",
+    "soci-snapshotter.socket",
+    "runtime.slice",
+    "containerd.service.d/00-runtime-slice.conf",
+];
+
+// ---------------------------------------------------------------------------------------------
+// The node and its surroundings.
+
+struct Rig {
+    // Field order = drop order: the bus connection goes before the node powers off, the
+    // stand-ins and servers after it.
+    sd: Systemd,
+    rt: tokio::runtime::Runtime,
+    node: Node,
+    aws: AwsStandIn,
+    mirror: Mirror,
+    registry: Registry,
+    _registry_dir: tempfile::TempDir,
+    started: Instant,
+}
+
+impl Rig {
+    fn step(&self, name: &str) {
+        eprintln!("-- [{:6.1}s] {name}", self.started.elapsed().as_secs_f64());
+    }
+
+    fn unit(&self, name: &str) -> UnitState {
+        self.rt
+            .block_on(self.sd.unit_state(name))
+            .unwrap_or_else(|e| panic!("unit_state({name}) over D-Bus: {e}"))
+    }
+
+    /// `systemctl is-active UNIT` inside the node.
+    fn is_active(&self, unit: &str) -> String {
+        text(&self.node.exec(&["systemctl", "is-active", unit]).stdout)
+            .trim()
+            .to_owned()
+    }
+
+    /// Bytes of a node file (host side of the copy; not for /run); `None` when absent.
+    fn read(&self, node_path: &str) -> Option<Vec<u8>> {
+        fs::read(self.node.path(node_path)).ok()
+    }
+
+    fn read_text(&self, node_path: &str) -> String {
+        String::from_utf8(
+            self.read(node_path)
+                .unwrap_or_else(|| panic!("{node_path} missing in the node")),
+        )
+        .unwrap()
+    }
+
+    /// A file under the node's `/run` (a tmpfs inside the node), read from inside.
+    fn read_run(&self, node_path: &str) -> Option<String> {
+        let out = self.node.exec(&["cat", node_path]);
+        out.status.success().then(|| text(&out.stdout))
+    }
+
+    /// Runs an agent command (with `--output json`) inside the node.
+    fn agent(&self, what: &str, argv: &[&str]) -> AgentRun {
+        let started = Instant::now();
+        let out = self.node.exec_timeout(argv, RUN_BOUND);
+        let report =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|_| json!({ "unparsed_stdout": text(&out.stdout) }));
+        eprintln!("   {what}: {} in {:.1}s", out.status, started.elapsed().as_secs_f64());
+        AgentRun {
+            what: what.to_owned(),
+            out,
+            report,
+        }
+    }
+
+    fn doctor(&self) -> AgentRun {
+        self.agent(
+            "doctor",
+            &[
+                "/usr/local/bin/soci-agent",
+                "doctor",
+                "--output",
+                "json",
+                "--log-level",
+                "warn",
+            ],
+        )
+    }
+
+    /// The AWS stand-ins' request log, for assertion messages.
+    fn aws_log(&self) -> String {
+        self.aws
+            .requests()
+            .iter()
+            .map(|r| format!("  {:?} {} {} -> {}\n", r.service, r.method, r.target, r.status))
+            .collect()
+    }
+
+    /// Status, journal and the stand-ins' log of a nodeadm unit, for assertion messages.
+    fn unit_story(&self, unit: &str) -> String {
+        let journal = self
+            .node
+            .exec(&["journalctl", "-b", "-u", unit, "--no-pager", "-o", "cat"]);
+        format!(
+            "---- journalctl -u {unit} ----\n{}\n---- AWS stand-ins, requests ----\n{}",
+            text(&journal.stdout),
+            self.aws_log()
+        )
+    }
+
+    /// The `ctr plugins ls` line of the `soci` snapshotter, if containerd lists one.
+    fn soci_plugin(&self) -> Option<String> {
+        let plugins = self.node.check(&["ctr", "plugins", "ls"]);
+        plugins
+            .lines()
+            .find(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.first() == Some(&"io.containerd.snapshotter.v1") && f.get(1) == Some(&"soci")
+            })
+            .map(str::to_owned)
+    }
+
+    /// Committed snapshots in the soci snapshotter (namespace k8s.io).
+    fn soci_committed(&self) -> (usize, String) {
+        let list = self
+            .node
+            .check(&["ctr", "-n", "k8s.io", "snapshots", "--snapshotter", "soci", "ls"]);
+        let n = list
+            .lines()
+            .skip(1)
+            .filter(|l| l.split_whitespace().last() == Some("Committed"))
+            .count();
+        (n, list)
+    }
+}
+
+/// One agent run inside the node.
+struct AgentRun {
+    what: String,
+    out: Output,
+    report: Value,
+}
+
+impl AgentRun {
+    fn show(&self) -> String {
+        format!(
+            "---- {} ({}) report ----\n{}\n---- stderr ----\n{}",
+            self.what,
+            self.out.status,
+            serde_json::to_string_pretty(&self.report).unwrap_or_default(),
+            text(&self.out.stderr)
+        )
+    }
+    fn expect_code(&self, want: i32) -> &Self {
+        assert_eq!(self.out.status.code(), Some(want), "{}: exit code\n{}", self.what, self.show());
+        self
+    }
+    /// doctor: the verdict of check `id`.
+    fn verdict(&self, id: &str) -> String {
+        self.report["checks"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["id"] == id))
+            .and_then(|c| c["verdict"].as_str())
+            .unwrap_or_else(|| panic!("doctor has no check {id}\n{}", self.show()))
+            .to_owned()
+    }
+    /// doctor: the checks with verdict `fail`.
+    fn failing(&self) -> Vec<&Value> {
+        self.report["checks"]
+            .as_array()
+            .map(|c| c.iter().filter(|c| c["verdict"] == "fail").collect())
+            .unwrap_or_default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the node is given.
+
+/// A CA certificate for the cluster fields. nodeadm only decodes and writes it.
+const CLUSTER_CA: &str = "-----BEGIN CERTIFICATE-----\n\
+MIIBdzCCAR2gAwIBAgIBADAKBggqhkjOPQQDAjAVMRMwEQYDVQQDEwprdWJlcm5ldGVz\n\
+-----END CERTIFICATE-----\n";
+
+/// EKS-style user data: MIME multipart with the cluster NodeConfig (its containerd fragment
+/// sets the CRI registry `config_path` in version-3 table names), and the shell part cloud-final
+/// would run (`install`), which nodeadm skips.
+fn user_data(install: &[String]) -> Vec<u8> {
+    let nodeconfig = format!(
+        "---\n\
+         apiVersion: node.eks.aws/v1alpha1\n\
+         kind: NodeConfig\n\
+         spec:\n  \
+           cluster:\n    \
+             name: soci-e2e\n    \
+             apiServerEndpoint: https://E2E5A0C1A9E47B01E2E5A0C1A9E47B01.gr7.us-west-2.eks.amazonaws.com\n    \
+             certificateAuthority: {ca}\n    \
+             cidr: 10.100.0.0/16\n  \
+           containerd:\n    \
+             config: |\n      \
+               [plugins.'io.containerd.cri.v1.images'.registry]\n      \
+               config_path = '{CERTS_D}'\n",
+        ca = base64(CLUSTER_CA.as_bytes()),
+    );
+    let script = format!("#!/bin/bash\nset -euo pipefail\n{}\n", install.join(" "));
+    format!(
+        "MIME-Version: 1.0\r\n\
+         Content-Type: multipart/mixed; boundary=\"//\"\r\n\
+         \r\n\
+         --//\r\n\
+         Content-Type: application/node.eks.aws\r\n\
+         \r\n\
+         {nodeconfig}\r\n\
+         --//\r\n\
+         Content-Type: text/x-shellscript; charset=\"us-ascii\"\r\n\
+         \r\n\
+         {script}\r\n\
+         --//--\r\n"
+    )
+    .into_bytes()
+}
+
+const KUBELET_STUB: &str = "#!/bin/sh\n\
+# Test stub for kubelet (not under test): reports a version; otherwise idles, so that\n\
+# kubelet.service is active with the command line nodeadm gave it.\n\
+case \"$1\" in --version) echo \"Kubernetes v1.34.2-eks-e2e\"; exit 0;; esac\n\
+trap 'exit 0' TERM INT\n\
+while :; do sleep 3600 & wait $!; done\n";
+
+const IPTABLES_STUB: &str = "#!/bin/sh\n# Test stub (kubelet.service's ExecStartPre).\nexit 0\n";
+
+const ECR_PROVIDER_STUB: &str =
+    "#!/bin/sh\n# Test stub for the ECR credential provider (nodeadm checks it exists).\necho 'not on AWS' >&2\nexit 1\n";
+
+fn tar_of(entries: &[(&str, Option<&[u8]>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_mtime(1_700_000_000);
+        h.set_mode(0o755);
+        match data {
+            None => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                b.append_data(&mut h, name, std::io::empty()).unwrap();
+            }
+            Some(d) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(d.len() as u64);
+                b.append_data(&mut h, name, *d).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// An OCI image layout archive of [`PAUSE_IMAGE`] (one gzip layer), as the AMI's pause.tar.
+fn pause_archive() -> Vec<u8> {
+    use std::io::Write;
+    let layer = tar_of(&[("pause", Some(b"#!/bin/sh\nexec sleep infinity\n"))]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&layer).unwrap();
+    let layer_gz = gz.finish().unwrap();
+    let config = json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": { "Entrypoint": ["/pause"] },
+        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&layer))] },
+    })
+    .to_string()
+    .into_bytes();
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": format!("sha256:{}", sha256_hex(&config)),
+            "size": config.len(),
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": format!("sha256:{}", sha256_hex(&layer_gz)),
+            "size": layer_gz.len(),
+        }],
+    })
+    .to_string()
+    .into_bytes();
+    let index = json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{}", sha256_hex(&manifest)),
+            "size": manifest.len(),
+            "annotations": {
+                "io.containerd.image.name": PAUSE_IMAGE,
+                "org.opencontainers.image.ref.name": "latest",
+            },
+        }],
+    })
+    .to_string()
+    .into_bytes();
+    let blobs: Vec<(String, &[u8])> = [&layer_gz, &config, &manifest]
+        .into_iter()
+        .map(|b| (format!("blobs/sha256/{}", sha256_hex(b)), b.as_slice()))
+        .collect();
+    let mut entries: Vec<(&str, Option<&[u8]>)> = vec![
+        ("oci-layout", Some(br#"{"imageLayoutVersion":"1.0.0"}"#)),
+        ("index.json", Some(&index)),
+        ("blobs/", None),
+        ("blobs/sha256/", None),
+    ];
+    entries.extend(blobs.iter().map(|(n, b)| (n.as_str(), Some(*b))));
+    tar_of(&entries)
+}
+
+fn copy_into(root: &Path, from: &Path, node_path: &str, mode: u32) {
+    let to = root.join(node_path.trim_start_matches('/'));
+    fs::create_dir_all(to.parent().unwrap()).unwrap();
+    let _ = fs::remove_file(&to);
+    fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
+    fs::set_permissions(&to, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn enable_link(root: &Path, target: &str, unit: &str) {
+    let wants = root.join("etc/systemd/system").join(format!("{target}.wants"));
+    fs::create_dir_all(&wants).unwrap();
+    std::os::unix::fs::symlink(format!("{UNITS}/{unit}"), wants.join(unit)).unwrap();
+}
+
+/// Boots the node: the AMI's units, real nodeadm (nodeadm-config enabled, so it runs at boot
+/// against the AWS stand-ins), the older real SOCI in /usr/bin, containerd 2.2.9 not enabled.
+fn boot() -> Rig {
+    let started = Instant::now();
+    let registry_dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start_new(registry_dir.path(), None);
+    let mirror = Mirror::start();
+    real::soci_release(VERSION).publish(&mirror);
+    let install = install_argv(&mirror);
+    let aws = AwsStandIn::start(Instance::m5_xlarge(), Some(user_data(&install)));
+    if let Some(p) = std::env::var_os("E2E_DUMP_USERDATA") { fs::write(p, user_data(&install)).unwrap(); }
+
+    let ami = real::ami_runtime().join("rootfs/etc/systemd/system");
+    let old_soci = real::soci_daemon(real::SOCI_OLD_VERSION);
+    let mut opts = with_containerd(
+        NodeOptions::new().al2023_like(),
+        CONTAINERD_VERSION,
+        NodeContainerdConfig::None,
+    );
+    for name in AMI_UNITS {
+        let bytes = fs::read(ami.join(name)).unwrap_or_else(|e| panic!("AMI {name}: {e}"));
+        opts = opts.file(&format!("{UNITS}/{name}"), bytes);
+    }
+    let aws_dropin = aws.systemd_dropin();
+    let registry_host = registry.host();
+    let opts = opts
+        .file(&format!("{UNITS}/{NODEADM_CONFIG}.d/{AWS_DROPIN}"), &aws_dropin)
+        .file(&format!("{UNITS}/{NODEADM_RUN}.d/{AWS_DROPIN}"), &aws_dropin)
+        .file("/etc/eks/containerd-version.txt", format!("{CONTAINERD_VERSION}\n"))
+        .file(
+            "/etc/eks/kubelet-version.txt",
+            format!("Kubernetes {KUBELET_VERSION}-eks-e2e\n"),
+        )
+        .file_mode("/usr/bin/kubelet", KUBELET_STUB, 0o755)
+        .file_mode("/usr/sbin/iptables", IPTABLES_STUB, 0o755)
+        .file_mode(
+            "/etc/eks/image-credential-provider/ecr-credential-provider",
+            ECR_PROVIDER_STUB,
+            0o755,
+        )
+        .file(PAUSE_ARCHIVE, pause_archive())
+        .prepare(move |root: &Path| {
+            copy_into(root, &real::nodeadm(), "/usr/bin/nodeadm", 0o755);
+            copy_into(root, &old_soci, "/usr/bin/soci-snapshotter-grpc", 0o755);
+            copy_into(root, &old_soci.with_file_name("soci"), "/usr/bin/soci", 0o755);
+            fs::create_dir_all(root.join("etc/eks/nodeadm.d")).unwrap();
+            enable_link(root, "sockets.target", SOCKET);
+            enable_link(root, "multi-user.target", NODEADM_CONFIG);
+            real::trust_plain_http(root, &registry_host);
+        });
+    let node = Node::boot(opts);
+    let agent = node.share().join("soci-agent");
+    fs::copy(env!("CARGO_BIN_EXE_soci-agent"), &agent).expect("copy the agent into the node's /share");
+    fs::set_permissions(&agent, fs::Permissions::from_mode(0o755)).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let sd = rt
+        .block_on(Systemd::connect_address(&node.bus_address(), DBUS_BOUND))
+        .expect("connect to the node's systemd from the host");
+    Rig {
+        sd,
+        rt,
+        node,
+        aws,
+        mirror,
+        registry,
+        _registry_dir: registry_dir,
+        started,
+    }
+}
+
+fn install_argv(mirror: &Mirror) -> Vec<String> {
+    [
+        AGENT,
+        "install",
+        "--release-url",
+        &mirror.base_url(),
+        "--soci-version",
+        VERSION,
+        "--output",
+        "json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// kubelet's effective `imageServiceEndpoint` as kubelet merges its files: `config.json`, then
+/// `config.json.d/*.conf` in lexical order (later wins). Returns (value, file that set it).
+fn kubelet_endpoint(rig: &Rig) -> (Option<(String, String)>, String) {
+    let mut files = vec![KUBELET_CONFIG.to_string()];
+    let mut dropins: Vec<String> = fs::read_dir(rig.node.path(KUBELET_CONFIG_DIR))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".conf"))
+                .collect()
+        })
+        .unwrap_or_default();
+    dropins.sort();
+    files.extend(dropins.into_iter().map(|n| format!("{KUBELET_CONFIG_DIR}/{n}")));
+    let mut value = None;
+    let mut shown = String::new();
+    for f in &files {
+        let t = rig.read_text(f);
+        shown.push_str(&format!("---- {f} ----\n{t}\n"));
+        let v: Value = serde_json::from_str(&t).unwrap_or_else(|e| panic!("{f} is not JSON: {e}\n{t}"));
+        assert_eq!(v["kind"], "KubeletConfiguration", "{f}\n{t}");
+        if let Some(ep) = v["imageServiceEndpoint"].as_str() {
+            value = Some((ep.to_string(), f.clone()));
+        }
+    }
+    (value, shown)
+}
+
+/// The running process's command line (NUL-separated in /proc), as arguments.
+fn cmdline(rig: &Rig, pid: u32) -> Vec<String> {
+    let out = rig.node.check(&["cat", &format!("/proc/{pid}/cmdline")]);
+    out.split('\0').filter(|s| !s.is_empty()).map(str::to_owned).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
+    let rig = boot();
+    let booted = rig.started.elapsed();
+    let install = install_argv(&rig.mirror);
+
+    // 1. nodeadm-config ran at boot: user data over IMDSv2, the instance from EC2, the config
+    //    files rendered, nothing started.
+    rig.step("nodeadm-config.service ran at boot");
+    let config = rig.unit(NODEADM_CONFIG);
+    assert!(
+        config.result == "success" && !config.invocation_id.is_empty() && config.active_state != "failed",
+        "{NODEADM_CONFIG}: {config}\n{}",
+        rig.unit_story(NODEADM_CONFIG)
+    );
+    assert!(
+        config.drop_in_paths.iter().any(|p| p.ends_with(AWS_DROPIN)),
+        "{config:?}"
+    );
+    let config_invocation = config.invocation_id.clone();
+    let requests = rig.aws.requests();
+    let asked = |service: Service, target: &str| {
+        requests
+            .iter()
+            .any(|r| r.service == service && r.target == target && r.status == 200)
+    };
+    for (service, target) in [
+        (Service::Imds, "/latest/api/token"),
+        (Service::Imds, "/latest/user-data"),
+        (Service::Imds, "/latest/dynamic/instance-identity/document"),
+        (Service::Imds, "/latest/meta-data/mac"),
+        (Service::Imds, "/latest/meta-data/local-ipv4"),
+        (Service::Ec2, "DescribeInstances"),
+    ] {
+        assert!(
+            asked(service, target),
+            "nodeadm-config did not get {service:?} {target}\n{}",
+            rig.unit_story(NODEADM_CONFIG)
+        );
+    }
+    let refused: Vec<_> = requests.iter().filter(|r| r.status != 200).collect();
+    assert!(
+        refused.is_empty(),
+        "requests the stand-ins refused: {refused:?}\n{}",
+        rig.unit_story(NODEADM_CONFIG)
+    );
+    let cache: Value = serde_json::from_str(&rig.read_run(NODEADM_CACHE).expect("nodeadm's config cache"))
+        .expect("the cache is JSON");
+    let instance = rig.aws.instance();
+    assert_eq!(
+        cache["status"]["instance"]["privateDnsName"], instance.private_dns_name,
+        "the EC2 answer in nodeadm's cache: {cache:#}"
+    );
+    assert_eq!(cache["spec"]["cluster"]["name"], "soci-e2e", "{cache:#}");
+    let rendered_at_boot = rig.read_text(CONTAINERD_CONFIG);
+    assert!(
+        !rendered_at_boot.contains("soci"),
+        "no SOCI before the agent:\n{rendered_at_boot}"
+    );
+    assert!(rig.read(KUBELET_CONFIG).is_some(), "{KUBELET_CONFIG} not rendered");
+    assert_eq!(rig.is_active(CONTAINERD), "inactive", "nodeadm-config starts nothing");
+    assert_eq!(rig.is_active(KUBELET), "inactive");
+    assert_eq!(rig.is_active(SOCI), "inactive");
+    assert_eq!(rig.is_active(SOCKET), "active", "the AMI's socket listens from boot");
+    let ami_unit = rig.read(SERVICE_PATH);
+    let ami_socket = rig.read(SOCKET_PATH);
+
+    // 2. The agent's install, where cloud-final runs the user data's shell part.
+    rig.step("soci-agent install (cloud-final's turn)");
+    let argv: Vec<&str> = install.iter().map(String::as_str).collect();
+    let run = rig.agent("install", &argv);
+    run.expect_code(0);
+    assert_eq!(run.report["plan"]["wiring"], "nodeadm", "{}", run.show());
+    assert_eq!(
+        run.report["plan"]["soci"]["origin"],
+        "release",
+        "the AMI's SOCI 0.15.0 is replaced by the verified release\n{}",
+        run.show()
+    );
+    for path in [NODECONFIG_DROPIN, SERVICE_DROPIN, CONTAINERD_DROPIN] {
+        assert!(rig.read(path).is_some(), "{path} missing\n{}", run.show());
+    }
+    assert_eq!(
+        rig.read_text(CONTAINERD_CONFIG),
+        rendered_at_boot,
+        "the agent must leave containerd's config to nodeadm\n{}",
+        run.show()
+    );
+    for unit in [CONTAINERD, SOCI, KUBELET] {
+        assert_eq!(rig.is_active(unit), "inactive", "{unit} started by install\n{}", run.show());
+    }
+    let soci = rig.unit(SOCI);
+    assert_eq!(soci.unit_file_state, "enabled", "{soci:?}");
+    assert!(!soci.need_daemon_reload, "{soci:?}");
+    let doctor = rig.doctor();
+    assert_eq!(
+        doctor.verdict("nodeadm.dropin"),
+        "warn",
+        "before nodeadm-run the drop-in is not rendered yet\n{}",
+        doctor.show()
+    );
+
+    // 3. nodeadm-run: merges user data + the drop-in, re-renders, starts containerd (whose
+    //    Requires= starts SOCI) and kubelet.
+    rig.step("nodeadm-run.service");
+    let requests_before = rig.aws.requests().len();
+    let out = rig.node.exec_timeout(
+        &[
+            "systemctl",
+            "start",
+            "--job-mode=ignore-requirements",
+            NODEADM_RUN,
+        ],
+        NODEADM_RUN_BOUND,
+    );
+    let run_unit = rig.unit(NODEADM_RUN);
+    assert!(
+        out.status.success() && run_unit.result == "success" && !run_unit.invocation_id.is_empty(),
+        "systemctl start {NODEADM_RUN}: {} {}\n{run_unit}\n{}",
+        out.status,
+        text(&out.stderr),
+        rig.unit_story(NODEADM_RUN)
+    );
+    assert_eq!(
+        rig.unit(NODEADM_CONFIG).invocation_id,
+        config_invocation,
+        "{NODEADM_CONFIG} ran again"
+    );
+    let run_requests = &rig.aws.requests()[requests_before..];
+    assert!(
+        run_requests
+            .iter()
+            .any(|r| r.target == "/latest/user-data" && r.status == 200),
+        "nodeadm-run did not read user data\n{}",
+        rig.unit_story(NODEADM_RUN)
+    );
+    let refused: Vec<_> = run_requests.iter().filter(|r| r.status != 200).collect();
+    assert!(refused.is_empty(), "refused: {refused:?}\n{}", rig.unit_story(NODEADM_RUN));
+    let cache: Value = serde_json::from_str(&rig.read_run(NODEADM_CACHE).unwrap()).unwrap();
+    assert_eq!(
+        cache["spec"]["kubelet"]["config"]["imageServiceEndpoint"], SOCI_ENDPOINT,
+        "the drop-in is in nodeadm's merged config: {cache:#}"
+    );
+
+    // SOCI runs the agent's release, through the AMI's unlit unit + the agent's drop-in.
+    rig.step("state after nodeadm-run");
+    let soci = rig.unit(SOCI);
+    assert!(
+        soci.is_active() && soci.sub_state == "running",
+        "{SOCI}: {soci}\n{}",
+        rig.unit_story(NODEADM_RUN)
+    );
+    assert!(soci.drop_in_paths.iter().any(|p| p == SERVICE_DROPIN), "{soci:?}");
+    let exe = rig.node.check(&["readlink", &format!("/proc/{}/exe", soci.main_pid)]);
+    assert_eq!(exe, STORE_DAEMON, "{SOCI} runs {exe}, not the agent's release");
+    assert_eq!(
+        rig.read(SERVICE_PATH),
+        ami_unit,
+        "the AMI's {SOCI} must be byte-identical"
+    );
+    assert_eq!(rig.read(SOCKET_PATH), ami_socket, "the AMI's {SOCKET} must be byte-identical");
+    assert!(rig.read("/usr/bin/soci-snapshotter-grpc").is_some(), "the AMI's binary stays");
+    assert!(rig.unit(SOCKET).is_active());
+    let containerd = rig.unit(CONTAINERD);
+    assert!(containerd.is_active(), "{CONTAINERD}: {containerd}");
+    assert!(
+        containerd.drop_in_paths.iter().any(|p| p == CONTAINERD_DROPIN),
+        "{containerd:?}"
+    );
+    let line = rig.soci_plugin();
+    assert!(
+        line.as_deref()
+            .is_some_and(|l| l.split_whitespace().last() == Some("ok")),
+        "ctr plugins ls: soci snapshotter not ok: {line:?}"
+    );
+
+    // containerd's config, as nodeadm rendered it and containerd reads it.
+    let dump = rig.node.check(&["containerd", "config", "dump"]);
+    let doc: toml_edit::DocumentMut = dump
+        .parse()
+        .unwrap_or_else(|e| panic!("config dump is not TOML: {e}\n{dump}"));
+    let soci_plugin = &doc["proxy_plugins"]["soci"];
+    assert_eq!(soci_plugin["type"].as_str(), Some("snapshot"), "{dump}");
+    assert_eq!(soci_plugin["address"].as_str(), Some(SOCI_SOCKET), "{dump}");
+    let images = &doc["plugins"]["io.containerd.cri.v1.images"];
+    assert_eq!(images["snapshotter"].as_str(), Some("soci"), "{dump}");
+    assert_eq!(images["disable_snapshot_annotations"].as_bool(), Some(false), "{dump}");
+    assert_eq!(
+        images["registry"]["config_path"].as_str(),
+        Some(CERTS_D),
+        "the user data's registry config_path survives the merge\n{dump}"
+    );
+    assert_eq!(
+        images["pinned_images"]["sandbox"].as_str(),
+        Some(PAUSE_IMAGE),
+        "nodeadm's template\n{dump}"
+    );
+
+    // kubelet: running with nodeadm's files, which point its image service at SOCI.
+    let kubelet = rig.unit(KUBELET);
+    assert!(kubelet.is_active(), "{KUBELET}: {kubelet}");
+    let args = cmdline(&rig, kubelet.main_pid);
+    for want in [
+        format!("--config={KUBELET_CONFIG}"),
+        format!("--config-dir={KUBELET_CONFIG_DIR}"),
+    ] {
+        assert!(args.contains(&want), "kubelet runs without {want}: {args:?}");
+    }
+    let (endpoint, files) = kubelet_endpoint(&rig);
+    let endpoint = endpoint.unwrap_or_else(|| panic!("imageServiceEndpoint unset in kubelet's config\n{files}"));
+    assert_eq!(endpoint.0, SOCI_ENDPOINT, "set by {}\n{files}", endpoint.1);
+    let base: Value = serde_json::from_str(&rig.read_text(KUBELET_CONFIG)).unwrap();
+    assert_eq!(base["containerRuntimeEndpoint"], CONTAINERD_ENDPOINT, "{files}");
+
+    // The agent's boot unit (wanted by kubelet) put the pause image into soci before kubelet.
+    let boot_unit = rig.unit(BOOT);
+    assert_eq!(
+        (boot_unit.active_state.as_str(), boot_unit.result.as_str()),
+        ("active", "success"),
+        "{BOOT}: {boot_unit}"
+    );
+    let images_list = rig.node.check(&["ctr", "-n", "k8s.io", "images", "ls", "-q"]);
+    assert!(
+        images_list.lines().any(|l| l == PAUSE_IMAGE),
+        "pause image not imported:\n{images_list}"
+    );
+    let (pause_snapshots, _) = rig.soci_committed();
+    assert!(pause_snapshots >= 1, "the pause image is not unpacked in soci");
+
+    // 4. A pull through kubelet's image endpoint (SOCI's CRI proxy) lands in soci.
+    rig.step("crictl pull through the SOCI image endpoint");
+    let image = rig.registry.push_random_image("app", "v1", 4, 1 << 20);
+    let out = rig.node.exec_timeout(
+        &["crictl", "--image-endpoint", &endpoint.0, "pull", &image.reference],
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.status.success(),
+        "crictl pull through {}: {}\n{}{}",
+        endpoint.0,
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let (committed, list) = rig.soci_committed();
+    assert_eq!(
+        committed,
+        pause_snapshots + image.layer_digests.len(),
+        "soci snapshots after the pull:\n{list}"
+    );
+    let listed = rig.node.check(&[
+        "crictl",
+        "--image-endpoint",
+        SOCI_ENDPOINT,
+        "images",
+        "--digests",
+        "--no-trunc",
+    ]);
+    assert!(
+        listed.contains("127.0.0.1") && listed.contains(&image.manifest_digest),
+        "crictl images through SOCI:\n{listed}"
+    );
+
+    // 5. doctor: no failing check.
+    rig.step("soci-agent doctor");
+    let doctor = rig.doctor();
+    let failing = doctor.failing();
+    assert!(failing.is_empty(), "doctor: failing checks {failing:#?}\n{}", doctor.show());
+    for id in [
+        "nodeadm.dropin",
+        "kubelet.image-service-endpoint",
+        "live.containerd-soci",
+        "live.pause-image",
+    ] {
+        assert_eq!(doctor.verdict(id), "ok", "{id}\n{}", doctor.show());
+    }
+    doctor.expect_code(0);
+
+    eprintln!(
+        "nodeadm node: up in {booted:.1?} (nodeadm-config included), whole test {:.1?}",
+        rig.started.elapsed()
+    );
+}
