@@ -549,16 +549,7 @@ impl Builder<'_> {
 /// their state before soci-agent, and the store entries in use. A path
 /// already holding exactly our content (left by an interrupted run) counts as
 /// created by us, except `merged` (the containerd config, which we only edit).
-fn next_record(
-    root: &Root,
-    mut record: Record,
-    actions: &[Action],
-    merged: &str,
-    daemon: &str,
-    soci_root: &str,
-    adopted: Option<Sha256Hex>,
-    soci: &SociChoice,
-) -> Record {
+fn record_paths(root: &Root, mut record: Record, actions: &[Action], merged: &str) -> Record {
     for a in actions {
         let first_time = !record.paths.contains_key(&a.path);
         let backup = format!("{BACKUP_DIR}{}", a.path);
@@ -586,11 +577,6 @@ fn next_record(
         };
         record.paths.insert(a.path.clone(), before);
     }
-    record.daemon_binary = daemon.to_string();
-    record.soci_root = soci_root.to_string();
-    record.adopted_sha256 = adopted;
-    record.soci_version = soci.version.map(|v| v.to_string()).unwrap_or_default();
-    record.soci_reason = soci.reason.clone();
     record
 }
 
@@ -925,16 +911,14 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         RecordError::Read(fs) => PlanError::Fs(fs),
         invalid => PlanError::Record(invalid.to_string()),
     })?;
-    let record = next_record(
-        root,
-        previous.unwrap_or_default(),
-        &b.actions,
-        &s.containerd_config,
-        &daemon_binary,
-        &s.soci_root,
+    let record = Record {
+        daemon_binary: daemon_binary.clone(),
+        soci_root: s.soci_root.clone(),
         adopted_sha256,
-        &soci,
-    );
+        soci_version: soci.version.map(|v| v.to_string()).unwrap_or_default(),
+        soci_reason: soci.reason.clone(),
+        ..record_paths(root, previous.unwrap_or_default(), &b.actions, &s.containerd_config)
+    };
     b.file(RECORD_PATH, record.to_json(), 0o644, Effects::default())?;
 
     if root.is_host() {

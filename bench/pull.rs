@@ -10,7 +10,7 @@
 //! (nginx `limit_rate`, default `25m`), `PULL_LAYER_MIB` (default 256).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod common;
 
 use std::fs;

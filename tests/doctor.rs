@@ -875,8 +875,18 @@ fn nodeadm_hosts() {
             contains: "nodeadm has not applied the drop-in yet",
         },
         Case {
-            name: "rendered before the drop-in: CRI check",
+            name: "rendered before the drop-in: CRI check waits for nodeadm-run",
             mutate: |n| n.write(CONTAINERD_CONFIG, V3_PLAIN, 0o644),
+            id: "containerd.snapshotter",
+            verdict: "warn",
+            contains: "snapshotter unset (/etc/containerd/config.toml): CRI pulls use overlayfs, not SOCI (not applied yet",
+        },
+        Case {
+            name: "rendered without SOCI and no drop-in: CRI check fails",
+            mutate: |n| {
+                n.write(CONTAINERD_CONFIG, V3_PLAIN, 0o644);
+                n.remove("/etc/eks/nodeadm.d/50-soci-agent.yaml");
+            },
             id: "containerd.snapshotter",
             verdict: "fail",
             contains: "plugins.\"io.containerd.cri.v1.images\".snapshotter unset",

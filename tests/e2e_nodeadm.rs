@@ -662,6 +662,14 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
             doctor.show()
         );
     }
+    // Waiting for nodeadm-run is not a failure: user data running `install && doctor` passes.
+    let failing = doctor.failing();
+    assert!(
+        failing.is_empty(),
+        "doctor before nodeadm-run: {failing:#?}\n{}",
+        doctor.show()
+    );
+    doctor.expect_code(0);
 
     // 3. nodeadm-run: merges user data + the drop-in, re-renders, starts containerd (whose
     //    Requires= starts SOCI) and kubelet.

@@ -84,7 +84,33 @@ pub fn checks(node: &Node) -> Vec<Check> {
     out.push(annotations(&doc, &keys[1], path));
     out.push(super::checks_pull_path::pull_path(node, &doc, version, path));
     out.push(super::checks_pull_path::runtime_platforms(&doc, version, path));
+    if super::checks_nodeadm::dropin_wires_soci(node) {
+        out = out.into_iter().map(|c| pending_nodeadm_run(c, path)).collect();
+    }
     out
+}
+
+/// On a nodeadm host whose drop-in wires SOCI, a rendered config without the
+/// wiring is waiting for nodeadm-run (user data runs before it): a warning,
+/// not a failure.
+fn pending_nodeadm_run(check: Check, path: &str) -> Check {
+    const PENDING: [&str; 4] = [
+        "containerd.proxy-plugin",
+        "containerd.exports-root",
+        "containerd.snapshotter",
+        "containerd.snapshot-annotations",
+    ];
+    if check.verdict != super::Verdict::Fail || !PENDING.contains(&check.id) {
+        return check;
+    }
+    Check::warn(
+        check.id,
+        format!("{} (not applied yet: see nodeadm.dropin)", check.evidence),
+        format!(
+            "nodeadm-run renders {path} from the NodeConfig drop-in before it starts containerd; \
+             never edit it by hand on a nodeadm host"
+        ),
+    )
 }
 
 fn version(node: &Node) -> Check {

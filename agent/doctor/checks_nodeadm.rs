@@ -30,6 +30,30 @@ fn version(node: &Node) -> ConfigVersion {
     })
 }
 
+/// Whether the agent's NodeConfig drop-in sets every key soci-agent owns in
+/// containerd's config (so a rendered config that lacks them is waiting for
+/// nodeadm-run, not broken).
+pub(super) fn dropin_wires_soci(node: &Node) -> bool {
+    if !node.nodeadm() {
+        return false;
+    }
+    let Text::Found(text) = Text::read(&node.root, DROPIN_PATH) else {
+        return false;
+    };
+    let Some(fragment) =
+        yamlish::get(&text, &["spec", "containerd", "config"]).and_then(|block| block.parse::<DocumentMut>().ok())
+    else {
+        return false;
+    };
+    let wiring = SociWiring {
+        address: node.soci_socket.value.clone(),
+        soci_root: node.soci_root.value.clone(),
+    };
+    containerd_config::owned_keys(version(node), &wiring)
+        .iter()
+        .all(|k| k.is_set_in(fragment.as_table()))
+}
+
 fn dropin(node: &Node) -> Check {
     const ID: &str = "nodeadm.dropin";
     if !node.nodeadm() {
