@@ -7,7 +7,8 @@
 //! Everything is real: containerd v2.4.2, crictl v1.37.0 and SOCI v0.16.1 from the rig
 //! (`tests/real/build.sh`), Debian's docker-registry and nginx, systemd in an nspawn node.
 //! Run as root: `bash bench/pull.sh` (or `cargo bench --bench pull`). Env: `PULL_LIMIT`
-//! (nginx `limit_rate`, default `25m`), `PULL_LAYER_MIB` (default 256).
+//! (nginx `limit_rate`, default `25m`), `PULL_LAYER_MIB` (default 256), `PULL_INSTALL_ARGS`
+//! (extra `soci-agent install` flags, e.g. tuning, default none).
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
@@ -53,16 +54,20 @@ fn main() {
     let mirror = Mirror::start();
     real::soci_release(real::SOCI_VERSION).publish(&mirror);
     fs::copy(env!("CARGO_BIN_EXE_soci-agent"), node.share().join("soci-agent")).unwrap();
-    node.check(&[
+    let extra = std::env::var("PULL_INSTALL_ARGS").unwrap_or_default();
+    let base_url = mirror.base_url();
+    let mut install = vec![
         "/share/soci-agent",
         "install",
         "--release-url",
-        &mirror.base_url(),
+        &base_url,
         "--soci-version",
         real::SOCI_VERSION,
         "--log-level",
         "warn",
-    ]);
+    ];
+    install.extend(extra.split_whitespace());
+    node.check(&install);
     let soci_s = pull(&node, &by_front(&soci));
     let snapshots = node.check(&["ctr", "-n", "k8s.io", "snapshots", "--snapshotter", "soci", "ls"]);
     let in_soci = snapshots

@@ -39,7 +39,8 @@ use nix::fcntl::{Flock, FlockArg};
 /// Debian release of the node.
 pub const SUITE: &str = "bookworm";
 /// Packages on top of `minbase`. Changing this list rebuilds the cached rootfs.
-pub const INCLUDE: &str = "systemd,systemd-sysv,dbus,containerd,ca-certificates";
+/// pigz: `/usr/bin/unpigz`, as on the EKS AMIs (SOCI's gzip decompressor).
+pub const INCLUDE: &str = "systemd,systemd-sysv,dbus,containerd,ca-certificates,pigz";
 /// Debian enables containerd at boot; AL2023 does not (nodeadm starts it). Remove this to mimic AL2023.
 pub const CONTAINERD_WANTS: &str = "/etc/systemd/system/multi-user.target.wants/containerd.service";
 /// Marker inside a complete rootfs; holds [`INCLUDE`].
