@@ -5,15 +5,18 @@
 //! undone: units it restarted are restarted again (or stopped) after the
 //! files are restored, units it enabled are disabled.
 
+use crate::paths::{
+    BOOT_SERVICE, CONTAINERD_SERVICE, CONTAINERD_SOCKET, DAEMON_SERVICE, DAEMON_SERVICE_PATH, SOCI_SERVICE,
+    SOCI_SOCKET, SOCI_SOCKET_UNIT,
+};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::health::{self, HealthError, SnapshotterStatus};
-use crate::plan::{CONTAINERD_SOCKET, Plan, SOCI_SOCKET, Wiring};
+use crate::plan::{Plan, Wiring};
 use crate::rootfs::Root;
 use crate::systemd::{Systemd, SystemdError};
-use crate::units;
 
 /// Bounds of the waits after a (re)start.
 #[derive(Debug, Clone, Copy)]
@@ -90,11 +93,8 @@ pub async fn activate(
     if !plan.daemon || plan.wiring == Wiring::Nodeadm {
         return Ok(());
     }
-    let unit = units::DAEMON_SERVICE;
-    let changed = plan
-        .actions
-        .iter()
-        .any(|a| a.changed && a.path == units::DAEMON_SERVICE_PATH);
+    let unit = DAEMON_SERVICE;
+    let changed = plan.actions.iter().any(|a| a.changed && a.path == DAEMON_SERVICE_PATH);
     let state = sd.unit_state(unit).await?;
     if changed || !state.is_active() {
         act.restarted.push((unit.to_string(), state.is_active()));
@@ -117,18 +117,18 @@ async fn activate_units(
     record_enabled: &mut (dyn FnMut(&[String]) -> Result<(), String> + Send),
 ) -> Result<(), ActivateError> {
     let effects = plan.effects();
-    let soci = units::SERVICE;
-    let mut wanted = vec![soci, units::SOCKET];
+    let soci = SOCI_SERVICE;
+    let mut wanted = vec![soci, SOCI_SOCKET_UNIT];
     if !plan.kubelet_present {
-        wanted.push(units::BOOT_SERVICE);
+        wanted.push(BOOT_SERVICE);
     }
     if plan.daemon {
-        wanted.push(units::DAEMON_SERVICE);
+        wanted.push(DAEMON_SERVICE);
     }
     // A run killed after writing files but before its reload leaves units whose files changed
     // since the last reload: the plan then sees no change, so ask systemd too.
     let mut needs_reload = effects.daemon_reload;
-    for unit in [soci, units::SOCKET, units::CONTAINERD_SERVICE, units::BOOT_SERVICE] {
+    for unit in [soci, SOCI_SOCKET_UNIT, CONTAINERD_SERVICE, BOOT_SERVICE] {
         if needs_reload {
             break;
         }
@@ -169,15 +169,15 @@ async fn activate_units(
     }
 
     // The socket first, so the service gets its listener (fd://).
-    let socket_state = sd.unit_state(units::SOCKET).await?;
+    let socket_state = sd.unit_state(SOCI_SOCKET_UNIT).await?;
     if socket_state.load_state != "not-found" && !socket_state.is_active() {
-        sd.start(units::SOCKET).await?;
-        act.restarted.push((units::SOCKET.to_string(), false));
-        act.steps.push(format!("started {}", units::SOCKET));
+        sd.start(SOCI_SOCKET_UNIT).await?;
+        act.restarted.push((SOCI_SOCKET_UNIT.to_string(), false));
+        act.steps.push(format!("started {}", SOCI_SOCKET_UNIT));
     }
-    let containerd_before = sd.unit_state(units::CONTAINERD_SERVICE).await?;
+    let containerd_before = sd.unit_state(CONTAINERD_SERVICE).await?;
     let soci_state = sd.unit_state(soci).await?;
-    let containerd_entry = (units::CONTAINERD_SERVICE.to_string(), true);
+    let containerd_entry = (CONTAINERD_SERVICE.to_string(), true);
     if effects.restart_soci || !soci_state.is_active() {
         // containerd Requires= the snapshotter: restarting it restarts containerd too, and a
         // snapshotter that fails to start leaves containerd stopped (its start job fails with
@@ -198,16 +198,16 @@ async fn activate_units(
 
     // A start job queued before this run (e.g. by an interrupted run) shows up
     // only now that the snapshotter it waits for is up.
-    let mut containerd_now = sd.unit_state(units::CONTAINERD_SERVICE).await?;
+    let mut containerd_now = sd.unit_state(CONTAINERD_SERVICE).await?;
     if !running(&containerd_before) && !running(&containerd_now) {
         act.steps
             .push("containerd is not running: it uses SOCI from its next start".into());
         return Ok(());
     }
     if !containerd_now.is_active() {
-        sd.start(units::CONTAINERD_SERVICE).await?;
+        sd.start(CONTAINERD_SERVICE).await?;
         act.steps.push("waited for containerd's pending start".into());
-        containerd_now = sd.unit_state(units::CONTAINERD_SERVICE).await?;
+        containerd_now = sd.unit_state(CONTAINERD_SERVICE).await?;
     }
     let restarted_along = containerd_now.invocation_id != containerd_before.invocation_id;
     if !effects.restart_containerd && !restarted_along {
@@ -241,7 +241,7 @@ async fn activate_units(
         act.steps
             .push("containerd restarted along with the snapshotter (Requires=)".into());
     } else {
-        sd.restart(units::CONTAINERD_SERVICE).await?;
+        sd.restart(CONTAINERD_SERVICE).await?;
     }
     let status =
         health::wait_for_snapshotter(&root.path(CONTAINERD_SOCKET), &root.path(SOCI_SOCKET), bounds.health).await?;

@@ -3,6 +3,7 @@
 //! failure all of them are restored in reverse order and a newly installed
 //! store entry is removed, so the node ends as it started.
 
+use crate::paths::{INSTALL_LOCK, SOCI_CONFIG};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -256,7 +257,7 @@ async fn validate_soci_config(root: &Root, plan: &Plan) -> Result<(), ApplyError
     let Some(Op::Write { content, .. }) = plan
         .actions
         .iter()
-        .find(|a| a.changed && a.path == crate::plan::SOCI_CONFIG_PATH)
+        .find(|a| a.changed && a.path == SOCI_CONFIG)
         .map(|a| &a.op)
     else {
         return Ok(());
@@ -310,10 +311,6 @@ fn soci_message(stderr: &str) -> String {
         .map(|(msg, _)| msg.replace("\\\"", "\""))
         .unwrap_or_else(|| line.trim().to_string())
 }
-
-/// Held (exclusive) while install or uninstall changes the node; the daemon
-/// only tries it, shared and non-blocking, and skips its repairs meanwhile.
-pub const INSTALL_LOCK: &str = "/run/soci-agent/install.lock";
 
 /// Takes the install lock on a live host (`--root /`); other roots have no
 /// daemon to coordinate with, so nothing is created there.

@@ -5,6 +5,7 @@
 //! node NotReady), then the pre-pull list. Bounded in time: past the bound it
 //! logs loudly and exits 0 so the node still joins, unless `--strict`.
 
+use crate::paths::{CONTAINERD_SOCKET, CTR_CANDIDATES};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -12,13 +13,9 @@ use serde::Serialize;
 
 use crate::cli::{BootArgs, OutputFormat};
 use crate::exit::ExitKind;
-use crate::plan::CONTAINERD_SOCKET;
 use crate::record::Record;
 use crate::rootfs::Root;
 use crate::store::{self, EntryState, Manifest};
-
-pub const DEFAULT_PAUSE_ARCHIVE: &str = "/etc/eks/pause.tar";
-const CTR_CANDIDATES: [&str; 3] = ["/usr/bin/ctr", "/usr/local/bin/ctr", "/bin/ctr"];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {

@@ -1,6 +1,7 @@
 //! Command-line interface (clap derive). Every option names its default and
 //! its environment variable; `settings` merges them with the config file.
 
+use crate::paths::PAUSE_ARCHIVE;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -102,7 +103,7 @@ pub struct BootArgs {
     #[arg(long, value_name = "DIR", env = "SOCI_AGENT_ROOT", default_value = "/")]
     pub root: PathBuf,
     /// The node's pause image archive, imported into the soci snapshotter when present.
-    #[arg(long, value_name = "PATH", default_value = crate::boot::DEFAULT_PAUSE_ARCHIVE)]
+    #[arg(long, value_name = "PATH", default_value = PAUSE_ARCHIVE)]
     pub pause_archive: String,
     /// Give up after this many seconds (then exit 0 unless --strict).
     #[arg(long, value_name = "SECS", default_value_t = 600.0)]

@@ -28,9 +28,6 @@ use std::ops::Range;
 
 use toml_edit::{Document, DocumentMut, InlineTable, Item, Key, Table, TableLike, Value};
 
-/// Default address of the SOCI snapshotter's gRPC socket.
-pub const DEFAULT_ADDRESS: &str = "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock";
-
 /// First line of a config file soci-agent creates from nothing.
 const CREATED_HEADER: &str =
     "# Written by soci-agent: containerd wired to the SOCI snapshotter (parallel pull/unpack).";
@@ -106,7 +103,7 @@ impl fmt::Display for ConfigVersion {
 /// Where the SOCI snapshotter listens and keeps its data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SociWiring {
-    /// The snapshotter's gRPC socket ([`DEFAULT_ADDRESS`] by default).
+    /// The snapshotter's gRPC socket ([`SOCI_SOCKET`] by default).
     pub address: String,
     /// The snapshotter's `--root` (e.g. `/var/lib/soci-snapshotter-grpc`),
     /// exported to kubelet for disk accounting and image GC.
@@ -675,10 +672,11 @@ fn article(type_name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::paths::SOCI_SOCKET;
 
     fn wiring() -> SociWiring {
         SociWiring {
-            address: DEFAULT_ADDRESS.into(),
+            address: SOCI_SOCKET.into(),
             soci_root: "/var/lib/soci-snapshotter-grpc".into(),
         }
     }

@@ -58,10 +58,9 @@ use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{SignalKind, signal};
 
-pub use config::{Config, ConfigError, DEFAULT_INTERVAL, DEFAULT_STATE_SOCKET, MetricsAddress, Overrides};
+pub use config::{Config, ConfigError, DEFAULT_INTERVAL, MetricsAddress, Overrides};
 pub use http::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 pub use notify::Notifier;
-pub use repair::INSTALL_LOCK;
 pub use state::Live;
 
 use reconcile::{Endpoints, Reconciler};
@@ -166,7 +165,9 @@ pub async fn run(args: &DaemonArgs) -> u8 {
     if args.query {
         let path = match &args.state_socket {
             Some(p) => p.clone(),
-            None => config::load(&root, &overrides).map_or(root.path(DEFAULT_STATE_SOCKET), |c| c.state_socket),
+            None => {
+                config::load(&root, &overrides).map_or(root.path(crate::paths::DAEMON_STATE_SOCKET), |c| c.state_socket)
+            }
         };
         return match status::query(&path).await {
             Ok(text) => {

@@ -32,6 +32,7 @@ mod pause;
 mod unitfile;
 mod yamlish;
 
+use crate::paths::CONTAINERD_CONFIG;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
@@ -187,7 +188,7 @@ pub struct DoctorArgs {
         long,
         value_name = "PATH",
         env = "SOCI_AGENT_CONTAINERD_CONFIG",
-        default_value = crate::settings::DEFAULT_CONTAINERD_CONFIG
+        default_value = CONTAINERD_CONFIG
     )]
     pub containerd_config: String,
     /// D-Bus address of systemd's bus, e.g. unix:path=/run/dbus/system_bus_socket.

@@ -2,6 +2,10 @@
 //! the root and, for versions, runs `--version` of the binaries found there
 //! (bounded in time). Nothing else in the agent looks at the host by itself.
 
+use crate::paths::{
+    CONTAINERD_VERSION_FILE, KUBELET_CONFIG, KUBELET_DROPIN_DIR, KUBELET_SERVICE, NODEADM_BIN, NODEADM_DROPIN_DIR,
+    SOCI_BINARY_LOCATIONS, SOCI_SERVICE, STORE_DIR, UNIT_SEARCH_PATH, UNPIGZ,
+};
 use std::path::Path;
 use std::time::Duration;
 
@@ -10,12 +14,6 @@ use serde::Serialize;
 use crate::release::{Arch, ReleaseError};
 use crate::rootfs::Root;
 
-pub const NODEADM_BIN: &str = "/usr/bin/nodeadm";
-pub const NODEADM_DROPIN_DIR: &str = "/etc/eks/nodeadm.d";
-pub const CONTAINERD_VERSION_FILE: &str = "/etc/eks/containerd-version.txt";
-pub const UNPIGZ: &str = "/usr/bin/unpigz";
-/// Where a SOCI binary may already be installed (RPM on AL2023; upstream script).
-pub const SOCI_BINARY_LOCATIONS: [&str; 2] = ["/usr/bin/soci-snapshotter-grpc", "/usr/local/bin/soci-snapshotter-grpc"];
 const CONTAINERD_BINARIES: [&str; 3] = [
     "/usr/bin/containerd",
     "/usr/local/bin/containerd",
@@ -187,8 +185,7 @@ pub async fn detect(root: &Root) -> HostFacts {
         let Ok(meta) = std::fs::symlink_metadata(&p) else {
             continue;
         };
-        let managed = meta.file_type().is_symlink()
-            && std::fs::read_link(&p).is_ok_and(|t| t.starts_with(crate::store::STORE_DIR));
+        let managed = meta.file_type().is_symlink() && std::fs::read_link(&p).is_ok_and(|t| t.starts_with(STORE_DIR));
         // Follow an absolute link inside the root, never out of it.
         let exe = match std::fs::read_link(&p) {
             Ok(t) if t.is_absolute() => root.path(&t),
@@ -203,8 +200,8 @@ pub async fn detect(root: &Root) -> HostFacts {
     }
 
     let mut soci_unit = SociUnit::Absent;
-    for dir in crate::units::UNIT_SEARCH_PATH {
-        let node_path = format!("{dir}/{}", crate::units::SERVICE);
+    for dir in UNIT_SEARCH_PATH {
+        let node_path = format!("{dir}/{}", SOCI_SERVICE);
         if let Ok(Some(text)) = root.read_string_opt(&node_path) {
             soci_unit = if crate::units::is_ours(&text) {
                 SociUnit::Ours(node_path)
@@ -226,10 +223,10 @@ pub async fn detect(root: &Root) -> HostFacts {
         soci_installed,
         soci_unit,
         unpigz: root.path(UNPIGZ).is_file(),
-        kubelet_config_layout: root.exists(crate::kubelet::CONFIG_PATH) || root.exists(crate::kubelet::DROPIN_DIR),
-        kubelet_unit: crate::units::UNIT_SEARCH_PATH
+        kubelet_config_layout: root.exists(KUBELET_CONFIG) || root.exists(KUBELET_DROPIN_DIR),
+        kubelet_unit: UNIT_SEARCH_PATH
             .iter()
-            .any(|d| root.exists(format!("{d}/{}", crate::units::KUBELET_SERVICE))),
+            .any(|d| root.exists(format!("{d}/{}", KUBELET_SERVICE))),
         cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         memory_bytes: meminfo_total(),
     }

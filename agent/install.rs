@@ -1,6 +1,7 @@
 //! `soci-agent install`: settings -> host facts -> plan -> (dry run | apply)
 //! -> report. Glue only; the logic lives in the modules it calls.
 
+use crate::paths::RECORD;
 use std::io::IsTerminal;
 use std::time::Instant;
 
@@ -12,7 +13,7 @@ use crate::cli::{InstallArgs, OutputFormat};
 use crate::exit::{ExitKind, error_chain};
 use crate::fetch::{HttpOptions, Progress};
 use crate::plan::{Plan, Wiring};
-use crate::record::{RECORD_PATH, Record};
+use crate::record::Record;
 use crate::report::{InstallReport, PlanSummary};
 use crate::rootfs::Root;
 use crate::settings::InstallSettings;
@@ -191,7 +192,7 @@ async fn start_units(s: &InstallSettings, plan: &Plan, txn: &mut Transaction) ->
     let mut record_enabled = |units: &[String]| -> Result<(), String> {
         let mut record = Record::load(&root).map_err(|e| error_chain(&e))?.unwrap_or_default();
         record.enabled_units.extend(units.iter().cloned());
-        txn.write(&root, RECORD_PATH, record.to_json().as_bytes(), 0o644)
+        txn.write(&root, RECORD, record.to_json().as_bytes(), 0o644)
             .map_err(|e| error_chain(&e))
     };
     let result = activate(&sd, &s.root, plan, &mut act, Bounds::default(), &mut record_enabled).await;

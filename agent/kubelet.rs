@@ -2,11 +2,6 @@
 //! `imageServiceEndpoint` to the SOCI socket (SOCI's CRI keychain proxies
 //! image pulls and keeps the credentials kubelet sends). Pure.
 
-pub const CONFIG_PATH: &str = "/etc/kubernetes/kubelet/config.json";
-pub const DROPIN_DIR: &str = "/etc/kubernetes/kubelet/config.json.d";
-/// kubelet reads `*.conf` files of its `--config-dir` in lexical order.
-pub const DROPIN_PATH: &str = "/etc/kubernetes/kubelet/config.json.d/50-soci-agent.conf";
-
 /// The drop-in (JSON, which kubelet's drop-in loader accepts).
 pub fn dropin(image_service_endpoint: &str) -> String {
     let v = serde_json::json!({

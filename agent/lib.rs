@@ -26,6 +26,7 @@ pub mod install;
 pub mod kubelet;
 pub mod logging;
 pub mod nodeconfig;
+pub mod paths;
 pub mod plan;
 pub mod prefetch;
 pub mod record;

@@ -5,8 +5,6 @@
 
 use crate::containerd_config::{self, ConfigVersion, Daemon, SociWiring};
 
-pub const DROPIN_DIR: &str = "/etc/eks/nodeadm.d";
-pub const DROPIN_PATH: &str = "/etc/eks/nodeadm.d/50-soci-agent.yaml";
 const TEMPLATE: &str = include_str!("../nodeconfig/50-soci-agent.yaml");
 
 /// The kubelet endpoint when SOCI's CRI keychain serves images.

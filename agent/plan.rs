@@ -3,25 +3,26 @@
 //! diff and effects. Building a plan changes nothing; `apply` carries it out
 //! and `--dry-run` prints it.
 
+use crate::paths::{
+    AGENT_BINARY, BACKUP_DIR, BIN_DIR, BOOT_SERVICE_PATH, CONTAINERD_DROPIN, CONTAINERD_VERSION_FILE,
+    DAEMON_SERVICE_PATH, KUBELET_DROPIN, KUBELET_DROPIN_DIR, KUBELET_DROPIN_PATH, NODEADM_DROPIN, NODEADM_DROPIN_DIR,
+    RECORD, SOCI_BINARY_LOCATIONS, SOCI_CONFIG, SOCI_SERVICE, SOCI_SERVICE_DROPIN, SOCI_SERVICE_PATH, SOCI_SOCKET,
+    SOCI_SOCKET_PATH, STORE_DIR, UNPIGZ,
+};
 use serde::Serialize;
 
 use crate::cli::{PreinstalledPolicy, WiringMode};
 use crate::containerd_config::{self, ConfigVersion, ContainerdConfigError, Daemon, SociWiring};
 use crate::host::{HostFacts, InstalledSoci, SociUnit};
-use crate::record::{Before, RECORD_PATH, Record, RecordError};
+use crate::record::{Before, Record, RecordError};
 use crate::release::{Arch, BINARIES, DAEMON_BINARY, FIXED_SOCI_VERSION, ReleaseSpec, Sha256Hex, Version};
 use crate::rootfs::{FsError, Root};
 use crate::settings::{DecompressorChoice, InstallSettings, sibling_checksum};
 use crate::soci_config::{Decompressor, SociConfig};
-use crate::store::{self, BIN_DIR, EntryState};
+use crate::store::{self, EntryState};
 use crate::units::{self, DaemonCommand};
 use crate::{kubelet, nodeconfig};
 
-pub const SOCI_CONFIG_PATH: &str = "/etc/soci-snapshotter-grpc/config.toml";
-pub const SOCI_SOCKET: &str = "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock";
-pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
-pub const STATE_DIR: &str = "/var/lib/soci-agent";
-pub const BACKUP_DIR: &str = "/var/lib/soci-agent/backup";
 /// Below these, parallel mode helps little (nodeadm's FastImagePull skips SOCI there).
 pub const MIN_CPUS: usize = 4;
 pub const MIN_MEMORY_BYTES: u64 = 7 * 1024 * 1024 * 1024;
@@ -343,9 +344,7 @@ fn choose_soci(
     };
     let Some(f) = found else {
         return match policy {
-            PreinstalledPolicy::Keep => Err(PlanError::NothingToAdopt(
-                crate::host::SOCI_BINARY_LOCATIONS.join(" or "),
-            )),
+            PreinstalledPolicy::Keep => Err(PlanError::NothingToAdopt(SOCI_BINARY_LOCATIONS.join(" or "))),
             _ => Ok(release(format!(
                 "no preinstalled SOCI: installing {wanted} from the release"
             ))),
@@ -569,7 +568,7 @@ fn record_paths(root: &Root, mut record: Record, actions: &[Action], merged: &st
             _ if backed_up => Before::Backup { backup },
             (_, ActionKind::Unchanged) if a.path == merged => continue,
             _ => match std::fs::read_link(root.path(&a.path)) {
-                Ok(t) if !t.starts_with(store::STORE_DIR) => Before::Link {
+                Ok(t) if !t.starts_with(STORE_DIR) => Before::Link {
                     target: t.display().to_string(),
                 },
                 _ => Before::Absent,
@@ -739,7 +738,7 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
 
     // 2. SOCI's own config.
     let gzip = match &s.decompressor {
-        DecompressorChoice::Auto => facts.unpigz.then(|| Decompressor::unpigz(crate::host::UNPIGZ)),
+        DecompressorChoice::Auto => facts.unpigz.then(|| Decompressor::unpigz(UNPIGZ)),
         DecompressorChoice::None => None,
         DecompressorChoice::Path(p) => Some(Decompressor::unpigz(p)),
     };
@@ -753,7 +752,7 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         ..SociConfig::default()
     };
     b.file(
-        SOCI_CONFIG_PATH,
+        SOCI_CONFIG,
         crate::soci_config::render_checked(&soci_cfg)?,
         0o644,
         restart_soci,
@@ -772,16 +771,11 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
     match &facts.soci_unit {
         SociUnit::Foreign(path) => {
             notes.push(format!("keeping the preinstalled {path}; overriding it with a drop-in"));
-            b.file(
-                units::SERVICE_DROPIN_PATH,
-                units::service_dropin(&cmd),
-                0o644,
-                unit_change,
-            )?;
+            b.file(SOCI_SERVICE_DROPIN, units::service_dropin(&cmd), 0o644, unit_change)?;
         }
         SociUnit::Absent | SociUnit::Ours(_) => {
-            b.file(units::SERVICE_PATH, units::service(&cmd), 0o644, unit_change)?;
-            b.file(units::SOCKET_PATH, units::socket(), 0o644, unit_change)?;
+            b.file(SOCI_SERVICE_PATH, units::service(&cmd), 0o644, unit_change)?;
+            b.file(SOCI_SOCKET_PATH, units::socket(), 0o644, unit_change)?;
         }
     }
     let containerd_change = Effects {
@@ -789,39 +783,29 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         restart_containerd: true,
         ..Effects::default()
     };
-    b.file(
-        units::CONTAINERD_DROPIN_PATH,
-        units::containerd_dropin(),
-        0o644,
-        containerd_change,
-    )?;
+    b.file(CONTAINERD_DROPIN, units::containerd_dropin(), 0o644, containerd_change)?;
 
     // 3b. The agent itself and its boot unit (pause image import, pre-pull).
     let me = std::env::current_exe().map_err(|source| FsError::Read {
         path: "/proc/self/exe".into(),
         source,
     })?;
-    b.binary(units::AGENT_BINARY_PATH, &me)?;
+    b.binary(AGENT_BINARY, &me)?;
     let reload = Effects {
         daemon_reload: true,
         ..Effects::default()
     };
-    b.file(units::BOOT_SERVICE_PATH, units::boot_service(), 0o644, reload)?;
+    b.file(BOOT_SERVICE_PATH, units::boot_service(), 0o644, reload)?;
     if s.daemon {
         let daemon_change = Effects {
             daemon_reload: true,
             ..Effects::default()
         };
-        b.file(
-            units::DAEMON_SERVICE_PATH,
-            units::daemon_service(),
-            0o644,
-            daemon_change,
-        )?;
+        b.file(DAEMON_SERVICE_PATH, units::daemon_service(), 0o644, daemon_change)?;
     }
     let kubelet_present = facts.kubelet_unit || facts.nodeadm;
     if kubelet_present {
-        b.file(units::KUBELET_DROPIN_PATH, units::kubelet_dropin(), 0o644, reload)?;
+        b.file(KUBELET_DROPIN_PATH, units::kubelet_dropin(), 0o644, reload)?;
     }
 
     // 4. containerd + kubelet wiring.
@@ -840,31 +824,29 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
     let containerd_config_version = match wiring {
         Wiring::Nodeadm => {
             let daemon = daemon.ok_or(PlanError::UnknownContainerdForNodeadm {
-                file: crate::host::CONTAINERD_VERSION_FILE,
+                file: CONTAINERD_VERSION_FILE,
             })?;
             let version = nodeconfig::version_for_containerd(daemon);
             if !facts.nodeadm_dropin_dir {
                 warnings.push(format!(
                     "{} did not exist: nodeadm older than AMI v20251023 does not read drop-ins; pass the NodeConfig in user data instead",
-                    nodeconfig::DROPIN_DIR
+                    NODEADM_DROPIN_DIR
                 ));
             }
             b.file(
-                nodeconfig::DROPIN_PATH,
+                NODEADM_DROPIN,
                 nodeconfig::render(version, &wiring_in),
                 0o644,
                 containerd_change,
             )?;
             notes.push(format!(
                 "nodeadm host: {} is left to nodeadm, which renders it from {} when nodeadm-run starts containerd",
-                s.containerd_config,
-                nodeconfig::DROPIN_PATH
+                s.containerd_config, NODEADM_DROPIN
             ));
             notes.push(format!(
                 "nodeadm's FastImagePull is turned off by {}: soci-agent manages SOCI, and with the gate on nodeadm \
-                 would rewrite {SOCI_CONFIG_PATH} and {} on every boot",
-                nodeconfig::DROPIN_PATH,
-                units::CONTAINERD_DROPIN_PATH
+                 would rewrite {SOCI_CONFIG} and {} on every boot",
+                NODEADM_DROPIN, CONTAINERD_DROPIN
             ));
             version
         }
@@ -888,16 +870,10 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
             }
             b.file(&s.containerd_config, merged.text, 0o644, containerd_change)?;
             if facts.kubelet_config_layout {
-                b.file(
-                    kubelet::DROPIN_PATH,
-                    kubelet::dropin(&endpoint),
-                    0o644,
-                    Effects::default(),
-                )?;
+                b.file(KUBELET_DROPIN, kubelet::dropin(&endpoint), 0o644, Effects::default())?;
                 notes.push(format!(
                     "kubelet reads {} only when started with --config-dir={}",
-                    kubelet::DROPIN_PATH,
-                    kubelet::DROPIN_DIR
+                    KUBELET_DROPIN, KUBELET_DROPIN_DIR
                 ));
             } else {
                 notes.push(format!("no kubelet config found under the root: set imageServiceEndpoint: {endpoint} in kubelet's configuration"));
@@ -919,7 +895,7 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         soci_reason: soci.reason.clone(),
         ..record_paths(root, previous.unwrap_or_default(), &b.actions, &s.containerd_config)
     };
-    b.file(RECORD_PATH, record.to_json(), 0o644, Effects::default())?;
+    b.file(RECORD, record.to_json(), 0o644, Effects::default())?;
 
     if root.is_host() {
         let mem_low = facts.memory_bytes.is_some_and(|m| m < MIN_MEMORY_BYTES);
@@ -942,7 +918,7 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
         daemon_binary,
         soci,
         soci_check,
-        soci_unit: units::SERVICE,
+        soci_unit: SOCI_SERVICE,
         actions: b.actions,
         warnings,
         notes,

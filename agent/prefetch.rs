@@ -84,8 +84,7 @@ use tonic::transport::Channel;
 pub use bake::{PlatformReport, PlatformState};
 pub use credentials::go_duration;
 pub use options::{
-    DEFAULT_CONCURRENCY, DEFAULT_CONTAINERD_ADDRESS, DEFAULT_CRI_ENDPOINT, DEFAULT_PROVIDER_BIN_DIR,
-    DEFAULT_PROVIDER_CONFIG, DEFAULT_TIMEOUT_PER_IMAGE_SECS, OptionsError, PinMode, PrefetchArgs, PrefetchOptions,
+    DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_PER_IMAGE_SECS, OptionsError, PinMode, PrefetchArgs, PrefetchOptions,
     read_image_list,
 };
 pub use reference::{ImageRef, RefError};

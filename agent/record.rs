@@ -4,14 +4,13 @@
 //! Written inside the same transaction as the changes it describes; read by
 //! `uninstall` (to put the node back) and `boot` (to verify the binary).
 
+use crate::paths::RECORD;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 use crate::release::Sha256Hex;
 use crate::rootfs::{FsError, Root};
-
-pub const RECORD_PATH: &str = "/var/lib/soci-agent/record.json";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -60,12 +59,12 @@ pub enum RecordError {
 impl Record {
     /// The record under `root`; `None` when soci-agent never installed there.
     pub fn load(root: &Root) -> Result<Option<Record>, RecordError> {
-        match root.read_opt(RECORD_PATH)? {
+        match root.read_opt(RECORD)? {
             None => Ok(None),
             Some(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
                 .map_err(|e| RecordError::Invalid {
-                    path: RECORD_PATH.into(),
+                    path: RECORD.into(),
                     message: e.to_string(),
                 }),
         }

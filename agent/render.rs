@@ -21,6 +21,7 @@ mod mime;
 mod userdata;
 mod yaml;
 
+use crate::paths::{SOCI_ROOT, SOCI_SOCKET};
 use clap::{Args, Subcommand, ValueEnum};
 
 use crate::containerd_config::{ConfigVersion, SociWiring};
@@ -91,7 +92,7 @@ pub struct NodeconfigArgs {
     #[arg(long, value_enum, default_value = "2")]
     pub containerd_version: ContainerdVersion,
     /// The snapshotter's state directory (containerd's proxy_plugins.soci.exports.root).
-    #[arg(long, value_name = "DIR", default_value = crate::settings::DEFAULT_SOCI_ROOT)]
+    #[arg(long, value_name = "DIR", default_value = SOCI_ROOT)]
     pub soci_root: String,
 }
 
@@ -166,7 +167,7 @@ fn render_nodeconfig(a: &NodeconfigArgs) -> Result<Rendered, RenderError> {
 /// The wiring install uses: the fixed socket, and `soci_root`.
 fn wiring(soci_root: &str) -> SociWiring {
     SociWiring {
-        address: crate::plan::SOCI_SOCKET.to_string(),
+        address: SOCI_SOCKET.to_string(),
         soci_root: soci_root.to_string(),
     }
 }

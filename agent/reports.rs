@@ -4,12 +4,12 @@
 //! log, not configuration: it is the one place a no-op install still writes.
 //! With `--textfile-dir`, the same figures go to a node-exporter textfile.
 
+use crate::paths::REPORTS_DIR;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::rootfs::{self, FsError, Root};
 
-pub const REPORTS_DIR: &str = "/var/lib/soci-agent/reports";
 /// Reports kept per command.
 pub const KEEP: usize = 10;
 

@@ -3,6 +3,7 @@
 //! defaults. Everything is validated here, before the node is looked at or
 //! touched.
 
+use crate::paths::{AGENT_CONFIG, CONTAINERD_CONFIG, SOCI_ROOT};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,9 +15,6 @@ use crate::release::{Arch, DEFAULT_RELEASE_URL, DEFAULT_SOCI_VERSION, Flavor, Re
 use crate::rootfs::Root;
 use crate::soci_config::{Tuning, TuningError};
 
-pub const DEFAULT_CONFIG_FILE: &str = "/etc/soci-agent/config.toml";
-pub const DEFAULT_SOCI_ROOT: &str = "/var/lib/soci-snapshotter-grpc";
-pub const DEFAULT_CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
 pub const DEFAULT_HTTP_TIMEOUT_SECS: f64 = 30.0;
 pub const DEFAULT_RETRIES: u32 = 4;
 
@@ -139,7 +137,7 @@ fn absolute(option: &'static str, value: String) -> Result<String, SettingsError
 pub fn config_path(root: &Root, explicit: Option<&Path>) -> Option<PathBuf> {
     match explicit {
         Some(p) => Some(p.to_path_buf()),
-        None => Some(root.path(DEFAULT_CONFIG_FILE)).filter(|p| p.exists()),
+        None => Some(root.path(AGENT_CONFIG)).filter(|p| p.exists()),
     }
 }
 
@@ -241,17 +239,14 @@ impl InstallSettings {
 
         let soci_root = absolute(
             "--soci-root",
-            args.soci_root
-                .clone()
-                .or(f.soci_root)
-                .unwrap_or(DEFAULT_SOCI_ROOT.into()),
+            args.soci_root.clone().or(f.soci_root).unwrap_or(SOCI_ROOT.into()),
         )?;
         let containerd_config = absolute(
             "--containerd-config",
             args.containerd_config
                 .clone()
                 .or(f.containerd_config)
-                .unwrap_or(DEFAULT_CONTAINERD_CONFIG.into()),
+                .unwrap_or(CONTAINERD_CONFIG.into()),
         )?;
 
         let d = Tuning::default();

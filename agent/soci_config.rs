@@ -12,16 +12,13 @@
 //! [`render`] always writes containerd, and only keys the target SOCI release
 //! ([`SociConfig::version`]) reads ([`KNOWN_KEYS`], [`reads_key`]).
 
+use crate::paths::CONTAINERD_SOCKET;
 use std::fmt;
 
 use toml_edit::{Array, DocumentMut, Item, TableLike};
 
 use crate::release::{MIN_SOCI_VERSION, Version};
 
-/// Where the daemon reads its configuration by default.
-pub const CONFIG_PATH: &str = "/etc/soci-snapshotter-grpc/config.toml";
-/// containerd's socket; default for both `containerd_address` and `image_service_path`.
-pub const DEFAULT_CONTAINERD_ADDRESS: &str = "/run/containerd/containerd.sock";
 /// First line of every rendered file (fixed, so output is deterministic).
 pub const HEADER: &str = "# Written by soci-agent; changes are overwritten on the next install.";
 
@@ -109,8 +106,8 @@ impl Default for SociConfig {
         SociConfig {
             tuning: Tuning::default(),
             gzip: None,
-            containerd_address: DEFAULT_CONTAINERD_ADDRESS.to_string(),
-            image_service_path: DEFAULT_CONTAINERD_ADDRESS.to_string(),
+            containerd_address: CONTAINERD_SOCKET.to_string(),
+            image_service_path: CONTAINERD_SOCKET.to_string(),
             version: default_version(),
         }
     }
@@ -407,7 +404,7 @@ fn sections(cfg: &SociConfig) -> Vec<Section> {
                 line(
                     "containerd_address",
                     quote(&cfg.containerd_address),
-                    cfg.containerd_address != DEFAULT_CONTAINERD_ADDRESS,
+                    cfg.containerd_address != CONTAINERD_SOCKET,
                 ),
             ],
         },
@@ -419,7 +416,7 @@ fn sections(cfg: &SociConfig) -> Vec<Section> {
                 line(
                     "image_service_path",
                     quote(&cfg.image_service_path),
-                    cfg.image_service_path != DEFAULT_CONTAINERD_ADDRESS,
+                    cfg.image_service_path != CONTAINERD_SOCKET,
                 ),
             ],
         },

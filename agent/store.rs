@@ -3,6 +3,7 @@
 //! verified (archive digest, per-file digests). A store entry is complete or
 //! absent: it is extracted into a temp sibling and renamed into place.
 
+use crate::paths::STORE_DIR;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
@@ -13,8 +14,6 @@ use sha2::Digest;
 use crate::release::{Arch, Flavor, ReleaseSpec, Sha256Hex};
 use crate::rootfs::Root;
 
-pub const STORE_DIR: &str = "/usr/local/lib/soci-agent/releases";
-pub const BIN_DIR: &str = "/usr/local/bin";
 pub const MANIFEST: &str = "release.json";
 
 /// `release.json`: what was verified when the entry was installed.

@@ -9,15 +9,13 @@
 //!
 //! After a `done` start or restart, a `Type=notify` service has sent `READY=1` and is active.
 
+use crate::paths::SYSTEM_BUS;
 use std::fmt;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use zbus::proxy::CacheProperties;
 use zbus::{ObjectPath, OwnedObjectPath};
-
-/// Path of the system bus socket on a systemd host.
-pub const SYSTEM_BUS: &str = "/run/dbus/system_bus_socket";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SystemdError {

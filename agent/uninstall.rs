@@ -4,16 +4,19 @@
 //! without SOCI), as one transaction. The versioned store stays unless
 //! `--purge`.
 
+use crate::paths::{
+    BACKUP_DIR, BOOT_SERVICE, BOOT_SERVICE_PATH, CONTAINERD_SERVICE, DAEMON_SERVICE, RECORD, SOCI_SERVICE,
+    SOCI_SERVICE_PATH, SOCI_SOCKET_PATH, SOCI_SOCKET_UNIT,
+};
 use std::time::{Duration, Instant};
 
 use crate::cli::{OutputFormat, UninstallArgs};
 use crate::exit::{ExitKind, error_chain};
-use crate::plan::{Action, ActionKind, BACKUP_DIR, Effects, Op};
-use crate::record::{Before, RECORD_PATH, Record};
+use crate::plan::{Action, ActionKind, Effects, Op};
+use crate::record::{Before, Record};
 use crate::report::InstallReport;
 use crate::rootfs::Root;
 use crate::systemd::{Systemd, SystemdError};
-use crate::units;
 
 fn action(path: &str, kind: ActionKind, op: Op, detail: String) -> Action {
     Action {
@@ -55,7 +58,7 @@ pub fn plan(root: &Root, record: &Record) -> Vec<Action> {
         }
     }
     actions.push(action(
-        RECORD_PATH,
+        RECORD,
         ActionKind::Remove,
         Op::Remove,
         "the install record".into(),
@@ -71,9 +74,9 @@ pub fn plan(root: &Root, record: &Record) -> Vec<Action> {
 fn units_to_disable(root: &Root, record: &Record) -> Vec<String> {
     let mut units: Vec<String> = record.enabled_units.iter().cloned().collect();
     let own = [
-        (units::SERVICE, units::SERVICE_PATH),
-        (units::SOCKET, units::SOCKET_PATH),
-        (units::BOOT_SERVICE, units::BOOT_SERVICE_PATH),
+        (SOCI_SERVICE, SOCI_SERVICE_PATH),
+        (SOCI_SOCKET_UNIT, SOCI_SOCKET_PATH),
+        (BOOT_SERVICE, BOOT_SERVICE_PATH),
     ];
     for (unit, path) in own {
         let created = matches!(record.paths.get(path), Some(Before::Absent));
@@ -88,26 +91,21 @@ async fn systemd_side(record: &Record, steps: &mut Vec<String>) -> Result<(), Sy
     let sd = Systemd::connect(Duration::from_secs(10)).await?;
     sd.reload().await?;
     steps.push("daemon-reload".into());
-    let containerd = sd.unit_state(units::CONTAINERD_SERVICE).await?;
+    let containerd = sd.unit_state(CONTAINERD_SERVICE).await?;
     if containerd.is_active() {
-        sd.restart(units::CONTAINERD_SERVICE).await?;
+        sd.restart(CONTAINERD_SERVICE).await?;
         steps.push("restarted containerd without SOCI".into());
     }
-    let ours = matches!(record.paths.get(units::SERVICE_PATH), Some(Before::Absent));
-    for unit in [
-        units::DAEMON_SERVICE,
-        units::SERVICE,
-        units::SOCKET,
-        units::BOOT_SERVICE,
-    ] {
+    let ours = matches!(record.paths.get(SOCI_SERVICE_PATH), Some(Before::Absent));
+    for unit in [DAEMON_SERVICE, SOCI_SERVICE, SOCI_SOCKET_UNIT, BOOT_SERVICE] {
         let state = sd.unit_state(unit).await?;
         if !state.is_active() {
             continue;
         }
-        if ours || unit == units::BOOT_SERVICE || unit == units::DAEMON_SERVICE {
+        if ours || unit == BOOT_SERVICE || unit == DAEMON_SERVICE {
             sd.stop(unit).await?;
             steps.push(format!("stopped {unit}"));
-        } else if unit == units::SERVICE {
+        } else if unit == SOCI_SERVICE {
             sd.restart(unit).await?;
             steps.push(format!("restarted {unit} without soci-agent's drop-in"));
         }
@@ -142,7 +140,7 @@ pub async fn run(args: &UninstallArgs) -> (InstallReport, OutputFormat) {
         Ok(None) => {
             report
                 .notes
-                .push(format!("no install record at {RECORD_PATH}: nothing to uninstall"));
+                .push(format!("no install record at {RECORD}: nothing to uninstall"));
             return (report, output);
         }
         Err(e) => {
@@ -220,23 +218,23 @@ mod tests {
     fn own_unit_files_are_disabled_even_when_the_record_missed_them() {
         let dir = tempfile::tempdir().unwrap();
         let root = Root::new(dir.path());
-        for path in [units::SERVICE_PATH, units::SOCKET_PATH] {
+        for path in [SOCI_SERVICE_PATH, SOCI_SOCKET_PATH] {
             let p = root.path(path);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, "# Installed by soci-agent\n").unwrap();
         }
         let mut record = Record::default();
         // Created by soci-agent, enabled by a run killed before it recorded that.
-        record.paths.insert(units::SERVICE_PATH.into(), Before::Absent);
+        record.paths.insert(SOCI_SERVICE_PATH.into(), Before::Absent);
         // Someone else's file (backed up): not ours to disable unless recorded.
         record
             .paths
-            .insert(units::SOCKET_PATH.into(), Before::Backup { backup: "/x".into() });
+            .insert(SOCI_SOCKET_PATH.into(), Before::Backup { backup: "/x".into() });
         // Created by soci-agent but already gone: nothing to disable.
-        record.paths.insert(units::BOOT_SERVICE_PATH.into(), Before::Absent);
+        record.paths.insert(BOOT_SERVICE_PATH.into(), Before::Absent);
         record.enabled_units.insert("other.service".into());
-        assert_eq!(units_to_disable(&root, &record), vec!["other.service", units::SERVICE]);
-        record.enabled_units.insert(units::SERVICE.into());
-        assert_eq!(units_to_disable(&root, &record), vec!["other.service", units::SERVICE]);
+        assert_eq!(units_to_disable(&root, &record), vec!["other.service", SOCI_SERVICE]);
+        record.enabled_units.insert(SOCI_SERVICE.into());
+        assert_eq!(units_to_disable(&root, &record), vec!["other.service", SOCI_SERVICE]);
     }
 }

@@ -1,15 +1,10 @@
 //! systemd unit files and drop-ins, rendered from the files in `systemd/`
 //! (embedded, so the binary and the repository agree). Pure.
+use crate::paths::SOCI_ROOT;
 
 /// First-line marker of every unit file soci-agent writes; a
 /// `soci-snapshotter.service` without it belongs to someone else.
 pub const MARKER: &str = "# Installed by soci-agent";
-
-pub const SERVICE: &str = "soci-snapshotter.service";
-pub const SOCKET: &str = "soci-snapshotter.socket";
-pub const UNIT_DIR: &str = "/etc/systemd/system";
-/// Where a preinstalled `soci-snapshotter.service` may live, highest precedence first.
-pub const UNIT_SEARCH_PATH: [&str; 3] = ["/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system"];
 
 const SERVICE_TEMPLATE: &str = include_str!("../systemd/soci-snapshotter.service");
 const SOCKET_TEMPLATE: &str = include_str!("../systemd/soci-snapshotter.socket");
@@ -18,22 +13,6 @@ const CONTAINERD_DROPIN: &str = include_str!("../systemd/containerd.service.d/10
 const BOOT_SERVICE_TEMPLATE: &str = include_str!("../systemd/soci-agent-boot.service");
 const KUBELET_DROPIN: &str = include_str!("../systemd/kubelet.service.d/50-soci-agent-boot.conf");
 const DAEMON_SERVICE_TEMPLATE: &str = include_str!("../systemd/soci-agent.service");
-
-pub const DAEMON_SERVICE: &str = "soci-agent.service";
-pub const DAEMON_SERVICE_PATH: &str = "/etc/systemd/system/soci-agent.service";
-
-pub const BOOT_SERVICE: &str = "soci-agent-boot.service";
-pub const BOOT_SERVICE_PATH: &str = "/etc/systemd/system/soci-agent-boot.service";
-pub const KUBELET_DROPIN_PATH: &str = "/etc/systemd/system/kubelet.service.d/50-soci-agent-boot.conf";
-pub const CONTAINERD_SERVICE: &str = "containerd.service";
-pub const KUBELET_SERVICE: &str = "kubelet.service";
-/// Where soci-agent installs itself, for the boot unit.
-pub const AGENT_BINARY_PATH: &str = "/usr/local/bin/soci-agent";
-
-pub const SERVICE_PATH: &str = "/etc/systemd/system/soci-snapshotter.service";
-pub const SOCKET_PATH: &str = "/etc/systemd/system/soci-snapshotter.socket";
-pub const SERVICE_DROPIN_PATH: &str = "/etc/systemd/system/soci-snapshotter.service.d/50-soci-agent.conf";
-pub const CONTAINERD_DROPIN_PATH: &str = "/etc/systemd/system/containerd.service.d/10-soci-snapshotter.conf";
 
 /// What ExecStart runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,7 +25,7 @@ pub struct DaemonCommand {
 
 impl DaemonCommand {
     fn extra_args(&self) -> String {
-        if self.soci_root == crate::settings::DEFAULT_SOCI_ROOT {
+        if self.soci_root == SOCI_ROOT {
             String::new()
         } else {
             format!(" --root {}", self.soci_root)
@@ -104,6 +83,7 @@ pub fn is_ours(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::paths::AGENT_BINARY;
 
     #[test]
     fn templates_are_filled_and_marked() {
@@ -117,7 +97,7 @@ mod tests {
         assert!(s.contains("Type=notify") && s.contains("Restart=always") && s.contains("Before=containerd.service"));
         assert!(!s.contains('@'), "unfilled placeholder in {s}");
         let d = service_dropin(&DaemonCommand {
-            soci_root: crate::settings::DEFAULT_SOCI_ROOT.into(),
+            soci_root: SOCI_ROOT.into(),
             ..cmd
         });
         assert!(d.contains("ExecStart=\nExecStart=/usr/local/bin/soci-snapshotter-grpc --address fd://\n"));
@@ -126,7 +106,7 @@ mod tests {
         assert!(containerd_dropin().contains("Requires=soci-snapshotter.service"));
         let boot = boot_service();
         assert!(is_ours(&boot) && boot.contains("Type=oneshot") && boot.contains("Before=kubelet.service"));
-        assert!(boot.contains(&format!("ExecStart={AGENT_BINARY_PATH} boot")));
+        assert!(boot.contains(&format!("ExecStart={AGENT_BINARY} boot")));
         assert!(kubelet_dropin().contains("Wants=soci-agent-boot.service"));
     }
 }

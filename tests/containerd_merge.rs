@@ -18,9 +18,10 @@ mod common;
 
 use common::real;
 use soci_agent::containerd_config::{
-    ConfigVersion, ContainerdConfigError, DEFAULT_ADDRESS, Daemon, Merged, SociWiring, detect_version, fragment, merge,
-    owned_keys, v2_migration_drops_owned_keys,
+    ConfigVersion, ContainerdConfigError, Daemon, Merged, SociWiring, detect_version, fragment, merge, owned_keys,
+    v2_migration_drops_owned_keys,
 };
+use soci_agent::paths::SOCI_SOCKET as DEFAULT_ADDRESS;
 use toml_edit::{DocumentMut, Item};
 
 const PATH: &str = "/etc/containerd/config.toml";

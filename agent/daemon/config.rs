@@ -17,6 +17,7 @@
 //! state_socket = "/run/soci-agent/daemon.sock"
 //! ```
 
+use crate::paths::DAEMON_STATE_SOCKET;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,7 +33,6 @@ use crate::settings::InstallSettings;
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_REPAIRS_PER_HOUR: u32 = 6;
 pub const DEFAULT_REPAIR_BACKOFF: Duration = Duration::from_secs(30);
-pub const DEFAULT_STATE_SOCKET: &str = "/run/soci-agent/daemon.sock";
 /// Shortest accepted interval (tests and the soak benchmark go this low).
 const MIN_INTERVAL: Duration = Duration::from_millis(1);
 /// Shortest accepted refresh period (tests); the jitter spreads a fleet.
@@ -282,7 +282,7 @@ pub fn load(root: &Root, o: &Overrides) -> Result<Config, ConfigError> {
         (Some(p), _) => p.clone(),
         (None, Some(p)) if p.starts_with('/') => root.path(p),
         (None, Some(p)) => return Err(invalid("state_socket", p.as_str(), "must be an absolute path")),
-        (None, None) => root.path(DEFAULT_STATE_SOCKET),
+        (None, None) => root.path(DAEMON_STATE_SOCKET),
     };
     let mut prefetch = PrefetchOptions::from_config(root.base(), file.as_deref())?;
     prefetch.progress = false;
@@ -309,12 +309,13 @@ pub fn load(root: &Root, o: &Overrides) -> Result<Config, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::paths::AGENT_CONFIG;
 
     fn tree(config: &str) -> (tempfile::TempDir, Root) {
         let d = tempfile::tempdir().unwrap();
         let root = Root::new(d.path());
         std::fs::create_dir_all(root.path("/etc/soci-agent")).unwrap();
-        std::fs::write(root.path(crate::settings::DEFAULT_CONFIG_FILE), config).unwrap();
+        std::fs::write(root.path(AGENT_CONFIG), config).unwrap();
         (d, root)
     }
 
@@ -332,7 +333,7 @@ mod tests {
             (c.restart_containerd, c.refresh, c.metrics_address.clone()),
             (false, None, None)
         );
-        assert_eq!(c.state_socket, root.path(DEFAULT_STATE_SOCKET));
+        assert_eq!(c.state_socket, root.path(DAEMON_STATE_SOCKET));
         assert!(c.prefetch.images.is_empty());
     }
 

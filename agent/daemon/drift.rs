@@ -12,11 +12,12 @@
 //! restart of the daemon after an upgrade), nor is the install record
 //! rewritten: those are reported only.
 
+use crate::paths::RECORD;
 use std::path::Path;
 
 use crate::doctor::Check;
 use crate::plan::{ActionKind, Effects, Op};
-use crate::record::{RECORD_PATH, Record};
+use crate::record::Record;
 use crate::rootfs::{self, FsError, Root};
 use crate::settings::InstallSettings;
 
@@ -86,7 +87,7 @@ pub async fn assess(root: &Root, settings: &InstallSettings) -> Assessment {
         Ok(None) => {
             return Assessment::only(Check::skip(
                 CHECK_ID,
-                format!("no install record ({RECORD_PATH}): soci-agent has not installed here"),
+                format!("no install record ({RECORD}): soci-agent has not installed here"),
             ));
         }
         Err(e) => {
@@ -138,7 +139,7 @@ pub async fn assess(root: &Root, settings: &InstallSettings) -> Assessment {
                         format!("content differs: install would write {}", diff_size(a.diff.as_deref())),
                     ),
                 };
-                let fix = (a.path != RECORD_PATH).then(|| FixOp::Write {
+                let fix = (a.path != RECORD).then(|| FixOp::Write {
                     content: content.clone(),
                     mode: *mode,
                 });
@@ -159,7 +160,7 @@ pub async fn assess(root: &Root, settings: &InstallSettings) -> Assessment {
             ),
             _ => ("changed", a.detail.clone(), None),
         };
-        let state = if a.path == RECORD_PATH { "record" } else { state };
+        let state = if a.path == RECORD { "record" } else { state };
         files.push(FileDrift {
             path: a.path.clone(),
             state,

@@ -3,6 +3,7 @@
 //! install phase, boot step or prefetched image. Re-read only when a newer
 //! report appears; at most [`MAX_PHASES`] figures per command.
 
+use crate::paths::REPORTS_DIR;
 use serde_json::Value;
 
 use super::state::RunFigures;
@@ -60,7 +61,7 @@ pub fn of(command: &'static str, path: &std::path::Path, v: &Value) -> RunFigure
 
 /// The newest figures of every command, reusing `previous` when its report is still the newest.
 pub fn refresh(root: &Root, previous: &[RunFigures]) -> Vec<RunFigures> {
-    let dir = root.path(crate::reports::REPORTS_DIR);
+    let dir = root.path(REPORTS_DIR);
     let mut out = Vec::new();
     for command in COMMANDS {
         let newest = newest_name(&dir, command);
@@ -103,7 +104,7 @@ mod tests {
     fn reads_install_boot_and_prefetch_reports() {
         let d = tempfile::tempdir().unwrap();
         let root = Root::new(d.path());
-        let dir = root.path(crate::reports::REPORTS_DIR);
+        let dir = root.path(REPORTS_DIR);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
             dir.join("install-1700000000000.json"),

@@ -5,6 +5,7 @@
 //! (`repair` and `units`), read the newest run reports, and publish the
 //! result to the shared state.
 
+use crate::paths::INSTALL_LOCK;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -232,7 +233,7 @@ impl Reconciler {
             Ok(None) => {
                 out.pending.push(format!(
                     "{}: held (install or uninstall is changing the node): repairs wait",
-                    super::repair::INSTALL_LOCK
+                    INSTALL_LOCK
                 ));
                 return out;
             }

@@ -18,6 +18,7 @@
 //! waits `repair_backoff`, doubling per attempt up to an hour, until it is
 //! seen healthy. A target's backoff is forgotten once it is healthy.
 
+use crate::paths::INSTALL_LOCK;
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::time::{Duration, Instant};
@@ -25,12 +26,6 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::rootfs::Root;
-
-/// The advisory lock `install` and `uninstall` hold (`flock`, exclusive, `apply::lock_node`)
-/// while they change the node. The daemon only ever tries it, shared and non-blocking, around its file
-/// writes (milliseconds), and skips its repairs while someone else holds it: it never makes
-/// them wait on a reconcile.
-pub const INSTALL_LOCK: &str = crate::apply::INSTALL_LOCK;
 
 const HOUR: Duration = Duration::from_secs(3600);
 const BACKOFF_CAP: Duration = HOUR;

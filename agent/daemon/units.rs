@@ -4,6 +4,7 @@
 //! down too), and restarts only where they cannot
 //! take containerd down unasked (see `repair`'s module docs).
 
+use crate::paths::{CONTAINERD_SERVICE, SOCI_SERVICE, SOCI_SOCKET_UNIT};
 use std::time::Duration;
 
 use super::reconcile::{Outcome, Reconciler, verdict_of};
@@ -11,7 +12,6 @@ use super::state::{RepairEvent, unix_now};
 use crate::doctor::{Check, Verdict};
 use crate::plan::Effects;
 use crate::systemd::{Systemd, UnitState};
-use crate::units::{CONTAINERD_SERVICE, SERVICE, SOCKET};
 
 /// Bound on connecting and on each job (a start waits for the unit's READY=1).
 const BUS_BOUND: Duration = Duration::from_secs(60);
@@ -73,7 +73,7 @@ pub async fn repair(r: &mut Reconciler, checks: &[Check], effects: Effects, out:
         || failed(checks, "systemd.soci-service")
         || failed(checks, "live.soci-socket");
     if !wanted {
-        r.healthy(&unit_target(SERVICE));
+        r.healthy(&unit_target(SOCI_SERVICE));
         r.healthy(&unit_target(CONTAINERD_SERVICE));
         return;
     }
@@ -89,7 +89,7 @@ pub async fn repair(r: &mut Reconciler, checks: &[Check], effects: Effects, out:
         event(out, "systemd", "daemon-reload", result);
     }
     let state = |name| sd.unit_state(name);
-    let (soci, containerd) = match (state(SERVICE).await, state(CONTAINERD_SERVICE).await) {
+    let (soci, containerd) = match (state(SOCI_SERVICE).await, state(CONTAINERD_SERVICE).await) {
         (Ok(s), Ok(c)) => (s, c),
         (Err(e), _) | (_, Err(e)) => {
             out.pending.push(format!("systemd: {}", crate::exit::error_chain(&e)));
@@ -98,24 +98,24 @@ pub async fn repair(r: &mut Reconciler, checks: &[Check], effects: Effects, out:
     };
     let mut containerd_restarted = false;
     match soci_action(&soci, &containerd, checks, effects) {
-        SociAction::None => r.healthy(&unit_target(SERVICE)),
+        SociAction::None => r.healthy(&unit_target(SOCI_SERVICE)),
         SociAction::Start => {
             // Its socket first when that is down too (stopped, or failed with the service):
             // a start of the service alone would have no listening socket to inherit.
-            if let Ok(socket) = sd.unit_state(SOCKET).await
+            if let Ok(socket) = sd.unit_state(SOCI_SOCKET_UNIT).await
                 && socket.load_state == "loaded"
                 && !socket.is_active()
             {
-                job(r, &sd, "start", SOCKET, out).await;
+                job(r, &sd, "start", SOCI_SOCKET_UNIT, out).await;
             }
-            job(r, &sd, "start", SERVICE, out).await;
+            job(r, &sd, "start", SOCI_SERVICE, out).await;
         }
         SociAction::Restart if !containerd.is_active() || r.cfg.restart_containerd => {
-            job(r, &sd, "restart", SERVICE, out).await;
+            job(r, &sd, "restart", SOCI_SERVICE, out).await;
             containerd_restarted = containerd.is_active();
         }
         SociAction::Restart => out.pending.push(format!(
-            "{SERVICE} needs a restart ({}); containerd Requires= it, so that restarts containerd too: not done \
+            "{SOCI_SERVICE} needs a restart ({}); containerd Requires= it, so that restarts containerd too: not done \
              without [daemon] restart_containerd = true",
             if effects.restart_soci {
                 "its files were put back"

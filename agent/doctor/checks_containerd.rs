@@ -4,6 +4,7 @@
 //! the CRI snapshotter and snapshot annotations under the table for the
 //! file's version, and on containerd >= 2.1 which pull path CRI takes.
 
+use crate::paths::CONTAINERD_VERSION_FILE;
 use toml_edit::{DocumentMut, Item};
 
 use super::Check;
@@ -118,10 +119,7 @@ fn version(node: &Node) -> Check {
     let Some(v) = &node.facts.containerd else {
         return Check::warn(
             ID,
-            format!(
-                "no {} and no containerd binary under the root",
-                crate::host::CONTAINERD_VERSION_FILE
-            ),
+            format!("no {} and no containerd binary under the root", CONTAINERD_VERSION_FILE),
             "install containerd (1.7.16 or newer, or 2.x)",
         );
     };

@@ -1,6 +1,7 @@
 //! host.*: the distribution, architecture, size, and the disk under the SOCI
 //! root (free space, filesystem, instance store or EBS).
 
+use crate::paths::STORE_DIR;
 use std::path::{Path, PathBuf};
 
 use super::Check;
@@ -83,7 +84,7 @@ fn arch(node: &Node) -> Check {
 pub(super) fn store_manifest(node: &Node, binary: &str) -> Option<(String, crate::store::Manifest)> {
     let resolved = node.resolve(binary);
     let entry = Path::new(&resolved).parent()?;
-    if !entry.starts_with(crate::store::STORE_DIR) {
+    if !entry.starts_with(STORE_DIR) {
         return None;
     }
     let text = std::fs::read_to_string(node.root.path(entry).join(crate::store::MANIFEST)).ok()?;

@@ -7,8 +7,8 @@
 use super::Check;
 use super::node::{Node, Text};
 use super::yamlish;
-use crate::kubelet::{CONFIG_PATH, DROPIN_DIR};
-use crate::nodeconfig::DROPIN_DIR as NODEADM_DIR;
+use crate::paths::{KUBELET_CONFIG, KUBELET_DROPIN_DIR, NODEADM_DROPIN_DIR};
+use NODEADM_DROPIN_DIR as NODEADM_DIR;
 
 const ID: &str = "kubelet.image-service-endpoint";
 const KEY: &str = "imageServiceEndpoint";
@@ -64,8 +64,8 @@ pub fn image_service_endpoint(node: &Node) -> Check {
     };
     let keychain = super::checks_soci_config::keychain(&doc);
     let want = crate::nodeconfig::image_service_endpoint(&node.soci_socket.value);
-    let mut kubelet_paths = vec![CONFIG_PATH.to_string()];
-    kubelet_paths.extend(files(node, DROPIN_DIR, &[".conf"]));
+    let mut kubelet_paths = vec![KUBELET_CONFIG.to_string()];
+    kubelet_paths.extend(files(node, KUBELET_DROPIN_DIR, &[".conf"]));
     let (kubelet, kubelet_files, mut unreadable) = last_set(node, &kubelet_paths, false);
     let (nodeadm, _, more) = if node.nodeadm() {
         last_set(node, &files(node, NODEADM_DIR, &[".yaml", ".yml", ".json"]), true)
@@ -132,7 +132,7 @@ pub fn image_service_endpoint(node: &Node) -> Check {
         format!("{}, but {keychain_s}", shown(&effective)),
         format!(
             "kubelet's pull credentials never reach SOCI (private registries fail): set {KEY}: {want} \
-             (soci-agent install writes {DROPIN_DIR}/50-soci-agent.conf)"
+             (soci-agent install writes {KUBELET_DROPIN_DIR}/50-soci-agent.conf)"
         ),
     )
 }

@@ -3,16 +3,14 @@
 //! image is unpacked in soci when the node has `/etc/eks/pause.tar`. Skipped
 //! with `--no-live`. Never socket-activates an idle SOCI service.
 
+use crate::paths::{CONTAINERD_SERVICE, CONTAINERD_SOCKET, PAUSE_ARCHIVE, SOCI_SERVICE, SOCI_SOCKET_UNIT};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use super::node::Node;
 use super::pause::{self, PauseState};
 use super::{Check, DoctorContext};
-use crate::boot::DEFAULT_PAUSE_ARCHIVE;
 use crate::health::probe::{self, Reach};
-use crate::plan::CONTAINERD_SOCKET;
-use crate::units::{CONTAINERD_SERVICE, SERVICE, SOCKET};
 
 const CONNECT_BOUND: Duration = Duration::from_millis(500);
 const QUERY_BOUND: Duration = Duration::from_secs(15);
@@ -51,7 +49,7 @@ async fn soci_socket(ctx: &DoctorContext, node: &Node) -> Check {
         return Check::skip(
             ID,
             format!(
-                "{SERVICE} is inactive and {SOCKET} listens: connecting would socket-activate it (on nodeadm hosts \
+                "{SOCI_SERVICE} is inactive and {SOCI_SOCKET_UNIT} listens: connecting would socket-activate it (on nodeadm hosts \
                  before nodeadm-run, ahead of the local disk setup); not connecting"
             ),
         );
@@ -62,7 +60,7 @@ async fn soci_socket(ctx: &DoctorContext, node: &Node) -> Check {
             return Check::fail(
                 ID,
                 format!("{evidence}: the daemon is not running and no socket unit listens"),
-                format!("systemctl start {SOCKET} {SERVICE}; see journalctl -u {SERVICE}"),
+                format!("systemctl start {SOCI_SOCKET_UNIT} {SOCI_SERVICE}; see journalctl -u {SOCI_SERVICE}"),
             );
         }
         return Check::skip(
@@ -75,7 +73,7 @@ async fn soci_socket(ctx: &DoctorContext, node: &Node) -> Check {
         Err(e) => Check::fail(
             ID,
             e.to_string(),
-            format!("see systemctl status {SERVICE} and journalctl -u {SERVICE}"),
+            format!("see systemctl status {SOCI_SERVICE} and journalctl -u {SOCI_SERVICE}"),
         ),
     }
 }
@@ -89,7 +87,8 @@ fn proxy_address(node: &Node) -> Option<String> {
 
 /// Connecting would socket-activate an idle SOCI service.
 fn would_activate(node: &Node) -> bool {
-    node.bus.unit(SERVICE).is_some_and(|s| !s.is_active()) && node.bus.unit(SOCKET).is_some_and(|s| s.is_active())
+    node.bus.unit(SOCI_SERVICE).is_some_and(|s| !s.is_active())
+        && node.bus.unit(SOCI_SOCKET_UNIT).is_some_and(|s| s.is_active())
 }
 
 async fn containerd_soci(ctx: &DoctorContext, node: &Node, socket: &std::path::Path) -> Check {
@@ -138,7 +137,7 @@ async fn containerd_soci(ctx: &DoctorContext, node: &Node, socket: &std::path::P
         Ok(Ok(x)) => x,
     };
     let unserved = format!(
-        "nothing serves proxy_plugins.soci.address: start {SERVICE} (journalctl -u {SERVICE}), and check the \
+        "nothing serves proxy_plugins.soci.address: start {SOCI_SERVICE} (journalctl -u {SOCI_SERVICE}), and check the \
          address equals the daemon's socket"
     );
     match reach {
@@ -157,9 +156,9 @@ async fn containerd_soci(ctx: &DoctorContext, node: &Node, socket: &std::path::P
         Reach::NotProbed => Check::warn(
             ID,
             format!(
-                "containerd {v} at {shown} lists soci; no soci snapshot to probe through it, and {SERVICE} is idle"
+                "containerd {v} at {shown} lists soci; no soci snapshot to probe through it, and {SOCI_SERVICE} is idle"
             ),
-            format!("systemctl start {SERVICE}, then run doctor again"),
+            format!("systemctl start {SOCI_SERVICE}, then run doctor again"),
         ),
         Reach::Unreachable { call, error } => Check::fail(
             ID,
@@ -188,24 +187,21 @@ async fn containerd_soci(ctx: &DoctorContext, node: &Node, socket: &std::path::P
 
 async fn pause_image(node: &Node, containerd: &std::path::Path) -> Check {
     const ID: &str = "live.pause-image";
-    let archive = node.root.path(DEFAULT_PAUSE_ARCHIVE);
+    let archive = node.root.path(PAUSE_ARCHIVE);
     if !archive.is_file() {
-        return Check::skip(ID, format!("no {DEFAULT_PAUSE_ARCHIVE} on this node"));
+        return Check::skip(ID, format!("no {PAUSE_ARCHIVE} on this node"));
     }
     let names = match pause::archive_names(&archive) {
         Ok(n) if !n.is_empty() => n,
         Ok(_) => {
-            return Check::skip(
-                ID,
-                format!("{DEFAULT_PAUSE_ARCHIVE} names no image (no index.json annotation)"),
-            );
+            return Check::skip(ID, format!("{PAUSE_ARCHIVE} names no image (no index.json annotation)"));
         }
-        Err(e) => return Check::skip(ID, format!("cannot read {DEFAULT_PAUSE_ARCHIVE}: {e}")),
+        Err(e) => return Check::skip(ID, format!("cannot read {PAUSE_ARCHIVE}: {e}")),
     };
     let arch = crate::release::Arch::from_machine(&node.facts.machine).map_or("amd64", |a| a.as_str());
     let import = format!(
-        "systemctl start soci-agent-boot.service (it imports {DEFAULT_PAUSE_ARCHIVE} into soci), or \
-         ctr -n k8s.io images import --snapshotter soci {DEFAULT_PAUSE_ARCHIVE}"
+        "systemctl start soci-agent-boot.service (it imports {PAUSE_ARCHIVE} into soci), or \
+         ctr -n k8s.io images import --snapshotter soci {PAUSE_ARCHIVE}"
     );
     match tokio::time::timeout(QUERY_BOUND, pause::state(containerd, &names, arch)).await {
         Err(_) => Check::fail(
@@ -216,9 +212,7 @@ async fn pause_image(node: &Node, containerd: &std::path::Path) -> Check {
         Ok(Err(e)) => Check::fail(ID, e, "see journalctl -u containerd"),
         Ok(Ok(PauseState::InSoci { name, chain_id })) => Check::ok(
             ID,
-            format!(
-                "{name} (from {DEFAULT_PAUSE_ARCHIVE}) is unpacked in soci (snapshot {chain_id}, namespace k8s.io)"
-            ),
+            format!("{name} (from {PAUSE_ARCHIVE}) is unpacked in soci (snapshot {chain_id}, namespace k8s.io)"),
         ),
         Ok(Ok(PauseState::Elsewhere { name, snapshotters })) => Check::fail(
             ID,

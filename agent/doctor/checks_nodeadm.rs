@@ -3,16 +3,15 @@
 //! right table names, and has nodeadm rendered it into containerd's config),
 //! and nodeadm's own `FastImagePull` running alongside the agent.
 
+use crate::paths::{NODEADM_CACHE, NODEADM_DROPIN, NODEADM_DROPIN_DIR};
 use toml_edit::DocumentMut;
 
 use super::Check;
 use super::node::{Node, Text};
 use super::yamlish;
 use crate::containerd_config::{self, ConfigVersion, SociWiring};
-use crate::nodeconfig::{self, DROPIN_DIR, DROPIN_PATH};
+use crate::nodeconfig::{self};
 
-/// nodeadm's cache of the merged NodeConfig (user data + drop-ins).
-pub const NODEADM_CACHE: &str = "/run/eks/nodeadm/config.json";
 /// cloud-init's copy of the instance's user data.
 const USER_DATA: &str = "/var/lib/cloud/instance/user-data.txt";
 
@@ -37,7 +36,7 @@ pub(super) fn dropin_wires_soci(node: &Node) -> bool {
     if !node.nodeadm() {
         return false;
     }
-    let Text::Found(text) = Text::read(&node.root, DROPIN_PATH) else {
+    let Text::Found(text) = Text::read(&node.root, NODEADM_DROPIN) else {
         return false;
     };
     let Some(fragment) =
@@ -59,23 +58,23 @@ fn dropin(node: &Node) -> Check {
     if !node.nodeadm() {
         return Check::skip(ID, "not a nodeadm host (no /usr/bin/nodeadm, no /etc/eks/nodeadm.d)");
     }
-    let text = match Text::read(&node.root, DROPIN_PATH) {
+    let text = match Text::read(&node.root, NODEADM_DROPIN) {
         Text::Found(t) => t,
-        Text::Unreadable(e) => return Check::skip(ID, format!("{DROPIN_PATH}: {e}")).advise("run doctor as root"),
+        Text::Unreadable(e) => return Check::skip(ID, format!("{NODEADM_DROPIN}: {e}")).advise("run doctor as root"),
         Text::Missing if node.agent_installed() => {
             return Check::fail(
                 ID,
-                format!("no {DROPIN_PATH}: nodeadm renders containerd and kubelet without SOCI"),
+                format!("no {NODEADM_DROPIN}: nodeadm renders containerd and kubelet without SOCI"),
                 "re-run soci-agent install",
             );
         }
-        Text::Missing => return Check::skip(ID, format!("no {DROPIN_PATH}: soci-agent has not wired this host")),
+        Text::Missing => return Check::skip(ID, format!("no {NODEADM_DROPIN}: soci-agent has not wired this host")),
     };
     let version = version(node);
     let Some(block) = yamlish::get(&text, &["spec", "containerd", "config"]) else {
         return Check::fail(
             ID,
-            format!("{DROPIN_PATH} has no spec.containerd.config"),
+            format!("{NODEADM_DROPIN} has no spec.containerd.config"),
             "re-run soci-agent install",
         );
     };
@@ -85,7 +84,7 @@ fn dropin(node: &Node) -> Check {
             return Check::fail(
                 ID,
                 format!(
-                    "{DROPIN_PATH}: spec.containerd.config has no io.containerd.cri.v1 table, so nodeadm treats it \
+                    "{NODEADM_DROPIN}: spec.containerd.config has no io.containerd.cri.v1 table, so nodeadm treats it \
                      as version 2 and migrates it on containerd 2.x"
                 ),
                 "re-run soci-agent install (it writes v3 table names for containerd 2.x)",
@@ -94,7 +93,7 @@ fn dropin(node: &Node) -> Check {
         ConfigVersion::V2 if block.contains("io.containerd.cri.v1.") => {
             return Check::fail(
                 ID,
-                format!("{DROPIN_PATH}: version 3 tables in spec.containerd.config, but containerd is 1.x"),
+                format!("{NODEADM_DROPIN}: version 3 tables in spec.containerd.config, but containerd is 1.x"),
                 "re-run soci-agent install (it writes v2 table names for containerd 1.7)",
             );
         }
@@ -111,7 +110,7 @@ fn dropin(node: &Node) -> Check {
             let msg = e.to_string().lines().next().unwrap_or_default().to_string();
             return Check::fail(
                 ID,
-                format!("{DROPIN_PATH}: spec.containerd.config is not TOML: {msg}"),
+                format!("{NODEADM_DROPIN}: spec.containerd.config is not TOML: {msg}"),
                 "nodeadm skips the drop-in: re-run soci-agent install",
             );
         }
@@ -124,7 +123,7 @@ fn dropin(node: &Node) -> Check {
     if !missing.is_empty() {
         return Check::fail(
             ID,
-            format!("{DROPIN_PATH} does not set {}", missing.join(", ")),
+            format!("{NODEADM_DROPIN} does not set {}", missing.join(", ")),
             "re-run soci-agent install",
         );
     }
@@ -141,7 +140,7 @@ fn dropin(node: &Node) -> Check {
         return Check::warn(
             ID,
             format!(
-                "{DROPIN_PATH} wires SOCI, but {config_path} (rendered by nodeadm) lacks {}",
+                "{NODEADM_DROPIN} wires SOCI, but {config_path} (rendered by nodeadm) lacks {}",
                 not_applied.join(", ")
             ),
             "nodeadm has not applied the drop-in yet: nodeadm-run re-renders when the merged NodeConfig changes \
@@ -158,14 +157,14 @@ fn dropin(node: &Node) -> Check {
         return Check::warn(
             ID,
             format!(
-                "{DROPIN_PATH} wires SOCI (config version {version}), {rendered}, but differs from what install writes"
+                "{NODEADM_DROPIN} wires SOCI (config version {version}), {rendered}, but differs from what install writes"
             ),
             "re-run soci-agent install to rewrite it; put local NodeConfig changes in another drop-in",
         );
     }
     Check::ok(
         ID,
-        format!("{DROPIN_PATH} (config version {version}) as install writes it, {rendered}"),
+        format!("{NODEADM_DROPIN} (config version {version}) as install writes it, {rendered}"),
     )
 }
 
@@ -173,14 +172,14 @@ fn dropin(node: &Node) -> Check {
 /// then the drop-ins in lexical order.
 fn sources(node: &Node) -> Vec<String> {
     let mut list = vec![USER_DATA.to_string()];
-    if let Ok(entries) = std::fs::read_dir(node.root.path(DROPIN_DIR)) {
+    if let Ok(entries) = std::fs::read_dir(node.root.path(NODEADM_DROPIN_DIR)) {
         let mut names: Vec<String> = entries
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.ends_with(".yaml") || n.ends_with(".yml") || n.ends_with(".json"))
             .collect();
         names.sort();
-        list.extend(names.into_iter().map(|n| format!("{DROPIN_DIR}/{n}")));
+        list.extend(names.into_iter().map(|n| format!("{NODEADM_DROPIN_DIR}/{n}")));
     }
     list
 }
@@ -219,7 +218,7 @@ fn fast_image_pull(node: &Node) -> Check {
         Some((true, from)) if node.agent_installed() => Check::warn(
             ID,
             format!(
-                "featureGates.FastImagePull: true in {from}, which nodeadm merges after soci-agent's {DROPIN_PATH}{note}"
+                "featureGates.FastImagePull: true in {from}, which nodeadm merges after soci-agent's {NODEADM_DROPIN}{note}"
             ),
             "nodeadm then rewrites /etc/soci-snapshotter-grpc/config.toml and containerd.service.d/10-soci-snapshotter.conf \
              at every config phase (its fixed tuning wins): drop FastImagePull from that NodeConfig",
@@ -238,10 +237,10 @@ fn fast_image_pull(node: &Node) -> Check {
                 "featureGates.FastImagePull: true in {from}: nodeadm manages SOCI (soci-agent is not installed){note}"
             ),
         ),
-        Some((false, from)) if from == DROPIN_PATH && cached_on => Check::warn(
+        Some((false, from)) if from == NODEADM_DROPIN && cached_on => Check::warn(
             ID,
             format!(
-                "soci-agent's {DROPIN_PATH} turns FastImagePull off, but nodeadm's last render ({NODEADM_CACHE}) had it on"
+                "soci-agent's {NODEADM_DROPIN} turns FastImagePull off, but nodeadm's last render ({NODEADM_CACHE}) had it on"
             ),
             "nodeadm-run re-renders when the merged NodeConfig changed (it does so before starting containerd); \
              until then nodeadm's SOCI files may be in place: re-run soci-agent install after it",

@@ -1,28 +1,24 @@
 //! agent.record and recent.*: the install record and the last saved report
 //! of each command (age, outcome, per-phase timings).
 
+use crate::paths::{RECORD, REPORTS_DIR};
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::Value;
 
 use super::Check;
 use super::node::{Node, Text};
-use crate::record::RECORD_PATH;
-use crate::reports::REPORTS_DIR;
 
 pub fn record(node: &Node) -> Check {
     const ID: &str = "agent.record";
-    match (&node.record, Text::read(&node.root, RECORD_PATH)) {
-        (_, Text::Unreadable(e)) => Check::skip(ID, format!("{RECORD_PATH}: {e}")).advise("run doctor as root"),
+    match (&node.record, Text::read(&node.root, RECORD)) {
+        (_, Text::Unreadable(e)) => Check::skip(ID, format!("{RECORD}: {e}")).advise("run doctor as root"),
         (Err(e), _) => Check::fail(
             ID,
             e.clone(),
-            format!("move {RECORD_PATH} aside and re-run soci-agent install (uninstall needs a valid record)"),
+            format!("move {RECORD} aside and re-run soci-agent install (uninstall needs a valid record)"),
         ),
-        (Ok(None), _) => Check::skip(
-            ID,
-            format!("no {RECORD_PATH}: soci-agent has not installed on this node"),
-        ),
+        (Ok(None), _) => Check::skip(ID, format!("no {RECORD}: soci-agent has not installed on this node")),
         (Ok(Some(r)), _) => {
             let how = match &r.adopted_sha256 {
                 Some(d) => format!("adopted, sha256 {d}"),
@@ -34,7 +30,7 @@ pub fn record(node: &Node) -> Check {
             Check::ok(
                 ID,
                 format!(
-                    "{RECORD_PATH}: daemon_binary {} ({how}); {} paths, {} units enabled by soci-agent",
+                    "{RECORD}: daemon_binary {} ({how}); {} paths, {} units enabled by soci-agent",
                     r.daemon_binary,
                     r.paths.len(),
                     r.enabled_units.len()

@@ -2,6 +2,7 @@
 //! through drop-ins), its version, whether it is what soci-agent verified,
 //! and other copies on the node.
 
+use crate::paths::{SOCI_BINARY_LOCATIONS, SOCI_SERVICE, STORE_DIR};
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -10,7 +11,6 @@ use super::node::Node;
 use super::unitfile::{ExecStart, SEARCH_PATH};
 use crate::release::{MIN_SOCI_VERSION, ReleaseSpec, Version};
 use crate::store::{self, EntryState};
-use crate::units::SERVICE;
 
 const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -36,8 +36,8 @@ fn binary(node: &Node) -> (Check, Option<ExecStart>) {
         return (
             Check::fail(
                 ID,
-                format!("{SERVICE} is masked (a link to /dev/null)"),
-                format!("systemctl unmask {SERVICE}"),
+                format!("{SOCI_SERVICE} is masked (a link to /dev/null)"),
+                format!("systemctl unmask {SOCI_SERVICE}"),
             ),
             None,
         );
@@ -54,10 +54,13 @@ fn binary(node: &Node) -> (Check, Option<ExecStart>) {
                 unit.dropins.iter().map(|d| d.0.as_str()).collect::<Vec<_>>().join(", ")
             )
         };
-        return (Check::fail(ID, format!("no {SERVICE} {where_}"), install), None);
+        return (Check::fail(ID, format!("no {SOCI_SERVICE} {where_}"), install), None);
     }
     let Some(exec) = node.exec.clone() else {
-        return (Check::fail(ID, format!("{SERVICE} has no ExecStart="), install), None);
+        return (
+            Check::fail(ID, format!("{SOCI_SERVICE} has no ExecStart="), install),
+            None,
+        );
     };
     let bin = exec.binary();
     let resolved = node.resolve(bin);
@@ -159,10 +162,7 @@ fn digest(node: &Node, exec: &ExecStart) -> Check {
     let Some((entry, m)) = super::checks_host::store_manifest(node, bin) else {
         return Check::fail(
             ID,
-            format!(
-                "{bin} -> {resolved} is not in soci-agent's store ({})",
-                store::STORE_DIR
-            ),
+            format!("{bin} -> {resolved} is not in soci-agent's store ({})", STORE_DIR),
             reinstall,
         );
     };
@@ -200,7 +200,7 @@ async fn other_copies(node: &Node, exec: Option<&ExecStart>) -> Check {
     const ID: &str = "soci.other-copies";
     let used = exec.map(|e| node.resolve(e.binary()));
     let mut others = Vec::new();
-    for loc in crate::host::SOCI_BINARY_LOCATIONS {
+    for loc in SOCI_BINARY_LOCATIONS {
         let resolved = node.resolve(loc);
         if Some(&resolved) == used.as_ref() || !node.host_path(&resolved).is_file() {
             continue;
@@ -221,7 +221,7 @@ async fn other_copies(node: &Node, exec: Option<&ExecStart>) -> Check {
         format!("the unit runs {}", e.binary())
     });
     if others.is_empty() {
-        let places = crate::host::SOCI_BINARY_LOCATIONS.join(", ");
+        let places = SOCI_BINARY_LOCATIONS.join(", ");
         return Check::ok(ID, format!("no other soci-snapshotter-grpc at {places} ({running})"));
     }
     Check::ok(ID, format!("also present ({running}): {}", others.join(", ")))

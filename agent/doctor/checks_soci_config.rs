@@ -5,6 +5,7 @@
 //! are looked up as the daemon reads them: field names case-insensitively,
 //! map keys (`decompress_streams."gzip"`) exactly.
 
+use crate::paths::UNPIGZ;
 use std::os::unix::fs::PermissionsExt;
 
 use toml_edit::{DocumentMut, Item};
@@ -341,7 +342,7 @@ fn decompressor(node: &Node, doc: &DocumentMut, path: &str) -> Check {
     if !found.is_empty() {
         return Check::ok(ID, format!("{} ({path})", found.join("; ")));
     }
-    let unpigz = crate::host::UNPIGZ;
+    let unpigz = UNPIGZ;
     if node.host_path(unpigz).is_file() {
         Check::warn(
             ID,

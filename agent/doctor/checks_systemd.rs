@@ -5,8 +5,8 @@
 use super::Check;
 use super::node::{Bus, Node};
 use super::unitfile::{UnitFiles, enablement_links};
+use crate::paths::{BOOT_SERVICE, CONTAINERD_SERVICE, KUBELET_SERVICE, PAUSE_ARCHIVE, SOCI_SERVICE, SOCI_SOCKET_UNIT};
 use crate::systemd::UnitState;
-use crate::units::{BOOT_SERVICE, CONTAINERD_SERVICE, KUBELET_SERVICE, SERVICE, SOCKET};
 
 pub fn checks(node: &Node) -> Vec<Check> {
     vec![
@@ -66,13 +66,13 @@ fn enabled(st: &UnitState) -> bool {
 
 fn service(node: &Node) -> Check {
     const ID: &str = "systemd.soci-service";
-    let journal = format!("see journalctl -u {SERVICE}");
+    let journal = format!("see journalctl -u {SOCI_SERVICE}");
     let containerd_active = node.bus.unit(CONTAINERD_SERVICE).is_some_and(UnitState::is_active);
-    if let Some(st) = node.bus.unit(SERVICE) {
-        let evidence = format!("{SERVICE}: {} (D-Bus)", state_shown(st));
+    if let Some(st) = node.bus.unit(SOCI_SERVICE) {
+        let evidence = format!("{SOCI_SERVICE}: {} (D-Bus)", state_shown(st));
         return match (st.load_state.as_str(), st.active_state.as_str()) {
             ("not-found", _) => Check::fail(ID, evidence, "run soci-agent install"),
-            ("masked", _) => Check::fail(ID, evidence, format!("systemctl unmask {SERVICE}")),
+            ("masked", _) => Check::fail(ID, evidence, format!("systemctl unmask {SOCI_SERVICE}")),
             _ if st.need_daemon_reload => Check::warn(
                 ID,
                 evidence,
@@ -93,37 +93,41 @@ fn service(node: &Node) -> Check {
             _ if containerd_active => Check::fail(
                 ID,
                 format!("{evidence}, while containerd is active"),
-                format!("containerd runs without its snapshotter: systemctl start {SERVICE}; {journal}"),
+                format!("containerd runs without its snapshotter: systemctl start {SOCI_SERVICE}; {journal}"),
             ),
-            _ if enabled(st) || node.bus.unit(SOCKET).is_some_and(enabled) => {
+            _ if enabled(st) || node.bus.unit(SOCI_SOCKET_UNIT).is_some_and(enabled) => {
                 Check::ok(ID, format!("{evidence}; containerd's Requires= starts it"))
             }
-            _ => Check::warn(ID, evidence, format!("systemctl enable {SERVICE} {SOCKET}")),
+            _ => Check::warn(
+                ID,
+                evidence,
+                format!("systemctl enable {SOCI_SERVICE} {SOCI_SOCKET_UNIT}"),
+            ),
         };
     }
     if !node.soci_unit.exists() {
         return Check::fail(
             ID,
-            format!("no {SERVICE} unit file (see soci.binary)"),
+            format!("no {SOCI_SERVICE} unit file (see soci.binary)"),
             "run soci-agent install",
         );
     }
-    let links = enablement_links(&node.root, SERVICE);
-    let socket_links = enablement_links(&node.root, SOCKET);
-    let evidence = format!("{SERVICE}: {} (unit files)", links_shown(&links));
+    let links = enablement_links(&node.root, SOCI_SERVICE);
+    let socket_links = enablement_links(&node.root, SOCI_SOCKET_UNIT);
+    let evidence = format!("{SOCI_SERVICE}: {} (unit files)", links_shown(&links));
     if !links.is_empty() {
         return Check::ok(ID, evidence);
     }
     if !socket_links.is_empty() {
         return Check::ok(
             ID,
-            format!("{evidence}; {SOCKET} is enabled and containerd's Requires= starts it"),
+            format!("{evidence}; {SOCI_SOCKET_UNIT} is enabled and containerd's Requires= starts it"),
         );
     }
     Check::warn(
         ID,
-        format!("{evidence}: neither it nor {SOCKET} is enabled"),
-        format!("systemctl enable {SERVICE} {SOCKET} (install --no-start leaves them disabled)"),
+        format!("{evidence}: neither it nor {SOCI_SOCKET_UNIT} is enabled"),
+        format!("systemctl enable {SOCI_SERVICE} {SOCI_SOCKET_UNIT} (install --no-start leaves them disabled)"),
     )
 }
 
@@ -135,13 +139,13 @@ fn socket(node: &Node) -> Check {
         if fd {
             return Check::warn(
                 ID,
-                format!("ExecStart uses --address fd:// but there is no {SOCKET}"),
+                format!("ExecStart uses --address fd:// but there is no {SOCI_SOCKET_UNIT}"),
                 "the daemon falls back to its default socket and is not socket-activated: re-run soci-agent install",
             );
         }
         return Check::skip(
             ID,
-            format!("no {SOCKET}, and ExecStart does not use fd:// (none needed)"),
+            format!("no {SOCI_SOCKET_UNIT}, and ExecStart does not use fd:// (none needed)"),
         );
     }
     let listen = unit
@@ -150,22 +154,28 @@ fn socket(node: &Node) -> Check {
         .map(|(_, v)| v)
         .collect::<Vec<_>>()
         .join(" ");
-    if let Some(st) = node.bus.unit(SOCKET) {
-        let evidence = format!("{SOCKET} (ListenStream={listen}): {} (D-Bus)", state_shown(st));
+    if let Some(st) = node.bus.unit(SOCI_SOCKET_UNIT) {
+        let evidence = format!(
+            "{SOCI_SOCKET_UNIT} (ListenStream={listen}): {} (D-Bus)",
+            state_shown(st)
+        );
         return match st.active_state.as_str() {
             "active" => Check::ok(ID, evidence),
-            "failed" => Check::fail(ID, evidence, format!("see journalctl -u {SOCKET}")),
+            "failed" => Check::fail(ID, evidence, format!("see journalctl -u {SOCI_SOCKET_UNIT}")),
             _ if enabled(st) => Check::ok(ID, evidence),
-            _ => Check::warn(ID, evidence, format!("systemctl enable --now {SOCKET}")),
+            _ => Check::warn(ID, evidence, format!("systemctl enable --now {SOCI_SOCKET_UNIT}")),
         };
     }
-    let links = enablement_links(&node.root, SOCKET);
-    let evidence = format!("{SOCKET} (ListenStream={listen}): {} (unit files)", links_shown(&links));
+    let links = enablement_links(&node.root, SOCI_SOCKET_UNIT);
+    let evidence = format!(
+        "{SOCI_SOCKET_UNIT} (ListenStream={listen}): {} (unit files)",
+        links_shown(&links)
+    );
     if links.is_empty() {
         return Check::warn(
             ID,
             evidence,
-            format!("systemctl enable {SOCKET} (install --no-start leaves it disabled)"),
+            format!("systemctl enable {SOCI_SOCKET_UNIT} (install --no-start leaves it disabled)"),
         );
     }
     Check::ok(ID, evidence)
@@ -183,13 +193,13 @@ fn listed_in(unit: &UnitFiles, key: &str, wanted: &str) -> Vec<String> {
 fn containerd_dropin(node: &Node) -> Check {
     const ID: &str = "systemd.containerd-dropin";
     let unit = UnitFiles::load(&node.root, CONTAINERD_SERVICE);
-    let requires = listed_in(&unit, "Requires", SERVICE);
-    let after = listed_in(&unit, "After", SERVICE);
+    let requires = listed_in(&unit, "Requires", SOCI_SERVICE);
+    let after = listed_in(&unit, "After", SOCI_SERVICE);
     let fix = "re-run soci-agent install (it writes containerd.service.d/10-soci-snapshotter.conf)";
     match (requires.first(), after.first()) {
         (Some(r), Some(a)) => {
             let st = node.bus.unit(CONTAINERD_SERVICE);
-            let evidence = format!("Requires={SERVICE} ({r}), After={SERVICE} ({a})");
+            let evidence = format!("Requires={SOCI_SERVICE} ({r}), After={SOCI_SERVICE} ({a})");
             match st {
                 Some(st) if st.need_daemon_reload => Check::warn(
                     ID,
@@ -206,17 +216,17 @@ fn containerd_dropin(node: &Node) -> Check {
         }
         (None, Some(a)) => Check::fail(
             ID,
-            format!("After={SERVICE} ({a}) but no Requires={SERVICE}"),
+            format!("After={SOCI_SERVICE} ({a}) but no Requires={SOCI_SERVICE}"),
             format!("containerd can start without SOCI: {fix}"),
         ),
         (Some(r), None) => Check::fail(
             ID,
-            format!("Requires={SERVICE} ({r}) but no After={SERVICE}"),
+            format!("Requires={SOCI_SERVICE} ({r}) but no After={SOCI_SERVICE}"),
             format!("containerd may start before SOCI serves: {fix}"),
         ),
         (None, None) => Check::fail(
             ID,
-            format!("no {CONTAINERD_SERVICE} file or drop-in requires or orders after {SERVICE}"),
+            format!("no {CONTAINERD_SERVICE} file or drop-in requires or orders after {SOCI_SERVICE}"),
             format!("containerd may start before or without SOCI: {fix}"),
         ),
     }
@@ -225,7 +235,7 @@ fn containerd_dropin(node: &Node) -> Check {
 fn boot_unit(node: &Node) -> Check {
     const ID: &str = "systemd.boot-unit";
     let unit = UnitFiles::load(&node.root, BOOT_SERVICE);
-    let pause = node.root.exists(crate::boot::DEFAULT_PAUSE_ARCHIVE);
+    let pause = node.root.exists(PAUSE_ARCHIVE);
     if !unit.exists() {
         if !node.agent_installed() {
             return Check::skip(ID, format!("no {BOOT_SERVICE}: soci-agent has not installed here"));
@@ -266,7 +276,7 @@ fn boot_unit(node: &Node) -> Check {
     if pause {
         return Check::fail(
             ID,
-            format!("{evidence}, and {} exists", crate::boot::DEFAULT_PAUSE_ARCHIVE),
+            format!("{evidence}, and {} exists", PAUSE_ARCHIVE),
             format!(
                 "the pause image is never imported into soci, so nodes stay NotReady: systemctl enable {BOOT_SERVICE}"
             ),

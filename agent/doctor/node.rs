@@ -4,6 +4,10 @@
 //! Reading never fails here: a file is present, absent or unreadable (with
 //! the reason), and the checks decide what that means.
 
+use crate::paths::{
+    BOOT_SERVICE, CONTAINERD_SERVICE, KUBELET_SERVICE, SOCI_CONFIG, SOCI_ROOT, SOCI_SERVICE, SOCI_SOCKET,
+    SOCI_SOCKET_UNIT, SYSTEM_BUS,
+};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -11,7 +15,6 @@ use std::time::{Duration, SystemTime};
 use super::DoctorContext;
 use super::unitfile::{ExecStart, UnitFiles};
 use crate::host::HostFacts;
-use crate::plan::{SOCI_CONFIG_PATH, SOCI_SOCKET};
 use crate::record::Record;
 use crate::rootfs::Root;
 use crate::systemd::{Systemd, UnitState};
@@ -99,8 +102,8 @@ impl Node {
     pub async fn gather(ctx: &DoctorContext) -> Node {
         let root = ctx.root.clone();
         let facts = crate::host::detect(&root).await;
-        let soci_unit = UnitFiles::load(&root, units::SERVICE);
-        let soci_socket_unit = UnitFiles::load(&root, units::SOCKET);
+        let soci_unit = UnitFiles::load(&root, SOCI_SERVICE);
+        let soci_socket_unit = UnitFiles::load(&root, SOCI_SOCKET_UNIT);
         let exec = soci_unit.exec_start();
         let from_exec = |flag: &str| {
             let e = exec.as_ref()?;
@@ -115,12 +118,12 @@ impl Node {
                 source: "--soci-root".into(),
             },
             None => from_exec("--root").unwrap_or_else(|| Sourced {
-                value: crate::settings::DEFAULT_SOCI_ROOT.into(),
+                value: SOCI_ROOT.into(),
                 source: "the daemon's default --root".into(),
             }),
         };
         let soci_config_path = from_exec("--config").unwrap_or_else(|| Sourced {
-            value: SOCI_CONFIG_PATH.into(),
+            value: SOCI_CONFIG.into(),
             source: "the daemon's default --config".into(),
         });
         let soci_socket = socket_of(exec.as_ref(), &soci_socket_unit);
@@ -237,10 +240,7 @@ async fn bus(ctx: &DoctorContext) -> Bus {
     }
     let (connecting, address) = match &ctx.bus_address {
         Some(a) => (Systemd::connect_address(a, BUS_TIMEOUT).await, a.clone()),
-        None if ctx.root.is_host() => (
-            Systemd::connect(BUS_TIMEOUT).await,
-            format!("unix:path={}", crate::systemd::SYSTEM_BUS),
-        ),
+        None if ctx.root.is_host() => (Systemd::connect(BUS_TIMEOUT).await, format!("unix:path={}", SYSTEM_BUS)),
         None => {
             return Bus::Unavailable(
                 "--root is not /: its systemd is not running here (use --bus-address); read from unit files".into(),
@@ -256,11 +256,11 @@ async fn bus(ctx: &DoctorContext) -> Bus {
     };
     let mut units_map = BTreeMap::new();
     for name in [
-        units::SERVICE,
-        units::SOCKET,
-        units::CONTAINERD_SERVICE,
-        units::BOOT_SERVICE,
-        units::KUBELET_SERVICE,
+        SOCI_SERVICE,
+        SOCI_SOCKET_UNIT,
+        CONTAINERD_SERVICE,
+        BOOT_SERVICE,
+        KUBELET_SERVICE,
     ] {
         let state = sd.unit_state(name).await.map_err(|e| crate::exit::error_chain(&e));
         units_map.insert(name, state);

@@ -13,6 +13,7 @@
 //! unaffected). Credentials go as a static `Authorization` header (Basic, or
 //! Bearer for a registry token), which suits ECR and basic-auth registries.
 
+use crate::paths::CONTAINERD_HOSTS_DIR;
 use std::collections::HashMap;
 
 use containerd_client::services::v1::TransferRequest;
@@ -23,9 +24,6 @@ use tonic::transport::Channel;
 
 use super::credentials::Credential;
 use super::pin::{CRI_NAMESPACE, PINNED_LABEL, PINNED_VALUE};
-
-/// containerd's CRI hosts directory, handed to the transfer resolver when present.
-const HOSTS_DIR: &str = "/etc/containerd/certs.d";
 
 /// The outcome for one extra platform.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -103,8 +101,8 @@ pub async fn fetch_platform(
         reference: reference.to_string(),
         resolver: Some(RegistryResolver {
             headers,
-            host_dir: if std::path::Path::new(HOSTS_DIR).is_dir() {
-                HOSTS_DIR.to_string()
+            host_dir: if std::path::Path::new(CONTAINERD_HOSTS_DIR).is_dir() {
+                CONTAINERD_HOSTS_DIR.to_string()
             } else {
                 String::new()
             },

@@ -2,6 +2,9 @@
 //! `[prefetch]` table of the agent config file, then defaults. The result is
 //! a plain [`PrefetchOptions`], which the boot path can also build itself.
 
+use crate::paths::{
+    CONTAINERD_SOCKET, CREDENTIAL_PROVIDER_BIN_DIR, CREDENTIAL_PROVIDER_CONFIG, CRI_ENDPOINT, SOCI_CONFIG,
+};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,14 +14,9 @@ use serde::Deserialize;
 use crate::cli::OutputFormat;
 use crate::rootfs::Root;
 
-pub const DEFAULT_CRI_ENDPOINT: &str = "unix:///run/containerd/containerd.sock";
-pub const DEFAULT_CONTAINERD_ADDRESS: &str = "/run/containerd/containerd.sock";
 pub const DEFAULT_CONCURRENCY: usize = 2;
 pub const DEFAULT_TIMEOUT_PER_IMAGE_SECS: f64 = 600.0;
 pub const DEFAULT_RETRIES: u32 = 4;
-pub const DEFAULT_PROVIDER_CONFIG: &str = "/etc/eks/image-credential-provider/config.json";
-pub const DEFAULT_PROVIDER_BIN_DIR: &str = "/etc/eks/image-credential-provider";
-pub const SOCI_CONFIG: &str = crate::plan::SOCI_CONFIG_PATH;
 const MAX_CONCURRENCY: usize = 64;
 
 /// Pre-pull images through containerd's CRI into the snapshotter kubelet uses.
@@ -162,12 +160,12 @@ impl PrefetchOptions {
             timeout_per_image: Duration::from_secs_f64(DEFAULT_TIMEOUT_PER_IMAGE_SECS),
             retries: DEFAULT_RETRIES,
             retry_backoff: Duration::from_secs(1),
-            cri_endpoint: DEFAULT_CRI_ENDPOINT.to_string(),
-            containerd_address: PathBuf::from(DEFAULT_CONTAINERD_ADDRESS),
+            cri_endpoint: CRI_ENDPOINT.to_string(),
+            containerd_address: PathBuf::from(CONTAINERD_SOCKET),
             auth_file: None,
-            credential_provider_config: Some(root.path(DEFAULT_PROVIDER_CONFIG)),
+            credential_provider_config: Some(root.path(CREDENTIAL_PROVIDER_CONFIG)),
             credential_provider_config_required: false,
-            credential_provider_bin_dir: root.path(DEFAULT_PROVIDER_BIN_DIR),
+            credential_provider_bin_dir: root.path(CREDENTIAL_PROVIDER_BIN_DIR),
             soci_config: root.path(SOCI_CONFIG),
             platforms: Vec::new(),
             strict: false,
@@ -314,7 +312,7 @@ pub fn resolve(args: &PrefetchArgs) -> Result<(PrefetchOptions, OutputFormat), O
         .cri_endpoint
         .clone()
         .or(file.cri_endpoint)
-        .unwrap_or(DEFAULT_CRI_ENDPOINT.into());
+        .unwrap_or(CRI_ENDPOINT.into());
     if let Some(a) = args.containerd_address.clone().or(file.containerd_address) {
         o.containerd_address = a;
     }

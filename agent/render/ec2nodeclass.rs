@@ -2,6 +2,7 @@
 //! AL2023) with a gp3 root volume fast enough for parallel unpack and the
 //! user data embedded as a literal block scalar. YAML written by hand.
 
+use crate::paths::SOCI_ROOT;
 use clap::Args;
 
 use super::userdata::{self, UserdataArgs};
@@ -65,11 +66,11 @@ pub(super) fn render(a: &Ec2NodeClassArgs) -> Result<Rendered, RenderError> {
     let user_data = userdata::build(&a.userdata, Vec::new(), &mut notes)?;
     if a.instance_store_raid0
         && let Some(root) = &a.userdata.soci_root
-        && root.trim_end_matches('/') != crate::settings::DEFAULT_SOCI_ROOT
+        && root.trim_end_matches('/') != SOCI_ROOT
     {
         notes.push(format!(
             "with RAID0, nodeadm moves only {} onto the instance store; --soci-root {root} stays on the root volume",
-            crate::settings::DEFAULT_SOCI_ROOT
+            SOCI_ROOT
         ));
     }
     let mut y = String::new();

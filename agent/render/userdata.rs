@@ -1,6 +1,7 @@
 //! `render userdata`: the bootstrap shell part (from
 //! `userdata/bootstrap.sh.in`) and the NodeConfig part, in MIME.
 
+use crate::paths::{NODEADM_DROPIN, SOCI_ROOT};
 use clap::Args;
 
 use super::mime::{self, NODE_CONFIG, Part, SHELL_SCRIPT};
@@ -205,7 +206,7 @@ fn check(a: &UserdataArgs, notes: &mut Vec<String>) -> Result<Checked, RenderErr
             install_args.push(format!("--soci-root={r}"));
             r
         }
-        None => crate::settings::DEFAULT_SOCI_ROOT.to_string(),
+        None => SOCI_ROOT.to_string(),
     };
     install_args.extend(tuning_args(a)?);
 
@@ -417,7 +418,7 @@ fn nodeconfig_part(version: ContainerdVersion, soci_root: &str) -> String {
     format!(
         "# soci-agent: containerd and kubelet wired to the SOCI snapshotter (the drop-in the agent\n\
          # writes to {}), so nodeadm has it from its first pass.\n{body}",
-        crate::nodeconfig::DROPIN_PATH
+        NODEADM_DROPIN
     )
 }
 
