@@ -5,17 +5,21 @@
 //! node NotReady), then the pre-pull list. Bounded in time: past the bound it
 //! logs loudly and exits 0 so the node still joins, unless `--strict`.
 
-use crate::paths::{CONTAINERD_SOCKET, CTR_CANDIDATES};
+use crate::paths::{CONTAINERD_SOCKET, CTR_CANDIDATES, PAUSE_ARCHIVE};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::cli::{BootArgs, OutputFormat};
+use std::path::PathBuf;
+
+use clap::Args;
+
 use crate::exit::ExitKind;
-use crate::record::Record;
+use crate::install::record::Record;
+use crate::output::OutputFormat;
+use crate::release::store::{self, EntryState, Manifest};
 use crate::rootfs::Root;
-use crate::store::{self, EntryState, Manifest};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
@@ -207,7 +211,7 @@ async fn steps(args: &BootArgs, root: &Root, report: &mut Vec<Step>) -> bool {
         },
         Ok(opts) => {
             let pre = crate::prefetch::prefetch(&opts).await;
-            crate::reports::record_run(
+            crate::history::record_run(
                 root,
                 "prefetch",
                 &pre.to_json(),
@@ -281,7 +285,7 @@ pub async fn run(args: &BootArgs) -> (BootReport, OutputFormat) {
         report.steps.iter().map(|s| (s.name.to_string(), s.seconds)).collect();
     phases.insert("total".into(), report.seconds);
     let json = serde_json::to_string_pretty(&report).expect("report serializes");
-    crate::reports::record_run(
+    crate::history::record_run(
         &root,
         "boot",
         &json,
@@ -290,4 +294,29 @@ pub async fn run(args: &BootArgs) -> (BootReport, OutputFormat) {
         args.textfile_dir.as_deref(),
     );
     (report, args.output)
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BootArgs {
+    /// Directory every node path is resolved under.
+    #[arg(long, value_name = "DIR", env = "SOCI_AGENT_ROOT", default_value = "/")]
+    pub root: PathBuf,
+    /// The node's pause image archive, imported into the soci snapshotter when present.
+    #[arg(long, value_name = "PATH", default_value = PAUSE_ARCHIVE)]
+    pub pause_archive: String,
+    /// Give up after this many seconds (then exit 0 unless --strict).
+    #[arg(long, value_name = "SECS", default_value_t = 600.0)]
+    pub timeout: f64,
+    /// Exit 1 when a step fails or the time bound is hit (default: log loudly, exit 0 so the node joins).
+    #[arg(long)]
+    pub strict: bool,
+    /// Agent config file ([prefetch] images to pre-pull). [default: /etc/soci-agent/config.toml under --root, when present]
+    #[arg(long, value_name = "FILE", env = "SOCI_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Also write this run's figures as Prometheus gauges to DIR/soci_agent_boot.prom (under --root).
+    #[arg(long, value_name = "DIR", env = "SOCI_AGENT_TEXTFILE_DIR")]
+    pub textfile_dir: Option<String>,
+    /// Report format on stdout.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
 }

@@ -48,7 +48,6 @@ mod repair;
 mod resolve;
 mod state;
 mod status;
-mod units;
 mod warm;
 
 use std::path::PathBuf;
@@ -148,9 +147,12 @@ impl MetricsServer {
         }
         MetricsServer { address, task }
     }
-    fn stop(&mut self) {
+    /// Stops serving; returns once the listener is closed (the aborted task
+    /// has been dropped), so a reload never reports a listener still open.
+    async fn stop(&mut self) {
         if let Some(t) = self.task.take() {
             t.abort();
+            let _ = t.await;
         }
         if let Some(MetricsAddress::Unix(p)) = self.address.take() {
             http::Bound::cleanup(&p);
@@ -286,7 +288,7 @@ async fn serve(
     if let Some(w) = watchdog {
         w.abort();
     }
-    metrics.stop();
+    metrics.stop().await;
     status_task.abort();
     let _ = status_task.await;
     let _ = std::fs::remove_file(&state_socket);
@@ -325,7 +327,7 @@ async fn reload(
                 tracing::warn!("state_socket changed: it takes effect at the next start");
             }
             if let Some(bound) = rebound {
-                metrics.stop();
+                metrics.stop().await;
                 *metrics = MetricsServer::run(new.metrics_address.clone(), bound, shared);
             }
             *cfg = Arc::new(new);

@@ -38,7 +38,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::cli::OutputFormat;
+use crate::output::OutputFormat;
 use crate::rootfs::Root;
 
 pub use node::Node;

@@ -203,7 +203,7 @@ pub async fn detect(root: &Root) -> HostFacts {
     for dir in UNIT_SEARCH_PATH {
         let node_path = format!("{dir}/{}", SOCI_SERVICE);
         if let Ok(Some(text)) = root.read_string_opt(&node_path) {
-            soci_unit = if crate::units::is_ours(&text) {
+            soci_unit = if crate::files::units::is_ours(&text) {
                 SociUnit::Ours(node_path)
             } else {
                 SociUnit::Foreign(node_path)

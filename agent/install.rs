@@ -1,22 +1,31 @@
 //! `soci-agent install`: settings -> host facts -> plan -> (dry run | apply)
 //! -> report. Glue only; the logic lives in the modules it calls.
 
+pub mod activate;
+pub mod apply;
+pub mod args;
+pub mod plan;
+pub mod record;
+pub mod report;
+pub mod settings;
+
 use crate::paths::RECORD;
 use std::io::IsTerminal;
 use std::time::Instant;
 
 use std::time::Duration;
 
-use crate::activate::{Activation, Bounds, activate, undo};
-use crate::apply::Transaction;
-use crate::cli::{InstallArgs, OutputFormat};
 use crate::exit::{ExitKind, error_chain};
-use crate::fetch::{HttpOptions, Progress};
-use crate::plan::{Plan, Wiring};
-use crate::record::Record;
-use crate::report::{InstallReport, PlanSummary};
+use crate::install::activate::{Activation, Bounds, activate, undo};
+use crate::install::apply::Transaction;
+use crate::install::args::InstallArgs;
+use crate::install::plan::{Plan, Wiring};
+use crate::install::record::Record;
+use crate::install::report::{InstallReport, PlanSummary};
+use crate::install::settings::InstallSettings;
+use crate::output::OutputFormat;
+use crate::release::fetch::{HttpOptions, Progress};
 use crate::rootfs::Root;
-use crate::settings::InstallSettings;
 use crate::systemd::Systemd;
 
 /// Runs install; always returns a report (with the error when it failed).
@@ -29,7 +38,7 @@ pub async fn run(args: &InstallArgs) -> (InstallReport, OutputFormat) {
     report.seconds = started.elapsed().as_secs_f64();
     report.phases.insert("total".into(), report.seconds);
     if let Some((root, textfile_dir)) = saved_to {
-        crate::reports::record_run(
+        crate::history::record_run(
             &root,
             "install",
             &report.to_json(),
@@ -67,7 +76,7 @@ async fn execute(args: &InstallArgs, saved_to: &mut Option<(Root, Option<String>
     let _lock = if settings.dry_run {
         None
     } else {
-        match crate::apply::lock_node(&settings.root) {
+        match crate::install::apply::lock_node(&settings.root) {
             Ok(l) => l,
             Err(e) => {
                 fail(&mut report, ExitKind::Failed, &e);
@@ -78,7 +87,7 @@ async fn execute(args: &InstallArgs, saved_to: &mut Option<(Root, Option<String>
     let facts = crate::host::detect(&settings.root).await;
     lap(&mut report, "detect");
     report.host = Some(facts.clone());
-    let plan = match crate::plan::build(&settings, &facts) {
+    let plan = match crate::install::plan::build(&settings, &facts) {
         Ok(p) => p,
         Err(e) => {
             let kind = if e.is_usage() {
@@ -118,7 +127,7 @@ async fn execute(args: &InstallArgs, saved_to: &mut Option<(Root, Option<String>
         },
         ..HttpOptions::default()
     };
-    let (applied, mut txn) = match crate::apply::apply(&settings.root, &plan, http).await {
+    let (applied, mut txn) = match crate::install::apply::apply(&settings.root, &plan, http).await {
         Ok(x) => x,
         Err(e) => {
             let kind = if e.is_verification_failure() {

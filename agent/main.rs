@@ -4,7 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use soci_agent::cli::{Cli, Command, OutputFormat};
+use soci_agent::cli::{Cli, Command};
+use soci_agent::output::OutputFormat;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -42,7 +43,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn print_report((report, output): (soci_agent::report::InstallReport, OutputFormat)) -> ExitCode {
+fn print_report((report, output): (soci_agent::install::report::InstallReport, OutputFormat)) -> ExitCode {
     match output {
         OutputFormat::Json => println!("{}", report.to_json()),
         OutputFormat::Text => print!("{}", report.to_text()),

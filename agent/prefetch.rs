@@ -111,7 +111,7 @@ pub async fn run(args: &PrefetchArgs) -> u8 {
     };
     let report = prefetch(&opts).await;
     let phases = report.images.iter().map(|i| (i.image.clone(), i.seconds)).collect();
-    crate::reports::record_run(
+    crate::history::record_run(
         &crate::rootfs::Root::new(&args.root),
         "prefetch",
         &report.to_json(),
@@ -120,8 +120,8 @@ pub async fn run(args: &PrefetchArgs) -> u8 {
         None,
     );
     match output {
-        crate::cli::OutputFormat::Json => println!("{}", report.to_json()),
-        crate::cli::OutputFormat::Text => print!("{}", report.to_text()),
+        crate::output::OutputFormat::Json => println!("{}", report.to_json()),
+        crate::output::OutputFormat::Text => print!("{}", report.to_text()),
     }
     report.exit_code
 }

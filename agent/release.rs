@@ -1,6 +1,10 @@
 //! Naming of SOCI releases: versions, architectures, flavors, URLs and the
 //! published `.sha256sum` format. Pure; no I/O.
 
+pub mod extract;
+pub mod fetch;
+pub mod store;
+
 use std::fmt;
 use std::str::FromStr;
 

@@ -24,9 +24,9 @@ mod yaml;
 use crate::paths::{SOCI_ROOT, SOCI_SOCKET};
 use clap::{Args, Subcommand, ValueEnum};
 
-use crate::containerd_config::{ConfigVersion, SociWiring};
+use crate::files::containerd_config::{ConfigVersion, SociWiring};
+use crate::files::soci_config::TuningError;
 use crate::release::ReleaseError;
-use crate::soci_config::TuningError;
 
 pub use ec2nodeclass::Ec2NodeClassArgs;
 pub use launch_template::LaunchTemplateArgs;
@@ -159,7 +159,7 @@ pub fn render(args: &RenderArgs) -> Result<Rendered, RenderError> {
 fn render_nodeconfig(a: &NodeconfigArgs) -> Result<Rendered, RenderError> {
     let soci_root = check_soci_root(&a.soci_root)?;
     Ok(Rendered {
-        text: crate::nodeconfig::render(a.containerd_version.config_version(), &wiring(&soci_root)),
+        text: crate::files::nodeconfig::render(a.containerd_version.config_version(), &wiring(&soci_root)),
         notes: Vec::new(),
     })
 }

@@ -10,11 +10,15 @@ use crate::paths::{
 };
 use std::time::{Duration, Instant};
 
-use crate::cli::{OutputFormat, UninstallArgs};
+use std::path::PathBuf;
+
+use clap::Args;
+
 use crate::exit::{ExitKind, error_chain};
-use crate::plan::{Action, ActionKind, Effects, Op};
-use crate::record::{Before, Record};
-use crate::report::InstallReport;
+use crate::install::plan::{Action, ActionKind, Effects, Op};
+use crate::install::record::{Before, Record};
+use crate::install::report::InstallReport;
+use crate::output::OutputFormat;
 use crate::rootfs::Root;
 use crate::systemd::{Systemd, SystemdError};
 
@@ -154,7 +158,7 @@ pub async fn run(args: &UninstallArgs) -> (InstallReport, OutputFormat) {
         return (report, output);
     }
 
-    let _lock = match crate::apply::lock_node(&root) {
+    let _lock = match crate::install::apply::lock_node(&root) {
         Ok(l) => l,
         Err(e) => {
             fail(&mut report, ExitKind::Failed, error_chain(&e));
@@ -162,7 +166,7 @@ pub async fn run(args: &UninstallArgs) -> (InstallReport, OutputFormat) {
         }
     };
     let mut steps = Vec::new();
-    let mut txn = crate::apply::Transaction::default();
+    let mut txn = crate::install::apply::Transaction::default();
     let to_disable = units_to_disable(&root, &record);
     if !args.no_start && !to_disable.is_empty() {
         let units: Vec<&str> = to_disable.iter().map(String::as_str).collect();
@@ -175,7 +179,7 @@ pub async fn run(args: &UninstallArgs) -> (InstallReport, OutputFormat) {
             }
         }
     }
-    if let Err(e) = crate::apply::apply_actions(&mut txn, &root, &report.actions) {
+    if let Err(e) = crate::install::apply::apply_actions(&mut txn, &root, &report.actions) {
         txn.rollback();
         fail(&mut report, ExitKind::Failed, error_chain(&e));
         report.changed = false;
@@ -237,4 +241,23 @@ mod tests {
         record.enabled_units.insert(SOCI_SERVICE.into());
         assert_eq!(units_to_disable(&root, &record), vec!["other.service", SOCI_SERVICE]);
     }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UninstallArgs {
+    /// Directory every node path is resolved under.
+    #[arg(long, value_name = "DIR", env = "SOCI_AGENT_ROOT", default_value = "/")]
+    pub root: PathBuf,
+    /// Also remove the versioned release store.
+    #[arg(long)]
+    pub purge: bool,
+    /// Restore files only; never talk to systemd.
+    #[arg(long, env = "SOCI_AGENT_NO_START")]
+    pub no_start: bool,
+    /// Print what would be restored and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Report format on stdout. [default: text]
+    #[arg(long, value_enum, env = "SOCI_AGENT_OUTPUT")]
+    pub output: Option<OutputFormat>,
 }

@@ -17,7 +17,7 @@ use std::process::Command;
 mod common;
 
 use common::real;
-use soci_agent::containerd_config::{
+use soci_agent::files::containerd_config::{
     ConfigVersion, ContainerdConfigError, Daemon, Merged, SociWiring, detect_version, fragment, merge, owned_keys,
     v2_migration_drops_owned_keys,
 };

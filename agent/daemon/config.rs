@@ -25,10 +25,10 @@ use std::time::Duration;
 use clap::{Args, FromArgMatches};
 use serde::Deserialize;
 
-use crate::cli::InstallArgs;
+use crate::install::args::InstallArgs;
+use crate::install::settings::InstallSettings;
 use crate::prefetch::{PinMode, PrefetchOptions};
 use crate::rootfs::Root;
-use crate::settings::InstallSettings;
 
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_REPAIRS_PER_HOUR: u32 = 6;
@@ -53,7 +53,7 @@ pub enum ConfigError {
     #[error("[prefetch]: {0}")]
     Prefetch(#[from] crate::prefetch::OptionsError),
     #[error("[install]: {0}")]
-    Install(#[from] crate::settings::SettingsError),
+    Install(#[from] crate::install::settings::SettingsError),
 }
 
 /// A duration written as a Go-style string (`"5m"`) or a number of seconds.
@@ -200,7 +200,7 @@ fn invalid(key: &'static str, value: impl Into<String>, reason: impl Into<String
     }
 }
 
-use crate::settings::config_path;
+use crate::install::settings::config_path;
 
 /// Install settings as `soci-agent install --root ROOT --config FILE --no-start --daemon`
 /// would resolve them, environment included.

@@ -2,7 +2,7 @@
 //!
 //! "Owned" is what the install record lists (`record.paths`: every path
 //! soci-agent ever wrote) plus the release store entry. "What install would
-//! write" is [`crate::plan::build`] with the daemon's install settings (the
+//! write" is [`crate::install::plan::build`] with the daemon's install settings (the
 //! `[install]` table and `SOCI_AGENT_*`): an action with `changed == false`
 //! means no drift. The containerd config is merged, not replaced, so edits a
 //! person made to other keys are not drift; only losing the soci wiring is.
@@ -16,10 +16,10 @@ use crate::paths::RECORD;
 use std::path::Path;
 
 use crate::doctor::Check;
-use crate::plan::{ActionKind, Effects, Op};
-use crate::record::Record;
+use crate::install::plan::{ActionKind, Effects, Op};
+use crate::install::record::Record;
+use crate::install::settings::InstallSettings;
 use crate::rootfs::{self, FsError, Root};
-use crate::settings::InstallSettings;
 
 use super::state::FileDrift;
 
@@ -99,7 +99,7 @@ pub async fn assess(root: &Root, settings: &InstallSettings) -> Assessment {
         }
     };
     let facts = crate::host::detect(root).await;
-    let plan = match crate::plan::build(settings, &facts) {
+    let plan = match crate::install::plan::build(settings, &facts) {
         Ok(p) => p,
         Err(e) => {
             return Assessment::only(Check::warn(

@@ -1,4 +1,4 @@
-//! Figures from the newest saved run reports (`crate::reports::latest`) of
+//! Figures from the newest saved run reports (`crate::history::latest`) of
 //! install, boot and prefetch, for `/metrics`: when, exit code, seconds per
 //! install phase, boot step or prefetched image. Re-read only when a newer
 //! report appears; at most [`MAX_PHASES`] figures per command.
@@ -74,7 +74,7 @@ pub fn refresh(root: &Root, previous: &[RunFigures]) -> Vec<RunFigures> {
             out.push(p.clone());
             continue;
         }
-        if let Some((path, v)) = crate::reports::latest(root, command) {
+        if let Some((path, v)) = crate::history::latest(root, command) {
             out.push(of(command, &path, &v));
         }
     }

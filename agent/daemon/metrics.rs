@@ -22,7 +22,7 @@
 //! | `soci_agent_phase_seconds` (install phases, boot steps, prefetch images) | gauge | `command`, `phase` |
 //!
 //! The last three come from the newest saved run reports
-//! (`crate::reports::latest`), with the names `--textfile-dir` uses.
+//! (`crate::history::latest`), with the names `--textfile-dir` uses.
 
 use std::fmt::Write;
 

@@ -5,6 +5,8 @@
 //! (`repair` and `units`), read the newest run reports, and publish the
 //! result to the shared state.
 
+mod units;
+
 use crate::paths::INSTALL_LOCK;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -16,7 +18,7 @@ use super::drift::{self, Assessment};
 use super::repair::{Budget, Deferred};
 use super::state::{CheckState, LastReconcile, RepairEvent, Shared, lock, unix_now};
 use crate::doctor::{Check, DoctorContext, Summary, Verdict};
-use crate::plan::Effects;
+use crate::install::plan::Effects;
 use crate::rootfs::Root;
 
 /// Where the daemons are, as given on the command line.
@@ -285,7 +287,7 @@ impl Reconciler {
             });
         }
         drop(install_lock);
-        super::units::repair(self, checks, effects, &mut out).await;
+        units::repair(self, checks, effects, &mut out).await;
         out
     }
 }

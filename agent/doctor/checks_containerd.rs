@@ -8,8 +8,9 @@ use crate::paths::CONTAINERD_VERSION_FILE;
 use toml_edit::{DocumentMut, Item};
 
 use super::Check;
+use super::checks_pull_path::get;
 use super::node::{Node, Text};
-use crate::containerd_config::{self, ConfigVersion, OwnedKey, SociWiring};
+use crate::files::containerd_config::{self, ConfigVersion, OwnedKey, SociWiring};
 
 const IDS: [&str; 7] = [
     "containerd.legacy-tables",
@@ -355,9 +356,4 @@ fn annotations(doc: &DocumentMut, key: &OwnedKey, path: &str) -> Check {
         format!("{dotted} = {found} ({path}): parallel mode gets no image and layer labels"),
         "set disable_snapshot_annotations = false (soci-agent install does)",
     )
-}
-
-/// Looks up a dotted path of plain key names (no quoting) in `doc`.
-pub(super) fn get<'a>(doc: &'a DocumentMut, path: &[&str]) -> Option<&'a Item> {
-    path.iter().try_fold(doc.as_item(), |item, k| item.get(k))
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::Check;
 use super::node::Node;
-use crate::plan::{MIN_CPUS, MIN_MEMORY_BYTES};
+use crate::install::plan::{MIN_CPUS, MIN_MEMORY_BYTES};
 use crate::release::Arch;
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -81,13 +81,13 @@ fn arch(node: &Node) -> Check {
 }
 
 /// The store entry and manifest a binary resolves into, if it does.
-pub(super) fn store_manifest(node: &Node, binary: &str) -> Option<(String, crate::store::Manifest)> {
+pub(super) fn store_manifest(node: &Node, binary: &str) -> Option<(String, crate::release::store::Manifest)> {
     let resolved = node.resolve(binary);
     let entry = Path::new(&resolved).parent()?;
     if !entry.starts_with(STORE_DIR) {
         return None;
     }
-    let text = std::fs::read_to_string(node.root.path(entry).join(crate::store::MANIFEST)).ok()?;
+    let text = std::fs::read_to_string(node.root.path(entry).join(crate::release::store::MANIFEST)).ok()?;
     Some((entry.display().to_string(), serde_json::from_str(&text).ok()?))
 }
 

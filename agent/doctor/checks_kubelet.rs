@@ -63,7 +63,7 @@ pub fn image_service_endpoint(node: &Node) -> Check {
         );
     };
     let keychain = super::checks_soci_config::keychain(&doc);
-    let want = crate::nodeconfig::image_service_endpoint(&node.soci_socket.value);
+    let want = crate::files::nodeconfig::image_service_endpoint(&node.soci_socket.value);
     let mut kubelet_paths = vec![KUBELET_CONFIG.to_string()];
     kubelet_paths.extend(files(node, KUBELET_DROPIN_DIR, &[".conf"]));
     let (kubelet, kubelet_files, mut unreadable) = last_set(node, &kubelet_paths, false);

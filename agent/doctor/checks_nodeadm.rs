@@ -9,8 +9,8 @@ use toml_edit::DocumentMut;
 use super::Check;
 use super::node::{Node, Text};
 use super::yamlish;
-use crate::containerd_config::{self, ConfigVersion, SociWiring};
-use crate::nodeconfig::{self};
+use crate::files::containerd_config::{self, ConfigVersion, SociWiring};
+use crate::files::nodeconfig::{self};
 
 /// cloud-init's copy of the instance's user data.
 const USER_DATA: &str = "/var/lib/cloud/instance/user-data.txt";
@@ -22,7 +22,7 @@ pub fn checks(node: &Node) -> Vec<Check> {
 /// The table names nodeadm renders for this host (v3 when containerd's version is unknown).
 fn version(node: &Node) -> ConfigVersion {
     node.facts.containerd.as_ref().map_or(ConfigVersion::V3, |c| {
-        nodeconfig::version_for_containerd(crate::containerd_config::Daemon {
+        nodeconfig::version_for_containerd(crate::files::containerd_config::Daemon {
             major: c.major,
             minor: c.minor,
         })
@@ -209,11 +209,11 @@ fn fast_image_pull(node: &Node) -> Check {
         format!(" (could not read {})", unreadable.join(", "))
     };
     let small = node.root.is_host()
-        && (node.facts.cpus < crate::plan::MIN_CPUS
+        && (node.facts.cpus < crate::install::plan::MIN_CPUS
             || node
                 .facts
                 .memory_bytes
-                .is_some_and(|m| m < crate::plan::MIN_MEMORY_BYTES));
+                .is_some_and(|m| m < crate::install::plan::MIN_MEMORY_BYTES));
     match effective {
         Some((true, from)) if node.agent_installed() => Check::warn(
             ID,

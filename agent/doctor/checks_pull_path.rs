@@ -8,9 +8,8 @@
 use toml_edit::{DocumentMut, Item};
 
 use super::Check;
-use super::checks_containerd::get;
 use super::node::Node;
-use crate::containerd_config::ConfigVersion;
+use crate::files::containerd_config::ConfigVersion;
 
 const IMAGES: [&str; 2] = ["plugins", "io.containerd.cri.v1.images"];
 const IMAGES_SHOWN: &str = "plugins.'io.containerd.cri.v1.images'";
@@ -141,4 +140,9 @@ pub fn runtime_platforms(doc: &DocumentMut, version: ConfigVersion, path: &str) 
         ),
         "pods of those runtime classes do not use SOCI: set snapshotter = \"soci\" there if they should",
     )
+}
+
+/// Looks up a dotted path of plain key names (no quoting) in `doc`.
+pub(super) fn get<'a>(doc: &'a DocumentMut, path: &[&str]) -> Option<&'a Item> {
+    path.iter().try_fold(doc.as_item(), |item, k| item.get(k))
 }

@@ -54,7 +54,7 @@ fn report(node: &Node, id: &'static str, command: &str) -> Check {
     {
         return Check::skip(id, format!("{REPORTS_DIR}: {e}")).advise("run doctor as root");
     }
-    let Some((path, value)) = crate::reports::latest(&node.root, command) else {
+    let Some((path, value)) = crate::history::latest(&node.root, command) else {
         return Check::skip(id, format!("no {command} report in {REPORTS_DIR}"));
     };
     let name = path

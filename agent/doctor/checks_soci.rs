@@ -9,8 +9,8 @@ use std::time::Duration;
 use super::Check;
 use super::node::Node;
 use super::unitfile::{ExecStart, SEARCH_PATH};
+use crate::release::store::{self, EntryState};
 use crate::release::{MIN_SOCI_VERSION, ReleaseSpec, Version};
-use crate::store::{self, EntryState};
 
 const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
 

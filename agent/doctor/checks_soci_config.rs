@@ -12,8 +12,8 @@ use toml_edit::{DocumentMut, Item};
 
 use super::Check;
 use super::node::{Node, Text};
+use crate::files::soci_config::{self, Tuning};
 use crate::release::Version;
-use crate::soci_config::{self, Tuning};
 
 const PARALLEL: &str = "pull_modes.parallel_pull_unpack";
 

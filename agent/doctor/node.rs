@@ -14,11 +14,11 @@ use std::time::{Duration, SystemTime};
 
 use super::DoctorContext;
 use super::unitfile::{ExecStart, UnitFiles};
+use crate::files::units;
 use crate::host::HostFacts;
-use crate::record::Record;
+use crate::install::record::Record;
 use crate::rootfs::Root;
 use crate::systemd::{Systemd, UnitState};
-use crate::units;
 
 const BUS_TIMEOUT: Duration = Duration::from_secs(3);
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cli::OutputFormat;
+use crate::output::OutputFormat;
 use crate::rootfs::Root;
 
 pub const DEFAULT_CONCURRENCY: usize = 2;
@@ -226,7 +226,7 @@ struct FileConfig {
 }
 
 fn read_config(args: &PrefetchArgs, root: &Root) -> Result<PrefetchFile, OptionsError> {
-    let Some(path) = crate::settings::config_path(root, args.config.as_deref()) else {
+    let Some(path) = crate::install::settings::config_path(root, args.config.as_deref()) else {
         return Ok(PrefetchFile::default());
     };
     let text = std::fs::read_to_string(&path).map_err(|source| OptionsError::Read {

@@ -6,8 +6,8 @@ use clap::Args;
 
 use super::mime::{self, NODE_CONFIG, Part, SHELL_SCRIPT};
 use super::{ContainerdVersion, RenderError, Rendered, check_soci_root, invalid, is_printable_word, wiring};
+use crate::files::soci_config::{self, Tuning};
 use crate::release::{DEFAULT_SOCI_VERSION, Sha256Hex, Version};
-use crate::soci_config::{self, Tuning};
 
 /// The shell template, kept as a file so operators can read it.
 pub const BOOTSTRAP_TEMPLATE: &str = include_str!("../../userdata/bootstrap.sh.in");
@@ -409,7 +409,7 @@ fn fill(template: &str, values: &[(&str, String)]) -> String {
 /// The agent's NodeConfig drop-in (same renderer as install), with a header
 /// that says what it is doing in user data.
 fn nodeconfig_part(version: ContainerdVersion, soci_root: &str) -> String {
-    let dropin = crate::nodeconfig::render(version.config_version(), &wiring(soci_root));
+    let dropin = crate::files::nodeconfig::render(version.config_version(), &wiring(soci_root));
     let body: String = dropin
         .lines()
         .skip_while(|l| l.starts_with('#'))

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
 
-use crate::extract::{ExtractError, Extracted, extract_verified};
 use crate::release::Sha256Hex;
+use crate::release::extract::{ExtractError, Extracted, extract_verified};
 
 /// Chunks in flight between the network task and the extraction task.
 const CHANNEL_DEPTH: usize = 8;

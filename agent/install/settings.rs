@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cli::{InstallArgs, OutputFormat, PreinstalledPolicy, WiringMode};
-use crate::containerd_config::Daemon;
+use crate::files::containerd_config::Daemon;
+use crate::files::soci_config::{Tuning, TuningError};
+use crate::install::args::{InstallArgs, PreinstalledPolicy, WiringMode};
+use crate::output::OutputFormat;
 use crate::release::{Arch, DEFAULT_RELEASE_URL, DEFAULT_SOCI_VERSION, Flavor, ReleaseError, Sha256Hex, Version};
 use crate::rootfs::Root;
-use crate::soci_config::{Tuning, TuningError};
 
 pub const DEFAULT_HTTP_TIMEOUT_SECS: f64 = 30.0;
 pub const DEFAULT_RETRIES: u32 = 4;
@@ -277,13 +278,13 @@ impl InstallSettings {
                 .or(f.discard_unpacked_layers)
                 .unwrap_or(d.discard_unpacked_layers),
         };
-        crate::soci_config::validate(&tuning)?;
+        crate::files::soci_config::validate(&tuning)?;
 
         let decompressor = match args.decompressor.clone().or(f.decompressor).as_deref() {
             None | Some("auto") => DecompressorChoice::Auto,
             Some("none") | Some("") => DecompressorChoice::None,
             Some(p) => {
-                crate::soci_config::validate_decompressor_path(p)?;
+                crate::files::soci_config::validate_decompressor_path(p)?;
                 check_executable(&root, p)?;
                 DecompressorChoice::Path(p.to_string())
             }

@@ -3,9 +3,9 @@
 //! the user-data NodeConfig and re-renders containerd's config from it, so
 //! `/etc/containerd/config.toml` itself is never edited on these hosts. Pure.
 
-use crate::containerd_config::{self, ConfigVersion, Daemon, SociWiring};
+use crate::files::containerd_config::{self, ConfigVersion, Daemon, SociWiring};
 
-const TEMPLATE: &str = include_str!("../nodeconfig/50-soci-agent.yaml");
+const TEMPLATE: &str = include_str!("../../nodeconfig/50-soci-agent.yaml");
 
 /// The kubelet endpoint when SOCI's CRI keychain serves images.
 pub fn image_service_endpoint(address: &str) -> String {

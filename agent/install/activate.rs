@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::health::{self, HealthError, SnapshotterStatus};
-use crate::plan::{Plan, Wiring};
+use crate::install::plan::{Plan, Wiring};
 use crate::rootfs::Root;
 use crate::systemd::{Systemd, SystemdError};
 

@@ -6,13 +6,13 @@ use crate::paths::SOCI_ROOT;
 /// `soci-snapshotter.service` without it belongs to someone else.
 pub const MARKER: &str = "# Installed by soci-agent";
 
-const SERVICE_TEMPLATE: &str = include_str!("../systemd/soci-snapshotter.service");
-const SOCKET_TEMPLATE: &str = include_str!("../systemd/soci-snapshotter.socket");
-const SERVICE_DROPIN_TEMPLATE: &str = include_str!("../systemd/soci-snapshotter.service.d/50-soci-agent.conf");
-const CONTAINERD_DROPIN: &str = include_str!("../systemd/containerd.service.d/10-soci-snapshotter.conf");
-const BOOT_SERVICE_TEMPLATE: &str = include_str!("../systemd/soci-agent-boot.service");
-const KUBELET_DROPIN: &str = include_str!("../systemd/kubelet.service.d/50-soci-agent-boot.conf");
-const DAEMON_SERVICE_TEMPLATE: &str = include_str!("../systemd/soci-agent.service");
+const SERVICE_TEMPLATE: &str = include_str!("../../systemd/soci-snapshotter.service");
+const SOCKET_TEMPLATE: &str = include_str!("../../systemd/soci-snapshotter.socket");
+const SERVICE_DROPIN_TEMPLATE: &str = include_str!("../../systemd/soci-snapshotter.service.d/50-soci-agent.conf");
+const CONTAINERD_DROPIN: &str = include_str!("../../systemd/containerd.service.d/10-soci-snapshotter.conf");
+const BOOT_SERVICE_TEMPLATE: &str = include_str!("../../systemd/soci-agent-boot.service");
+const KUBELET_DROPIN: &str = include_str!("../../systemd/kubelet.service.d/50-soci-agent-boot.conf");
+const DAEMON_SERVICE_TEMPLATE: &str = include_str!("../../systemd/soci-agent.service");
 
 /// What ExecStart runs.
 #[derive(Debug, Clone, PartialEq, Eq)]

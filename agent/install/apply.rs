@@ -7,12 +7,12 @@ use crate::paths::{INSTALL_LOCK, SOCI_CONFIG};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::extract::Extracted;
-use crate::fetch::{FetchError, Fetcher, HttpOptions};
-use crate::plan::{Action, ArchiveSource, DigestSource, Op, Plan, ReleaseStep};
+use crate::install::plan::{Action, ArchiveSource, DigestSource, Op, Plan, ReleaseStep};
+use crate::release::extract::Extracted;
+use crate::release::fetch::{FetchError, Fetcher, HttpOptions};
+use crate::release::store::{MANIFEST, Manifest};
 use crate::release::{Sha256Hex, parse_sha256sum};
 use crate::rootfs::{self, FsError, Root, Snapshot, TMP_MARKER};
-use crate::store::{MANIFEST, Manifest};
 
 /// Largest `.sha256sum` file accepted.
 const CHECKSUM_LIMIT: usize = 64 * 1024;
@@ -177,7 +177,7 @@ async fn install_release(
 
     let extracted: Result<Extracted, FetchError> = match &step.source {
         ArchiveSource::Url(url) => fetcher.download_release(url, &expected, &tmp).await,
-        ArchiveSource::Local(path) => crate::fetch::extract_local(Path::new(path), &expected, &tmp).await,
+        ArchiveSource::Local(path) => crate::release::fetch::extract_local(Path::new(path), &expected, &tmp).await,
     };
     let what = match &step.source {
         ArchiveSource::Url(u) | ArchiveSource::Local(u) => u.clone(),

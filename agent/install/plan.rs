@@ -11,17 +11,17 @@ use crate::paths::{
 };
 use serde::Serialize;
 
-use crate::cli::{PreinstalledPolicy, WiringMode};
-use crate::containerd_config::{self, ConfigVersion, ContainerdConfigError, Daemon, SociWiring};
+use crate::files::containerd_config::{self, ConfigVersion, ContainerdConfigError, Daemon, SociWiring};
+use crate::files::soci_config::{Decompressor, SociConfig};
+use crate::files::units::{self, DaemonCommand};
+use crate::files::{kubelet, nodeconfig};
 use crate::host::{HostFacts, InstalledSoci, SociUnit};
-use crate::record::{Before, Record, RecordError};
+use crate::install::args::{PreinstalledPolicy, WiringMode};
+use crate::install::record::{Before, Record, RecordError};
+use crate::install::settings::{DecompressorChoice, InstallSettings, sibling_checksum};
+use crate::release::store::{self, EntryState};
 use crate::release::{Arch, BINARIES, DAEMON_BINARY, FIXED_SOCI_VERSION, ReleaseSpec, Sha256Hex, Version};
 use crate::rootfs::{FsError, Root};
-use crate::settings::{DecompressorChoice, InstallSettings, sibling_checksum};
-use crate::soci_config::{Decompressor, SociConfig};
-use crate::store::{self, EntryState};
-use crate::units::{self, DaemonCommand};
-use crate::{kubelet, nodeconfig};
 
 /// Below these, parallel mode helps little (nodeadm's FastImagePull skips SOCI there).
 pub const MIN_CPUS: usize = 4;
@@ -61,7 +61,7 @@ pub enum PlanError {
     #[error("{0} (move it aside to start a fresh record)")]
     Record(String),
     #[error(transparent)]
-    Tuning(#[from] crate::soci_config::TuningError),
+    Tuning(#[from] crate::files::soci_config::TuningError),
     #[error(transparent)]
     Fs(#[from] FsError),
 }
@@ -753,7 +753,7 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
     };
     b.file(
         SOCI_CONFIG,
-        crate::soci_config::render_checked(&soci_cfg)?,
+        crate::files::soci_config::render_checked(&soci_cfg)?,
         0o644,
         restart_soci,
     )?;

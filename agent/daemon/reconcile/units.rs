@@ -7,10 +7,10 @@
 use crate::paths::{CONTAINERD_SERVICE, SOCI_SERVICE, SOCI_SOCKET_UNIT};
 use std::time::Duration;
 
-use super::reconcile::{Outcome, Reconciler, verdict_of};
-use super::state::{RepairEvent, unix_now};
+use super::{Outcome, Reconciler, verdict_of};
+use crate::daemon::state::{RepairEvent, unix_now};
 use crate::doctor::{Check, Verdict};
-use crate::plan::Effects;
+use crate::install::plan::Effects;
 use crate::systemd::{Systemd, UnitState};
 
 /// Bound on connecting and on each job (a start waits for the unit's READY=1).

@@ -5,8 +5,8 @@ use serde::Serialize;
 
 use crate::exit::ExitKind;
 use crate::host::HostFacts;
-use crate::plan::{Action, ActionKind, Plan};
-use crate::store::Manifest;
+use crate::install::plan::{Action, ActionKind, Plan};
+use crate::release::store::Manifest;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct InstallReport {
@@ -28,7 +28,7 @@ pub struct InstallReport {
     pub release: Option<Manifest>,
     /// What the systemd step did (absent with --no-start and --dry-run).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub systemd: Option<crate::activate::Activation>,
+    pub systemd: Option<crate::install::activate::Activation>,
     pub warnings: Vec<String>,
     pub notes: Vec<String>,
     pub next_steps: Vec<String>,
@@ -41,12 +41,12 @@ pub struct InstallReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct PlanSummary {
     pub arch: String,
-    pub wiring: crate::plan::Wiring,
+    pub wiring: crate::install::plan::Wiring,
     pub containerd_config_version: u8,
     pub daemon_binary: String,
     pub soci_unit: &'static str,
     /// Which SOCI runs and why.
-    pub soci: crate::plan::SociChoice,
+    pub soci: crate::install::plan::SociChoice,
     /// The containerd version the wiring was written for, and its source.
     pub containerd: Option<String>,
 }
@@ -156,8 +156,8 @@ impl InstallReport {
                 p.arch,
                 p.containerd_config_version,
                 match p.wiring {
-                    crate::plan::Wiring::Nodeadm => "nodeadm (NodeConfig drop-in)",
-                    crate::plan::Wiring::Containerd => "containerd config",
+                    crate::install::plan::Wiring::Nodeadm => "nodeadm (NodeConfig drop-in)",
+                    crate::install::plan::Wiring::Containerd => "containerd config",
                 },
                 p.daemon_binary,
                 p.soci.version.map_or("version unknown".to_string(), |v| v.to_string()),
