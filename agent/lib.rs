@@ -2,12 +2,14 @@
 //! Kubernetes nodes, wires containerd and kubelet to it, and explains what it
 //! did.
 //!
-//! Wings (see README "Code map"):
-//! - what the agent writes (pure): `soci_config`, `containerd_config`,
-//!   `nodeconfig`, `kubelet`, `units`, `release`
-//! - how it changes a node: `rootfs`, `fetch`, `extract`, `apply`
-//! - what it knows: `settings`, `host`, `plan`
-//! - what it tells: `report`, `diff`
+//! Wings (folders; see README "Where things are"):
+//! - subcommands: `install` (args, settings, plan, apply, activate, report,
+//!   record), `uninstall`, `boot`, `doctor`, `daemon`, `prefetch`, `render`
+//! - what the agent writes (pure): `files` (soci_config, containerd_config,
+//!   nodeconfig, kubelet, units)
+//! - releases: `release` (fetch, extract, store)
+//! - leaves: `paths`, `rootfs`, `systemd`, `host`, `health`, `history`,
+//!   `output`, `diff`, `logging`, `exit`
 
 pub mod boot;
 pub mod cli;
