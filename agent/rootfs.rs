@@ -3,6 +3,8 @@
 //! change goes through (temp file in the same directory, fsync, rename, fsync
 //! the directory; symlinks swapped by renaming a new link over the old one).
 
+use std::collections::VecDeque;
+use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -38,6 +40,40 @@ pub enum FsError {
 /// be recognised (they never sit at a final path).
 pub const TMP_MARKER: &str = ".soci-agent-tmp";
 
+/// Symlinks followed at most while resolving one path (Linux's own limit).
+const MAX_LINKS: usize = 40;
+/// Where a path that cannot be resolved inside the root (a symlink loop) goes.
+const UNRESOLVABLE: &str = ".soci-agent-unresolvable-path";
+
+/// The components of an absolute node path, `..` applied lexically (never
+/// above the root), `.` dropped.
+fn lexical_parts(path: &Path) -> Vec<OsString> {
+    let mut out: Vec<OsString> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => out.push(p.to_os_string()),
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
+}
+
+/// The components of a symlink's target, `..` kept (it applies to what was
+/// resolved before it), `.` and the root dropped.
+fn link_parts(target: &Path) -> Vec<OsString> {
+    target
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(p) => Some(p.to_os_string()),
+            Component::ParentDir => Some(OsString::from("..")),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The root every node path is resolved under (`--root`, default `/`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Root {
@@ -55,21 +91,57 @@ impl Root {
     pub fn is_host(&self) -> bool {
         self.base == Path::new("/")
     }
-    /// Resolves an absolute node path (`/etc/x`) under the root. `..`
-    /// components are dropped lexically so a path never leaves the root.
+    /// Resolves an absolute node path (`/etc/x`) under the root, as a
+    /// process chrooted there would see it: every directory on the way that
+    /// is a symlink is followed INSIDE the root (an absolute target is
+    /// re-rooted, `..` stops at the root), so no write, rename or delete
+    /// through the result leaves the root. The last component is not
+    /// followed (writes replace it, symlink swaps rename over it); use
+    /// [`Root::resolve`] to read through it. On `/` this is the path itself.
     pub fn path(&self, node_path: impl AsRef<Path>) -> PathBuf {
-        let mut out = self.base.clone();
-        for c in node_path.as_ref().components() {
-            match c {
-                Component::Normal(p) => out.push(p),
-                Component::ParentDir => {
-                    if out != self.base {
-                        out.pop();
-                    }
-                }
-                Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        self.resolve_in_root(node_path.as_ref(), false)
+    }
+    /// Like [`Root::path`], following a symlink at the last component too
+    /// (inside the root): the file a read under the root means.
+    pub fn resolve(&self, node_path: impl AsRef<Path>) -> PathBuf {
+        self.resolve_in_root(node_path.as_ref(), true)
+    }
+    fn resolve_in_root(&self, node_path: &Path, follow_last: bool) -> PathBuf {
+        let mut queue: VecDeque<OsString> = lexical_parts(node_path).into();
+        if self.is_host() {
+            return self.join(&queue.into_iter().collect::<Vec<_>>());
+        }
+        let mut done: Vec<OsString> = Vec::new();
+        let mut hops = 0;
+        while let Some(part) = queue.pop_front() {
+            if part == ".." {
+                done.pop();
+                continue;
+            }
+            let here = self.join(&done).join(&part);
+            let is_link = fs::symlink_metadata(&here).is_ok_and(|m| m.file_type().is_symlink());
+            if !is_link || (queue.is_empty() && !follow_last) {
+                done.push(part);
+                continue;
+            }
+            hops += 1;
+            let Some(target) = fs::read_link(&here).ok().filter(|_| hops <= MAX_LINKS) else {
+                // A loop (or an unreadable link): a path inside the root that
+                // does not exist, never the link the OS would follow outward.
+                return self.base.join(UNRESOLVABLE);
+            };
+            if target.is_absolute() {
+                done.clear();
+            }
+            for (i, c) in link_parts(&target).into_iter().enumerate() {
+                queue.insert(i, c);
             }
         }
+        self.join(&done)
+    }
+    fn join(&self, parts: &[OsString]) -> PathBuf {
+        let mut out = self.base.clone();
+        out.extend(parts);
         out
     }
     pub fn exists(&self, node_path: impl AsRef<Path>) -> bool {
@@ -77,11 +149,11 @@ impl Root {
     }
     /// Reads a file; `Ok(None)` when it does not exist.
     pub fn read_opt(&self, node_path: impl AsRef<Path>) -> Result<Option<Vec<u8>>, FsError> {
-        read_opt(&self.path(node_path))
+        read_opt(&self.resolve(node_path))
     }
     /// Reads a UTF-8 file; `Ok(None)` when it does not exist.
     pub fn read_string_opt(&self, node_path: impl AsRef<Path>) -> Result<Option<String>, FsError> {
-        let path = self.path(node_path);
+        let path = self.resolve(node_path);
         match read_opt(&path)? {
             None => Ok(None),
             Some(b) => String::from_utf8(b).map(Some).map_err(|e| FsError::Read {
@@ -309,6 +381,32 @@ mod tests {
         );
         assert_eq!(r.path("/../../etc/passwd"), PathBuf::from("/mnt/img/etc/passwd"));
         assert_eq!(Root::new("/").path("/etc/x"), PathBuf::from("/etc/x"));
+    }
+
+    /// Symlinked directories resolve inside the root, whatever they point at.
+    #[test]
+    fn symlinks_resolve_inside_the_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("root");
+        let r = Root::new(&base);
+        std::fs::create_dir_all(base.join("etc")).unwrap();
+        std::fs::create_dir_all(base.join("real")).unwrap();
+        let link = |target: &str, at: &str| std::os::unix::fs::symlink(target, base.join(at)).unwrap();
+        link("/x/outside", "etc/abs");
+        link("../../../outside", "etc/rel");
+        link("../real", "etc/inside");
+        link("loop", "etc/loop");
+        link("/etc/abs/file", "etc/last");
+        assert_eq!(r.path("/etc/abs/config.toml"), base.join("x/outside/config.toml"));
+        assert_eq!(r.path("/etc/rel/config.toml"), base.join("outside/config.toml"));
+        assert_eq!(r.path("/etc/inside/a/b"), base.join("real/a/b"));
+        assert_eq!(r.path("/etc/loop/x"), base.join(UNRESOLVABLE));
+        // The last component is the link itself for writes, its target for reads.
+        assert_eq!(r.path("/etc/last"), base.join("etc/last"));
+        assert_eq!(r.resolve("/etc/last"), base.join("x/outside/file"));
+        for p in ["/etc/abs/c", "/etc/rel/c", "/etc/last", "/etc/loop/x"] {
+            assert!(r.resolve(p).starts_with(&base), "{p} -> {}", r.resolve(p).display());
+        }
     }
 
     #[test]

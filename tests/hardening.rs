@@ -1,0 +1,195 @@
+//! Hostile trees and inputs: what an attacker or an unlucky operator hands the agent. Each case
+//! states what must hold (nothing written outside `--root`, …) and checks it on the filesystem.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::archive::sha256sum_line;
+use common::real;
+
+const VER: &str = real::SOCI_VERSION;
+
+/// A root under a temp dir, a release archive beside it, and an `outside` directory that
+/// nothing may touch.
+struct Tree {
+    dir: tempfile::TempDir,
+}
+
+impl Tree {
+    fn new() -> Tree {
+        let t = Tree {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        std::fs::create_dir_all(t.outside()).unwrap();
+        t.write("/etc/os-release", "ID=debian\nVERSION_ID=\"12\"\n");
+        t.write("/etc/containerd/config.toml", "version = 2\n");
+        let r = real::soci_release(VER);
+        std::fs::write(t.archive(), &r.archive).unwrap();
+        std::fs::write(
+            t.dir.path().join(format!("{}.sha256sum", r.archive_name)),
+            sha256sum_line(&r.archive, &r.archive_name),
+        )
+        .unwrap();
+        t
+    }
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+    /// A directory beside the root (a relative `../../outside` link from `/etc/x` in the root
+    /// would reach it if links were followed on the host).
+    fn outside(&self) -> PathBuf {
+        self.dir.path().join("outside")
+    }
+    fn archive(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("soci-snapshotter-{VER}-linux-amd64-static.tar.gz"))
+    }
+    fn path(&self, node_path: &str) -> PathBuf {
+        self.root().join(node_path.trim_start_matches('/'))
+    }
+    fn write(&self, node_path: &str, text: &str) {
+        let p = self.path(node_path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    /// Replaces node directory `node_path` by a symlink to `target`.
+    fn link_dir(&self, node_path: &str, target: &Path) {
+        let p = self.path(node_path);
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(target, &p).unwrap();
+    }
+    fn agent(&self, sub: &str, args: &[&str]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_soci-agent"));
+        cmd.arg(sub)
+            .arg("--root")
+            .arg(self.root())
+            .args(["--no-start", "--log-level", "warn"])
+            .args(args);
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SOCI_AGENT_")) {
+            cmd.env_remove(k);
+        }
+        cmd.output().unwrap()
+    }
+    fn install(&self, args: &[&str]) -> Output {
+        let archive = self.archive();
+        let mut all = vec!["--arch", "amd64", "--archive", archive.to_str().unwrap()];
+        all.extend_from_slice(args);
+        self.agent("install", &all)
+    }
+}
+
+/// Every file under `dir` with its content.
+fn files_under(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            if meta.is_dir() {
+                walk(&e.path(), out);
+            } else {
+                out.insert(e.path(), std::fs::read(e.path()).unwrap_or_default());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, &mut out);
+    out
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "{}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Directories install writes into, each replaced by a link leading out of the root.
+const LINKED_DIRS: [&str; 6] = [
+    "/etc/containerd",
+    "/etc/soci-snapshotter-grpc",
+    "/usr/local/bin",
+    "/var/lib/soci-agent",
+    "/etc/systemd/system",
+    "/etc/eks/nodeadm.d",
+];
+
+#[test]
+fn symlinked_directories_never_lead_writes_out_of_the_root() {
+    let mut failures = Vec::new();
+    for dir in LINKED_DIRS {
+        for absolute in [true, false] {
+            let t = Tree::new();
+            if dir.starts_with("/etc/eks") {
+                t.write("/usr/bin/nodeadm", "#!/bin/sh\n");
+                t.write("/etc/eks/containerd-version.txt", "2.2.9\n");
+            }
+            let target = if absolute {
+                // On the build host this is the outside directory; inside the root it must mean
+                // <root>/<that path>.
+                t.outside()
+            } else {
+                let depth = dir.matches('/').count();
+                PathBuf::from(format!("{}outside", "../".repeat(depth + 1)))
+            };
+            t.link_dir(dir, &target);
+            let out = t.install(&[]);
+            let escaped = files_under(&t.outside());
+            if !escaped.is_empty() {
+                failures.push(format!(
+                    "{dir} -> {} wrote outside the root: {:?}\n{}",
+                    target.display(),
+                    escaped.keys().collect::<Vec<_>>(),
+                    show(&out)
+                ));
+            } else if !out.status.success() && out.status.code() != Some(2) {
+                failures.push(format!("{dir} -> {}: {}", target.display(), show(&out)));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn a_directory_that_becomes_a_link_later_does_not_lead_uninstall_out() {
+    let t = Tree::new();
+    let out = t.install(&[]);
+    assert!(out.status.success(), "{}", show(&out));
+    // A file outside with the name uninstall --purge would delete, through a link made later.
+    let outside_units = t.outside().join("units");
+    std::fs::create_dir_all(&outside_units).unwrap();
+    for name in [
+        "soci-snapshotter.service",
+        "soci-snapshotter.socket",
+        "soci-agent-boot.service",
+    ] {
+        std::fs::write(outside_units.join(name), "[Unit]\nDescription=not soci-agent's\n").unwrap();
+    }
+    let units = t.path("/etc/systemd/system");
+    let moved = t.dir.path().join("units-moved");
+    std::fs::rename(&units, &moved).unwrap();
+    std::os::unix::fs::symlink(&outside_units, &units).unwrap();
+    let before = files_under(&t.outside());
+    let out = t.agent("uninstall", &["--purge"]);
+    assert_eq!(
+        files_under(&t.outside()),
+        before,
+        "uninstall changed files outside the root\n{}",
+        show(&out)
+    );
+    // And the store entry (inside the root) is gone as asked.
+    assert!(
+        !t.path(&format!("/usr/local/lib/soci-agent/releases/{VER}-amd64"))
+            .exists(),
+        "{}",
+        show(&out)
+    );
+    let _ = std::fs::set_permissions(&moved, std::fs::Permissions::from_mode(0o755));
+}
