@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::archive;
 use common::mirror::{Fault, Mirror};
 use common::{dir_names, fast_http_options, mode_of};
-use soci_agent::fetch::{FetchError, Fetcher, HttpOptions, Progress, extract_local};
+use soci_agent::release::fetch::{FetchError, Fetcher, HttpOptions, Progress, extract_local};
 use soci_agent::release::{Arch, Flavor, ReleaseSpec, Sha256Hex, parse_sha256sum};
 
 const VERSION: &str = "0.15.0";
@@ -56,7 +56,7 @@ impl World {
         self.tmp.path().join("staging")
     }
 
-    async fn download(&self, opts: HttpOptions) -> Result<soci_agent::extract::Extracted, FetchError> {
+    async fn download(&self, opts: HttpOptions) -> Result<soci_agent::release::extract::Extracted, FetchError> {
         Fetcher::new(opts)
             .unwrap()
             .download_release(&self.url, &self.digest, &self.dest())
@@ -352,4 +352,76 @@ async fn extract_local_verifies_and_extracts() {
     let err = extract_local(&missing, &w.digest, &w.dest()).await.unwrap_err();
     assert!(matches!(err, FetchError::OpenLocal { .. }), "{err:?}");
     assert!(!err.is_verification_failure());
+}
+
+// ---------------------------------------------------------------------------------------------
+// A server that drips, one that never ends, redirects.
+
+/// Bounds a download that must end on its own (a hang fails the test instead of blocking it).
+async fn ends<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .expect("the download did not end by itself within 60 s")
+}
+
+#[tokio::test]
+async fn a_dripping_server_is_a_stall_not_a_hang() {
+    let w = World::standard();
+    w.mirror.fault(&w.path, Fault::Drip(Duration::from_millis(20)));
+    let opts = HttpOptions {
+        stall_timeout: Duration::from_millis(400),
+        retries: 0,
+        ..fast_http_options()
+    };
+    let err = ends(w.download(opts)).await.unwrap_err();
+    assert!(
+        matches!(err, FetchError::TooSlow { .. }),
+        "a byte every 20 ms is below 1 KiB/s: {err:?}"
+    );
+    assert!(err.to_string().contains("below the minimum"), "{err}");
+    assert!(err.is_transient(), "a slow server is worth another attempt");
+    w.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn the_download_deadline_bounds_every_attempt_together() {
+    let w = World::standard();
+    w.mirror
+        .faults(&w.path, std::iter::repeat_n(Fault::Drip(Duration::from_millis(20)), 5));
+    let opts = HttpOptions {
+        stall_timeout: Duration::from_secs(5),
+        min_rate: 0,
+        deadline: Duration::from_millis(800),
+        ..fast_http_options()
+    };
+    let err = ends(w.download(opts)).await.unwrap_err();
+    assert!(matches!(err, FetchError::Deadline { .. }), "{err:?}");
+    assert!(err.to_string().contains("download deadline"), "{err}");
+    assert_eq!(w.requests(), 1, "the deadline is not per attempt");
+}
+
+#[tokio::test]
+async fn a_plain_http_redirect_is_followed_within_the_mirror() {
+    let w = World::standard();
+    let moved = w.mirror.publish("moved", "archive.tar.gz", &w.bytes);
+    w.mirror.fault(&w.path, Fault::Redirect(w.mirror.url(&moved)));
+    w.download(fast_http_options()).await.unwrap();
+    w.assert_installed();
+}
+
+#[test]
+fn an_https_to_http_redirect_is_a_refused_downgrade() {
+    use soci_agent::release::fetch::check_redirect;
+    let url = |s: &str| s.parse::<reqwest::Url>().unwrap();
+    let err = check_redirect(&url("https://github.com/a"), &url("http://evil.example/a")).unwrap_err();
+    assert!(matches!(err, FetchError::Downgrade { .. }), "{err:?}");
+    assert!(err.to_string().contains("must not continue over plain http"), "{err}");
+    assert!(!err.is_transient());
+    for (from, to) in [
+        ("https://a/x", "https://b/y"),
+        ("http://a/x", "http://b/y"),
+        ("http://a/x", "https://b/y"),
+    ] {
+        check_redirect(&url(from), &url(to)).unwrap();
+    }
 }

@@ -36,6 +36,12 @@ pub struct HttpOptions {
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
     pub progress: Progress,
+    /// Bound on one download, all attempts and backoff included.
+    pub deadline: Duration,
+    /// A body slower than this (bytes per second, measured over each
+    /// `stall_timeout` window) counts as stalled: a server dripping a byte a
+    /// second never trips the per-chunk timeout.
+    pub min_rate: u64,
 }
 
 impl Default for HttpOptions {
@@ -43,6 +49,8 @@ impl Default for HttpOptions {
         HttpOptions {
             connect_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(30),
+            deadline: Duration::from_secs(600),
+            min_rate: 1024,
             retries: 4,
             backoff_base: Duration::from_millis(500),
             backoff_cap: Duration::from_secs(8),
@@ -84,6 +92,20 @@ pub enum FetchError {
     Transport { url: String, source: reqwest::Error },
     #[error("no data from {url} for {}s (stalled)", .after.as_secs_f64())]
     Stalled { url: String, after: Duration },
+    #[error(
+        "{url} sent {bytes} bytes in {}s, below the minimum of {min_rate} bytes/s (stalled)",
+        .window.as_secs_f64()
+    )]
+    TooSlow {
+        url: String,
+        bytes: u64,
+        window: Duration,
+        min_rate: u64,
+    },
+    #[error("fetching {url} did not finish within {}s (the download deadline); giving up", .after.as_secs_f64())]
+    Deadline { url: String, after: Duration },
+    #[error("refusing the redirect from {from} to {to}: an https download must not continue over plain http")]
+    Downgrade { from: String, to: String },
     #[error("{url} is larger than the {limit}-byte limit; refusing it")]
     TooLarge { url: String, limit: usize },
     #[error("{} {url}", extract_verb(.source))]
@@ -143,7 +165,7 @@ impl FetchError {
                     && !e.is_redirect()
                     && (e.is_connect() || e.is_timeout() || e.is_request() || e.is_body() || e.is_decode())
             }
-            FetchError::Stalled { .. } => true,
+            FetchError::Stalled { .. } | FetchError::TooSlow { .. } => true,
             FetchError::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
             _ => false,
         }
@@ -178,6 +200,14 @@ impl Fetcher {
         let client = reqwest::Client::builder()
             .user_agent(concat!("soci-agent/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(opts.connect_timeout)
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                let from = attempt.previous().last().cloned();
+                match from.map(|f| check_redirect(&f, attempt.url())) {
+                    Some(Err(e)) => attempt.error(e),
+                    _ if attempt.previous().len() > MAX_REDIRECTS => attempt.error("too many redirects"),
+                    _ => attempt.follow(),
+                }
+            }))
             .build()
             .map_err(|source| FetchError::Client { source })?;
         Ok(Fetcher { client, opts })
@@ -190,7 +220,19 @@ impl Fetcher {
     /// GETs a small text (the `.sha256sum`), with retries; refuses bodies
     /// over `limit` bytes.
     pub async fn get_small(&self, url: &str, limit: usize) -> Result<Vec<u8>, FetchError> {
-        self.with_retries(url, || self.try_get_small(url, limit)).await
+        self.bounded(url, self.with_retries(url, || self.try_get_small(url, limit)))
+            .await
+    }
+
+    /// `work` within the download deadline.
+    async fn bounded<T>(&self, url: &str, work: impl Future<Output = Result<T, FetchError>>) -> Result<T, FetchError> {
+        let after = self.opts.deadline;
+        tokio::time::timeout(after, work)
+            .await
+            .map_err(|_| FetchError::Deadline {
+                url: url.to_string(),
+                after,
+            })?
     }
 
     /// Downloads `url` and streams it through [`extract_verified`] into `dest`,
@@ -204,7 +246,8 @@ impl Fetcher {
         expected: &Sha256Hex,
         dest: &Path,
     ) -> Result<Extracted, FetchError> {
-        self.with_retries(url, || self.try_download(url, expected, dest)).await
+        self.bounded(url, self.with_retries(url, || self.try_download(url, expected, dest)))
+            .await
     }
 
     async fn with_retries<T, F, Fut>(&self, url: &str, mut attempt_once: F) -> Result<T, FetchError>
@@ -243,10 +286,7 @@ impl Fetcher {
                 url: url.to_string(),
                 after: stall,
             })?
-            .map_err(|e| FetchError::Transport {
-                url: url.to_string(),
-                source: e.without_url(),
-            })?;
+            .map_err(|e| transport_error(url, e))?;
         let status = response.status();
         if status == reqwest::StatusCode::NOT_FOUND {
             return Err(FetchError::NotFound { url: url.to_string() });
@@ -271,7 +311,8 @@ impl Fetcher {
         }
         let mut body = Vec::new();
         let mut stream = response.bytes_stream();
-        while let Some(chunk) = self.next_chunk(url, &mut stream).await? {
+        let mut rate = RateWindow::new(&self.opts);
+        while let Some(chunk) = self.next_chunk(url, &mut stream, &mut rate).await? {
             if body.len() + chunk.len() > limit {
                 return Err(too_large());
             }
@@ -280,10 +321,12 @@ impl Fetcher {
         Ok(body)
     }
 
-    /// Next body chunk, or a stall / transport error.
-    async fn next_chunk<S, B>(&self, url: &str, stream: &mut S) -> Result<Option<B>, FetchError>
+    /// Next body chunk, or a stall (nothing for `stall_timeout`, or less than
+    /// `min_rate` over a window) / transport error.
+    async fn next_chunk<S, B>(&self, url: &str, stream: &mut S, rate: &mut RateWindow) -> Result<Option<B>, FetchError>
     where
         S: futures_util::Stream<Item = reqwest::Result<B>> + Unpin,
+        B: AsRef<[u8]>,
     {
         let stall = self.opts.stall_timeout;
         match tokio::time::timeout(stall, stream.next()).await {
@@ -292,7 +335,10 @@ impl Fetcher {
                 after: stall,
             }),
             Ok(None) => Ok(None),
-            Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
+            Ok(Some(Ok(chunk))) => {
+                rate.add(chunk.as_ref().len() as u64, url)?;
+                Ok(Some(chunk))
+            }
             Ok(Some(Err(e))) => Err(FetchError::Transport {
                 url: url.to_string(),
                 source: e.without_url(),
@@ -311,8 +357,9 @@ impl Fetcher {
         };
         let mut stream = response.bytes_stream();
         let mut fetch_error = None;
+        let mut rate = RateWindow::new(&self.opts);
         loop {
-            match self.next_chunk(url, &mut stream).await {
+            match self.next_chunk(url, &mut stream, &mut rate).await {
                 Ok(Some(chunk)) => {
                     meter.advance(chunk.len());
                     if tx.send(Ok(chunk)).await.is_err() {
@@ -342,6 +389,79 @@ impl Fetcher {
             url: url.to_string(),
             source,
         })
+    }
+}
+
+/// Redirects followed at most (reqwest's default).
+const MAX_REDIRECTS: usize = 10;
+
+/// A redirect may not take an https download to plain http (a downgrade an
+/// on-path attacker could force); any other hop is fine.
+pub fn check_redirect(from: &reqwest::Url, to: &reqwest::Url) -> Result<(), FetchError> {
+    if from.scheme() == "https" && to.scheme() == "http" {
+        return Err(FetchError::Downgrade {
+            from: from.to_string(),
+            to: to.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Maps a reqwest error, surfacing a refused redirect as itself.
+fn transport_error(url: &str, e: reqwest::Error) -> FetchError {
+    let mut cause: Option<&dyn std::error::Error> = Some(&e);
+    while let Some(c) = cause {
+        if let Some(FetchError::Downgrade { from, to }) = c.downcast_ref::<FetchError>() {
+            return FetchError::Downgrade {
+                from: from.clone(),
+                to: to.clone(),
+            };
+        }
+        cause = c.source();
+    }
+    FetchError::Transport {
+        url: url.to_string(),
+        source: e.without_url(),
+    }
+}
+
+/// Bytes received in the current `stall_timeout` window; a window that ends
+/// below `min_rate` bytes per second is a stall.
+struct RateWindow {
+    window: Duration,
+    min_rate: u64,
+    started: tokio::time::Instant,
+    bytes: u64,
+}
+
+impl RateWindow {
+    fn new(opts: &HttpOptions) -> Self {
+        RateWindow {
+            window: opts.stall_timeout,
+            min_rate: opts.min_rate,
+            started: tokio::time::Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    fn add(&mut self, n: u64, url: &str) -> Result<(), FetchError> {
+        self.bytes += n;
+        let elapsed = self.started.elapsed();
+        if elapsed < self.window {
+            return Ok(());
+        }
+        let floor = (self.min_rate as f64 * elapsed.as_secs_f64()) as u64;
+        if self.bytes < floor {
+            return Err(FetchError::TooSlow {
+                url: url.to_string(),
+                bytes: self.bytes,
+                window: elapsed,
+                min_rate: self.min_rate,
+            });
+        }
+        self.started = tokio::time::Instant::now();
+        self.bytes = 0;
+        Ok(())
     }
 }
 

@@ -32,6 +32,11 @@ pub enum Fault {
     SlowFirstByte(Duration),
     /// Send the headers and half the body, sleep this long, send the rest.
     StallMidBody(Duration),
+    /// Send the headers, then one byte of the body every this long (never trips a
+    /// per-chunk timeout longer than the interval).
+    Drip(Duration),
+    /// Answer 302 with this `Location`.
+    Redirect(String),
 }
 
 #[derive(Default)]
@@ -234,6 +239,22 @@ fn handle(mut conn: TcpStream, shared: &Shared) {
                     thread::sleep(delay);
                     conn.write_all(rest)
                 })
+        }
+        (Some(Fault::Drip(every)), Some(body)) => conn
+            .write_all(head(200, &format!("Content-Length: {}\r\n", body.len())).as_bytes())
+            .and_then(|()| {
+                for b in body.iter() {
+                    conn.write_all(std::slice::from_ref(b))?;
+                    conn.flush()?;
+                    if shared.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    thread::sleep(every);
+                }
+                Ok(())
+            }),
+        (Some(Fault::Redirect(location)), _) => {
+            conn.write_all(head(302, &format!("Location: {location}\r\nContent-Length: 0\r\n")).as_bytes())
         }
         (None, Some(body)) => respond(&mut conn, 200, &body),
     };

@@ -22,7 +22,7 @@ pub mod registry;
 use std::path::Path;
 use std::time::Duration;
 
-use soci_agent::fetch::{HttpOptions, Progress};
+use soci_agent::release::fetch::{HttpOptions, Progress};
 
 /// HTTP options for tests: fast backoff (10-50 ms), 3 retries, no progress
 /// output. The stall timeout (5 s) is generous so a loaded CI machine does not
@@ -36,6 +36,7 @@ pub fn fast_http_options() -> HttpOptions {
         backoff_base: Duration::from_millis(10),
         backoff_cap: Duration::from_millis(50),
         progress: Progress::Quiet,
+        ..HttpOptions::default()
     }
 }
 
