@@ -175,16 +175,26 @@ pub fn read_opt(path: &Path) -> Result<Option<Vec<u8>>, FsError> {
     }
 }
 
-/// Creates `dir` and its parents with mode 0755.
+/// Creates `dir` and its missing parents, each with mode 0755 set
+/// explicitly (never from the umask); existing directories are left as they are.
 pub fn create_dirs(dir: &Path) -> Result<(), FsError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)
-        .map_err(|source| FsError::CreateDir {
-            path: dir.to_path_buf(),
-            source,
-        })
+    let err = |source| FsError::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    missing.reverse();
+    for d in missing {
+        match fs::DirBuilder::new().mode(0o755).create(d) {
+            Ok(()) => fs::set_permissions(d, fs::Permissions::from_mode(0o755)).map_err(err)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Ok(())
 }
 
 fn tmp_sibling(path: &Path) -> PathBuf {
@@ -224,6 +234,22 @@ pub fn copy_file_atomic(src: &Path, dst: &Path, mode: u32) -> Result<(), FsError
     write_atomic_with(dst, mode, |f| io::copy(&mut fs::File::open(src)?, f).map(drop))
 }
 
+/// Gives the new file the owner and group of the file it replaces (a config
+/// owned by another account stays theirs); nothing to do for a new file.
+fn keep_owner(new: &fs::File, replaced: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    match fs::metadata(replaced) {
+        Ok(old) if old.is_file() => {
+            let now = new.metadata()?;
+            if (now.uid(), now.gid()) == (old.uid(), old.gid()) {
+                return Ok(());
+            }
+            std::os::unix::fs::fchown(new, Some(old.uid()), Some(old.gid()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The one atomic-write path: `fill` writes the temp file's content.
 fn write_atomic_with(
     path: &Path,
@@ -242,6 +268,7 @@ fn write_atomic_with(
             .open(&tmp)?;
         fill(&mut f)?;
         f.set_permissions(fs::Permissions::from_mode(mode))?;
+        keep_owner(&f, path)?;
         f.sync_all()
     })();
     if let Err(source) = result {

@@ -193,3 +193,66 @@ fn a_directory_that_becomes_a_link_later_does_not_lead_uninstall_out() {
     );
     let _ = std::fs::set_permissions(&moved, std::fs::Permissions::from_mode(0o755));
 }
+
+/// Every directory and file under `dir` that group or others may write.
+fn writable_by_others(dir: &Path) -> Vec<String> {
+    fn walk(dir: &Path, out: &mut Vec<String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            if meta.file_type().is_symlink() {
+                continue;
+            }
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode & 0o022 != 0 {
+                out.push(format!("{} {mode:04o}", e.path().display()));
+            }
+            if meta.is_dir() {
+                walk(&e.path(), out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, &mut out);
+    out
+}
+
+#[test]
+fn modes_are_set_explicitly_never_from_the_umask() {
+    use std::os::unix::process::CommandExt;
+    let t = Tree::new();
+    let archive = t.archive();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_soci-agent"));
+    cmd.arg("install")
+        .arg("--root")
+        .arg(t.root())
+        .args(["--no-start", "--log-level", "warn", "--arch", "amd64", "--archive"])
+        .arg(&archive);
+    // SAFETY: umask is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    let loose = writable_by_others(&t.root());
+    assert!(loose.is_empty(), "world- or group-writable under umask 000: {loose:#?}");
+}
+
+#[test]
+fn a_rewritten_file_keeps_its_owner_and_group() {
+    use std::os::unix::fs::MetadataExt;
+    let t = Tree::new();
+    let config = t.path("/etc/containerd/config.toml");
+    std::os::unix::fs::chown(&config, Some(1234), Some(2345)).unwrap();
+    let out = t.install(&[]);
+    assert!(out.status.success(), "{}", show(&out));
+    let meta = std::fs::metadata(&config).unwrap();
+    assert!(
+        std::fs::read_to_string(&config).unwrap().contains("soci"),
+        "the config was rewritten"
+    );
+    assert_eq!((meta.uid(), meta.gid()), (1234, 2345), "owner and group kept");
+}

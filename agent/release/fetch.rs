@@ -8,6 +8,7 @@
 //! cause. Verification failures and 404s are never retried.
 
 use std::io::{self, IsTerminal as _, Read, Write as _};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -493,7 +494,9 @@ fn reset_dir(dir: &Path) -> Result<(), FetchError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
-    std::fs::create_dir(dir).map_err(err)
+    std::fs::create_dir(dir).map_err(err)?;
+    // Explicitly, not from the umask: the directory becomes the store entry.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)
 }
 
 /// Capped exponential backoff with full jitter: uniform in
