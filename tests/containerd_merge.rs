@@ -415,3 +415,25 @@ fn every_fixture_has_a_test() {
         assert!(source.contains(&format!("\"{name}\"")), "fixture {name} has no test");
     }
 }
+
+/// `[proxy_plugins.soci]` of another type is someone else's plugin: refused, never taken over.
+#[test]
+fn a_foreign_plugin_named_soci_is_refused() {
+    run_err_for(
+        "fail-foreign-soci-plugin",
+        Some(daemon_for(ConfigVersion::V3)),
+        |e| matches!(e, ContainerdConfigError::Conflict { key, reason, .. } if key == "proxy_plugins.soci.type" && reason.contains("\"content\"")),
+    );
+}
+
+/// A UTF-8 byte-order mark stays where it was; nothing else changes because of it.
+#[test]
+fn a_byte_order_mark_is_kept() {
+    let plain = read_input("eks-v3").unwrap();
+    let daemon = Some(daemon_for(ConfigVersion::V3));
+    let without = merge(Some(&plain), PATH, &wiring(), daemon).unwrap();
+    let with = merge(Some(&format!("\u{feff}{plain}")), PATH, &wiring(), daemon).unwrap();
+    assert_eq!(with.text, format!("\u{feff}{}", without.text));
+    let again = merge(Some(&with.text), PATH, &wiring(), daemon).unwrap();
+    assert!(!again.changed && again.text == with.text, "not idempotent with a BOM");
+}

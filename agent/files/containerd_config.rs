@@ -285,6 +285,11 @@ pub fn merge(
             created: true,
         });
     };
+    // A UTF-8 byte-order mark is kept as it was (the TOML parser does not take it).
+    let (bom, text) = match text.strip_prefix('\u{feff}') {
+        Some(rest) => ("\u{feff}", rest),
+        None => ("", text),
+    };
     let mut doc = parse(text, path)?;
     let Some(version) = version_of(&doc, path)? else {
         // Nothing but comments: keep them, append a fresh file after them.
@@ -296,7 +301,7 @@ pub fn merge(
         }
         out.push_str(&created_file(version, wiring));
         return Ok(Merged {
-            text: out,
+            text: format!("{bom}{out}"),
             version,
             changed: true,
             created: false,
@@ -305,12 +310,16 @@ pub fn merge(
     if let Some(daemon) = daemon {
         check_readable(&doc, version, daemon, path)?;
     }
+    check_not_foreign(&doc, path)?;
     let changed = apply(&mut doc, version, wiring, path)?;
     Ok(Merged {
         text: if changed {
-            restore_line_endings(text, restore_headers(text, doc.to_string()))
+            format!(
+                "{bom}{}",
+                restore_line_endings(text, restore_headers(text, doc.to_string()))
+            )
         } else {
-            text.to_owned()
+            format!("{bom}{text}")
         },
         version,
         changed,
@@ -331,6 +340,29 @@ pub fn fragment(version: ConfigVersion, wiring: &SociWiring) -> String {
 fn created_file(version: ConfigVersion, wiring: &SociWiring) -> String {
     let tables = fragment(version, wiring);
     format!("{CREATED_HEADER}\nversion = {version}\n\n{tables}")
+}
+
+/// Refuses a `[proxy_plugins.soci]` of another type: someone else's plugin
+/// under that name, which soci-agent must not take over.
+fn check_not_foreign(doc: &DocumentMut, path: &str) -> Result<(), ContainerdConfigError> {
+    let ty = doc
+        .get("proxy_plugins")
+        .and_then(|p| p.get("soci"))
+        .and_then(|s| s.get("type"));
+    let found = match ty {
+        None => return Ok(()),
+        Some(t) if t.as_str() == Some("snapshot") => return Ok(()),
+        Some(t) => t.as_str(),
+    };
+    Err(ContainerdConfigError::Conflict {
+        path: path.to_owned(),
+        key: "proxy_plugins.soci.type".to_owned(),
+        reason: format!(
+            "it is {}: another plugin is registered as `soci`; soci-agent will not replace it \
+                 (rename that plugin, or remove the block if it is stale)",
+            found.map_or_else(|| "not a string".to_owned(), |f| format!("{f:?}"))
+        ),
+    })
 }
 
 /// Refuses a file `daemon` cannot load, or loads through the v2 migration.
