@@ -28,15 +28,83 @@ impl DaemonCommand {
         if self.soci_root == SOCI_ROOT {
             String::new()
         } else {
-            format!(" --root {}", self.soci_root)
+            format!(" --root {}", exec_word(&self.soci_root))
         }
     }
     fn fill(&self, template: &str) -> String {
         template
-            .replace("@SOCI_BIN@", &self.binary)
+            .replace("@SOCI_BIN@", &exec_word(&self.binary))
             .replace("@SOCI_ARGS@", &self.extra_args())
-            .replace("@SOCI_ROOT@", &self.soci_root)
+            .replace("@SOCI_ROOT@", &path_word(&self.soci_root))
     }
+}
+
+/// Why a path cannot go into a unit file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitValueError {
+    #[error("{what} {value:?} is not an absolute path")]
+    NotAbsolute { what: &'static str, value: String },
+    #[error("{what} {value:?} is not normalized (no empty, `.` or `..` components, no trailing `/`)")]
+    NotNormalized { what: &'static str, value: String },
+    #[error("{what} {value:?} contains a control character (a newline would start a new unit-file line)")]
+    ControlCharacter { what: &'static str, value: String },
+}
+
+/// Checks a path that lands in a unit file (`what` names the setting):
+/// absolute, normalized, printable. Quoting and specifiers are handled when
+/// it is written ([`exec_word`], [`path_word`]).
+pub fn check_unit_path(what: &'static str, value: &str) -> Result<(), UnitValueError> {
+    if value.chars().any(char::is_control) {
+        return Err(UnitValueError::ControlCharacter {
+            what,
+            value: value.to_owned(),
+        });
+    }
+    if !value.starts_with('/') {
+        return Err(UnitValueError::NotAbsolute {
+            what,
+            value: value.to_owned(),
+        });
+    }
+    let normalized = value == "/" || value[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+    if !normalized {
+        return Err(UnitValueError::NotNormalized {
+            what,
+            value: value.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// One word of an `ExecStart=` command line: `%` and `$` doubled (no
+/// specifier or variable expansion), double-quoted with C escapes when it
+/// holds anything else systemd would split or interpret.
+pub fn exec_word(value: &str) -> String {
+    quoted(&value.replace('%', "%%").replace('$', "$$"))
+}
+
+/// One path of a path-list setting (`RequiresMountsFor=`): `%` doubled,
+/// double-quoted with C escapes when needed.
+pub fn path_word(value: &str) -> String {
+    quoted(&value.replace('%', "%%"))
+}
+
+fn quoted(value: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/-_.,:+=@%$".contains(c);
+    if !value.is_empty() && value.chars().all(plain) {
+        return value.to_owned();
+    }
+    let mut out = String::from("\"");
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32 & 0xff)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// Our full `soci-snapshotter.service`, for hosts without one.
@@ -84,6 +152,51 @@ pub fn is_ours(text: &str) -> bool {
 mod tests {
     use super::*;
     use crate::paths::AGENT_BINARY;
+
+    fn with_root(root: &str) -> String {
+        service(&DaemonCommand {
+            binary: "/usr/local/bin/soci-snapshotter-grpc".into(),
+            soci_root: root.into(),
+        })
+    }
+
+    #[test]
+    fn values_cannot_inject_directives_or_expand() {
+        let injected = with_root("/var/lib/x\nExecStartPre=/bin/touch /tmp/INJ");
+        assert_eq!(
+            injected.lines().filter(|l| l.starts_with("ExecStart")).count(),
+            1,
+            "{injected}"
+        );
+        assert!(!injected.lines().any(|l| l.starts_with("ExecStartPre")), "{injected}");
+        let spaced = with_root("/var/lib/with space");
+        assert!(spaced.contains("--root \"/var/lib/with space\""), "{spaced}");
+        assert!(spaced.contains("RequiresMountsFor=\"/var/lib/with space\""), "{spaced}");
+        let specifier = with_root("/var/lib/%h");
+        assert!(specifier.contains("--root /var/lib/%%h") && specifier.contains("RequiresMountsFor=/var/lib/%%h"));
+        assert!(
+            with_root("/var/lib/$HOME").contains("--root \"/var/lib/$$HOME\"")
+                || with_root("/var/lib/$HOME").contains("--root /var/lib/$$HOME")
+        );
+        assert_eq!(exec_word("/a\"b\\c"), "\"/a\\\"b\\\\c\"");
+    }
+
+    #[test]
+    fn unit_paths_are_checked() {
+        check_unit_path("--soci-root", "/var/lib/soci").unwrap();
+        check_unit_path("--soci-root", "/var/lib/with space").unwrap();
+        for bad in [
+            "relative/dir",
+            "",
+            "/var/../etc",
+            "/var/lib/",
+            "/a//b",
+            "/a/./b",
+            "/x\ny",
+        ] {
+            assert!(check_unit_path("--soci-root", bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn templates_are_filled_and_marked() {
