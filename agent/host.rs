@@ -152,7 +152,9 @@ fn meminfo_total() -> Option<u64> {
 }
 
 /// Gathers the facts of the host under `root`. CPU, memory and machine are
-/// the running host's (the target when installing on a node).
+/// the running host's (the target when installing on a node). Versions come
+/// from files; `--version` of a binary is asked only when `root` is this
+/// host, never of a mounted image's binaries.
 pub async fn detect(root: &Root) -> HostFacts {
     let os_text = root
         .read_string_opt("/etc/os-release")
@@ -166,7 +168,9 @@ pub async fn detect(root: &Root) -> HostFacts {
         .ok()
         .flatten()
         .and_then(|t| parse_containerd_version(&t, CONTAINERD_VERSION_FILE));
-    if containerd.is_none() {
+    // Programs inside a --root that is not this host (a mounted image) are
+    // never run: they would run as root on the build host.
+    if containerd.is_none() && root.is_host() {
         for bin in CONTAINERD_BINARIES {
             let p = root.path(bin);
             if p.is_file()
@@ -191,7 +195,11 @@ pub async fn detect(root: &Root) -> HostFacts {
             Ok(t) if t.is_absolute() => root.path(&t),
             _ => p.clone(),
         };
-        let version = run_version(&exe).await.as_deref().and_then(parse_soci_version);
+        let version = if root.is_host() {
+            run_version(&exe).await.as_deref().and_then(parse_soci_version)
+        } else {
+            None
+        };
         soci_installed.push(InstalledSoci {
             path: loc.to_string(),
             managed,

@@ -256,3 +256,31 @@ fn a_rewritten_file_keeps_its_owner_and_group() {
     );
     assert_eq!((meta.uid(), meta.gid()), (1234, 2345), "owner and group kept");
 }
+
+#[test]
+fn a_mounted_image_s_binaries_are_never_run_on_the_build_host() {
+    let t = Tree::new();
+    let ran = t.dir.path().join("RAN");
+    let trap = format!(
+        "#!/bin/sh\necho \"$0 $*\" >> {}\necho 'containerd v2.2.9'\n",
+        ran.display()
+    );
+    for bin in [
+        "/usr/bin/containerd",
+        "/usr/bin/soci-snapshotter-grpc",
+        "/usr/local/bin/containerd",
+    ] {
+        t.write(bin, &trap);
+        std::fs::set_permissions(t.path(bin), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let dry = t.install(&["--dry-run", "--containerd-version", "1.7"]);
+    let real = t.install(&["--containerd-version", "1.7"]);
+    assert!(
+        !ran.exists(),
+        "install ran programs from inside --root: {}\n{}\n{}",
+        std::fs::read_to_string(&ran).unwrap_or_default(),
+        show(&dry),
+        show(&real)
+    );
+    assert!(real.status.success(), "{}", show(&real));
+}
