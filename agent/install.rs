@@ -4,6 +4,7 @@
 pub mod activate;
 pub mod apply;
 pub mod args;
+pub mod lock;
 pub mod plan;
 pub mod record;
 pub mod report;

@@ -284,3 +284,81 @@ fn a_mounted_image_s_binaries_are_never_run_on_the_build_host() {
     );
     assert!(real.status.success(), "{}", show(&real));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The install lock.
+
+const LOCK: &str = "/run/soci-agent/install.lock";
+
+#[test]
+fn concurrent_installs_into_one_root_serialize_and_converge() {
+    for round in 0..3 {
+        let t = Tree::new();
+        let runs: Vec<Output> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4).map(|_| s.spawn(|| t.install(&["--output", "json"]))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for out in &runs {
+            assert!(out.status.success(), "round {round}: {}", show(out));
+        }
+        // Converged: one more run changes nothing.
+        let again = t.install(&["--output", "json"]);
+        let report: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+        assert_eq!(
+            report["changed"],
+            false,
+            "round {round}: not converged\n{}",
+            show(&again)
+        );
+    }
+}
+
+#[test]
+fn the_lock_is_private_and_a_fifo_in_its_place_is_refused() {
+    let t = Tree::new();
+    let out = t.install(&[]);
+    assert!(out.status.success(), "{}", show(&out));
+    let lock = t.path(LOCK);
+    assert_eq!(common::mode_of(&lock), 0o600);
+    assert_eq!(common::mode_of(lock.parent().unwrap()), 0o700);
+
+    let t = Tree::new();
+    std::fs::create_dir_all(t.path("/run/soci-agent")).unwrap();
+    std::fs::set_permissions(t.path("/run/soci-agent"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    nix::unistd::mkfifo(&t.path(LOCK), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let out = t.install(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("not a regular file (a FIFO)"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        !t.path("/etc/soci-snapshotter-grpc/config.toml").exists(),
+        "changed something"
+    );
+}
+
+#[test]
+fn a_held_lock_is_waited_for_with_a_deadline_that_names_the_holder() {
+    use std::io::Write;
+    let t = Tree::new();
+    let first = t.install(&[]);
+    assert!(first.status.success(), "{}", show(&first));
+    let mut file = std::fs::OpenOptions::new().write(true).open(t.path(LOCK)).unwrap();
+    file.set_len(0).unwrap();
+    writeln!(file, "4242").unwrap();
+    let _held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_soci-agent"));
+    let archive = t.archive();
+    cmd.arg("install")
+        .arg("--root")
+        .arg(t.root())
+        .args(["--no-start", "--log-level", "warn", "--arch", "amd64", "--archive"])
+        .arg(&archive)
+        .env("SOCI_AGENT_LOCK_TIMEOUT", "0.5");
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("still held by pid 4242"), "{}", show(&out));
+}

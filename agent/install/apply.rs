@@ -3,7 +3,7 @@
 //! failure all of them are restored in reverse order and a newly installed
 //! store entry is removed, so the node ends as it started.
 
-use crate::paths::{INSTALL_LOCK, SOCI_CONFIG};
+use crate::paths::SOCI_CONFIG;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -312,29 +312,10 @@ fn soci_message(stderr: &str) -> String {
         .unwrap_or_else(|| line.trim().to_string())
 }
 
-/// Takes the install lock on a live host (`--root /`); other roots have no
-/// daemon to coordinate with, so nothing is created there.
-pub fn lock_node(root: &Root) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, FsError> {
-    if !root.is_host() {
-        return Ok(None);
-    }
-    let path = root.path(INSTALL_LOCK);
-    rootfs::create_dirs(path.parent().expect("lock has a parent"))?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|source| FsError::Write {
-            path: path.clone(),
-            source,
-        })?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-        .map(Some)
-        .map_err(|(_, errno)| FsError::Write {
-            path,
-            source: std::io::Error::from(errno),
-        })
+/// Takes the install lock of `root` (see [`super::lock`]), waiting at most
+/// `SOCI_AGENT_LOCK_TIMEOUT` seconds (default 300) for another run.
+pub fn lock_node(root: &Root) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, super::lock::LockError> {
+    super::lock::acquire(root, super::lock::wait_from_env()).map(Some)
 }
 
 /// Applies the file actions (everything but releases) inside `txn`.
