@@ -74,3 +74,27 @@ A second run with the same inputs changes nothing and says so."
     /// owns, keep the configured images warm, serve Prometheus metrics.
     Daemon(Box<crate::daemon::DaemonArgs>),
 }
+
+impl Command {
+    /// `--root` must name an existing directory: a typo must not become a
+    /// new tree, nor "nothing to do".
+    pub fn check_root(&self) -> Result<(), String> {
+        let root = match self {
+            Command::Install(a) => &a.root,
+            Command::Uninstall(a) => &a.root,
+            Command::Boot(a) => &a.root,
+            Command::Prefetch(a) => &a.root,
+            Command::Doctor(a) => &a.root,
+            Command::Daemon(a) => &a.root,
+            Command::Render(_) => return Ok(()),
+        };
+        if root.is_dir() {
+            Ok(())
+        } else {
+            Err(format!(
+                "--root {}: no such directory (it must be the node's root, e.g. / or a mounted image)",
+                root.display()
+            ))
+        }
+    }
+}

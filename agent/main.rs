@@ -9,7 +9,14 @@ use soci_agent::output::OutputFormat;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    soci_agent::logging::init(&cli.log_level);
+    if let Err(e) = soci_agent::logging::init(&cli.log_level) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    if let Err(e) = cli.command.check_root() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

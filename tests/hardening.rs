@@ -362,3 +362,36 @@ fn a_held_lock_is_waited_for_with_a_deadline_that_names_the_holder() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("still held by pid 4242"), "{}", show(&out));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Bad flags: a clear error, exit 2, nothing written.
+
+#[test]
+fn a_bad_log_level_or_a_missing_root_is_a_usage_error() {
+    let t = Tree::new();
+    let before = files_under(&t.root());
+    let bad_level = Command::new(env!("CARGO_BIN_EXE_soci-agent"))
+        .args(["install", "--no-start", "--log-level", "bogus[", "--root"])
+        .arg(t.root())
+        .output()
+        .unwrap();
+    assert_eq!(bad_level.status.code(), Some(2), "{}", show(&bad_level));
+    assert!(String::from_utf8_lossy(&bad_level.stderr).contains("not a log level"));
+    assert_eq!(files_under(&t.root()), before);
+    let missing = t.dir.path().join("nonexistent");
+    for sub in ["install", "uninstall", "boot", "doctor", "prefetch"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_soci-agent"))
+            .arg(sub)
+            .arg("--root")
+            .arg(&missing)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{sub}: {}", show(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("no such directory"),
+            "{sub}: {}",
+            show(&out)
+        );
+        assert!(!missing.exists(), "{sub} created the missing root");
+    }
+}
