@@ -288,7 +288,12 @@ fn a_mounted_image_s_binaries_are_never_run_on_the_build_host() {
 // ---------------------------------------------------------------------------------------------
 // The install lock.
 
-const LOCK: &str = "/run/soci-agent/install.lock";
+/// The host path of the install lock of the root `t` (named after the root's canonical path).
+fn lock_of(t: &Tree) -> PathBuf {
+    let canonical = std::fs::canonicalize(t.root()).unwrap();
+    let hex = common::archive::sha256_hex(canonical.as_os_str().as_encoded_bytes());
+    PathBuf::from(format!("/run/soci-agent/roots/{}.lock", &hex[..16]))
+}
 
 #[test]
 fn concurrent_installs_into_one_root_serialize_and_converge() {
@@ -318,15 +323,19 @@ fn the_lock_is_private_and_a_fifo_in_its_place_is_refused() {
     let t = Tree::new();
     let out = t.install(&[]);
     assert!(out.status.success(), "{}", show(&out));
-    let lock = t.path(LOCK);
+    let lock = lock_of(&t);
     assert_eq!(common::mode_of(&lock), 0o600);
     assert_eq!(common::mode_of(lock.parent().unwrap()), 0o700);
+    assert!(
+        !t.path("/run").exists(),
+        "the lock of a mounted root is not written into it"
+    );
 
     let t = Tree::new();
-    std::fs::create_dir_all(t.path("/run/soci-agent")).unwrap();
-    std::fs::set_permissions(t.path("/run/soci-agent"), std::fs::Permissions::from_mode(0o700)).unwrap();
-    nix::unistd::mkfifo(&t.path(LOCK), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let _ = std::fs::remove_file(lock_of(&t));
+    nix::unistd::mkfifo(&lock_of(&t), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let out = t.install(&[]);
+    let _ = std::fs::remove_file(lock_of(&t));
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("not a regular file (a FIFO)"),
@@ -345,7 +354,7 @@ fn a_held_lock_is_waited_for_with_a_deadline_that_names_the_holder() {
     let t = Tree::new();
     let first = t.install(&[]);
     assert!(first.status.success(), "{}", show(&first));
-    let mut file = std::fs::OpenOptions::new().write(true).open(t.path(LOCK)).unwrap();
+    let mut file = std::fs::OpenOptions::new().write(true).open(lock_of(&t)).unwrap();
     file.set_len(0).unwrap();
     writeln!(file, "4242").unwrap();
     let _held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).unwrap();

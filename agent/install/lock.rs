@@ -1,8 +1,11 @@
 //! The install lock: one install (or uninstall) at a time per root, for the
-//! whole run (plan, download into the store, apply, systemd). It lives at
-//! [`INSTALL_LOCK`] under the root, in a directory only its owner may enter,
-//! is a regular file of mode 0600 holding the holder's pid, and is waited for
-//! with a deadline, so nobody else can hold root's install forever, silently.
+//! whole run (plan, download into the store, apply, systemd). On the host it
+//! is [`INSTALL_LOCK`] (the daemon's repairs share it); for another `--root`
+//! (a mounted image) it is a file on the running host named after the root,
+//! so the image itself is not touched. It sits in a directory only its owner
+//! may enter, is a regular file of mode 0600 holding the holder's pid, and is
+//! waited for with a deadline, so nobody else can hold root's install
+//! forever, silently.
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
@@ -61,10 +64,26 @@ pub fn wait_from_env() -> Duration {
         .map_or(DEFAULT_WAIT, Duration::from_secs_f64)
 }
 
+/// Where the lock of other roots lives on the running host.
+pub const ROOTS_LOCK_DIR: &str = "/run/soci-agent/roots";
+
+/// The lock file of `root`: [`INSTALL_LOCK`] for `/`, else
+/// `ROOTS_LOCK_DIR/<first 16 hex digits of the SHA-256 of the canonical root path>.lock`.
+pub fn path_for(root: &Root) -> PathBuf {
+    if root.is_host() {
+        return root.path(INSTALL_LOCK);
+    }
+    use sha2::Digest;
+    let canonical = std::fs::canonicalize(root.base()).unwrap_or_else(|_| root.base().to_path_buf());
+    let digest = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    Path::new(ROOTS_LOCK_DIR).join(format!("{hex}.lock"))
+}
+
 /// Takes the exclusive install lock of `root`, waiting at most `wait` for
 /// another holder; writes this process's pid into it.
 pub fn acquire(root: &Root, wait: Duration) -> Result<Flock<File>, LockError> {
-    let path = root.path(INSTALL_LOCK);
+    let path = path_for(root);
     let dir = path.parent().expect("the lock has a parent");
     private_dir(dir)?;
     let file = open_regular(&path)?;
