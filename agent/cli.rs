@@ -98,3 +98,17 @@ impl Command {
         }
     }
 }
+
+/// Parses a duration in seconds for a flag: finite, positive, at most a day
+/// (`nan`, `inf`, `-1` and `1e309` are refused, exit 2).
+pub fn parse_seconds(value: &str) -> Result<f64, String> {
+    const MAX: f64 = 86_400.0;
+    let secs: f64 = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number of seconds"))?;
+    if !secs.is_finite() || secs <= 0.0 || secs > MAX {
+        return Err(format!("{value:?}: give a number of seconds above 0 and at most {MAX}"));
+    }
+    Ok(secs)
+}

@@ -404,3 +404,71 @@ fn a_bad_log_level_or_a_missing_root_is_a_usage_error() {
         assert!(!missing.exists(), "{sub} created the missing root");
     }
 }
+
+/// Every flag of every subcommand fed hostile values: never a panic (exit 101/134), and a refused
+/// value is exit 2. `(subcommand, flag)` pairs that take a value.
+const VALUED_FLAGS: &[(&str, &str)] = &[
+    ("install", "--soci-version"),
+    ("install", "--release-url"),
+    ("install", "--flavor"),
+    ("install", "--sha256"),
+    ("install", "--arch"),
+    ("install", "--soci-root"),
+    ("install", "--max-concurrent-downloads"),
+    ("install", "--concurrent-download-chunk-size"),
+    ("install", "--decompressor"),
+    ("install", "--containerd-config"),
+    ("install", "--containerd-version"),
+    ("install", "--textfile-dir"),
+    ("install", "--http-timeout"),
+    ("install", "--retries"),
+    ("boot", "--timeout"),
+    ("boot", "--pause-archive"),
+    ("boot", "--textfile-dir"),
+    ("doctor", "--soci-root"),
+    ("doctor", "--containerd-config"),
+    ("prefetch", "--timeout-per-image"),
+    ("prefetch", "--concurrency"),
+];
+
+const HOSTILE: &[&str] = &[
+    "",
+    "relative/dir",
+    "/x\ny",
+    "nan",
+    "inf",
+    "-inf",
+    "1e309",
+    "-1",
+    "99999999999999999999",
+    "%h$HOME",
+];
+
+#[test]
+fn hostile_flag_values_never_panic() {
+    let t = Tree::new();
+    let mut panics = Vec::new();
+    for (sub, flag) in VALUED_FLAGS {
+        for value in HOSTILE {
+            let out = Command::new(env!("CARGO_BIN_EXE_soci-agent"))
+                .arg(sub)
+                .arg("--root")
+                .arg(t.root())
+                .arg(format!("{flag}={value}"))
+                .args(if *sub == "install" {
+                    &["--no-start", "--dry-run"][..]
+                } else {
+                    &[][..]
+                })
+                .args(if *sub == "doctor" { &["--no-live"][..] } else { &[][..] })
+                .env("SOCI_AGENT_LOCK_TIMEOUT", "1")
+                .output()
+                .unwrap();
+            let code = out.status.code();
+            if code.is_none() || code == Some(101) || code == Some(134) {
+                panics.push(format!("{sub} {flag}={value:?}: {}", show(&out)));
+            }
+        }
+    }
+    assert!(panics.is_empty(), "{} panics:\n{}", panics.len(), panics.join("\n"));
+}
