@@ -78,7 +78,7 @@ A second run with the same inputs changes nothing and says so."
 impl Command {
     /// `--root` must name an existing directory: a typo must not become a
     /// new tree, nor "nothing to do".
-    pub fn check_root(&self) -> Result<(), String> {
+    pub fn check_root(&self) -> Result<(), RootError> {
         let root = match self {
             Command::Install(a) => &a.root,
             Command::Uninstall(a) => &a.root,
@@ -91,24 +91,29 @@ impl Command {
         if root.is_dir() {
             Ok(())
         } else {
-            Err(format!(
-                "--root {}: no such directory (it must be the node's root, e.g. / or a mounted image)",
-                root.display()
-            ))
+            Err(RootError(root.clone()))
         }
     }
 }
 
+/// A `--root` that is not a directory.
+#[derive(Debug, thiserror::Error)]
+#[error("--root {}: no such directory (it must be the node's root, e.g. / or a mounted image)", .0.display())]
+pub struct RootError(pub std::path::PathBuf);
+
+/// The longest duration a seconds flag takes (a day).
+pub const MAX_SECONDS: f64 = 86_400.0;
+
+/// A seconds flag's value that is not a finite duration in (0, [`MAX_SECONDS`]].
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?}: give a number of seconds above 0 and at most 86400")]
+pub struct SecondsError(String);
+
 /// Parses a duration in seconds for a flag: finite, positive, at most a day
 /// (`nan`, `inf`, `-1` and `1e309` are refused, exit 2).
-pub fn parse_seconds(value: &str) -> Result<f64, String> {
-    const MAX: f64 = 86_400.0;
-    let secs: f64 = value
-        .trim()
-        .parse()
-        .map_err(|_| format!("{value:?} is not a number of seconds"))?;
-    if !secs.is_finite() || secs <= 0.0 || secs > MAX {
-        return Err(format!("{value:?}: give a number of seconds above 0 and at most {MAX}"));
+pub fn parse_seconds(value: &str) -> Result<f64, SecondsError> {
+    match value.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 && secs <= MAX_SECONDS => Ok(secs),
+        _ => Err(SecondsError(value.to_owned())),
     }
-    Ok(secs)
 }
