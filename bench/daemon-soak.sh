@@ -23,8 +23,8 @@ done
 if [ -n "${SOCI_AGENT_BIN:-}" ]; then
   bin=$SOCI_AGENT_BIN
 else
-  cargo build --release --quiet
-  bin=target/x86_64-unknown-linux-gnu/release/soci-agent; [ -x "$bin" ] || bin=target/release/soci-agent
+  source tests/agent-bin.sh
+  bin=$(agent_bin)
 fi
 work=$(mktemp -d /tmp/soci-agent-bench-soak.XXXXXX)
 # The agent runs from a private copy: install copies it into the tree and

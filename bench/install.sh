@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-7}
 
-cargo build --release --quiet
-bin=target/x86_64-unknown-linux-gnu/release/soci-agent; [ -x "$bin" ] || bin=target/release/soci-agent
+source tests/agent-bin.sh
+bin=$(agent_bin)
 work=$(mktemp -d /tmp/soci-agent-bench.XXXXXX)
 server=
 trap '[ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"' EXIT

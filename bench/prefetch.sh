@@ -16,8 +16,8 @@ images=${IMAGES:-8} layers=${LAYERS:-4} layer_mib=${LAYER_MIB:-16} concurrency=$
 for tool in containerd ctr docker-registry curl python3 sha256sum; do
   command -v "$tool" >/dev/null || { echo "bench/prefetch.sh: needs $tool" >&2; exit 1; }
 done
-cargo build --release --quiet
-bin=target/x86_64-unknown-linux-gnu/release/soci-agent; [ -x "$bin" ] || bin=target/release/soci-agent
+source tests/agent-bin.sh
+bin=$(agent_bin)
 bin=$(realpath "$bin")
 work=$(mktemp -d /tmp/soci-agent-bench-prefetch.XXXXXX)
 registry_pid= containerd_pid=

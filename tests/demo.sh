@@ -7,8 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --quiet
-bin=target/x86_64-unknown-linux-gnu/release/soci-agent; [ -x "$bin" ] || bin=target/release/soci-agent
+source tests/agent-bin.sh
+bin=$(agent_bin)
 
 work=$(mktemp -d /tmp/soci-agent-demo.XXXXXX)
 root="$work/node" mirror="$work/mirror"
@@ -33,7 +33,7 @@ if command -v unpigz >/dev/null; then cp "$(command -v unpigz)" "$root/usr/bin/u
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 python3 -m http.server --bind 127.0.0.1 --directory "$mirror" "$port" >/dev/null 2>&1 &
 server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
+trap 'kill $server 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 50); do curl -fsS "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
 
 args=(install --root "$root" --no-start --release-url "http://127.0.0.1:$port" --arch "$arch" --soci-version "$ver" "$@")
