@@ -249,10 +249,11 @@ async fn wrong_version_is_a_clean_404() {
     assert_eq!(w.mirror.total_requests(), 1);
 }
 
-#[tokio::test]
-async fn slow_first_byte_beyond_stall_timeout_is_retried() {
+/// A download meeting `fault` (a stall of 2 s) with a stall timeout of 300 ms: cut short and
+/// retried, installed by the second request.
+async fn stall_is_cut_short_and_retried(fault: Fault, why: &str) {
     let w = World::standard();
-    w.mirror.fault(&w.path, Fault::SlowFirstByte(Duration::from_secs(2)));
+    w.mirror.fault(&w.path, fault);
     let opts = HttpOptions {
         stall_timeout: Duration::from_millis(300),
         ..fast_http_options()
@@ -261,28 +262,25 @@ async fn slow_first_byte_beyond_stall_timeout_is_retried() {
     w.download(opts).await.unwrap();
     w.assert_installed();
     assert_eq!(w.requests(), 2);
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "the stall timeout (300 ms) must cut the wait short"
-    );
+    assert!(started.elapsed() < Duration::from_secs(2), "{why}");
+}
+
+#[tokio::test]
+async fn slow_first_byte_beyond_stall_timeout_is_retried() {
+    stall_is_cut_short_and_retried(
+        Fault::SlowFirstByte(Duration::from_secs(2)),
+        "the stall timeout (300 ms) must cut the wait short",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn stall_mid_body_is_retried() {
-    let w = World::standard();
-    w.mirror.fault(&w.path, Fault::StallMidBody(Duration::from_secs(2)));
-    let opts = HttpOptions {
-        stall_timeout: Duration::from_millis(300),
-        ..fast_http_options()
-    };
-    let started = std::time::Instant::now();
-    w.download(opts).await.unwrap();
-    w.assert_installed();
-    assert_eq!(w.requests(), 2);
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "the stall timeout must cut the wait short"
-    );
+    stall_is_cut_short_and_retried(
+        Fault::StallMidBody(Duration::from_secs(2)),
+        "the stall timeout must cut the wait short",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -424,4 +422,26 @@ fn an_https_to_http_redirect_is_a_refused_downgrade() {
     ] {
         check_redirect(&url(from), &url(to)).unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_name_that_does_not_resolve_says_so_and_what_to_do() {
+    let opts = HttpOptions {
+        retries: 0,
+        ..fast_http_options()
+    };
+    let err = ends(
+        Fetcher::new(opts)
+            .unwrap()
+            .get_small("https://soci-agent-test.invalid/x.sha256sum", 1024),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, FetchError::Resolve { ref host, .. } if host == "soci-agent-test.invalid"),
+        "{err:?}"
+    );
+    let text = soci_agent::exit::error_chain(&err);
+    assert!(text.contains("--archive") && text.contains("--release-url"), "{text}");
+    assert!(!text.contains("Query {"), "the resolver's raw struct leaks: {text}");
 }

@@ -164,6 +164,12 @@ impl InstallReport {
                 p.soci.origin
             );
         }
+        if self.outcome != ExitKind::Ok && !self.dry_run && !self.actions.is_empty() {
+            let _ = writeln!(
+                out,
+                "nothing applied: the node is as it was (every change made was rolled back); the plan was:"
+            );
+        }
         for a in &self.actions {
             let verb = match a.action {
                 ActionKind::Create => "create",

@@ -103,6 +103,11 @@ pub enum FetchError {
         window: Duration,
         min_rate: u64,
     },
+    #[error(
+        "cannot resolve {host} (DNS) to fetch {url}: check the node's DNS and network, or install offline \
+         with --archive, from a reachable mirror with --release-url, or through a proxy with HTTPS_PROXY"
+    )]
+    Resolve { host: String, url: String },
     #[error("fetching {url} did not finish within {}s (the download deadline); giving up", .after.as_secs_f64())]
     Deadline { url: String, after: Duration },
     #[error("refusing the redirect from {from} to {to}: an https download must not continue over plain http")]
@@ -166,7 +171,7 @@ impl FetchError {
                     && !e.is_redirect()
                     && (e.is_connect() || e.is_timeout() || e.is_request() || e.is_body() || e.is_decode())
             }
-            FetchError::Stalled { .. } | FetchError::TooSlow { .. } => true,
+            FetchError::Stalled { .. } | FetchError::TooSlow { .. } | FetchError::Resolve { .. } => true,
             FetchError::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
             _ => false,
         }
@@ -408,7 +413,8 @@ pub fn check_redirect(from: &reqwest::Url, to: &reqwest::Url) -> Result<(), Fetc
     Ok(())
 }
 
-/// Maps a reqwest error, surfacing a refused redirect as itself.
+/// Maps a reqwest error, surfacing a refused redirect and a name that does
+/// not resolve as themselves (not as the resolver's raw query struct).
 fn transport_error(url: &str, e: reqwest::Error) -> FetchError {
     let mut cause: Option<&dyn std::error::Error> = Some(&e);
     while let Some(c) = cause {
@@ -416,6 +422,16 @@ fn transport_error(url: &str, e: reqwest::Error) -> FetchError {
             return FetchError::Downgrade {
                 from: from.clone(),
                 to: to.clone(),
+            };
+        }
+        if e.is_connect() && c.to_string().starts_with("dns error") {
+            let host = reqwest::Url::parse(url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .unwrap_or_default();
+            return FetchError::Resolve {
+                host,
+                url: url.to_string(),
             };
         }
         cause = c.source();
