@@ -13,16 +13,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixDatagram, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::archive::{sha256sum_line, standard_release};
+use common::agent_bin;
+use common::archive::standard_release;
+use common::tree::Tree;
 use serde_json::Value;
 
 const VER: &str = "0.15.0";
 const ARCHIVE: &str = "soci-snapshotter-0.15.0-linux-amd64-static.tar.gz";
-const DEBIAN_DEFAULT: &str = include_str!("data/containerd/debian-default/input.toml");
 const SOCI_CONFIG: &str = "/etc/soci-snapshotter-grpc/config.toml";
 const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
 const CONTAINERD_DROPIN: &str = "/etc/systemd/system/containerd.service.d/10-soci-snapshotter.conf";
@@ -30,20 +31,6 @@ const AGENT_CONFIG: &str = "/etc/soci-agent/config.toml";
 /// The daemon's promise: it is gone this soon after SIGTERM.
 const STOP_BOUND: Duration = Duration::from_secs(10);
 const WAIT: Duration = Duration::from_secs(30);
-
-/// The agent under test, copied once per test process (install copies its own
-/// executable into the tree, and drift compares that copy with the running
-/// daemon's: a rebuild of the cargo target meanwhile must not change it).
-fn agent_bin() -> &'static Path {
-    static AGENT: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
-    let (_, path) = AGENT.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("soci-agent");
-        std::fs::copy(env!("CARGO_BIN_EXE_soci-agent"), &path).unwrap();
-        (dir, path)
-    });
-    path
-}
 
 /// The agent with a clean environment (nothing from a surrounding systemd or SOCI_AGENT_*).
 fn agent(args: &[&str]) -> Command {
@@ -64,33 +51,12 @@ fn unix_now() -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Node trees and the daemon process.
 
-/// A node tree under a temp dir, installed by `soci-agent install --no-start`.
-struct Tree {
-    dir: tempfile::TempDir,
-}
-
+/// Node trees for the daemon: installed by `soci-agent install --no-start`, or bare.
 impl Tree {
     /// A plain Debian-like host (containerd's default config, unpigz, kubelet config), installed.
     fn installed() -> Tree {
-        let t = Tree {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        t.write(
-            "/etc/os-release",
-            "ID=debian\nVERSION_ID=\"12\"\nPRETTY_NAME=\"Debian GNU/Linux 12\"\n",
-            0o644,
-        );
-        t.write(CONTAINERD_CONFIG, DEBIAN_DEFAULT, 0o644);
-        t.write("/usr/bin/unpigz", "#!/bin/sh\nexec gzip \"$@\"\n", 0o755);
-        t.write("/etc/kubernetes/kubelet/config.json", "{}\n", 0o644);
-        let bytes = standard_release(VER);
-        let archive = t.dir.path().join(ARCHIVE);
-        std::fs::write(&archive, &bytes).unwrap();
-        std::fs::write(
-            t.dir.path().join(format!("{ARCHIVE}.sha256sum")),
-            sha256sum_line(&bytes, ARCHIVE),
-        )
-        .unwrap();
+        let t = Tree::plain();
+        let archive = t.put_archive(ARCHIVE, &standard_release(VER));
         let out = agent(&["install", "--no-start", "--log-level", "warn"])
             .arg("--root")
             .arg(t.root())
@@ -108,30 +74,9 @@ impl Tree {
     }
     /// An empty tree (nothing installed): for the image tests.
     fn bare() -> Tree {
-        let t = Tree {
-            dir: tempfile::tempdir().unwrap(),
-        };
+        let t = Tree::empty();
         std::fs::create_dir_all(t.root()).unwrap();
         t
-    }
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
-    }
-    fn path(&self, node_path: &str) -> PathBuf {
-        self.root().join(node_path.trim_start_matches('/'))
-    }
-    fn write(&self, node_path: &str, content: &str, mode: u32) {
-        let p = self.path(node_path);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        let _ = std::fs::remove_file(&p);
-        std::fs::write(&p, content).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
-    }
-    fn read(&self, node_path: &str) -> Vec<u8> {
-        std::fs::read(self.path(node_path)).unwrap_or_else(|e| panic!("{node_path}: {e}"))
-    }
-    fn text(&self, node_path: &str) -> String {
-        String::from_utf8(self.read(node_path)).unwrap()
     }
     fn mode(&self, node_path: &str) -> u32 {
         common::mode_of(&self.path(node_path))
@@ -141,7 +86,7 @@ impl Tree {
     }
     /// Where the daemon's status socket is put (a short host path: sun_path is 108 bytes).
     fn socket(&self) -> PathBuf {
-        self.dir.path().join("d.sock")
+        self.beside("d.sock")
     }
 }
 
@@ -154,7 +99,7 @@ struct Daemon {
 
 impl Daemon {
     fn start(tree: &Tree, args: &[&str], env: &[(&str, &str)]) -> Daemon {
-        let log = tree.dir.path().join(format!("daemon-{}.log", fastrand::u32(..)));
+        let log = tree.beside(&format!("daemon-{}.log", fastrand::u32(..)));
         let file = std::fs::File::create(&log).unwrap();
         let mut cmd = agent(&["daemon", "--log-level", "info"]);
         cmd.arg("--root")
@@ -252,15 +197,9 @@ impl Daemon {
         self.signal("TERM");
         let started = Instant::now();
         let mut child = self.child.take().unwrap();
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            if started.elapsed() > STOP_BOUND + Duration::from_secs(5) {
-                let _ = child.kill();
-                panic!("still running {:?} after SIGTERM\n{}", started.elapsed(), self.log());
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        let Some(status) = common::wait_for_exit(&mut child, STOP_BOUND + Duration::from_secs(5)) else {
+            let _ = child.kill();
+            panic!("still running {:?} after SIGTERM\n{}", started.elapsed(), self.log());
         };
         (status, started.elapsed())
     }
@@ -310,8 +249,8 @@ fn repaired(status: &Value) -> BTreeSet<String> {
 #[test]
 fn drift_is_reported_and_with_repair_on_put_back() {
     let t = Tree::installed();
-    let soci_config = t.read(SOCI_CONFIG);
-    let dropin = t.read(CONTAINERD_DROPIN);
+    let soci_config = t.read_bytes(SOCI_CONFIG);
+    let dropin = t.read_bytes(CONTAINERD_DROPIN);
     t.config("[daemon]\nrepair = true\n");
     let mut d = Daemon::start(&t, &["--interval", "0.1"], &[]);
     let s = d.ready();
@@ -328,7 +267,7 @@ fn drift_is_reported_and_with_repair_on_put_back() {
     );
     t.write(SOCI_CONFIG, &local, 0o644);
     std::fs::remove_file(t.path(CONTAINERD_DROPIN)).unwrap();
-    let wired = t.text(CONTAINERD_CONFIG);
+    let wired = t.read(CONTAINERD_CONFIG);
     assert!(wired.contains("snapshotter = \"soci\""), "{wired}");
     let edited = format!(
         "# kept: a local note\n{}",
@@ -344,12 +283,16 @@ fn drift_is_reported_and_with_repair_on_put_back() {
             && check(v, "agent.drift")["verdict"] == "ok"
     });
     assert_eq!(
-        t.read(SOCI_CONFIG),
+        t.read_bytes(SOCI_CONFIG),
         soci_config,
         "SOCI config bytes are install's again"
     );
-    assert_eq!(t.read(CONTAINERD_DROPIN), dropin, "drop-in bytes are install's again");
-    let merged = t.text(CONTAINERD_CONFIG);
+    assert_eq!(
+        t.read_bytes(CONTAINERD_DROPIN),
+        dropin,
+        "drop-in bytes are install's again"
+    );
+    let merged = t.read(CONTAINERD_CONFIG);
     assert!(merged.starts_with("# kept: a local note\n"), "{merged}");
     assert!(
         merged.contains("snapshotter = \"soci\"") && !merged.contains("snapshotter = \"overlayfs\""),
@@ -374,7 +317,7 @@ fn drift_is_reported_and_with_repair_on_put_back() {
         v["repairs"]["total"].as_u64().unwrap() > total && check(v, "agent.drift")["verdict"] == "ok"
     });
     assert_eq!(t.mode(SOCI_CONFIG), 0o644);
-    assert_eq!(t.read(SOCI_CONFIG), soci_config);
+    assert_eq!(t.read_bytes(SOCI_CONFIG), soci_config);
 }
 
 #[test]
@@ -383,7 +326,7 @@ fn drift_with_repair_off_is_reported_once_and_left_alone() {
     let mut d = Daemon::start(&t, &["--interval", "0.1"], &[]);
     let s = d.ready();
     assert_eq!(s["config"]["repair"], false, "repair is off by default");
-    let drifted = format!("{}# a local change\n", t.text(SOCI_CONFIG));
+    let drifted = format!("{}# a local change\n", t.read(SOCI_CONFIG));
     t.write(SOCI_CONFIG, &drifted, 0o644);
     let s = d.wait("drift reported", WAIT, |v| check(v, "agent.drift")["verdict"] == "fail");
     let c = check(&s, "agent.drift");
@@ -392,7 +335,7 @@ fn drift_with_repair_off_is_reported_once_and_left_alone() {
     assert_eq!(drift_of(&s, SOCI_CONFIG)["state"], "changed");
     assert_eq!(drift_of(&s, SOCI_CONFIG)["repairable"], true);
     let s = d.reconciles_after(&s, 5);
-    assert_eq!(t.text(SOCI_CONFIG), drifted, "not restored with repair off");
+    assert_eq!(t.read(SOCI_CONFIG), drifted, "not restored with repair off");
     assert_eq!(s["repairs"]["total"], 0);
     assert_eq!(check(&s, "agent.drift")["verdict"], "fail");
     assert_eq!(
@@ -408,17 +351,17 @@ fn drift_with_repair_off_is_reported_once_and_left_alone() {
 fn drift_found_at_start_or_while_install_holds_its_lock_is_not_put_back() {
     use nix::fcntl::{Flock, FlockArg};
     let t = Tree::installed();
-    let soci_config = t.read(SOCI_CONFIG);
+    let soci_config = t.read_bytes(SOCI_CONFIG);
     t.config("[daemon]\nrepair = true\n");
     // Drifted before the daemon ever saw it as install writes it (install may have run with
     // flags the daemon does not know): reported, never "put back".
-    let before = format!("{}# changed before the daemon started\n", t.text(SOCI_CONFIG));
+    let before = format!("{}# changed before the daemon started\n", t.read(SOCI_CONFIG));
     t.write(SOCI_CONFIG, &before, 0o644);
     let mut d = Daemon::start(&t, &["--interval", "0.1"], &[]);
     let s = d.ready();
     assert_eq!(check(&s, "agent.drift")["verdict"], "fail");
     let s = d.reconciles_after(&s, 5);
-    assert_eq!(t.text(SOCI_CONFIG), before);
+    assert_eq!(t.read(SOCI_CONFIG), before);
     assert_eq!(s["repairs"]["total"], 0);
     let pending = s["repairs"]["pending"].to_string();
     assert!(pending.contains("drifted before the daemon saw it"), "{pending}");
@@ -436,14 +379,14 @@ fn drift_found_at_start_or_while_install_holds_its_lock_is_not_put_back() {
         .open(&lock_path)
         .unwrap();
     let install = Flock::lock(file, FlockArg::LockExclusive).unwrap();
-    let later = format!("{}# changed while the daemon watched\n", t.text(SOCI_CONFIG));
+    let later = format!("{}# changed while the daemon watched\n", t.read(SOCI_CONFIG));
     t.write(SOCI_CONFIG, &later, 0o644);
     let s = d.wait("drift while locked", WAIT, |v| {
         check(v, "agent.drift")["verdict"] == "fail" && v["repairs"]["pending"].to_string().contains("install.lock")
     });
     let s = d.reconciles_after(&s, 3);
     assert_eq!(
-        t.text(SOCI_CONFIG),
+        t.read(SOCI_CONFIG),
         later,
         "nothing written while install holds the lock"
     );
@@ -452,7 +395,7 @@ fn drift_found_at_start_or_while_install_holds_its_lock_is_not_put_back() {
     d.wait("repaired once the lock is free", WAIT, |v| {
         v["repairs"]["total"] == 1 && check(v, "agent.drift")["verdict"] == "ok"
     });
-    assert_eq!(t.read(SOCI_CONFIG), soci_config);
+    assert_eq!(t.read_bytes(SOCI_CONFIG), soci_config);
 }
 
 #[test]
@@ -810,7 +753,7 @@ fn metrics_parse_as_prometheus_text_and_carry_the_figures() {
     assert_eq!((code, body.as_str()), (200, ""));
 
     // A drift shows up in the figures; a reload moves /metrics to a unix socket.
-    let edited = format!("{}# local\n", t.text(SOCI_CONFIG));
+    let edited = format!("{}# local\n", t.read(SOCI_CONFIG));
     t.write(SOCI_CONFIG, &edited, 0o644);
     d.wait("drift", WAIT, |v| check(v, "agent.drift")["verdict"] == "fail");
     let node_sock = "/run/soci-agent/metrics.sock";
@@ -1053,10 +996,8 @@ fn wait_in(node: &common::nspawn::Node, what: &str, ok: impl Fn(&Value) -> bool)
 
 #[test]
 fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
-    use common::nspawn::{Node, NodeOptions};
-    use soci_agent::systemd::Systemd;
-    const SOCI: &str = "soci-snapshotter.service";
-    const CONTAINERD: &str = "containerd.service";
+    use common::booted::{Boot, Booted, CONTAINERD, SOCI};
+    use common::nspawn::NodeOptions;
     use common::real::{NodeContainerdConfig, with_containerd};
     let opts = NodeOptions::new()
         // systemd would revive a killed snapshotter itself (Restart=always): this test wants the daemon to.
@@ -1071,26 +1012,15 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
         // ExecReload= runs /bin/kill (procps or util-linux on real nodes, not in debootstrap's
         // minbase): the shell's builtin stands in.
         .file_mode("/usr/bin/kill", "#!/bin/sh\nkill \"$@\"\n", 0o755);
-    let node = Node::boot(with_containerd(opts, "2.4.2", NodeContainerdConfig::Default));
-    let archive = common::real::release_into(&node.share(), common::real::SOCI_VERSION);
-    std::fs::copy(agent_bin(), node.share().join("soci-agent")).unwrap();
-    let install = node.exec_timeout(
-        &[
-            "/share/soci-agent",
-            "install",
-            "--daemon",
-            "--archive",
-            &format!("/share/{archive}"),
-            "--log-level",
-            "warn",
-        ],
-        Duration::from_secs(240),
+    let booted = Booted::boot_with(
+        with_containerd(opts, "2.4.2", NodeContainerdConfig::Default),
+        Boot {
+            agent: agent_bin().to_owned(),
+            ..Boot::default()
+        },
     );
-    assert!(
-        install.status.success(),
-        "install: {}",
-        String::from_utf8_lossy(&install.stderr)
-    );
+    let node = &booted.node;
+    booted.install_release(&["--daemon"]).expect_code(0);
 
     // install --daemon wrote, enabled and started the unit (systemd/soci-agent.service).
     assert_eq!(
@@ -1102,7 +1032,7 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
     let started = Instant::now();
     node.check(&["systemctl", "restart", "soci-agent.service"]);
     eprintln!("soci-agent.service restarted (READY=1) in {:.2?}", started.elapsed());
-    let s = query_in(&node).expect("the status socket answers once the unit is started");
+    let s = query_in(node).expect("the status socket answers once the unit is started");
     assert!(s["ready"] == true && s["reconciles"].as_u64() >= Some(1), "{s}");
     for id in [
         "live.soci-socket",
@@ -1115,14 +1045,7 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
     let mode = node.check(&["stat", "-c", "%a %U", "/run/soci-agent/daemon.sock"]);
     assert_eq!(mode, "600 root");
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let sd = rt
-        .block_on(Systemd::connect_address(&node.bus_address(), Duration::from_secs(30)))
-        .unwrap();
-    let unit = |name: &str| rt.block_on(sd.unit_state(name)).unwrap();
+    let unit = |name: &str| booted.unit(name);
     let containerd_before = unit(CONTAINERD).invocation_id;
     let soci_before = unit(SOCI).invocation_id;
 
@@ -1134,7 +1057,7 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
         node.check(&["systemctl", "kill", "--kill-whom=main", "--signal=KILL", SOCI]);
     };
     kill();
-    let s = wait_in(&node, "snapshotter started by the daemon", |v| {
+    let s = wait_in(node, "snapshotter started by the daemon", |v| {
         v["repairs"]["recent"]
             .as_array()
             .unwrap()
@@ -1168,7 +1091,7 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
         .filter(|e| e["target"] == SOCI)
         .count();
     assert!(starts <= 3, "{s}");
-    wait_in(&node, "healthy again", |v| {
+    wait_in(node, "healthy again", |v| {
         check(v, "systemd.soci-service")["verdict"] == "ok"
     });
 
@@ -1179,14 +1102,14 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
     )
     .unwrap();
     node.check(&["systemctl", "reload", "soci-agent.service"]);
-    let s = wait_in(&node, "reloaded", |v| v["config_generation"] == 2);
+    let s = wait_in(node, "reloaded", |v| v["config_generation"] == 2);
     let repairs = s["repairs"]["total"].clone();
     kill();
-    let s = wait_in(&node, "reported", |v| {
+    let s = wait_in(node, "reported", |v| {
         check(v, "systemd.soci-service")["verdict"] == "fail"
     });
     let n = s["reconciles"].as_u64().unwrap();
-    let s = wait_in(&node, "more reconciles", |v| v["reconciles"].as_u64().unwrap() >= n + 5);
+    let s = wait_in(node, "more reconciles", |v| v["reconciles"].as_u64().unwrap() >= n + 5);
     assert_eq!(s["repairs"]["total"], repairs, "no repair with repair = false");
     assert!(!unit(SOCI).is_active(), "left down: {}", unit(SOCI));
     assert_eq!(unit(CONTAINERD).invocation_id, containerd_before);
@@ -1221,5 +1144,4 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
         ("inactive", "success"),
         "{agent}"
     );
-    drop(sd);
 }

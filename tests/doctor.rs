@@ -6,19 +6,19 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::archive::{sha256sum_line, standard_release};
+use common::archive::{oci_image_tar, standard_release};
+use common::booted::Booted;
 use common::containerd::{Containerd, Options, Soci};
 use common::real;
+use common::tree::{DEBIAN_CONTAINERD_DEFAULT as DEBIAN_DEFAULT, Tree as Node};
 use serde_json::Value;
 
 const VER: &str = "0.16.1";
 const ARCHIVE: &str = "soci-snapshotter-0.16.1-linux-amd64-static.tar.gz";
-const DEBIAN_DEFAULT: &str = include_str!("data/containerd/debian-default/input.toml");
 const V3_PLAIN: &str = include_str!("data/doctor/containerd-v3-plain.toml");
 const V3_WIRED: &str = include_str!("data/doctor/containerd-v3-wired.toml");
 const V3_TRANSFER: &str = include_str!("data/doctor/containerd-v3-transfer.toml");
@@ -32,83 +32,13 @@ const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
 const SOCI_SOCKET: &str = "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock";
 const PAUSE_IMAGE: &str = "localhost/kubernetes/pause:latest";
 
-/// A node tree under a temp dir.
-struct Node {
-    dir: tempfile::TempDir,
-}
-
+/// The agent's runs on a node tree (`Node::plain()`, `Node::nodeadm(..)`, `Node::debian()`).
 impl Node {
-    fn new() -> Self {
-        let n = Node {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        n.write(
-            "/etc/os-release",
-            "ID=debian\nVERSION_ID=\"12\"\nPRETTY_NAME=\"Debian GNU/Linux 12\"\n",
-            0o644,
-        );
-        n
-    }
-    /// Debian containerd's default config, unpigz, a kubelet config.
-    fn plain() -> Self {
-        let n = Node::new();
-        n.write(CONTAINERD_CONFIG, DEBIAN_DEFAULT, 0o644);
-        n.write("/usr/bin/unpigz", "#!/bin/sh\nexec gzip \"$@\"\n", 0o755);
-        n.write("/etc/kubernetes/kubelet/config.json", "{}\n", 0o644);
-        n
-    }
-    /// An AL2023-shaped nodeadm host (containerd version in the EKS file).
-    fn nodeadm(containerd_version: &str) -> Self {
-        let n = Node::new();
-        n.write(
-            "/etc/os-release",
-            "ID=\"amzn\"\nVERSION_ID=\"2023\"\nPRETTY_NAME=\"Amazon Linux 2023\"\n",
-            0o644,
-        );
-        n.write("/usr/bin/nodeadm", "#!/bin/sh\nexit 0\n", 0o755);
-        std::fs::create_dir_all(n.path("/etc/eks/nodeadm.d")).unwrap();
-        n.write(
-            "/etc/eks/containerd-version.txt",
-            &format!("{containerd_version}\n"),
-            0o644,
-        );
-        n.write("/usr/bin/unpigz", "#!/bin/sh\nexec gzip \"$@\"\n", 0o755);
-        n
-    }
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
-    }
-    fn path(&self, node_path: &str) -> PathBuf {
-        self.root().join(node_path.trim_start_matches('/'))
-    }
-    fn write(&self, node_path: &str, content: &str, mode: u32) {
-        let p = self.path(node_path);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        let _ = std::fs::remove_file(&p);
-        std::fs::write(&p, content).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
-    }
-    fn read(&self, node_path: &str) -> String {
-        std::fs::read_to_string(self.path(node_path)).unwrap_or_else(|e| panic!("{node_path}: {e}"))
-    }
-    fn remove(&self, node_path: &str) {
-        let p = self.path(node_path);
-        match std::fs::symlink_metadata(&p) {
-            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p).unwrap(),
-            Ok(_) => std::fs::remove_file(&p).unwrap(),
-            Err(e) => panic!("remove {node_path}: {e}"),
-        }
-    }
-    fn symlink(&self, target: &str, node_path: &str) {
-        let p = self.path(node_path);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::os::unix::fs::symlink(target, p).unwrap();
-    }
     /// Replaces `from` (which must be there) with `to` in a node file.
     fn edit(&self, node_path: &str, from: &str, to: &str) {
         let text = self.read(node_path);
         assert!(text.contains(from), "{node_path} has no {from:?}:\n{text}");
-        self.write(node_path, &text.replacen(from, to, 1), 0o644);
+        self.write(node_path, text.replacen(from, to, 1), 0o644);
     }
     /// Saves a run report as the newest of its command.
     fn report(&self, command: &str, json: &str) {
@@ -121,14 +51,7 @@ impl Node {
     }
     /// `soci-agent install --no-start --arch amd64 --archive <standard release>`; must succeed.
     fn install(&self, args: &[&str]) {
-        let bytes = standard_release(VER);
-        let archive = self.dir.path().join(ARCHIVE);
-        std::fs::write(&archive, &bytes).unwrap();
-        std::fs::write(
-            self.dir.path().join(format!("{ARCHIVE}.sha256sum")),
-            sha256sum_line(&bytes, ARCHIVE),
-        )
-        .unwrap();
+        let archive = self.put_archive(ARCHIVE, &standard_release(VER));
         let out = agent(&["install", "--no-start", "--arch", "amd64"])
             .arg("--root")
             .arg(self.root())
@@ -141,9 +64,7 @@ impl Node {
     }
     /// A copy of the whole tree (links kept as links).
     fn copy(&self) -> Node {
-        let n = Node {
-            dir: tempfile::tempdir().unwrap(),
-        };
+        let n = Node::empty();
         let st = Command::new("cp")
             .arg("-a")
             .arg(self.root())
@@ -161,9 +82,7 @@ impl Node {
             .args(args)
             .output()
             .unwrap();
-        let report = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("doctor stdout is not JSON ({e}):\n{}", show(&out)));
-        Doctor { out, report }
+        Doctor::parse(out)
     }
     /// Doctor on the file checks only.
     fn files(&self) -> Doctor {
@@ -196,6 +115,12 @@ struct Doctor {
 }
 
 impl Doctor {
+    /// The report of a doctor run; panics unless its stdout is JSON.
+    fn parse(out: Output) -> Doctor {
+        let report = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("doctor stdout is not JSON ({e}):\n{}", show(&out)));
+        Doctor { out, report }
+    }
     fn check(&self, id: &str) -> &Value {
         let checks = self.report["checks"].as_array().expect("checks array");
         checks.iter().find(|c| c["id"] == id).unwrap_or_else(|| {
@@ -287,14 +212,14 @@ fn installed_plain() -> Node {
 
 /// A daemon script printing `out` for --version, at a node path.
 fn fake_daemon(n: &Node, node_path: &str, out: &str) {
-    n.write(node_path, &format!("#!/bin/sh\necho \"{out}\"\n"), 0o755);
+    n.write(node_path, format!("#!/bin/sh\necho \"{out}\"\n"), 0o755);
 }
 
 /// A drop-in making the unit run `line`.
 fn exec_dropin(n: &Node, line: &str) {
     n.write(
         "/etc/systemd/system/soci-snapshotter.service.d/60-local.conf",
-        &format!("[Service]\nExecStart=\nExecStart={line}\n"),
+        format!("[Service]\nExecStart=\nExecStart={line}\n"),
         0o644,
     );
 }
@@ -707,7 +632,7 @@ fn containerd_kubelet_and_systemd_failures() {
                 n.write("/etc/eks/containerd-version.txt", "2.2.1\n", 0o644);
                 n.write(
                     CONTAINERD_CONFIG,
-                    &V3_TRANSFER.replace(
+                    V3_TRANSFER.replace(
                         "platform = \"linux\"\nsnapshotter = \"soci\"",
                         "platform = \"linux\"\nsnapshotter = \"overlayfs\"",
                     ),
@@ -724,7 +649,7 @@ fn containerd_kubelet_and_systemd_failures() {
                 n.write("/etc/eks/containerd-version.txt", "2.2.1\n", 0o644);
                 let extra =
                     "\n[plugins.'io.containerd.cri.v1.images'.runtime_platforms.kata]\nsnapshotter = \"overlayfs\"\n";
-                n.write(CONTAINERD_CONFIG, &format!("{V3_WIRED}{extra}"), 0o644);
+                n.write(CONTAINERD_CONFIG, format!("{V3_WIRED}{extra}"), 0o644);
             },
             id: "containerd.runtime-platforms",
             verdict: "warn",
@@ -999,18 +924,13 @@ fn nodeadm_hosts() {
 
 #[test]
 fn bottlerocket_and_bare_trees() {
-    let br = Node::new();
-    br.write(
-        "/etc/os-release",
-        "NAME=Bottlerocket\nID=bottlerocket\nVERSION_ID=1.44.0\nPRETTY_NAME=\"Bottlerocket OS 1.44.0\"\n",
-        0o644,
-    );
+    let br = Node::bottlerocket();
     let d = br.files();
     d.assert("host.os", "skip", "settings API");
     assert_eq!(d.report["checks"].as_array().unwrap().len(), 1, "{}", d.report);
     assert_eq!(d.code(), 0);
 
-    let bare = Node::new();
+    let bare = Node::debian();
     bare.remove("/etc/os-release");
     let d = bare.files();
     d.assert("host.os", "skip", "no /etc/os-release");
@@ -1165,106 +1085,25 @@ fn live_real_soci_serving_and_the_pause_image() {
     );
 }
 
-/// A one-layer OCI image layout tarball named `name`.
-fn oci_image_tar(name: &str) -> Vec<u8> {
-    use common::archive::sha256_hex;
-    use std::io::Write;
-    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        for (path, data) in files {
-            let mut h = tar::Header::new_ustar();
-            h.set_mode(0o644);
-            h.set_size(data.len() as u64);
-            h.set_mtime(1_700_000_000);
-            h.set_entry_type(tar::EntryType::Regular);
-            b.append_data(&mut h, path, *data).unwrap();
-        }
-        b.into_inner().unwrap()
-    }
-    let layer = tar_of(&[("pause", b"#!/bin/sh\n")]);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&layer).unwrap();
-    let gz = gz.finish().unwrap();
-    let arch = match std::env::consts::ARCH {
-        "aarch64" => "arm64",
-        _ => "amd64",
-    };
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": arch, "os": "linux", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&layer))]},
-    }))
-    .unwrap();
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": format!("sha256:{}", sha256_hex(&config)), "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": format!("sha256:{}", sha256_hex(&gz)), "size": gz.len()}],
-    }))
-    .unwrap();
-    let index = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       "digest": format!("sha256:{}", sha256_hex(&manifest)), "size": manifest.len(),
-                       "platform": {"architecture": arch, "os": "linux"},
-                       "annotations": {"io.containerd.image.name": name}}],
-    }))
-    .unwrap();
-    let blobs: Vec<(String, &[u8])> = [gz.as_slice(), &config, &manifest]
-        .into_iter()
-        .map(|b| (format!("blobs/sha256/{}", sha256_hex(b)), b))
-        .collect();
-    let mut files: Vec<(&str, &[u8])> = vec![
-        ("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#),
-        ("index.json", &index),
-    ];
-    files.extend(blobs.iter().map(|(n, b)| (n.as_str(), *b)));
-    tar_of(&files)
-}
-
 // ---------------------------------------------------------------------------------------------
 // A booted systemd node: doctor inside it, over its D-Bus, with real containerd 2.4.2 and SOCI.
 
 /// `soci-agent doctor --output json` run inside the node (root `/`, the system bus, live checks).
-fn doctor_in(node: &common::nspawn::Node) -> Doctor {
-    let out = node.exec(&[
-        "/usr/local/bin/soci-agent",
-        "doctor",
-        "--output",
-        "json",
-        "--log-level",
-        "warn",
-    ]);
-    let report = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("doctor stdout is not JSON ({e}):\n{}", show(&out)));
-    Doctor { out, report }
+fn doctor_in(booted: &Booted) -> Doctor {
+    Doctor::parse(booted.doctor().out)
 }
 
 #[test]
 fn booted_node_over_dbus() {
-    use common::nspawn::{Node as Booted, NodeOptions};
+    use common::nspawn::NodeOptions;
     let opts = real::with_containerd(NodeOptions::new(), "2.4.2", real::NodeContainerdConfig::Default);
-    let node = Booted::boot(opts);
-    let archive = real::release_into(&node.share(), real::SOCI_VERSION);
-    let agent_copy = node.share().join("soci-agent");
-    std::fs::copy(env!("CARGO_BIN_EXE_soci-agent"), &agent_copy).unwrap();
-    let install = node.exec_timeout(
-        &[
-            "/share/soci-agent",
-            "install",
-            "--archive",
-            &format!("/share/{archive}"),
-            "--log-level",
-            "warn",
-        ],
-        Duration::from_secs(240),
-    );
-    assert!(install.status.success(), "install in the node:\n{}", show(&install));
+    let booted = Booted::boot(opts);
+    let node = &booted.node;
+    booted.install_release(&[]).expect_code(0);
     // The boot unit runs once by hand (no pause archive on Debian: verify only).
     node.check(&["systemctl", "start", "soci-agent-boot.service"]);
 
-    let d = doctor_in(&node);
+    let d = doctor_in(&booted);
     assert!(
         d.failing().is_empty(),
         "failing checks:\n{}\n{}",
@@ -1296,7 +1135,7 @@ fn booted_node_over_dbus() {
     let text = std::fs::read_to_string(node.path(cfg)).unwrap();
     std::fs::write(node.path(cfg), format!("{text}\nthis is not toml\n")).unwrap();
     let _ = node.exec(&["systemctl", "restart", "soci-snapshotter.service"]);
-    let d = doctor_in(&node);
+    let d = doctor_in(&booted);
     d.assert("systemd.soci-service", "fail", "Result=exit-code");
     assert_eq!(d.code(), 1);
 }

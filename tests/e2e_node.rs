@@ -38,110 +38,51 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
+use std::ops::Deref;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::archive::sha256_hex;
+use common::archive::{oci_image_tar, sha256_hex};
+use common::booted::{
+    AGENT, AgentRun, BOOT, Boot, Booted, CONTAINERD, CONTAINERD_CONFIG, CONTAINERD_DROPIN, INSTALLED_AGENT,
+    NODECONFIG_DROPIN, SERVICE_DROPIN, SOCI, SOCKET, STORE_DAEMON, install_argv,
+};
 use common::mirror::{Fault, Mirror};
-use common::nspawn::{Node, NodeOptions, text};
+use common::nspawn::{Node, NodeOptions, children};
 use common::real::{self, NodeContainerdConfig, with_containerd};
 use common::registry::Registry;
 use serde_json::{Value, json};
-use soci_agent::systemd::{Systemd, UnitState};
 
 const VERSION: &str = real::SOCI_VERSION;
-/// The agent binary, as copied into the node's `/share`.
-const AGENT: &str = "/share/soci-agent";
-/// Bound of one agent run (its own waits are 90 s per job, 60 s health).
-const RUN_BOUND: Duration = Duration::from_secs(240);
-/// Bound of a D-Bus call from the host.
-const DBUS_BOUND: Duration = Duration::from_secs(30);
 
-const SOCI: &str = "soci-snapshotter.service";
-const SOCKET: &str = "soci-snapshotter.socket";
-const CONTAINERD: &str = "containerd.service";
-const BOOT: &str = "soci-agent-boot.service";
-const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
 const SERVICE_PATH: &str = "/etc/systemd/system/soci-snapshotter.service";
 const SOCKET_PATH: &str = "/etc/systemd/system/soci-snapshotter.socket";
 const BOOT_PATH: &str = "/etc/systemd/system/soci-agent-boot.service";
-const SERVICE_DROPIN: &str = "/etc/systemd/system/soci-snapshotter.service.d/50-soci-agent.conf";
-const CONTAINERD_DROPIN: &str = "/etc/systemd/system/containerd.service.d/10-soci-snapshotter.conf";
-const NODECONFIG_DROPIN: &str = "/etc/eks/nodeadm.d/50-soci-agent.yaml";
 const RECORD: &str = "/var/lib/soci-agent/record.json";
-const STORE_DAEMON: &str = "/usr/local/lib/soci-agent/releases/0.16.1-amd64/soci-snapshotter-grpc";
 const SOCI_ROOT: &str = "/var/lib/soci-snapshotter-grpc";
 const PAUSE_IMAGE: &str = "localhost/kubernetes/pause:latest";
+/// Node directories the agent writes in (compared before and after).
+const WATCHED: [&str; 3] = ["/etc", "/usr/local", "/var/lib/soci-agent"];
 
 // ---------------------------------------------------------------------------------------------
-// The release, the node, agent runs.
+// The node with its mirror; agent runs in the background.
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// One agent run inside the node.
-struct Run {
-    what: String,
-    out: Output,
-    report: Value,
-}
-
-impl Run {
-    fn code(&self) -> Option<i32> {
-        self.out.status.code()
-    }
-    /// The report, stdout and stderr, for assertion messages.
-    fn show(&self) -> String {
-        format!(
-            "---- {} ({}) report ----\n{}\n---- stderr (agent logs) ----\n{}",
-            self.what,
-            self.out.status,
-            serde_json::to_string_pretty(&self.report).unwrap_or_else(|_| text(&self.out.stdout)),
-            text(&self.out.stderr)
-        )
-    }
-    fn expect_code(&self, want: i32) -> &Self {
-        assert_eq!(self.code(), Some(want), "{}: exit code\n{}", self.what, self.show());
-        self
-    }
-    fn systemd(&self) -> &Value {
-        &self.report["systemd"]
-    }
-    /// Units the systemd step (re)started.
-    fn restarted(&self) -> Vec<String> {
-        self.systemd()["restarted"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|p| p[0].as_str().map(str::to_owned)).collect())
-            .unwrap_or_default()
-    }
-    fn steps(&self) -> Vec<String> {
-        self.systemd()["steps"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
-            .unwrap_or_default()
-    }
-}
-
-fn parse_report(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| json!({ "unparsed_stdout": text(&out.stdout) }))
-}
-
-/// A booted node, its mirror and a D-Bus connection to its systemd from the host.
+/// A booted node ([`Booted`]: the agent, D-Bus, the reads) and the mirror it installs from.
 struct Rig {
-    // Field order = drop order: the bus connection and runtime go before the node powers off.
-    sd: Systemd,
-    rt: tokio::runtime::Runtime,
+    // Field order = drop order: the mirror goes first, then the node (its D-Bus connection
+    // and runtime before it powers off).
     mirror: Mirror,
-    node: Node,
-    started: Instant,
+    booted: Booted,
+}
+
+impl Deref for Rig {
+    type Target = Booted;
+    fn deref(&self) -> &Booted {
+        &self.booted
+    }
 }
 
 impl Rig {
@@ -151,108 +92,19 @@ impl Rig {
         let started = Instant::now();
         let mirror = Mirror::start();
         real::soci_release(VERSION).publish(&mirror);
-        let node = Node::boot(opts);
-        let agent = node.share().join("soci-agent");
-        fs::copy(env!("CARGO_BIN_EXE_soci-agent"), &agent).expect("copy the agent into the node's /share");
-        fs::set_permissions(&agent, fs::Permissions::from_mode(0o755)).unwrap();
-        let rt = runtime();
-        let sd = rt
-            .block_on(Systemd::connect_address(&node.bus_address(), DBUS_BOUND))
-            .expect("connect to the node's systemd from the host");
-        Rig {
-            sd,
-            rt,
-            mirror,
-            node,
-            started,
-        }
-    }
-
-    fn step(&self, name: &str) {
-        eprintln!("-- [{:6.1}s] {name}", self.started.elapsed().as_secs_f64());
-    }
-
-    fn install_argv(&self) -> Vec<String> {
-        [
-            AGENT,
-            "install",
-            "--release-url",
-            &self.mirror.base_url(),
-            "--soci-version",
-            VERSION,
-            "--output",
-            "json",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let booted = Booted::boot_with(
+            opts,
+            Boot {
+                started: Some(started),
+                ..Boot::default()
+            },
+        );
+        Rig { mirror, booted }
     }
 
     /// `soci-agent install` from the mirror, inside the node.
-    fn install(&self) -> Run {
-        let argv = self.install_argv();
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        self.agent("install", &argv)
-    }
-
-    /// Runs `argv` (an agent command with `--output json`) inside the node.
-    fn agent(&self, what: &str, argv: &[&str]) -> Run {
-        let started = Instant::now();
-        let out = self.node.exec_timeout(argv, RUN_BOUND);
-        let report = parse_report(&out);
-        let steps = report["systemd"]["steps"]
-            .as_array()
-            .map(|s| {
-                format!(
-                    "; systemd: {}",
-                    s.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" | ")
-                )
-            })
-            .unwrap_or_default();
-        eprintln!(
-            "   {what}: {} in {:.1}s{steps}",
-            out.status,
-            started.elapsed().as_secs_f64()
-        );
-        Run {
-            what: what.to_owned(),
-            out,
-            report,
-        }
-    }
-
-    fn unit(&self, name: &str) -> UnitState {
-        self.rt
-            .block_on(self.sd.unit_state(name))
-            .unwrap_or_else(|e| panic!("unit_state({name}) over D-Bus: {e}"))
-    }
-
-    /// `systemctl is-active UNIT` inside the node (its stdout, trimmed).
-    fn is_active(&self, unit: &str) -> String {
-        text(&self.node.exec(&["systemctl", "is-active", unit]).stdout)
-            .trim()
-            .to_owned()
-    }
-
-    /// The `ctr plugins ls` line of the `soci` snapshotter, if containerd lists one.
-    fn soci_plugin(&self) -> Option<String> {
-        let plugins = self.node.check(&["ctr", "plugins", "ls"]);
-        plugins
-            .lines()
-            .find(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                f.first() == Some(&"io.containerd.snapshotter.v1") && f.get(1) == Some(&"soci")
-            })
-            .map(str::to_owned)
-    }
-
-    /// Node file bytes (host side of the copy); `None` when absent.
-    fn read(&self, node_path: &str) -> Option<Vec<u8>> {
-        fs::read(self.node.path(node_path)).ok()
-    }
-
-    fn exists(&self, node_path: &str) -> bool {
-        fs::symlink_metadata(self.node.path(node_path)).is_ok()
+    fn install(&self) -> AgentRun {
+        self.agent("install", &install_argv(&self.mirror))
     }
 
     /// Asserts the end state of a good install on a plain host (case 1).
@@ -272,54 +124,18 @@ impl Rig {
             "{ctx}: {SOCKET} is not enabled"
         );
         // The unit runs the verified store binary.
-        let exe = self.node.check(&["readlink", &format!("/proc/{}/exe", soci.main_pid)]);
+        let exe = self.exe(soci.main_pid);
         assert_eq!(exe, STORE_DAEMON, "{ctx}: {SOCI} runs {exe}");
         // containerd loaded the proxy plugin and reaches it.
-        let line = self.soci_plugin();
-        assert!(
-            line.as_deref()
-                .is_some_and(|l| l.split_whitespace().last() == Some("ok")),
-            "{ctx}: ctr plugins ls: soci snapshotter not ok: {line:?}"
-        );
+        self.assert_soci_plugin_ok(ctx);
         self.node
             .check(&["ctr", "-n", "k8s.io", "snapshots", "--snapshotter", "soci", "ls"]);
         self.assert_containerd_reads_soci(ctx);
     }
 
-    /// `containerd config dump` inside the node (what containerd makes of its config file,
-    /// after its own migration) wires `soci` as proxy snapshotter and CRI snapshotter.
-    fn assert_containerd_reads_soci(&self, ctx: &str) {
-        let dump = self.node.check(&["containerd", "config", "dump"]);
-        let doc: toml_edit::DocumentMut = dump
-            .parse()
-            .unwrap_or_else(|e| panic!("{ctx}: config dump does not parse: {e}\n{dump}"));
-        let soci = &doc["proxy_plugins"]["soci"];
-        assert_eq!(
-            soci["type"].as_str(),
-            Some("snapshot"),
-            "{ctx}: proxy_plugins.soci\n{dump}"
-        );
-        assert_eq!(
-            soci["address"].as_str(),
-            Some("/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock"),
-            "{ctx}: proxy_plugins.soci.address\n{dump}"
-        );
-        let images = &doc["plugins"]["io.containerd.cri.v1.images"];
-        assert_eq!(
-            images["snapshotter"].as_str(),
-            Some("soci"),
-            "{ctx}: CRI snapshotter\n{dump}"
-        );
-        assert_eq!(
-            images["disable_snapshot_annotations"].as_bool(),
-            Some(false),
-            "{ctx}: disable_snapshot_annotations\n{dump}"
-        );
-    }
-
     /// Starts an install in the background; see [`Background`].
     fn install_in_background(&self) -> Background {
-        let argv = self.install_argv();
+        let argv = install_argv(&self.mirror);
         // Output into files, not pipes: nobody reads while it runs, and a full pipe would block it.
         let (stdout, stderr) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
         let mut cmd = Command::new("nsenter");
@@ -395,17 +211,8 @@ impl Background {
             .status()
             .unwrap();
         assert!(status.success(), "kill -KILL {}", self.agent_pid);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(status) = self.nsenter.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{point}: nsenter still waiting 10 s after the kill"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let status = common::wait_for_exit(&mut self.nsenter, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("{point}: nsenter still waiting 10 s after the kill"));
         assert!(
             !Path::new(&format!("/proc/{}", self.agent_pid)).exists(),
             "{point}: agent pid {} still exists after SIGKILL",
@@ -424,22 +231,6 @@ impl Background {
             self.started.elapsed().as_secs_f64()
         );
     }
-}
-
-/// Pids of the direct children of `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|s| {
-            s.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect()
 }
 
 /// Whether a containerd config mentions soci at all.
@@ -530,91 +321,6 @@ fn wants_links(node: &Node, unit: &str) -> Vec<String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A small OCI image archive (one gzip'd layer), named like the EKS pause image.
-
-fn tar_of(entries: &[(&str, Option<&[u8]>)]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, data) in entries {
-        let mut h = tar::Header::new_ustar();
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_000);
-        match data {
-            None => {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_mode(0o755);
-                h.set_size(0);
-                b.append_data(&mut h, name, std::io::empty()).unwrap();
-            }
-            Some(data) => {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_mode(0o755);
-                h.set_size(data.len() as u64);
-                b.append_data(&mut h, name, *data).unwrap();
-            }
-        }
-    }
-    b.into_inner().unwrap()
-}
-
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(data).unwrap();
-    gz.finish().unwrap()
-}
-
-/// An OCI image layout tarball of `PAUSE_IMAGE` with one layer holding `/pause`.
-fn pause_image_tar() -> Vec<u8> {
-    let layer = tar_of(&[("pause", Some(b"#!/bin/sh\nexec sleep infinity\n"))]);
-    let layer_gz = gzip(&layer);
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": { "Entrypoint": ["/pause"] },
-        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&layer))] },
-    }))
-    .unwrap();
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": format!("sha256:{}", sha256_hex(&config)),
-            "size": config.len(),
-        },
-        "layers": [{
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-            "digest": format!("sha256:{}", sha256_hex(&layer_gz)),
-            "size": layer_gz.len(),
-        }],
-    }))
-    .unwrap();
-    let index = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": format!("sha256:{}", sha256_hex(&manifest)),
-            "size": manifest.len(),
-            "annotations": {
-                "io.containerd.image.name": PAUSE_IMAGE,
-                "org.opencontainers.image.ref.name": "latest",
-            },
-        }],
-    }))
-    .unwrap();
-    let mut files: Vec<(String, Vec<u8>)> = vec![
-        ("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec()),
-        ("index.json".into(), index),
-    ];
-    for blob in [layer_gz, config, manifest] {
-        files.push((format!("blobs/sha256/{}", sha256_hex(&blob)), blob));
-    }
-    let mut entries: Vec<(&str, Option<&[u8]>)> = vec![("blobs/", None), ("blobs/sha256/", None)];
-    entries.extend(files.iter().map(|(n, d)| (n.as_str(), Some(d.as_slice()))));
-    tar_of(&entries)
-}
-
-// ---------------------------------------------------------------------------------------------
 // Cases 1, 2, 7, 5 on plain nodes: containerd 2.4.2 with a version-3 file that only sets the
 // registry path, containerd 2.2.9 with its own default config.
 
@@ -686,14 +392,7 @@ fn plain_host(version: &'static str, config: NodeContainerdConfig) {
     // 1b. A CRI pull lands every layer in SOCI, through parallel pull/unpack.
     rig.step("case 1b: crictl pull from a loopback registry");
     rig.node.check(&["crictl", "pull", &image.reference]);
-    let snapshots = rig
-        .node
-        .check(&["ctr", "-n", "k8s.io", "snapshots", "--snapshotter", "soci", "ls"]);
-    let committed = snapshots
-        .lines()
-        .skip(1)
-        .filter(|l| l.split_whitespace().last() == Some("Committed"))
-        .count();
+    let (committed, snapshots) = rig.soci_committed();
     assert_eq!(committed, image.layer_digests.len(), "soci snapshots:\n{snapshots}");
     // Parallel mode with discard_unpacked_layers: SOCI fetched and unpacked the layers itself;
     // their compressed blobs never entered containerd's content store.
@@ -722,27 +421,7 @@ fn plain_host(version: &'static str, config: NodeContainerdConfig) {
         Some(true),
         "{dump}"
     );
-    let doctor = rig.agent(
-        "doctor",
-        &[
-            "/usr/local/bin/soci-agent",
-            "doctor",
-            "--output",
-            "json",
-            "--log-level",
-            "warn",
-        ],
-    );
-    let failing: Vec<&Value> = doctor.report["checks"]
-        .as_array()
-        .map(|c| c.iter().filter(|c| c["verdict"] == "fail").collect())
-        .unwrap_or_default();
-    assert!(
-        failing.is_empty(),
-        "doctor: failing checks {failing:#?}\n{}",
-        doctor.show()
-    );
-    doctor.expect_code(0);
+    rig.doctor().expect_no_failing_check("doctor");
 
     // 2. The second run changes nothing and restarts nothing.
     rig.step("case 2: second run is a no-op");
@@ -767,9 +446,8 @@ fn plain_host(version: &'static str, config: NodeContainerdConfig) {
 
     // 2b. `install --daemon` adds and starts soci-agent.service, restarting nothing else.
     rig.step("case 2b: install --daemon starts the daemon and restarts nothing else");
-    let mut argv = rig.install_argv();
+    let mut argv = install_argv(&rig.mirror);
     argv.push("--daemon".into());
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let with_daemon = rig.agent("install", &argv);
     with_daemon.expect_code(0);
     assert_eq!(rig.is_active("soci-agent.service"), "active", "{}", with_daemon.show());
@@ -779,12 +457,10 @@ fn plain_host(version: &'static str, config: NodeContainerdConfig) {
     // 7. The boot unit imports the node's pause image into the soci snapshotter.
     rig.step("case 7: soci-agent-boot.service imports /etc/eks/pause.tar");
     fs::create_dir_all(rig.node.path("/etc/eks")).unwrap();
-    fs::write(rig.node.path("/etc/eks/pause.tar"), pause_image_tar()).unwrap();
-    let images_before = rig.node.check(&["ctr", "-n", "k8s.io", "images", "ls", "-q"]);
-    assert!(!images_before.lines().any(|l| l == PAUSE_IMAGE), "{images_before}");
-    rig.rt
-        .block_on(rig.sd.start(BOOT))
-        .unwrap_or_else(|e| panic!("start {BOOT}: {e}"));
+    fs::write(rig.node.path("/etc/eks/pause.tar"), oci_image_tar(PAUSE_IMAGE)).unwrap();
+    let images_before = rig.images();
+    assert!(!images_before.iter().any(|l| l == PAUSE_IMAGE), "{images_before:?}");
+    rig.start(BOOT);
     let boot = rig.unit(BOOT);
     assert_eq!(
         (
@@ -795,21 +471,7 @@ fn plain_host(version: &'static str, config: NodeContainerdConfig) {
         ("active", "exited", "success"),
         "{BOOT}: {boot}"
     );
-    let images = rig.node.check(&["ctr", "-n", "k8s.io", "images", "ls", "-q"]);
-    assert!(
-        images.lines().any(|l| l == PAUSE_IMAGE),
-        "pause image not imported:\n{images}"
-    );
-    let snapshots = rig
-        .node
-        .check(&["ctr", "-n", "k8s.io", "snapshots", "--snapshotter", "soci", "ls"]);
-    assert!(
-        snapshots
-            .lines()
-            .skip(1)
-            .any(|l| l.split_whitespace().last() == Some("Committed")),
-        "no committed snapshot in the soci snapshotter:\n{snapshots}"
-    );
+    rig.assert_image_in_soci(PAUSE_IMAGE);
     // SOCI holds the unpacked layer: the import went through the daemon.
     let unpacked = rig.node.check(&[
         "sh",
@@ -819,7 +481,7 @@ fn plain_host(version: &'static str, config: NodeContainerdConfig) {
     assert!(!unpacked.is_empty());
     let boot_cli = rig.agent(
         "boot --strict",
-        &["/usr/local/bin/soci-agent", "boot", "--strict", "--output", "json"],
+        &[INSTALLED_AGENT, "boot", "--strict", "--output", "json"],
     );
     boot_cli.expect_code(0);
     for (name, want) in [("verify-binary", "ok"), ("pause-image", "ok")] {
@@ -889,7 +551,7 @@ fn containerd_22_without_a_config_file_loads_soci() {
     rig.step("install on containerd 2.2.9 with no config file");
     let run = rig.install();
     run.expect_code(0);
-    let config = String::from_utf8(rig.read(CONTAINERD_CONFIG).expect("config written")).unwrap();
+    let config = rig.read_text(CONTAINERD_CONFIG);
     assert!(
         config.starts_with("version = 3") || config.contains("\nversion = 3"),
         "{config}"
@@ -1013,12 +675,10 @@ fn al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts() {
     // What nodeadm-run does next: start containerd. Its Requires= brings up the snapshotter,
     // running the binary from the agent's drop-in, with its listener from the AMI's socket.
     rig.step("case 3: containerd's start (as nodeadm-run) brings the snapshotter up");
-    rig.rt
-        .block_on(rig.sd.start(CONTAINERD))
-        .unwrap_or_else(|e| panic!("start containerd: {e}"));
+    rig.start(CONTAINERD);
     let soci = rig.unit(SOCI);
     assert!(soci.is_active(), "{SOCI} not started by containerd's Requires=: {soci}");
-    let exe = rig.node.check(&["readlink", &format!("/proc/{}/exe", soci.main_pid)]);
+    let exe = rig.exe(soci.main_pid);
     assert_eq!(exe, STORE_DAEMON, "the drop-in's ExecStart is not in effect");
     eprintln!(
         "AL2023-shaped: node up in {booted:.1?}, whole test {:.1?}",
@@ -1037,8 +697,7 @@ fn broken_snapshotter_rolls_the_node_back() {
     let rig = Rig::boot(opts);
     let booted = rig.started.elapsed();
     assert_eq!(rig.is_active(CONTAINERD), "active");
-    let watched = ["/etc", "/usr/local", "/var/lib/soci-agent"];
-    let before = tree_without_reports(&rig.node, &watched);
+    let before = tree_without_reports(&rig.node, &WATCHED);
     let config_before = rig.read(CONTAINERD_CONFIG);
 
     rig.step("case 4: install with a snapshotter that cannot start");
@@ -1051,7 +710,7 @@ fn broken_snapshotter_rolls_the_node_back() {
         run.show()
     );
     assert_eq!(run.report["exit_code"], 1);
-    let after = tree_without_reports(&rig.node, &watched);
+    let after = tree_without_reports(&rig.node, &WATCHED);
     assert!(
         before == after,
         "files differ after the rollback:\n{}\n{}",
@@ -1108,7 +767,6 @@ fn sigkill_mid_install_then_rerun_converges() {
     let rig = Rig::boot(opts);
     let booted = rig.started.elapsed();
     let archive_path = format!("/v{VERSION}/{}", real::soci_release(VERSION).archive_name);
-    let watched = ["/etc", "/usr/local", "/var/lib/soci-agent"];
     let config_before = rig.read(CONTAINERD_CONFIG);
 
     // a. During the download: the mirror holds the first byte back; kill once the request is in.
@@ -1156,7 +814,7 @@ fn sigkill_mid_install_then_rerun_converges() {
     let run = rig.install();
     run.expect_code(0);
     rig.assert_installed_and_healthy("re-run after SIGKILLs");
-    let leftovers = temp_leftovers(&rig.node, &watched);
+    let leftovers = temp_leftovers(&rig.node, &WATCHED);
     assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
     // And it stays converged: one more run is a no-op.
     let again = rig.install();
@@ -1169,13 +827,10 @@ fn sigkill_mid_install_then_rerun_converges() {
     // running node): the plan sees no change, yet containerd must be restarted.
     rig.step("case 6d: files wired, containerd not restarted yet");
     fs::write(rig.node.path(CONTAINERD_CONFIG), config_before.as_deref().unwrap()).unwrap();
-    rig.rt
-        .block_on(rig.sd.restart(CONTAINERD))
-        .unwrap_or_else(|e| panic!("restart containerd: {e}"));
+    rig.restart(CONTAINERD);
     assert_eq!(rig.soci_plugin(), None, "containerd restarted with its original config");
-    let mut argv = rig.install_argv();
+    let mut argv = install_argv(&rig.mirror);
     argv.push("--no-start".into());
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     rig.agent("install --no-start", &argv).expect_code(0);
     let containerd_before = rig.unit(CONTAINERD);
     let run = rig.install();

@@ -44,27 +44,26 @@
 mod common;
 
 use std::fs;
+use std::ops::Deref;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::archive::sha256_hex;
+use common::archive::oci_image_tar;
+use common::booted::{
+    BOOT, Boot, Booted, CONTAINERD, CONTAINERD_CONFIG, CONTAINERD_DROPIN, NODECONFIG_DROPIN, SERVICE_DROPIN, SOCI,
+    SOCKET, STORE_DAEMON, install_argv,
+};
 use common::imds::{AwsStandIn, Instance, Service};
 use common::mirror::Mirror;
-use common::nspawn::{Node, NodeOptions, text};
+use common::nspawn::{NodeOptions, text};
 use common::real::{self, NodeContainerdConfig, with_containerd};
 use common::registry::{Registry, base64};
-use serde_json::{Value, json};
-use soci_agent::systemd::{Systemd, UnitState};
+use serde_json::Value;
 
 const VERSION: &str = real::SOCI_VERSION;
 const CONTAINERD_VERSION: &str = "2.2.9";
 const KUBELET_VERSION: &str = "v1.34.2";
-/// The agent binary, as copied into the node's `/share`.
-const AGENT: &str = "/share/soci-agent";
-/// Bound of one agent run inside the node.
-const RUN_BOUND: Duration = Duration::from_secs(240);
 /// Bound of a D-Bus call from the host.
 const DBUS_BOUND: Duration = Duration::from_secs(60);
 /// Bound of `nodeadm-run.service` (nodeadm waits for containerd and kubelet to be active).
@@ -72,23 +71,13 @@ const NODEADM_RUN_BOUND: Duration = Duration::from_secs(180);
 
 const NODEADM_CONFIG: &str = "nodeadm-config.service";
 const NODEADM_RUN: &str = "nodeadm-run.service";
-const SOCI: &str = "soci-snapshotter.service";
-const SOCKET: &str = "soci-snapshotter.socket";
-const CONTAINERD: &str = "containerd.service";
 const KUBELET: &str = "kubelet.service";
-const BOOT: &str = "soci-agent-boot.service";
 
 const UNITS: &str = "/etc/systemd/system";
-const SERVICE_DROPIN: &str = "/etc/systemd/system/soci-snapshotter.service.d/50-soci-agent.conf";
-const CONTAINERD_DROPIN: &str = "/etc/systemd/system/containerd.service.d/10-soci-snapshotter.conf";
-const NODECONFIG_DROPIN: &str = "/etc/eks/nodeadm.d/50-soci-agent.yaml";
 const AWS_DROPIN: &str = "90-e2e-aws-standin.conf";
-const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
 const KUBELET_CONFIG: &str = "/etc/kubernetes/kubelet/config.json";
 const KUBELET_CONFIG_DIR: &str = "/etc/kubernetes/kubelet/config.json.d";
 const NODEADM_CACHE: &str = "/run/eks/nodeadm/config.json";
-const STORE_DAEMON: &str = "/usr/local/lib/soci-agent/releases/0.16.1-amd64/soci-snapshotter-grpc";
-const SOCI_SOCKET: &str = "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock";
 const SOCI_ENDPOINT: &str = "unix:///run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock";
 const CONTAINERD_ENDPOINT: &str = "unix:///run/containerd/containerd.sock";
 const CERTS_D: &str = "/etc/containerd/certs.d";
@@ -109,84 +98,25 @@ const AMI_UNITS: [&str; 7] = [
 // ---------------------------------------------------------------------------------------------
 // The node and its surroundings.
 
+/// A booted node ([`Booted`]: the agent, D-Bus, the reads) and the servers it talks to.
 struct Rig {
-    // Field order = drop order: the bus connection goes before the node powers off, the
-    // stand-ins and servers after it.
-    sd: Systemd,
-    rt: tokio::runtime::Runtime,
-    node: Node,
+    // Field order = drop order: the node goes first (its D-Bus connection before it powers
+    // off), the stand-ins and servers after it.
+    booted: Booted,
     aws: AwsStandIn,
     mirror: Mirror,
     registry: Registry,
     _registry_dir: tempfile::TempDir,
-    started: Instant,
+}
+
+impl Deref for Rig {
+    type Target = Booted;
+    fn deref(&self) -> &Booted {
+        &self.booted
+    }
 }
 
 impl Rig {
-    fn step(&self, name: &str) {
-        eprintln!("-- [{:6.1}s] {name}", self.started.elapsed().as_secs_f64());
-    }
-
-    fn unit(&self, name: &str) -> UnitState {
-        self.rt
-            .block_on(self.sd.unit_state(name))
-            .unwrap_or_else(|e| panic!("unit_state({name}) over D-Bus: {e}"))
-    }
-
-    /// `systemctl is-active UNIT` inside the node.
-    fn is_active(&self, unit: &str) -> String {
-        text(&self.node.exec(&["systemctl", "is-active", unit]).stdout)
-            .trim()
-            .to_owned()
-    }
-
-    /// Bytes of a node file (host side of the copy; not for /run); `None` when absent.
-    fn read(&self, node_path: &str) -> Option<Vec<u8>> {
-        fs::read(self.node.path(node_path)).ok()
-    }
-
-    fn read_text(&self, node_path: &str) -> String {
-        String::from_utf8(
-            self.read(node_path)
-                .unwrap_or_else(|| panic!("{node_path} missing in the node")),
-        )
-        .unwrap()
-    }
-
-    /// A file under the node's `/run` (a tmpfs inside the node), read from inside.
-    fn read_run(&self, node_path: &str) -> Option<String> {
-        let out = self.node.exec(&["cat", node_path]);
-        out.status.success().then(|| text(&out.stdout))
-    }
-
-    /// Runs an agent command (with `--output json`) inside the node.
-    fn agent(&self, what: &str, argv: &[&str]) -> AgentRun {
-        let started = Instant::now();
-        let out = self.node.exec_timeout(argv, RUN_BOUND);
-        let report =
-            serde_json::from_slice(&out.stdout).unwrap_or_else(|_| json!({ "unparsed_stdout": text(&out.stdout) }));
-        eprintln!("   {what}: {} in {:.1}s", out.status, started.elapsed().as_secs_f64());
-        AgentRun {
-            what: what.to_owned(),
-            out,
-            report,
-        }
-    }
-
-    fn doctor(&self) -> AgentRun {
-        self.agent(
-            "doctor",
-            &[
-                "/usr/local/bin/soci-agent",
-                "doctor",
-                "--output",
-                "json",
-                "--log-level",
-                "warn",
-            ],
-        )
-    }
-
     /// The AWS stand-ins' request log, for assertion messages.
     fn aws_log(&self) -> String {
         self.aws
@@ -206,76 +136,6 @@ impl Rig {
             text(&journal.stdout),
             self.aws_log()
         )
-    }
-
-    /// The `ctr plugins ls` line of the `soci` snapshotter, if containerd lists one.
-    fn soci_plugin(&self) -> Option<String> {
-        let plugins = self.node.check(&["ctr", "plugins", "ls"]);
-        plugins
-            .lines()
-            .find(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                f.first() == Some(&"io.containerd.snapshotter.v1") && f.get(1) == Some(&"soci")
-            })
-            .map(str::to_owned)
-    }
-
-    /// Committed snapshots in the soci snapshotter (namespace k8s.io).
-    fn soci_committed(&self) -> (usize, String) {
-        let list = self
-            .node
-            .check(&["ctr", "-n", "k8s.io", "snapshots", "--snapshotter", "soci", "ls"]);
-        let n = list
-            .lines()
-            .skip(1)
-            .filter(|l| l.split_whitespace().last() == Some("Committed"))
-            .count();
-        (n, list)
-    }
-}
-
-/// One agent run inside the node.
-struct AgentRun {
-    what: String,
-    out: Output,
-    report: Value,
-}
-
-impl AgentRun {
-    fn show(&self) -> String {
-        format!(
-            "---- {} ({}) report ----\n{}\n---- stderr ----\n{}",
-            self.what,
-            self.out.status,
-            serde_json::to_string_pretty(&self.report).unwrap_or_default(),
-            text(&self.out.stderr)
-        )
-    }
-    fn expect_code(&self, want: i32) -> &Self {
-        assert_eq!(
-            self.out.status.code(),
-            Some(want),
-            "{}: exit code\n{}",
-            self.what,
-            self.show()
-        );
-        self
-    }
-    /// doctor: the verdict of check `id`.
-    fn verdict(&self, id: &str) -> String {
-        self.report["checks"]
-            .as_array()
-            .and_then(|c| c.iter().find(|c| c["id"] == id))
-            .and_then(|c| c["verdict"].as_str())
-            .unwrap_or_else(|| panic!("doctor has no check {id}\n{}", self.show()))
-            .to_owned()
-    }
-    /// doctor: the checks with verdict `fail`.
-    fn failing(&self) -> Vec<&Value> {
-        self.report["checks"]
-            .as_array()
-            .map(|c| c.iter().filter(|c| c["verdict"] == "fail").collect())
-            .unwrap_or_default()
     }
 }
 
@@ -336,87 +196,6 @@ const IPTABLES_STUB: &str = "#!/bin/sh\n# Test stub (kubelet.service's ExecStart
 
 const ECR_PROVIDER_STUB: &str = "#!/bin/sh\n# Test stub for the ECR credential provider (nodeadm checks it exists).\necho 'not on AWS' >&2\nexit 1\n";
 
-fn tar_of(entries: &[(&str, Option<&[u8]>)]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, data) in entries {
-        let mut h = tar::Header::new_ustar();
-        h.set_mtime(1_700_000_000);
-        h.set_mode(0o755);
-        match data {
-            None => {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_size(0);
-                b.append_data(&mut h, name, std::io::empty()).unwrap();
-            }
-            Some(d) => {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_size(d.len() as u64);
-                b.append_data(&mut h, name, *d).unwrap();
-            }
-        }
-    }
-    b.into_inner().unwrap()
-}
-
-/// An OCI image layout archive of [`PAUSE_IMAGE`] (one gzip layer), as the AMI's pause.tar.
-fn pause_archive() -> Vec<u8> {
-    use std::io::Write;
-    let layer = tar_of(&[("pause", Some(b"#!/bin/sh\nexec sleep infinity\n"))]);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&layer).unwrap();
-    let layer_gz = gz.finish().unwrap();
-    let config = json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": { "Entrypoint": ["/pause"] },
-        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&layer))] },
-    })
-    .to_string()
-    .into_bytes();
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": format!("sha256:{}", sha256_hex(&config)),
-            "size": config.len(),
-        },
-        "layers": [{
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-            "digest": format!("sha256:{}", sha256_hex(&layer_gz)),
-            "size": layer_gz.len(),
-        }],
-    })
-    .to_string()
-    .into_bytes();
-    let index = json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": format!("sha256:{}", sha256_hex(&manifest)),
-            "size": manifest.len(),
-            "annotations": {
-                "io.containerd.image.name": PAUSE_IMAGE,
-                "org.opencontainers.image.ref.name": "latest",
-            },
-        }],
-    })
-    .to_string()
-    .into_bytes();
-    let blobs: Vec<(String, &[u8])> = [&layer_gz, &config, &manifest]
-        .into_iter()
-        .map(|b| (format!("blobs/sha256/{}", sha256_hex(b)), b.as_slice()))
-        .collect();
-    let mut entries: Vec<(&str, Option<&[u8]>)> = vec![
-        ("oci-layout", Some(br#"{"imageLayoutVersion":"1.0.0"}"#)),
-        ("index.json", Some(&index)),
-        ("blobs/", None),
-        ("blobs/sha256/", None),
-    ];
-    entries.extend(blobs.iter().map(|(n, b)| (n.as_str(), Some(*b))));
-    tar_of(&entries)
-}
-
 fn copy_into(root: &Path, from: &Path, node_path: &str, mode: u32) {
     let to = root.join(node_path.trim_start_matches('/'));
     fs::create_dir_all(to.parent().unwrap()).unwrap();
@@ -470,7 +249,7 @@ fn boot() -> Rig {
             ECR_PROVIDER_STUB,
             0o755,
         )
-        .file(PAUSE_ARCHIVE, pause_archive())
+        .file(PAUSE_ARCHIVE, oci_image_tar(PAUSE_IMAGE))
         .prepare(move |root: &Path| {
             copy_into(root, &real::nodeadm(), "/usr/bin/nodeadm", 0o755);
             copy_into(root, &old_soci, "/usr/bin/soci-snapshotter-grpc", 0o755);
@@ -480,44 +259,21 @@ fn boot() -> Rig {
             enable_link(root, "multi-user.target", NODEADM_CONFIG);
             real::trust_plain_http(root, &registry_host);
         });
-    let node = Node::boot(opts);
-    let agent = node.share().join("soci-agent");
-    fs::copy(env!("CARGO_BIN_EXE_soci-agent"), &agent).expect("copy the agent into the node's /share");
-    fs::set_permissions(&agent, fs::Permissions::from_mode(0o755)).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let sd = rt
-        .block_on(Systemd::connect_address(&node.bus_address(), DBUS_BOUND))
-        .expect("connect to the node's systemd from the host");
+    let booted = Booted::boot_with(
+        opts,
+        Boot {
+            dbus_bound: DBUS_BOUND,
+            started: Some(started),
+            ..Boot::default()
+        },
+    );
     Rig {
-        sd,
-        rt,
-        node,
+        booted,
         aws,
         mirror,
         registry,
         _registry_dir: registry_dir,
-        started,
     }
-}
-
-fn install_argv(mirror: &Mirror) -> Vec<String> {
-    [
-        AGENT,
-        "install",
-        "--release-url",
-        &mirror.base_url(),
-        "--soci-version",
-        VERSION,
-        "--output",
-        "json",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
 }
 
 /// kubelet's effective `imageServiceEndpoint` as kubelet merges its files: `config.json`, then
@@ -546,12 +302,6 @@ fn kubelet_endpoint(rig: &Rig) -> (Option<(String, String)>, String) {
         }
     }
     (value, shown)
-}
-
-/// The running process's command line (NUL-separated in /proc), as arguments.
-fn cmdline(rig: &Rig, pid: u32) -> Vec<String> {
-    let out = rig.node.check(&["cat", &format!("/proc/{pid}/cmdline")]);
-    out.split('\0').filter(|s| !s.is_empty()).map(str::to_owned).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -623,8 +373,7 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
 
     // 2. The agent's install, where cloud-final runs the user data's shell part.
     rig.step("soci-agent install (cloud-final's turn)");
-    let argv: Vec<&str> = install.iter().map(String::as_str).collect();
-    let run = rig.agent("install", &argv);
+    let run = rig.agent("install", &install);
     run.expect_code(0);
     assert_eq!(run.report["plan"]["wiring"], "nodeadm", "{}", run.show());
     assert_eq!(
@@ -663,13 +412,7 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
         );
     }
     // Waiting for nodeadm-run is not a failure: user data running `install && doctor` passes.
-    let failing = doctor.failing();
-    assert!(
-        failing.is_empty(),
-        "doctor before nodeadm-run: {failing:#?}\n{}",
-        doctor.show()
-    );
-    doctor.expect_code(0);
+    doctor.expect_no_failing_check("doctor before nodeadm-run");
 
     // 3. nodeadm-run: merges user data + the drop-in, re-renders, starts containerd (whose
     //    Requires= starts SOCI) and kubelet.
@@ -722,7 +465,7 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
         rig.unit_story(NODEADM_RUN)
     );
     assert!(soci.drop_in_paths.iter().any(|p| p == SERVICE_DROPIN), "{soci:?}");
-    let exe = rig.node.check(&["readlink", &format!("/proc/{}/exe", soci.main_pid)]);
+    let exe = rig.exe(soci.main_pid);
     assert_eq!(exe, STORE_DAEMON, "{SOCI} runs {exe}, not the agent's release");
     let ami = real::ami_runtime().join("rootfs/etc/systemd/system");
     for name in AMI_UNITS {
@@ -743,29 +486,16 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
         containerd.drop_in_paths.iter().any(|p| p == CONTAINERD_DROPIN),
         "{containerd:?}"
     );
-    let line = rig.soci_plugin();
-    assert!(
-        line.as_deref()
-            .is_some_and(|l| l.split_whitespace().last() == Some("ok")),
-        "ctr plugins ls: soci snapshotter not ok: {line:?}"
-    );
+    rig.assert_soci_plugin_ok("after nodeadm-run");
 
     // containerd's config, as nodeadm rendered it and containerd reads it.
-    let dump = rig.node.check(&["containerd", "config", "dump"]);
-    let doc: toml_edit::DocumentMut = dump
-        .parse()
-        .unwrap_or_else(|e| panic!("config dump is not TOML: {e}\n{dump}"));
-    let soci_plugin = &doc["proxy_plugins"]["soci"];
-    assert_eq!(soci_plugin["type"].as_str(), Some("snapshot"), "{dump}");
-    assert_eq!(soci_plugin["address"].as_str(), Some(SOCI_SOCKET), "{dump}");
+    let (doc, dump) = rig.assert_containerd_reads_soci("after nodeadm-run");
     assert_eq!(
-        soci_plugin["exports"]["root"].as_str(),
+        doc["proxy_plugins"]["soci"]["exports"]["root"].as_str(),
         Some("/var/lib/soci-snapshotter-grpc"),
         "{dump}"
     );
     let images = &doc["plugins"]["io.containerd.cri.v1.images"];
-    assert_eq!(images["snapshotter"].as_str(), Some("soci"), "{dump}");
-    assert_eq!(images["disable_snapshot_annotations"].as_bool(), Some(false), "{dump}");
     assert_eq!(
         images["registry"]["config_path"].as_str(),
         Some(CERTS_D),
@@ -780,7 +510,7 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
     // kubelet: running with nodeadm's files, which point its image service at SOCI.
     let kubelet = rig.unit(KUBELET);
     assert!(kubelet.is_active(), "{KUBELET}: {kubelet}");
-    let args = cmdline(&rig, kubelet.main_pid);
+    let args = rig.cmdline(kubelet.main_pid);
     for want in [
         format!("--config={KUBELET_CONFIG}"),
         format!("--config-dir={KUBELET_CONFIG_DIR}"),
@@ -800,13 +530,7 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
         ("active", "success"),
         "{BOOT}: {boot_unit}"
     );
-    let images_list = rig.node.check(&["ctr", "-n", "k8s.io", "images", "ls", "-q"]);
-    assert!(
-        images_list.lines().any(|l| l == PAUSE_IMAGE),
-        "pause image not imported:\n{images_list}"
-    );
-    let (pause_snapshots, _) = rig.soci_committed();
-    assert!(pause_snapshots >= 1, "the pause image is not unpacked in soci");
+    let pause_snapshots = rig.assert_image_in_soci(PAUSE_IMAGE);
 
     // 4. A pull through kubelet's image endpoint (SOCI's CRI proxy) lands in soci.
     rig.step("crictl pull through the SOCI image endpoint");
@@ -857,12 +581,7 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
     // 5. doctor: no failing check.
     rig.step("soci-agent doctor");
     let doctor = rig.doctor();
-    let failing = doctor.failing();
-    assert!(
-        failing.is_empty(),
-        "doctor: failing checks {failing:#?}\n{}",
-        doctor.show()
-    );
+    doctor.expect_no_failing_check("doctor");
     for id in [
         "nodeadm.dropin",
         "kubelet.image-service-endpoint",
@@ -871,7 +590,6 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
     ] {
         assert_eq!(doctor.verdict(id), "ok", "{id}\n{}", doctor.show());
     }
-    doctor.expect_code(0);
     let not_ok: Vec<String> = doctor.report["checks"]
         .as_array()
         .into_iter()

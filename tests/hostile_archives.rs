@@ -7,8 +7,8 @@ mod common;
 
 use common::archive::{self, Member, hostile};
 use common::{dir_names, mode_of};
-use soci_agent::extract::{ExtractError, Extracted, extract_verified};
 use soci_agent::release::Sha256Hex;
+use soci_agent::release::extract::{ExtractError, Extracted, extract_verified};
 
 fn digest(bytes: &[u8]) -> Sha256Hex {
     Sha256Hex::parse(&archive::sha256_hex(bytes)).unwrap()

@@ -8,8 +8,10 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::archive::{sha256_hex, sha256sum_line};
+use common::agent_bin;
+use common::archive::sha256_hex;
 use common::real;
+use common::tree::{DEBIAN_CONTAINERD_DEFAULT as DEBIAN_DEFAULT, Tree as Node};
 
 /// The real SOCI release (tests/real/build.sh), so install's `config dump` check runs the real daemon.
 const VER: &str = real::SOCI_VERSION;
@@ -19,92 +21,13 @@ const ARCHIVE: &str = "soci-snapshotter-0.16.1-linux-amd64-static.tar.gz";
 fn standard_release(version: &str) -> Vec<u8> {
     real::soci_release(version).archive
 }
-const DEBIAN_DEFAULT: &str = include_str!("data/containerd/debian-default/input.toml");
 
-/// The agent under test, copied once per test process: install copies its
-/// own executable into the root, so a rebuild of the cargo target while
-/// tests run must not change it between runs.
-fn agent() -> &'static Path {
-    static AGENT: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
-    let (_, path) = AGENT.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("soci-agent");
-        std::fs::copy(env!("CARGO_BIN_EXE_soci-agent"), &path).unwrap();
-        (dir, path)
-    });
-    path
-}
-
-/// A node tree under a temp dir plus a local release archive beside it.
-struct Node {
-    dir: tempfile::TempDir,
-}
-
+/// The agent's runs on a node tree (`Node::plain()`, `Node::nodeadm(..)`, `Node::debian()`),
+/// with a local release archive beside it.
 impl Node {
-    fn new() -> Self {
-        let n = Node {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        std::fs::create_dir_all(n.root()).unwrap();
-        n.write(
-            "/etc/os-release",
-            "ID=debian\nVERSION_ID=\"12\"\nPRETTY_NAME=\"Debian GNU/Linux 12\"\n",
-            0o644,
-        );
-        n
-    }
-    /// A plain host: Debian containerd's default config, unpigz, a kubelet config.
-    fn plain() -> Self {
-        let n = Node::new();
-        n.write("/etc/containerd/config.toml", DEBIAN_DEFAULT, 0o644);
-        n.write("/usr/bin/unpigz", "#!/bin/sh\nexec gzip \"$@\"\n", 0o755);
-        n.write("/etc/kubernetes/kubelet/config.json", "{}\n", 0o644);
-        n
-    }
-    /// An AL2023-shaped nodeadm host with `containerd_version` in the EKS file.
-    fn nodeadm(containerd_version: &str) -> Self {
-        let n = Node::new();
-        n.write(
-            "/etc/os-release",
-            "ID=\"amzn\"\nVERSION_ID=\"2023\"\nPRETTY_NAME=\"Amazon Linux 2023\"\n",
-            0o644,
-        );
-        n.write("/usr/bin/nodeadm", "#!/bin/sh\nexit 0\n", 0o755);
-        std::fs::create_dir_all(n.path("/etc/eks/nodeadm.d")).unwrap();
-        n.write(
-            "/etc/eks/containerd-version.txt",
-            &format!("{containerd_version}\n"),
-            0o644,
-        );
-        n.write("/usr/bin/unpigz", "#!/bin/sh\nexec gzip \"$@\"\n", 0o755);
-        n
-    }
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
-    }
-    fn path(&self, node_path: &str) -> PathBuf {
-        self.root().join(node_path.trim_start_matches('/'))
-    }
-    fn write(&self, node_path: &str, content: &str, mode: u32) {
-        let p = self.path(node_path);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(&p, content).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
-    }
-    fn read(&self, node_path: &str) -> String {
-        std::fs::read_to_string(self.path(node_path)).unwrap_or_else(|e| panic!("{node_path}: {e}"))
-    }
     /// Writes the standard release archive (and its .sha256sum) beside the root.
     fn archive(&self) -> PathBuf {
-        let bytes = standard_release(VER);
-        let p = self.dir.path().join(ARCHIVE);
-        std::fs::write(&p, &bytes).unwrap();
-        std::fs::write(
-            self.dir.path().join(format!("{ARCHIVE}.sha256sum")),
-            sha256sum_line(&bytes, ARCHIVE),
-        )
-        .unwrap();
-        p
+        self.put_archive(ARCHIVE, &standard_release(VER))
     }
     /// Runs `soci-agent install --root <root> --no-start --arch amd64 <args>`.
     fn install(&self, args: &[&str]) -> Output {
@@ -117,7 +40,7 @@ impl Node {
     }
     /// Runs `soci-agent <sub> --root <root> --no-start <args>` (boot has no --no-start).
     fn run(&self, sub: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut cmd = Command::new(agent());
+        let mut cmd = Command::new(agent_bin());
         cmd.arg(sub)
             .arg("--root")
             .arg(self.root())
@@ -367,15 +290,32 @@ fn nodeadm_host_with_containerd_1_7_gets_v2_tables() {
 
 const AMI_UNIT: &str = "[Unit]\nDescription=soci snapshotter containerd plugin\n\n[Service]\nType=notify\nExecStart=/usr/bin/soci-snapshotter-grpc --address fd://\nRestart=no\n\n[Install]\nWantedBy=multi-user.target\n";
 
-#[test]
-fn preinstalled_unit_is_kept_and_overridden_by_a_dropin() {
+/// A nodeadm host (containerd 2.2.1) with a SOCI in `/usr/bin` that says it is `version`.
+fn nodeadm_with_soci(version: &str) -> Node {
     let node = Node::nodeadm("2.2.1");
-    node.write("/etc/systemd/system/soci-snapshotter.service", AMI_UNIT, 0o644);
     node.write(
         "/usr/bin/soci-snapshotter-grpc",
-        "#!/bin/sh\necho 'soci-snapshotter-grpc version v0.12.0 abc'\n",
+        format!("#!/bin/sh\necho 'soci-snapshotter-grpc version v{version} abc'\n"),
         0o755,
     );
+    node
+}
+
+/// The report lists the SOCI in `/usr/bin` among the installed ones, its version unknown (not run).
+fn assert_usr_bin_soci_not_run(report: &serde_json::Value) {
+    let installed = report["host"]["soci_installed"].as_array().unwrap();
+    assert!(
+        installed
+            .iter()
+            .any(|i| i["path"] == "/usr/bin/soci-snapshotter-grpc" && i["version"].is_null()),
+        "{report:#}"
+    );
+}
+
+#[test]
+fn preinstalled_unit_is_kept_and_overridden_by_a_dropin() {
+    let node = nodeadm_with_soci("0.12.0");
+    node.write("/etc/systemd/system/soci-snapshotter.service", AMI_UNIT, 0o644);
     let archive = node.archive();
     let out = node.install(&[
         "--archive",
@@ -395,25 +335,13 @@ fn preinstalled_unit_is_kept_and_overridden_by_a_dropin() {
         "{dropin}"
     );
     assert!(dropin.contains("Restart=always") && dropin.contains("RequiresMountsFor=/data/soci"));
-    let report = json(&out);
-    let installed = report["host"]["soci_installed"].as_array().unwrap();
-    assert!(
-        installed
-            .iter()
-            .any(|i| i["path"] == "/usr/bin/soci-snapshotter-grpc" && i["version"].is_null()),
-        "{report:#}"
-    );
+    assert_usr_bin_soci_not_run(&json(&out));
 }
 
 #[test]
 fn adopt_keeps_the_preinstalled_binary_and_downloads_nothing() {
-    let node = Node::nodeadm("2.2.1");
+    let node = nodeadm_with_soci("0.12.0");
     node.write("/etc/systemd/system/soci-snapshotter.service", AMI_UNIT, 0o644);
-    node.write(
-        "/usr/bin/soci-snapshotter-grpc",
-        "#!/bin/sh\necho 'soci-snapshotter-grpc version v0.12.0 abc'\n",
-        0o755,
-    );
     // An unreachable mirror proves nothing is fetched.
     let out = node.install(&["--adopt", "--release-url", "http://127.0.0.1:9", "--output", "json"]);
     assert_code(&out, 0);
@@ -430,32 +358,15 @@ fn adopt_keeps_the_preinstalled_binary_and_downloads_nothing() {
 fn adopt_under_a_mounted_root_never_runs_the_image_s_binary() {
     // Asked for its version, this binary would say 0.9.0 (no parallel mode) and be refused; under
     // a --root that is not this host it is never run, so its version is unknown and kept as asked.
-    let node = Node::nodeadm("2.2.1");
-    node.write(
-        "/usr/bin/soci-snapshotter-grpc",
-        "#!/bin/sh\necho 'soci-snapshotter-grpc version v0.9.0 abc'\n",
-        0o755,
-    );
+    let node = nodeadm_with_soci("0.9.0");
     let out = node.install(&["--adopt", "--output", "json"]);
     assert_code(&out, 0);
-    let report = json(&out);
-    let installed = report["host"]["soci_installed"].as_array().unwrap();
-    assert!(
-        installed
-            .iter()
-            .any(|i| i["path"] == "/usr/bin/soci-snapshotter-grpc" && i["version"].is_null()),
-        "{report:#}"
-    );
+    assert_usr_bin_soci_not_run(&json(&out));
 }
 
 #[test]
 fn bottlerocket_is_refused_with_a_pointer() {
-    let node = Node::new();
-    node.write(
-        "/etc/os-release",
-        "NAME=Bottlerocket\nID=bottlerocket\nPRETTY_NAME=\"Bottlerocket OS 1.44.0\"\n",
-        0o644,
-    );
+    let node = Node::bottlerocket();
     let archive = node.archive();
     let before = node.tree();
     let out = node.install(&["--archive", archive.to_str().unwrap(), "--output", "json"]);
@@ -849,14 +760,8 @@ fn sigkill_at_any_point_then_rerun_converges_to_a_clean_install() {
         ("NOTICE.md", b"notice\n"),
     ]);
     // One archive path for every node: release.json records where the digest came from.
-    let shared = tempfile::tempdir().unwrap();
-    let archive = shared.path().join(ARCHIVE);
-    std::fs::write(&archive, &bytes).unwrap();
-    std::fs::write(
-        shared.path().join(format!("{ARCHIVE}.sha256sum")),
-        sha256sum_line(&bytes, ARCHIVE),
-    )
-    .unwrap();
+    let shared = Node::empty();
+    let archive = shared.put_archive(ARCHIVE, &bytes);
     let write_archive = |_: &Node| archive.clone();
     let reference = Node::plain();
     let before = shape(&reference.tree());
@@ -867,7 +772,7 @@ fn sigkill_at_any_point_then_rerun_converges_to_a_clean_install() {
     for delay_ms in [0u64, 10, 60, 200, 500] {
         let node = Node::plain();
         let a = write_archive(&node);
-        let mut child = Command::new(agent())
+        let mut child = Command::new(agent_bin())
             .arg("install")
             .arg("--root")
             .arg(node.root())

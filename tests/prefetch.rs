@@ -314,20 +314,13 @@ fn retries_until_the_registry_is_up() {
         || fs::read_to_string(&stderr_path).unwrap_or_default(),
     );
     registry.start();
-    let deadline = Instant::now() + RUN_BOUND;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "prefetch still running; stderr:\n{}",
-                fs::read_to_string(&stderr_path).unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let Some(status) = common::wait_for_exit(&mut child, RUN_BOUND) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "prefetch still running; stderr:\n{}",
+            fs::read_to_string(&stderr_path).unwrap()
+        );
     };
     let stdout = fs::read_to_string(&stdout_path).unwrap();
     let stderr = fs::read_to_string(&stderr_path).unwrap();

@@ -261,14 +261,14 @@ fn shell_part_is_valid_posix_and_bash() {
 
 #[test]
 fn nodeconfig_uses_installs_renderer() {
-    use soci_agent::containerd_config::{ConfigVersion, SociWiring};
+    use soci_agent::files::containerd_config::{ConfigVersion, SociWiring};
     for (cv, version, table) in [("2", ConfigVersion::V3, V3), ("1.7", ConfigVersion::V2, V2)] {
         let out = render_ok(&["nodeconfig", "--containerd-version", cv]);
         let wiring = SociWiring {
             address: SOCKET.into(),
             soci_root: "/var/lib/soci-snapshotter-grpc".into(),
         };
-        assert_eq!(out, soci_agent::nodeconfig::render(version, &wiring));
+        assert_eq!(out, soci_agent::files::nodeconfig::render(version, &wiring));
         check_nodeconfig(&yaml(&out), table, "/var/lib/soci-snapshotter-grpc");
     }
     let out = render(&["nodeconfig", "--soci-root", "var/lib/soci"]);
@@ -636,7 +636,7 @@ fn rendered_install_arguments_parse_and_resolve_in_install() {
     let soci_agent::cli::Command::Install(install) = cli.command else {
         panic!("not install")
     };
-    let s = soci_agent::settings::InstallSettings::resolve(&install).unwrap_or_else(|e| panic!("{e}"));
+    let s = soci_agent::install::settings::InstallSettings::resolve(&install).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(s.soci_version.to_string(), "0.14.0");
     assert_eq!(s.release_url, "http://mirror.local/soci");
     assert_eq!(s.soci_root, "/data/soci");

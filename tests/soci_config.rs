@@ -2,8 +2,8 @@
 //! to the daemon's, SOCI 0.11.0-0.16.1), the key table with first versions,
 //! version-aware rendering and the unknown-key check `doctor` uses.
 
+use soci_agent::files::soci_config::*;
 use soci_agent::release::Version;
-use soci_agent::soci_config::*;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use toml_edit::{DocumentMut, TableLike};

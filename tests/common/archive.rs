@@ -312,3 +312,64 @@ pub mod hostile {
         release_tar_gz(&[("soci", b"#!/bin/sh\n")])
     }
 }
+
+/// A one-layer OCI image layout tarball of image `name`, shaped like the EKS AMI's
+/// `/etc/eks/pause.tar`: the layer holds `/pause` (a script that sleeps, the entrypoint); the
+/// index names the image (`io.containerd.image.name`) for this machine's architecture, as
+/// `ctr images import` and the agent's boot unit take it.
+pub fn oci_image_tar(name: &str) -> Vec<u8> {
+    let layer = tar_bytes(&[Member::file("pause", b"#!/bin/sh\nexec sleep infinity\n")]);
+    let layer_gz = gzip(&layer);
+    let arch = match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        _ => "amd64",
+    };
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": arch,
+        "os": "linux",
+        "config": { "Entrypoint": ["/pause"] },
+        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&layer))] },
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": format!("sha256:{}", sha256_hex(&config)),
+            "size": config.len(),
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": format!("sha256:{}", sha256_hex(&layer_gz)),
+            "size": layer_gz.len(),
+        }],
+    }))
+    .unwrap();
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{}", sha256_hex(&manifest)),
+            "size": manifest.len(),
+            "platform": { "architecture": arch, "os": "linux" },
+            "annotations": {
+                "io.containerd.image.name": name,
+                "org.opencontainers.image.ref.name": "latest",
+            },
+        }],
+    }))
+    .unwrap();
+    let blobs: Vec<(String, &[u8])> = [&layer_gz, &config, &manifest]
+        .into_iter()
+        .map(|b| (format!("blobs/sha256/{}", sha256_hex(b)), b.as_slice()))
+        .collect();
+    let mut members = vec![
+        Member::file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#),
+        Member::file("index.json", &index),
+        Member::Dir { name: "blobs/" },
+        Member::Dir { name: "blobs/sha256/" },
+    ];
+    members.extend(blobs.iter().map(|(n, b)| Member::file(n, b)));
+    tar_bytes(&members)
+}

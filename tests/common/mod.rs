@@ -4,23 +4,35 @@
 //! - [`archive`]: release-layout `.tar.gz` archives built in memory
 //!   ([`archive::standard_release`], [`archive::release_tar_gz`]), digests in
 //!   `sha256sum` format, and hostile archives ([`archive::hostile`]).
+//!   [`archive::oci_image_tar`] builds a one-layer OCI image archive (a pause image).
 //! - [`mirror`]: a loopback HTTP/1.1 release mirror with per-path fault
 //!   scripts and request counters ([`mirror::Mirror`], [`mirror::Fault`]).
-//! - small helpers below: fast [`HttpOptions`] for tests, directory listings.
+//! - [`tree`]: node trees under a temp dir for `--root` runs ([`tree::Tree`]).
+//! - [`nspawn`]: a booted systemd node; [`booted`]: such a node with the agent
+//!   in it and a D-Bus connection to its systemd ([`booted::Booted`]), the
+//!   agent's runs inside it ([`booted::AgentRun`]).
+//! - [`real`], [`containerd`], [`registry`], [`imds`]: the real components and
+//!   the servers around them.
+//! - small helpers below: fast [`HttpOptions`] for tests, directory listings,
+//!   a per-process copy of the agent binary, bounded waits for a child.
 //!
 //! Not every test file uses every helper, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
 pub mod archive;
+pub mod booted;
 pub mod containerd;
 pub mod imds;
 pub mod mirror;
 pub mod nspawn;
 pub mod real;
 pub mod registry;
+pub mod tree;
 
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use soci_agent::release::fetch::{HttpOptions, Progress};
 
@@ -63,4 +75,33 @@ pub fn wrong_digest(bytes: &[u8]) -> String {
     let right = archive::sha256_hex(bytes);
     let wrong = "0".repeat(64);
     if right == wrong { "1".repeat(64) } else { wrong }
+}
+
+/// The agent under test, copied once per test process: `install` copies its own executable into
+/// the root (and the daemon's drift check compares that copy with the running daemon's), so a
+/// rebuild of the cargo target while tests run must not change it between runs.
+pub fn agent_bin() -> &'static Path {
+    static AGENT: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, path) = AGENT.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("soci-agent");
+        std::fs::copy(env!("CARGO_BIN_EXE_soci-agent"), &path).unwrap();
+        (dir, path)
+    });
+    path
+}
+
+/// Waits up to `limit` for `child` to exit (polling every 5 ms): its status, or `None` when it
+/// still runs (it is left running: the caller decides).
+pub fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

@@ -538,7 +538,7 @@ fn bind_arg(flag: &str, host: &Path, node_path: &str) -> String {
 }
 
 /// Pids of the direct children of `pid` (all its threads).
-fn children(pid: u32) -> Vec<u32> {
+pub fn children(pid: u32) -> Vec<u32> {
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
