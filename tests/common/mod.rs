@@ -79,16 +79,22 @@ pub fn wrong_digest(bytes: &[u8]) -> String {
 
 /// The agent under test, copied once per test process: `install` copies its own executable into
 /// the root (and the daemon's drift check compares that copy with the running daemon's), so a
-/// rebuild of the cargo target while tests run must not change it between runs.
+/// rebuild of the cargo target while tests run must not change it between runs. The copy lives
+/// in cargo's per-target temp dir under one name per test binary, replaced atomically on each
+/// run, so nothing piles up in /tmp.
 pub fn agent_bin() -> &'static Path {
-    static AGENT: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    let (_, path) = AGENT.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("soci-agent");
-        std::fs::copy(env!("CARGO_BIN_EXE_soci-agent"), &path).unwrap();
-        (dir, path)
-    });
-    path
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-copies");
+        std::fs::create_dir_all(&dir).unwrap();
+        let me = std::env::current_exe().unwrap();
+        let name = format!("soci-agent-{}", me.file_name().unwrap().to_string_lossy());
+        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+        std::fs::copy(env!("CARGO_BIN_EXE_soci-agent"), &tmp).unwrap();
+        let path = dir.join(name);
+        std::fs::rename(&tmp, &path).unwrap();
+        path
+    })
 }
 
 /// Waits up to `limit` for `child` to exit (polling every 5 ms): its status, or `None` when it
