@@ -305,7 +305,7 @@ pub struct BootArgs {
     #[arg(long, value_name = "PATH", default_value = PAUSE_ARCHIVE)]
     pub pause_archive: String,
     /// Give up after this many seconds (then exit 0 unless --strict).
-    #[arg(long, value_name = "SECS", default_value_t = 600.0, value_parser = crate::cli::parse_seconds)]
+    #[arg(long, value_name = "SECS", default_value_t = 600.0, value_parser = crate::flag_values::parse_seconds)]
     pub timeout: f64,
     /// Exit 1 when a step fails or the time bound is hit (default: log loudly, exit 0 so the node joins).
     #[arg(long)]

@@ -46,30 +46,24 @@ mod notify;
 mod reconcile;
 mod repair;
 mod resolve;
+mod service;
 mod state;
 mod status;
 mod warm;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use tokio::signal::unix::{SignalKind, signal};
+use std::sync::Arc;
+use std::time::Duration;
 
 pub use config::{Config, ConfigError, DEFAULT_INTERVAL, MetricsAddress, Overrides};
 pub use http::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 pub use notify::Notifier;
 pub use state::Live;
 
-use reconcile::{Endpoints, Reconciler};
-use state::{ConfigProblem, Shared, lock, unix_now};
-use warm::Warmer;
+use reconcile::Endpoints;
 
 /// How long shutdown may take once SIGTERM arrives (the unit's TimeoutStopSec is above it).
 pub const STOP_BOUND: Duration = Duration::from_secs(10);
-/// A reconcile running longer than this stops the watchdog pings (systemd then restarts us).
-const HANG_BOUND: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, clap::Args)]
 #[command(
@@ -123,64 +117,12 @@ impl DaemonArgs {
     }
 }
 
-/// The metrics listener, when configured.
-#[derive(Default)]
-struct MetricsServer {
-    address: Option<MetricsAddress>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl MetricsServer {
-    async fn bind(address: Option<&MetricsAddress>) -> Result<Option<http::Bound>, String> {
-        match address {
-            None => Ok(None),
-            Some(a) => http::bind(a)
-                .await
-                .map(Some)
-                .map_err(|e| format!("metrics_address {a}: {e}")),
-        }
-    }
-    fn run(address: Option<MetricsAddress>, bound: Option<http::Bound>, shared: &Shared) -> Self {
-        let task = bound.map(|b| tokio::spawn(http::serve(b, shared.clone())));
-        if let Some(a) = &address {
-            tracing::info!(address = %a, "serving /metrics");
-        }
-        MetricsServer { address, task }
-    }
-    /// Stops serving; returns once the listener is closed (the aborted task
-    /// has been dropped), so a reload never reports a listener still open.
-    async fn stop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-            let _ = t.await;
-        }
-        if let Some(MetricsAddress::Unix(p)) = self.address.take() {
-            http::Bound::cleanup(&p);
-        }
-    }
-}
-
 /// Runs until SIGTERM or SIGINT; returns the exit code.
 pub async fn run(args: &DaemonArgs) -> u8 {
     let root = crate::rootfs::Root::new(&args.root);
     let overrides = args.overrides();
     if args.query {
-        let path = match &args.state_socket {
-            Some(p) => p.clone(),
-            None => {
-                config::load(&root, &overrides).map_or(root.path(crate::paths::DAEMON_STATE_SOCKET), |c| c.state_socket)
-            }
-        };
-        return match status::query(&path).await {
-            Ok(text) => {
-                print!("{text}");
-                0
-            }
-            Err(e) => {
-                eprintln!("soci-agent daemon --query: {e}");
-                1
-            }
-        };
+        return query(args, &root, &overrides).await;
     }
     let cfg = match config::load(&root, &overrides) {
         Ok(c) => Arc::new(c),
@@ -194,165 +136,29 @@ pub async fn run(args: &DaemonArgs) -> u8 {
         containerd_socket: args.containerd_socket.clone(),
         soci_socket: args.soci_socket.clone(),
     };
-    match serve(root, ends, cfg, overrides).await {
+    match service::serve(root, ends, cfg, overrides).await {
         Ok(()) => 0,
         Err(e) => {
-            tracing::error!(error = e.as_str(), "cannot start");
+            tracing::error!(error = crate::exit::error_chain(&e).as_str(), "cannot start");
             1
         }
     }
 }
 
-async fn serve(
-    root: crate::rootfs::Root,
-    ends: Endpoints,
-    mut cfg: Arc<Config>,
-    overrides: Overrides,
-) -> Result<(), String> {
-    let notifier = Notifier::from_env();
-    let shared: Shared = Arc::new(Mutex::new(Live::new(cfg.shown(), cfg.max_repairs_per_hour, cfg.repair)));
-    let signals = |k| signal(k).map_err(|e| format!("cannot handle signals: {e}"));
-    let (mut hup, mut term, mut int) = (
-        signals(SignalKind::hangup())?,
-        signals(SignalKind::terminate())?,
-        signals(SignalKind::interrupt())?,
-    );
-    let listener = status::bind(&cfg.state_socket).map_err(|e| crate::exit::error_chain(&e))?;
-    let state_socket = cfg.state_socket.clone();
-    let status_task = tokio::spawn(status::serve(listener, shared.clone()));
-    let bound = MetricsServer::bind(cfg.metrics_address.as_ref()).await?;
-    let mut metrics = MetricsServer::run(cfg.metrics_address.clone(), bound, &shared);
-    tracing::info!(
-        config = ?cfg.file,
-        interval_seconds = cfg.interval.as_secs_f64(),
-        repair = cfg.repair,
-        restart_containerd = cfg.restart_containerd,
-        images = cfg.prefetch.images.len(),
-        state_socket = %state_socket.display(),
-        "soci-agent daemon starting"
-    );
-    let base = Instant::now();
-    let busy_since = Arc::new(AtomicU64::new(0));
-    let watchdog = notifier.watchdog_period().map(|period| {
-        let (n, busy) = (notifier.clone(), busy_since.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            loop {
-                tick.tick().await;
-                let since = busy.load(Ordering::Relaxed);
-                let stuck = since != 0 && base.elapsed().as_millis() as u64 - since > HANG_BOUND.as_millis() as u64;
-                if !stuck {
-                    n.watchdog();
-                }
-            }
-        })
-    });
-    let mut warmer = Warmer::default();
-    Warmer::sync(&shared, &cfg);
-    warmer.kick(&shared, &cfg);
-    let mut rec = Reconciler::new(root.clone(), ends, cfg.clone(), shared.clone());
-    let mut first = true;
-    loop {
-        if !first {
-            tokio::select! {
-                _ = tokio::time::sleep(cfg.interval) => {}
-                _ = hup.recv() => reload(&root, &overrides, &mut cfg, &mut rec, &mut metrics, &mut warmer, &shared, &notifier).await,
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-            }
-            warmer.kick(&shared, &cfg);
-        }
-        busy_since.store(base.elapsed().as_millis().max(1) as u64, Ordering::Relaxed);
-        let stopped = tokio::select! {
-            _ = rec.run_once() => false,
-            _ = term.recv() => true,
-            _ = int.recv() => true,
-        };
-        busy_since.store(0, Ordering::Relaxed);
-        if stopped {
-            break;
-        }
-        let line = lock(&shared).status_line();
-        if first {
-            notifier.ready(&line);
-            tracing::info!(status = line.as_str(), "first reconcile done: ready");
-            first = false;
-        } else {
-            notifier.status(&line);
-        }
-    }
-    let stopping = Instant::now();
-    notifier.stopping();
-    tracing::info!("stopping");
-    warmer.abort();
-    if let Some(w) = watchdog {
-        w.abort();
-    }
-    metrics.stop().await;
-    status_task.abort();
-    let _ = status_task.await;
-    let _ = std::fs::remove_file(&state_socket);
-    tracing::info!(seconds = stopping.elapsed().as_secs_f64(), "stopped");
-    Ok(())
-}
-
-/// SIGHUP: re-reads everything; a configuration that does not load (or whose
-/// new metrics address cannot be bound) is refused and the old one stays.
-#[allow(clippy::too_many_arguments)]
-async fn reload(
-    root: &crate::rootfs::Root,
-    overrides: &Overrides,
-    cfg: &mut Arc<Config>,
-    rec: &mut Reconciler,
-    metrics: &mut MetricsServer,
-    warmer: &mut Warmer,
-    shared: &Shared,
-    notifier: &Notifier,
-) {
-    notifier.reloading();
-    let loaded = match config::load(root, overrides) {
-        Ok(new) if new.metrics_address != cfg.metrics_address => {
-            match MetricsServer::bind(new.metrics_address.as_ref()).await {
-                Ok(bound) => Ok((new, Some(bound))),
-                Err(e) => Err(e),
-            }
-        }
-        Ok(new) => Ok((new, None)),
-        Err(e) => Err(crate::exit::error_chain(&e)),
+/// `--query`: prints the running daemon's state; 0, or 1 when no daemon answers.
+async fn query(args: &DaemonArgs, root: &crate::rootfs::Root, overrides: &Overrides) -> u8 {
+    let path = match &args.state_socket {
+        Some(p) => p.clone(),
+        None => config::load(root, overrides).map_or(root.path(crate::paths::DAEMON_STATE_SOCKET), |c| c.state_socket),
     };
-    match loaded {
-        Ok((new, rebound)) => {
-            let changes = new.changes_from(cfg);
-            if new.state_socket != cfg.state_socket {
-                tracing::warn!("state_socket changed: it takes effect at the next start");
-            }
-            if let Some(bound) = rebound {
-                metrics.stop().await;
-                *metrics = MetricsServer::run(new.metrics_address.clone(), bound, shared);
-            }
-            *cfg = Arc::new(new);
-            rec.set_config(cfg.clone());
-            {
-                let mut live = lock(shared);
-                live.config = cfg.shown();
-                live.config_generation += 1;
-                live.config_error = None;
-            }
-            if Warmer::sync(shared, cfg) {
-                warmer.kick(shared, cfg);
-            }
-            tracing::info!(changes = ?changes, "configuration reloaded");
+    match status::query(&path).await {
+        Ok(text) => {
+            print!("{text}");
+            0
         }
-        Err(error) => {
-            tracing::error!(
-                error = error.as_str(),
-                "reload refused: the running configuration stays"
-            );
-            let mut live = lock(shared);
-            live.config_error = Some(ConfigProblem { at: unix_now(), error });
-            live.config_errors += 1;
+        Err(e) => {
+            eprintln!("soci-agent daemon --query: {e}");
+            1
         }
     }
-    let line = lock(shared).status_line();
-    notifier.ready(&line);
 }

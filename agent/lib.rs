@@ -18,6 +18,7 @@ pub mod diff;
 pub mod doctor;
 pub mod exit;
 pub mod files;
+pub mod flag_values;
 pub mod health;
 pub mod history;
 pub mod host;

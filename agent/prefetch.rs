@@ -74,14 +74,16 @@ mod report;
 mod soci;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use k8s_cri::v1::Image;
 use tonic::transport::Channel;
 
 pub use bake::{PlatformReport, PlatformState};
+pub(crate) use credentials::basic_authorization;
 pub use credentials::go_duration;
 pub use options::{
     DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_PER_IMAGE_SECS, OptionsError, PinMode, PrefetchArgs, PrefetchOptions,
@@ -90,7 +92,7 @@ pub use options::{
 pub use reference::{ImageRef, RefError};
 pub use report::{EXIT_SOME_FAILED, ImageReport, ImageState, PrefetchReport, Summary};
 
-use credentials::Keyring;
+use credentials::{Credential, Keyring};
 use cri::{CallError, Cri};
 use progress::Board;
 pub use soci::{SociFacts, read_soci_config};
@@ -133,6 +135,50 @@ struct Item {
     parsed: Result<ImageRef, RefError>,
 }
 
+/// Why a run cannot start (the report's `error`, exit 2).
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    #[error(transparent)]
+    Credentials(#[from] credentials::CredentialError),
+    /// The CRI endpoint is not a unix socket path (the message names it).
+    #[error("{0}")]
+    Endpoint(String),
+    #[error("concurrency must be at least 1")]
+    Concurrency,
+}
+
+/// Why one image failed (the report's per-image `error`).
+#[derive(Debug, thiserror::Error)]
+enum ImageError {
+    /// A call failed for good, or its retries were spent.
+    #[error("{what}: {error}{}", after_attempts(*attempts))]
+    Call {
+        what: &'static str,
+        error: CallError,
+        attempts: u32,
+    },
+    /// The pull failed; how credentials were found says why, maybe.
+    #[error("{error} (credentials: {note})")]
+    Pull { error: Box<ImageError>, note: String },
+    #[error("PullImage succeeded but ImageStatus does not find {0}")]
+    Vanished(String),
+    /// The image is there, but its pinned label could not be set (or removed).
+    #[error("image {state}, but {error}")]
+    Pin {
+        state: &'static str,
+        error: Box<ImageError>,
+    },
+}
+
+/// ` (after N attempts)` when there was more than one.
+fn after_attempts(attempts: u32) -> String {
+    if attempts > 1 {
+        format!(" (after {attempts} attempts)")
+    } else {
+        String::new()
+    }
+}
+
 /// What every image task shares.
 struct Ctx<'a> {
     opts: &'a PrefetchOptions,
@@ -155,48 +201,17 @@ struct Ctx<'a> {
 pub async fn prefetch(opts: &PrefetchOptions) -> PrefetchReport {
     let started = Instant::now();
     let mut report = PrefetchReport::new(opts.concurrency, opts.pin, opts.strict);
-    let setup = (|| {
-        let keyring = Keyring::load(
-            opts.auth_file.as_deref(),
-            opts.credential_provider_config.as_deref(),
-            opts.credential_provider_config_required,
-            &opts.credential_provider_bin_dir,
-        )
-        .map_err(|e| crate::exit::error_chain(&e))?;
-        let socket = cri::socket_path(&opts.cri_endpoint)?;
-        if opts.concurrency == 0 {
-            return Err("concurrency must be at least 1".to_string());
-        }
-        Ok((keyring, socket))
-    })();
-    let (keyring, cri_socket) = match setup {
+    let (keyring, cri_socket) = match setup(opts) {
         Ok(x) => x,
         Err(e) => {
-            report.error = Some(e);
+            report.error = Some(crate::exit::error_chain(&e));
             report.finish();
             return report;
         }
     };
     report.warnings.extend(keyring.warnings.iter().cloned());
-
     let items = dedupe(&opts.images, &mut report.warnings);
-    let soci = read_soci_config(&opts.soci_config);
-    let repos: Vec<String> = items
-        .iter()
-        .filter_map(|i| i.parsed.as_ref().ok())
-        .map(ImageRef::repo)
-        .collect();
-    let repo_locks = soci::serialization(opts, &soci, &repos, &mut report);
-    let credentials_configured =
-        opts.auth_file.is_some() || opts.credential_provider_config.as_deref().is_some_and(Path::exists);
-    if soci.as_ref().is_ok_and(|f| f.cri_keychain) && credentials_configured && !cri_socket.starts_with(SOCI_RUN_DIR) {
-        report.warnings.push(format!(
-            "SOCI's CRI keychain is enabled: credentials of pulls through {} do not reach SOCI, which fetches \
-             layers itself in parallel mode; point --cri-endpoint at SOCI's socket (kubelet's \
-             imageServiceEndpoint) for private registries",
-            opts.cri_endpoint
-        ));
-    }
+    let repo_locks = soci_guards(opts, &items, &cri_socket, &mut report);
     let names = items
         .iter()
         .map(|i| i.parsed.as_ref().map_or(i.given.clone(), ToString::to_string))
@@ -215,7 +230,59 @@ pub async fn prefetch(opts: &PrefetchOptions) -> PrefetchReport {
     for w in &report.warnings {
         tracing::warn!("{w}");
     }
-    let work = futures_util::future::join_all(items.iter().enumerate().map(|(i, item)| one_image(&ctx, i, item)));
+    report.images = every_image(&ctx, &items).await;
+    report.seconds = started.elapsed().as_secs_f64();
+    report.finish();
+    log_summary(&ctx, &report);
+    report
+}
+
+/// The credentials and the CRI socket; `Err` when the configuration cannot be used.
+fn setup(opts: &PrefetchOptions) -> Result<(Keyring, PathBuf), SetupError> {
+    let keyring = Keyring::load(
+        opts.auth_file.as_deref(),
+        opts.credential_provider_config.as_deref(),
+        opts.credential_provider_config_required,
+        &opts.credential_provider_bin_dir,
+    )?;
+    let socket = cri::socket_path(&opts.cri_endpoint).map_err(SetupError::Endpoint)?;
+    if opts.concurrency == 0 {
+        return Err(SetupError::Concurrency);
+    }
+    Ok((keyring, socket))
+}
+
+/// What SOCI's config means for this run: per-repository locks (issue 2035), and a warning
+/// when its CRI keychain will not see the credentials of pulls through `cri_socket`.
+fn soci_guards(
+    opts: &PrefetchOptions,
+    items: &[Item],
+    cri_socket: &Path,
+    report: &mut PrefetchReport,
+) -> HashMap<String, tokio::sync::Mutex<()>> {
+    let soci = read_soci_config(&opts.soci_config);
+    let repos: Vec<String> = items
+        .iter()
+        .filter_map(|i| i.parsed.as_ref().ok())
+        .map(ImageRef::repo)
+        .collect();
+    let repo_locks = soci::serialization(opts, &soci, &repos, report);
+    let credentials_configured =
+        opts.auth_file.is_some() || opts.credential_provider_config.as_deref().is_some_and(Path::exists);
+    if soci.as_ref().is_ok_and(|f| f.cri_keychain) && credentials_configured && !cri_socket.starts_with(SOCI_RUN_DIR) {
+        report.warnings.push(format!(
+            "SOCI's CRI keychain is enabled: credentials of pulls through {} do not reach SOCI, which fetches \
+             layers itself in parallel mode; point --cri-endpoint at SOCI's socket (kubelet's \
+             imageServiceEndpoint) for private registries",
+            opts.cri_endpoint
+        ));
+    }
+    repo_locks
+}
+
+/// Works on every image at once (within the slots), redrawing the board meanwhile.
+async fn every_image(ctx: &Ctx<'_>, items: &[Item]) -> Vec<ImageReport> {
+    let work = futures_util::future::join_all(items.iter().enumerate().map(|(i, item)| one_image(ctx, i, item)));
     tokio::pin!(work);
     let images = loop {
         tokio::select! {
@@ -224,22 +291,24 @@ pub async fn prefetch(opts: &PrefetchOptions) -> PrefetchReport {
         }
     };
     ctx.board.draw();
-    report.images = images;
-    report.seconds = started.elapsed().as_secs_f64();
-    report.finish();
-    if !ctx.board.enabled() {
-        tracing::info!(
-            images = report.summary.images,
-            hit = report.summary.hit,
-            pulled = report.summary.pulled,
-            failed = report.summary.failed,
-            bytes_pulled = report.summary.bytes_pulled,
-            seconds = report.seconds,
-            "{}",
-            report.summary_line()
-        );
+    images
+}
+
+/// The summary log line (off a terminal; the board shows it otherwise).
+fn log_summary(ctx: &Ctx<'_>, report: &PrefetchReport) {
+    if ctx.board.enabled() {
+        return;
     }
-    report
+    tracing::info!(
+        images = report.summary.images,
+        hit = report.summary.hit,
+        pulled = report.summary.pulled,
+        failed = report.summary.failed,
+        bytes_pulled = report.summary.bytes_pulled,
+        seconds = report.seconds,
+        "{}",
+        report.summary_line()
+    );
 }
 
 /// Parses every reference and drops repeats of the same normalized one.
@@ -271,6 +340,8 @@ struct Tracker {
     auth: Mutex<Option<String>>,
 }
 
+/// One image, start to end: waits its turn, then checks, pulls and pins within
+/// `--timeout-per-image`; the report says how it went.
 async fn one_image(ctx: &Ctx<'_>, idx: usize, item: &Item) -> ImageReport {
     let mut rep = ImageReport::new(&item.given, item.parsed.as_ref().ok().map(ToString::to_string));
     let image = match &item.parsed {
@@ -296,28 +367,38 @@ async fn one_image(ctx: &Ctx<'_>, idx: usize, item: &Item) -> ImageReport {
         Ok(Ok(state)) => rep.state = state,
         Ok(Err(e)) => {
             rep.state = ImageState::Failed;
-            rep.error = Some(e);
+            rep.error = Some(e.to_string());
         }
         Err(_) => {
             rep.state = ImageState::Failed;
-            let last = tracker.last_error.lock().expect("tracker lock").clone();
-            rep.error = Some(match last {
-                Some(l) => format!(
-                    "timed out after {} s (--timeout-per-image); last error: {l}",
-                    bound.as_secs_f64()
-                ),
-                None => format!("timed out after {} s (--timeout-per-image)", bound.as_secs_f64()),
-            });
+            rep.error = Some(timed_out(bound, &tracker));
         }
     }
+    finish_image(ctx, idx, &mut rep, &tracker, started);
+    rep
+}
+
+/// Completes the report from what the tracker saw, and tells the board or the log.
+fn finish_image(ctx: &Ctx<'_>, idx: usize, rep: &mut ImageReport, tracker: &Tracker, started: Instant) {
     rep.attempts = tracker.pulls.load(Ordering::Relaxed);
     if rep.auth.is_none() {
         rep.auth = tracker.auth.lock().expect("tracker lock").clone();
     }
     rep.seconds = started.elapsed().as_secs_f64();
     ctx.board.finish(idx, rep.state.as_str(), rep.seconds);
-    log_result(ctx, &rep);
-    rep
+    log_result(ctx, rep);
+}
+
+/// The error of an image whose work outlived `bound`, with the last call error seen.
+fn timed_out(bound: Duration, tracker: &Tracker) -> String {
+    let last = tracker.last_error.lock().expect("tracker lock").clone();
+    match last {
+        Some(l) => format!(
+            "timed out after {} s (--timeout-per-image); last error: {l}",
+            bound.as_secs_f64()
+        ),
+        None => format!("timed out after {} s (--timeout-per-image)", bound.as_secs_f64()),
+    }
 }
 
 /// One structured log line per image (off a terminal).
@@ -351,75 +432,126 @@ fn log_result(ctx: &Ctx<'_>, rep: &ImageReport) {
     }
 }
 
+/// Makes the image present (a hit, or pulled), pins or unpins it, and fetches other platforms.
 async fn work(
     ctx: &Ctx<'_>,
     idx: usize,
     image: &ImageRef,
     tracker: &Tracker,
     rep: &mut ImageReport,
-) -> Result<ImageState, String> {
+) -> Result<ImageState, ImageError> {
     let reference = image.to_string();
-    let status = retry(ctx, idx, tracker, "ImageStatus", None, || ctx.cri.status(&reference)).await?;
-    let mut credential = None;
-    let (state, found) = match status {
-        Some(found) => (ImageState::Hit, found),
-        None if ctx.opts.pin == PinMode::Unpin => return Ok(ImageState::Absent),
-        None => {
-            let resolved = ctx.keyring.lookup(image).await;
-            *tracker.auth.lock().expect("tracker lock") = Some(resolved.source.clone());
-            credential = resolved.credential;
-            ctx.board.set(idx, "pulling");
-            let pulled = retry(ctx, idx, tracker, "PullImage", Some(&tracker.pulls), || {
-                ctx.cri.pull(&reference, credential.as_ref())
-            })
-            .await;
-            if let Err(e) = pulled {
-                return Err(match resolved.note {
-                    Some(note) => format!("{e} (credentials: {note})"),
-                    None => e,
-                });
-            }
-            let found = retry(ctx, idx, tracker, "ImageStatus", None, || ctx.cri.status(&reference))
-                .await?
-                .ok_or_else(|| format!("PullImage succeeded but ImageStatus does not find {reference}"))?;
-            (ImageState::Pulled, found)
-        }
+    let Some((state, found, mut credential)) = present(ctx, idx, image, &reference, tracker).await? else {
+        return Ok(ImageState::Absent);
     };
     rep.image_id = Some(found.id.clone());
     rep.bytes = Some(found.size);
     if ctx.opts.pin != PinMode::Keep {
-        let pinned = ctx.opts.pin == PinMode::Pin;
-        ctx.board.set(idx, if pinned { "pinning" } else { "unpinning" });
-        let names = pin::record_names(&found);
-        retry(ctx, idx, tracker, "pin", None, || {
-            pin::set_pinned(&ctx.containerd, &names, pinned)
-        })
-        .await
-        .map_err(|e| format!("image {}, but {e}", state.as_str()))?;
-        rep.pinned = Some(pinned);
+        rep.pinned = Some(pin(ctx, idx, tracker, &found, state).await?);
     }
     if !ctx.opts.platforms.is_empty() && ctx.opts.pin != PinMode::Unpin {
         if state == ImageState::Hit && credential.is_none() {
             credential = ctx.keyring.lookup(image).await.credential;
         }
-        let native = bake::native_platform();
         for platform in &ctx.opts.platforms {
-            let p = if *platform == native {
-                PlatformReport {
-                    platform: platform.clone(),
-                    state: PlatformState::Native,
-                    error: None,
-                }
-            } else {
-                ctx.board.set(idx, "fetching");
-                ctx.board.note(idx, platform);
-                let pin = ctx.opts.pin == PinMode::Pin;
-                bake::fetch_platform(&ctx.containerd, &reference, platform, credential.as_ref(), pin).await
-            };
+            let p = other_platform(ctx, idx, &reference, platform, credential.as_ref()).await;
             rep.platforms.push(p);
         }
     }
     Ok(state)
+}
+
+/// The image as CRI has it: a hit, or pulled now (with the credential the pull used).
+/// `None` when it is absent and the run only unpins.
+async fn present(
+    ctx: &Ctx<'_>,
+    idx: usize,
+    image: &ImageRef,
+    reference: &str,
+    tracker: &Tracker,
+) -> Result<Option<(ImageState, Image, Option<Credential>)>, ImageError> {
+    match retry(ctx, idx, tracker, "ImageStatus", None, || ctx.cri.status(reference)).await? {
+        Some(found) => Ok(Some((ImageState::Hit, found, None))),
+        None if ctx.opts.pin == PinMode::Unpin => Ok(None),
+        None => {
+            let (found, credential) = pull(ctx, idx, image, reference, tracker).await?;
+            Ok(Some((ImageState::Pulled, found, credential)))
+        }
+    }
+}
+
+/// Pulls the image with the credentials the keyring finds, then looks it up again.
+async fn pull(
+    ctx: &Ctx<'_>,
+    idx: usize,
+    image: &ImageRef,
+    reference: &str,
+    tracker: &Tracker,
+) -> Result<(Image, Option<Credential>), ImageError> {
+    let resolved = ctx.keyring.lookup(image).await;
+    *tracker.auth.lock().expect("tracker lock") = Some(resolved.source.clone());
+    let credential = resolved.credential;
+    ctx.board.set(idx, "pulling");
+    let pulled = retry(ctx, idx, tracker, "PullImage", Some(&tracker.pulls), || {
+        ctx.cri.pull(reference, credential.as_ref())
+    })
+    .await;
+    if let Err(e) = pulled {
+        return Err(match resolved.note {
+            Some(note) => ImageError::Pull {
+                error: Box::new(e),
+                note,
+            },
+            None => e,
+        });
+    }
+    let found = retry(ctx, idx, tracker, "ImageStatus", None, || ctx.cri.status(reference))
+        .await?
+        .ok_or_else(|| ImageError::Vanished(reference.to_string()))?;
+    Ok((found, credential))
+}
+
+/// Sets (`--pin`) or removes (`--unpin`) the pinned label on every name of `found`; returns which.
+async fn pin(
+    ctx: &Ctx<'_>,
+    idx: usize,
+    tracker: &Tracker,
+    found: &Image,
+    state: ImageState,
+) -> Result<bool, ImageError> {
+    let pinned = ctx.opts.pin == PinMode::Pin;
+    ctx.board.set(idx, if pinned { "pinning" } else { "unpinning" });
+    let names = pin::record_names(found);
+    retry(ctx, idx, tracker, "pin", None, || {
+        pin::set_pinned(&ctx.containerd, &names, pinned)
+    })
+    .await
+    .map_err(|e| ImageError::Pin {
+        state: state.as_str(),
+        error: Box::new(e),
+    })?;
+    Ok(pinned)
+}
+
+/// Bake mode, one platform: this node's is already pulled; another's content is fetched.
+async fn other_platform(
+    ctx: &Ctx<'_>,
+    idx: usize,
+    reference: &str,
+    platform: &str,
+    credential: Option<&Credential>,
+) -> PlatformReport {
+    if platform == bake::native_platform() {
+        return PlatformReport {
+            platform: platform.to_string(),
+            state: PlatformState::Native,
+            error: None,
+        };
+    }
+    ctx.board.set(idx, "fetching");
+    ctx.board.note(idx, platform);
+    let pin = ctx.opts.pin == PinMode::Pin;
+    bake::fetch_platform(&ctx.containerd, reference, platform, credential, pin).await
 }
 
 /// Calls `call` until it succeeds, fails for good, or `retries` extra
@@ -429,10 +561,10 @@ async fn retry<T, F, Fut>(
     ctx: &Ctx<'_>,
     idx: usize,
     tracker: &Tracker,
-    what: &str,
+    what: &'static str,
     counter: Option<&AtomicU32>,
     mut call: F,
-) -> Result<T, String>
+) -> Result<T, ImageError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, CallError>>,
@@ -449,26 +581,30 @@ where
         };
         *tracker.last_error.lock().expect("tracker lock") = Some(err.message.clone());
         if !err.transient || attempt > ctx.opts.retries {
-            let tries = if attempt > 1 {
-                format!(" (after {attempt} attempts)")
-            } else {
-                String::new()
-            };
-            return Err(format!("{what}: {err}{tries}"));
+            return Err(ImageError::Call {
+                what,
+                error: err,
+                attempts: attempt,
+            });
         }
         let delay = backoff(ctx.opts.retry_backoff, attempt);
-        if ctx.board.enabled() {
-            ctx.board.note(idx, &format!("retry {attempt}: {}", err.message));
-        } else {
-            tracing::info!(
-                call = what,
-                attempt,
-                delay_seconds = delay.as_secs_f64(),
-                error = err.message.as_str(),
-                "transient error, retrying"
-            );
-        }
+        note_retry(ctx, idx, what, attempt, delay, &err);
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// Shows a retry on the board, or logs it (off a terminal).
+fn note_retry(ctx: &Ctx<'_>, idx: usize, what: &str, attempt: u32, delay: Duration, err: &CallError) {
+    if ctx.board.enabled() {
+        ctx.board.note(idx, &format!("retry {attempt}: {}", err.message));
+    } else {
+        tracing::info!(
+            call = what,
+            attempt,
+            delay_seconds = delay.as_secs_f64(),
+            error = err.message.as_str(),
+            "transient error, retrying"
+        );
     }
 }
 

@@ -370,7 +370,7 @@ fn drift_found_at_start_or_while_install_holds_its_lock_is_not_put_back() {
     t.write(SOCI_CONFIG, std::str::from_utf8(&soci_config).unwrap(), 0o644);
     d.wait("ok again", WAIT, |v| check(v, "agent.drift")["verdict"] == "ok");
     // ...except while install holds its lock: the daemon neither waits nor writes.
-    let lock_path = t.path("/run/soci-agent/install.lock");
+    let lock_path = soci_agent::install::lock::path_for(&soci_agent::rootfs::Root::new(t.root()));
     std::fs::create_dir_all(lock_path.parent().unwrap()).unwrap();
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -382,7 +382,7 @@ fn drift_found_at_start_or_while_install_holds_its_lock_is_not_put_back() {
     let later = format!("{}# changed while the daemon watched\n", t.read(SOCI_CONFIG));
     t.write(SOCI_CONFIG, &later, 0o644);
     let s = d.wait("drift while locked", WAIT, |v| {
-        check(v, "agent.drift")["verdict"] == "fail" && v["repairs"]["pending"].to_string().contains("install.lock")
+        check(v, "agent.drift")["verdict"] == "fail" && v["repairs"]["pending"].to_string().contains("held (install or uninstall")
     });
     let s = d.reconciles_after(&s, 3);
     assert_eq!(

@@ -223,73 +223,17 @@ fn install_settings(root: &Root, file: Option<&Path>) -> Result<InstallSettings,
 /// Reads and validates everything; changes nothing.
 pub fn load(root: &Root, o: &Overrides) -> Result<Config, ConfigError> {
     let file = config_path(root, o.config.as_deref());
-    let table = match &file {
-        None => DaemonFile::default(),
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            toml_edit::de::from_str::<FileConfig>(&text)
-                .map_err(|e| ConfigError::Parse {
-                    path: path.clone(),
-                    message: e.to_string().trim().to_string(),
-                })?
-                .daemon
-        }
-    };
-    let interval = match (o.interval, &table.interval) {
-        (Some(secs), _) => Duration::try_from_secs_f64(secs)
-            .map_err(|_| invalid("interval", secs.to_string(), "not a number of seconds"))?,
-        (None, Some(v)) => v.parse("interval")?,
-        (None, None) => DEFAULT_INTERVAL,
-    };
-    if interval < MIN_INTERVAL {
-        return Err(invalid("interval", format!("{interval:?}"), "must be at least 1ms"));
-    }
-    let max_repairs_per_hour = table.max_repairs_per_hour.unwrap_or(DEFAULT_MAX_REPAIRS_PER_HOUR);
-    if max_repairs_per_hour > 3600 {
-        return Err(invalid(
-            "max_repairs_per_hour",
-            max_repairs_per_hour.to_string(),
-            "at most 3600",
-        ));
-    }
+    let table = read_table(file.as_deref())?;
+    let interval = interval(o, &table)?;
+    let max_repairs_per_hour = max_repairs_per_hour(&table)?;
     let repair_backoff = match &table.repair_backoff {
         Some(v) => v.parse("repair_backoff")?,
         None => DEFAULT_REPAIR_BACKOFF,
     };
-    let refresh = match &table.refresh {
-        None => None,
-        Some(v) => match v.parse("refresh")? {
-            d if d.is_zero() => None,
-            d if d < MIN_REFRESH => return Err(invalid("refresh", format!("{d:?}"), "at least 1s (or 0 for never)")),
-            d => Some(d),
-        },
-    };
-    let metrics_address = match table.metrics_address.as_deref().map(str::trim) {
-        None | Some("") | Some("off") => None,
-        Some(p) if p.starts_with('/') => Some(MetricsAddress::Unix(root.path(p))),
-        Some(a) => Some(MetricsAddress::Tcp(a.parse().map_err(|_| {
-            invalid(
-                "metrics_address",
-                a,
-                "must be HOST:PORT (e.g. 127.0.0.1:9400) or an absolute unix socket path",
-            )
-        })?)),
-    };
-    let state_socket = match (&o.state_socket, &table.state_socket) {
-        (Some(p), _) => p.clone(),
-        (None, Some(p)) if p.starts_with('/') => root.path(p),
-        (None, Some(p)) => return Err(invalid("state_socket", p.as_str(), "must be an absolute path")),
-        (None, None) => root.path(DAEMON_STATE_SOCKET),
-    };
-    let mut prefetch = PrefetchOptions::from_config(root.base(), file.as_deref())?;
-    prefetch.progress = false;
-    if let Some(sock) = &o.containerd_socket {
-        prefetch.cri_endpoint = format!("unix://{}", sock.display());
-        prefetch.containerd_address = sock.clone();
-    }
+    let refresh = refresh(&table)?;
+    let metrics_address = metrics_address(root, &table)?;
+    let state_socket = state_socket(root, o, &table)?;
+    let prefetch = prefetch_options(root, file.as_deref(), o)?;
     let install = install_settings(root, file.as_deref())?;
     Ok(Config {
         file,
@@ -304,6 +248,93 @@ pub fn load(root: &Root, o: &Overrides) -> Result<Config, ConfigError> {
         prefetch,
         install,
     })
+}
+
+/// The `[daemon]` table of `file`; all defaults without a file.
+fn read_table(file: Option<&Path>) -> Result<DaemonFile, ConfigError> {
+    let Some(path) = file else {
+        return Ok(DaemonFile::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let parsed = toml_edit::de::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim().to_string(),
+    })?;
+    Ok(parsed.daemon)
+}
+
+/// The reconcile period: `--interval`, else `[daemon] interval`, else the default; at least 1ms.
+fn interval(o: &Overrides, table: &DaemonFile) -> Result<Duration, ConfigError> {
+    let interval = match (o.interval, &table.interval) {
+        (Some(secs), _) => Duration::try_from_secs_f64(secs)
+            .map_err(|_| invalid("interval", secs.to_string(), "not a number of seconds"))?,
+        (None, Some(v)) => v.parse("interval")?,
+        (None, None) => DEFAULT_INTERVAL,
+    };
+    if interval < MIN_INTERVAL {
+        return Err(invalid("interval", format!("{interval:?}"), "must be at least 1ms"));
+    }
+    Ok(interval)
+}
+
+/// `[daemon] max_repairs_per_hour`, at most 3600.
+fn max_repairs_per_hour(table: &DaemonFile) -> Result<u32, ConfigError> {
+    let max = table.max_repairs_per_hour.unwrap_or(DEFAULT_MAX_REPAIRS_PER_HOUR);
+    if max > 3600 {
+        return Err(invalid("max_repairs_per_hour", max.to_string(), "at most 3600"));
+    }
+    Ok(max)
+}
+
+/// `[daemon] refresh`: `None` when absent or zero, else at least [`MIN_REFRESH`].
+fn refresh(table: &DaemonFile) -> Result<Option<Duration>, ConfigError> {
+    let Some(v) = &table.refresh else {
+        return Ok(None);
+    };
+    match v.parse("refresh")? {
+        d if d.is_zero() => Ok(None),
+        d if d < MIN_REFRESH => Err(invalid("refresh", format!("{d:?}"), "at least 1s (or 0 for never)")),
+        d => Ok(Some(d)),
+    }
+}
+
+/// `[daemon] metrics_address`: off, an absolute unix socket node path, or HOST:PORT.
+fn metrics_address(root: &Root, table: &DaemonFile) -> Result<Option<MetricsAddress>, ConfigError> {
+    match table.metrics_address.as_deref().map(str::trim) {
+        None | Some("") | Some("off") => Ok(None),
+        Some(p) if p.starts_with('/') => Ok(Some(MetricsAddress::Unix(root.path(p)))),
+        Some(a) => a.parse().map(|a| Some(MetricsAddress::Tcp(a))).map_err(|_| {
+            invalid(
+                "metrics_address",
+                a,
+                "must be HOST:PORT (e.g. 127.0.0.1:9400) or an absolute unix socket path",
+            )
+        }),
+    }
+}
+
+/// The status socket's host path: `--state-socket`, else `[daemon] state_socket` under the root.
+fn state_socket(root: &Root, o: &Overrides, table: &DaemonFile) -> Result<PathBuf, ConfigError> {
+    match (&o.state_socket, &table.state_socket) {
+        (Some(p), _) => Ok(p.clone()),
+        (None, Some(p)) if p.starts_with('/') => Ok(root.path(p)),
+        (None, Some(p)) => Err(invalid("state_socket", p.as_str(), "must be an absolute path")),
+        (None, None) => Ok(root.path(DAEMON_STATE_SOCKET)),
+    }
+}
+
+/// The `[prefetch]` options the warmer uses: no progress board, pulls through `--containerd-socket`.
+fn prefetch_options(root: &Root, file: Option<&Path>, o: &Overrides) -> Result<PrefetchOptions, ConfigError> {
+    let mut prefetch = PrefetchOptions::from_config(root.base(), file)?;
+    prefetch.progress = false;
+    if let Some(sock) = &o.containerd_socket {
+        prefetch.cri_endpoint = format!("unix://{}", sock.display());
+        prefetch.containerd_address = sock.clone();
+    }
+    Ok(prefetch)
 }
 
 #[cfg(test)]

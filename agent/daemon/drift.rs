@@ -16,7 +16,7 @@ use crate::paths::RECORD;
 use std::path::Path;
 
 use crate::doctor::Check;
-use crate::install::plan::{ActionKind, Effects, Op};
+use crate::install::plan::{Action, ActionKind, Effects, Op, PlanError};
 use crate::install::record::Record;
 use crate::install::settings::InstallSettings;
 use crate::rootfs::{self, FsError, Root};
@@ -82,102 +82,126 @@ fn diff_size(diff: Option<&str>) -> String {
 
 /// Compares what the record says install wrote with what it would write now.
 pub async fn assess(root: &Root, settings: &InstallSettings) -> Assessment {
-    let record = match Record::load(root) {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            return Assessment::only(Check::skip(
-                CHECK_ID,
-                format!("no install record ({RECORD}): soci-agent has not installed here"),
-            ));
-        }
-        Err(e) => {
-            return Assessment::only(Check::warn(
-                CHECK_ID,
-                crate::exit::error_chain(&e),
-                "run soci-agent install (it rewrites the record)",
-            ));
-        }
+    let record = match load_record(root) {
+        Ok(r) => r,
+        Err(check) => return Assessment::only(check),
     };
     let facts = crate::host::detect(root).await;
     let plan = match crate::install::plan::build(settings, &facts) {
         Ok(p) => p,
-        Err(e) => {
-            return Assessment::only(Check::warn(
-                CHECK_ID,
-                format!(
-                    "cannot compute what install would write: {}",
-                    crate::exit::error_chain(&e)
-                ),
-                "fix the [install] settings, or run soci-agent install to see the error",
-            ));
-        }
+        Err(e) => return Assessment::only(unplannable(&e)),
     };
     let mut files = Vec::new();
     let mut fixes = Vec::new();
-    for a in &plan.actions {
-        let store = matches!(a.action, ActionKind::InstallRelease | ActionKind::KeepRelease);
-        if matches!(a.op, Op::Backup { .. }) || !(store || record.paths.contains_key(&a.path)) {
-            continue;
-        }
-        if !a.changed {
-            files.push(FileDrift {
-                path: a.path.clone(),
-                state: "ok",
-                detail: String::new(),
-                repairable: false,
-            });
-            continue;
-        }
-        let (state, detail, fix) = match &a.op {
-            Op::Write { content, mode } => {
-                let current = root.read_opt(&a.path).ok().flatten();
-                let (state, detail) = match &current {
-                    None => ("missing", "missing".to_string()),
-                    Some(b) if b == content => ("mode", format!("mode is not {mode:04o}")),
-                    Some(_) => (
-                        "changed",
-                        format!("content differs: install would write {}", diff_size(a.diff.as_deref())),
-                    ),
-                };
-                let fix = (a.path != RECORD).then(|| FixOp::Write {
-                    content: content.clone(),
-                    mode: *mode,
-                });
-                (state, detail, fix)
-            }
-            Op::Symlink { target } => {
-                let now = std::fs::read_link(root.path(&a.path))
-                    .map(|t| format!("-> {}", t.display()))
-                    .unwrap_or_else(|_| "not a symlink, or missing".into());
-                let fix = FixOp::Symlink { target: target.clone() };
-                ("link", format!("{now}, want -> {target}"), Some(fix))
-            }
-            Op::Release(_) => ("release", format!("{}: run soci-agent install", a.detail), None),
-            Op::Copy { .. } => (
-                "changed",
-                "differs from the running daemon's binary (restart the daemon after an upgrade)".into(),
-                None,
-            ),
-            _ => ("changed", a.detail.clone(), None),
-        };
-        let state = if a.path == RECORD { "record" } else { state };
-        files.push(FileDrift {
-            path: a.path.clone(),
-            state,
-            detail: detail.clone(),
-            repairable: fix.is_some(),
-        });
-        if let Some(op) = fix {
-            fixes.push(Fix {
-                path: a.path.clone(),
-                op,
-                effects: a.effects,
-                why: detail,
-            });
-        }
+    for a in plan.actions.iter().filter(|a| owned(a, &record)) {
+        let (file, fix) = compare(root, a);
+        files.push(file);
+        fixes.extend(fix);
     }
     let check = verdict(&files);
     Assessment { check, files, fixes }
+}
+
+/// The install record, or the check that says why there is none to compare with.
+fn load_record(root: &Root) -> Result<Record, Check> {
+    match Record::load(root) {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(Check::skip(
+            CHECK_ID,
+            format!("no install record ({RECORD}): soci-agent has not installed here"),
+        )),
+        Err(e) => Err(Check::warn(
+            CHECK_ID,
+            crate::exit::error_chain(&e),
+            "run soci-agent install (it rewrites the record)",
+        )),
+    }
+}
+
+/// The check when install's plan cannot be computed with the daemon's settings.
+fn unplannable(e: &PlanError) -> Check {
+    Check::warn(
+        CHECK_ID,
+        format!(
+            "cannot compute what install would write: {}",
+            crate::exit::error_chain(e)
+        ),
+        "fix the [install] settings, or run soci-agent install to see the error",
+    )
+}
+
+/// Is `a` about a path install owns (the record lists it, or the release store entry)?
+fn owned(a: &Action, record: &Record) -> bool {
+    let store = matches!(a.action, ActionKind::InstallRelease | ActionKind::KeepRelease);
+    !matches!(a.op, Op::Backup { .. }) && (store || record.paths.contains_key(&a.path))
+}
+
+/// One owned path compared with the plan: its drift entry, and how to put it back if it can be.
+fn compare(root: &Root, a: &Action) -> (FileDrift, Option<Fix>) {
+    if !a.changed {
+        let file = FileDrift {
+            path: a.path.clone(),
+            state: "ok",
+            detail: String::new(),
+            repairable: false,
+        };
+        return (file, None);
+    }
+    let (state, detail, fix) = difference(root, a);
+    let state = if a.path == RECORD { "record" } else { state };
+    let file = FileDrift {
+        path: a.path.clone(),
+        state,
+        detail: detail.clone(),
+        repairable: fix.is_some(),
+    };
+    let fix = fix.map(|op| Fix {
+        path: a.path.clone(),
+        op,
+        effects: a.effects,
+        why: detail,
+    });
+    (file, fix)
+}
+
+/// How a changed action's path differs (state, one-line detail) and the op that puts it back.
+fn difference(root: &Root, a: &Action) -> (&'static str, String, Option<FixOp>) {
+    match &a.op {
+        Op::Write { content, mode } => {
+            let (state, detail) = content_difference(root, a, content, *mode);
+            let fix = (a.path != RECORD).then(|| FixOp::Write {
+                content: content.clone(),
+                mode: *mode,
+            });
+            (state, detail, fix)
+        }
+        Op::Symlink { target } => {
+            let now = std::fs::read_link(root.path(&a.path))
+                .map(|t| format!("-> {}", t.display()))
+                .unwrap_or_else(|_| "not a symlink, or missing".into());
+            let fix = FixOp::Symlink { target: target.clone() };
+            ("link", format!("{now}, want -> {target}"), Some(fix))
+        }
+        Op::Release(_) => ("release", format!("{}: run soci-agent install", a.detail), None),
+        Op::Copy { .. } => (
+            "changed",
+            "differs from the running daemon's binary (restart the daemon after an upgrade)".into(),
+            None,
+        ),
+        _ => ("changed", a.detail.clone(), None),
+    }
+}
+
+/// A file install would write: missing, only its mode differs, or its content does.
+fn content_difference(root: &Root, a: &Action, content: &[u8], mode: u32) -> (&'static str, String) {
+    match root.read_opt(&a.path).ok().flatten() {
+        None => ("missing", "missing".to_string()),
+        Some(b) if b == content => ("mode", format!("mode is not {mode:04o}")),
+        Some(_) => (
+            "changed",
+            format!("content differs: install would write {}", diff_size(a.diff.as_deref())),
+        ),
+    }
 }
 
 fn verdict(files: &[FileDrift]) -> Check {

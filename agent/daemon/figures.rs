@@ -14,6 +14,18 @@ pub const MAX_PHASES: usize = 64;
 
 /// The figures of one report.
 pub fn of(command: &'static str, path: &std::path::Path, v: &Value) -> RunFigures {
+    RunFigures {
+        command,
+        path: path.display().to_string(),
+        at: saved_at(command, path),
+        exit_code: v["exit_code"].as_u64(),
+        phases: phases(command, v),
+    }
+}
+
+/// Seconds per install phase, boot step or prefetched image (plus boot's and prefetch's
+/// `total`), at most [`MAX_PHASES`].
+fn phases(command: &str, v: &Value) -> Vec<(String, f64)> {
     let mut phases: Vec<(String, f64)> = Vec::new();
     match command {
         "install" => {
@@ -43,6 +55,11 @@ pub fn of(command: &'static str, path: &std::path::Path, v: &Value) -> RunFigure
         phases.push(("total".into(), total));
     }
     phases.truncate(MAX_PHASES);
+    phases
+}
+
+/// When the report was saved (unix seconds, from its `<command>-<millis>.json` name; 0 if not).
+fn saved_at(command: &str, path: &std::path::Path) -> f64 {
     let millis = path.file_name().and_then(|n| n.to_str()).and_then(|n| {
         n.strip_prefix(command)?
             .strip_prefix('-')?
@@ -50,13 +67,7 @@ pub fn of(command: &'static str, path: &std::path::Path, v: &Value) -> RunFigure
             .parse::<u64>()
             .ok()
     });
-    RunFigures {
-        command,
-        path: path.display().to_string(),
-        at: millis.map_or(0.0, |m| m as f64 / 1000.0),
-        exit_code: v["exit_code"].as_u64(),
-        phases,
-    }
+    millis.map_or(0.0, |m| m as f64 / 1000.0)
 }
 
 /// The newest figures of every command, reusing `previous` when its report is still the newest.

@@ -26,7 +26,7 @@
 
 use std::fmt::Write;
 
-use super::state::Live;
+use super::state::{ImageStatus, Live};
 use crate::doctor::Verdict;
 
 const IMAGE_STATES: [&str; 5] = ["pending", "hit", "pulled", "failed", "absent"];
@@ -60,6 +60,25 @@ impl Out {
         self.family(name, kind, help);
         self.sample(name, &[], value);
     }
+    /// A family of samples labelled `keys` (values in the same order); left out when there are none.
+    fn labelled<'a, const N: usize>(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        keys: [&str; N],
+        samples: impl IntoIterator<Item = ([&'a str; N], f64)>,
+    ) {
+        let samples: Vec<_> = samples.into_iter().collect();
+        if samples.is_empty() {
+            return;
+        }
+        self.family(name, kind, help);
+        for (values, value) in samples {
+            let labels: Vec<(&str, &str)> = keys.iter().copied().zip(values).collect();
+            self.sample(name, &labels, value);
+        }
+    }
 }
 
 fn flag(b: bool) -> f64 {
@@ -69,6 +88,20 @@ fn flag(b: bool) -> f64 {
 /// Renders every family; families without samples are left out.
 pub fn render(live: &Live) -> String {
     let mut o = Out { text: String::new() };
+    daemon(&mut o, live);
+    checks(&mut o, live);
+    reconciles(&mut o, live);
+    drift(&mut o, live);
+    repairs(&mut o, live);
+    config(&mut o, live);
+    images(&mut o, live);
+    image_pins_and_counts(&mut o, live);
+    reports(&mut o, live);
+    o.text
+}
+
+/// `soci_agent_info` and `soci_agent_ready`.
+fn daemon(o: &mut Out, live: &Live) {
     o.family("soci_agent_info", "gauge", "The running soci-agent daemon.");
     o.sample("soci_agent_info", &[("version", live.agent_version)], 1.0);
     o.single(
@@ -77,27 +110,32 @@ pub fn render(live: &Live) -> String {
         "1 once the first reconcile is done.",
         flag(live.ready),
     );
+}
 
-    let judged: Vec<_> = live.checks.iter().filter(|c| c.verdict != Verdict::Skip).collect();
-    if !judged.is_empty() {
-        o.family(
-            "soci_agent_check_ok",
-            "gauge",
-            "1 when the check is ok, 0 on warn or fail (skipped checks are left out).",
-        );
-        for c in judged {
-            o.sample("soci_agent_check_ok", &[("check", &c.id)], flag(c.is_ok()));
-        }
-    }
-    o.family(
+/// `soci_agent_check_ok` per judged check and `soci_agent_checks` per verdict.
+fn checks(o: &mut Out, live: &Live) {
+    o.labelled(
+        "soci_agent_check_ok",
+        "gauge",
+        "1 when the check is ok, 0 on warn or fail (skipped checks are left out).",
+        ["check"],
+        live.checks
+            .iter()
+            .filter(|c| c.verdict != Verdict::Skip)
+            .map(|c| ([c.id.as_str()], flag(c.is_ok()))),
+    );
+    let s = &live.summary;
+    o.labelled(
         "soci_agent_checks",
         "gauge",
         "Checks per verdict at the last reconcile.",
+        ["verdict"],
+        [("ok", s.ok), ("warn", s.warn), ("fail", s.fail), ("skip", s.skip)].map(|(v, n)| ([v], n as f64)),
     );
-    let s = &live.summary;
-    for (v, n) in [("ok", s.ok), ("warn", s.warn), ("fail", s.fail), ("skip", s.skip)] {
-        o.sample("soci_agent_checks", &[("verdict", v)], n as f64);
-    }
+}
+
+/// When the last reconcile finished, how long it took, and how many ran.
+fn reconciles(o: &mut Out, live: &Live) {
     if let Some(last) = &live.last_reconcile {
         o.single(
             "soci_agent_last_reconcile_timestamp_seconds",
@@ -118,16 +156,21 @@ pub fn render(live: &Live) -> String {
         "Reconciles done since start.",
         live.reconciles as f64,
     );
-    if !live.drift.is_empty() {
-        o.family(
-            "soci_agent_file_drifted",
-            "gauge",
-            "1 when a file install owns differs from what install would write.",
-        );
-        for d in &live.drift {
-            o.sample("soci_agent_file_drifted", &[("path", &d.path)], flag(d.state != "ok"));
-        }
-    }
+}
+
+/// `soci_agent_file_drifted` per file install owns.
+fn drift(o: &mut Out, live: &Live) {
+    o.labelled(
+        "soci_agent_file_drifted",
+        "gauge",
+        "1 when a file install owns differs from what install would write.",
+        ["path"],
+        live.drift.iter().map(|d| ([d.path.as_str()], flag(d.state != "ok"))),
+    );
+}
+
+/// The repair counters and the hourly budget.
+fn repairs(o: &mut Out, live: &Live) {
     let r = &live.repairs;
     o.single(
         "soci_agent_repairs_total",
@@ -153,6 +196,10 @@ pub fn render(live: &Live) -> String {
         "[daemon] max_repairs_per_hour (0 when repair is off).",
         if r.enabled { f64::from(r.budget) } else { 0.0 },
     );
+}
+
+/// The configuration generation and the refused reloads.
+fn config(o: &mut Out, live: &Live) {
     o.single(
         "soci_agent_config_generation",
         "gauge",
@@ -165,120 +212,94 @@ pub fn render(live: &Live) -> String {
         "Reloads refused (the previous configuration kept running).",
         live.config_errors as f64,
     );
-    images(&mut o, live);
-    reports(&mut o, live);
-    o.text
 }
 
+/// The name an image's samples carry: its normalized reference, else as configured.
+fn image_name(i: &ImageStatus) -> &str {
+    i.reference.as_deref().unwrap_or(&i.image)
+}
+
+/// The image state (one sample per configured image and state), size and seconds families.
 fn images(o: &mut Out, live: &Live) {
-    if live.images.is_empty() {
-        return;
-    }
-    let name = |i: &super::state::ImageStatus| i.reference.clone().unwrap_or_else(|| i.image.clone());
-    o.family(
+    let all = &live.images;
+    o.labelled(
         "soci_agent_image_state",
         "gauge",
         "1 for the state the configured image is in.",
+        ["image", "state"],
+        all.iter()
+            .flat_map(|i| IMAGE_STATES.map(|st| ([image_name(i), st], flag(i.state == st)))),
     );
-    for i in &live.images {
-        for st in IMAGE_STATES {
-            o.sample(
-                "soci_agent_image_state",
-                &[("image", &name(i)), ("state", st)],
-                flag(i.state == st),
-            );
-        }
-    }
-    if live.images.iter().any(|i| i.bytes.is_some()) {
-        o.family("soci_agent_image_bytes", "gauge", "Image size as CRI reports it.");
-        for i in live.images.iter().filter(|i| i.bytes.is_some()) {
-            o.sample(
-                "soci_agent_image_bytes",
-                &[("image", &name(i))],
-                i.bytes.unwrap_or(0) as f64,
-            );
-        }
-    }
-    o.family(
+    o.labelled(
+        "soci_agent_image_bytes",
+        "gauge",
+        "Image size as CRI reports it.",
+        ["image"],
+        all.iter().filter_map(|i| Some(([image_name(i)], i.bytes? as f64))),
+    );
+    o.labelled(
         "soci_agent_image_seconds",
         "gauge",
         "Seconds the last check or pull of the image took.",
+        ["image"],
+        all.iter().map(|i| ([image_name(i)], i.seconds)),
     );
-    for i in &live.images {
-        o.sample("soci_agent_image_seconds", &[("image", &name(i))], i.seconds);
-    }
-    if live.images.iter().any(|i| i.pinned.is_some()) {
-        o.family(
-            "soci_agent_image_pinned",
-            "gauge",
-            "1 when the image carries the pinned label.",
-        );
-        for i in live.images.iter().filter(|i| i.pinned.is_some()) {
-            o.sample(
-                "soci_agent_image_pinned",
-                &[("image", &name(i))],
-                flag(i.pinned == Some(true)),
-            );
-        }
-    }
-    o.family(
+}
+
+/// The pinned, pulls and moves families of the configured images.
+fn image_pins_and_counts(o: &mut Out, live: &Live) {
+    let all = &live.images;
+    o.labelled(
+        "soci_agent_image_pinned",
+        "gauge",
+        "1 when the image carries the pinned label.",
+        ["image"],
+        all.iter().filter_map(|i| Some(([image_name(i)], flag(i.pinned?)))),
+    );
+    o.labelled(
         "soci_agent_image_pulls_total",
         "counter",
         "Pulls (not hits) of the image since start.",
+        ["image"],
+        all.iter().map(|i| ([image_name(i)], i.pulls as f64)),
     );
-    for i in &live.images {
-        o.sample("soci_agent_image_pulls_total", &[("image", &name(i))], i.pulls as f64);
-    }
-    o.family(
+    o.labelled(
         "soci_agent_image_moves_total",
         "counter",
         "Times the image's tag was seen to move since start.",
+        ["image"],
+        all.iter().map(|i| ([image_name(i)], i.moves as f64)),
     );
-    for i in &live.images {
-        o.sample("soci_agent_image_moves_total", &[("image", &name(i))], i.moves as f64);
-    }
 }
 
+/// The families from the newest saved run reports.
 fn reports(o: &mut Out, live: &Live) {
-    if live.reports.is_empty() {
-        return;
-    }
-    o.family(
+    let all = &live.reports;
+    o.labelled(
         "soci_agent_last_run_timestamp_seconds",
         "gauge",
         "When the newest run report of the command was saved.",
+        ["command"],
+        all.iter().map(|r| ([r.command], r.at)),
     );
-    for r in &live.reports {
-        o.sample("soci_agent_last_run_timestamp_seconds", &[("command", r.command)], r.at);
-    }
-    if live.reports.iter().any(|r| r.exit_code.is_some()) {
-        o.family(
-            "soci_agent_last_run_exit_code",
-            "gauge",
-            "Exit code of the command's newest run report.",
-        );
-        for r in live.reports.iter().filter(|r| r.exit_code.is_some()) {
-            let code = r.exit_code.unwrap_or(0) as f64;
-            o.sample("soci_agent_last_run_exit_code", &[("command", r.command)], code);
-        }
-    }
-    if !live.reports.iter().any(|r| !r.phases.is_empty()) {
-        return;
-    }
-    o.family(
+    o.labelled(
+        "soci_agent_last_run_exit_code",
+        "gauge",
+        "Exit code of the command's newest run report.",
+        ["command"],
+        all.iter().filter_map(|r| Some(([r.command], r.exit_code? as f64))),
+    );
+    o.labelled(
         "soci_agent_phase_seconds",
         "gauge",
         "Seconds per phase (install), step (boot) or image (prefetch) of the newest run.",
+        ["command", "phase"],
+        all.iter().flat_map(|r| {
+            r.phases
+                .iter()
+                .map(|(phase, secs)| ([r.command, phase.as_str()], *secs))
+        }),
     );
-    for r in &live.reports {
-        for (phase, secs) in &r.phases {
-            o.sample(
-                "soci_agent_phase_seconds",
-                &[("command", r.command), ("phase", phase)],
-                *secs,
-            );
-        }
-    }
 }
 
 #[cfg(test)]

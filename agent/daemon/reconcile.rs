@@ -7,16 +7,15 @@
 
 mod units;
 
-use crate::paths::INSTALL_LOCK;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::config::Config;
-use super::drift::{self, Assessment};
+use super::drift::{self, Assessment, Fix};
 use super::repair::{Budget, Deferred};
-use super::state::{CheckState, LastReconcile, RepairEvent, Shared, lock, unix_now};
+use super::state::{CheckState, FileDrift, LastReconcile, RepairEvent, RunFigures, Shared, lock, unix_now};
 use crate::doctor::{Check, DoctorContext, Summary, Verdict};
 use crate::install::plan::Effects;
 use crate::rootfs::Root;
@@ -36,6 +35,16 @@ pub struct Outcome {
     pub events: Vec<RepairEvent>,
     pub pending: Vec<String>,
     pub budget_exhausted: bool,
+}
+
+/// Whether files may be put back now.
+enum FileLock {
+    /// Taken (shared): files may be put back while it is held (released on drop).
+    Held { _lock: nix::fcntl::Flock<std::fs::File> },
+    /// Install or uninstall holds it: no repair at all this time.
+    Busy,
+    /// It cannot be taken: files are not put back, units still are.
+    Unavailable,
 }
 
 pub struct Reconciler {
@@ -109,20 +118,24 @@ impl Reconciler {
             Outcome::default()
         };
         self.reconciles += 1;
+        self.publish(&checks, assessment.files, outcome, reports, now, started);
+    }
+
+    /// Replaces the shared state's view of the node with this reconcile's findings.
+    fn publish(
+        &mut self,
+        checks: &[Check],
+        drift: Vec<FileDrift>,
+        outcome: Outcome,
+        reports: Vec<RunFigures>,
+        now: f64,
+        started: Instant,
+    ) {
         let last_hour = self.budget.last_hour(Instant::now());
         let mut live = lock(&self.shared);
-        live.summary = Summary::of(&checks);
-        live.checks = checks
-            .iter()
-            .map(|c| CheckState {
-                id: c.id.to_string(),
-                verdict: c.verdict,
-                evidence: c.evidence.clone(),
-                advice: c.advice.clone(),
-                since: self.last.get(c.id).map_or(now, |(_, since)| *since),
-            })
-            .collect();
-        live.drift = assessment.files;
+        live.summary = Summary::of(checks);
+        live.checks = checks.iter().map(|c| self.check_state(c, now)).collect();
+        live.drift = drift;
         for e in outcome.events {
             live.repairs.push(e);
         }
@@ -138,6 +151,17 @@ impl Reconciler {
             seconds: started.elapsed().as_secs_f64(),
         });
         live.ready = true;
+    }
+
+    /// A check as the status shows it, with since when its verdict holds.
+    fn check_state(&self, c: &Check, now: f64) -> CheckState {
+        CheckState {
+            id: c.id.to_string(),
+            verdict: c.verdict,
+            evidence: c.evidence.clone(),
+            advice: c.advice.clone(),
+            since: self.last.get(c.id).map_or(now, |(_, since)| *since),
+        }
     }
 
     /// Logs each verdict that changed (and, at the first reconcile, each that is not ok).
@@ -181,7 +205,7 @@ impl Reconciler {
     /// install report) starts over: what it wrote is the new baseline, and a path that
     /// differs from the daemon's plan right after it (install ran with flags the daemon does
     /// not know, or is still running) is reported, never "repaired" back.
-    fn note_baseline(&mut self, reports: &[super::state::RunFigures], a: &Assessment) {
+    fn note_baseline(&mut self, reports: &[RunFigures], a: &Assessment) {
         let newest = reports.iter().find(|r| r.command == "install").map(|r| r.path.clone());
         if newest != self.install_report {
             if self.install_report.is_some() {
@@ -224,71 +248,94 @@ impl Reconciler {
         self.deferred.remove(target);
     }
 
+    /// Puts back the drifted files it may (under the install lock), then repairs units.
     async fn repair(&mut self, checks: &[Check], a: &Assessment) -> Outcome {
         let mut out = Outcome::default();
         for f in a.files.iter().filter(|f| f.state == "ok") {
             self.healthy(&f.path);
         }
         let mut effects = Effects::default();
-        let install_lock = match super::repair::try_install_lock(&self.root) {
-            Ok(Some(l)) => Some(l),
-            Ok(None) => {
-                out.pending.push(format!(
-                    "{}: held (install or uninstall is changing the node): repairs wait",
-                    INSTALL_LOCK
-                ));
-                return out;
-            }
-            Err(e) => {
-                out.pending.push(format!("install lock: {e}: file repairs skipped"));
-                None
-            }
-        };
-        for fix in a.fixes.iter().filter(|_| install_lock.is_some()) {
-            if !self.repairable(&fix.path) {
-                out.pending.push(format!(
-                    "{}: drifted before the daemon saw it as install writes it (since start or the last \
-                     install): not put back; soci-agent install --dry-run shows the difference",
-                    fix.path
-                ));
-                continue;
-            }
-            if let Err(why) = self.budget.permit(&fix.path, Instant::now()) {
-                self.defer(&fix.path, &why, &mut out);
-                continue;
-            }
-            self.attempt(&fix.path);
-            let action = fix.op.action();
-            let (result, detail) = match drift::apply(&self.root, fix) {
-                Ok(()) => {
-                    tracing::warn!(
-                        path = fix.path.as_str(),
-                        action,
-                        why = fix.why.as_str(),
-                        "repaired a drifted file"
-                    );
-                    effects.daemon_reload |= fix.effects.daemon_reload;
-                    effects.restart_soci |= fix.effects.restart_soci;
-                    effects.restart_containerd |= fix.effects.restart_containerd;
-                    ("ok", format!("was: {}", fix.why))
+        let install_lock = self.install_lock(&mut out);
+        match install_lock {
+            FileLock::Busy => return out,
+            FileLock::Unavailable => {}
+            FileLock::Held { .. } => {
+                for fix in &a.fixes {
+                    self.repair_file(fix, &mut effects, &mut out);
                 }
-                Err(e) => {
-                    let e = crate::exit::error_chain(&e);
-                    tracing::error!(path = fix.path.as_str(), action, error = e.as_str(), "repair failed");
-                    ("failed", e)
-                }
-            };
-            out.events.push(RepairEvent {
-                at: unix_now(),
-                target: fix.path.clone(),
-                action,
-                result,
-                detail,
-            });
+            }
         }
         drop(install_lock);
         units::repair(self, checks, effects, &mut out).await;
         out
+    }
+
+    /// Tries the install lock for file repairs; says in `out` why files wait or are skipped.
+    fn install_lock(&self, out: &mut Outcome) -> FileLock {
+        match super::repair::try_install_lock(&self.root) {
+            Ok(Some(l)) => FileLock::Held { _lock: l },
+            Ok(None) => {
+                out.pending.push(format!(
+                    "{}: held (install or uninstall is changing the node): repairs wait",
+                    crate::install::lock::path_for(&self.root).display()
+                ));
+                FileLock::Busy
+            }
+            Err(e) => {
+                out.pending.push(format!("install lock: {e}: file repairs skipped"));
+                FileLock::Unavailable
+            }
+        }
+    }
+
+    /// Puts one drifted path back when it may (seen healthy, within budget), noting the effects.
+    fn repair_file(&mut self, fix: &Fix, effects: &mut Effects, out: &mut Outcome) {
+        if !self.repairable(&fix.path) {
+            out.pending.push(format!(
+                "{}: drifted before the daemon saw it as install writes it (since start or the last \
+                 install): not put back; soci-agent install --dry-run shows the difference",
+                fix.path
+            ));
+            return;
+        }
+        if let Err(why) = self.budget.permit(&fix.path, Instant::now()) {
+            self.defer(&fix.path, &why, out);
+            return;
+        }
+        self.attempt(&fix.path);
+        let action = fix.op.action();
+        let (result, detail) = self.put_back(fix, effects);
+        out.events.push(RepairEvent {
+            at: unix_now(),
+            target: fix.path.clone(),
+            action,
+            result,
+            detail,
+        });
+    }
+
+    /// Writes `fix` (logged); on success its effects join `effects`. The event's result and detail.
+    fn put_back(&self, fix: &Fix, effects: &mut Effects) -> (&'static str, String) {
+        let action = fix.op.action();
+        match drift::apply(&self.root, fix) {
+            Ok(()) => {
+                tracing::warn!(
+                    path = fix.path.as_str(),
+                    action,
+                    why = fix.why.as_str(),
+                    "repaired a drifted file"
+                );
+                effects.daemon_reload |= fix.effects.daemon_reload;
+                effects.restart_soci |= fix.effects.restart_soci;
+                effects.restart_containerd |= fix.effects.restart_containerd;
+                ("ok", format!("was: {}", fix.why))
+            }
+            Err(e) => {
+                let e = crate::exit::error_chain(&e);
+                tracing::error!(path = fix.path.as_str(), action, error = e.as_str(), "repair failed");
+                ("failed", e)
+            }
+        }
     }
 }
 

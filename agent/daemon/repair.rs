@@ -18,12 +18,10 @@
 //! waits `repair_backoff`, doubling per attempt up to an hour, until it is
 //! seen healthy. A target's backoff is forgotten once it is healthy.
 
-use crate::paths::INSTALL_LOCK;
 use std::collections::{HashMap, VecDeque};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 
 use crate::rootfs::Root;
 
@@ -49,28 +47,8 @@ impl std::fmt::Display for Deferred {
 }
 
 /// Tries [`INSTALL_LOCK`] shared without waiting: `Ok(None)` while install holds it.
-pub fn try_install_lock(root: &Root) -> Result<Option<Flock<std::fs::File>>, String> {
-    let path = root.path(INSTALL_LOCK);
-    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    match Flock::lock(file, FlockArg::LockSharedNonblock) {
-        Ok(lock) => Ok(Some(lock)),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
-        Err((_, e)) => Err(format!("flock {}: {e}", path.display())),
-    }
+pub fn try_install_lock(root: &Root) -> Result<Option<Flock<std::fs::File>>, crate::install::lock::LockError> {
+    crate::install::lock::try_shared(root)
 }
 
 #[derive(Debug, Clone)]
@@ -160,6 +138,7 @@ impl Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::fcntl::FlockArg;
 
     #[test]
     fn backoff_doubles_and_resets() {
@@ -205,7 +184,7 @@ mod tests {
         assert!(shared.is_some(), "free");
         assert!(try_install_lock(&root).unwrap().is_some(), "shared with another reader");
         drop(shared);
-        let file = std::fs::File::open(root.path(INSTALL_LOCK)).unwrap();
+        let file = std::fs::File::open(crate::install::lock::path_for(&root)).unwrap();
         let install = Flock::lock(file, FlockArg::LockExclusive).unwrap();
         assert!(
             try_install_lock(&root).unwrap().is_none(),

@@ -16,10 +16,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use base64_lite::{decode_ok, encode};
 use sha2::Digest;
 
-use crate::prefetch::ImageRef;
+use crate::prefetch::{ImageRef, basic_authorization};
 
 const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -56,11 +55,19 @@ fn basic_auth(auth_file: Option<&Path>, registry: &str) -> Option<String> {
         }
     };
     let entry = auths.iter().find(|(k, _)| key(k) == registry)?.1;
-    if let Some(a) = entry["auth"].as_str().filter(|a| decode_ok(a)) {
+    if let Some(a) = entry["auth"].as_str().filter(|a| looks_base64(a)) {
         return Some(format!("Basic {a}"));
     }
     let (u, p) = (entry["username"].as_str()?, entry["password"].as_str()?);
-    Some(format!("Basic {}", encode(format!("{u}:{p}").as_bytes())))
+    Some(basic_authorization(u, p))
+}
+
+/// Looks like padded standard base64 (what docker's `auth` holds).
+fn looks_base64(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() % 4 == 0
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
 }
 
 /// Parses `Bearer realm="…",service="…",scope="…"` into its scheme and parameters.
@@ -94,9 +101,42 @@ pub fn challenge(header: &str) -> (String, Vec<(String, String)>) {
     (scheme.to_ascii_lowercase(), params)
 }
 
+/// Why a tag could not be resolved (the image's `refresh_error`).
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("not a tag reference")]
+    NotATag,
+    #[error("HTTP client: {0}")]
+    Client(reqwest::Error),
+    #[error("{method} {url}: {error}")]
+    Request {
+        method: &'static str,
+        url: String,
+        error: reqwest::Error,
+    },
+    #[error("HEAD {url}: {status}")]
+    Status { url: String, status: reqwest::StatusCode },
+    #[error("GET {url}: manifest larger than {} bytes", MANIFEST_LIMIT)]
+    TooLarge { url: String },
+    #[error("{registry} wants credentials: none in [prefetch] auth_file")]
+    NoCredentials { registry: String },
+    #[error("Bearer challenge without realm")]
+    NoRealm,
+    #[error("token from {realm}: {error}")]
+    Token { realm: String, error: reqwest::Error },
+    #[error("token from {realm}: {status}")]
+    TokenStatus { realm: String, status: reqwest::StatusCode },
+    #[error("token from {realm}: not JSON: {error}")]
+    TokenJson { realm: String, error: serde_json::Error },
+    #[error("token response without a token")]
+    NoToken,
+    #[error("unsupported auth challenge {0:?}")]
+    Challenge(String),
+}
+
 /// Resolves `image`'s tag to the manifest digest its registry serves now.
-pub async fn digest(image: &ImageRef, auth_file: Option<&Path>, bound: Duration) -> Result<String, String> {
-    let tag = image.tag.as_deref().ok_or("not a tag reference")?;
+pub async fn digest(image: &ImageRef, auth_file: Option<&Path>, bound: Duration) -> Result<String, ResolveError> {
+    let tag = image.tag.as_deref().ok_or(ResolveError::NotATag)?;
     let scheme = if is_loopback(&image.registry) { "http" } else { "https" };
     let url = format!(
         "{scheme}://{}/v2/{}/manifests/{tag}",
@@ -107,31 +147,9 @@ pub async fn digest(image: &ImageRef, auth_file: Option<&Path>, bound: Duration)
         .user_agent(concat!("soci-agent/", env!("CARGO_PKG_VERSION")))
         .timeout(bound)
         .build()
-        .map_err(|e| format!("HTTP client: {e}"))?;
+        .map_err(ResolveError::Client)?;
     let basic = basic_auth(auth_file, &image.registry);
-    let send = |method: reqwest::Method, auth: Option<String>| {
-        let mut req = client.request(method, &url).header("Accept", ACCEPT);
-        if let Some(a) = auth {
-            req = req.header("Authorization", a);
-        }
-        req.send()
-    };
-    let fail = |e: reqwest::Error| format!("HEAD {url}: {e}");
-    let mut auth = None;
-    let mut resp = send(reqwest::Method::HEAD, None).await.map_err(fail)?;
-    if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
-        let header = resp
-            .headers()
-            .get("www-authenticate")
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        auth = Some(answer(&client, &header, basic.clone(), image).await?);
-        resp = send(reqwest::Method::HEAD, auth.clone()).await.map_err(fail)?;
-    }
-    if !resp.status().is_success() {
-        return Err(format!("HEAD {url}: {}", resp.status()));
-    }
+    let (resp, auth) = head(&client, &url, basic, image).await?;
     if let Some(d) = resp
         .headers()
         .get("docker-content-digest")
@@ -139,14 +157,75 @@ pub async fn digest(image: &ImageRef, auth_file: Option<&Path>, bound: Duration)
     {
         return Ok(d.trim().to_string());
     }
-    let body = send(reqwest::Method::GET, auth)
+    computed_digest(&client, &url, auth).await
+}
+
+/// A request for the manifest at `url`, every manifest media type accepted.
+fn manifest_request(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    auth: Option<String>,
+) -> reqwest::RequestBuilder {
+    let req = client.request(method, url).header("Accept", ACCEPT);
+    match auth {
+        Some(a) => req.header("Authorization", a),
+        None => req,
+    }
+}
+
+/// `HEAD` of the manifest, a `401` challenge answered once; the answer, and the
+/// `Authorization` value it took (if any).
+async fn head(
+    client: &reqwest::Client,
+    url: &str,
+    basic: Option<String>,
+    image: &ImageRef,
+) -> Result<(reqwest::Response, Option<String>), ResolveError> {
+    let fail = |error| ResolveError::Request {
+        method: "HEAD",
+        url: url.to_string(),
+        error,
+    };
+    let head = |auth| manifest_request(client, reqwest::Method::HEAD, url, auth).send();
+    let mut auth = None;
+    let mut resp = head(None).await.map_err(fail)?;
+    if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
+        let header = resp
+            .headers()
+            .get("www-authenticate")
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        auth = Some(answer(client, &header, basic, image).await?);
+        resp = head(auth.clone()).await.map_err(fail)?;
+    }
+    if !resp.status().is_success() {
+        return Err(ResolveError::Status {
+            url: url.to_string(),
+            status: resp.status(),
+        });
+    }
+    Ok((resp, auth))
+}
+
+/// The digest of the manifest body (`GET`, at most [`MANIFEST_LIMIT`] bytes), for
+/// registries that leave `Docker-Content-Digest` out.
+async fn computed_digest(client: &reqwest::Client, url: &str, auth: Option<String>) -> Result<String, ResolveError> {
+    let fail = |error| ResolveError::Request {
+        method: "GET",
+        url: url.to_string(),
+        error,
+    };
+    let body = manifest_request(client, reqwest::Method::GET, url, auth)
+        .send()
         .await
-        .map_err(|e| format!("GET {url}: {e}"))?
+        .map_err(fail)?
         .bytes()
         .await
-        .map_err(|e| format!("GET {url}: {e}"))?;
+        .map_err(fail)?;
     if body.len() > MANIFEST_LIMIT {
-        return Err(format!("GET {url}: manifest larger than {MANIFEST_LIMIT} bytes"));
+        return Err(ResolveError::TooLarge { url: url.to_string() });
     }
     let hex: String = sha2::Sha256::digest(&body).iter().map(|b| format!("{b:02x}")).collect();
     Ok(format!("sha256:{hex}"))
@@ -158,41 +237,66 @@ async fn answer(
     header: &str,
     basic: Option<String>,
     image: &ImageRef,
-) -> Result<String, String> {
+) -> Result<String, ResolveError> {
     let (scheme, params) = challenge(header);
-    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     match scheme.as_str() {
-        "basic" => basic.ok_or_else(|| format!("{} wants credentials: none in [prefetch] auth_file", image.registry)),
-        "bearer" => {
-            let realm = param("realm").ok_or("Bearer challenge without realm")?;
-            let scope = param("scope").unwrap_or_else(|| format!("repository:{}:pull", image.repository));
-            let mut url = format!(
-                "{realm}{}scope={}",
-                if realm.contains('?') { '&' } else { '?' },
-                escape(&scope)
-            );
-            if let Some(s) = param("service") {
-                url.push_str(&format!("&service={}", escape(&s)));
-            }
-            let mut req = client.get(&url);
-            if let Some(b) = basic {
-                req = req.header("Authorization", b);
-            }
-            let resp = req.send().await.map_err(|e| format!("token from {realm}: {e}"))?;
-            if !resp.status().is_success() {
-                return Err(format!("token from {realm}: {}", resp.status()));
-            }
-            let body = resp.bytes().await.map_err(|e| format!("token from {realm}: {e}"))?;
-            let v: serde_json::Value =
-                serde_json::from_slice(&body).map_err(|e| format!("token from {realm}: not JSON: {e}"))?;
-            let token = v["token"]
-                .as_str()
-                .or(v["access_token"].as_str())
-                .ok_or("token response without a token")?;
-            Ok(format!("Bearer {token}"))
-        }
-        _ => Err(format!("unsupported auth challenge {header:?}")),
+        "basic" => basic.ok_or_else(|| ResolveError::NoCredentials {
+            registry: image.registry.clone(),
+        }),
+        "bearer" => bearer_token(client, &params, basic, image).await,
+        _ => Err(ResolveError::Challenge(header.to_string())),
     }
+}
+
+/// `Bearer <token>` from the challenge's realm (pull scope of the image's repository unless
+/// the challenge names one), asked with the `Basic` credentials when there are some.
+async fn bearer_token(
+    client: &reqwest::Client,
+    params: &[(String, String)],
+    basic: Option<String>,
+    image: &ImageRef,
+) -> Result<String, ResolveError> {
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let realm = param("realm").ok_or(ResolveError::NoRealm)?;
+    let scope = param("scope").unwrap_or_else(|| format!("repository:{}:pull", image.repository));
+    let mut req = client.get(token_url(&realm, &scope, param("service")));
+    if let Some(b) = basic {
+        req = req.header("Authorization", b);
+    }
+    let failed = |error| ResolveError::Token {
+        realm: realm.clone(),
+        error,
+    };
+    let resp = req.send().await.map_err(failed)?;
+    if !resp.status().is_success() {
+        return Err(ResolveError::TokenStatus {
+            realm: realm.clone(),
+            status: resp.status(),
+        });
+    }
+    let body = resp.bytes().await.map_err(failed)?;
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|error| ResolveError::TokenJson {
+        realm: realm.clone(),
+        error,
+    })?;
+    let token = v["token"]
+        .as_str()
+        .or(v["access_token"].as_str())
+        .ok_or(ResolveError::NoToken)?;
+    Ok(format!("Bearer {token}"))
+}
+
+/// The realm's URL asking for a token of `scope` (for `service`, when the challenge names one).
+fn token_url(realm: &str, scope: &str, service: Option<String>) -> String {
+    let mut url = format!(
+        "{realm}{}scope={}",
+        if realm.contains('?') { '&' } else { '?' },
+        escape(scope)
+    );
+    if let Some(s) = service {
+        url.push_str(&format!("&service={}", escape(&s)));
+    }
+    url
 }
 
 /// Percent-encodes a query value (RFC 3986 unreserved characters kept).
@@ -203,32 +307,6 @@ fn escape(v: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// Standard base64, just what the `Basic` header needs.
-mod base64_lite {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-    pub fn encode(data: &[u8]) -> String {
-        let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-        for chunk in data.chunks(3) {
-            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                out.push(if i <= chunk.len() {
-                    T[(n >> (18 - 6 * i)) as usize & 63] as char
-                } else {
-                    '='
-                });
-            }
-        }
-        out
-    }
-
-    /// Looks like base64 (what docker's `auth` holds).
-    pub fn decode_ok(s: &str) -> bool {
-        !s.is_empty() && s.len() % 4 == 0 && s.bytes().all(|b| T.contains(&b) || b == b'=')
-    }
 }
 
 #[cfg(test)]
@@ -261,7 +339,7 @@ mod tests {
         assert!(is_loopback("127.0.0.1:5000") && is_loopback("localhost") && is_loopback("[::1]:5000"));
         assert!(!is_loopback("registry.example:5000"));
         assert_eq!(api_host("docker.io"), "registry-1.docker.io");
-        assert_eq!(encode(b"user:pass"), "dXNlcjpwYXNz");
+        assert!(looks_base64("dXNlcjpwYXNz") && !looks_base64("user:pass"));
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("config.json");
         std::fs::write(

@@ -216,7 +216,9 @@ async fn refresh_one(
     known: Option<&str>,
     known_id: Option<&str>,
 ) -> Result<Refreshed, String> {
-    let digest = super::resolve::digest(r, cfg.prefetch.auth_file.as_deref(), RESOLVE_BOUND).await?;
+    let digest = super::resolve::digest(r, cfg.prefetch.auth_file.as_deref(), RESOLVE_BOUND)
+        .await
+        .map_err(|e| e.to_string())?;
     if known == Some(digest.as_str()) {
         return Ok(Refreshed::Same);
     }

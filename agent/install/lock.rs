@@ -123,6 +123,23 @@ pub fn acquire(root: &Root, wait: Duration) -> Result<Flock<File>, LockError> {
     }
 }
 
+/// Tries the lock of `root` shared, without waiting (the daemon, around a
+/// repair): `Ok(None)` while an install holds it.
+pub fn try_shared(root: &Root) -> Result<Option<Flock<File>>, LockError> {
+    let path = path_for(root);
+    private_dir(path.parent().expect("the lock has a parent"))?;
+    let file = open_regular(&path)?;
+    match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, errno)) => Err(LockError::Io {
+            path,
+            action: "cannot lock it",
+            source: errno.into(),
+        }),
+    }
+}
+
 /// Creates `dir` 0700, or checks an existing one is ours and closed to others.
 fn private_dir(dir: &Path) -> Result<(), LockError> {
     let io = |action, source| LockError::Io {

@@ -22,7 +22,7 @@ use containerd_client::types::Platform;
 use containerd_client::types::transfer::{ImageStore, OciRegistry, RegistryResolver};
 use tonic::transport::Channel;
 
-use super::credentials::Credential;
+use super::credentials::{Credential, basic_authorization};
 use super::pin::{CRI_NAMESPACE, PINNED_LABEL, PINNED_VALUE};
 
 /// The outcome for one extra platform.
@@ -93,40 +93,9 @@ pub async fn fetch_platform(
         Ok(p) => p,
         Err(e) => return report(PlatformState::Failed, Some(e)),
     };
-    let mut headers = HashMap::new();
-    if let Some(value) = credential.and_then(authorization) {
-        headers.insert("Authorization".to_string(), value);
-    }
-    let source = OciRegistry {
-        reference: reference.to_string(),
-        resolver: Some(RegistryResolver {
-            headers,
-            host_dir: if std::path::Path::new(CONTAINERD_HOSTS_DIR).is_dir() {
-                CONTAINERD_HOSTS_DIR.to_string()
-            } else {
-                String::new()
-            },
-            ..RegistryResolver::default()
-        }),
-    };
-    let mut labels = HashMap::from([("io.cri-containerd.image".to_string(), "managed".to_string())]);
-    if pin {
-        labels.insert(PINNED_LABEL.to_string(), PINNED_VALUE.to_string());
-    }
-    let destination = ImageStore {
-        name: reference.to_string(),
-        labels,
-        platforms: vec![parsed],
-        ..ImageStore::default()
-    };
-    let mut req = tonic::Request::new(TransferRequest {
-        source: Some(containerd_client::to_any(&source)),
-        destination: Some(containerd_client::to_any(&destination)),
-        options: None,
-    });
-    req.metadata_mut().insert(
-        "containerd-namespace",
-        tonic::metadata::MetadataValue::from_static(CRI_NAMESPACE),
+    let req = transfer_request(
+        &registry_source(reference, credential),
+        &image_store(reference, parsed, pin),
     );
     match TransferClient::new(channel.clone()).transfer(req).await {
         Ok(_) => report(PlatformState::Fetched, None),
@@ -141,38 +110,66 @@ pub async fn fetch_platform(
     }
 }
 
+/// The Transfer source: the registry, with the credential as a static header and
+/// containerd's hosts directory when the node has one.
+fn registry_source(reference: &str, credential: Option<&Credential>) -> OciRegistry {
+    let mut headers = HashMap::new();
+    if let Some(value) = credential.and_then(authorization) {
+        headers.insert("Authorization".to_string(), value);
+    }
+    OciRegistry {
+        reference: reference.to_string(),
+        resolver: Some(RegistryResolver {
+            headers,
+            host_dir: if std::path::Path::new(CONTAINERD_HOSTS_DIR).is_dir() {
+                CONTAINERD_HOSTS_DIR.to_string()
+            } else {
+                String::new()
+            },
+            ..RegistryResolver::default()
+        }),
+    }
+}
+
+/// The Transfer destination: containerd's image store, one platform, CRI's label (and pinned).
+fn image_store(reference: &str, platform: Platform, pin: bool) -> ImageStore {
+    let mut labels = HashMap::from([("io.cri-containerd.image".to_string(), "managed".to_string())]);
+    if pin {
+        labels.insert(PINNED_LABEL.to_string(), PINNED_VALUE.to_string());
+    }
+    ImageStore {
+        name: reference.to_string(),
+        labels,
+        platforms: vec![platform],
+        ..ImageStore::default()
+    }
+}
+
+/// A Transfer call from `source` to `destination`, in CRI's namespace.
+fn transfer_request(source: &OciRegistry, destination: &ImageStore) -> tonic::Request<TransferRequest> {
+    let mut req = tonic::Request::new(TransferRequest {
+        source: Some(containerd_client::to_any(source)),
+        destination: Some(containerd_client::to_any(destination)),
+        options: None,
+    });
+    req.metadata_mut().insert(
+        "containerd-namespace",
+        tonic::metadata::MetadataValue::from_static(CRI_NAMESPACE),
+    );
+    req
+}
+
 /// The static `Authorization` header value for a credential, if it has one.
 fn authorization(c: &Credential) -> Option<String> {
     if !c.registry_token.is_empty() {
         Some(format!("Bearer {}", c.registry_token))
     } else if !c.username.is_empty() {
-        Some(format!(
-            "Basic {}",
-            base64(format!("{}:{}", c.username, c.password).as_bytes())
-        ))
+        Some(basic_authorization(&c.username, &c.password))
     } else if !c.auth.is_empty() {
         Some(format!("Basic {}", c.auth))
     } else {
         None
     }
-}
-
-/// Standard base64 with padding (for one header value).
-fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -185,9 +182,6 @@ mod tests {
         assert_eq!(parse_platform("linux/arm/v7").unwrap().variant, "v7");
         assert!(parse_platform("arm64").is_err());
         assert!(parse_platform("linux//x").is_err());
-        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
-        assert_eq!(base64(b"a"), "YQ==");
-        assert_eq!(base64(b"ab"), "YWI=");
         let c = Credential {
             username: "user".into(),
             password: "pass".into(),

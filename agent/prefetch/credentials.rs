@@ -303,15 +303,13 @@ fn load_auth_file(path: &Path, warnings: &mut Vec<String>) -> Result<AuthList, C
     Ok(list)
 }
 
+/// The provider config (JSON `CredentialProviderConfig`), every provider checked.
 fn load_providers(path: &Path) -> Result<Vec<Provider>, CredentialError> {
     let text = std::fs::read_to_string(path).map_err(|source| CredentialError::ReadProviderConfig {
         path: path.to_path_buf(),
         source,
     })?;
-    let invalid = |message: String| CredentialError::ParseProviderConfig {
-        path: path.to_path_buf(),
-        message,
-    };
+    let invalid = |message: String| invalid_provider_config(path, message);
     if !text.trim_start().starts_with('{') {
         return Err(invalid(
             "YAML is not supported; write the JSON form (the EKS AMI's)".into(),
@@ -323,45 +321,83 @@ fn load_providers(path: &Path) -> Result<Vec<Provider>, CredentialError> {
     {
         return Err(invalid(format!("kind {kind:?} is not CredentialProviderConfig")));
     }
-    file.providers
-        .into_iter()
-        .map(|p| {
-            if p.name.is_empty() || p.name.contains('/') || p.name == "." || p.name == ".." {
-                return Err(invalid(format!("provider name {:?} is not a file name", p.name)));
-            }
-            if p.match_images.is_empty() {
-                return Err(invalid(format!("provider {}: matchImages is empty", p.name)));
-            }
-            if !API_VERSIONS.contains(&p.api_version.as_str()) {
-                return Err(invalid(format!(
-                    "provider {}: apiVersion {:?} is not one of {API_VERSIONS:?}",
-                    p.name, p.api_version
-                )));
-            }
-            let default_cache = match &p.default_cache_duration {
-                None => Duration::ZERO,
-                Some(d) => go_duration(d).ok_or_else(|| {
-                    invalid(format!(
-                        "provider {}: defaultCacheDuration {d:?} is not a duration",
-                        p.name
-                    ))
-                })?,
-            };
-            Ok(Provider {
-                name: p.name,
-                match_images: p.match_images,
-                default_cache,
-                api_version: p.api_version,
-                args: p.args,
-                env: p.env.into_iter().map(|e| (e.name, e.value)).collect(),
-                cache: tokio::sync::Mutex::new(HashMap::new()),
-            })
-        })
-        .collect()
+    file.providers.into_iter().map(|p| provider(path, p)).collect()
+}
+
+/// The error for a provider config at `path` that is not valid.
+fn invalid_provider_config(path: &Path, message: String) -> CredentialError {
+    CredentialError::ParseProviderConfig {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+/// One provider entry of the config at `path`, checked (name, matchImages, apiVersion, cache).
+fn provider(path: &Path, p: ProviderSpec) -> Result<Provider, CredentialError> {
+    let invalid = |message: String| invalid_provider_config(path, message);
+    if p.name.is_empty() || p.name.contains('/') || p.name == "." || p.name == ".." {
+        return Err(invalid(format!("provider name {:?} is not a file name", p.name)));
+    }
+    if p.match_images.is_empty() {
+        return Err(invalid(format!("provider {}: matchImages is empty", p.name)));
+    }
+    if !API_VERSIONS.contains(&p.api_version.as_str()) {
+        return Err(invalid(format!(
+            "provider {}: apiVersion {:?} is not one of {API_VERSIONS:?}",
+            p.name, p.api_version
+        )));
+    }
+    let default_cache = match &p.default_cache_duration {
+        None => Duration::ZERO,
+        Some(d) => go_duration(d).ok_or_else(|| {
+            invalid(format!(
+                "provider {}: defaultCacheDuration {d:?} is not a duration",
+                p.name
+            ))
+        })?,
+    };
+    Ok(Provider {
+        name: p.name,
+        match_images: p.match_images,
+        default_cache,
+        api_version: p.api_version,
+        args: p.args,
+        env: p.env.into_iter().map(|e| (e.name, e.value)).collect(),
+        cache: tokio::sync::Mutex::new(HashMap::new()),
+    })
+}
+
+/// Why a credential provider plugin gave no usable answer (a lookup note).
+#[derive(Debug, thiserror::Error)]
+enum ProviderError {
+    #[error("cannot run {program}: {error}")]
+    Spawn { program: PathBuf, error: std::io::Error },
+    #[error("{program} did not answer within {:?}", PLUGIN_TIMEOUT)]
+    Timeout { program: PathBuf },
+    #[error("{program}: {error}")]
+    Wait { program: PathBuf, error: std::io::Error },
+    #[error("{program} failed ({status}): {stderr}")]
+    Failed {
+        program: PathBuf,
+        status: std::process::ExitStatus,
+        /// The end of what it wrote to stderr.
+        stderr: String,
+    },
+    #[error("{name}: response is not valid JSON: {error}")]
+    Json { name: String, error: serde_json::Error },
+    #[error("response kind {0:?} is not {RESPONSE_KIND}", RESPONSE_KIND = RESPONSE_KIND)]
+    Kind(String),
+    #[error("response apiVersion {got:?} is not the configured {want:?}")]
+    ApiVersion { got: String, want: String },
+    #[error("cacheDuration {0:?} is not a duration")]
+    CacheDuration(String),
+    #[error("cacheKeyType {0:?} is not Image, Registry or Global")]
+    CacheKeyType(Option<String>),
 }
 
 impl Provider {
-    async fn provide(&self, bin_dir: &Path, image: &str, registry: &str) -> Result<AuthList, String> {
+    /// The auths for `image`: cached by image, registry or globally, else from a plugin run.
+    async fn provide(&self, bin_dir: &Path, image: &str, registry: &str) -> Result<AuthList, ProviderError> {
         let keys = [
             format!("image:{image}"),
             format!("registry:{registry}"),
@@ -375,15 +411,10 @@ impl Provider {
         }
         let response = self.exec(bin_dir, image).await?;
         let ttl = match &response.cache_duration {
-            Some(d) => go_duration(d).ok_or_else(|| format!("cacheDuration {d:?} is not a duration"))?,
+            Some(d) => go_duration(d).ok_or_else(|| ProviderError::CacheDuration(d.clone()))?,
             None => self.default_cache,
         };
-        let key = match response.cache_key_type.as_deref() {
-            Some("Image") => keys[0].clone(),
-            Some("Registry") => keys[1].clone(),
-            Some("Global") => keys[2].clone(),
-            other => return Err(format!("cacheKeyType {other:?} is not Image, Registry or Global")),
-        };
+        let key = cache_key(&keys, response.cache_key_type.as_deref())?;
         let mut auths: AuthList = response
             .auth
             .into_iter()
@@ -403,14 +434,28 @@ impl Provider {
         Ok(auths)
     }
 
-    async fn exec(&self, bin_dir: &Path, image: &str) -> Result<ProviderResponse, String> {
+    /// Runs the plugin (exec protocol) and checks its response.
+    async fn exec(&self, bin_dir: &Path, image: &str) -> Result<ProviderResponse, ProviderError> {
         let program = bin_dir.join(&self.name);
+        let out = self.run(&program, image).await?;
+        if !out.status.success() {
+            return Err(ProviderError::Failed {
+                stderr: stderr_tail(&out.stderr),
+                status: out.status,
+                program,
+            });
+        }
+        self.response(&out.stdout)
+    }
+
+    /// Runs `program` with one request for `image` on stdin; its output, within [`PLUGIN_TIMEOUT`].
+    async fn run(&self, program: &Path, image: &str) -> Result<std::process::Output, ProviderError> {
         let request = serde_json::json!({
             "apiVersion": self.api_version,
             "kind": REQUEST_KIND,
             "image": image,
         });
-        let mut child = tokio::process::Command::new(&program)
+        let mut child = tokio::process::Command::new(program)
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
@@ -418,7 +463,10 @@ impl Provider {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+            .map_err(|error| ProviderError::Spawn {
+                program: program.to_path_buf(),
+                error,
+            })?;
         let mut stdin = child.stdin.take().expect("stdin is piped");
         let body = request.to_string();
         let run = async move {
@@ -427,37 +475,82 @@ impl Provider {
             drop(stdin);
             child.wait_with_output().await
         };
-        let out = tokio::time::timeout(PLUGIN_TIMEOUT, run)
+        tokio::time::timeout(PLUGIN_TIMEOUT, run)
             .await
-            .map_err(|_| format!("{} did not answer within {PLUGIN_TIMEOUT:?}", program.display()))?
-            .map_err(|e| format!("{}: {e}", program.display()))?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let tail: String = stderr
-                .trim()
-                .chars()
-                .rev()
-                .take(300)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            return Err(format!("{} failed ({}): {tail}", program.display(), out.status));
-        }
+            .map_err(|_| ProviderError::Timeout {
+                program: program.to_path_buf(),
+            })?
+            .map_err(|error| ProviderError::Wait {
+                program: program.to_path_buf(),
+                error,
+            })
+    }
+
+    /// The plugin's stdout as a response of the kind and apiVersion configured.
+    fn response(&self, stdout: &[u8]) -> Result<ProviderResponse, ProviderError> {
         // serde_json's error names a position, never the content.
-        let resp: ProviderResponse = serde_json::from_slice(&out.stdout)
-            .map_err(|e| format!("{}: response is not valid JSON: {e}", self.name))?;
+        let resp: ProviderResponse = serde_json::from_slice(stdout).map_err(|error| ProviderError::Json {
+            name: self.name.clone(),
+            error,
+        })?;
         if resp.kind != RESPONSE_KIND {
-            return Err(format!("response kind {:?} is not {RESPONSE_KIND}", resp.kind));
+            return Err(ProviderError::Kind(resp.kind));
         }
         if resp.api_version != self.api_version {
-            return Err(format!(
-                "response apiVersion {:?} is not the configured {:?}",
-                resp.api_version, self.api_version
-            ));
+            return Err(ProviderError::ApiVersion {
+                got: resp.api_version,
+                want: self.api_version.clone(),
+            });
         }
         Ok(resp)
     }
+}
+
+/// Which of `keys` (image, registry, global) a response's `cacheKeyType` names.
+fn cache_key(keys: &[String; 3], kind: Option<&str>) -> Result<String, ProviderError> {
+    match kind {
+        Some("Image") => Ok(keys[0].clone()),
+        Some("Registry") => Ok(keys[1].clone()),
+        Some("Global") => Ok(keys[2].clone()),
+        other => Err(ProviderError::CacheKeyType(other.map(str::to_string))),
+    }
+}
+
+/// The last 300 characters of a plugin's stderr, trimmed.
+fn stderr_tail(stderr: &[u8]) -> String {
+    let stderr = String::from_utf8_lossy(stderr);
+    stderr
+        .trim()
+        .chars()
+        .rev()
+        .take(300)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect()
+}
+
+/// The `Basic` `Authorization` header value for a username and password.
+pub(crate) fn basic_authorization(username: &str, password: &str) -> String {
+    format!("Basic {}", base64(format!("{username}:{password}").as_bytes()))
+}
+
+/// Standard base64 with padding (for one header value).
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// A Go `time.Duration` string (`12h`, `1h30m`, `1.5s`, `300ms`, `0`).
@@ -498,6 +591,13 @@ pub fn go_duration(text: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn basic_authorization_is_padded_base64() {
+        assert_eq!(base64(b"a"), "YQ==");
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(basic_authorization("user", "pass"), "Basic dXNlcjpwYXNz");
+    }
 
     #[test]
     fn durations() {

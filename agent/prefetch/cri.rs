@@ -63,6 +63,43 @@ impl From<tonic::Status> for CallError {
     }
 }
 
+/// Error texts that mean trying again cannot help (checked first).
+const PERMANENT: [&str; 9] = [
+    "401 unauthorized",
+    "403 forbidden",
+    "unauthorized",
+    "denied",
+    "not found",
+    "invalid reference",
+    "failed to parse",
+    "no match for platform",
+    "invalid argument",
+];
+
+/// Error texts of registry or network trouble that may pass.
+const TRANSIENT: [&str; 20] = [
+    "connection refused",
+    "connection reset",
+    "broken pipe",
+    "dial tcp",
+    "i/o timeout",
+    "no such host",
+    "server misbehaving",
+    "tls handshake timeout",
+    "timeout awaiting response headers",
+    "context deadline exceeded",
+    "unexpected eof",
+    "http2: server sent goaway",
+    "500 internal server error",
+    "502 bad gateway",
+    "503 service unavailable",
+    "504 gateway timeout",
+    "429 too many requests",
+    "too many requests",
+    "toomanyrequests",
+    "temporarily unavailable",
+];
+
 /// Retry `Unavailable`, `DeadlineExceeded`, `ResourceExhausted`, `Aborted`,
 /// and `Unknown`/`Internal` whose text is a registry 5xx/429 or a network
 /// error (containerd reports registry trouble as `Unknown`). Never retry an
@@ -73,39 +110,6 @@ pub fn is_transient(code: tonic::Code, message: &str) -> bool {
         Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted => true,
         Code::Unknown | Code::Internal => {
             let m = message.to_ascii_lowercase();
-            const PERMANENT: [&str; 9] = [
-                "401 unauthorized",
-                "403 forbidden",
-                "unauthorized",
-                "denied",
-                "not found",
-                "invalid reference",
-                "failed to parse",
-                "no match for platform",
-                "invalid argument",
-            ];
-            const TRANSIENT: [&str; 20] = [
-                "connection refused",
-                "connection reset",
-                "broken pipe",
-                "dial tcp",
-                "i/o timeout",
-                "no such host",
-                "server misbehaving",
-                "tls handshake timeout",
-                "timeout awaiting response headers",
-                "context deadline exceeded",
-                "unexpected eof",
-                "http2: server sent goaway",
-                "500 internal server error",
-                "502 bad gateway",
-                "503 service unavailable",
-                "504 gateway timeout",
-                "429 too many requests",
-                "too many requests",
-                "toomanyrequests",
-                "temporarily unavailable",
-            ];
             !PERMANENT.iter().any(|p| m.contains(p)) && TRANSIENT.iter().any(|t| m.contains(t))
         }
         _ => false,

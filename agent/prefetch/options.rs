@@ -259,54 +259,14 @@ pub fn resolve(args: &PrefetchArgs) -> Result<(PrefetchOptions, OutputFormat), O
     let root = Root::new(&args.root);
     let file = read_config(args, &root)?;
     let mut o = PrefetchOptions::new(&args.root);
-
-    let mut images = args.images.clone();
-    for list in &args.from {
-        images.extend(read_image_list(list)?);
-    }
-    if images.is_empty() && args.from.is_empty() {
-        images = file.images.unwrap_or_default();
-    }
-    o.images = images;
-
-    o.concurrency = args.concurrency.or(file.concurrency).unwrap_or(DEFAULT_CONCURRENCY);
-    if o.concurrency == 0 || o.concurrency > MAX_CONCURRENCY {
-        return Err(OptionsError::Invalid {
-            option: "--concurrency",
-            value: o.concurrency.to_string(),
-            reason: "must be between 1 and 64",
-        });
-    }
-    o.pin = if args.unpin {
-        PinMode::Unpin
-    } else if args.pin {
-        PinMode::Pin
-    } else {
-        match (file.pin.unwrap_or(false), file.unpin.unwrap_or(false)) {
-            (true, true) => {
-                return Err(OptionsError::Invalid {
-                    option: "pin/unpin",
-                    value: "true/true".into(),
-                    reason: "pin and unpin cannot both be set",
-                });
-            }
-            (true, false) => PinMode::Pin,
-            (false, true) => PinMode::Unpin,
-            (false, false) => PinMode::Keep,
-        }
-    };
-    let timeout = args
-        .timeout_per_image
-        .or(file.timeout_per_image)
-        .unwrap_or(DEFAULT_TIMEOUT_PER_IMAGE_SECS);
-    if !(timeout.is_finite() && timeout > 0.0 && timeout <= 86400.0) {
-        return Err(OptionsError::Invalid {
-            option: "--timeout-per-image",
-            value: timeout.to_string(),
-            reason: "must be a number of seconds between 0 and 86400",
-        });
-    }
-    o.timeout_per_image = Duration::from_secs_f64(timeout);
+    o.images = images(args, file.images)?;
+    o.concurrency = concurrency(args.concurrency.or(file.concurrency).unwrap_or(DEFAULT_CONCURRENCY))?;
+    o.pin = pin_mode(args, file.pin.unwrap_or(false), file.unpin.unwrap_or(false))?;
+    o.timeout_per_image = timeout_per_image(
+        args.timeout_per_image
+            .or(file.timeout_per_image)
+            .unwrap_or(DEFAULT_TIMEOUT_PER_IMAGE_SECS),
+    )?;
     o.retries = args.retries.or(file.retries).unwrap_or(DEFAULT_RETRIES);
     o.cri_endpoint = args
         .cri_endpoint
@@ -317,45 +277,98 @@ pub fn resolve(args: &PrefetchArgs) -> Result<(PrefetchOptions, OutputFormat), O
         o.containerd_address = a;
     }
     o.auth_file = args.auth_file.clone().or(file.auth_file);
-    if let Some(p) = args
-        .image_credential_provider_config
-        .clone()
-        .or(file.image_credential_provider_config)
-    {
+    let provider_config = args.image_credential_provider_config.clone();
+    if let Some(p) = provider_config.or(file.image_credential_provider_config) {
         o.credential_provider_config = Some(p);
         o.credential_provider_config_required = true;
     }
-    if let Some(d) = args
-        .image_credential_provider_bin_dir
-        .clone()
-        .or(file.image_credential_provider_bin_dir)
-    {
+    let provider_bin_dir = args.image_credential_provider_bin_dir.clone();
+    if let Some(d) = provider_bin_dir.or(file.image_credential_provider_bin_dir) {
         o.credential_provider_bin_dir = d;
     }
-    o.platforms = if args.platform.is_empty() {
-        file.platform.unwrap_or_default()
-    } else {
-        args.platform.clone()
-    };
-    o.platforms = o
-        .platforms
-        .iter()
-        .map(|p| p.trim().to_string())
-        .filter(|p| !p.is_empty())
-        .collect();
-    for p in &o.platforms {
-        if super::bake::parse_platform(p).is_err() {
-            return Err(OptionsError::Invalid {
-                option: "--platform",
-                value: p.clone(),
-                reason: "must be os/arch[/variant], e.g. linux/arm64",
-            });
-        }
-    }
+    o.platforms = platforms(&args.platform, file.platform)?;
     o.strict = file.strict.unwrap_or(false);
     o.progress = std::io::stderr().is_terminal();
     let output = args.output.or(file.output).unwrap_or(OutputFormat::Text);
     Ok((o, output))
+}
+
+/// The arguments and `--from` lists; the file's `images` only when neither was given.
+fn images(args: &PrefetchArgs, from_file: Option<Vec<String>>) -> Result<Vec<String>, OptionsError> {
+    let mut images = args.images.clone();
+    for list in &args.from {
+        images.extend(read_image_list(list)?);
+    }
+    if images.is_empty() && args.from.is_empty() {
+        images = from_file.unwrap_or_default();
+    }
+    Ok(images)
+}
+
+/// Images in flight at once: 1 to [`MAX_CONCURRENCY`].
+fn concurrency(n: usize) -> Result<usize, OptionsError> {
+    if n == 0 || n > MAX_CONCURRENCY {
+        return Err(OptionsError::Invalid {
+            option: "--concurrency",
+            value: n.to_string(),
+            reason: "must be between 1 and 64",
+        });
+    }
+    Ok(n)
+}
+
+/// `--unpin`, else `--pin`, else the file's `pin`/`unpin` (not both).
+fn pin_mode(args: &PrefetchArgs, pin: bool, unpin: bool) -> Result<PinMode, OptionsError> {
+    if args.unpin {
+        return Ok(PinMode::Unpin);
+    }
+    if args.pin {
+        return Ok(PinMode::Pin);
+    }
+    match (pin, unpin) {
+        (true, true) => Err(OptionsError::Invalid {
+            option: "pin/unpin",
+            value: "true/true".into(),
+            reason: "pin and unpin cannot both be set",
+        }),
+        (true, false) => Ok(PinMode::Pin),
+        (false, true) => Ok(PinMode::Unpin),
+        (false, false) => Ok(PinMode::Keep),
+    }
+}
+
+/// The bound on one image: more than 0 and at most a day, in seconds.
+fn timeout_per_image(secs: f64) -> Result<Duration, OptionsError> {
+    if !(secs.is_finite() && secs > 0.0 && secs <= 86400.0) {
+        return Err(OptionsError::Invalid {
+            option: "--timeout-per-image",
+            value: secs.to_string(),
+            reason: "must be a number of seconds between 0 and 86400",
+        });
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `--platform` (else the file's `platform`), trimmed, blanks dropped, each `os/arch[/variant]`.
+fn platforms(flags: &[String], from_file: Option<Vec<String>>) -> Result<Vec<String>, OptionsError> {
+    let given = if flags.is_empty() {
+        from_file.unwrap_or_default()
+    } else {
+        flags.to_vec()
+    };
+    let platforms: Vec<String> = given
+        .iter()
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    if let Some(p) = platforms.iter().find(|p| super::bake::parse_platform(p).is_err()) {
+        return Err(OptionsError::Invalid {
+            option: "--platform",
+            value: p.clone(),
+            reason: "must be os/arch[/variant], e.g. linux/arm64",
+        });
+    }
+    Ok(platforms)
 }
 
 #[cfg(test)]

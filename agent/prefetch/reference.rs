@@ -40,42 +40,8 @@ impl ImageRef {
         if text.trim() != text {
             return Err(err("surrounding whitespace"));
         }
-        let (name_tag, digest) = match text.split_once('@') {
-            Some((n, d)) => (n, Some(d)),
-            None => (text, None),
-        };
-        if let Some(d) = digest {
-            check_digest(d).map_err(err)?;
-        }
-        // A tag follows the last ':' after the last '/'.
-        let last_slash = name_tag.rfind('/').map_or(0, |i| i + 1);
-        let (name, tag) = match name_tag[last_slash..].rfind(':') {
-            Some(i) => (&name_tag[..last_slash + i], Some(&name_tag[last_slash + i + 1..])),
-            None => (name_tag, None),
-        };
-        if let Some(t) = tag {
-            check_tag(t).map_err(err)?;
-        }
-        if name.len() > MAX_NAME {
-            return Err(err("repository name longer than 255 characters"));
-        }
-        let (registry, path) = match name.split_once('/') {
-            Some((first, rest)) if is_domain(first) => (first.to_string(), rest.to_string()),
-            _ => ("docker.io".to_string(), name.to_string()),
-        };
-        check_domain(&registry).map_err(err)?;
-        let registry = match registry.as_str() {
-            "index.docker.io" | "registry-1.docker.io" => "docker.io".to_string(),
-            _ => registry,
-        };
-        let repository = if registry == "docker.io" && !path.contains('/') {
-            format!("library/{path}")
-        } else {
-            path
-        };
-        for component in repository.split('/') {
-            check_path_component(component).map_err(err)?;
-        }
+        let (name, tag, digest) = split_reference(text).map_err(err)?;
+        let (registry, repository) = locate(name).map_err(err)?;
         let tag = match (tag, digest) {
             (None, None) => Some("latest".to_string()),
             (t, _) => t.map(str::to_string),
@@ -92,6 +58,52 @@ impl ImageRef {
     pub fn repo(&self) -> String {
         format!("{}/{}", self.registry, self.repository)
     }
+}
+
+/// `name[:tag][@digest]` into its checked parts (a tag follows the last ':' after the last '/').
+fn split_reference(text: &str) -> Result<(&str, Option<&str>, Option<&str>), &'static str> {
+    let (name_tag, digest) = match text.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (text, None),
+    };
+    if let Some(d) = digest {
+        check_digest(d)?;
+    }
+    let last_slash = name_tag.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match name_tag[last_slash..].rfind(':') {
+        Some(i) => (&name_tag[..last_slash + i], Some(&name_tag[last_slash + i + 1..])),
+        None => (name_tag, None),
+    };
+    if let Some(t) = tag {
+        check_tag(t)?;
+    }
+    Ok((name, tag, digest))
+}
+
+/// The registry (docker.io when the name has none; its aliases folded) and the checked
+/// repository path (`library/` added for docker.io's official images).
+fn locate(name: &str) -> Result<(String, String), &'static str> {
+    if name.len() > MAX_NAME {
+        return Err("repository name longer than 255 characters");
+    }
+    let (registry, path) = match name.split_once('/') {
+        Some((first, rest)) if is_domain(first) => (first, rest),
+        _ => ("docker.io", name),
+    };
+    check_domain(registry)?;
+    let registry = match registry {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io",
+        _ => registry,
+    };
+    let repository = if registry == "docker.io" && !path.contains('/') {
+        format!("library/{path}")
+    } else {
+        path.to_string()
+    };
+    for component in repository.split('/') {
+        check_path_component(component)?;
+    }
+    Ok((registry.to_string(), repository))
 }
 
 /// The normalized reference: `registry/repository[:tag][@digest]`.

@@ -213,35 +213,13 @@ impl PrefetchReport {
         let mut out = String::new();
         let width = self.images.iter().map(|i| i.name().len()).max().unwrap_or(0);
         for i in &self.images {
-            let bytes = i.bytes.map(human_bytes).unwrap_or_default();
-            let mut line = format!(
-                "  {:<7} {:<width$}  {:>10}  {:>6.1} s",
-                i.state.as_str(),
-                i.name(),
-                bytes,
-                i.seconds
-            );
-            if let Some(a) = i.auth.as_deref().filter(|a| *a != "anonymous") {
-                line.push_str(&format!("  auth: {a}"));
-            }
-            match i.pinned {
-                Some(true) => line.push_str("  pinned"),
-                Some(false) if self.pin == PinMode::Unpin => line.push_str("  unpinned"),
-                _ => {}
-            }
-            out.push_str(line.trim_end());
+            out.push_str(self.image_line(i, width).trim_end());
             out.push('\n');
             if let Some(e) = &i.error {
                 out.push_str(&format!("          error: {e}\n"));
             }
             for p in &i.platforms {
-                let state = match (&p.state, &p.error) {
-                    (PlatformState::Native, _) => "native (pulled through CRI)".to_string(),
-                    (PlatformState::Fetched, _) => "content fetched".to_string(),
-                    (_, Some(e)) => e.clone(),
-                    (s, None) => format!("{s:?}").to_lowercase(),
-                };
-                out.push_str(&format!("          {}: {state}\n", p.platform));
+                out.push_str(&format!("          {}: {}\n", p.platform, platform_state(p)));
             }
         }
         for w in &self.warnings {
@@ -250,6 +228,37 @@ impl PrefetchReport {
         out.push_str(&self.summary_line());
         out.push('\n');
         out
+    }
+
+    /// One image's line: state, name (padded to `width`), size, seconds, auth, pinned.
+    fn image_line(&self, i: &ImageReport, width: usize) -> String {
+        let bytes = i.bytes.map(human_bytes).unwrap_or_default();
+        let mut line = format!(
+            "  {:<7} {:<width$}  {:>10}  {:>6.1} s",
+            i.state.as_str(),
+            i.name(),
+            bytes,
+            i.seconds
+        );
+        if let Some(a) = i.auth.as_deref().filter(|a| *a != "anonymous") {
+            line.push_str(&format!("  auth: {a}"));
+        }
+        match i.pinned {
+            Some(true) => line.push_str("  pinned"),
+            Some(false) if self.pin == PinMode::Unpin => line.push_str("  unpinned"),
+            _ => {}
+        }
+        line
+    }
+}
+
+/// How one bake-mode platform went, in words.
+fn platform_state(p: &PlatformReport) -> String {
+    match (&p.state, &p.error) {
+        (PlatformState::Native, _) => "native (pulled through CRI)".to_string(),
+        (PlatformState::Fetched, _) => "content fetched".to_string(),
+        (_, Some(e)) => e.clone(),
+        (s, None) => format!("{s:?}").to_lowercase(),
     }
 }
 

@@ -73,6 +73,14 @@ pub(super) fn render(a: &Ec2NodeClassArgs) -> Result<Rendered, RenderError> {
             SOCI_ROOT
         ));
     }
+    Ok(Rendered {
+        text: manifest(a, &user_data),
+        notes,
+    })
+}
+
+/// The EC2NodeClass YAML, with `user_data` as its userData.
+fn manifest(a: &Ec2NodeClassArgs, user_data: &str) -> String {
     let mut y = String::new();
     y.push_str("# Rendered by `soci-agent render ec2nodeclass`. Karpenter appends its own NodeConfig\n");
     y.push_str("# (cluster fields) after this user data when it launches a node.\n");
@@ -96,8 +104,8 @@ pub(super) fn render(a: &Ec2NodeClassArgs) -> Result<Rendered, RenderError> {
     if a.instance_store_raid0 {
         y.push_str("  instanceStorePolicy: RAID0\n");
     }
-    y.push_str(&block_scalar("userData", &user_data, 4));
-    Ok(Rendered { text: y, notes })
+    y.push_str(&block_scalar("userData", user_data, 4));
+    y
 }
 
 /// A Kubernetes object name (DNS subdomain).
@@ -165,7 +173,14 @@ fn check_alias(v: &str) -> Result<(), RenderError> {
     }
 }
 
+/// The root volume: gp3 throughput and IOPS, and its size.
 fn check_volume(a: &Ec2NodeClassArgs) -> Result<(), RenderError> {
+    check_gp3(a)?;
+    check_volume_size(&a.volume_size)
+}
+
+/// gp3's throughput and IOPS ranges, and their ratio.
+fn check_gp3(a: &Ec2NodeClassArgs) -> Result<(), RenderError> {
     if !THROUGHPUT.contains(&a.ebs_throughput) {
         return Err(invalid(
             "--ebs-throughput",
@@ -191,17 +206,17 @@ fn check_volume(a: &Ec2NodeClassArgs) -> Result<(), RenderError> {
             ),
         ));
     }
-    let gib = parse_size(&a.volume_size).ok_or_else(|| {
-        invalid(
-            "--volume-size",
-            &a.volume_size,
-            "expected a whole number of Gi or Ti, e.g. 100Gi",
-        )
-    })?;
+    Ok(())
+}
+
+/// A whole number of Gi or Ti, 20Gi to 16Ti.
+fn check_volume_size(size: &str) -> Result<(), RenderError> {
+    let gib = parse_size(size)
+        .ok_or_else(|| invalid("--volume-size", size, "expected a whole number of Gi or Ti, e.g. 100Gi"))?;
     if !VOLUME_GIB.contains(&gib) {
         return Err(invalid(
             "--volume-size",
-            &a.volume_size,
+            size,
             "must be between 20Gi (the AL2023 AMI's snapshot) and 16Ti (gp3's limit)",
         ));
     }

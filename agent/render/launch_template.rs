@@ -43,33 +43,8 @@ pub struct LaunchTemplateArgs {
 }
 
 pub(super) fn render(a: &LaunchTemplateArgs) -> Result<Rendered, RenderError> {
-    let cluster_opts = [
-        ("--cluster-name", &a.cluster_name),
-        ("--api-server-endpoint", &a.api_server_endpoint),
-        ("--certificate-authority", &a.certificate_authority),
-        ("--cidr", &a.cidr),
-    ];
     let mut notes = Vec::new();
-    let leading = if a.custom_ami {
-        for (option, v) in cluster_opts {
-            if v.is_none() {
-                return Err(RenderError::Missing {
-                    option,
-                    reason: "with --custom-ami (EKS does not merge its cluster NodeConfig into a custom AMI's user data)",
-                });
-            }
-        }
-        vec![cluster_part(a)?]
-    } else {
-        if let Some((option, Some(v))) = cluster_opts.iter().find(|(_, v)| v.is_some()) {
-            return Err(invalid(
-                option,
-                v,
-                "only with --custom-ami: without it EKS supplies the cluster fields",
-            ));
-        }
-        Vec::new()
-    };
+    let leading = leading_parts(a)?;
     let text = userdata::build(&a.userdata, leading, &mut notes)?;
     if a.custom_ami {
         notes.push(
@@ -86,6 +61,36 @@ pub(super) fn render(a: &LaunchTemplateArgs) -> Result<Rendered, RenderError> {
     }
     notes.push("the launch template takes it base64-encoded: base64 -w0 FILE".into());
     Ok(Rendered { text, notes })
+}
+
+/// The parts before the agent's: the cluster NodeConfig with `--custom-ami` (every cluster
+/// option then required), none without it (and no cluster option allowed).
+fn leading_parts(a: &LaunchTemplateArgs) -> Result<Vec<Part>, RenderError> {
+    let cluster_opts = [
+        ("--cluster-name", &a.cluster_name),
+        ("--api-server-endpoint", &a.api_server_endpoint),
+        ("--certificate-authority", &a.certificate_authority),
+        ("--cidr", &a.cidr),
+    ];
+    if !a.custom_ami {
+        if let Some((option, Some(v))) = cluster_opts.iter().find(|(_, v)| v.is_some()) {
+            return Err(invalid(
+                option,
+                v,
+                "only with --custom-ami: without it EKS supplies the cluster fields",
+            ));
+        }
+        return Ok(Vec::new());
+    }
+    for (option, v) in cluster_opts {
+        if v.is_none() {
+            return Err(RenderError::Missing {
+                option,
+                reason: "with --custom-ami (EKS does not merge its cluster NodeConfig into a custom AMI's user data)",
+            });
+        }
+    }
+    Ok(vec![cluster_part(a)?])
 }
 
 /// The cluster NodeConfig part (first, so the agent's part and Karpenter's

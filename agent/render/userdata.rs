@@ -151,50 +151,10 @@ pub(super) fn build(a: &UserdataArgs, leading: Vec<Part>, notes: &mut Vec<String
     Ok(text)
 }
 
+/// Validates every option (notes say what is allowed but worth knowing).
 fn check(a: &UserdataArgs, notes: &mut Vec<String>) -> Result<Checked, RenderError> {
-    let url = check_url("--agent-url", &a.agent_url, notes)?;
-    let agent_sha256 = [
-        digest("--agent-sha256-amd64", &a.agent_sha256_amd64)?,
-        digest("--agent-sha256-arm64", &a.agent_sha256_arm64)?,
-    ];
-    if agent_sha256.iter().all(Option::is_none) {
-        return Err(RenderError::Missing {
-            option: "--agent-sha256-amd64 or --agent-sha256-arm64",
-            reason: "(the script never runs an unverified binary)",
-        });
-    }
-    for (arch, d) in ARCHES.iter().zip(&agent_sha256) {
-        if d.is_none() {
-            notes.push(format!(
-                "no --agent-sha256-{arch}: {arch} nodes will refuse to run the agent"
-            ));
-        }
-    }
-    if !url.contains("{arch}") && agent_sha256.iter().all(Option::is_some) {
-        notes.push(format!(
-            "--agent-url {url} has no {{arch}}: amd64 and arm64 nodes download the same file, which matches one digest at most"
-        ));
-    }
-    let agent_urls = ARCHES.map(|arch| url.replace("{arch}", arch));
-
-    let version = Version::parse_supported(&a.soci_version).map_err(|source| RenderError::Release {
-        option: "--soci-version",
-        source,
-    })?;
-    let soci_sha256 = [
-        digest("--soci-sha256-amd64", &a.soci_sha256_amd64)?,
-        digest("--soci-sha256-arm64", &a.soci_sha256_arm64)?,
-    ];
-    if soci_sha256.iter().any(Option::is_some) {
-        for (arch, d) in ARCHES.iter().zip(&soci_sha256) {
-            if d.is_none() {
-                notes.push(format!(
-                    "no --soci-sha256-{arch}: {arch} nodes check SOCI {version} against the published .sha256sum"
-                ));
-            }
-        }
-    }
-
+    let (agent_urls, agent_sha256) = check_agent(a, notes)?;
+    let (version, soci_sha256) = check_soci_release(a, notes)?;
     let mut install_args = vec![format!("--soci-version={version}")];
     if let Some(u) = &a.release_url {
         let u = check_url("--release-url", u, notes)?;
@@ -220,6 +180,62 @@ fn check(a: &UserdataArgs, notes: &mut Vec<String>) -> Result<Checked, RenderErr
         prefetch_count: images.len(),
         soci_root,
     })
+}
+
+/// The agent binary's URL per arch and its digests (at least one), with notes on what is missing.
+fn check_agent(
+    a: &UserdataArgs,
+    notes: &mut Vec<String>,
+) -> Result<([String; 2], [Option<Sha256Hex>; 2]), RenderError> {
+    let url = check_url("--agent-url", &a.agent_url, notes)?;
+    let agent_sha256 = [
+        digest("--agent-sha256-amd64", &a.agent_sha256_amd64)?,
+        digest("--agent-sha256-arm64", &a.agent_sha256_arm64)?,
+    ];
+    if agent_sha256.iter().all(Option::is_none) {
+        return Err(RenderError::Missing {
+            option: "--agent-sha256-amd64 or --agent-sha256-arm64",
+            reason: "(the script never runs an unverified binary)",
+        });
+    }
+    for (arch, d) in ARCHES.iter().zip(&agent_sha256) {
+        if d.is_none() {
+            notes.push(format!(
+                "no --agent-sha256-{arch}: {arch} nodes will refuse to run the agent"
+            ));
+        }
+    }
+    if !url.contains("{arch}") && agent_sha256.iter().all(Option::is_some) {
+        notes.push(format!(
+            "--agent-url {url} has no {{arch}}: amd64 and arm64 nodes download the same file, which matches one digest at most"
+        ));
+    }
+    Ok((ARCHES.map(|arch| url.replace("{arch}", arch)), agent_sha256))
+}
+
+/// The SOCI release and its pinned tarball digests, with a note per arch left to the published sum.
+fn check_soci_release(
+    a: &UserdataArgs,
+    notes: &mut Vec<String>,
+) -> Result<(Version, [Option<Sha256Hex>; 2]), RenderError> {
+    let version = Version::parse_supported(&a.soci_version).map_err(|source| RenderError::Release {
+        option: "--soci-version",
+        source,
+    })?;
+    let soci_sha256 = [
+        digest("--soci-sha256-amd64", &a.soci_sha256_amd64)?,
+        digest("--soci-sha256-arm64", &a.soci_sha256_arm64)?,
+    ];
+    if soci_sha256.iter().any(Option::is_some) {
+        for (arch, d) in ARCHES.iter().zip(&soci_sha256) {
+            if d.is_none() {
+                notes.push(format!(
+                    "no --soci-sha256-{arch}: {arch} nodes check SOCI {version} against the published .sha256sum"
+                ));
+            }
+        }
+    }
+    Ok((version, soci_sha256))
 }
 
 fn digest(option: &'static str, value: &Option<String>) -> Result<Option<Sha256Hex>, RenderError> {
@@ -262,8 +278,45 @@ pub(super) fn check_url(option: &'static str, value: &str, notes: &mut Vec<Strin
 /// The tuning flags given, validated together with the defaults for the
 /// rest (the same rules install applies), as `--flag=value` arguments.
 fn tuning_args(a: &UserdataArgs) -> Result<Vec<String>, RenderError> {
+    soci_config::validate(&tuning(a))?;
+    if let Some(s) = &a.concurrent_download_chunk_size
+        && !s.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
+    {
+        return Err(invalid(soci_config::FLAG_CHUNK_SIZE, s, "must be printable ASCII"));
+    }
+    let given = [
+        (
+            soci_config::FLAG_MAX_DOWNLOADS,
+            a.max_concurrent_downloads.map(|v| v.to_string()),
+        ),
+        (
+            soci_config::FLAG_MAX_DOWNLOADS_PER_IMAGE,
+            a.max_concurrent_downloads_per_image.map(|v| v.to_string()),
+        ),
+        (soci_config::FLAG_CHUNK_SIZE, a.concurrent_download_chunk_size.clone()),
+        (
+            soci_config::FLAG_MAX_UNPACKS,
+            a.max_concurrent_unpacks.map(|v| v.to_string()),
+        ),
+        (
+            soci_config::FLAG_MAX_UNPACKS_PER_IMAGE,
+            a.max_concurrent_unpacks_per_image.map(|v| v.to_string()),
+        ),
+        (
+            soci_config::FLAG_DISCARD_UNPACKED_LAYERS,
+            a.discard_unpacked_layers.map(|v| v.to_string()),
+        ),
+    ];
+    Ok(given
+        .into_iter()
+        .filter_map(|(flag, v)| Some(format!("{flag}={}", v?)))
+        .collect())
+}
+
+/// The tuning the flags ask for, defaults for the rest.
+fn tuning(a: &UserdataArgs) -> Tuning {
     let d = Tuning::default();
-    let t = Tuning {
+    Tuning {
         max_concurrent_downloads: a.max_concurrent_downloads.unwrap_or(d.max_concurrent_downloads),
         max_concurrent_downloads_per_image: a
             .max_concurrent_downloads_per_image
@@ -277,41 +330,7 @@ fn tuning_args(a: &UserdataArgs) -> Result<Vec<String>, RenderError> {
             .max_concurrent_unpacks_per_image
             .unwrap_or(d.max_concurrent_unpacks_per_image),
         discard_unpacked_layers: a.discard_unpacked_layers.unwrap_or(d.discard_unpacked_layers),
-    };
-    soci_config::validate(&t)?;
-    if let Some(s) = &a.concurrent_download_chunk_size
-        && !s.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
-    {
-        return Err(invalid(soci_config::FLAG_CHUNK_SIZE, s, "must be printable ASCII"));
     }
-    let mut args = Vec::new();
-    let mut push = |flag: &str, v: Option<String>| {
-        if let Some(v) = v {
-            args.push(format!("{flag}={v}"));
-        }
-    };
-    push(
-        soci_config::FLAG_MAX_DOWNLOADS,
-        a.max_concurrent_downloads.map(|v| v.to_string()),
-    );
-    push(
-        soci_config::FLAG_MAX_DOWNLOADS_PER_IMAGE,
-        a.max_concurrent_downloads_per_image.map(|v| v.to_string()),
-    );
-    push(soci_config::FLAG_CHUNK_SIZE, a.concurrent_download_chunk_size.clone());
-    push(
-        soci_config::FLAG_MAX_UNPACKS,
-        a.max_concurrent_unpacks.map(|v| v.to_string()),
-    );
-    push(
-        soci_config::FLAG_MAX_UNPACKS_PER_IMAGE,
-        a.max_concurrent_unpacks_per_image.map(|v| v.to_string()),
-    );
-    push(
-        soci_config::FLAG_DISCARD_UNPACKED_LAYERS,
-        a.discard_unpacked_layers.map(|v| v.to_string()),
-    );
-    Ok(args)
 }
 
 /// Image references: `[A-Za-z0-9._/:@-]`, starting with a letter or digit,

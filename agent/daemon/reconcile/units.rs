@@ -4,17 +4,20 @@
 //! down too), and restarts only where they cannot
 //! take containerd down unasked (see `repair`'s module docs).
 
-use crate::paths::{CONTAINERD_SERVICE, SOCI_SERVICE, SOCI_SOCKET_UNIT};
+use crate::paths::{CONTAINERD_SERVICE, CONTAINERD_SOCKET, SOCI_SERVICE, SOCI_SOCKET, SOCI_SOCKET_UNIT};
 use std::time::Duration;
 
 use super::{Outcome, Reconciler, verdict_of};
 use crate::daemon::state::{RepairEvent, unix_now};
 use crate::doctor::{Check, Verdict};
+use crate::health::probe::{self, Reach};
 use crate::install::plan::Effects;
 use crate::systemd::{Systemd, UnitState};
 
 /// Bound on connecting and on each job (a start waits for the unit's READY=1).
 const BUS_BOUND: Duration = Duration::from_secs(60);
+/// Bound on asking containerd whether it loaded the soci plugin (doctor's own bound).
+const PROBE_BOUND: Duration = Duration::from_secs(15);
 
 fn unit_target(unit: &str) -> String {
     format!("unit:{unit}")
@@ -30,16 +33,44 @@ async fn connect(r: &Reconciler) -> Result<Systemd, String> {
     connecting.map_err(|e| crate::exit::error_chain(&e))
 }
 
-/// Does containerd's view say it never loaded the soci plugin (a restart would fix)?
-fn containerd_unwired(checks: &[Check]) -> bool {
-    verdict_of(checks, "live.containerd-soci").is_some_and(|c| {
-        c.verdict == Verdict::Fail
-            && (c.evidence.contains("lists no soci snapshotter") || c.evidence.contains("failed to load"))
-    })
+/// Does containerd say it never loaded the soci plugin (a restart would fix)? Asked only when
+/// doctor's `live.containerd-soci` failed: the daemon then asks containerd itself, with the
+/// probe doctor uses (no direct dial of the SOCI socket), and goes by its typed answer, not
+/// by the check's wording.
+async fn containerd_unwired(r: &Reconciler, checks: &[Check]) -> bool {
+    if !failed(checks, "live.containerd-soci") {
+        return false;
+    }
+    let containerd = r
+        .ends
+        .containerd_socket
+        .clone()
+        .unwrap_or_else(|| r.root.path(CONTAINERD_SOCKET));
+    // Only dialed with may_dial = true; named for the probe's signature.
+    let soci = r.ends.soci_socket.clone().unwrap_or_else(|| r.root.path(SOCI_SOCKET));
+    match tokio::time::timeout(PROBE_BOUND, probe::probe(&containerd, &soci, false)).await {
+        Ok(Ok((_, reach))) => unwired(&reach),
+        Ok(Err(_)) | Err(_) => false,
+    }
+}
+
+/// containerd does not list the soci snapshotter, or lists it as failed to load.
+fn unwired(reach: &Reach) -> bool {
+    matches!(reach, Reach::NotListed | Reach::InitError(_))
 }
 
 fn failed(checks: &[Check], id: &str) -> bool {
     verdict_of(checks, id).is_some_and(|c| c.verdict == Verdict::Fail)
+}
+
+/// Is anything for systemd to do: a unit file put back, containerd unwired, the snapshotter down?
+fn wanted(checks: &[Check], effects: Effects, unwired: bool) -> bool {
+    effects.daemon_reload
+        || effects.restart_soci
+        || effects.restart_containerd
+        || unwired
+        || failed(checks, "systemd.soci-service")
+        || failed(checks, "live.soci-socket")
 }
 
 /// What to do with the snapshotter unit.
@@ -65,14 +96,8 @@ fn soci_action(soci: &UnitState, containerd: &UnitState, checks: &[Check], effec
 
 /// Runs the systemd part of one reconcile's repairs.
 pub async fn repair(r: &mut Reconciler, checks: &[Check], effects: Effects, out: &mut Outcome) {
-    let unwired = containerd_unwired(checks);
-    let wanted = effects.daemon_reload
-        || effects.restart_soci
-        || effects.restart_containerd
-        || unwired
-        || failed(checks, "systemd.soci-service")
-        || failed(checks, "live.soci-socket");
-    if !wanted {
+    let unwired = containerd_unwired(r, checks).await;
+    if !wanted(checks, effects, unwired) {
         r.healthy(&unit_target(SOCI_SERVICE));
         r.healthy(&unit_target(CONTAINERD_SERVICE));
         return;
@@ -88,16 +113,40 @@ pub async fn repair(r: &mut Reconciler, checks: &[Check], effects: Effects, out:
         let result = sd.reload().await.map_err(|e| crate::exit::error_chain(&e));
         event(out, "systemd", "daemon-reload", result);
     }
+    let Some((soci, containerd)) = unit_states(&sd, out).await else {
+        return;
+    };
+    let action = soci_action(&soci, &containerd, checks, effects);
+    let containerd_restarted = repair_soci(r, &sd, action, &containerd, effects, out).await;
+    if containerd.is_active() && (effects.restart_containerd || unwired) && !containerd_restarted {
+        restart_containerd(r, &sd, out).await;
+    } else if !unwired {
+        r.healthy(&unit_target(CONTAINERD_SERVICE));
+    }
+}
+
+/// The snapshotter's and containerd's unit states; `None` (noted in `out`) when systemd does not say.
+async fn unit_states(sd: &Systemd, out: &mut Outcome) -> Option<(UnitState, UnitState)> {
     let state = |name| sd.unit_state(name);
-    let (soci, containerd) = match (state(SOCI_SERVICE).await, state(CONTAINERD_SERVICE).await) {
-        (Ok(s), Ok(c)) => (s, c),
+    match (state(SOCI_SERVICE).await, state(CONTAINERD_SERVICE).await) {
+        (Ok(s), Ok(c)) => Some((s, c)),
         (Err(e), _) | (_, Err(e)) => {
             out.pending.push(format!("systemd: {}", crate::exit::error_chain(&e)));
-            return;
+            None
         }
-    };
-    let mut containerd_restarted = false;
-    match soci_action(&soci, &containerd, checks, effects) {
+    }
+}
+
+/// Does `action` to the snapshotter; returns whether that restarted a running containerd too.
+async fn repair_soci(
+    r: &mut Reconciler,
+    sd: &Systemd,
+    action: SociAction,
+    containerd: &UnitState,
+    effects: Effects,
+    out: &mut Outcome,
+) -> bool {
+    match action {
         SociAction::None => r.healthy(&unit_target(SOCI_SERVICE)),
         SociAction::Start => {
             // Its socket first when that is down too (stopped, or failed with the service):
@@ -106,13 +155,13 @@ pub async fn repair(r: &mut Reconciler, checks: &[Check], effects: Effects, out:
                 && socket.load_state == "loaded"
                 && !socket.is_active()
             {
-                job(r, &sd, "start", SOCI_SOCKET_UNIT, out).await;
+                job(r, sd, "start", SOCI_SOCKET_UNIT, out).await;
             }
-            job(r, &sd, "start", SOCI_SERVICE, out).await;
+            job(r, sd, "start", SOCI_SERVICE, out).await;
         }
         SociAction::Restart if !containerd.is_active() || r.cfg.restart_containerd => {
-            job(r, &sd, "restart", SOCI_SERVICE, out).await;
-            containerd_restarted = containerd.is_active();
+            job(r, sd, "restart", SOCI_SERVICE, out).await;
+            return containerd.is_active();
         }
         SociAction::Restart => out.pending.push(format!(
             "{SOCI_SERVICE} needs a restart ({}); containerd Requires= it, so that restarts containerd too: not done \
@@ -124,17 +173,18 @@ pub async fn repair(r: &mut Reconciler, checks: &[Check], effects: Effects, out:
             }
         )),
     }
-    if containerd.is_active() && (effects.restart_containerd || unwired) && !containerd_restarted {
-        if r.cfg.restart_containerd {
-            job(r, &sd, "restart", CONTAINERD_SERVICE, out).await;
-        } else {
-            out.pending.push(format!(
-                "{CONTAINERD_SERVICE} must restart to load its soci wiring; not done without [daemon] \
-                 restart_containerd = true"
-            ));
-        }
-    } else if !unwired {
-        r.healthy(&unit_target(CONTAINERD_SERVICE));
+    false
+}
+
+/// Restarts containerd so it loads its soci wiring, when `restart_containerd` allows it.
+async fn restart_containerd(r: &mut Reconciler, sd: &Systemd, out: &mut Outcome) {
+    if r.cfg.restart_containerd {
+        job(r, sd, "restart", CONTAINERD_SERVICE, out).await;
+    } else {
+        out.pending.push(format!(
+            "{CONTAINERD_SERVICE} must restart to load its soci wiring; not done without [daemon] \
+             restart_containerd = true"
+        ));
     }
 }
 
@@ -220,15 +270,12 @@ mod tests {
 
     #[test]
     fn containerd_without_the_plugin_wants_a_restart() {
-        assert!(containerd_unwired(&[Check::fail(
-            "live.containerd-soci",
-            "containerd 1.7 at x lists no soci snapshotter: ...",
-            "a"
-        )]));
-        assert!(!containerd_unwired(&[Check::fail(
-            "live.containerd-soci",
-            "lists soci but cannot reach it",
-            "a"
-        )]));
+        assert!(unwired(&Reach::NotListed));
+        assert!(unwired(&Reach::InitError("no socket".into())));
+        assert!(!unwired(&Reach::DirectFailed("refused".into())));
+        assert!(!unwired(&Reach::Unreachable {
+            call: "Snapshots.Stat".into(),
+            error: "refused".into(),
+        }));
     }
 }

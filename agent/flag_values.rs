@@ -1,0 +1,18 @@
+//! Parsers for flag values shared by several subcommands (a leaf).
+
+/// The longest duration a seconds flag takes (a day).
+pub const MAX_SECONDS: f64 = 86_400.0;
+
+/// A seconds flag's value that is not a finite duration in (0, [`MAX_SECONDS`]].
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?}: give a number of seconds above 0 and at most 86400")]
+pub struct SecondsError(String);
+
+/// Parses a duration in seconds for a flag: finite, positive, at most a day
+/// (`nan`, `inf`, `-1` and `1e309` are refused, exit 2).
+pub fn parse_seconds(value: &str) -> Result<f64, SecondsError> {
+    match value.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 && secs <= MAX_SECONDS => Ok(secs),
+        _ => Err(SecondsError(value.to_owned())),
+    }
+}
