@@ -16,7 +16,10 @@ use std::time::Instant;
 
 use std::time::Duration;
 
+use nix::fcntl::Flock;
+
 use crate::exit::{ExitKind, error_chain};
+use crate::host::HostFacts;
 use crate::install::activate::{Activation, Bounds, activate, undo};
 use crate::install::apply::Transaction;
 use crate::install::args::InstallArgs;
@@ -51,12 +54,24 @@ pub async fn run(args: &InstallArgs) -> (InstallReport, OutputFormat) {
     (report, output)
 }
 
+/// The run stopped; the report already holds the error.
+struct Stopped;
+
+/// Times the phases of a run into its report.
+struct Laps(Instant);
+
+impl Laps {
+    /// Records the time since the previous lap as phase `name`.
+    fn lap(&mut self, report: &mut InstallReport, name: &str) {
+        report.phases.insert(name.to_string(), self.0.elapsed().as_secs_f64());
+        self.0 = Instant::now();
+    }
+}
+
+/// Resolves the settings and runs the install; sets `saved_to` once the
+/// run is one whose report is kept (not a dry run).
 async fn execute(args: &InstallArgs, saved_to: &mut Option<(Root, Option<String>)>) -> (InstallReport, OutputFormat) {
-    let mut phase = Instant::now();
-    let mut lap = |report: &mut InstallReport, name: &str| {
-        report.phases.insert(name.to_string(), phase.elapsed().as_secs_f64());
-        phase = Instant::now();
-    };
+    let laps = Laps(Instant::now());
     let mut report = InstallReport::new(args.dry_run);
     let fallback_output = args.output.unwrap_or(OutputFormat::Text);
     let settings = match InstallSettings::resolve(args) {
@@ -66,70 +81,90 @@ async fn execute(args: &InstallArgs, saved_to: &mut Option<(Root, Option<String>
             return (report, fallback_output);
         }
     };
-    let output = settings.output;
     if !settings.dry_run {
         *saved_to = Some((settings.root.clone(), settings.textfile_dir.clone()));
     }
     if let Some(f) = &settings.config_file {
         report.notes.push(format!("settings read from {}", f.display()));
     }
+    // Stopped: the report already says why.
+    let _ = install(&settings, &mut report, laps).await;
+    (report, settings.output)
+}
+
+/// Locks the node, detects, plans and, unless this is a dry run, applies
+/// the plan and starts the units; fills `report` as it goes.
+async fn install(s: &InstallSettings, report: &mut InstallReport, mut laps: Laps) -> Result<(), Stopped> {
     // Held until this run is done, so the daemon never repairs mid-install.
-    let _lock = if settings.dry_run {
-        None
-    } else {
-        match crate::install::apply::lock_node(&settings.root) {
-            Ok(l) => l,
-            Err(e) => {
-                fail(&mut report, ExitKind::Failed, &e);
-                return (report, output);
-            }
-        }
-    };
-    let facts = crate::host::detect(&settings.root).await;
-    lap(&mut report, "detect");
+    let _lock = lock(s, report)?;
+    let facts = crate::host::detect(&s.root).await;
+    laps.lap(report, "detect");
     report.host = Some(facts.clone());
-    let plan = match crate::install::plan::build(&settings, &facts) {
-        Ok(p) => p,
-        Err(e) => {
-            let kind = if e.is_usage() {
-                ExitKind::Usage
-            } else {
-                ExitKind::Failed
-            };
-            fail(&mut report, kind, &e);
-            report.warnings.extend(settings.warnings.iter().cloned());
-            return (report, output);
-        }
-    };
-    lap(&mut report, "plan");
+    let plan = build_plan(s, &facts, report)?;
+    laps.lap(report, "plan");
+    show_plan(&plan, report);
+    if s.dry_run {
+        report.next_steps = next_steps(s, &plan);
+        return Ok(());
+    }
+    let mut txn = apply_plan(s, &plan, report).await?;
+    laps.lap(report, "apply");
+    if !s.no_start {
+        txn = start_or_roll_back(s, &plan, txn, report).await?;
+        laps.lap(report, "systemd");
+    }
+    txn.commit();
+    report.next_steps = next_steps(s, &plan);
+    Ok(())
+}
+
+/// The node's install lock; none for a dry run, which changes nothing.
+fn lock(s: &InstallSettings, report: &mut InstallReport) -> Result<Option<Flock<std::fs::File>>, Stopped> {
+    if s.dry_run {
+        return Ok(None);
+    }
+    crate::install::apply::lock_node(&s.root).map_err(|e| fail(report, ExitKind::Failed, &e))
+}
+
+/// Builds the plan; a failure carries the settings' warnings to the report.
+fn build_plan(s: &InstallSettings, facts: &HostFacts, report: &mut InstallReport) -> Result<Plan, Stopped> {
+    crate::install::plan::build(s, facts).map_err(|e| {
+        let kind = if e.is_usage() {
+            ExitKind::Usage
+        } else {
+            ExitKind::Failed
+        };
+        let stopped = fail(report, kind, &e);
+        report.warnings.extend(s.warnings.iter().cloned());
+        stopped
+    })
+}
+
+/// Logs the plan's warnings and puts the plan in the report.
+fn show_plan(plan: &Plan, report: &mut InstallReport) {
     for w in &plan.warnings {
         tracing::warn!("{w}");
     }
-    report.plan = Some(PlanSummary::of(&plan));
+    report.plan = Some(PlanSummary::of(plan));
     report.warnings = plan.warnings.clone();
     report.notes.extend(plan.notes.iter().cloned());
     report.changed = plan.changed();
     report.actions = plan.actions.clone();
+}
 
-    if settings.dry_run {
-        report.next_steps = next_steps(&settings, &plan);
-        return (report, output);
-    }
+/// Applies the plan (a real run's report carries no diffs); returns the
+/// transaction, still open.
+async fn apply_plan(s: &InstallSettings, plan: &Plan, report: &mut InstallReport) -> Result<Transaction, Stopped> {
     for a in &mut report.actions {
         a.diff = None;
     }
-    let http = HttpOptions {
-        stall_timeout: settings.http_timeout,
-        retries: settings.retries,
-        progress: if std::io::stderr().is_terminal() {
-            Progress::Tty
-        } else {
-            Progress::Log
-        },
-        ..HttpOptions::default()
-    };
-    let (applied, mut txn) = match crate::install::apply::apply(&settings.root, &plan, http).await {
-        Ok(x) => x,
+    match crate::install::apply::apply(&s.root, plan, http_options(s)).await {
+        Ok((applied, txn)) => {
+            report.release = applied.release;
+            report.phases.insert("release".into(), applied.release_seconds);
+            report.phases.insert("files".into(), applied.files_seconds);
+            Ok(txn)
+        }
         Err(e) => {
             let kind = if e.is_verification_failure() {
                 ExitKind::Verification
@@ -138,50 +173,65 @@ async fn execute(args: &InstallArgs, saved_to: &mut Option<(Root, Option<String>
             } else {
                 ExitKind::Failed
             };
-            fail(&mut report, kind, &e);
+            let stopped = fail(report, kind, &e);
             report.changed = false;
-            return (report, output);
-        }
-    };
-    report.release = applied.release;
-    report.phases.insert("release".into(), applied.release_seconds);
-    report.phases.insert("files".into(), applied.files_seconds);
-    lap(&mut report, "apply");
-    if !settings.no_start {
-        match start_units(&settings, &plan, &mut txn).await {
-            Ok(act) => {
-                report.changed |= act.reloaded || !act.enabled.is_empty() || !act.restarted.is_empty();
-                report.systemd = Some(act);
-            }
-            Err((e, act, undo_problems)) => {
-                txn.rollback();
-                fail(&mut report, ExitKind::Failed, e.as_ref());
-                report
-                    .notes
-                    .push("rolled back: every file restored, units restarted or stopped as they were".into());
-                report
-                    .warnings
-                    .extend(undo_problems.into_iter().map(|p| format!("rollback: {p}")));
-                report.changed = false;
-                report.systemd = act;
-                return (report, output);
-            }
+            Err(stopped)
         }
     }
-    if !settings.no_start {
-        lap(&mut report, "systemd");
-    }
-    txn.commit();
-    report.next_steps = next_steps(&settings, &plan);
-    (report, output)
 }
 
-fn fail(report: &mut InstallReport, kind: ExitKind, e: &(dyn std::error::Error + 'static)) {
+/// Download settings: the timeout and retries, progress on a terminal.
+fn http_options(s: &InstallSettings) -> HttpOptions {
+    HttpOptions {
+        stall_timeout: s.http_timeout,
+        retries: s.retries,
+        progress: if std::io::stderr().is_terminal() {
+            Progress::Tty
+        } else {
+            Progress::Log
+        },
+        ..HttpOptions::default()
+    }
+}
+
+/// The systemd step; when it fails, every file is restored and the units
+/// are put back as they were.
+async fn start_or_roll_back(
+    s: &InstallSettings,
+    plan: &Plan,
+    mut txn: Transaction,
+    report: &mut InstallReport,
+) -> Result<Transaction, Stopped> {
+    match start_units(s, plan, &mut txn).await {
+        Ok(act) => {
+            report.changed |= act.reloaded || !act.enabled.is_empty() || !act.restarted.is_empty();
+            report.systemd = Some(act);
+            Ok(txn)
+        }
+        Err((e, act, undo_problems)) => {
+            txn.rollback();
+            let stopped = fail(report, ExitKind::Failed, e.as_ref());
+            report
+                .notes
+                .push("rolled back: every file restored, units restarted or stopped as they were".into());
+            report
+                .warnings
+                .extend(undo_problems.into_iter().map(|p| format!("rollback: {p}")));
+            report.changed = false;
+            report.systemd = act;
+            Err(stopped)
+        }
+    }
+}
+
+/// Marks the run failed with `kind`, logging and reporting `e`'s chain.
+fn fail(report: &mut InstallReport, kind: ExitKind, e: &(dyn std::error::Error + 'static)) -> Stopped {
     let msg = error_chain(e);
     tracing::error!(exit_code = kind.code(), "{msg}");
     report.outcome = kind;
     report.exit_code = kind.code();
     report.error = Some(msg);
+    Stopped
 }
 
 type StartFailure = (

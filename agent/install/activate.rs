@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::health::{self, HealthError, SnapshotterStatus};
 use crate::install::plan::{Plan, Wiring};
 use crate::rootfs::Root;
-use crate::systemd::{Systemd, SystemdError};
+use crate::systemd::{Systemd, SystemdError, UnitState};
 
 /// Bounds of the waits after a (re)start.
 #[derive(Debug, Clone, Copy)]
@@ -97,14 +97,24 @@ pub async fn activate(
     let changed = plan.actions.iter().any(|a| a.changed && a.path == DAEMON_SERVICE_PATH);
     let state = sd.unit_state(unit).await?;
     if changed || !state.is_active() {
-        act.restarted.push((unit.to_string(), state.is_active()));
-        sd.restart(unit).await?;
-        act.steps.push(format!(
-            "{} {unit}",
-            if state.is_active() { "restarted" } else { "started" }
-        ));
+        restart_logged(sd, unit, state.is_active(), act).await?;
     }
     Ok(())
+}
+
+/// (Re)starts `unit`, logging it (with whether it was active) for `undo`
+/// first.
+async fn restart_logged(sd: &Systemd, unit: &str, was_active: bool, act: &mut Activation) -> Result<(), ActivateError> {
+    act.restarted.push((unit.to_string(), was_active));
+    sd.restart(unit).await?;
+    act.steps
+        .push(format!("{} {unit}", if was_active { "restarted" } else { "started" }));
+    Ok(())
+}
+
+/// containerd's entry in the undo log: restarted, and active before.
+fn containerd_entry() -> (String, bool) {
+    (CONTAINERD_SERVICE.to_string(), true)
 }
 
 /// The snapshotter and containerd part of `activate`.
@@ -117,18 +127,38 @@ async fn activate_units(
     record_enabled: &mut (dyn FnMut(&[String]) -> Result<(), String> + Send),
 ) -> Result<(), ActivateError> {
     let effects = plan.effects();
-    let soci = SOCI_SERVICE;
-    let mut wanted = vec![soci, SOCI_SOCKET_UNIT];
+    reload_if_needed(sd, effects.daemon_reload, act).await?;
+    enable_units(sd, &wanted_units(plan), act, record_enabled).await?;
+    if plan.wiring == Wiring::Nodeadm {
+        act.steps.push(
+            "nodeadm host: nothing started; nodeadm-run starts containerd after local-disk setup, and containerd's Requires= starts soci-snapshotter.service".into(),
+        );
+        return Ok(());
+    }
+    let containerd_before = start_snapshotter(sd, root, effects.restart_soci, act, bounds).await?;
+    settle_containerd(sd, root, effects.restart_containerd, &containerd_before, act, bounds).await
+}
+
+/// The units this install enables: SOCI's service and socket, the boot
+/// unit when no kubelet pulls it in, and soci-agent.service with --daemon.
+fn wanted_units(plan: &Plan) -> Vec<&'static str> {
+    let mut wanted = vec![SOCI_SERVICE, SOCI_SOCKET_UNIT];
     if !plan.kubelet_present {
         wanted.push(BOOT_SERVICE);
     }
     if plan.daemon {
         wanted.push(DAEMON_SERVICE);
     }
+    wanted
+}
+
+/// daemon-reload when the plan changed a unit, or systemd says a unit's
+/// files changed since its last reload.
+async fn reload_if_needed(sd: &Systemd, planned: bool, act: &mut Activation) -> Result<(), ActivateError> {
     // A run killed after writing files but before its reload leaves units whose files changed
     // since the last reload: the plan then sees no change, so ask systemd too.
-    let mut needs_reload = effects.daemon_reload;
-    for unit in [soci, SOCI_SOCKET_UNIT, CONTAINERD_SERVICE, BOOT_SERVICE] {
+    let mut needs_reload = planned;
+    for unit in [SOCI_SERVICE, SOCI_SOCKET_UNIT, CONTAINERD_SERVICE, BOOT_SERVICE] {
         if needs_reload {
             break;
         }
@@ -139,8 +169,19 @@ async fn activate_units(
         act.reloaded = true;
         act.steps.push("daemon-reload".into());
     }
+    Ok(())
+}
+
+/// Enables those of `wanted` that exist and are not enabled yet, recording
+/// them first, then reloads so systemd sees their new dependencies.
+async fn enable_units(
+    sd: &Systemd,
+    wanted: &[&str],
+    act: &mut Activation,
+    record_enabled: &mut (dyn FnMut(&[String]) -> Result<(), String> + Send),
+) -> Result<(), ActivateError> {
     let mut to_enable = Vec::new();
-    for unit in wanted {
+    for &unit in wanted {
         let state = sd.unit_state(unit).await?;
         if state.load_state != "not-found" && !enabled_state(&state.unit_file_state) {
             to_enable.push(unit.to_string());
@@ -160,14 +201,19 @@ async fn activate_units(
         sd.reload().await?;
         act.reloaded = true;
     }
+    Ok(())
+}
 
-    if plan.wiring == Wiring::Nodeadm {
-        act.steps.push(
-            "nodeadm host: nothing started; nodeadm-run starts containerd after local-disk setup, and containerd's Requires= starts soci-snapshotter.service".into(),
-        );
-        return Ok(());
-    }
-
+/// Starts SOCI's socket, (re)starts the snapshotter when its files changed
+/// or it is not running, and waits for its socket. Returns containerd's
+/// state from before the restart.
+async fn start_snapshotter(
+    sd: &Systemd,
+    root: &Root,
+    restart_soci: bool,
+    act: &mut Activation,
+    bounds: Bounds,
+) -> Result<UnitState, ActivateError> {
     // The socket first, so the service gets its listener (fd://).
     let socket_state = sd.unit_state(SOCI_SOCKET_UNIT).await?;
     if socket_state.load_state != "not-found" && !socket_state.is_active() {
@@ -176,68 +222,94 @@ async fn activate_units(
         act.steps.push(format!("started {}", SOCI_SOCKET_UNIT));
     }
     let containerd_before = sd.unit_state(CONTAINERD_SERVICE).await?;
-    let soci_state = sd.unit_state(soci).await?;
-    let containerd_entry = (CONTAINERD_SERVICE.to_string(), true);
-    if effects.restart_soci || !soci_state.is_active() {
+    let soci_state = sd.unit_state(SOCI_SERVICE).await?;
+    if restart_soci || !soci_state.is_active() {
         // containerd Requires= the snapshotter: restarting it restarts containerd too, and a
         // snapshotter that fails to start leaves containerd stopped (its start job fails with
         // `dependency`). Log containerd first so that `undo` starts it again, after the
         // snapshotter is stopped.
         if running(&containerd_before) {
-            act.restarted.push(containerd_entry.clone());
+            act.restarted.push(containerd_entry());
         }
-        act.restarted.push((soci.to_string(), soci_state.is_active()));
-        sd.restart(soci).await?;
-        act.steps.push(format!(
-            "{} {soci}",
-            if soci_state.is_active() { "restarted" } else { "started" }
-        ));
+        restart_logged(sd, SOCI_SERVICE, soci_state.is_active(), act).await?;
     }
     let waited = health::wait_for_socket(&root.path(SOCI_SOCKET), bounds.socket).await?;
     act.soci_socket_seconds = Some(waited.as_secs_f64());
+    Ok(containerd_before)
+}
 
+/// Brings containerd onto the snapshotter: leaves a stopped containerd
+/// alone, waits for a pending start, keeps a containerd that already uses
+/// SOCI, else restarts it and waits until it lists and reaches SOCI.
+async fn settle_containerd(
+    sd: &Systemd,
+    root: &Root,
+    restart_containerd: bool,
+    before: &UnitState,
+    act: &mut Activation,
+    bounds: Bounds,
+) -> Result<(), ActivateError> {
     // A start job queued before this run (e.g. by an interrupted run) shows up
     // only now that the snapshotter it waits for is up.
-    let mut containerd_now = sd.unit_state(CONTAINERD_SERVICE).await?;
-    if !running(&containerd_before) && !running(&containerd_now) {
+    let mut now = sd.unit_state(CONTAINERD_SERVICE).await?;
+    if !running(before) && !running(&now) {
         act.steps
             .push("containerd is not running: it uses SOCI from its next start".into());
         return Ok(());
     }
-    if !containerd_now.is_active() {
+    if !now.is_active() {
         sd.start(CONTAINERD_SERVICE).await?;
         act.steps.push("waited for containerd's pending start".into());
-        containerd_now = sd.unit_state(CONTAINERD_SERVICE).await?;
+        now = sd.unit_state(CONTAINERD_SERVICE).await?;
     }
-    let restarted_along = containerd_now.invocation_id != containerd_before.invocation_id;
-    if !effects.restart_containerd && !restarted_along {
-        // The files say containerd is already wired; a run killed between writing them and
-        // restarting containerd leaves it running the old config, so check what it loaded.
-        match health::query_snapshotter(&root.path(CONTAINERD_SOCKET), &root.path(SOCI_SOCKET)).await {
-            Ok(status) if status.loaded => {
-                act.restarted.retain(|u| *u != containerd_entry);
-                act.steps.push(format!(
-                    "containerd wiring unchanged and containerd {} uses the soci snapshotter: not restarted",
-                    status.containerd_version
-                ));
-                act.health = Some(status);
-                return Ok(());
-            }
-            Ok(status) => act.steps.push(format!(
-                "containerd {} does not use the soci snapshotter yet ({}): restarting it",
-                status.containerd_version,
-                status.init_error.as_deref().unwrap_or("not listed")
-            )),
-            Err(e) => act.steps.push(format!(
-                "containerd does not answer about the soci snapshotter ({e}): restarting it"
-            )),
+    let restarted_along = now.invocation_id != before.invocation_id;
+    // The files say containerd is already wired; a run killed between writing them and
+    // restarting containerd leaves it running the old config, so check what it loaded.
+    if !restart_containerd && !restarted_along && uses_snapshotter(root, act).await {
+        return Ok(());
+    }
+    restart_containerd_for_soci(sd, root, restarted_along && now.is_active(), act, bounds).await
+}
+
+/// Whether the running containerd already uses the soci snapshotter; when
+/// it does, containerd leaves the undo log (it is not restarted).
+async fn uses_snapshotter(root: &Root, act: &mut Activation) -> bool {
+    match health::query_snapshotter(&root.path(CONTAINERD_SOCKET), &root.path(SOCI_SOCKET)).await {
+        Ok(status) if status.loaded => {
+            act.restarted.retain(|u| *u != containerd_entry());
+            act.steps.push(format!(
+                "containerd wiring unchanged and containerd {} uses the soci snapshotter: not restarted",
+                status.containerd_version
+            ));
+            act.health = Some(status);
+            return true;
         }
+        Ok(status) => act.steps.push(format!(
+            "containerd {} does not use the soci snapshotter yet ({}): restarting it",
+            status.containerd_version,
+            status.init_error.as_deref().unwrap_or("not listed")
+        )),
+        Err(e) => act.steps.push(format!(
+            "containerd does not answer about the soci snapshotter ({e}): restarting it"
+        )),
     }
+    false
+}
+
+/// Restarts containerd (unless the snapshotter's restart already did,
+/// `restarted_along`) and waits until it lists and reaches the snapshotter.
+async fn restart_containerd_for_soci(
+    sd: &Systemd,
+    root: &Root,
+    restarted_along: bool,
+    act: &mut Activation,
+    bounds: Bounds,
+) -> Result<(), ActivateError> {
     let started = Instant::now();
-    if !act.restarted.contains(&containerd_entry) {
-        act.restarted.push(containerd_entry);
+    if !act.restarted.contains(&containerd_entry()) {
+        act.restarted.push(containerd_entry());
     }
-    if restarted_along && containerd_now.is_active() {
+    if restarted_along {
         act.steps
             .push("containerd restarted along with the snapshotter (Requires=)".into());
     } else {

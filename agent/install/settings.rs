@@ -160,187 +160,31 @@ fn read_file_config(args: &InstallArgs, root: &Root) -> Result<(Option<PathBuf>,
 impl InstallSettings {
     /// Merges flags/env (already in `args`) over the config file over defaults.
     pub fn resolve(args: &InstallArgs) -> Result<Self, SettingsError> {
-        let root = Root::new(&args.root);
-        if !args.root.is_absolute() && !args.root.exists() {
-            return Err(invalid(
-                "--root",
-                args.root.display().to_string(),
-                "directory does not exist",
-            ));
-        }
-        if !args.root.is_dir() {
-            return Err(invalid("--root", args.root.display().to_string(), "not a directory"));
-        }
+        let root = checked_root(args)?;
         let (config_file, file) = read_file_config(args, &root)?;
         let f = file.install;
         let mut warnings = Vec::new();
-
-        let version_s = args
-            .soci_version
-            .clone()
-            .or(f.soci_version)
-            .unwrap_or(DEFAULT_SOCI_VERSION.to_string());
-        let soci_version = Version::parse_supported(&version_s).map_err(|source| SettingsError::Release {
-            option: "--soci-version",
-            source,
-        })?;
-
-        let release_url = args
-            .release_url
-            .clone()
-            .or(f.release_url)
-            .unwrap_or(DEFAULT_RELEASE_URL.to_string());
-        let release_url = release_url.trim_end_matches('/').to_string();
-        if release_url.starts_with("http://") {
-            warnings.push(format!(
-                "--release-url {release_url} is plain http: the download is only as trustworthy as the digest it is checked against; pin one with --sha256"
-            ));
-        } else if !release_url.starts_with("https://") {
-            return Err(invalid(
-                "--release-url",
-                release_url,
-                "must start with https:// (or http:// for a mirror)",
-            ));
-        }
-
-        let flavor_s = args.flavor.clone().or(f.flavor).unwrap_or_else(|| "static".into());
-        let flavor = flavor_s.parse().map_err(|source| SettingsError::Release {
-            option: "--flavor",
-            source,
-        })?;
-
-        let sha256 = args
-            .sha256
-            .clone()
-            .or(f.sha256)
-            .map(|s| Sha256Hex::parse(&s))
-            .transpose()
-            .map_err(|source| SettingsError::Release {
-                option: "--sha256",
-                source,
-            })?;
-
-        let arch = args
-            .arch
-            .clone()
-            .or(f.arch)
-            .map(|s| s.parse::<Arch>())
-            .transpose()
-            .map_err(|source| SettingsError::Release {
-                option: "--arch",
-                source,
-            })?;
-
-        let archive = args.archive.clone().or(f.archive);
-        if let Some(a) = &archive
-            && !a.is_file()
-        {
-            return Err(invalid("--archive", a.display().to_string(), "no such file"));
-        }
-
-        let soci_root = absolute(
-            "--soci-root",
-            args.soci_root.clone().or(f.soci_root).unwrap_or(SOCI_ROOT.into()),
-        )?;
-        let containerd_config = absolute(
-            "--containerd-config",
-            args.containerd_config
-                .clone()
-                .or(f.containerd_config)
-                .unwrap_or(CONTAINERD_CONFIG.into()),
-        )?;
-
-        let d = Tuning::default();
-        let tuning = Tuning {
-            max_concurrent_downloads: args
-                .max_concurrent_downloads
-                .or(f.max_concurrent_downloads)
-                .unwrap_or(d.max_concurrent_downloads),
-            max_concurrent_downloads_per_image: args
-                .max_concurrent_downloads_per_image
-                .or(f.max_concurrent_downloads_per_image)
-                .unwrap_or(d.max_concurrent_downloads_per_image),
-            concurrent_download_chunk_size: args
-                .concurrent_download_chunk_size
-                .clone()
-                .or(f.concurrent_download_chunk_size)
-                .unwrap_or(d.concurrent_download_chunk_size),
-            max_concurrent_unpacks: args
-                .max_concurrent_unpacks
-                .or(f.max_concurrent_unpacks)
-                .unwrap_or(d.max_concurrent_unpacks),
-            max_concurrent_unpacks_per_image: args
-                .max_concurrent_unpacks_per_image
-                .or(f.max_concurrent_unpacks_per_image)
-                .unwrap_or(d.max_concurrent_unpacks_per_image),
-            discard_unpacked_layers: args
-                .discard_unpacked_layers
-                .or(f.discard_unpacked_layers)
-                .unwrap_or(d.discard_unpacked_layers),
-        };
-        crate::files::soci_config::validate(&tuning)?;
-
-        let decompressor = match args.decompressor.clone().or(f.decompressor).as_deref() {
-            None | Some("auto") => DecompressorChoice::Auto,
-            Some("none") | Some("") => DecompressorChoice::None,
-            Some(p) => {
-                crate::files::soci_config::validate_decompressor_path(p)?;
-                check_executable(&root, p)?;
-                DecompressorChoice::Path(p.to_string())
-            }
-        };
-
-        let http_timeout = args
-            .http_timeout
-            .or(f.http_timeout)
-            .unwrap_or(DEFAULT_HTTP_TIMEOUT_SECS);
-        if !(http_timeout.is_finite() && http_timeout > 0.0 && http_timeout <= 3600.0) {
-            return Err(invalid(
-                "--http-timeout",
-                http_timeout.to_string(),
-                "must be between 0 and 3600 seconds",
-            ));
-        }
-        let retries = args.retries.or(f.retries).unwrap_or(DEFAULT_RETRIES);
-        if retries > 20 {
-            return Err(invalid("--retries", retries.to_string(), "at most 20"));
-        }
-
-        let no_start = args.no_start || f.no_start.unwrap_or(false);
-        if !root.is_host() && !no_start && !args.dry_run {
-            return Err(invalid(
-                "--root",
-                args.root.display().to_string(),
-                "installing into another root cannot start its units: add --no-start",
-            ));
-        }
-        let adopt = args.adopt || f.adopt.unwrap_or(false);
-        let preinstalled = match (args.preinstalled.or(f.preinstalled), adopt) {
-            (Some(p), false) | (Some(p @ PreinstalledPolicy::Keep), true) => p,
-            (None, true) => PreinstalledPolicy::Keep,
-            (None, false) => PreinstalledPolicy::Auto,
-            (Some(p), true) => {
-                return Err(invalid(
-                    "--adopt",
-                    "true",
-                    format!("means --preinstalled keep, which contradicts --preinstalled {p:?}"),
-                ));
-            }
-        };
-        if preinstalled == PreinstalledPolicy::Keep && (archive.is_some() || sha256.is_some()) {
-            return Err(invalid(
-                "--preinstalled",
-                "keep",
-                "keeps the preinstalled binary; it cannot be combined with --archive or --sha256",
-            ));
-        }
-        let containerd_version = args
-            .containerd_version
-            .clone()
-            .or(f.containerd_version)
-            .map(|v| parse_containerd_version(&v))
-            .transpose()?;
-
+        let version = pick(&args.soci_version, &f.soci_version).unwrap_or(DEFAULT_SOCI_VERSION.to_string());
+        let soci_version = named("--soci-version", Version::parse_supported(&version))?;
+        let release_url = https_release_url(pick(&args.release_url, &f.release_url), &mut warnings)?;
+        let flavor = pick(&args.flavor, &f.flavor).unwrap_or_else(|| "static".into());
+        let flavor = named("--flavor", flavor.parse())?;
+        let sha256 = pick(&args.sha256, &f.sha256).map(|s| Sha256Hex::parse(&s));
+        let sha256 = named("--sha256", sha256.transpose())?;
+        let arch = named("--arch", pick(&args.arch, &f.arch).map(|s| s.parse()).transpose())?;
+        let archive = existing_archive(pick(&args.archive, &f.archive))?;
+        let soci_root = pick(&args.soci_root, &f.soci_root).unwrap_or(SOCI_ROOT.into());
+        let soci_root = absolute("--soci-root", soci_root)?;
+        let containerd_config = pick(&args.containerd_config, &f.containerd_config).unwrap_or(CONTAINERD_CONFIG.into());
+        let containerd_config = absolute("--containerd-config", containerd_config)?;
+        let tuning = merged_tuning(args, &f)?;
+        let decompressor = decompressor_choice(&root, pick(&args.decompressor, &f.decompressor).as_deref())?;
+        let http_timeout = bounded_http_timeout(args.http_timeout.or(f.http_timeout))?;
+        let retries = bounded_retries(args.retries.or(f.retries))?;
+        let no_start = no_start_for_root(args, &f, &root)?;
+        let preinstalled = preinstalled_policy(args, &f, archive.is_some() || sha256.is_some())?;
+        let containerd_version = pick(&args.containerd_version, &f.containerd_version);
+        let containerd_version = containerd_version.map(|v| parse_containerd_version(&v)).transpose()?;
         Ok(InstallSettings {
             root,
             config_file,
@@ -361,12 +205,168 @@ impl InstallSettings {
             no_start,
             dry_run: args.dry_run,
             output: args.output.or(f.output).unwrap_or(OutputFormat::Text),
-            textfile_dir: args.textfile_dir.clone().or(f.textfile_dir),
-            http_timeout: Duration::from_secs_f64(http_timeout),
+            textfile_dir: pick(&args.textfile_dir, &f.textfile_dir),
+            http_timeout,
             retries,
             warnings,
         })
     }
+}
+
+/// The flag's value when given, else the config file's.
+fn pick<T: Clone>(flag: &Option<T>, file: &Option<T>) -> Option<T> {
+    flag.clone().or_else(|| file.clone())
+}
+
+/// A release value's parse result, its error naming the option.
+fn named<T>(option: &'static str, parsed: Result<T, ReleaseError>) -> Result<T, SettingsError> {
+    parsed.map_err(|source| SettingsError::Release { option, source })
+}
+
+/// `--root`: an existing directory.
+fn checked_root(args: &InstallArgs) -> Result<Root, SettingsError> {
+    let root = Root::new(&args.root);
+    if !args.root.is_absolute() && !args.root.exists() {
+        return Err(invalid(
+            "--root",
+            args.root.display().to_string(),
+            "directory does not exist",
+        ));
+    }
+    if !args.root.is_dir() {
+        return Err(invalid("--root", args.root.display().to_string(), "not a directory"));
+    }
+    Ok(root)
+}
+
+/// `--release-url` without its trailing `/`: https, or plain http with a
+/// warning.
+fn https_release_url(value: Option<String>, warnings: &mut Vec<String>) -> Result<String, SettingsError> {
+    let release_url = value.unwrap_or(DEFAULT_RELEASE_URL.to_string());
+    let release_url = release_url.trim_end_matches('/').to_string();
+    if release_url.starts_with("http://") {
+        warnings.push(format!(
+            "--release-url {release_url} is plain http: the download is only as trustworthy as the digest it is checked against; pin one with --sha256"
+        ));
+    } else if !release_url.starts_with("https://") {
+        return Err(invalid(
+            "--release-url",
+            release_url,
+            "must start with https:// (or http:// for a mirror)",
+        ));
+    }
+    Ok(release_url)
+}
+
+/// `--archive`: a file that exists, when given.
+fn existing_archive(archive: Option<PathBuf>) -> Result<Option<PathBuf>, SettingsError> {
+    if let Some(a) = &archive
+        && !a.is_file()
+    {
+        return Err(invalid("--archive", a.display().to_string(), "no such file"));
+    }
+    Ok(archive)
+}
+
+/// SOCI's parallel-mode limits: each flag, else the file, else the default;
+/// validated together.
+fn merged_tuning(args: &InstallArgs, f: &InstallFile) -> Result<Tuning, SettingsError> {
+    let d = Tuning::default();
+    // Every limit has the same name in the flags, the file and `Tuning`.
+    macro_rules! merged {
+        ($($limit:ident),*) => {
+            Tuning { $($limit: pick(&args.$limit, &f.$limit).unwrap_or(d.$limit)),* }
+        };
+    }
+    let tuning = merged!(
+        max_concurrent_downloads,
+        max_concurrent_downloads_per_image,
+        concurrent_download_chunk_size,
+        max_concurrent_unpacks,
+        max_concurrent_unpacks_per_image,
+        discard_unpacked_layers
+    );
+    crate::files::soci_config::validate(&tuning)?;
+    Ok(tuning)
+}
+
+/// `--decompressor`: `auto`, `none` (or empty), or an executable under the root.
+fn decompressor_choice(root: &Root, value: Option<&str>) -> Result<DecompressorChoice, SettingsError> {
+    Ok(match value {
+        None | Some("auto") => DecompressorChoice::Auto,
+        Some("none") | Some("") => DecompressorChoice::None,
+        Some(p) => {
+            crate::files::soci_config::validate_decompressor_path(p)?;
+            check_executable(root, p)?;
+            DecompressorChoice::Path(p.to_string())
+        }
+    })
+}
+
+/// `--http-timeout`, else [`DEFAULT_HTTP_TIMEOUT_SECS`]: more than 0, at most 3600 seconds.
+fn bounded_http_timeout(secs: Option<f64>) -> Result<Duration, SettingsError> {
+    let secs = secs.unwrap_or(DEFAULT_HTTP_TIMEOUT_SECS);
+    if !(secs.is_finite() && secs > 0.0 && secs <= 3600.0) {
+        return Err(invalid(
+            "--http-timeout",
+            secs.to_string(),
+            "must be between 0 and 3600 seconds",
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `--retries`, else [`DEFAULT_RETRIES`]: at most 20.
+fn bounded_retries(retries: Option<u32>) -> Result<u32, SettingsError> {
+    let retries = retries.unwrap_or(DEFAULT_RETRIES);
+    if retries > 20 {
+        return Err(invalid("--retries", retries.to_string(), "at most 20"));
+    }
+    Ok(retries)
+}
+
+/// `--no-start`, required when installing into another root (its units
+/// cannot be started from here), except for a dry run.
+fn no_start_for_root(args: &InstallArgs, f: &InstallFile, root: &Root) -> Result<bool, SettingsError> {
+    let no_start = args.no_start || f.no_start.unwrap_or(false);
+    if !root.is_host() && !no_start && !args.dry_run {
+        return Err(invalid(
+            "--root",
+            args.root.display().to_string(),
+            "installing into another root cannot start its units: add --no-start",
+        ));
+    }
+    Ok(no_start)
+}
+
+/// `--preinstalled` (`--adopt` means keep); keep cannot go with a release
+/// pinned by `--archive` or `--sha256`.
+fn preinstalled_policy(
+    args: &InstallArgs,
+    f: &InstallFile,
+    pins_release: bool,
+) -> Result<PreinstalledPolicy, SettingsError> {
+    let adopt = args.adopt || f.adopt.unwrap_or(false);
+    let preinstalled = match (args.preinstalled.or(f.preinstalled), adopt) {
+        (Some(p), false) | (Some(p @ PreinstalledPolicy::Keep), true) => p,
+        (None, true) => PreinstalledPolicy::Keep,
+        (None, false) => PreinstalledPolicy::Auto,
+        (Some(p), true) => {
+            return Err(invalid(
+                "--adopt",
+                "true",
+                format!("means --preinstalled keep, which contradicts --preinstalled {p:?}"),
+            ));
+        }
+    };
+    if preinstalled == PreinstalledPolicy::Keep && pins_release {
+        return Err(invalid(
+            "--preinstalled",
+            "keep",
+            "keeps the preinstalled binary; it cannot be combined with --archive or --sha256",
+        ));
+    }
+    Ok(preinstalled)
 }
 
 /// `--containerd-version`: `2.2`, `v2.4.2`, `1.7.27`.
