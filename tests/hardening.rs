@@ -65,7 +65,7 @@ impl Tree {
         std::os::unix::fs::symlink(target, &p).unwrap();
     }
     fn agent(&self, sub: &str, args: &[&str]) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_soci-agent"));
+        let mut cmd = Command::new(common::agent_bin());
         cmd.arg(sub)
             .arg("--root")
             .arg(self.root())
@@ -222,7 +222,7 @@ fn modes_are_set_explicitly_never_from_the_umask() {
     use std::os::unix::process::CommandExt;
     let t = Tree::new();
     let archive = t.archive();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_soci-agent"));
+    let mut cmd = Command::new(common::agent_bin());
     cmd.arg("install")
         .arg("--root")
         .arg(t.root())
@@ -358,7 +358,7 @@ fn a_held_lock_is_waited_for_with_a_deadline_that_names_the_holder() {
     file.set_len(0).unwrap();
     writeln!(file, "4242").unwrap();
     let _held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_soci-agent"));
+    let mut cmd = Command::new(common::agent_bin());
     let archive = t.archive();
     cmd.arg("install")
         .arg("--root")
@@ -379,7 +379,7 @@ fn a_held_lock_is_waited_for_with_a_deadline_that_names_the_holder() {
 fn a_bad_log_level_or_a_missing_root_is_a_usage_error() {
     let t = Tree::new();
     let before = files_under(&t.root());
-    let bad_level = Command::new(env!("CARGO_BIN_EXE_soci-agent"))
+    let bad_level = Command::new(common::agent_bin())
         .args(["install", "--no-start", "--log-level", "bogus[", "--root"])
         .arg(t.root())
         .output()
@@ -389,7 +389,7 @@ fn a_bad_log_level_or_a_missing_root_is_a_usage_error() {
     assert_eq!(files_under(&t.root()), before);
     let missing = t.dir.path().join("nonexistent");
     for sub in ["install", "uninstall", "boot", "doctor", "prefetch"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_soci-agent"))
+        let out = Command::new(common::agent_bin())
             .arg(sub)
             .arg("--root")
             .arg(&missing)
@@ -450,7 +450,7 @@ fn hostile_flag_values_never_panic() {
     let mut panics = Vec::new();
     for (sub, flag) in VALUED_FLAGS {
         for value in HOSTILE {
-            let out = Command::new(env!("CARGO_BIN_EXE_soci-agent"))
+            let out = Command::new(common::agent_bin())
                 .arg(sub)
                 .arg("--root")
                 .arg(t.root())
@@ -471,4 +471,49 @@ fn hostile_flag_values_never_panic() {
         }
     }
     assert!(panics.is_empty(), "{} panics:\n{}", panics.len(), panics.join("\n"));
+}
+
+#[test]
+fn a_rewritten_file_keeps_its_mode() {
+    let t = Tree::new();
+    let config = t.path("/etc/containerd/config.toml");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for run in ["install", "re-run"] {
+        let out = t.install(&[]);
+        assert!(out.status.success(), "{run}: {}", show(&out));
+        assert_eq!(common::mode_of(&config), 0o600, "{run}: the mode changed");
+    }
+    assert!(std::fs::read_to_string(&config).unwrap().contains("soci"));
+}
+
+#[test]
+fn values_that_would_inject_into_a_unit_file_are_refused() {
+    let t = Tree::new();
+    let before = files_under(&t.root());
+    for root in [
+        "/var/lib/x\nExecStartPre=/bin/touch /tmp/INJ",
+        "relative/soci",
+        "/var/lib/../etc",
+    ] {
+        let out = t.install(&["--soci-root", root]);
+        assert_eq!(out.status.code(), Some(2), "--soci-root {root:?}: {}", show(&out));
+    }
+    for (flag, value) in [
+        ("--release-url", "http://[::1"),
+        ("--textfile-dir", ""),
+        ("--textfile-dir", "relative/dir"),
+    ] {
+        let out = t.install(&[flag, value]);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value:?}: {}", show(&out));
+    }
+    assert_eq!(files_under(&t.root()), before, "a refused run changed files");
+    // Unusual but valid paths are written quoted and escaped, never split or expanded.
+    let out = t.install(&["--soci-root", "/var/lib/with space/%h"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let unit = std::fs::read_to_string(t.path("/etc/systemd/system/soci-snapshotter.service")).unwrap();
+    assert!(
+        unit.contains("--root \"/var/lib/with space/%%h\"")
+            && unit.contains("RequiresMountsFor=\"/var/lib/with space/%%h\""),
+        "{unit}"
+    );
 }

@@ -133,12 +133,19 @@ fn absolute(option: &'static str, value: String) -> Result<String, SettingsError
     Ok(value.trim_end_matches('/').to_string().max("/".to_string()))
 }
 
+/// A path that lands in a unit file: absolute, normalized, printable
+/// (quoting and specifiers are handled when the unit is written).
+fn unit_path(option: &'static str, value: String) -> Result<String, SettingsError> {
+    crate::files::units::check_unit_path(option, &value).map_err(|e| invalid(option, value.clone(), e.to_string()))?;
+    Ok(value)
+}
+
 /// The agent config file every subcommand reads: `--config` as given, else
 /// the default under the root when it exists.
 pub fn config_path(root: &Root, explicit: Option<&Path>) -> Option<PathBuf> {
     match explicit {
         Some(p) => Some(p.to_path_buf()),
-        None => Some(root.path(AGENT_CONFIG)).filter(|p| p.exists()),
+        None => Some(root.resolve(AGENT_CONFIG)).filter(|p| p.exists()),
     }
 }
 
@@ -174,7 +181,7 @@ impl InstallSettings {
         let arch = named("--arch", pick(&args.arch, &f.arch).map(|s| s.parse()).transpose())?;
         let archive = existing_archive(pick(&args.archive, &f.archive))?;
         let soci_root = pick(&args.soci_root, &f.soci_root).unwrap_or(SOCI_ROOT.into());
-        let soci_root = absolute("--soci-root", soci_root)?;
+        let soci_root = unit_path("--soci-root", absolute("--soci-root", soci_root)?)?;
         let containerd_config = pick(&args.containerd_config, &f.containerd_config).unwrap_or(CONTAINERD_CONFIG.into());
         let containerd_config = absolute("--containerd-config", containerd_config)?;
         let tuning = merged_tuning(args, &f)?;
@@ -205,7 +212,9 @@ impl InstallSettings {
             no_start,
             dry_run: args.dry_run,
             output: args.output.or(f.output).unwrap_or(OutputFormat::Text),
-            textfile_dir: pick(&args.textfile_dir, &f.textfile_dir),
+            textfile_dir: pick(&args.textfile_dir, &f.textfile_dir)
+                .map(|d| absolute("--textfile-dir", d))
+                .transpose()?,
             http_timeout,
             retries,
             warnings,
@@ -255,7 +264,11 @@ fn https_release_url(value: Option<String>, warnings: &mut Vec<String>) -> Resul
             "must start with https:// (or http:// for a mirror)",
         ));
     }
-    Ok(release_url)
+    match reqwest::Url::parse(&release_url) {
+        Ok(u) if u.host_str().is_some() => Ok(release_url),
+        Ok(_) => Err(invalid("--release-url", release_url, "names no host")),
+        Err(e) => Err(invalid("--release-url", release_url, format!("is not a URL: {e}"))),
+    }
 }
 
 /// `--archive`: a file that exists, when given.

@@ -70,12 +70,19 @@ impl<'a> Builder<'a> {
     pub(super) fn file(&mut self, path: &str, content: String, mode: u32, effects: Effects) -> Result<(), FsError> {
         let old = self.root.read_opt(path)?;
         let old_text = old.as_deref().map(String::from_utf8_lossy);
-        let same_mode = std::fs::metadata(self.root.path(path))
-            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777 == mode)
-            .unwrap_or(false);
+        let existing_mode = std::fs::metadata(self.root.resolve(path))
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777);
+        // Someone else's file we edit keeps its mode (a 0600 containerd config
+        // may hold registry credentials); files soci-agent wrote get `mode`.
+        let mode = match (&old_text, existing_mode) {
+            (Some(text), Some(m)) if !written_by_agent(text) => m,
+            _ => mode,
+        };
         let (kind, changed) = match &old {
             None => (ActionKind::Create, true),
-            Some(b) if b == content.as_bytes() && same_mode => (ActionKind::Unchanged, false),
+            Some(b) if b == content.as_bytes() && existing_mode == Some(mode) => (ActionKind::Unchanged, false),
             Some(_) => (ActionKind::Update, true),
         };
         if changed
