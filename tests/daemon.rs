@@ -1145,3 +1145,51 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
         "{agent}"
     );
 }
+
+/// 200 clients that hold connections open and dribble a byte a second (slowloris) do not keep
+/// scrapes from being answered within a scraper's timeout.
+#[test]
+fn metrics_are_answered_while_slow_clients_hold_connections() {
+    use std::io::Write;
+    let t = Tree::installed();
+    let port = common::registry::free_port();
+    t.config(&format!("[daemon]\nmetrics_address = \"127.0.0.1:{port}\"\n"));
+    let mut d = Daemon::start(&t, &["--interval", "1"], &[]);
+    d.wait("ready", WAIT, |v| v["ready"] == true);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dribblers: Vec<_> = (0..200)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                // Reconnect whenever the server drops us, as an attacker would.
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                        continue;
+                    };
+                    for b in b"GET /metrics HTTP/1.1\r\n" {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) || s.write_all(&[*b]).is_err() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(700));
+                    }
+                }
+            })
+        })
+        .collect();
+    // Let the slow clients take their places first.
+    std::thread::sleep(Duration::from_millis(500)); // load injection, not synchronisation
+    let mut answered = 0;
+    for _ in 0..4 {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let (code, head, body) = http_get(s, "GET", "/metrics");
+        assert_eq!(code, 200, "{head}");
+        parse_prometheus(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+        answered += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in dribblers {
+        let _ = t.join();
+    }
+    assert_eq!(answered, 4);
+}

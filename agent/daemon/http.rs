@@ -1,5 +1,6 @@
 //! A deliberately tiny HTTP/1.1 responder for `/metrics` on a TCP address
-//! or a unix socket: it reads one request head (at most 8 KiB, within 5 s),
+//! or a unix socket: it reads one request head (at most 8 KiB, within 1 s,
+//! so slow clients holding connections open cannot starve scrapes),
 //! answers `GET`/`HEAD /metrics` with the exposition text, `/` with a
 //! pointer, anything else with 404 or 405, and closes the connection. No
 //! keep-alive, no request bodies, a bounded number of clients at once.
@@ -15,8 +16,13 @@ use super::config::MetricsAddress;
 use super::state::{Shared, lock};
 
 const HEAD_LIMIT: usize = 8 * 1024;
+/// The whole request head must arrive within this (a scraper sends it at once).
+const HEAD_BOUND: Duration = Duration::from_secs(1);
+/// Writing the answer (scrapers read promptly).
 const CLIENT_BOUND: Duration = Duration::from_secs(5);
-const MAX_CLIENTS: usize = 16;
+/// Connections served at once; with [`HEAD_BOUND`] a slot frees within a
+/// second even when every client dawdles.
+const MAX_CLIENTS: usize = 128;
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 pub enum Bound {
@@ -124,7 +130,7 @@ pub fn respond(head: &[u8], render: impl FnOnce() -> String) -> (&'static str, &
 }
 
 async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, shared: &Shared) {
-    let work = async {
+    let read_head = async {
         let mut head = Vec::with_capacity(1024);
         let mut buf = [0u8; 1024];
         while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -137,6 +143,12 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, shared: &Shared) {
                 break;
             }
         }
+        Ok::<_, std::io::Error>(head)
+    };
+    let Ok(Ok(head)) = tokio::time::timeout(HEAD_BOUND, read_head).await else {
+        return; // too slow or broken: drop it, free the slot
+    };
+    let work = async {
         let (status, ctype, body, head_only) = respond(&head, || super::metrics::render(&lock(shared)));
         let mut out = format!(
             "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n",
