@@ -137,115 +137,127 @@ async fn import_pause(root: &Root, archive: &str) -> Result<String, String> {
     }
 }
 
+/// Runs the steps in order, adding each one's row as it ends (so a timeout keeps the
+/// rows so far); true when none fails the boot.
 async fn steps(args: &BootArgs, root: &Root, report: &mut Vec<Step>) -> bool {
-    let mut ok = true;
-    let t = Instant::now();
     // Without a usable record the binary cannot be verified; the pause image
     // and the pre-pull still matter, so they run regardless.
+    let (step, verified) = verify_step(root);
+    report.push(step);
+    let (step, imported) = pause_step(root, &args.pause_archive).await;
+    report.push(step);
+    let (step, prefetched) = prefetch_step(root, args).await;
+    report.push(step);
+    verified && imported && prefetched
+}
+
+impl Step {
+    /// A step that did not need to run.
+    fn skipped(name: &'static str, detail: String) -> Step {
+        Step {
+            name,
+            status: "skipped",
+            detail,
+            seconds: 0.0,
+        }
+    }
+
+    /// A step that ran since `started` and succeeded.
+    fn ok(name: &'static str, started: Instant, detail: String) -> Step {
+        Step {
+            name,
+            status: "ok",
+            detail,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// A step that ran since `started` and failed; logged as `what` FAILED.
+    fn failed(name: &'static str, started: Instant, what: &str, detail: String) -> Step {
+        tracing::error!("{what} FAILED: {detail}");
+        Step {
+            name,
+            status: "failed",
+            detail,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// `verify-binary`: the SOCI binary against the install record.
+fn verify_step(root: &Root) -> (Step, bool) {
+    let t = Instant::now();
     let verified = match Record::load(root) {
         Ok(Some(record)) => verify_binary(root, &record),
         Ok(None) => Err("no install record: run soci-agent install".to_string()),
         Err(e) => Err(e.to_string()),
     };
-    let (status, detail) = match verified {
-        Ok(d) => ("ok", d),
-        Err(d) => {
-            ok = false;
-            tracing::error!("SOCI binary verification FAILED: {d}");
-            ("failed", d)
-        }
-    };
-    report.push(Step {
-        name: "verify-binary",
-        status,
-        detail,
-        seconds: t.elapsed().as_secs_f64(),
-    });
+    match verified {
+        Ok(detail) => (Step::ok("verify-binary", t, detail), true),
+        Err(why) => (Step::failed("verify-binary", t, "SOCI binary verification", why), false),
+    }
+}
 
+/// `pause-image`: imports the node's pause archive into soci, when it has one.
+async fn pause_step(root: &Root, archive: &str) -> (Step, bool) {
+    if !root.path(archive).is_file() {
+        return (Step::skipped("pause-image", format!("no {archive} on this node")), true);
+    }
     let t = Instant::now();
-    let archive = args.pause_archive.as_str();
-    let step = if !root.path(archive).is_file() {
-        Step {
-            name: "pause-image",
-            status: "skipped",
-            detail: format!("no {archive} on this node"),
-            seconds: 0.0,
-        }
-    } else {
-        match import_pause(root, archive).await {
-            Ok(d) => Step {
-                name: "pause-image",
-                status: "ok",
-                detail: d,
-                seconds: t.elapsed().as_secs_f64(),
-            },
-            Err(d) => {
-                ok = false;
-                tracing::error!("pause image import FAILED: {d}");
-                Step {
-                    name: "pause-image",
-                    status: "failed",
-                    detail: d,
-                    seconds: t.elapsed().as_secs_f64(),
-                }
-            }
-        }
-    };
-    report.push(step);
-    let t = Instant::now();
-    let step = match crate::prefetch::PrefetchOptions::from_config(root.base(), args.config.as_deref()) {
+    match import_pause(root, archive).await {
+        Ok(detail) => (Step::ok("pause-image", t, detail), true),
+        Err(why) => (Step::failed("pause-image", t, "pause image import", why), false),
+    }
+}
+
+/// `prefetch`: pre-pulls the configured images, if any; a bad config fails the boot.
+async fn prefetch_step(root: &Root, args: &BootArgs) -> (Step, bool) {
+    match crate::prefetch::PrefetchOptions::from_config(root.base(), args.config.as_deref()) {
         Err(e) => {
-            ok = false;
-            Step {
+            let step = Step {
                 name: "prefetch",
                 status: "failed",
                 detail: crate::exit::error_chain(&e),
                 seconds: 0.0,
-            }
+            };
+            (step, false)
         }
-        Ok(opts) if opts.images.is_empty() => Step {
-            name: "prefetch",
-            status: "skipped",
-            detail: "no [prefetch] images configured".into(),
-            seconds: 0.0,
-        },
-        Ok(opts) => {
-            let pre = crate::prefetch::prefetch(&opts).await;
-            crate::history::record_run(
-                root,
-                "prefetch",
-                &pre.to_json(),
-                pre.exit_code,
-                &Default::default(),
-                None,
-            );
-            let detail = format!(
-                "{} image(s): {} hit, {} pulled, {} failed",
-                pre.images.len(),
-                pre.summary.hit,
-                pre.summary.pulled,
-                pre.summary.failed
-            );
-            // A failed image fails the boot only when [prefetch] strict asks for it.
-            let failed = !pre.all_ok();
-            if failed && opts.strict {
-                ok = false;
-            }
-            if failed {
-                tracing::error!("image pre-pull had failures: {detail}");
-            }
-            Step {
-                name: "prefetch",
-                status: if failed { "failed" } else { "ok" },
-                detail,
-                seconds: t.elapsed().as_secs_f64(),
-            }
-        }
-    };
-    report.push(step);
-    ok
+        Ok(opts) if opts.images.is_empty() => (
+            Step::skipped("prefetch", "no [prefetch] images configured".into()),
+            true,
+        ),
+        Ok(opts) => pre_pull(root, &opts).await,
+    }
 }
 
+/// Pre-pulls `opts.images` and saves prefetch's own report; a failed image fails the
+/// boot only when `[prefetch] strict` asks for it.
+async fn pre_pull(root: &Root, opts: &crate::prefetch::PrefetchOptions) -> (Step, bool) {
+    let t = Instant::now();
+    let pre = crate::prefetch::prefetch(opts).await;
+    let json = pre.to_json();
+    crate::history::record_run(root, "prefetch", &json, pre.exit_code, &Default::default(), None);
+    let detail = format!(
+        "{} image(s): {} hit, {} pulled, {} failed",
+        pre.images.len(),
+        pre.summary.hit,
+        pre.summary.pulled,
+        pre.summary.failed
+    );
+    let failed = !pre.all_ok();
+    if failed {
+        tracing::error!("image pre-pull had failures: {detail}");
+    }
+    let step = Step {
+        name: "prefetch",
+        status: if failed { "failed" } else { "ok" },
+        detail,
+        seconds: t.elapsed().as_secs_f64(),
+    };
+    (step, !(failed && opts.strict))
+}
+
+/// The subcommand: runs the steps within `--timeout`, saves the report, and returns it with the output format.
 pub async fn run(args: &BootArgs) -> (BootReport, OutputFormat) {
     let started = Instant::now();
     let root = Root::new(&args.root);
@@ -281,19 +293,17 @@ pub async fn run(args: &BootArgs) -> (BootReport, OutputFormat) {
         steps: list,
         seconds: started.elapsed().as_secs_f64(),
     };
+    record(&root, &report, args.textfile_dir.as_deref());
+    (report, args.output)
+}
+
+/// Saves the report in the run history, with each step's seconds as a phase.
+fn record(root: &Root, report: &BootReport, textfile_dir: Option<&str>) {
     let mut phases: std::collections::BTreeMap<String, f64> =
         report.steps.iter().map(|s| (s.name.to_string(), s.seconds)).collect();
     phases.insert("total".into(), report.seconds);
-    let json = serde_json::to_string_pretty(&report).expect("report serializes");
-    crate::history::record_run(
-        &root,
-        "boot",
-        &json,
-        report.exit_code,
-        &phases,
-        args.textfile_dir.as_deref(),
-    );
-    (report, args.output)
+    let json = serde_json::to_string_pretty(report).expect("report serializes");
+    crate::history::record_run(root, "boot", &json, report.exit_code, &phases, textfile_dir);
 }
 
 #[derive(Debug, Clone, Args)]

@@ -117,86 +117,122 @@ async fn systemd_side(record: &Record, steps: &mut Vec<String>) -> Result<(), Sy
     Ok(())
 }
 
+/// Why an uninstall stopped: how it exits, and the message for the report.
+struct Stop {
+    kind: ExitKind,
+    message: String,
+}
+
+impl Stop {
+    /// A failure whose message is the whole chain of `error`.
+    fn failed(error: &(dyn std::error::Error + 'static)) -> Self {
+        Stop {
+            kind: ExitKind::Failed,
+            message: error_chain(error),
+        }
+    }
+
+    /// Logs the stop and makes it the report's outcome.
+    fn record(self, report: &mut InstallReport) {
+        tracing::error!(exit_code = self.kind.code(), "{}", self.message);
+        report.outcome = self.kind;
+        report.exit_code = self.kind.code();
+        report.error = Some(self.message);
+    }
+}
+
+/// The subcommand: restores the node as the install record says, and returns the report with the output format.
 pub async fn run(args: &UninstallArgs) -> (InstallReport, OutputFormat) {
     let started = Instant::now();
     let output = args.output.unwrap_or(OutputFormat::Text);
     let mut report = InstallReport::for_command("uninstall", args.dry_run);
-    let fail = |report: &mut InstallReport, kind: ExitKind, msg: String| {
-        tracing::error!(exit_code = kind.code(), "{msg}");
-        report.outcome = kind;
-        report.exit_code = kind.code();
-        report.error = Some(msg);
-    };
+    if let Err(stop) = uninstall(args, &mut report, started).await {
+        stop.record(&mut report);
+    }
+    (report, output)
+}
+
+/// Plans the restore from the install record into `report` and, unless `--dry-run`,
+/// carries it out (then records how long that took since `started`).
+async fn uninstall(args: &UninstallArgs, report: &mut InstallReport, started: Instant) -> Result<(), Stop> {
     let root = Root::new(&args.root);
     if !root.is_host() && !args.no_start && !args.dry_run {
-        fail(
-            &mut report,
-            ExitKind::Usage,
-            format!(
+        return Err(Stop {
+            kind: ExitKind::Usage,
+            message: format!(
                 "--root {}: uninstalling from another root needs --no-start",
                 args.root.display()
             ),
-        );
-        return (report, output);
+        });
     }
-    let record = match Record::load(&root) {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            report
-                .notes
-                .push(format!("no install record at {RECORD}: nothing to uninstall"));
-            return (report, output);
-        }
-        Err(e) => {
-            fail(&mut report, ExitKind::Failed, error_chain(&e));
-            return (report, output);
-        }
+    let Some(record) = Record::load(&root).map_err(|e| Stop::failed(&e))? else {
+        report
+            .notes
+            .push(format!("no install record at {RECORD}: nothing to uninstall"));
+        return Ok(());
     };
     report.actions = plan(&root, &record);
     report.changed = true;
     if args.dry_run {
-        return (report, output);
+        return Ok(());
     }
+    restore(args, &root, &record, report).await?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(())
+}
 
-    let _lock = match crate::install::apply::lock_node(&root) {
-        Ok(l) => l,
-        Err(e) => {
-            fail(&mut report, ExitKind::Failed, error_chain(&e));
-            return (report, output);
-        }
-    };
+/// Under the node lock: disables soci-agent's units, restores the files, then lets
+/// systemd run without SOCI and cleans up.
+async fn restore(args: &UninstallArgs, root: &Root, record: &Record, report: &mut InstallReport) -> Result<(), Stop> {
+    let _lock = crate::install::apply::lock_node(root).map_err(|e| Stop::failed(&e))?;
     let mut steps = Vec::new();
-    let mut txn = crate::install::apply::Transaction::default();
-    let to_disable = units_to_disable(&root, &record);
-    if !args.no_start && !to_disable.is_empty() {
-        let units: Vec<&str> = to_disable.iter().map(String::as_str).collect();
-        let disabled = async { Systemd::connect(Duration::from_secs(10)).await?.disable(&units).await };
-        match disabled.await {
-            Ok(_) => steps.push(format!("disabled {}", units.join(", "))),
-            Err(e) => {
-                fail(&mut report, ExitKind::Failed, error_chain(&e));
-                return (report, output);
-            }
-        }
+    if !args.no_start {
+        disable_units(root, record, &mut steps).await?;
     }
-    if let Err(e) = crate::install::apply::apply_actions(&mut txn, &root, &report.actions) {
-        txn.rollback();
-        fail(&mut report, ExitKind::Failed, error_chain(&e));
-        report.changed = false;
-        return (report, output);
-    }
-    txn.commit();
+    restore_files(root, report)?;
     if !args.no_start
-        && let Err(e) = systemd_side(&record, &mut steps).await
+        && let Err(e) = systemd_side(record, &mut steps).await
     {
         report.warnings.push(format!(
             "files restored, but the systemd step failed: {}",
             error_chain(&e)
         ));
-        fail(&mut report, ExitKind::Failed, error_chain(&e));
+        Stop::failed(&e).record(report);
     }
+    clean_up(root, record, args.purge, report, &mut steps);
+    report.notes.extend(steps);
+    Ok(())
+}
+
+/// Disables the units soci-agent enabled (see [`units_to_disable`]), if any.
+async fn disable_units(root: &Root, record: &Record, steps: &mut Vec<String>) -> Result<(), Stop> {
+    let to_disable = units_to_disable(root, record);
+    if to_disable.is_empty() {
+        return Ok(());
+    }
+    let units: Vec<&str> = to_disable.iter().map(String::as_str).collect();
+    let disabled = async { Systemd::connect(Duration::from_secs(10)).await?.disable(&units).await };
+    disabled.await.map_err(|e| Stop::failed(&e))?;
+    steps.push(format!("disabled {}", units.join(", ")));
+    Ok(())
+}
+
+/// Applies the report's restore actions as one transaction, rolled back when one fails.
+fn restore_files(root: &Root, report: &mut InstallReport) -> Result<(), Stop> {
+    let mut txn = crate::install::apply::Transaction::default();
+    if let Err(e) = crate::install::apply::apply_actions(&mut txn, root, &report.actions) {
+        txn.rollback();
+        report.changed = false;
+        return Err(Stop::failed(&e));
+    }
+    txn.commit();
+    Ok(())
+}
+
+/// Removes the backups and, with `purge`, the store entries (else notes that they stay).
+fn clean_up(root: &Root, record: &Record, purge: bool, report: &mut InstallReport, steps: &mut Vec<String>) {
     let _ = std::fs::remove_dir_all(root.path(BACKUP_DIR));
-    if args.purge {
+    if purge {
         for entry in &record.store_entries {
             match std::fs::remove_dir_all(root.path(entry)) {
                 Ok(()) => steps.push(format!("purged {entry}")),
@@ -209,9 +245,6 @@ pub async fn run(args: &UninstallArgs) -> (InstallReport, OutputFormat) {
             "the versioned store under /usr/local/lib/soci-agent/releases is kept (use --purge to remove it)".into(),
         );
     }
-    report.notes.extend(steps);
-    report.seconds = started.elapsed().as_secs_f64();
-    (report, output)
 }
 
 #[cfg(test)]

@@ -382,7 +382,10 @@ fn drift_found_at_start_or_while_install_holds_its_lock_is_not_put_back() {
     let later = format!("{}# changed while the daemon watched\n", t.read(SOCI_CONFIG));
     t.write(SOCI_CONFIG, &later, 0o644);
     let s = d.wait("drift while locked", WAIT, |v| {
-        check(v, "agent.drift")["verdict"] == "fail" && v["repairs"]["pending"].to_string().contains("held (install or uninstall")
+        check(v, "agent.drift")["verdict"] == "fail"
+            && v["repairs"]["pending"]
+                .to_string()
+                .contains("held (install or uninstall")
     });
     let s = d.reconciles_after(&s, 3);
     assert_eq!(

@@ -9,8 +9,9 @@ use toml_edit::{DocumentMut, Item};
 
 use super::Check;
 use super::checks_pull_path::get;
-use super::node::{Node, Text};
-use crate::files::containerd_config::{self, ConfigVersion, OwnedKey, SociWiring};
+use super::node::{Node, Text, containerd_daemon};
+use crate::files::containerd_config::{self, ConfigVersion, OwnedKey};
+use crate::host::ContainerdVersion;
 
 const IDS: [&str; 7] = [
     "containerd.legacy-tables",
@@ -22,72 +23,96 @@ const IDS: [&str; 7] = [
     "containerd.runtime-platforms",
 ];
 
+/// `containerd.version`, then the checks of its config (skipped when the config is unusable).
 pub fn checks(node: &Node) -> Vec<Check> {
     let mut out = vec![version(node)];
+    match parsed_config(node) {
+        Ok((doc, version)) => out.extend(config_checks(node, &doc, version)),
+        Err(stopped) => out.extend(stopped),
+    }
+    out
+}
+
+/// containerd's config parsed, with its format version; or the checks saying why not.
+fn parsed_config(node: &Node) -> Result<(DocumentMut, ConfigVersion), Vec<Check>> {
+    let text = config_text(node)?;
+    let version = detected_version(text, &node.containerd_config_path)?;
+    Ok((text.parse().expect("detect_version parsed it"), version))
+}
+
+/// `containerd.config-version` saying why the config cannot be checked, then every config check skipped.
+fn unusable(config_version: Check, why: String) -> Vec<Check> {
+    let mut out = vec![config_version];
+    out.extend(IDS.iter().map(|id| Check::skip(id, why.clone())));
+    out
+}
+
+/// The config file's text, or the checks for a file that is unreadable or missing.
+fn config_text(node: &Node) -> Result<&str, Vec<Check>> {
     let path = &node.containerd_config_path;
-    let skip_rest = |why: String| IDS.iter().map(|id| Check::skip(id, why.clone())).collect::<Vec<_>>();
-    let text = match &node.containerd_config {
-        Text::Found(t) => t,
-        Text::Unreadable(e) => {
-            out.push(Check::skip("containerd.config-version", format!("{path}: {e}")).advise("run doctor as root"));
-            out.extend(skip_rest(format!("{path} unreadable")));
-            return out;
-        }
-        Text::Missing if node.nodeadm() => {
-            out.push(Check::skip(
+    match &node.containerd_config {
+        Text::Found(t) => Ok(t),
+        Text::Unreadable(e) => Err(unusable(
+            Check::skip("containerd.config-version", format!("{path}: {e}")).advise("run doctor as root"),
+            format!("{path} unreadable"),
+        )),
+        Text::Missing if node.nodeadm() => Err(unusable(
+            Check::skip(
                 "containerd.config-version",
                 format!("no {path} yet: nodeadm renders it from the NodeConfig at boot (see nodeadm.dropin)"),
-            ));
-            out.extend(skip_rest(format!("no {path} yet")));
-            return out;
-        }
-        Text::Missing => {
-            out.push(Check::fail(
+            ),
+            format!("no {path} yet"),
+        )),
+        Text::Missing => Err(unusable(
+            Check::fail(
                 "containerd.config-version",
                 format!("no {path}: containerd runs with its defaults, which know nothing of soci"),
                 "run soci-agent install (it writes a minimal wired config)",
-            ));
-            out.extend(skip_rest(format!("no {path}")));
-            return out;
-        }
-    };
-    let version = match containerd_config::detect_version(text, path) {
-        Ok(Some(v)) => v,
-        Ok(None) => {
-            out.push(Check::fail(
+            ),
+            format!("no {path}"),
+        )),
+    }
+}
+
+/// The config's format version, or the checks for an empty or malformed file.
+fn detected_version(text: &str, path: &str) -> Result<ConfigVersion, Vec<Check>> {
+    match containerd_config::detect_version(text, path) {
+        Ok(Some(v)) => Ok(v),
+        Ok(None) => Err(unusable(
+            Check::fail(
                 "containerd.config-version",
                 format!("{path} is empty: containerd runs with its defaults"),
                 "run soci-agent install",
-            ));
-            out.extend(skip_rest(format!("{path} is empty")));
-            return out;
-        }
-        Err(e) => {
-            out.push(Check::fail(
+            ),
+            format!("{path} is empty"),
+        )),
+        Err(e) => Err(unusable(
+            Check::fail(
                 "containerd.config-version",
                 e.to_string(),
                 "containerd refuses a malformed config: fix the file (install leaves it untouched)",
-            ));
-            out.extend(skip_rest(format!("{path} does not parse")));
-            return out;
-        }
-    };
-    let doc: DocumentMut = text.parse().expect("detect_version parsed it");
-    out.push(config_version(node, &doc, version, path));
-    out.push(legacy_tables(node, &doc, version, path));
-    let wiring = SociWiring {
-        address: node.soci_socket.value.clone(),
-        soci_root: node.soci_root.value.clone(),
-    };
-    let keys = containerd_config::owned_keys(version, &wiring);
-    out.push(proxy_plugin(node, &doc, &keys, path));
-    out.push(exports_root(node, &doc, &keys[4], path));
-    out.push(snapshotter(&doc, &keys[0], path));
-    out.push(annotations(&doc, &keys[1], path));
-    out.push(super::checks_pull_path::pull_path(node, &doc, version, path));
-    out.push(super::checks_pull_path::runtime_platforms(&doc, version, path));
+            ),
+            format!("{path} does not parse"),
+        )),
+    }
+}
+
+/// The checks of a parsed config, failures softened while nodeadm-run has yet to render it.
+fn config_checks(node: &Node, doc: &DocumentMut, version: ConfigVersion) -> Vec<Check> {
+    let path = &node.containerd_config_path;
+    let keys = containerd_config::owned_keys(version, &node.soci_wiring());
+    let out = vec![
+        config_version(node, doc, version, path),
+        legacy_tables(node, doc, version, path),
+        proxy_plugin(node, doc, &keys, path),
+        exports_root(node, doc, &keys[4], path),
+        snapshotter(doc, &keys[0], path),
+        annotations(doc, &keys[1], path),
+        super::checks_pull_path::pull_path(node, doc, version, path),
+        super::checks_pull_path::runtime_platforms(doc, version, path),
+    ];
     if super::checks_nodeadm::dropin_wires_soci(node) {
-        out = out.into_iter().map(|c| pending_nodeadm_run(c, path)).collect();
+        return out.into_iter().map(|c| pending_nodeadm_run(c, path)).collect();
     }
     out
 }
@@ -143,10 +168,7 @@ fn config_version(node: &Node, doc: &DocumentMut, version: ConfigVersion, path: 
     let Some(c) = &node.facts.containerd else {
         return Check::ok(ID, evidence);
     };
-    let daemon = containerd_config::Daemon {
-        major: c.major,
-        minor: c.minor,
-    };
+    let daemon = containerd_daemon(c);
     let newest = ConfigVersion::newest_read_by(daemon);
     if version > newest {
         return Check::fail(
@@ -159,30 +181,38 @@ fn config_version(node: &Node, doc: &DocumentMut, version: ConfigVersion, path: 
         );
     }
     if version == ConfigVersion::V2 && c.major >= 2 {
-        if containerd_config::v2_migration_drops_owned_keys(doc) {
-            return Check::fail(
-                ID,
-                format!(
-                    "{evidence}, containerd is {}: its v2 migration drops `snapshotter` and \
-                     `disable_snapshot_annotations` when [plugins.\"io.containerd.grpc.v1.cri\".containerd] has no \
-                     `runtimes` table, so CRI pulls use overlayfs whatever this file says",
-                    c.version
-                ),
-                format!(
-                    "convert the file: `containerd config migrate > {path}.new`, review, move it into place, then \
-                     run soci-agent install (it edits version {} files)",
-                    ConfigVersion::written_by(daemon)
-                ),
-            );
-        }
-        return Check::warn(
-            ID,
-            format!("{evidence}, containerd is {}", c.version),
-            "containerd 2.x migrates version 2 at every start; move to version 3 tables \
-             (plugins.'io.containerd.cri.v1.images'): `containerd config migrate`",
-        );
+        return v2_on_containerd_2(doc, &evidence, c, path);
     }
     Check::ok(ID, format!("{evidence}, containerd {}", c.version))
+}
+
+/// A version 2 file on containerd 2.x: migrated at every start, and broken when the
+/// migration drops the keys soci-agent owns.
+fn v2_on_containerd_2(doc: &DocumentMut, evidence: &str, c: &ContainerdVersion, path: &str) -> Check {
+    const ID: &str = "containerd.config-version";
+    let daemon = containerd_daemon(c);
+    if containerd_config::v2_migration_drops_owned_keys(doc) {
+        return Check::fail(
+            ID,
+            format!(
+                "{evidence}, containerd is {}: its v2 migration drops `snapshotter` and \
+                 `disable_snapshot_annotations` when [plugins.\"io.containerd.grpc.v1.cri\".containerd] has no \
+                 `runtimes` table, so CRI pulls use overlayfs whatever this file says",
+                c.version
+            ),
+            format!(
+                "convert the file: `containerd config migrate > {path}.new`, review, move it into place, then \
+                 run soci-agent install (it edits version {} files)",
+                ConfigVersion::written_by(daemon)
+            ),
+        );
+    }
+    Check::warn(
+        ID,
+        format!("{evidence}, containerd is {}", c.version),
+        "containerd 2.x migrates version 2 at every start; move to version 3 tables \
+         (plugins.'io.containerd.cri.v1.images'): `containerd config migrate`",
+    )
 }
 
 /// Keys containerd 2.x still reads under `plugins."io.containerd.grpc.v1.cri"` in a v3/v4 file.

@@ -131,8 +131,11 @@ fn existing_ancestor(node: &Node) -> (PathBuf, bool) {
     }
 }
 
+const DISK_ID: &str = "host.disk";
+const STORAGE_ID: &str = "host.storage";
+
+/// `host.disk`: free space and filesystem under the SOCI root.
 fn disk(node: &Node) -> Check {
-    const ID: &str = "host.disk";
     let soci_root = &node.soci_root.value;
     let (at, exists) = existing_ancestor(node);
     let where_ = if exists {
@@ -140,21 +143,18 @@ fn disk(node: &Node) -> Check {
     } else {
         format!("{soci_root} (not created yet; measured at {})", at.display())
     };
-    let st = match nix::sys::statvfs::statvfs(&at) {
-        Ok(s) => s,
-        Err(e) => return Check::skip(ID, format!("statvfs {}: {e}", at.display())),
+    let (avail, total) = match free_space(&at) {
+        Ok(space) => space,
+        Err(e) => return Check::skip(DISK_ID, format!("statvfs {}: {e}", at.display())),
     };
-    let frag = st.fragment_size() as u64;
-    let (avail, total) = (st.blocks_available() as u64 * frag, st.blocks() as u64 * frag);
     let pct = if total > 0 {
         avail as f64 * 100.0 / total as f64
     } else {
         0.0
     };
-    let mount = std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|t| {
-        let canon = std::fs::canonicalize(&at).unwrap_or(at.clone());
-        mount_for(&parse_mountinfo(&t), &canon).cloned()
-    });
+    let mount = std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|t| mount_for(&parse_mountinfo(&t), &canonical(&at)).cloned());
     let fs = mount.as_ref().map_or("filesystem unknown".to_string(), |m| {
         format!("{} on {} mounted at {}", m.fstype, m.source, m.mount_point)
     });
@@ -163,18 +163,35 @@ fn disk(node: &Node) -> Check {
         avail as f64 / GIB,
         total as f64 / GIB
     );
+    disk_verdict(evidence, avail, pct, mount.as_ref())
+}
+
+/// Bytes available to unprivileged users and in total on the filesystem holding `at`.
+fn free_space(at: &Path) -> nix::Result<(u64, u64)> {
+    let st = nix::sys::statvfs::statvfs(at)?;
+    let frag = st.fragment_size() as u64;
+    Ok((st.blocks_available() as u64 * frag, st.blocks() as u64 * frag))
+}
+
+/// `at` with symlinks resolved, or as given when that fails.
+fn canonical(at: &Path) -> PathBuf {
+    std::fs::canonicalize(at).unwrap_or(at.to_path_buf())
+}
+
+/// Fails on too little free space, warns on a poor filesystem or a tight one.
+fn disk_verdict(evidence: String, avail: u64, pct: f64, mount: Option<&Mount>) -> Check {
     if avail < FAIL_FREE_BYTES {
         return Check::fail(
-            ID,
+            DISK_ID,
             evidence,
             "free space under the SOCI root: images are unpacked there; put it on a larger volume (--soci-root)",
         );
     }
-    if let Some(m) = &mount
+    if let Some(m) = mount
         && (matches!(m.fstype.as_str(), "overlay" | "nfs" | "nfs4" | "tmpfs") || m.fstype.starts_with("fuse"))
     {
         return Check::warn(
-            ID,
+            DISK_ID,
             evidence,
             format!(
                 "{} is a poor home for snapshots (overlayfs on it may be refused, or it lives in RAM): \
@@ -185,66 +202,78 @@ fn disk(node: &Node) -> Check {
     }
     if avail < WARN_FREE_BYTES || pct < 10.0 {
         return Check::warn(
-            ID,
+            DISK_ID,
             evidence,
             "little free space under the SOCI root for large images: grow the volume or use instance store",
         );
     }
-    Check::ok(ID, evidence)
+    Check::ok(DISK_ID, evidence)
 }
 
+/// `host.storage`: whether the SOCI root is on instance store.
 fn storage(node: &Node) -> Check {
-    const ID: &str = "host.storage";
     if !node.root.is_host() {
-        return Check::skip(ID, "--root is not /: mounts are the running host's, not the node's");
+        return Check::skip(
+            STORAGE_ID,
+            "--root is not /: mounts are the running host's, not the node's",
+        );
     }
     let text = match std::fs::read_to_string("/proc/self/mountinfo") {
         Ok(t) => t,
-        Err(e) => return Check::skip(ID, format!("/proc/self/mountinfo: {e}")),
+        Err(e) => return Check::skip(STORAGE_ID, format!("/proc/self/mountinfo: {e}")),
     };
     let mounts = parse_mountinfo(&text);
-    let (at, _) = existing_ancestor(node);
-    let canon = std::fs::canonicalize(&at).unwrap_or(at);
+    let canon = canonical(&existing_ancestor(node).0);
     let Some(m) = mount_for(&mounts, &canon) else {
         return Check::skip(
-            ID,
+            STORAGE_ID,
             format!("no mount found for {} in /proc/self/mountinfo", canon.display()),
         );
     };
-    let soci_root = &node.soci_root.value;
     let local: Vec<&Mount> = mounts.iter().filter(|x| x.mount_point.starts_with(K8S_DISKS)).collect();
     let bound = m.mount_point.starts_with(K8S_DISKS) || local.iter().any(|x| x.dev == m.dev);
     let model = device_model(&m.dev);
     if bound || model.as_deref().is_some_and(|s| s.contains("Instance Storage")) {
-        return Check::ok(
-            ID,
-            format!(
-                "{soci_root} is on instance store: {} {} (dev {}) {}",
-                m.fstype,
-                m.source,
-                m.dev,
-                if bound {
-                    "shared with a /mnt/k8s-disks mount"
-                } else {
-                    ""
-                }
-            )
-            .trim_end()
-            .to_string(),
-        );
+        return on_instance_store(node, m, bound);
     }
-    let what = match model.as_deref() {
+    off_instance_store(node, m, model.as_deref(), !local.is_empty())
+}
+
+/// The SOCI root is on instance store (`bound`: it shares a device with a /mnt/k8s-disks mount).
+fn on_instance_store(node: &Node, m: &Mount, bound: bool) -> Check {
+    Check::ok(
+        STORAGE_ID,
+        format!(
+            "{} is on instance store: {} {} (dev {}) {}",
+            node.soci_root.value,
+            m.fstype,
+            m.source,
+            m.dev,
+            if bound {
+                "shared with a /mnt/k8s-disks mount"
+            } else {
+                ""
+            }
+        )
+        .trim_end()
+        .to_string(),
+    )
+}
+
+/// The SOCI root is elsewhere (`model` of its device, when known): a warning when local disks go unused.
+fn off_instance_store(node: &Node, m: &Mount, model: Option<&str>, local_disks: bool) -> Check {
+    let what = match model {
         Some(s) if s.contains("Elastic Block Store") => "on EBS".to_string(),
         Some(s) => format!("on a {s:?} device, not instance store"),
         None => "not on instance store".to_string(),
     };
     let evidence = format!(
-        "{soci_root} is {what}: {} {} mounted at {}",
-        m.fstype, m.source, m.mount_point
+        "{} is {what}: {} {} mounted at {}",
+        node.soci_root.value, m.fstype, m.source, m.mount_point
     );
-    if !local.is_empty() {
+    if local_disks {
         return Check::warn(
-            ID,
+            STORAGE_ID,
             evidence,
             format!(
                 "local disks are mounted under {K8S_DISKS} but the SOCI root is not on them: with nodeadm, \
@@ -252,7 +281,7 @@ fn storage(node: &Node) -> Check {
             ),
         );
     }
-    Check::ok(ID, evidence)
+    Check::ok(STORAGE_ID, evidence)
 }
 
 /// `/sys/dev/block/MAJ:MIN/device/model` (or the parent disk's, for a partition).

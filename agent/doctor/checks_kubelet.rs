@@ -37,8 +37,11 @@ fn endpoint_in(text: &str, nodeconfig: bool) -> Option<String> {
     }
 }
 
+/// A value of `imageServiceEndpoint` and the file it came from (with a note).
+type Setting = (String, String);
+
 /// The last value set across `paths`, with its file; and whether any file exists.
-fn last_set(node: &Node, paths: &[String], nodeconfig: bool) -> (Option<(String, String)>, bool, Vec<String>) {
+fn last_set(node: &Node, paths: &[String], nodeconfig: bool) -> (Option<Setting>, bool, Vec<String>) {
     let (mut value, mut any, mut unreadable) = (None, false, Vec::new());
     for p in paths {
         match Text::read(&node.root, p) {
@@ -55,6 +58,58 @@ fn last_set(node: &Node, paths: &[String], nodeconfig: bool) -> (Option<(String,
     (value, any, unreadable)
 }
 
+/// Where `imageServiceEndpoint` is set: kubelet's own files and, on nodeadm hosts, the NodeConfig drop-ins.
+struct Endpoints {
+    /// The value kubelet's files set.
+    kubelet: Option<Setting>,
+    /// Whether any kubelet configuration file exists.
+    kubelet_files: bool,
+    /// The value the NodeConfig drop-ins set.
+    nodeadm: Option<Setting>,
+    /// Files that exist but could not be read, with why.
+    unreadable: Vec<String>,
+}
+
+impl Endpoints {
+    /// Reads kubelet's config and drop-ins, then (on nodeadm hosts) the NodeConfig drop-ins.
+    fn read(node: &Node) -> Self {
+        let mut kubelet_paths = vec![KUBELET_CONFIG.to_string()];
+        kubelet_paths.extend(files(node, KUBELET_DROPIN_DIR, &[".conf"]));
+        let (kubelet, kubelet_files, mut unreadable) = last_set(node, &kubelet_paths, false);
+        let (nodeadm, _, more) = if node.nodeadm() {
+            last_set(node, &files(node, NODEADM_DIR, &[".yaml", ".yml", ".json"]), true)
+        } else {
+            (None, false, Vec::new())
+        };
+        unreadable.extend(more);
+        Endpoints {
+            kubelet,
+            kubelet_files,
+            nodeadm,
+            unreadable,
+        }
+    }
+
+    /// What kubelet uses: its files' value; before nodeadm renders them, the NodeConfig's.
+    fn effective(&self) -> Option<Setting> {
+        if self.kubelet_files {
+            return self.kubelet.clone();
+        }
+        self.nodeadm
+            .as_ref()
+            .map(|(v, path)| (v.clone(), format!("{path} (nodeadm writes it into kubelet's config)")))
+    }
+}
+
+/// `imageServiceEndpoint = value (file)`, or what unset means.
+fn shown(setting: Option<&Setting>) -> String {
+    match setting {
+        Some((v, src)) => format!("{KEY} = {v} ({src})"),
+        None => format!("{KEY} unset (kubelet uses containerd's socket)"),
+    }
+}
+
+/// `kubelet.image-service-endpoint`: kubelet names the SOCI socket exactly when SOCI's keychain is on.
 pub fn image_service_endpoint(node: &Node) -> Check {
     let Some(doc) = super::checks_soci_config::parsed(node) else {
         return Check::skip(
@@ -62,74 +117,50 @@ pub fn image_service_endpoint(node: &Node) -> Check {
             "the SOCI config is missing or invalid (see soci-config.parse): cri_keychain unknown",
         );
     };
-    let keychain = super::checks_soci_config::keychain(&doc);
-    let want = crate::files::nodeconfig::image_service_endpoint(&node.soci_socket.value);
-    let mut kubelet_paths = vec![KUBELET_CONFIG.to_string()];
-    kubelet_paths.extend(files(node, KUBELET_DROPIN_DIR, &[".conf"]));
-    let (kubelet, kubelet_files, mut unreadable) = last_set(node, &kubelet_paths, false);
-    let (nodeadm, _, more) = if node.nodeadm() {
-        last_set(node, &files(node, NODEADM_DIR, &[".yaml", ".yml", ".json"]), true)
-    } else {
-        (None, false, Vec::new())
-    };
-    unreadable.extend(more);
-    if kubelet.is_none() && nodeadm.is_none() && !unreadable.is_empty() {
-        return Check::skip(ID, unreadable.join(", ")).advise("run doctor as root");
+    let found = Endpoints::read(node);
+    if found.kubelet.is_none() && found.nodeadm.is_none() && !found.unreadable.is_empty() {
+        return Check::skip(ID, found.unreadable.join(", ")).advise("run doctor as root");
     }
-    // kubelet reads its files; before nodeadm renders them, the NodeConfig is what it will get.
-    let from_nodeadm = |v: &(String, String)| {
-        (
-            v.0.clone(),
-            format!("{} (nodeadm writes it into kubelet's config)", v.1),
-        )
-    };
-    let effective = if kubelet_files {
-        kubelet.clone()
-    } else {
-        nodeadm.as_ref().map(from_nodeadm)
-    };
-    let shown = |e: &Option<(String, String)>| match e {
-        Some((v, src)) => format!("{KEY} = {v} ({src})"),
-        None => format!("{KEY} unset (kubelet uses containerd's socket)"),
-    };
+    let want = crate::files::nodeconfig::image_service_endpoint(&node.soci_socket.value);
+    let keychain = super::checks_soci_config::keychain(&doc);
     let keychain_s = format!(
         "[cri_keychain] enable_keychain = {keychain} ({})",
         node.soci_config_path.value
     );
-    if !keychain {
-        if effective.as_ref().is_some_and(|(v, _)| *v == want) {
-            return Check::fail(
-                ID,
-                format!("{}, but {keychain_s}", shown(&effective)),
-                "SOCI serves no image service without its keychain: set enable_keychain = true, or drop imageServiceEndpoint",
-            );
-        }
-        return Check::ok(
+    let effective = found.effective();
+    let current = shown(effective.as_ref());
+    match (keychain, effective.as_ref().is_some_and(|(v, _)| *v == want)) {
+        (false, true) => Check::fail(
             ID,
-            format!("{}; {keychain_s}: credentials are not proxied", shown(&effective)),
-        );
+            format!("{current}, but {keychain_s}"),
+            "SOCI serves no image service without its keychain: set enable_keychain = true, or drop imageServiceEndpoint",
+        ),
+        (false, false) => Check::ok(ID, format!("{current}; {keychain_s}: credentials are not proxied")),
+        (true, true) => Check::ok(ID, format!("{current} = the SOCI socket; {keychain_s}")),
+        (true, false) => not_the_soci_socket(&found, effective.as_ref(), &want, &keychain_s),
     }
-    if effective.as_ref().is_some_and(|(v, _)| *v == want) {
-        return Check::ok(ID, format!("{} = the SOCI socket; {keychain_s}", shown(&effective)));
-    }
-    if nodeadm.as_ref().is_some_and(|(v, _)| *v == want) && kubelet_files {
+}
+
+/// The keychain is on but kubelet does not use the SOCI socket (`want`): not applied yet,
+/// not configured here, or wrong.
+fn not_the_soci_socket(found: &Endpoints, effective: Option<&Setting>, want: &str, keychain_s: &str) -> Check {
+    if let Some((v, nodeconfig)) = &found.nodeadm
+        && v == want
+        && found.kubelet_files
+    {
         return Check::warn(
             ID,
-            format!(
-                "{}, while {} sets {want}",
-                shown(&kubelet),
-                nodeadm.as_ref().map_or("", |(_, p)| p.as_str())
-            ),
+            format!("{}, while {nodeconfig} sets {want}", shown(found.kubelet.as_ref())),
             "nodeadm has not applied the NodeConfig drop-in yet: it does at the next nodeadm-run (boot)",
         );
     }
-    if !kubelet_files && effective.is_none() {
+    if !found.kubelet_files && effective.is_none() {
         return Check::skip(ID, format!("no kubelet configuration under the root; {keychain_s}"))
             .advise(format!("set {KEY}: {want} in kubelet's configuration"));
     }
     Check::fail(
         ID,
-        format!("{}, but {keychain_s}", shown(&effective)),
+        format!("{}, but {keychain_s}", shown(effective)),
         format!(
             "kubelet's pull credentials never reach SOCI (private registries fail): set {KEY}: {want} \
              (soci-agent install writes {KUBELET_DROPIN_DIR}/50-soci-agent.conf)"

@@ -4,7 +4,7 @@
 //! with `--no-live`. Never socket-activates an idle SOCI service.
 
 use crate::paths::{CONTAINERD_SERVICE, CONTAINERD_SOCKET, PAUSE_ARCHIVE, SOCI_SERVICE, SOCI_SOCKET_UNIT};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::node::Node;
@@ -28,10 +28,7 @@ pub async fn checks(ctx: &DoctorContext, node: &Node) -> Vec<Check> {
         .unwrap_or_else(|| node.root.path(CONTAINERD_SOCKET));
     let reach = containerd_soci(ctx, node, &containerd).await;
     let pause = if reach.verdict == super::Verdict::Skip {
-        Check::skip(
-            "live.pause-image",
-            "containerd not reachable (see live.containerd-soci)",
-        )
+        Check::skip(PAUSE_IMAGE_ID, "containerd not reachable (see live.containerd-soci)")
     } else {
         pause_image(node, &containerd).await
     };
@@ -91,32 +88,15 @@ fn would_activate(node: &Node) -> bool {
         && node.bus.unit(SOCI_SOCKET_UNIT).is_some_and(|s| s.is_active())
 }
 
-async fn containerd_soci(ctx: &DoctorContext, node: &Node, socket: &std::path::Path) -> Check {
-    const ID: &str = "live.containerd-soci";
-    let flag = ctx.containerd_socket.is_some();
-    let explicit = flag || node.root.is_host();
-    if !flag && node.bus.unit(CONTAINERD_SERVICE).is_some_and(|s| !s.is_active()) {
-        return Check::skip(ID, format!("{CONTAINERD_SERVICE} is not running (D-Bus)"));
+const CONTAINERD_SOCI_ID: &str = "live.containerd-soci";
+
+/// `live.containerd-soci`: containerd lists the soci snapshotter and a call reaches the daemon.
+async fn containerd_soci(ctx: &DoctorContext, node: &Node, socket: &Path) -> Check {
+    const ID: &str = CONTAINERD_SOCI_ID;
+    if let Some(skipped) = containerd_absent(ctx, node, socket) {
+        return skipped;
     }
-    if !socket.exists() {
-        let evidence = format!("no containerd socket at {}", socket.display());
-        if explicit {
-            return Check::fail(
-                ID,
-                evidence,
-                format!("start containerd: systemctl start {CONTAINERD_SERVICE}"),
-            );
-        }
-        return Check::skip(
-            ID,
-            format!("{evidence} (--root is not /: the node is not running here)"),
-        );
-    }
-    let soci: PathBuf = match (&ctx.soci_socket, proxy_address(node)) {
-        (Some(p), _) => p.clone(),
-        (None, Some(a)) => node.root.path(a),
-        (None, None) => node.root.path(&node.soci_socket.value),
-    };
+    let soci = soci_dial_path(ctx, node);
     let may_dial = ctx.soci_socket.is_some() || !would_activate(node);
     let shown = socket.display();
     let (v, reach) = match tokio::time::timeout(QUERY_BOUND, probe::probe(socket, &soci, may_dial)).await {
@@ -136,86 +116,141 @@ async fn containerd_soci(ctx: &DoctorContext, node: &Node, socket: &std::path::P
         }
         Ok(Ok(x)) => x,
     };
-    let unserved = format!(
-        "nothing serves proxy_plugins.soci.address: start {SOCI_SERVICE} (journalctl -u {SOCI_SERVICE}), and check the \
-         address equals the daemon's socket"
-    );
+    reach_check(&format!("containerd {v} at {shown}"), &soci, reach)
+}
+
+/// Why containerd is not asked: it is not running, or has no socket here.
+fn containerd_absent(ctx: &DoctorContext, node: &Node, socket: &Path) -> Option<Check> {
+    let flag = ctx.containerd_socket.is_some();
+    if !flag && node.bus.unit(CONTAINERD_SERVICE).is_some_and(|s| !s.is_active()) {
+        return Some(Check::skip(
+            CONTAINERD_SOCI_ID,
+            format!("{CONTAINERD_SERVICE} is not running (D-Bus)"),
+        ));
+    }
+    if socket.exists() {
+        return None;
+    }
+    let evidence = format!("no containerd socket at {}", socket.display());
+    if flag || node.root.is_host() {
+        return Some(Check::fail(
+            CONTAINERD_SOCI_ID,
+            evidence,
+            format!("start containerd: systemctl start {CONTAINERD_SERVICE}"),
+        ));
+    }
+    Some(Check::skip(
+        CONTAINERD_SOCI_ID,
+        format!("{evidence} (--root is not /: the node is not running here)"),
+    ))
+}
+
+/// The SOCI socket to dial directly: `--soci-socket`, else containerd's proxy address, else the unit's.
+fn soci_dial_path(ctx: &DoctorContext, node: &Node) -> PathBuf {
+    match (&ctx.soci_socket, proxy_address(node)) {
+        (Some(p), _) => p.clone(),
+        (None, Some(a)) => node.root.path(a),
+        (None, None) => node.root.path(&node.soci_socket.value),
+    }
+}
+
+/// The check for what the probe found; `containerd` names the daemon and its socket.
+fn reach_check(containerd: &str, soci: &Path, reach: Reach) -> Check {
+    const ID: &str = CONTAINERD_SOCI_ID;
     match reach {
         Reach::Stat { ns, key } => Check::ok(
             ID,
-            format!("containerd {v} at {shown} lists soci and reaches it (Snapshots.Stat of {key} in {ns})"),
+            format!("{containerd} lists soci and reaches it (Snapshots.Stat of {key} in {ns})"),
         ),
         Reach::Direct => Check::ok(
             ID,
             format!(
-                "containerd {v} at {shown} lists soci (no soci snapshot yet to probe through it); the daemon at {} \
+                "{containerd} lists soci (no soci snapshot yet to probe through it); the daemon at {} \
                  answers Snapshots.List",
                 soci.display()
             ),
         ),
         Reach::NotProbed => Check::warn(
             ID,
-            format!(
-                "containerd {v} at {shown} lists soci; no soci snapshot to probe through it, and {SOCI_SERVICE} is idle"
-            ),
+            format!("{containerd} lists soci; no soci snapshot to probe through it, and {SOCI_SERVICE} is idle"),
             format!("systemctl start {SOCI_SERVICE}, then run doctor again"),
         ),
-        Reach::Unreachable { call, error } => Check::fail(
-            ID,
-            format!("containerd {v} at {shown} lists soci but cannot reach it ({call}: {error})"),
-            unserved,
-        ),
-        Reach::DirectFailed(error) => Check::fail(
-            ID,
-            format!("containerd {v} at {shown} lists soci but cannot reach it: {error}"),
-            unserved,
-        ),
+        Reach::Unreachable { call, error } => cannot_reach(containerd, &format!(" ({call}: {error})")),
+        Reach::DirectFailed(error) => cannot_reach(containerd, &format!(": {error}")),
         Reach::InitError(err) => Check::fail(
             ID,
-            format!("containerd {v} at {shown}: the soci snapshotter failed to load: {err}"),
+            format!("{containerd}: the soci snapshotter failed to load: {err}"),
             "fix [proxy_plugins.soci] and restart containerd",
         ),
         Reach::NotListed => Check::fail(
             ID,
-            format!(
-                "containerd {v} at {shown} lists no soci snapshotter: the config it loaded has no [proxy_plugins.soci]"
-            ),
+            format!("{containerd} lists no soci snapshotter: the config it loaded has no [proxy_plugins.soci]"),
             "wire containerd (soci-agent install), then restart it; containerd config dump shows what it loaded",
         ),
     }
 }
 
-async fn pause_image(node: &Node, containerd: &std::path::Path) -> Check {
-    const ID: &str = "live.pause-image";
-    let archive = node.root.path(PAUSE_ARCHIVE);
-    if !archive.is_file() {
-        return Check::skip(ID, format!("no {PAUSE_ARCHIVE} on this node"));
-    }
-    let names = match pause::archive_names(&archive) {
-        Ok(n) if !n.is_empty() => n,
-        Ok(_) => {
-            return Check::skip(ID, format!("{PAUSE_ARCHIVE} names no image (no index.json annotation)"));
-        }
-        Err(e) => return Check::skip(ID, format!("cannot read {PAUSE_ARCHIVE}: {e}")),
+/// containerd lists soci but a call through it, or to the daemon's socket, failed (`why`).
+fn cannot_reach(containerd: &str, why: &str) -> Check {
+    Check::fail(
+        CONTAINERD_SOCI_ID,
+        format!("{containerd} lists soci but cannot reach it{why}"),
+        format!(
+            "nothing serves proxy_plugins.soci.address: start {SOCI_SERVICE} (journalctl -u {SOCI_SERVICE}), and check the \
+             address equals the daemon's socket"
+        ),
+    )
+}
+
+const PAUSE_IMAGE_ID: &str = "live.pause-image";
+
+/// `live.pause-image`: the image in the node's pause archive is unpacked in soci.
+async fn pause_image(node: &Node, containerd: &Path) -> Check {
+    let names = match pause_names(node) {
+        Ok(names) => names,
+        Err(skipped) => return skipped,
     };
     let arch = crate::release::Arch::from_machine(&node.facts.machine).map_or("amd64", |a| a.as_str());
+    match tokio::time::timeout(QUERY_BOUND, pause::state(containerd, &names, arch)).await {
+        Err(_) => Check::fail(
+            PAUSE_IMAGE_ID,
+            format!("containerd: no answer within {QUERY_BOUND:?}"),
+            "see journalctl -u containerd",
+        ),
+        Ok(Err(e)) => Check::fail(PAUSE_IMAGE_ID, e.to_string(), "see journalctl -u containerd"),
+        Ok(Ok(state)) => pause_state_check(state),
+    }
+}
+
+/// The image names in the node's pause archive, or why there are none to look up.
+fn pause_names(node: &Node) -> Result<Vec<String>, Check> {
+    let archive = node.root.path(PAUSE_ARCHIVE);
+    if !archive.is_file() {
+        return Err(Check::skip(PAUSE_IMAGE_ID, format!("no {PAUSE_ARCHIVE} on this node")));
+    }
+    match pause::archive_names(&archive) {
+        Ok(n) if !n.is_empty() => Ok(n),
+        Ok(_) => Err(Check::skip(
+            PAUSE_IMAGE_ID,
+            format!("{PAUSE_ARCHIVE} names no image (no index.json annotation)"),
+        )),
+        Err(e) => Err(Check::skip(PAUSE_IMAGE_ID, format!("cannot read {PAUSE_ARCHIVE}: {e}"))),
+    }
+}
+
+/// The check for what containerd holds of the pause image.
+fn pause_state_check(state: PauseState) -> Check {
     let import = format!(
         "systemctl start soci-agent-boot.service (it imports {PAUSE_ARCHIVE} into soci), or \
          ctr -n k8s.io images import --snapshotter soci {PAUSE_ARCHIVE}"
     );
-    match tokio::time::timeout(QUERY_BOUND, pause::state(containerd, &names, arch)).await {
-        Err(_) => Check::fail(
-            ID,
-            format!("containerd: no answer within {QUERY_BOUND:?}"),
-            "see journalctl -u containerd",
-        ),
-        Ok(Err(e)) => Check::fail(ID, e, "see journalctl -u containerd"),
-        Ok(Ok(PauseState::InSoci { name, chain_id })) => Check::ok(
-            ID,
+    match state {
+        PauseState::InSoci { name, chain_id } => Check::ok(
+            PAUSE_IMAGE_ID,
             format!("{name} (from {PAUSE_ARCHIVE}) is unpacked in soci (snapshot {chain_id}, namespace k8s.io)"),
         ),
-        Ok(Ok(PauseState::Elsewhere { name, snapshotters })) => Check::fail(
-            ID,
+        PauseState::Elsewhere { name, snapshotters } => Check::fail(
+            PAUSE_IMAGE_ID,
             format!(
                 "{name} is in k8s.io but not unpacked in soci (unpacked in: {})",
                 if snapshotters.is_empty() {
@@ -226,8 +261,8 @@ async fn pause_image(node: &Node, containerd: &std::path::Path) -> Check {
             ),
             format!("with snapshotter = \"soci\" the sandbox cannot start and the node stays NotReady: {import}"),
         ),
-        Ok(Ok(PauseState::Absent { names })) => Check::fail(
-            ID,
+        PauseState::Absent { names } => Check::fail(
+            PAUSE_IMAGE_ID,
             format!("{} is not in containerd's k8s.io namespace", names.join(", ")),
             format!("pods cannot get a sandbox until it is imported: {import}"),
         ),

@@ -7,9 +7,9 @@ use crate::paths::{NODEADM_CACHE, NODEADM_DROPIN, NODEADM_DROPIN_DIR};
 use toml_edit::DocumentMut;
 
 use super::Check;
-use super::node::{Node, Text};
+use super::node::{Node, Text, containerd_daemon};
 use super::yamlish;
-use crate::files::containerd_config::{self, ConfigVersion, SociWiring};
+use crate::files::containerd_config::{self, ConfigVersion, OwnedKey, SociWiring};
 use crate::files::nodeconfig::{self};
 
 /// cloud-init's copy of the instance's user data.
@@ -22,10 +22,7 @@ pub fn checks(node: &Node) -> Vec<Check> {
 /// The table names nodeadm renders for this host (v3 when containerd's version is unknown).
 fn version(node: &Node) -> ConfigVersion {
     node.facts.containerd.as_ref().map_or(ConfigVersion::V3, |c| {
-        nodeconfig::version_for_containerd(crate::files::containerd_config::Daemon {
-            major: c.major,
-            minor: c.minor,
-        })
+        nodeconfig::version_for_containerd(containerd_daemon(c))
     })
 }
 
@@ -44,90 +41,113 @@ pub(super) fn dropin_wires_soci(node: &Node) -> bool {
     else {
         return false;
     };
-    let wiring = SociWiring {
-        address: node.soci_socket.value.clone(),
-        soci_root: node.soci_root.value.clone(),
-    };
-    containerd_config::owned_keys(version(node), &wiring)
+    containerd_config::owned_keys(version(node), &node.soci_wiring())
         .iter()
         .all(|k| k.is_set_in(fragment.as_table()))
 }
 
+const DROPIN_ID: &str = "nodeadm.dropin";
+const REINSTALL: &str = "re-run soci-agent install";
+
+/// `nodeadm.dropin`: the agent's NodeConfig drop-in wires SOCI as install writes it, and nodeadm applied it.
 fn dropin(node: &Node) -> Check {
-    const ID: &str = "nodeadm.dropin";
     if !node.nodeadm() {
-        return Check::skip(ID, "not a nodeadm host (no /usr/bin/nodeadm, no /etc/eks/nodeadm.d)");
-    }
-    let text = match Text::read(&node.root, NODEADM_DROPIN) {
-        Text::Found(t) => t,
-        Text::Unreadable(e) => return Check::skip(ID, format!("{NODEADM_DROPIN}: {e}")).advise("run doctor as root"),
-        Text::Missing if node.agent_installed() => {
-            return Check::fail(
-                ID,
-                format!("no {NODEADM_DROPIN}: nodeadm renders containerd and kubelet without SOCI"),
-                "re-run soci-agent install",
-            );
-        }
-        Text::Missing => return Check::skip(ID, format!("no {NODEADM_DROPIN}: soci-agent has not wired this host")),
-    };
-    let version = version(node);
-    let Some(block) = yamlish::get(&text, &["spec", "containerd", "config"]) else {
-        return Check::fail(
-            ID,
-            format!("{NODEADM_DROPIN} has no spec.containerd.config"),
-            "re-run soci-agent install",
+        return Check::skip(
+            DROPIN_ID,
+            "not a nodeadm host (no /usr/bin/nodeadm, no /etc/eks/nodeadm.d)",
         );
+    }
+    match dropin_verdict(node) {
+        Ok(check) | Err(check) => check,
+    }
+}
+
+/// Walks the drop-in from its text to what nodeadm rendered; `Err` is the first check that stops there.
+fn dropin_verdict(node: &Node) -> Result<Check, Check> {
+    let text = dropin_text(node)?;
+    let version = version(node);
+    let block = containerd_block(&text, version)?;
+    let wiring = node.soci_wiring();
+    let keys = containerd_config::owned_keys(version, &wiring);
+    require_owned_keys(&block, &keys)?;
+    require_rendered(node, &keys)?;
+    Ok(as_install_writes(node, &text, version, &wiring))
+}
+
+/// The drop-in's text, or the check saying why there is none to look at.
+fn dropin_text(node: &Node) -> Result<String, Check> {
+    match Text::read(&node.root, NODEADM_DROPIN) {
+        Text::Found(t) => Ok(t),
+        Text::Unreadable(e) => {
+            Err(Check::skip(DROPIN_ID, format!("{NODEADM_DROPIN}: {e}")).advise("run doctor as root"))
+        }
+        Text::Missing if node.agent_installed() => Err(Check::fail(
+            DROPIN_ID,
+            format!("no {NODEADM_DROPIN}: nodeadm renders containerd and kubelet without SOCI"),
+            REINSTALL,
+        )),
+        Text::Missing => Err(Check::skip(
+            DROPIN_ID,
+            format!("no {NODEADM_DROPIN}: soci-agent has not wired this host"),
+        )),
+    }
+}
+
+/// The drop-in's `spec.containerd.config`, when present and named for `version`'s tables.
+fn containerd_block(text: &str, version: ConfigVersion) -> Result<String, Check> {
+    let Some(block) = yamlish::get(text, &["spec", "containerd", "config"]) else {
+        return Err(Check::fail(
+            DROPIN_ID,
+            format!("{NODEADM_DROPIN} has no spec.containerd.config"),
+            REINSTALL,
+        ));
     };
     let has_v3 = block.contains("io.containerd.cri.v1.images") || block.contains("io.containerd.cri.v1.runtime");
     match version {
-        ConfigVersion::V3 if !has_v3 => {
-            return Check::fail(
-                ID,
-                format!(
-                    "{NODEADM_DROPIN}: spec.containerd.config has no io.containerd.cri.v1 table, so nodeadm treats it \
-                     as version 2 and migrates it on containerd 2.x"
-                ),
-                "re-run soci-agent install (it writes v3 table names for containerd 2.x)",
-            );
-        }
-        ConfigVersion::V2 if block.contains("io.containerd.cri.v1.") => {
-            return Check::fail(
-                ID,
-                format!("{NODEADM_DROPIN}: version 3 tables in spec.containerd.config, but containerd is 1.x"),
-                "re-run soci-agent install (it writes v2 table names for containerd 1.7)",
-            );
-        }
-        _ => {}
+        ConfigVersion::V3 if !has_v3 => Err(Check::fail(
+            DROPIN_ID,
+            format!(
+                "{NODEADM_DROPIN}: spec.containerd.config has no io.containerd.cri.v1 table, so nodeadm treats it \
+                 as version 2 and migrates it on containerd 2.x"
+            ),
+            "re-run soci-agent install (it writes v3 table names for containerd 2.x)",
+        )),
+        ConfigVersion::V2 if block.contains("io.containerd.cri.v1.") => Err(Check::fail(
+            DROPIN_ID,
+            format!("{NODEADM_DROPIN}: version 3 tables in spec.containerd.config, but containerd is 1.x"),
+            "re-run soci-agent install (it writes v2 table names for containerd 1.7)",
+        )),
+        _ => Ok(block),
     }
-    let wiring = SociWiring {
-        address: node.soci_socket.value.clone(),
-        soci_root: node.soci_root.value.clone(),
-    };
-    let keys = containerd_config::owned_keys(version, &wiring);
-    let fragment: DocumentMut = match block.parse() {
-        Ok(d) => d,
-        Err(e) => {
-            let msg = e.to_string().lines().next().unwrap_or_default().to_string();
-            return Check::fail(
-                ID,
-                format!("{NODEADM_DROPIN}: spec.containerd.config is not TOML: {msg}"),
-                "nodeadm skips the drop-in: re-run soci-agent install",
-            );
-        }
-    };
+}
+
+/// Fails unless `block` parses as TOML and sets every key soci-agent owns.
+fn require_owned_keys(block: &str, keys: &[OwnedKey]) -> Result<(), Check> {
+    let fragment: DocumentMut = block.parse().map_err(|e: toml_edit::TomlError| {
+        let msg = e.to_string().lines().next().unwrap_or_default().to_string();
+        Check::fail(
+            DROPIN_ID,
+            format!("{NODEADM_DROPIN}: spec.containerd.config is not TOML: {msg}"),
+            "nodeadm skips the drop-in: re-run soci-agent install",
+        )
+    })?;
     let missing: Vec<String> = keys
         .iter()
         .filter(|k| !k.is_set_in(fragment.as_table()))
         .map(|k| format!("{} = {}", k.dotted(), k.value))
         .collect();
-    if !missing.is_empty() {
-        return Check::fail(
-            ID,
-            format!("{NODEADM_DROPIN} does not set {}", missing.join(", ")),
-            "re-run soci-agent install",
-        );
+    if missing.is_empty() {
+        return Ok(());
     }
-    let config_path = &node.containerd_config_path;
+    Err(Check::fail(
+        DROPIN_ID,
+        format!("{NODEADM_DROPIN} does not set {}", missing.join(", ")),
+        REINSTALL,
+    ))
+}
+
+/// Warns when containerd's rendered config lacks owned keys: nodeadm has not applied the drop-in yet.
+fn require_rendered(node: &Node, keys: &[OwnedKey]) -> Result<(), Check> {
     let not_applied: Vec<String> = match node.containerd_config.found().map(str::parse::<DocumentMut>) {
         Some(Ok(doc)) => keys
             .iter()
@@ -136,26 +156,32 @@ fn dropin(node: &Node) -> Check {
             .collect(),
         _ => Vec::new(),
     };
-    if !not_applied.is_empty() {
-        return Check::warn(
-            ID,
-            format!(
-                "{NODEADM_DROPIN} wires SOCI, but {config_path} (rendered by nodeadm) lacks {}",
-                not_applied.join(", ")
-            ),
-            "nodeadm has not applied the drop-in yet: nodeadm-run re-renders when the merged NodeConfig changes \
-             (at the next boot); never run nodeadm init by hand",
-        );
+    if not_applied.is_empty() {
+        return Ok(());
     }
-    let expected = nodeconfig::render(version, &wiring);
+    Err(Check::warn(
+        DROPIN_ID,
+        format!(
+            "{NODEADM_DROPIN} wires SOCI, but {} (rendered by nodeadm) lacks {}",
+            node.containerd_config_path,
+            not_applied.join(", ")
+        ),
+        "nodeadm has not applied the drop-in yet: nodeadm-run re-renders when the merged NodeConfig changes \
+         (at the next boot); never run nodeadm init by hand",
+    ))
+}
+
+/// Ok when the drop-in is byte for byte what install writes, else a warning.
+fn as_install_writes(node: &Node, text: &str, version: ConfigVersion, wiring: &SociWiring) -> Check {
+    let config_path = &node.containerd_config_path;
     let rendered = if node.containerd_config.found().is_some() {
         format!("rendered into {config_path}")
     } else {
         format!("{config_path} not rendered yet")
     };
-    if text != expected {
+    if text != nodeconfig::render(version, wiring) {
         return Check::warn(
-            ID,
+            DROPIN_ID,
             format!(
                 "{NODEADM_DROPIN} wires SOCI (config version {version}), {rendered}, but differs from what install writes"
             ),
@@ -163,7 +189,7 @@ fn dropin(node: &Node) -> Check {
         );
     }
     Check::ok(
-        ID,
+        DROPIN_ID,
         format!("{NODEADM_DROPIN} (config version {version}) as install writes it, {rendered}"),
     )
 }
@@ -184,60 +210,18 @@ fn sources(node: &Node) -> Vec<String> {
     list
 }
 
+const FAST_IMAGE_PULL_ID: &str = "nodeadm.fast-image-pull";
+
+/// `nodeadm.fast-image-pull`: whether nodeadm's own SOCI setup (FastImagePull) is on, and what that means here.
 fn fast_image_pull(node: &Node) -> Check {
-    const ID: &str = "nodeadm.fast-image-pull";
+    const ID: &str = FAST_IMAGE_PULL_ID;
     if !node.nodeadm() {
         return Check::skip(ID, "not a nodeadm host");
     }
-    let mut effective: Option<(bool, String)> = None;
-    let mut unreadable = Vec::new();
-    for path in sources(node) {
-        match Text::read(&node.root, &path) {
-            Text::Found(t) => {
-                if let Some(on) = yamlish::fast_image_pull(&t) {
-                    effective = Some((on, path));
-                }
-            }
-            Text::Unreadable(e) => unreadable.push(format!("{path}: {e}")),
-            Text::Missing => {}
-        }
-    }
-    let cached_on = matches!(Text::read(&node.root, NODEADM_CACHE), Text::Found(t) if yamlish::fast_image_pull_on(&t));
-    let note = if unreadable.is_empty() {
-        String::new()
-    } else {
-        format!(" (could not read {})", unreadable.join(", "))
-    };
-    let small = node.root.is_host()
-        && (node.facts.cpus < crate::install::plan::MIN_CPUS
-            || node
-                .facts
-                .memory_bytes
-                .is_some_and(|m| m < crate::install::plan::MIN_MEMORY_BYTES));
+    let (effective, note) = effective_fast_image_pull(node);
     match effective {
-        Some((true, from)) if node.agent_installed() => Check::warn(
-            ID,
-            format!(
-                "featureGates.FastImagePull: true in {from}, which nodeadm merges after soci-agent's {NODEADM_DROPIN}{note}"
-            ),
-            "nodeadm then rewrites /etc/soci-snapshotter-grpc/config.toml and containerd.service.d/10-soci-snapshotter.conf \
-             at every config phase (its fixed tuning wins): drop FastImagePull from that NodeConfig",
-        ),
-        Some((true, from)) if small => Check::warn(
-            ID,
-            format!(
-                "featureGates.FastImagePull: true in {from}, on {} vCPU{note}",
-                node.facts.cpus
-            ),
-            "nodeadm silently ignores FastImagePull below 4 vCPU / 7 GiB: SOCI is not set up on this instance",
-        ),
-        Some((true, from)) => Check::ok(
-            ID,
-            format!(
-                "featureGates.FastImagePull: true in {from}: nodeadm manages SOCI (soci-agent is not installed){note}"
-            ),
-        ),
-        Some((false, from)) if from == NODEADM_DROPIN && cached_on => Check::warn(
+        Some((true, from)) => fast_image_pull_on(node, &from, &note),
+        Some((false, from)) if from == NODEADM_DROPIN && cached_fast_image_pull_on(node) => Check::warn(
             ID,
             format!(
                 "soci-agent's {NODEADM_DROPIN} turns FastImagePull off, but nodeadm's last render ({NODEADM_CACHE}) had it on"
@@ -251,4 +235,71 @@ fn fast_image_pull(node: &Node) -> Check {
             format!("featureGates.FastImagePull is not enabled in any NodeConfig source{note}"),
         ),
     }
+}
+
+/// The last `FastImagePull` setting across the NodeConfig sources (value, file), and a
+/// note naming the sources that could not be read (empty when none).
+fn effective_fast_image_pull(node: &Node) -> (Option<(bool, String)>, String) {
+    let mut effective: Option<(bool, String)> = None;
+    let mut unreadable = Vec::new();
+    for path in sources(node) {
+        match Text::read(&node.root, &path) {
+            Text::Found(t) => {
+                if let Some(on) = yamlish::fast_image_pull(&t) {
+                    effective = Some((on, path));
+                }
+            }
+            Text::Unreadable(e) => unreadable.push(format!("{path}: {e}")),
+            Text::Missing => {}
+        }
+    }
+    let note = if unreadable.is_empty() {
+        String::new()
+    } else {
+        format!(" (could not read {})", unreadable.join(", "))
+    };
+    (effective, note)
+}
+
+/// nodeadm's last render (its cache) had `FastImagePull` on.
+fn cached_fast_image_pull_on(node: &Node) -> bool {
+    matches!(Text::read(&node.root, NODEADM_CACHE), Text::Found(t) if yamlish::fast_image_pull_on(&t))
+}
+
+/// The running host is below the size nodeadm sets SOCI up on.
+fn below_fast_image_pull_size(node: &Node) -> bool {
+    node.root.is_host()
+        && (node.facts.cpus < crate::install::plan::MIN_CPUS
+            || node
+                .facts
+                .memory_bytes
+                .is_some_and(|m| m < crate::install::plan::MIN_MEMORY_BYTES))
+}
+
+/// The verdict when `from` (the last source setting it) turns `FastImagePull` on.
+fn fast_image_pull_on(node: &Node, from: &str, note: &str) -> Check {
+    if node.agent_installed() {
+        return Check::warn(
+            FAST_IMAGE_PULL_ID,
+            format!(
+                "featureGates.FastImagePull: true in {from}, which nodeadm merges after soci-agent's {NODEADM_DROPIN}{note}"
+            ),
+            "nodeadm then rewrites /etc/soci-snapshotter-grpc/config.toml and containerd.service.d/10-soci-snapshotter.conf \
+             at every config phase (its fixed tuning wins): drop FastImagePull from that NodeConfig",
+        );
+    }
+    if below_fast_image_pull_size(node) {
+        return Check::warn(
+            FAST_IMAGE_PULL_ID,
+            format!(
+                "featureGates.FastImagePull: true in {from}, on {} vCPU{note}",
+                node.facts.cpus
+            ),
+            "nodeadm silently ignores FastImagePull below 4 vCPU / 7 GiB: SOCI is not set up on this instance",
+        );
+    }
+    Check::ok(
+        FAST_IMAGE_PULL_ID,
+        format!("featureGates.FastImagePull: true in {from}: nodeadm manages SOCI (soci-agent is not installed){note}"),
+    )
 }

@@ -21,13 +21,15 @@ fn images_key<'a>(doc: &'a DocumentMut, key: &str) -> Option<&'a Item> {
     get(doc, &[IMAGES[0], IMAGES[1], key])
 }
 
+const PULL_PATH_ID: &str = "containerd.pull-path";
+
+/// `containerd.pull-path`: on containerd 2.1+, whichever path CRI pulls take ends in soci.
 pub fn pull_path(node: &Node, doc: &DocumentMut, version: ConfigVersion, path: &str) -> Check {
-    const ID: &str = "containerd.pull-path";
     let c = node.facts.containerd.as_ref();
     if version == ConfigVersion::V2 || c.is_some_and(|c| (c.major, c.minor) < (2, 1)) {
         let which = c.map_or("containerd 1.x".to_string(), |c| format!("containerd {}", c.version));
         return Check::skip(
-            ID,
+            PULL_PATH_ID,
             format!(
                 "{which}, config version {version}: CRI always takes the local pull path (no transfer service \
                  before 2.1), which honours the CRI snapshotter and disable_snapshot_annotations"
@@ -38,6 +40,23 @@ pub fn pull_path(node: &Node, doc: &DocumentMut, version: ConfigVersion, path: &
         "containerd version unknown, config version 3: assuming 2.1+".to_string(),
         |c| format!("containerd {}", c.version),
     );
+    let triggers = local_pull_triggers(doc);
+    if triggers.is_empty() {
+        return transfer_service(doc, &which, path);
+    }
+    Check::ok(
+        PULL_PATH_ID,
+        format!(
+            "{which}: CRI takes the local pull path ({} in {IMAGES_SHOWN}, {path}), which honours its \
+             snapshotter, disable_snapshot_annotations, discard_unpacked_layers and max_concurrent_downloads; \
+             the transfer service's unpack_config is not used for CRI pulls",
+            triggers.join(", ")
+        ),
+    )
+}
+
+/// The CRI image settings that make containerd 2.1+ take the local pull path.
+fn local_pull_triggers(doc: &DocumentMut) -> Vec<&'static str> {
     let mut triggers = Vec::new();
     if images_key(doc, "disable_snapshot_annotations").and_then(Item::as_bool) == Some(false) {
         triggers.push("disable_snapshot_annotations = false");
@@ -54,18 +73,12 @@ pub fn pull_path(node: &Node, doc: &DocumentMut, version: ConfigVersion, path: &
     if images_key(doc, "use_local_image_pull").and_then(Item::as_bool) == Some(true) {
         triggers.push("use_local_image_pull = true");
     }
-    if !triggers.is_empty() {
-        return Check::ok(
-            ID,
-            format!(
-                "{which}: CRI takes the local pull path ({} in {IMAGES_SHOWN}, {path}), which honours its \
-                 snapshotter, disable_snapshot_annotations, discard_unpacked_layers and max_concurrent_downloads; \
-                 the transfer service's unpack_config is not used for CRI pulls",
-                triggers.join(", ")
-            ),
-        );
-    }
-    // The transfer service: its unpack_config decides the snapshotter.
+    triggers
+}
+
+/// CRI pulls go through the transfer service: ok when its unpack_config unpacks into soci
+/// with remote snapshot annotations on.
+fn transfer_service(doc: &DocumentMut, which: &str, path: &str) -> Check {
     let unpack_soci = get(doc, &UNPACK).and_then(Item::as_array_of_tables).is_some_and(|a| {
         a.iter()
             .any(|t| t.get("snapshotter").and_then(Item::as_str) == Some("soci"))
@@ -78,7 +91,7 @@ pub fn pull_path(node: &Node, doc: &DocumentMut, version: ConfigVersion, path: &
         == Some("true");
     if unpack_soci && remote_labels {
         return Check::ok(
-            ID,
+            PULL_PATH_ID,
             format!(
                 "{which}: CRI pulls go through the transfer service; [[plugins.'io.containerd.transfer.v1.local'.unpack_config]] \
                  unpacks into soci and exports.enable_remote_snapshot_annotations = \"true\" ({path}); the CRI \
@@ -87,7 +100,7 @@ pub fn pull_path(node: &Node, doc: &DocumentMut, version: ConfigVersion, path: &
         );
     }
     Check::fail(
-        ID,
+        PULL_PATH_ID,
         format!(
             "{which}: nothing in {IMAGES_SHOWN} forces the local pull path, so CRI pulls go through the transfer \
              service, whose unpack_config {} ({path})",

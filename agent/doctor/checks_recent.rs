@@ -48,6 +48,7 @@ pub fn reports(node: &Node) -> Vec<Check> {
     ]
 }
 
+/// Check `id`: the last saved report of `command`, with its age, outcome and timings.
 fn report(node: &Node, id: &'static str, command: &str) -> Check {
     if let Err(e) = std::fs::read_dir(node.root.path(REPORTS_DIR))
         && e.kind() != std::io::ErrorKind::NotFound
@@ -61,15 +62,38 @@ fn report(node: &Node, id: &'static str, command: &str) -> Check {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let age = name
-        .strip_prefix(&format!("{command}-"))
+    let exit = value["exit_code"].as_u64();
+    let failed_steps = failed_steps(&value);
+    let evidence = format!(
+        "{REPORTS_DIR}/{name}: {}, {}{}",
+        age(node, command, &name),
+        outcome(exit, &failed_steps),
+        timings(&value)
+    );
+    if exit == Some(0) && failed_steps.is_empty() {
+        return Check::ok(id, evidence);
+    }
+    let error = value["error"]
+        .as_str()
+        .map(str::to_string)
+        .or_else(|| failed_steps.first().cloned())
+        .unwrap_or_default();
+    failed(id, command, evidence, &error)
+}
+
+/// How long ago the report named `name` (`<command>-<unix ms>.json`) was written.
+fn age(node: &Node, command: &str, name: &str) -> String {
+    name.strip_prefix(&format!("{command}-"))
         .and_then(|s| s.strip_suffix(".json"))
         .and_then(|s| s.parse::<u64>().ok())
         .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
         .and_then(|t| node.now.duration_since(t).ok())
-        .map_or("age unknown".to_string(), |d| format!("{} ago", human(d)));
-    let exit = value["exit_code"].as_u64();
-    let failed_steps: Vec<String> = steps(&value)
+        .map_or("age unknown".to_string(), |d| format!("{} ago", human(d)))
+}
+
+/// `name: detail` of each step the report marks failed.
+fn failed_steps(value: &Value) -> Vec<String> {
+    steps(value)
         .iter()
         .filter(|s| s["status"] == "failed")
         .map(|s| {
@@ -79,44 +103,40 @@ fn report(node: &Node, id: &'static str, command: &str) -> Check {
                 s["detail"].as_str().unwrap_or("")
             )
         })
-        .collect();
-    let outcome = match exit {
+        .collect()
+}
+
+/// `ok`, the failed step count, the exit code, or `outcome unknown`.
+fn outcome(exit: Option<u64>, failed_steps: &[String]) -> String {
+    match exit {
         Some(0) if failed_steps.is_empty() => "ok".to_string(),
         Some(0) => format!("{} step(s) failed", failed_steps.len()),
         Some(code) => format!("exit {code}"),
         None => "outcome unknown".to_string(),
-    };
-    let timings = timings(&value);
-    let evidence = format!("{REPORTS_DIR}/{name}: {age}, {outcome}{timings}");
-    let error = value["error"]
-        .as_str()
-        .map(str::to_string)
-        .or_else(|| failed_steps.first().cloned());
-    match (command, exit, failed_steps.is_empty()) {
-        (_, Some(0), true) => Check::ok(id, evidence),
-        ("boot", _, _) => Check::fail(
+    }
+}
+
+/// The check for a last run of `command` that failed with `error`: a failed boot fails, the rest warn.
+fn failed(id: &'static str, command: &str, evidence: String, error: &str) -> Check {
+    match command {
+        "boot" => Check::fail(
             id,
             evidence,
             format!(
-                "the last boot tasks failed ({}): see journalctl -u soci-agent-boot.service; run soci-agent boot --strict",
-                error.unwrap_or_default()
+                "the last boot tasks failed ({error}): see journalctl -u soci-agent-boot.service; run soci-agent boot --strict"
             ),
         ),
-        ("install", _, _) => Check::warn(
+        "install" => Check::warn(
             id,
             evidence,
             format!(
-                "the last install failed and left the node as it was ({}): fix that and re-run soci-agent install",
-                error.unwrap_or_default()
+                "the last install failed and left the node as it was ({error}): fix that and re-run soci-agent install"
             ),
         ),
         _ => Check::warn(
             id,
             evidence,
-            format!(
-                "the last {command} failed ({}): see its report",
-                error.unwrap_or_default()
-            ),
+            format!("the last {command} failed ({error}): see its report"),
         ),
     }
 }

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use super::Check;
 use super::node::Node;
-use super::unitfile::{ExecStart, SEARCH_PATH};
+use super::unitfile::{ExecStart, SEARCH_PATH, UnitFiles};
 use crate::release::store::{self, EntryState};
-use crate::release::{MIN_SOCI_VERSION, ReleaseSpec, Version};
+use crate::release::{MIN_SOCI_VERSION, ReleaseSpec, Sha256Hex, Version};
 
 const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -27,11 +27,13 @@ pub async fn binary_checks(node: &Node) -> Vec<Check> {
     vec![binary, version, digest, other_copies(node, exec.as_ref()).await]
 }
 
+const BINARY_ID: &str = "soci.binary";
+const INSTALL: &str = "run soci-agent install";
+
 /// `soci.binary`, and the ExecStart when its binary exists and is executable.
 fn binary(node: &Node) -> (Check, Option<ExecStart>) {
-    const ID: &str = "soci.binary";
+    const ID: &str = BINARY_ID;
     let unit = &node.soci_unit;
-    let install = "run soci-agent install";
     if unit.masked {
         return (
             Check::fail(
@@ -43,22 +45,11 @@ fn binary(node: &Node) -> (Check, Option<ExecStart>) {
         );
     }
     if !unit.exists() {
-        if let Some(e) = unit.unreadable.first() {
-            return (Check::skip(ID, e.clone()).advise("run doctor as root"), None);
-        }
-        let where_ = if unit.dropins.is_empty() {
-            format!("in {}", SEARCH_PATH.join(", "))
-        } else {
-            format!(
-                "(only drop-ins: {})",
-                unit.dropins.iter().map(|d| d.0.as_str()).collect::<Vec<_>>().join(", ")
-            )
-        };
-        return (Check::fail(ID, format!("no {SOCI_SERVICE} {where_}"), install), None);
+        return (missing_unit(unit), None);
     }
     let Some(exec) = node.exec.clone() else {
         return (
-            Check::fail(ID, format!("{SOCI_SERVICE} has no ExecStart="), install),
+            Check::fail(ID, format!("{SOCI_SERVICE} has no ExecStart="), INSTALL),
             None,
         );
     };
@@ -72,11 +63,27 @@ fn binary(node: &Node) -> (Check, Option<ExecStart>) {
     match std::fs::metadata(node.host_path(&resolved)) {
         Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => (Check::ok(ID, evidence), Some(exec)),
         Ok(_) => (
-            Check::fail(ID, format!("{evidence}: not an executable file"), install),
+            Check::fail(ID, format!("{evidence}: not an executable file"), INSTALL),
             None,
         ),
-        Err(e) => (Check::fail(ID, format!("{evidence}: {e}"), install), None),
+        Err(e) => (Check::fail(ID, format!("{evidence}: {e}"), INSTALL), None),
     }
+}
+
+/// `soci.binary` when the service has no unit file: unreadable, or only drop-ins, or none.
+fn missing_unit(unit: &UnitFiles) -> Check {
+    if let Some(e) = unit.unreadable.first() {
+        return Check::skip(BINARY_ID, e.clone()).advise("run doctor as root");
+    }
+    let where_ = if unit.dropins.is_empty() {
+        format!("in {}", SEARCH_PATH.join(", "))
+    } else {
+        format!(
+            "(only drop-ins: {})",
+            unit.dropins.iter().map(|d| d.0.as_str()).collect::<Vec<_>>().join(", ")
+        )
+    };
+    Check::fail(BINARY_ID, format!("no {SOCI_SERVICE} {where_}"), INSTALL)
 }
 
 /// Output of `<binary> --version` (a node path, resolved under the root), bounded.
@@ -127,50 +134,62 @@ async fn version(node: &Node, exec: &ExecStart) -> Check {
     }
 }
 
+const DIGEST_ID: &str = "soci.digest";
+const REINSTALL: &str = "re-run soci-agent install (something replaced the unit, its drop-in or the binary)";
+
+/// `soci.digest`: the binary the unit runs is the one install verified or adopted.
 fn digest(node: &Node, exec: &ExecStart) -> Check {
-    const ID: &str = "soci.digest";
     let record = match &node.record {
         Ok(Some(r)) => r,
-        Ok(None) => return Check::skip(ID, "no install record: nothing to compare the binary with"),
-        Err(_) => return Check::skip(ID, "the install record is unreadable (see agent.record)"),
+        Ok(None) => return Check::skip(DIGEST_ID, "no install record: nothing to compare the binary with"),
+        Err(_) => return Check::skip(DIGEST_ID, "the install record is unreadable (see agent.record)"),
     };
     let bin = exec.binary();
     let resolved = node.resolve(bin);
-    let reinstall = "re-run soci-agent install (something replaced the unit, its drop-in or the binary)";
     if node.resolve(&record.daemon_binary) != resolved {
         return Check::fail(
-            ID,
+            DIGEST_ID,
             format!(
                 "the unit runs {bin} ({}), the install record says {}",
                 exec.source, record.daemon_binary
             ),
-            reinstall,
+            REINSTALL,
         );
     }
-    if let Some(want) = &record.adopted_sha256 {
-        return match store::sha256_file(&node.host_path(&resolved)) {
-            Ok(got) if &got == want => Check::ok(ID, format!("{bin} sha256 {got}, as adopted (record.json)")),
-            Ok(got) => Check::fail(
-                ID,
-                format!("{bin} sha256 {got}, adopted as {want} (record.json)"),
-                "the adopted binary changed (an RPM update?): re-run soci-agent install --adopt to accept it, \
-                 or install a pinned release",
-            ),
-            Err(e) => Check::skip(ID, format!("{bin}: {e}")).advise("run doctor as root"),
-        };
+    match &record.adopted_sha256 {
+        Some(want) => adopted_digest(node, bin, &resolved, want),
+        None => store_digest(node, bin, &resolved),
     }
+}
+
+/// An adopted binary: its sha256 against the one recorded at adoption.
+fn adopted_digest(node: &Node, bin: &str, resolved: &str, want: &Sha256Hex) -> Check {
+    match store::sha256_file(&node.host_path(resolved)) {
+        Ok(got) if &got == want => Check::ok(DIGEST_ID, format!("{bin} sha256 {got}, as adopted (record.json)")),
+        Ok(got) => Check::fail(
+            DIGEST_ID,
+            format!("{bin} sha256 {got}, adopted as {want} (record.json)"),
+            "the adopted binary changed (an RPM update?): re-run soci-agent install --adopt to accept it, \
+             or install a pinned release",
+        ),
+        Err(e) => Check::skip(DIGEST_ID, format!("{bin}: {e}")).advise("run doctor as root"),
+    }
+}
+
+/// A binary from soci-agent's store: every file of its entry against the entry's manifest.
+fn store_digest(node: &Node, bin: &str, resolved: &str) -> Check {
     let Some((entry, m)) = super::checks_host::store_manifest(node, bin) else {
         return Check::fail(
-            ID,
+            DIGEST_ID,
             format!("{bin} -> {resolved} is not in soci-agent's store ({})", STORE_DIR),
-            reinstall,
+            REINSTALL,
         );
     };
     let Ok(version) = m.version.parse::<Version>() else {
         return Check::fail(
-            ID,
+            DIGEST_ID,
             format!("{entry}/{}: bad version {:?}", store::MANIFEST, m.version),
-            reinstall,
+            REINSTALL,
         );
     };
     let spec = ReleaseSpec {
@@ -180,7 +199,7 @@ fn digest(node: &Node, exec: &ExecStart) -> Check {
     };
     match store::inspect(&node.root, &spec, Some(&m.archive_sha256)) {
         EntryState::Valid(m) => Check::ok(
-            ID,
+            DIGEST_ID,
             format!(
                 "{bin} -> {entry}: every file matches {} (SOCI {} {}, archive sha256 {}, verified against {})",
                 store::MANIFEST,
@@ -190,8 +209,8 @@ fn digest(node: &Node, exec: &ExecStart) -> Check {
                 m.verified_against
             ),
         ),
-        EntryState::Missing => Check::fail(ID, format!("store entry {entry} is missing"), reinstall),
-        EntryState::Stale(why) => Check::fail(ID, format!("{entry}: {why}"), reinstall),
+        EntryState::Missing => Check::fail(DIGEST_ID, format!("store entry {entry} is missing"), REINSTALL),
+        EntryState::Stale(why) => Check::fail(DIGEST_ID, format!("{entry}: {why}"), REINSTALL),
     }
 }
 

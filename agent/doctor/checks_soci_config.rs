@@ -29,56 +29,27 @@ pub fn keychain(doc: &DocumentMut) -> bool {
         .unwrap_or(false)
 }
 
+const PARSE_ID: &str = "soci-config.parse";
+
+/// The checks after `soci-config.parse`, skipped when the config cannot be read.
+const AFTER_PARSE: [&str; 6] = [
+    "soci-config.parallel",
+    "soci-config.keys",
+    "soci-config.limits",
+    "soci-config.chunk-size",
+    "soci-config.decompressor",
+    "soci-config.content-store",
+];
+
+/// `soci-config.parse`, then the checks of the parsed config (all skipped when it cannot be read).
 pub fn config_checks(node: &Node) -> Vec<Check> {
     let path = &node.soci_config_path.value;
-    let shown = format!("{path} ({})", node.soci_config_path.source);
-    let ids = [
-        "soci-config.parallel",
-        "soci-config.keys",
-        "soci-config.limits",
-        "soci-config.chunk-size",
-        "soci-config.decompressor",
-        "soci-config.content-store",
-    ];
-    let rest_skip = |why: &str| {
-        ids.iter()
-            .map(|id| Check::skip(id, why.to_string()))
-            .collect::<Vec<_>>()
-    };
-    let text = match &node.soci_config {
-        Text::Found(t) => t,
-        Text::Missing => {
-            let mut out = vec![Check::fail(
-                "soci-config.parse",
-                format!(
-                    "{shown} does not exist: SOCI 0.10/0.11.0 refuse to start, later ones run without parallel mode"
-                ),
-                "run soci-agent install (it writes the config with parallel mode on)",
-            )];
-            out.extend(rest_skip("no config file (see soci-config.parse)"));
-            return out;
-        }
-        Text::Unreadable(e) => {
-            let mut out = vec![Check::skip("soci-config.parse", format!("{shown}: {e}")).advise("run doctor as root")];
-            out.extend(rest_skip("config unreadable (see soci-config.parse)"));
-            return out;
-        }
-    };
-    let doc: DocumentMut = match text.parse() {
-        Ok(d) => d,
-        Err(e) => {
-            let msg = e.to_string().lines().next().unwrap_or_default().to_string();
-            let mut out = vec![Check::fail(
-                "soci-config.parse",
-                format!("{shown}: not valid TOML: {msg}"),
-                "the daemon refuses to start on it: fix the file or re-run soci-agent install",
-            )];
-            out.extend(rest_skip("config does not parse (see soci-config.parse)"));
-            return out;
-        }
+    let (text, doc) = match parsed_config(node) {
+        Ok(parsed) => parsed,
+        Err(stopped) => return stopped,
     };
     vec![
-        Check::ok("soci-config.parse", format!("{shown} parses")),
+        Check::ok(PARSE_ID, format!("{} parses", shown_path(node))),
         parallel(&doc, path),
         keys(text, path, daemon_version(node)),
         limits(&doc, path),
@@ -86,6 +57,56 @@ pub fn config_checks(node: &Node) -> Vec<Check> {
         decompressor(node, &doc, path),
         content_store(&doc, path),
     ]
+}
+
+/// The config path and where doctor took it from.
+fn shown_path(node: &Node) -> String {
+    format!("{} ({})", node.soci_config_path.value, node.soci_config_path.source)
+}
+
+/// `soci-config.parse` saying why the config cannot be checked, then the rest skipped with `why`.
+fn unusable(parse: Check, why: &str) -> Vec<Check> {
+    let mut out = vec![parse];
+    out.extend(AFTER_PARSE.iter().map(|id| Check::skip(id, why.to_string())));
+    out
+}
+
+/// The config's text and document, or the checks for a missing, unreadable or invalid file.
+fn parsed_config(node: &Node) -> Result<(&str, DocumentMut), Vec<Check>> {
+    let shown = shown_path(node);
+    let text = match &node.soci_config {
+        Text::Found(t) => t,
+        Text::Missing => {
+            return Err(unusable(
+                Check::fail(
+                    PARSE_ID,
+                    format!(
+                        "{shown} does not exist: SOCI 0.10/0.11.0 refuse to start, later ones run without parallel mode"
+                    ),
+                    "run soci-agent install (it writes the config with parallel mode on)",
+                ),
+                "no config file (see soci-config.parse)",
+            ));
+        }
+        Text::Unreadable(e) => {
+            return Err(unusable(
+                Check::skip(PARSE_ID, format!("{shown}: {e}")).advise("run doctor as root"),
+                "config unreadable (see soci-config.parse)",
+            ));
+        }
+    };
+    let doc = text.parse::<DocumentMut>().map_err(|e| {
+        let msg = e.to_string().lines().next().unwrap_or_default().to_string();
+        unusable(
+            Check::fail(
+                PARSE_ID,
+                format!("{shown}: not valid TOML: {msg}"),
+                "the daemon refuses to start on it: fix the file or re-run soci-agent install",
+            ),
+            "config does not parse (see soci-config.parse)",
+        )
+    })?;
+    Ok((text, doc))
 }
 
 /// The value the daemon ends up with (case-insensitive field names, the
@@ -277,81 +298,106 @@ fn decompress_streams(doc: &DocumentMut) -> Vec<(String, &Item)> {
     out
 }
 
+const DECOMPRESSOR_ID: &str = "soci-config.decompressor";
+
+/// `soci-config.decompressor`: every `decompress_streams` entry is usable, and unpigz is used when present.
 fn decompressor(node: &Node, doc: &DocumentMut, path: &str) -> Check {
-    const ID: &str = "soci-config.decompressor";
     let mut found = Vec::new();
     let mut concerns = Vec::new();
     // The daemon validates every entry's path at start, whatever its name.
     for (kind, t) in decompress_streams(doc) {
-        let table = format!("{PARALLEL}.decompress_streams.{kind}");
-        let Some(p) = soci_config::lookup(t, "path").and_then(Item::as_str) else {
-            return Check::fail(
-                ID,
-                format!("[{table}] has no path ({path})"),
-                "the daemon refuses to start: set path to an absolute executable",
-            );
-        };
-        if let Err(e) = soci_config::check_decompressor_chars(p) {
-            return Check::fail(ID, format!("[{table}] path = {p:?} ({path})"), e.to_string());
+        match decompress_entry(node, &kind, t, path, &mut concerns) {
+            Ok(shown) => found.push(shown),
+            Err(check) => return check,
         }
-        // A relative path works against the daemon's working directory (/ under systemd).
-        let absolute = if p.starts_with('/') {
-            p.to_string()
-        } else {
-            concerns.push(format!(
-                "[{table}] path = {p:?} is relative: the daemon resolves it against its working directory (/ under systemd)"
-            ));
-            format!("/{p}")
-        };
-        let resolved = node.resolve(&absolute);
-        match std::fs::metadata(node.host_path(&resolved)) {
-            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {}
-            Ok(_) => {
-                return Check::fail(
-                    ID,
-                    format!("[{table}] path = {p:?} ({path}) is not an executable file"),
-                    "the daemon refuses to start: fix the path, or install pigz",
-                );
-            }
-            Err(e) => {
-                return Check::fail(
-                    ID,
-                    format!("[{table}] path = {p:?} ({path}): {e}"),
-                    "the daemon refuses to start: install pigz (unpigz) or remove the table",
-                );
-            }
-        }
-        if !matches!(kind.as_str(), "gzip" | "zstd") {
-            concerns.push(format!(
-                "[{table}] is not used: the daemon only uses \"gzip\" and \"zstd\" (exact case) and logs a warning"
-            ));
-        }
-        let args = soci_config::lookup(t, "args")
-            .and_then(Item::as_array)
-            .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(" "))
-            .unwrap_or_default();
-        found.push(format!("{kind}: {p} {args}").trim_end().to_string());
     }
     if !concerns.is_empty() {
         return Check::warn(
-            ID,
+            DECOMPRESSOR_ID,
             format!("{} ({path}): {}", found.join("; "), concerns.join("; ")),
             "use an absolute path and the name gzip or zstd (soci-agent install writes [..decompress_streams.gzip] with /usr/bin/unpigz)",
         );
     }
     if !found.is_empty() {
-        return Check::ok(ID, format!("{} ({path})", found.join("; ")));
+        return Check::ok(DECOMPRESSOR_ID, format!("{} ({path})", found.join("; ")));
     }
+    no_decompress_streams(node, path)
+}
+
+/// One `decompress_streams` entry shown as `kind: path args`, noting what the daemon
+/// ignores or resolves oddly in `concerns`; `Err` when the daemon refuses to start on it.
+fn decompress_entry(
+    node: &Node,
+    kind: &str,
+    t: &Item,
+    path: &str,
+    concerns: &mut Vec<String>,
+) -> Result<String, Check> {
+    let table = format!("{PARALLEL}.decompress_streams.{kind}");
+    let Some(p) = soci_config::lookup(t, "path").and_then(Item::as_str) else {
+        return Err(Check::fail(
+            DECOMPRESSOR_ID,
+            format!("[{table}] has no path ({path})"),
+            "the daemon refuses to start: set path to an absolute executable",
+        ));
+    };
+    // A relative path works against the daemon's working directory (/ under systemd).
+    if !p.starts_with('/') {
+        concerns.push(format!(
+            "[{table}] path = {p:?} is relative: the daemon resolves it against its working directory (/ under systemd)"
+        ));
+    }
+    require_executable(node, p, &format!("[{table}] path = {p:?} ({path})"))?;
+    if !matches!(kind, "gzip" | "zstd") {
+        concerns.push(format!(
+            "[{table}] is not used: the daemon only uses \"gzip\" and \"zstd\" (exact case) and logs a warning"
+        ));
+    }
+    let args = soci_config::lookup(t, "args")
+        .and_then(Item::as_array)
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    Ok(format!("{kind}: {p} {args}").trim_end().to_string())
+}
+
+/// Fails unless the decompressor path `p` (shown as `setting`) has only characters the
+/// daemon accepts and, taken from `/`, names an executable file.
+fn require_executable(node: &Node, p: &str, setting: &str) -> Result<(), Check> {
+    if let Err(e) = soci_config::check_decompressor_chars(p) {
+        return Err(Check::fail(DECOMPRESSOR_ID, setting.to_string(), e.to_string()));
+    }
+    let absolute = if p.starts_with('/') {
+        p.to_string()
+    } else {
+        format!("/{p}")
+    };
+    match std::fs::metadata(node.host_path(&node.resolve(&absolute))) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+        Ok(_) => Err(Check::fail(
+            DECOMPRESSOR_ID,
+            format!("{setting} is not an executable file"),
+            "the daemon refuses to start: fix the path, or install pigz",
+        )),
+        Err(e) => Err(Check::fail(
+            DECOMPRESSOR_ID,
+            format!("{setting}: {e}"),
+            "the daemon refuses to start: install pigz (unpigz) or remove the table",
+        )),
+    }
+}
+
+/// No `decompress_streams` at all: Go's gzip unpacks layers, whether or not unpigz is there.
+fn no_decompress_streams(node: &Node, path: &str) -> Check {
     let unpigz = UNPIGZ;
     if node.host_path(unpigz).is_file() {
         Check::warn(
-            ID,
+            DECOMPRESSOR_ID,
             format!("no decompress_streams in {path}, though {unpigz} exists"),
             "re-run soci-agent install to use unpigz (multi-threaded gzip) for layer unpacks",
         )
     } else {
         Check::warn(
-            ID,
+            DECOMPRESSOR_ID,
             format!("no decompress_streams in {path} and no {unpigz}: Go's single-threaded gzip unpacks layers"),
             "install pigz and re-run soci-agent install",
         )

@@ -64,87 +64,101 @@ fn enabled(st: &UnitState) -> bool {
     )
 }
 
+const SERVICE_ID: &str = "systemd.soci-service";
+
+/// `systemd.soci-service`: the SOCI service runs or will be started, over D-Bus when it answers.
 fn service(node: &Node) -> Check {
-    const ID: &str = "systemd.soci-service";
+    match node.bus.unit(SOCI_SERVICE) {
+        Some(st) => service_on_bus(node, st),
+        None => service_in_files(node),
+    }
+}
+
+/// The SOCI service as systemd reports it over D-Bus.
+fn service_on_bus(node: &Node, st: &UnitState) -> Check {
+    const ID: &str = SERVICE_ID;
     let journal = format!("see journalctl -u {SOCI_SERVICE}");
     let containerd_active = node.bus.unit(CONTAINERD_SERVICE).is_some_and(UnitState::is_active);
-    if let Some(st) = node.bus.unit(SOCI_SERVICE) {
-        let evidence = format!("{SOCI_SERVICE}: {} (D-Bus)", state_shown(st));
-        return match (st.load_state.as_str(), st.active_state.as_str()) {
-            ("not-found", _) => Check::fail(ID, evidence, "run soci-agent install"),
-            ("masked", _) => Check::fail(ID, evidence, format!("systemctl unmask {SOCI_SERVICE}")),
-            _ if st.need_daemon_reload => Check::warn(
-                ID,
-                evidence,
-                "unit files changed since systemd read them: systemctl daemon-reload",
-            ),
-            (_, "failed") => Check::fail(ID, evidence, journal),
-            _ if st.sub_state == "auto-restart" => Check::fail(
-                ID,
-                format!("{evidence}: it keeps exiting and systemd keeps restarting it"),
-                journal,
-            ),
-            (_, "active") if st.n_restarts > 0 => Check::warn(
-                ID,
-                format!("{evidence}: running, after exiting {} time(s)", st.n_restarts),
-                format!("{journal} (CRI keychain credentials are lost at every restart)"),
-            ),
-            (_, "active" | "reloading" | "activating") => Check::ok(ID, evidence),
-            _ if containerd_active => Check::fail(
-                ID,
-                format!("{evidence}, while containerd is active"),
-                format!("containerd runs without its snapshotter: systemctl start {SOCI_SERVICE}; {journal}"),
-            ),
-            _ if enabled(st) || node.bus.unit(SOCI_SOCKET_UNIT).is_some_and(enabled) => {
-                Check::ok(ID, format!("{evidence}; containerd's Requires= starts it"))
-            }
-            _ => Check::warn(
-                ID,
-                evidence,
-                format!("systemctl enable {SOCI_SERVICE} {SOCI_SOCKET_UNIT}"),
-            ),
-        };
+    let evidence = format!("{SOCI_SERVICE}: {} (D-Bus)", state_shown(st));
+    match (st.load_state.as_str(), st.active_state.as_str()) {
+        ("not-found", _) => Check::fail(ID, evidence, "run soci-agent install"),
+        ("masked", _) => Check::fail(ID, evidence, format!("systemctl unmask {SOCI_SERVICE}")),
+        _ if st.need_daemon_reload => Check::warn(
+            ID,
+            evidence,
+            "unit files changed since systemd read them: systemctl daemon-reload",
+        ),
+        (_, "failed") => Check::fail(ID, evidence, journal),
+        _ if st.sub_state == "auto-restart" => Check::fail(
+            ID,
+            format!("{evidence}: it keeps exiting and systemd keeps restarting it"),
+            journal,
+        ),
+        (_, "active") if st.n_restarts > 0 => Check::warn(
+            ID,
+            format!("{evidence}: running, after exiting {} time(s)", st.n_restarts),
+            format!("{journal} (CRI keychain credentials are lost at every restart)"),
+        ),
+        (_, "active" | "reloading" | "activating") => Check::ok(ID, evidence),
+        _ if containerd_active => Check::fail(
+            ID,
+            format!("{evidence}, while containerd is active"),
+            format!("containerd runs without its snapshotter: systemctl start {SOCI_SERVICE}; {journal}"),
+        ),
+        _ if enabled(st) || node.bus.unit(SOCI_SOCKET_UNIT).is_some_and(enabled) => {
+            Check::ok(ID, format!("{evidence}; containerd's Requires= starts it"))
+        }
+        _ => Check::warn(
+            ID,
+            evidence,
+            format!("systemctl enable {SOCI_SERVICE} {SOCI_SOCKET_UNIT}"),
+        ),
     }
+}
+
+/// The SOCI service from its unit files and enablement links (no D-Bus answer).
+fn service_in_files(node: &Node) -> Check {
     if !node.soci_unit.exists() {
         return Check::fail(
-            ID,
+            SERVICE_ID,
             format!("no {SOCI_SERVICE} unit file (see soci.binary)"),
             "run soci-agent install",
         );
     }
     let links = enablement_links(&node.root, SOCI_SERVICE);
-    let socket_links = enablement_links(&node.root, SOCI_SOCKET_UNIT);
     let evidence = format!("{SOCI_SERVICE}: {} (unit files)", links_shown(&links));
     if !links.is_empty() {
-        return Check::ok(ID, evidence);
+        return Check::ok(SERVICE_ID, evidence);
     }
-    if !socket_links.is_empty() {
+    if !enablement_links(&node.root, SOCI_SOCKET_UNIT).is_empty() {
         return Check::ok(
-            ID,
+            SERVICE_ID,
             format!("{evidence}; {SOCI_SOCKET_UNIT} is enabled and containerd's Requires= starts it"),
         );
     }
     Check::warn(
-        ID,
+        SERVICE_ID,
         format!("{evidence}: neither it nor {SOCI_SOCKET_UNIT} is enabled"),
         format!("systemctl enable {SOCI_SERVICE} {SOCI_SOCKET_UNIT} (install --no-start leaves them disabled)"),
     )
 }
 
+const SOCKET_ID: &str = "systemd.soci-socket";
+
+/// `systemd.soci-socket`: the SOCI socket unit, when ExecStart needs one, is enabled or listening.
 fn socket(node: &Node) -> Check {
-    const ID: &str = "systemd.soci-socket";
     let fd = node.exec.as_ref().and_then(|e| e.flag("--address")) == Some("fd://");
     let unit = &node.soci_socket_unit;
     if !unit.exists() {
         if fd {
             return Check::warn(
-                ID,
+                SOCKET_ID,
                 format!("ExecStart uses --address fd:// but there is no {SOCI_SOCKET_UNIT}"),
                 "the daemon falls back to its default socket and is not socket-activated: re-run soci-agent install",
             );
         }
         return Check::skip(
-            ID,
+            SOCKET_ID,
             format!("no {SOCI_SOCKET_UNIT}, and ExecStart does not use fd:// (none needed)"),
         );
     }
@@ -154,18 +168,32 @@ fn socket(node: &Node) -> Check {
         .map(|(_, v)| v)
         .collect::<Vec<_>>()
         .join(" ");
-    if let Some(st) = node.bus.unit(SOCI_SOCKET_UNIT) {
-        let evidence = format!(
-            "{SOCI_SOCKET_UNIT} (ListenStream={listen}): {} (D-Bus)",
-            state_shown(st)
-        );
-        return match st.active_state.as_str() {
-            "active" => Check::ok(ID, evidence),
-            "failed" => Check::fail(ID, evidence, format!("see journalctl -u {SOCI_SOCKET_UNIT}")),
-            _ if enabled(st) => Check::ok(ID, evidence),
-            _ => Check::warn(ID, evidence, format!("systemctl enable --now {SOCI_SOCKET_UNIT}")),
-        };
+    match node.bus.unit(SOCI_SOCKET_UNIT) {
+        Some(st) => socket_on_bus(st, &listen),
+        None => socket_in_files(node, &listen),
     }
+}
+
+/// The SOCI socket unit (listening on `listen`) as systemd reports it over D-Bus.
+fn socket_on_bus(st: &UnitState, listen: &str) -> Check {
+    let evidence = format!(
+        "{SOCI_SOCKET_UNIT} (ListenStream={listen}): {} (D-Bus)",
+        state_shown(st)
+    );
+    match st.active_state.as_str() {
+        "active" => Check::ok(SOCKET_ID, evidence),
+        "failed" => Check::fail(SOCKET_ID, evidence, format!("see journalctl -u {SOCI_SOCKET_UNIT}")),
+        _ if enabled(st) => Check::ok(SOCKET_ID, evidence),
+        _ => Check::warn(
+            SOCKET_ID,
+            evidence,
+            format!("systemctl enable --now {SOCI_SOCKET_UNIT}"),
+        ),
+    }
+}
+
+/// The SOCI socket unit (listening on `listen`) from its enablement links (no D-Bus answer).
+fn socket_in_files(node: &Node, listen: &str) -> Check {
     let links = enablement_links(&node.root, SOCI_SOCKET_UNIT);
     let evidence = format!(
         "{SOCI_SOCKET_UNIT} (ListenStream={listen}): {} (unit files)",
@@ -173,12 +201,12 @@ fn socket(node: &Node) -> Check {
     );
     if links.is_empty() {
         return Check::warn(
-            ID,
+            SOCKET_ID,
             evidence,
             format!("systemctl enable {SOCI_SOCKET_UNIT} (install --no-start leaves it disabled)"),
         );
     }
-    Check::ok(ID, evidence)
+    Check::ok(SOCKET_ID, evidence)
 }
 
 /// Files of `unit` listing `wanted` under `[Unit] key`.
@@ -232,10 +260,12 @@ fn containerd_dropin(node: &Node) -> Check {
     }
 }
 
+const BOOT_UNIT_ID: &str = "systemd.boot-unit";
+
+/// `systemd.boot-unit`: the boot unit exists, runs an existing binary, and something starts it.
 fn boot_unit(node: &Node) -> Check {
-    const ID: &str = "systemd.boot-unit";
+    const ID: &str = BOOT_UNIT_ID;
     let unit = UnitFiles::load(&node.root, BOOT_SERVICE);
-    let pause = node.root.exists(PAUSE_ARCHIVE);
     if !unit.exists() {
         if !node.agent_installed() {
             return Check::skip(ID, format!("no {BOOT_SERVICE}: soci-agent has not installed here"));
@@ -255,13 +285,21 @@ fn boot_unit(node: &Node) -> Check {
             "re-run soci-agent install (it copies itself there)",
         );
     }
+    let how = boot_unit_started_by(node);
+    if !how.is_empty() {
+        return Check::ok(ID, format!("{BOOT_SERVICE}: {}", how.join("; ")));
+    }
+    boot_unit_idle(node)
+}
+
+/// What starts the boot unit: its enablement (D-Bus, else links) and kubelet's Wants=/Requires=.
+fn boot_unit_started_by(node: &Node) -> Vec<String> {
     let kubelet = UnitFiles::load(&node.root, KUBELET_SERVICE);
     let mut wanted = listed_in(&kubelet, "Wants", BOOT_SERVICE);
     wanted.extend(listed_in(&kubelet, "Requires", BOOT_SERVICE));
     let links = enablement_links(&node.root, BOOT_SERVICE);
-    let bus_enabled = node.bus.unit(BOOT_SERVICE).filter(|st| enabled(st));
     let mut how = Vec::new();
-    if let Some(st) = bus_enabled {
+    if let Some(st) = node.bus.unit(BOOT_SERVICE).filter(|st| enabled(st)) {
         how.push(format!("UnitFileState={} (D-Bus)", st.unit_file_state));
     } else if !links.is_empty() {
         how.push(format!("enabled ({})", links.join(", ")));
@@ -269,13 +307,15 @@ fn boot_unit(node: &Node) -> Check {
     if let Some(w) = wanted.first() {
         how.push(format!("wanted by {KUBELET_SERVICE} ({w})"));
     }
-    if !how.is_empty() {
-        return Check::ok(ID, format!("{BOOT_SERVICE}: {}", how.join("; ")));
-    }
+    how
+}
+
+/// Nothing starts the boot unit: a failure when there is a pause image to import, else a warning.
+fn boot_unit_idle(node: &Node) -> Check {
     let evidence = format!("{BOOT_SERVICE} exists but is neither enabled nor wanted by {KUBELET_SERVICE}");
-    if pause {
+    if node.root.exists(PAUSE_ARCHIVE) {
         return Check::fail(
-            ID,
+            BOOT_UNIT_ID,
             format!("{evidence}, and {} exists", PAUSE_ARCHIVE),
             format!(
                 "the pause image is never imported into soci, so nodes stay NotReady: systemctl enable {BOOT_SERVICE}"
@@ -283,7 +323,7 @@ fn boot_unit(node: &Node) -> Check {
         );
     }
     Check::warn(
-        ID,
+        BOOT_UNIT_ID,
         evidence,
         format!("systemctl enable {BOOT_SERVICE} (install --no-start leaves it disabled)"),
     )

@@ -14,8 +14,9 @@ use std::time::{Duration, SystemTime};
 
 use super::DoctorContext;
 use super::unitfile::{ExecStart, UnitFiles};
+use crate::files::containerd_config::{Daemon, SociWiring};
 use crate::files::units;
-use crate::host::HostFacts;
+use crate::host::{ContainerdVersion, HostFacts};
 use crate::install::record::Record;
 use crate::rootfs::Root;
 use crate::systemd::{Systemd, UnitState};
@@ -105,24 +106,8 @@ impl Node {
         let soci_unit = UnitFiles::load(&root, SOCI_SERVICE);
         let soci_socket_unit = UnitFiles::load(&root, SOCI_SOCKET_UNIT);
         let exec = soci_unit.exec_start();
-        let from_exec = |flag: &str| {
-            let e = exec.as_ref()?;
-            e.flag(flag).map(|v| Sourced {
-                value: v.to_string(),
-                source: format!("{flag} in ExecStart of {}", e.source),
-            })
-        };
-        let soci_root = match &ctx.soci_root {
-            Some(r) => Sourced {
-                value: r.clone(),
-                source: "--soci-root".into(),
-            },
-            None => from_exec("--root").unwrap_or_else(|| Sourced {
-                value: SOCI_ROOT.into(),
-                source: "the daemon's default --root".into(),
-            }),
-        };
-        let soci_config_path = from_exec("--config").unwrap_or_else(|| Sourced {
+        let soci_root = soci_root_of(ctx, exec.as_ref());
+        let soci_config_path = exec_flag(exec.as_ref(), "--config").unwrap_or_else(|| Sourced {
             value: SOCI_CONFIG.into(),
             source: "the daemon's default --config".into(),
         });
@@ -171,6 +156,22 @@ impl Node {
     pub fn host_path(&self, node_path: &str) -> PathBuf {
         self.root.path(node_path)
     }
+
+    /// The SOCI socket and root containerd must name, as doctor derived them.
+    pub fn soci_wiring(&self) -> SociWiring {
+        SociWiring {
+            address: self.soci_socket.value.clone(),
+            soci_root: self.soci_root.value.clone(),
+        }
+    }
+}
+
+/// The containerd that reads the config, as the config module names it.
+pub fn containerd_daemon(c: &ContainerdVersion) -> Daemon {
+    Daemon {
+        major: c.major,
+        minor: c.minor,
+    }
 }
 
 /// Follows a chain of symlinks at `node_path` within `root` (at most 40).
@@ -203,6 +204,29 @@ fn normalize(p: &Path) -> String {
         }
     }
     format!("/{}", parts.join("/"))
+}
+
+/// The SOCI root: `--soci-root`, else the ExecStart's `--root`, else the daemon's default.
+fn soci_root_of(ctx: &DoctorContext, exec: Option<&ExecStart>) -> Sourced {
+    match &ctx.soci_root {
+        Some(r) => Sourced {
+            value: r.clone(),
+            source: "--soci-root".into(),
+        },
+        None => exec_flag(exec, "--root").unwrap_or_else(|| Sourced {
+            value: SOCI_ROOT.into(),
+            source: "the daemon's default --root".into(),
+        }),
+    }
+}
+
+/// The value of `flag` in the service's ExecStart, with where it came from.
+fn exec_flag(exec: Option<&ExecStart>, flag: &str) -> Option<Sourced> {
+    let e = exec?;
+    e.flag(flag).map(|v| Sourced {
+        value: v.to_string(),
+        source: format!("{flag} in ExecStart of {}", e.source),
+    })
 }
 
 /// The socket the daemon serves: `--address PATH`, or with `fd://` the

@@ -5,11 +5,13 @@
 //! `containerd.io/gc.ref.snapshot.soci` label containerd puts on the config
 //! blob after unpacking into soci, confirmed by a `Snapshots.Stat`.
 
+use std::collections::HashMap;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use containerd_client::Client;
 use containerd_client::services::v1::snapshots::StatSnapshotRequest;
-use containerd_client::services::v1::{GetImageRequest, InfoRequest, ReadContentRequest};
+use containerd_client::services::v1::{GetImageRequest, Image, InfoRequest, ReadContentRequest};
 use serde_json::Value;
 
 const NAMESPACE: &str = "k8s.io";
@@ -26,44 +28,110 @@ pub enum PauseState {
     Absent { names: Vec<String> },
 }
 
+/// Why the pause image could not be looked up: the operation and what it was on.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    #[error("{}: {source}", path.display())]
+    OpenArchive { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    ReadArchive(#[source] std::io::Error),
+    #[error("{entry}: {source}")]
+    ReadEntry { entry: String, source: std::io::Error },
+    #[error("{entry}: {source}")]
+    ParseEntry { entry: String, source: serde_json::Error },
+    #[error("connect {}: {source}", socket.display())]
+    Connect {
+        socket: PathBuf,
+        source: tonic::transport::Error,
+    },
+    /// A containerd call (`Images.Get`, `Content.Read`, `Content.Info`) on `object` failed.
+    #[error("{call} {object}: {message}")]
+    Call {
+        call: &'static str,
+        object: String,
+        message: String,
+    },
+    #[error("Snapshots.Stat via soci: {message}")]
+    Stat { message: String },
+    #[error("{digest}: larger than 4 MiB, not a manifest")]
+    TooLarge { digest: String },
+    #[error("{digest}: {source}")]
+    NotJson { digest: String, source: serde_json::Error },
+    /// The image record or its manifests lack what the lookup needs (`problem`).
+    #[error("{image}: {problem}")]
+    Image { image: String, problem: &'static str },
+}
+
+impl PauseError {
+    /// `call` on `object` answered with `status`.
+    fn call(call: &'static str, object: &str, status: &tonic::Status) -> Self {
+        PauseError::Call {
+            call,
+            object: object.to_string(),
+            message: status.message().to_string(),
+        }
+    }
+}
+
 /// Image names recorded in an image archive (OCI layout or `docker save`).
-pub fn archive_names(path: &Path) -> Result<Vec<String>, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn archive_names(path: &Path) -> Result<Vec<String>, PauseError> {
+    let file = std::fs::File::open(path).map_err(|source| PauseError::OpenArchive {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut archive = tar::Archive::new(file);
     let mut names = Vec::new();
-    for entry in archive.entries().map_err(|e| e.to_string())? {
-        let entry = entry.map_err(|e| e.to_string())?;
-        let name = entry.path().map_err(|e| e.to_string())?.to_string_lossy().into_owned();
+    for entry in archive.entries().map_err(PauseError::ReadArchive)? {
+        let entry = entry.map_err(PauseError::ReadArchive)?;
+        let name = entry
+            .path()
+            .map_err(PauseError::ReadArchive)?
+            .to_string_lossy()
+            .into_owned();
         let name = name.trim_start_matches("./").to_string();
         if name != "index.json" && name != "manifest.json" {
             continue;
         }
         let mut text = String::new();
-        entry
-            .take(1 << 20)
-            .read_to_string(&mut text)
-            .map_err(|e| format!("{name}: {e}"))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| format!("{name}: {e}"))?;
+        if let Err(source) = entry.take(1 << 20).read_to_string(&mut text) {
+            return Err(PauseError::ReadEntry { entry: name, source });
+        }
+        let v: Value = serde_json::from_str(&text).map_err(|source| PauseError::ParseEntry {
+            entry: name.clone(),
+            source,
+        })?;
         if name == "index.json" {
-            for m in v["manifests"].as_array().into_iter().flatten() {
-                for key in ["io.containerd.image.name", "org.opencontainers.image.ref.name"] {
-                    if let Some(n) = m["annotations"][key].as_str().filter(|n| n.contains(['/', ':'])) {
-                        names.push(n.to_string());
-                    }
-                }
-            }
+            names.extend(index_names(&v));
         } else {
-            for m in v.as_array().into_iter().flatten() {
-                for tag in m["RepoTags"].as_array().into_iter().flatten() {
-                    if let Some(t) = tag.as_str() {
-                        names.push(normalize_docker(t));
-                    }
-                }
-            }
+            names.extend(docker_names(&v));
         }
     }
     names.dedup();
     Ok(names)
+}
+
+/// Image names an OCI `index.json` annotates its manifests with.
+fn index_names(index: &Value) -> Vec<String> {
+    let mut names = Vec::new();
+    for m in index["manifests"].as_array().into_iter().flatten() {
+        for key in ["io.containerd.image.name", "org.opencontainers.image.ref.name"] {
+            if let Some(n) = m["annotations"][key].as_str().filter(|n| n.contains(['/', ':'])) {
+                names.push(n.to_string());
+            }
+        }
+    }
+    names
+}
+
+/// The RepoTags of a `docker save` `manifest.json`, named as containerd names them.
+fn docker_names(manifest: &Value) -> Vec<String> {
+    manifest
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|m| m["RepoTags"].as_array().into_iter().flatten())
+        .filter_map(|tag| tag.as_str().map(normalize_docker))
+        .collect()
 }
 
 /// `pause:3.9` -> `docker.io/library/pause:3.9`, as containerd names it.
@@ -78,6 +146,7 @@ fn normalize_docker(t: &str) -> String {
     }
 }
 
+/// `msg` as a request in containerd's `k8s.io` namespace.
 fn request<T>(msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     req.metadata_mut().insert(
@@ -87,37 +156,54 @@ fn request<T>(msg: T) -> tonic::Request<T> {
     req
 }
 
-async fn read_json(client: &containerd_client::Client, digest: &str) -> Result<Value, String> {
-    let mut stream = client
-        .content()
-        .read(request(ReadContentRequest {
-            digest: digest.to_string(),
-            offset: 0,
-            size: 0,
-        }))
-        .await
-        .map_err(|e| format!("Content.Read {digest}: {}", e.message()))?
-        .into_inner();
+/// A blob of containerd's content store parsed as JSON (at most 4 MiB).
+async fn read_json(client: &Client, digest: &str) -> Result<Value, PauseError> {
+    let read = ReadContentRequest {
+        digest: digest.to_string(),
+        offset: 0,
+        size: 0,
+    };
+    let failed = |s: tonic::Status| PauseError::call("Content.Read", digest, &s);
+    let mut stream = client.content().read(request(read)).await.map_err(failed)?.into_inner();
     let mut data = Vec::new();
-    while let Some(chunk) = stream
-        .message()
-        .await
-        .map_err(|e| format!("Content.Read {digest}: {}", e.message()))?
-    {
+    while let Some(chunk) = stream.message().await.map_err(failed)? {
         data.extend_from_slice(&chunk.data);
         if data.len() > 4 << 20 {
-            return Err(format!("{digest}: larger than 4 MiB, not a manifest"));
+            return Err(PauseError::TooLarge {
+                digest: digest.to_string(),
+            });
         }
     }
-    serde_json::from_slice(&data).map_err(|e| format!("{digest}: {e}"))
+    serde_json::from_slice(&data).map_err(|source| PauseError::NotJson {
+        digest: digest.to_string(),
+        source,
+    })
 }
 
 /// Looks the pause image up in containerd.
-pub async fn state(socket: &Path, names: &[String], arch: &str) -> Result<PauseState, String> {
-    let client = containerd_client::Client::from_path(socket)
+pub async fn state(socket: &Path, names: &[String], arch: &str) -> Result<PauseState, PauseError> {
+    let client = Client::from_path(socket).await.map_err(|source| PauseError::Connect {
+        socket: socket.to_path_buf(),
+        source,
+    })?;
+    let Some(image) = find_image(&client, names).await? else {
+        return Ok(PauseState::Absent { names: names.to_vec() });
+    };
+    let config = config_digest(&client, &image, arch).await?;
+    let labels = client
+        .content()
+        .info(request(InfoRequest { digest: config.clone() }))
         .await
-        .map_err(|e| format!("connect {}: {e}", socket.display()))?;
-    let mut found = None;
+        .map_err(|s| PauseError::call("Content.Info", &config, &s))?
+        .into_inner()
+        .info
+        .unwrap_or_default()
+        .labels;
+    unpacked_state(&client, image.name, &labels).await
+}
+
+/// The first of `names` that is an image in containerd's `k8s.io` namespace.
+async fn find_image(client: &Client, names: &[String]) -> Result<Option<Image>, PauseError> {
     for name in names {
         match client
             .images()
@@ -126,72 +212,68 @@ pub async fn state(socket: &Path, names: &[String], arch: &str) -> Result<PauseS
         {
             Ok(r) => {
                 if let Some(img) = r.into_inner().image {
-                    found = Some(img);
-                    break;
+                    return Ok(Some(img));
                 }
             }
             Err(s) if s.code() == tonic::Code::NotFound => {}
-            Err(s) => return Err(format!("Images.Get {name}: {}", s.message())),
+            Err(s) => return Err(PauseError::call("Images.Get", name, &s)),
         }
     }
-    let Some(image) = found else {
-        return Ok(PauseState::Absent { names: names.to_vec() });
+    Ok(None)
+}
+
+/// The digest of the image's config blob, through an index to this platform's manifest.
+async fn config_digest(client: &Client, image: &Image, arch: &str) -> Result<String, PauseError> {
+    let problem = |problem| PauseError::Image {
+        image: image.name.clone(),
+        problem,
     };
-    let target = image
-        .target
-        .ok_or_else(|| format!("{}: image has no target", image.name))?;
-    let mut doc = read_json(&client, &target.digest).await?;
+    let target = image.target.as_ref().ok_or_else(|| problem("image has no target"))?;
+    let mut doc = read_json(client, &target.digest).await?;
     if let Some(list) = doc["manifests"].as_array() {
         let pick = list
             .iter()
             .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == arch)
             .or_else(|| list.first())
             .and_then(|m| m["digest"].as_str())
-            .ok_or_else(|| format!("{}: empty index", image.name))?
+            .ok_or_else(|| problem("empty index"))?
             .to_string();
-        doc = read_json(&client, &pick).await?;
+        doc = read_json(client, &pick).await?;
     }
-    let config = doc["config"]["digest"]
+    Ok(doc["config"]["digest"]
         .as_str()
-        .ok_or_else(|| format!("{}: manifest has no config", image.name))?
-        .to_string();
-    let info = client
-        .content()
-        .info(request(InfoRequest { digest: config.clone() }))
-        .await
-        .map_err(|e| format!("Content.Info {config}: {}", e.message()))?
-        .into_inner()
-        .info
-        .unwrap_or_default();
-    let mut snapshotters: Vec<String> = info
-        .labels
+        .ok_or_else(|| problem("manifest has no config"))?
+        .to_string())
+}
+
+/// Where the image `name` is unpacked, from its config blob's snapshot `labels`; a soci
+/// snapshot is confirmed with a `Snapshots.Stat`.
+async fn unpacked_state(
+    client: &Client,
+    name: String,
+    labels: &HashMap<String, String>,
+) -> Result<PauseState, PauseError> {
+    let mut snapshotters: Vec<String> = labels
         .keys()
         .filter_map(|k| k.strip_prefix(SNAPSHOT_LABEL).map(str::to_string))
         .collect();
     snapshotters.sort();
-    let Some(chain_id) = info.labels.get(&format!("{SNAPSHOT_LABEL}soci")).cloned() else {
-        return Ok(PauseState::Elsewhere {
-            name: image.name,
-            snapshotters,
-        });
+    let Some(chain_id) = labels.get(&format!("{SNAPSHOT_LABEL}soci")).cloned() else {
+        return Ok(PauseState::Elsewhere { name, snapshotters });
     };
-    let stat = client
-        .snapshots()
-        .stat(request(StatSnapshotRequest {
-            snapshotter: "soci".into(),
-            key: chain_id.clone(),
-        }))
-        .await;
-    match stat {
-        Ok(_) => Ok(PauseState::InSoci {
-            name: image.name,
-            chain_id,
-        }),
+    let stat = StatSnapshotRequest {
+        snapshotter: "soci".into(),
+        key: chain_id.clone(),
+    };
+    match client.snapshots().stat(request(stat)).await {
+        Ok(_) => Ok(PauseState::InSoci { name, chain_id }),
         Err(s) if s.code() == tonic::Code::NotFound => Ok(PauseState::Elsewhere {
-            name: image.name,
+            name,
             snapshotters: snapshotters.into_iter().filter(|s| s != "soci").collect(),
         }),
-        Err(s) => Err(format!("Snapshots.Stat via soci: {}", s.message())),
+        Err(s) => Err(PauseError::Stat {
+            message: s.message().to_string(),
+        }),
     }
 }
 

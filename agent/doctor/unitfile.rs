@@ -64,6 +64,32 @@ impl ExecStart {
     }
 }
 
+/// `name.d/*.conf` as (path, text), sorted by file name; the first directory to hold a
+/// name wins. Files that cannot be read go to `unreadable`.
+fn load_dropins(root: &Root, name: &str, unreadable: &mut Vec<String>) -> Vec<(String, String)> {
+    let mut dropins: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for dir in SEARCH_PATH {
+        let d = format!("{dir}/{name}.d");
+        let Ok(entries) = std::fs::read_dir(root.path(&d)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let file = e.file_name().to_string_lossy().into_owned();
+            if !file.ends_with(".conf") || dropins.contains_key(&file) {
+                continue;
+            }
+            let path = format!("{d}/{file}");
+            match std::fs::read_to_string(e.path()) {
+                Ok(text) => {
+                    dropins.insert(file, (path, text));
+                }
+                Err(err) => unreadable.push(format!("{path}: {err}")),
+            }
+        }
+    }
+    dropins.into_values().collect()
+}
+
 impl UnitFiles {
     /// Loads `name` (e.g. `soci-snapshotter.service`) from under `root`.
     pub fn load(root: &Root, name: &str) -> Self {
@@ -71,45 +97,29 @@ impl UnitFiles {
             name: name.to_string(),
             ..UnitFiles::default()
         };
+        unit.load_fragment(root);
+        unit.dropins = load_dropins(root, name, &mut unit.unreadable);
+        unit
+    }
+
+    /// The unit file the first search directory holds (or that it is masked there).
+    fn load_fragment(&mut self, root: &Root) {
         for dir in SEARCH_PATH {
-            let path = format!("{dir}/{name}");
+            let path = format!("{dir}/{}", self.name);
             let host = root.path(&path);
             if std::fs::read_link(&host).is_ok_and(|t| t == std::path::Path::new("/dev/null")) {
-                unit.masked = true;
+                self.masked = true;
                 break;
             }
             match std::fs::read_to_string(&host) {
                 Ok(text) => {
-                    unit.fragment = Some((path, text));
+                    self.fragment = Some((path, text));
                     break;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => unit.unreadable.push(format!("{path}: {e}")),
+                Err(e) => self.unreadable.push(format!("{path}: {e}")),
             }
         }
-        // File name -> (path, text); the first directory to hold a name wins.
-        let mut dropins: BTreeMap<String, (String, String)> = BTreeMap::new();
-        for dir in SEARCH_PATH {
-            let d = format!("{dir}/{name}.d");
-            let Ok(entries) = std::fs::read_dir(root.path(&d)) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let file = e.file_name().to_string_lossy().into_owned();
-                if !file.ends_with(".conf") || dropins.contains_key(&file) {
-                    continue;
-                }
-                let path = format!("{d}/{file}");
-                match std::fs::read_to_string(e.path()) {
-                    Ok(text) => {
-                        dropins.insert(file, (path, text));
-                    }
-                    Err(err) => unit.unreadable.push(format!("{path}: {err}")),
-                }
-            }
-        }
-        unit.dropins = dropins.into_values().collect();
-        unit
     }
 
     pub fn exists(&self) -> bool {

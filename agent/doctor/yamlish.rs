@@ -25,32 +25,7 @@ pub fn values(text: &str) -> Vec<(Vec<String>, String)> {
         let mut path: Vec<String> = stack.iter().map(|(_, k)| k.clone()).collect();
         path.push(key.clone());
         if value.starts_with('|') || value.starts_with('>') {
-            let mut block = Vec::new();
-            let mut block_indent = None;
-            while i < lines.len() {
-                let l = lines[i];
-                let ind = l.len() - l.trim_start_matches(' ').len();
-                if !l.trim().is_empty() && ind <= indent {
-                    break;
-                }
-                if !l.trim().is_empty() && block_indent.is_none() {
-                    block_indent = Some(ind);
-                }
-                block.push(l);
-                i += 1;
-            }
-            let cut = block_indent.unwrap_or(0);
-            let mut s: String = block
-                .iter()
-                .map(|l| format!("{}\n", l.get(cut..).unwrap_or("")))
-                .collect();
-            while s.ends_with("\n\n") {
-                s.pop();
-            }
-            if value.contains('-') {
-                s = s.trim_end_matches('\n').to_string();
-            }
-            out.push((path, s));
+            out.push((path, block_scalar(&lines, &mut i, indent, &value)));
         } else if value.is_empty() {
             stack.push((indent, key));
         } else {
@@ -58,6 +33,37 @@ pub fn values(text: &str) -> Vec<(Vec<String>, String)> {
         }
     }
     out
+}
+
+/// The block scalar (`|` or `>` in `header`) starting at `lines[*i]`, under a key indented
+/// `indent`; advances `i` past it.
+fn block_scalar(lines: &[&str], i: &mut usize, indent: usize, header: &str) -> String {
+    let mut block = Vec::new();
+    let mut block_indent = None;
+    while *i < lines.len() {
+        let l = lines[*i];
+        let ind = l.len() - l.trim_start_matches(' ').len();
+        if !l.trim().is_empty() && ind <= indent {
+            break;
+        }
+        if !l.trim().is_empty() && block_indent.is_none() {
+            block_indent = Some(ind);
+        }
+        block.push(l);
+        *i += 1;
+    }
+    let cut = block_indent.unwrap_or(0);
+    let mut s: String = block
+        .iter()
+        .map(|l| format!("{}\n", l.get(cut..).unwrap_or("")))
+        .collect();
+    while s.ends_with("\n\n") {
+        s.pop();
+    }
+    if header.contains('-') {
+        s = s.trim_end_matches('\n').to_string();
+    }
+    s
 }
 
 /// The last value at exactly `path`.
