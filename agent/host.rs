@@ -156,81 +156,17 @@ fn meminfo_total() -> Option<u64> {
 /// from files; `--version` of a binary is asked only when `root` is this
 /// host, never of a mounted image's binaries.
 pub async fn detect(root: &Root) -> HostFacts {
-    let os_text = root
-        .read_string_opt("/etc/os-release")
-        .ok()
-        .flatten()
-        .or_else(|| root.read_string_opt("/usr/lib/os-release").ok().flatten())
-        .unwrap_or_default();
-
-    let mut containerd = root
-        .read_string_opt(CONTAINERD_VERSION_FILE)
-        .ok()
-        .flatten()
-        .and_then(|t| parse_containerd_version(&t, CONTAINERD_VERSION_FILE));
-    // Programs inside a --root that is not this host (a mounted image) are
-    // never run: they would run as root on the build host.
-    if containerd.is_none() && root.is_host() {
-        for bin in CONTAINERD_BINARIES {
-            let p = root.path(bin);
-            if p.is_file()
-                && let Some(out) = run_version(&p).await
-                && let Some(v) = parse_containerd_version(&out, &format!("{bin} --version"))
-            {
-                containerd = Some(v);
-                break;
-            }
-        }
-    }
-
-    let mut soci_installed = Vec::new();
-    for loc in SOCI_BINARY_LOCATIONS {
-        let p = root.path(loc);
-        let Ok(meta) = std::fs::symlink_metadata(&p) else {
-            continue;
-        };
-        let managed = meta.file_type().is_symlink() && std::fs::read_link(&p).is_ok_and(|t| t.starts_with(STORE_DIR));
-        // Follow an absolute link inside the root, never out of it.
-        let exe = match std::fs::read_link(&p) {
-            Ok(t) if t.is_absolute() => root.path(&t),
-            _ => p.clone(),
-        };
-        let version = if root.is_host() {
-            run_version(&exe).await.as_deref().and_then(parse_soci_version)
-        } else {
-            None
-        };
-        soci_installed.push(InstalledSoci {
-            path: loc.to_string(),
-            managed,
-            version,
-        });
-    }
-
-    let mut soci_unit = SociUnit::Absent;
-    for dir in UNIT_SEARCH_PATH {
-        let node_path = format!("{dir}/{}", SOCI_SERVICE);
-        if let Ok(Some(text)) = root.read_string_opt(&node_path) {
-            soci_unit = if crate::files::units::is_ours(&text) {
-                SociUnit::Ours(node_path)
-            } else {
-                SociUnit::Foreign(node_path)
-            };
-            break;
-        }
-    }
-
     HostFacts {
         machine: nix::sys::utsname::uname()
             .map(|u| u.machine().to_string_lossy().into_owned())
             .unwrap_or_default(),
-        os: OsRelease::parse(&os_text),
+        os: OsRelease::parse(&os_release_text(root)),
         nodeadm: root.exists(NODEADM_BIN) || root.exists(NODEADM_DROPIN_DIR),
-        nodeadm_dropin_dir: root.path(NODEADM_DROPIN_DIR).is_dir(),
-        containerd,
-        soci_installed,
-        soci_unit,
-        unpigz: root.path(UNPIGZ).is_file(),
+        nodeadm_dropin_dir: root.resolve(NODEADM_DROPIN_DIR).is_dir(),
+        containerd: containerd_version(root).await,
+        soci_installed: installed_soci(root).await,
+        soci_unit: soci_unit(root),
+        unpigz: root.resolve(UNPIGZ).is_file(),
         kubelet_config_layout: root.exists(KUBELET_CONFIG) || root.exists(KUBELET_DROPIN_DIR),
         kubelet_unit: UNIT_SEARCH_PATH
             .iter()
@@ -238,6 +174,81 @@ pub async fn detect(root: &Root) -> HostFacts {
         cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         memory_bytes: meminfo_total(),
     }
+}
+
+/// `/etc/os-release`, else `/usr/lib/os-release`, else empty.
+fn os_release_text(root: &Root) -> String {
+    root.read_string_opt("/etc/os-release")
+        .ok()
+        .flatten()
+        .or_else(|| root.read_string_opt("/usr/lib/os-release").ok().flatten())
+        .unwrap_or_default()
+}
+
+/// containerd's version from the EKS file, else (on this host only) from
+/// `containerd --version`: programs inside a --root that is not this host (a
+/// mounted image) are never run, they would run as root on the build host.
+async fn containerd_version(root: &Root) -> Option<ContainerdVersion> {
+    let from_file = root
+        .read_string_opt(CONTAINERD_VERSION_FILE)
+        .ok()
+        .flatten()
+        .and_then(|t| parse_containerd_version(&t, CONTAINERD_VERSION_FILE));
+    if from_file.is_some() || !root.is_host() {
+        return from_file;
+    }
+    for bin in CONTAINERD_BINARIES {
+        let p = root.resolve(bin);
+        if p.is_file()
+            && let Some(out) = run_version(&p).await
+            && let Some(v) = parse_containerd_version(&out, &format!("{bin} --version"))
+        {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Every `soci-snapshotter-grpc` at the known locations: whether it is our
+/// store's link, and its version (asked only on this host).
+async fn installed_soci(root: &Root) -> Vec<InstalledSoci> {
+    let mut found = Vec::new();
+    for loc in SOCI_BINARY_LOCATIONS {
+        let p = root.path(loc);
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        let managed = meta.file_type().is_symlink() && std::fs::read_link(&p).is_ok_and(|t| t.starts_with(STORE_DIR));
+        let version = if root.is_host() {
+            run_version(&root.resolve(loc))
+                .await
+                .as_deref()
+                .and_then(parse_soci_version)
+        } else {
+            None
+        };
+        found.push(InstalledSoci {
+            path: loc.to_string(),
+            managed,
+            version,
+        });
+    }
+    found
+}
+
+/// The first `soci-snapshotter.service` on systemd's search path: ours or foreign.
+fn soci_unit(root: &Root) -> SociUnit {
+    for dir in UNIT_SEARCH_PATH {
+        let node_path = format!("{dir}/{}", SOCI_SERVICE);
+        if let Ok(Some(text)) = root.read_string_opt(&node_path) {
+            return if crate::files::units::is_ours(&text) {
+                SociUnit::Ours(node_path)
+            } else {
+                SociUnit::Foreign(node_path)
+            };
+        }
+    }
+    SociUnit::Absent
 }
 
 #[cfg(test)]

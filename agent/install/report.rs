@@ -122,9 +122,35 @@ impl InstallReport {
     /// The human listing; diffs are shown for a dry run.
     pub fn to_text(&self) -> String {
         use std::fmt::Write;
-        let mut out = String::new();
+        let mut out = format!("soci-agent {}: {}\n", self.command, self.headline());
+        if let Some(line) = self.node_line() {
+            let _ = writeln!(out, "{line}");
+        }
+        if self.outcome != ExitKind::Ok && !self.dry_run && !self.actions.is_empty() {
+            let _ = writeln!(
+                out,
+                "nothing applied: the node is as it was (every change made was rolled back); the plan was:"
+            );
+        }
+        for a in &self.actions {
+            self.write_action(&mut out, a);
+        }
+        for (title, list) in [
+            ("warning", &self.warnings),
+            ("note", &self.notes),
+            ("next", &self.next_steps),
+        ] {
+            for item in list {
+                let _ = writeln!(out, "{title}: {item}");
+            }
+        }
+        out
+    }
+
+    /// The first line's verdict: what happened, or why it failed.
+    fn headline(&self) -> String {
         let n = self.actions.iter().filter(|a| a.changed).count();
-        let headline = match (self.outcome, self.dry_run, n) {
+        match (self.outcome, self.dry_run, n) {
             (ExitKind::Ok, true, 0) => "dry run: nothing to change".to_string(),
             (ExitKind::Ok, true, n) => format!("dry run: {n} change(s) planned, nothing changed"),
             (ExitKind::Ok, false, 0) if self.changed => {
@@ -137,69 +163,54 @@ impl InstallReport {
                 kind.code(),
                 self.error.as_deref().unwrap_or("unknown error")
             ),
+        }
+    }
+
+    /// "node: OS, arch, containerd, wiring, SOCI binary" when the plan got that far.
+    fn node_line(&self) -> Option<String> {
+        let (h, p) = (self.host.as_ref()?, self.plan.as_ref()?);
+        let containerd = h
+            .containerd
+            .as_ref()
+            .map_or("unknown".to_string(), |c| c.version.clone());
+        let os = match (h.os.id.as_str(), h.os.version_id.as_str()) {
+            ("", _) => "unknown OS".to_string(),
+            (id, "") => id.to_string(),
+            (id, v) => format!("{id} {v}"),
         };
-        let _ = writeln!(out, "soci-agent {}: {headline}", self.command);
-        if let (Some(h), Some(p)) = (&self.host, &self.plan) {
-            let containerd = h
-                .containerd
-                .as_ref()
-                .map_or("unknown".to_string(), |c| c.version.clone());
-            let os = match (h.os.id.as_str(), h.os.version_id.as_str()) {
-                ("", _) => "unknown OS".to_string(),
-                (id, "") => id.to_string(),
-                (id, v) => format!("{id} {v}"),
-            };
-            let _ = writeln!(
-                out,
-                "node: {}, arch {}, containerd {containerd} (config v{}), wiring {}, SOCI binary {} (SOCI {}, {})",
-                os,
-                p.arch,
-                p.containerd_config_version,
-                match p.wiring {
-                    crate::install::plan::Wiring::Nodeadm => "nodeadm (NodeConfig drop-in)",
-                    crate::install::plan::Wiring::Containerd => "containerd config",
-                },
-                p.daemon_binary,
-                p.soci.version.map_or("version unknown".to_string(), |v| v.to_string()),
-                p.soci.origin
-            );
-        }
-        if self.outcome != ExitKind::Ok && !self.dry_run && !self.actions.is_empty() {
-            let _ = writeln!(
-                out,
-                "nothing applied: the node is as it was (every change made was rolled back); the plan was:"
-            );
-        }
-        for a in &self.actions {
-            let verb = match a.action {
-                ActionKind::Create => "create",
-                ActionKind::Update => "update",
-                ActionKind::Unchanged => "unchanged",
-                ActionKind::Backup => "backup",
-                ActionKind::Symlink => "symlink",
-                ActionKind::InstallRelease => "install",
-                ActionKind::KeepRelease => "keep",
-                ActionKind::Remove => "remove",
-                ActionKind::Restore => "restore",
-            };
-            let _ = writeln!(out, "  {verb:<10} {}  ({})", a.path, a.detail);
-            if self.dry_run
-                && let Some(d) = a.diff.as_deref().filter(|d| !d.is_empty())
-            {
-                for line in d.lines() {
-                    let _ = writeln!(out, "      {line}");
-                }
+        let wiring = match p.wiring {
+            crate::install::plan::Wiring::Nodeadm => "nodeadm (NodeConfig drop-in)",
+            crate::install::plan::Wiring::Containerd => "containerd config",
+        };
+        Some(format!(
+            "node: {os}, arch {}, containerd {containerd} (config v{}), wiring {wiring}, SOCI binary {} (SOCI {}, {})",
+            p.arch,
+            p.containerd_config_version,
+            p.daemon_binary,
+            p.soci.version.map_or("version unknown".to_string(), |v| v.to_string()),
+            p.soci.origin
+        ))
+    }
+
+    /// One action's line, and its diff on a dry run.
+    fn write_action(&self, out: &mut String, a: &Action) {
+        use std::fmt::Write;
+        let verb = match a.action {
+            ActionKind::Create => "create",
+            ActionKind::Update => "update",
+            ActionKind::Unchanged => "unchanged",
+            ActionKind::Backup => "backup",
+            ActionKind::Symlink => "symlink",
+            ActionKind::InstallRelease => "install",
+            ActionKind::KeepRelease => "keep",
+            ActionKind::Remove => "remove",
+            ActionKind::Restore => "restore",
+        };
+        let _ = writeln!(out, "  {verb:<10} {}  ({})", a.path, a.detail);
+        if let Some(d) = a.diff.as_deref().filter(|d| !d.is_empty() && self.dry_run) {
+            for line in d.lines() {
+                let _ = writeln!(out, "      {line}");
             }
         }
-        for (title, list) in [
-            ("warning", &self.warnings),
-            ("note", &self.notes),
-            ("next", &self.next_steps),
-        ] {
-            for item in list {
-                let _ = writeln!(out, "{title}: {item}");
-            }
-        }
-        out
     }
 }
