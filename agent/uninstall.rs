@@ -39,6 +39,9 @@ pub fn plan(root: &Root, record: &Record) -> Vec<Action> {
     let mut actions = Vec::new();
     for (path, before) in record.paths.iter().rev() {
         let exists = std::fs::symlink_metadata(root.path(path)).is_ok();
+        if exists && changed_since_written(root, record, path) {
+            continue; // someone else's content now: left in place (see `left_alone`)
+        }
         match before {
             Before::Absent if exists => actions.push(action(
                 path,
@@ -68,6 +71,29 @@ pub fn plan(root: &Root, record: &Record) -> Vec<Action> {
         "the install record".into(),
     ));
     actions
+}
+
+/// Whether `path` no longer holds what soci-agent last wrote there (its
+/// record has the digest): another tool rewrote it since.
+fn changed_since_written(root: &Root, record: &Record, path: &str) -> bool {
+    let Some(want) = record.written.get(path) else {
+        return false;
+    };
+    match root.read_opt(path) {
+        Ok(Some(bytes)) => crate::install::record::digest(&bytes) != *want,
+        _ => false,
+    }
+}
+
+/// Files the record covers that were changed by someone else since
+/// soci-agent wrote them: uninstall leaves them in place and says so.
+pub fn left_alone(root: &Root, record: &Record) -> Vec<String> {
+    record
+        .paths
+        .keys()
+        .filter(|p| std::fs::symlink_metadata(root.path(p)).is_ok() && changed_since_written(root, record, p))
+        .cloned()
+        .collect()
 }
 
 /// The units to disable: those the record lists as enabled by soci-agent, plus soci-agent's own
@@ -172,6 +198,11 @@ async fn uninstall(args: &UninstallArgs, report: &mut InstallReport, started: In
         return Ok(());
     };
     report.actions = plan(&root, &record);
+    for path in left_alone(&root, &record) {
+        report.warnings.push(format!(
+            "left {path} in place: it changed since soci-agent wrote it (another tool owns it now)"
+        ));
+    }
     report.changed = true;
     if args.dry_run {
         return Ok(());

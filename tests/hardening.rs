@@ -517,3 +517,28 @@ fn values_that_would_inject_into_a_unit_file_are_refused() {
         "{unit}"
     );
 }
+
+#[test]
+fn uninstall_leaves_a_file_another_tool_rewrote() {
+    let t = Tree::new();
+    let out = t.install(&[]);
+    assert!(out.status.success(), "{}", show(&out));
+    let socket = t.path("/etc/systemd/system/soci-snapshotter.socket");
+    let theirs = "[Unit]\nDescription=rewritten by another tool\n\n[Socket]\nListenStream=/run/other.sock\n";
+    std::fs::write(&socket, theirs).unwrap();
+    let out = t.agent("uninstall", &[]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(
+        std::fs::read_to_string(&socket).unwrap(),
+        theirs,
+        "another tool's file was removed"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("left /etc/systemd/system/soci-snapshotter.socket in place"),
+        "{}",
+        show(&out)
+    );
+    // What is still soci-agent's own is gone.
+    assert!(!t.path("/etc/systemd/system/soci-snapshotter.service").exists());
+    assert!(!t.path("/etc/soci-snapshotter-grpc/config.toml").exists());
+}

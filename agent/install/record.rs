@@ -46,6 +46,17 @@ pub struct Record {
     /// Why that binary was chosen (the --preinstalled policy's decision).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub soci_reason: String,
+    /// Node path -> SHA-256 of the file content soci-agent last wrote there:
+    /// uninstall removes or restores a file only while it still holds that.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub written: BTreeMap<String, Sha256Hex>,
+}
+
+/// The SHA-256 of `bytes`, as recorded in [`Record::written`].
+pub fn digest(bytes: &[u8]) -> Sha256Hex {
+    use sha2::Digest;
+    let hex: String = sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+    Sha256Hex::parse(&hex).expect("64 hex digits")
 }
 
 #[derive(Debug, thiserror::Error)]

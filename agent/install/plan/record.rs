@@ -30,11 +30,32 @@ pub(super) fn install_record(b: &mut Builder, s: &InstallSettings, soci: &SociPl
     Ok(())
 }
 
+/// Records the digest of every file this plan writes (or finds already
+/// holding what it would write), so uninstall can tell our content from a
+/// later edit by someone else.
+fn record_written(root: &Root, record: &mut Record, actions: &[Action]) {
+    for a in actions {
+        let is_link = std::fs::symlink_metadata(root.path(&a.path)).is_ok_and(|m| m.file_type().is_symlink());
+        let bytes = match (&a.op, a.action) {
+            (Op::Write { content, .. }, _) => Some(content.clone()),
+            (Op::Copy { source, .. }, _) => std::fs::read(source).ok(),
+            (_, ActionKind::Unchanged) if !is_link => root.read_opt(&a.path).ok().flatten(),
+            _ => None,
+        };
+        if let Some(bytes) = bytes.filter(|_| a.path != RECORD) {
+            record
+                .written
+                .insert(a.path.clone(), crate::install::record::digest(&bytes));
+        }
+    }
+}
+
 /// Adds to `record` the paths this plan touches for the first time, with
 /// their state before soci-agent, and the store entries in use. A path
 /// already holding exactly our content (left by an interrupted run) counts as
 /// created by us, except `merged` (the containerd config, which we only edit).
 fn record_paths(root: &Root, mut record: Record, actions: &[Action], merged: &str) -> Record {
+    record_written(root, &mut record, actions);
     for a in actions {
         let first_time = !record.paths.contains_key(&a.path);
         let backup = format!("{BACKUP_DIR}{}", a.path);
