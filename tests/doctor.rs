@@ -330,7 +330,9 @@ fn soci_binary_and_config_failures() {
             contains: "no soci-snapshotter.service in /etc/systemd/system",
         },
         Case {
-            name: "old SOCI via drop-in",
+            // Under a --root that is not this host, a binary is never run (it would run on the
+            // build host): its version is unknown, not guessed from the record.
+            name: "another binary via drop-in under a mounted root",
             mutate: |n| {
                 fake_daemon(
                     n,
@@ -340,8 +342,8 @@ fn soci_binary_and_config_failures() {
                 exec_dropin(n, "/opt/old/soci-snapshotter-grpc --address fd://");
             },
             id: "soci.version",
-            verdict: "fail",
-            contains: "no parallel pull/unpack mode",
+            verdict: "skip",
+            contains: "/opt/old/soci-snapshotter-grpc: not run: --root is not this host",
         },
         Case {
             name: "drop-in runs another binary than the record's",
@@ -358,14 +360,11 @@ fn soci_binary_and_config_failures() {
             contains: "the install record says /usr/local/bin/soci-snapshotter-grpc",
         },
         Case {
-            name: "unparseable version",
-            mutate: |n| {
-                fake_daemon(n, "/opt/x/daemon", "hello");
-                exec_dropin(n, "/opt/x/daemon --address fd://");
-            },
+            name: "the record's version under a mounted root",
+            mutate: |_| {},
             id: "soci.version",
-            verdict: "warn",
-            contains: "no version found",
+            verdict: "ok",
+            contains: "(from the install record; not run",
         },
         Case {
             name: "RPM copy besides ours",
@@ -378,7 +377,7 @@ fn soci_binary_and_config_failures() {
             },
             id: "soci.other-copies",
             verdict: "ok",
-            contains: "/usr/bin/soci-snapshotter-grpc (SOCI 0.9.0, the distribution's (RPM) copy)",
+            contains: "/usr/bin/soci-snapshotter-grpc (SOCI version unknown, the distribution's (RPM) copy)",
         },
         Case {
             name: "typo in a key",

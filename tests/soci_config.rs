@@ -882,6 +882,14 @@ fn doctor_checks_keys_against_the_running_version() {
         "#!/bin/sh\necho \"soci-snapshotter-grpc version v0.13.0 abcdef\"\n",
         0o755,
     );
+    // Under a --root that is not this host the binary is never run: the version comes from the
+    // install record, which names the same binary.
+    tree.write(
+        "/var/lib/soci-agent/record.json",
+        "{\"paths\": {}, \"enabled_units\": [], \"store_entries\": [], \
+         \"daemon_binary\": \"/usr/local/bin/soci-snapshotter-grpc\", \"soci_version\": \"0.13.0\"}\n",
+        0o644,
+    );
     tree.write(
         "/etc/systemd/system/soci-snapshotter.service",
         "[Service]\nType=notify\nExecStart=/usr/local/bin/soci-snapshotter-grpc --address fd://\n",

@@ -285,27 +285,10 @@ pub fn merge(
             created: true,
         });
     };
-    // A UTF-8 byte-order mark is kept as it was (the TOML parser does not take it).
-    let (bom, text) = match text.strip_prefix('\u{feff}') {
-        Some(rest) => ("\u{feff}", rest),
-        None => ("", text),
-    };
+    let (bom, text) = split_bom(text);
     let mut doc = parse(text, path)?;
     let Some(version) = version_of(&doc, path)? else {
-        // Nothing but comments: keep them, append a fresh file after them.
-        let version = new_version()?;
-        let mut out = text.to_owned();
-        if !out.trim().is_empty() {
-            out.truncate(out.trim_end().len());
-            out.push_str("\n\n");
-        }
-        out.push_str(&created_file(version, wiring));
-        return Ok(Merged {
-            text: format!("{bom}{out}"),
-            version,
-            changed: true,
-            created: false,
-        });
+        return Ok(append_to_comments(bom, text, new_version()?, wiring));
     };
     if let Some(daemon) = daemon {
         check_readable(&doc, version, daemon, path)?;
@@ -313,18 +296,47 @@ pub fn merge(
     check_not_foreign(&doc, path)?;
     let changed = apply(&mut doc, version, wiring, path)?;
     Ok(Merged {
-        text: if changed {
-            format!(
-                "{bom}{}",
-                restore_line_endings(text, restore_headers(text, doc.to_string()))
-            )
-        } else {
-            format!("{bom}{text}")
-        },
+        text: merged_text(bom, text, &doc, changed),
         version,
         changed,
         created: false,
     })
+}
+
+/// Splits off a UTF-8 byte-order mark, kept as it was (the TOML parser does not take it).
+fn split_bom(text: &str) -> (&'static str, &str) {
+    match text.strip_prefix('\u{feff}') {
+        Some(rest) => ("\u{feff}", rest),
+        None => ("", text),
+    }
+}
+
+/// A file of nothing but comments: keeps them, appends a fresh file after them.
+fn append_to_comments(bom: &str, text: &str, version: ConfigVersion, wiring: &SociWiring) -> Merged {
+    let mut out = text.to_owned();
+    if !out.trim().is_empty() {
+        out.truncate(out.trim_end().len());
+        out.push_str("\n\n");
+    }
+    out.push_str(&created_file(version, wiring));
+    Merged {
+        text: format!("{bom}{out}"),
+        version,
+        changed: true,
+        created: false,
+    }
+}
+
+/// The merged file: `doc` with the input's headers and line endings, or the input unchanged.
+fn merged_text(bom: &str, text: &str, doc: &DocumentMut, changed: bool) -> String {
+    if changed {
+        format!(
+            "{bom}{}",
+            restore_line_endings(text, restore_headers(text, doc.to_string()))
+        )
+    } else {
+        format!("{bom}{text}")
+    }
 }
 
 /// The TOML for a NodeConfig's `spec.containerd.config` (no `version` key;
@@ -471,65 +483,100 @@ fn apply(
     let mut next_position = max_position(doc.as_table()) + 1;
     let mut changed = false;
     for owned in owned_keys(version, wiring) {
-        let conflict = |depth: usize, reason: String| ContainerdConfigError::Conflict {
-            path: path.to_owned(),
-            key: dotted(&owned.path[..=depth]),
-            reason,
-        };
         if owned.is_set_in(doc.as_table()) {
             continue;
         }
-        let (leaf, tables) = owned.path.split_last().expect("owned paths are not empty");
-        let mut cur: &mut dyn TableLike = doc.as_table_mut();
-        let mut style = Style::Header;
-        for (depth, seg) in tables.iter().enumerate() {
-            let is_leaf_table = depth + 1 == tables.len();
-            if cur.get(seg).is_none() {
-                let table = new_table(style, is_leaf_table, &mut next_position);
-                insert_new(cur, style, table_key(seg, version), table);
-            }
-            let item = cur.get_mut(seg).expect("inserted above");
-            if !item.is_table_like() {
-                let reason = format!("it is {}, not a table", article(item.type_name()));
-                return Err(conflict(depth, reason));
-            }
-            style = match item {
-                Item::Table(t) if t.is_dotted() => Style::Dotted,
-                Item::Table(t) => {
-                    // A table only implied by a sub-table header (`[a.b]`
-                    // implies `a`) needs its own header once it holds keys.
-                    if is_leaf_table && t.is_implicit() {
-                        t.set_implicit(false);
-                        t.set_position(Some(next_position));
-                        next_position += 1;
-                    }
-                    Style::Header
-                }
-                _ => Style::Inline,
-            };
-            cur = item.as_table_like_mut().expect("checked table-like above");
-        }
-        let depth = owned.path.len() - 1;
-        let mut value = owned.value.to_value();
-        match cur.get_mut(leaf) {
-            Some(Item::Value(old)) => {
-                // Keep the comments and spacing around the old value.
-                *value.decor_mut() = old.decor().clone();
-                *old = value;
-            }
-            Some(item @ (Item::Table(_) | Item::ArrayOfTables(_))) => {
-                let reason = format!(
-                    "it is {}, soci-agent needs the value {}",
-                    article(item.type_name()),
-                    owned.value
-                );
-                return Err(conflict(depth, reason));
-            }
-            Some(Item::None) | None => insert_new(cur, style, Key::new(*leaf), Item::Value(value)),
-        }
+        let (cur, style) = owned_table(doc, &owned, version, path, &mut next_position)?;
+        set_owned_value(cur, style, &owned, path)?;
         changed = true;
     }
     Ok(changed)
+}
+
+/// A [`ContainerdConfigError::Conflict`] at the first `depth + 1` segments of `owned`.
+fn conflict(path: &str, owned: &OwnedKey, depth: usize, reason: String) -> ContainerdConfigError {
+    ContainerdConfigError::Conflict {
+        path: path.to_owned(),
+        key: dotted(&owned.path[..=depth]),
+        reason,
+    }
+}
+
+/// The table that holds `owned`'s leaf, created (like its neighbours) where
+/// missing, and the style its children get.
+fn owned_table<'a>(
+    doc: &'a mut DocumentMut,
+    owned: &OwnedKey,
+    version: ConfigVersion,
+    path: &str,
+    next_position: &mut isize,
+) -> Result<(&'a mut dyn TableLike, Style), ContainerdConfigError> {
+    let (_, tables) = owned.path.split_last().expect("owned paths are not empty");
+    let mut cur: &mut dyn TableLike = doc.as_table_mut();
+    let mut style = Style::Header;
+    for (depth, seg) in tables.iter().enumerate() {
+        let is_leaf_table = depth + 1 == tables.len();
+        if cur.get(seg).is_none() {
+            let table = new_table(style, is_leaf_table, next_position);
+            insert_new(cur, style, table_key(seg, version), table);
+        }
+        let item = cur.get_mut(seg).expect("inserted above");
+        if !item.is_table_like() {
+            let reason = format!("it is {}, not a table", article(item.type_name()));
+            return Err(conflict(path, owned, depth, reason));
+        }
+        style = child_style(item, is_leaf_table, next_position);
+        cur = item.as_table_like_mut().expect("checked table-like above");
+    }
+    Ok((cur, style))
+}
+
+/// The style children of the table-like `item` get; an implicit leaf table
+/// gets its own header.
+fn child_style(item: &mut Item, is_leaf_table: bool, next_position: &mut isize) -> Style {
+    match item {
+        Item::Table(t) if t.is_dotted() => Style::Dotted,
+        Item::Table(t) => {
+            // A table only implied by a sub-table header (`[a.b]`
+            // implies `a`) needs its own header once it holds keys.
+            if is_leaf_table && t.is_implicit() {
+                t.set_implicit(false);
+                t.set_position(Some(*next_position));
+                *next_position += 1;
+            }
+            Style::Header
+        }
+        _ => Style::Inline,
+    }
+}
+
+/// Sets `owned`'s leaf in `cur`, keeping the decor of a value it replaces.
+fn set_owned_value(
+    cur: &mut dyn TableLike,
+    style: Style,
+    owned: &OwnedKey,
+    path: &str,
+) -> Result<(), ContainerdConfigError> {
+    let leaf = owned.path.last().expect("owned paths are not empty");
+    let depth = owned.path.len() - 1;
+    let mut value = owned.value.to_value();
+    match cur.get_mut(leaf) {
+        Some(Item::Value(old)) => {
+            // Keep the comments and spacing around the old value.
+            *value.decor_mut() = old.decor().clone();
+            *old = value;
+        }
+        Some(item @ (Item::Table(_) | Item::ArrayOfTables(_))) => {
+            let reason = format!(
+                "it is {}, soci-agent needs the value {}",
+                article(item.type_name()),
+                owned.value
+            );
+            return Err(conflict(path, owned, depth, reason));
+        }
+        Some(Item::None) | None => insert_new(cur, style, Key::new(*leaf), Item::Value(value)),
+    }
+    Ok(())
 }
 
 /// Adds `key = item` to `table`, formatted like its neighbours.

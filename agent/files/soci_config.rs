@@ -391,83 +391,123 @@ struct Section {
 
 /// What [`render`] writes, before filtering by version.
 fn sections(cfg: &SociConfig) -> Vec<Section> {
-    let t = &cfg.tuning;
-    let quote = |s: &str| toml_edit::Value::from(s).to_string();
-    let line = |key, value: String, needed| Line { key, value, needed };
-    let chunk_needed = !matches!(parse_chunk_size(&t.concurrent_download_chunk_size), Ok(None));
     let mut out = vec![
-        Section {
-            comment: Some("# Parallel mode reads manifests from containerd's content store."),
-            table: "content_store",
-            lines: vec![
-                line("type", quote("containerd"), true),
-                line(
-                    "containerd_address",
-                    quote(&cfg.containerd_address),
-                    cfg.containerd_address != CONTAINERD_SOCKET,
-                ),
-            ],
-        },
-        Section {
-            comment: Some("# Serve the CRI image service so pulls keep kubelet's registry credentials."),
-            table: "cri_keychain",
-            lines: vec![
-                line("enable_keychain", true.to_string(), true),
-                line(
-                    "image_service_path",
-                    quote(&cfg.image_service_path),
-                    cfg.image_service_path != CONTAINERD_SOCKET,
-                ),
-            ],
-        },
-        Section {
-            comment: Some("# Parallel pull/unpack: no lazy loading; limits are -1 (unbounded) or a count."),
-            table: PARALLEL,
-            lines: vec![
-                line("enable", true.to_string(), true),
-                line(
-                    "max_concurrent_downloads",
-                    t.max_concurrent_downloads.to_string(),
-                    t.max_concurrent_downloads > 0,
-                ),
-                line(
-                    "max_concurrent_downloads_per_image",
-                    t.max_concurrent_downloads_per_image.to_string(),
-                    t.max_concurrent_downloads_per_image != DAEMON_DOWNLOADS_PER_IMAGE,
-                ),
-                line(
-                    "concurrent_download_chunk_size",
-                    quote(&t.concurrent_download_chunk_size),
-                    chunk_needed,
-                ),
-                line(
-                    "max_concurrent_unpacks",
-                    t.max_concurrent_unpacks.to_string(),
-                    t.max_concurrent_unpacks > 0,
-                ),
-                line(
-                    "max_concurrent_unpacks_per_image",
-                    t.max_concurrent_unpacks_per_image.to_string(),
-                    t.max_concurrent_unpacks_per_image != DAEMON_UNPACKS_PER_IMAGE,
-                ),
-                line(
-                    "discard_unpacked_layers",
-                    t.discard_unpacked_layers.to_string(),
-                    t.discard_unpacked_layers,
-                ),
-            ],
-        },
+        content_store_section(cfg),
+        cri_keychain_section(cfg),
+        parallel_section(&cfg.tuning),
     ];
     if let Some(gzip) = &cfg.gzip {
-        // Not needed: without it the daemon unpacks with Go's gzip.
-        let args = toml_edit::Value::from(gzip.args.iter().collect::<Array>()).to_string();
-        out.push(Section {
-            comment: None,
-            table: "pull_modes.parallel_pull_unpack.decompress_streams.gzip",
-            lines: vec![line("path", quote(&gzip.path), false), line("args", args, false)],
-        });
+        out.push(gzip_section(gzip));
     }
     out
+}
+
+/// A string as a TOML value, quoted and escaped.
+fn quote(s: &str) -> String {
+    toml_edit::Value::from(s).to_string()
+}
+
+/// A [`Line`] from its parts.
+fn line(key: &'static str, value: String, needed: bool) -> Line {
+    Line { key, value, needed }
+}
+
+/// `[content_store]`: always the containerd store.
+fn content_store_section(cfg: &SociConfig) -> Section {
+    Section {
+        comment: Some("# Parallel mode reads manifests from containerd's content store."),
+        table: "content_store",
+        lines: vec![
+            line("type", quote("containerd"), true),
+            line(
+                "containerd_address",
+                quote(&cfg.containerd_address),
+                cfg.containerd_address != CONTAINERD_SOCKET,
+            ),
+        ],
+    }
+}
+
+/// `[cri_keychain]`: the keychain on, serving the CRI image service.
+fn cri_keychain_section(cfg: &SociConfig) -> Section {
+    Section {
+        comment: Some("# Serve the CRI image service so pulls keep kubelet's registry credentials."),
+        table: "cri_keychain",
+        lines: vec![
+            line("enable_keychain", true.to_string(), true),
+            line(
+                "image_service_path",
+                quote(&cfg.image_service_path),
+                cfg.image_service_path != CONTAINERD_SOCKET,
+            ),
+        ],
+    }
+}
+
+/// The parallel pull/unpack table: enabled, with every tuning key.
+fn parallel_section(t: &Tuning) -> Section {
+    let mut lines = vec![line("enable", true.to_string(), true)];
+    lines.extend(download_lines(t));
+    lines.extend(unpack_lines(t));
+    Section {
+        comment: Some("# Parallel pull/unpack: no lazy loading; limits are -1 (unbounded) or a count."),
+        table: PARALLEL,
+        lines,
+    }
+}
+
+/// The download limits and chunk size of the parallel table.
+fn download_lines(t: &Tuning) -> Vec<Line> {
+    let chunk_needed = !matches!(parse_chunk_size(&t.concurrent_download_chunk_size), Ok(None));
+    vec![
+        line(
+            "max_concurrent_downloads",
+            t.max_concurrent_downloads.to_string(),
+            t.max_concurrent_downloads > 0,
+        ),
+        line(
+            "max_concurrent_downloads_per_image",
+            t.max_concurrent_downloads_per_image.to_string(),
+            t.max_concurrent_downloads_per_image != DAEMON_DOWNLOADS_PER_IMAGE,
+        ),
+        line(
+            "concurrent_download_chunk_size",
+            quote(&t.concurrent_download_chunk_size),
+            chunk_needed,
+        ),
+    ]
+}
+
+/// The unpack limits and `discard_unpacked_layers` of the parallel table.
+fn unpack_lines(t: &Tuning) -> Vec<Line> {
+    vec![
+        line(
+            "max_concurrent_unpacks",
+            t.max_concurrent_unpacks.to_string(),
+            t.max_concurrent_unpacks > 0,
+        ),
+        line(
+            "max_concurrent_unpacks_per_image",
+            t.max_concurrent_unpacks_per_image.to_string(),
+            t.max_concurrent_unpacks_per_image != DAEMON_UNPACKS_PER_IMAGE,
+        ),
+        line(
+            "discard_unpacked_layers",
+            t.discard_unpacked_layers.to_string(),
+            t.discard_unpacked_layers,
+        ),
+    ]
+}
+
+/// The `decompress_streams.gzip` table for an external decompressor.
+fn gzip_section(gzip: &Decompressor) -> Section {
+    // Not needed: without it the daemon unpacks with Go's gzip.
+    let args = toml_edit::Value::from(gzip.args.iter().collect::<Array>()).to_string();
+    Section {
+        comment: None,
+        table: "pull_modes.parallel_pull_unpack.decompress_streams.gzip",
+        lines: vec![line("path", quote(&gzip.path), false), line("args", args, false)],
+    }
 }
 
 /// Renders the complete `config.toml`: deterministic, every tuning key

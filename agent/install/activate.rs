@@ -106,11 +106,46 @@ pub async fn activate(
 /// first.
 async fn restart_logged(sd: &Systemd, unit: &str, was_active: bool, act: &mut Activation) -> Result<(), ActivateError> {
     act.restarted.push((unit.to_string(), was_active));
-    sd.restart(unit).await?;
-    act.steps
-        .push(format!("{} {unit}", if was_active { "restarted" } else { "started" }));
+    let verb = if was_active { "restarted" } else { "started" };
+    if let Err(first) = sd.restart(unit).await {
+        // A unit with Restart= whose first attempt failed is already queued for
+        // another one (SubState=auto-restart): give systemd that attempt.
+        if !came_up_on_retry(sd, unit).await {
+            return Err(first.into());
+        }
+        act.steps.push(format!(
+            "{verb} {unit} on systemd's automatic retry (the first attempt failed: {first})"
+        ));
+        return Ok(());
+    }
+    act.steps.push(format!("{verb} {unit}"));
     Ok(())
 }
+
+/// After a failed start job: whether `unit` was in `auto-restart` and became
+/// active on systemd's own retry within [`AUTO_RESTART_BOUND`].
+async fn came_up_on_retry(sd: &Systemd, unit: &str) -> bool {
+    let deadline = tokio::time::Instant::now() + AUTO_RESTART_BOUND;
+    let mut retrying = false;
+    while tokio::time::Instant::now() < deadline {
+        let Ok(state) = sd.unit_state(unit).await else {
+            return false;
+        };
+        if state.is_active() && state.sub_state == "running" {
+            return true;
+        }
+        retrying |= state.sub_state == "auto-restart";
+        if !retrying || state.active_state == "failed" {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    false
+}
+
+/// How long install waits for systemd's automatic retry of a failed start
+/// (the units' RestartSec= is 5 s).
+const AUTO_RESTART_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// containerd's entry in the undo log: restarted, and active before.
 fn containerd_entry() -> (String, bool) {

@@ -151,45 +151,93 @@ async fn expected_digest(fetcher: &Fetcher, step: &ReleaseStep) -> Result<(Sha25
     }
 }
 
+/// Installs one release into the store: verify, extract to a temp dir, promote.
 async fn install_release(
     root: &Root,
     fetcher: &Fetcher,
     step: &ReleaseStep,
     txn: &mut Transaction,
 ) -> Result<Manifest, ApplyError> {
-    let fs_err = |path: &Path| {
-        let path = path.display().to_string();
-        move |source| ApplyError::Fs { path, source }
-    };
     let (expected, verified_against) = expected_digest(fetcher, step).await?;
-    let final_dir = root.path(&step.entry);
-    let parent = final_dir.parent().expect("store entries have a parent").to_path_buf();
-    txn.note_missing_dirs(&final_dir);
-    rootfs::create_dirs(&parent).map_err(fs_err(&parent))?;
-    sweep_temps(&parent);
-    let name = final_dir
-        .file_name()
-        .expect("entry name")
-        .to_string_lossy()
-        .into_owned();
-    let tmp = parent.join(format!(".{name}{TMP_MARKER}-{}", std::process::id()));
-    rootfs::create_dirs(&tmp).map_err(fs_err(&tmp))?;
+    let dirs = StagingDirs::prepare(root, step, txn)?;
+    let extracted = extract_release(fetcher, step, &expected, &dirs.tmp).await?;
+    let manifest = release_manifest(step, &extracted, verified_against);
+    if let Err(e) = promote(&dirs, &manifest, txn) {
+        let _ = std::fs::remove_dir_all(&dirs.tmp);
+        return Err(fs_err(&dirs.final_dir)(e));
+    }
+    tracing::info!(entry = %step.entry, sha256 = %manifest.archive_sha256, "release verified and installed");
+    Ok(manifest)
+}
 
+/// Maps an [`FsError`] at `path` to [`ApplyError::Fs`].
+fn fs_err(path: &Path) -> impl FnOnce(FsError) -> ApplyError {
+    let path = path.display().to_string();
+    move |source| ApplyError::Fs { path, source }
+}
+
+/// Where a store entry is staged before it is renamed into place.
+struct StagingDirs {
+    /// The store entry's final path.
+    final_dir: PathBuf,
+    /// Its parent directory, which holds the temp dirs too.
+    parent: PathBuf,
+    /// The entry's file name.
+    name: String,
+    /// The temp dir the release is extracted into.
+    tmp: PathBuf,
+}
+
+impl StagingDirs {
+    /// Creates the entry's parent (noting new dirs), sweeps old temps, creates the temp dir.
+    fn prepare(root: &Root, step: &ReleaseStep, txn: &mut Transaction) -> Result<Self, ApplyError> {
+        let final_dir = root.path(&step.entry);
+        let parent = final_dir.parent().expect("store entries have a parent").to_path_buf();
+        txn.note_missing_dirs(&final_dir);
+        rootfs::create_dirs(&parent).map_err(fs_err(&parent))?;
+        sweep_temps(&parent);
+        let name = final_dir
+            .file_name()
+            .expect("entry name")
+            .to_string_lossy()
+            .into_owned();
+        let tmp = parent.join(format!(".{name}{TMP_MARKER}-{}", std::process::id()));
+        rootfs::create_dirs(&tmp).map_err(fs_err(&tmp))?;
+        Ok(StagingDirs {
+            final_dir,
+            parent,
+            name,
+            tmp,
+        })
+    }
+}
+
+/// Downloads or reads the archive and extracts it into `tmp`, removed on failure.
+async fn extract_release(
+    fetcher: &Fetcher,
+    step: &ReleaseStep,
+    expected: &Sha256Hex,
+    tmp: &Path,
+) -> Result<Extracted, ApplyError> {
     let extracted: Result<Extracted, FetchError> = match &step.source {
-        ArchiveSource::Url(url) => fetcher.download_release(url, &expected, &tmp).await,
-        ArchiveSource::Local(path) => crate::release::fetch::extract_local(Path::new(path), &expected, &tmp).await,
+        ArchiveSource::Url(url) => fetcher.download_release(url, expected, tmp).await,
+        ArchiveSource::Local(path) => crate::release::fetch::extract_local(Path::new(path), expected, tmp).await,
     };
     let what = match &step.source {
         ArchiveSource::Url(u) | ArchiveSource::Local(u) => u.clone(),
     };
-    let extracted = match extracted {
-        Ok(x) => x,
+    match extracted {
+        Ok(x) => Ok(x),
         Err(source) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(ApplyError::Fetch { what, source });
+            let _ = std::fs::remove_dir_all(tmp);
+            Err(ApplyError::Fetch { what, source })
         }
-    };
-    let manifest = Manifest {
+    }
+}
+
+/// The store manifest of an extracted release.
+fn release_manifest(step: &ReleaseStep, extracted: &Extracted, verified_against: String) -> Manifest {
+    Manifest {
         version: step.spec.version.to_string(),
         arch: step.spec.arch,
         flavor: step.spec.flavor,
@@ -201,32 +249,34 @@ async fn install_release(
             .iter()
             .map(|f| (f.name.clone(), f.sha256.clone()))
             .collect(),
-    };
-    let mut promote = || -> Result<(), FsError> {
-        rootfs::write_atomic(&tmp.join(MANIFEST), manifest.to_json().as_bytes(), 0o644)?;
-        if final_dir.exists() {
-            let aside = parent.join(format!(".{name}.old{TMP_MARKER}-{}", std::process::id()));
-            std::fs::rename(&final_dir, &aside).map_err(|source| FsError::Rename {
-                from: final_dir.clone(),
-                to: aside.clone(),
-                source,
-            })?;
-            txn.replaced_entry = Some((aside, final_dir.clone()));
-        }
-        std::fs::rename(&tmp, &final_dir).map_err(|source| FsError::Rename {
-            from: tmp.clone(),
-            to: final_dir.clone(),
+    }
+}
+
+/// Writes the manifest, moves an existing entry aside and renames the temp dir into place.
+fn promote(dirs: &StagingDirs, manifest: &Manifest, txn: &mut Transaction) -> Result<(), FsError> {
+    let StagingDirs {
+        final_dir,
+        parent,
+        name,
+        tmp,
+    } = dirs;
+    rootfs::write_atomic(&tmp.join(MANIFEST), manifest.to_json().as_bytes(), 0o644)?;
+    if final_dir.exists() {
+        let aside = parent.join(format!(".{name}.old{TMP_MARKER}-{}", std::process::id()));
+        std::fs::rename(final_dir, &aside).map_err(|source| FsError::Rename {
+            from: final_dir.clone(),
+            to: aside.clone(),
             source,
         })?;
-        txn.created_entry = Some(final_dir.clone());
-        rootfs::fsync_dir(&parent)
-    };
-    if let Err(e) = promote() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(fs_err(&final_dir)(e));
+        txn.replaced_entry = Some((aside, final_dir.clone()));
     }
-    tracing::info!(entry = %step.entry, sha256 = %manifest.archive_sha256, "release verified and installed");
-    Ok(manifest)
+    std::fs::rename(tmp, final_dir).map_err(|source| FsError::Rename {
+        from: tmp.clone(),
+        to: final_dir.clone(),
+        source,
+    })?;
+    txn.created_entry = Some(final_dir.clone());
+    rootfs::fsync_dir(parent)
 }
 
 fn apply_file_op(root: &Root, path: &str, op: &Op) -> Result<(), FsError> {

@@ -208,6 +208,7 @@ fn corrupt(source: io::Error) -> ExtractError {
     ExtractError::Corrupt { source }
 }
 
+/// Unpacks every entry of the gzip tar stream into `dest`, then checks the gzip trailer.
 fn unpack<R: Read>(
     src: &mut HashingReader<R>,
     dest: &Path,
@@ -224,65 +225,96 @@ fn unpack<R: Read>(
         let mut entry = entry.map_err(corrupt)?;
         let kind = entry.header().entry_type();
         if is_metadata(kind) {
-            let header_name = lossy(&entry.path_bytes());
-            records += 1;
-            if records > MAX_METADATA_RECORDS {
-                let detail = format!("more than {MAX_METADATA_RECORDS} metadata records");
-                return Err(ExtractError::BadMetadata {
-                    name: header_name,
-                    detail,
-                });
-            }
-            let data = read_metadata(&mut entry, &header_name)?;
-            match kind {
-                EntryType::GNULongName => pending.long_name = Some(trim_nul(data)),
-                EntryType::XHeader => parse_pax(&data, &header_name, &mut pending)?,
-                _ => {} // global PAX records and GNU long link names: not needed
-            }
+            take_metadata(&mut entry, kind, &mut records, &mut pending)?;
             continue;
         }
         let meta = std::mem::take(&mut pending);
-        let raw_name = meta
-            .pax_path
-            .or(meta.long_name)
-            .unwrap_or_else(|| entry.path_bytes().into_owned());
         let size = entry.size();
-        if meta.pax_size.is_some_and(|s| s != size) {
-            let detail = "PAX size disagrees with the tar header".to_string();
-            return Err(ExtractError::BadMetadata {
-                name: lossy(&raw_name),
-                detail,
-            });
-        }
-        let Some(name) = check_name(&raw_name, kind)? else {
-            // The `./` root directory: once, without data to skip over.
-            if size != 0 || !seen.insert(".".to_string()) {
-                let detail = "repeated or non-empty root directory entry".to_string();
-                return Err(ExtractError::BadMetadata {
-                    name: lossy(&raw_name),
-                    detail,
-                });
-            }
+        let Some(name) = admit_entry(&entry, kind, meta, &mut seen)? else {
             continue;
         };
-        if !ARCHIVE_ENTRIES.contains(&name.as_str()) {
-            return Err(ExtractError::UnexpectedEntry { name });
-        }
-        if !seen.insert(name.clone()) {
-            return Err(ExtractError::Duplicate { name });
-        }
-        if size > MAX_ENTRY_BYTES {
-            return Err(ExtractError::TooLarge {
-                name,
-                size,
-                limit: MAX_ENTRY_BYTES,
-            });
-        }
         files.push(write_entry(&mut entry, dest, name, size, &mut buf, created)?);
     }
     // Past the tar end: drain the gzip stream so its trailer is checked.
     drain_capped(&mut archive.into_inner(), "tar end marker")?;
     Ok(files)
+}
+
+/// Reads one metadata record (at most [`MAX_METADATA_RECORDS`]) into `pending`.
+fn take_metadata<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    kind: EntryType,
+    records: &mut usize,
+    pending: &mut Pending,
+) -> Result<(), ExtractError> {
+    let header_name = lossy(&entry.path_bytes());
+    *records += 1;
+    if *records > MAX_METADATA_RECORDS {
+        let detail = format!("more than {MAX_METADATA_RECORDS} metadata records");
+        return Err(ExtractError::BadMetadata {
+            name: header_name,
+            detail,
+        });
+    }
+    let data = read_metadata(entry, &header_name)?;
+    match kind {
+        EntryType::GNULongName => pending.long_name = Some(trim_nul(data)),
+        EntryType::XHeader => parse_pax(&data, &header_name, pending)?,
+        _ => {} // global PAX records and GNU long link names: not needed
+    }
+    Ok(())
+}
+
+/// The checked name of a file entry (with its metadata applied); `None` for
+/// the archive's `./` root directory, allowed once.
+fn admit_entry<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    kind: EntryType,
+    meta: Pending,
+    seen: &mut HashSet<String>,
+) -> Result<Option<String>, ExtractError> {
+    let raw_name = meta
+        .pax_path
+        .or(meta.long_name)
+        .unwrap_or_else(|| entry.path_bytes().into_owned());
+    let size = entry.size();
+    if meta.pax_size.is_some_and(|s| s != size) {
+        let detail = "PAX size disagrees with the tar header".to_string();
+        return Err(ExtractError::BadMetadata {
+            name: lossy(&raw_name),
+            detail,
+        });
+    }
+    let Some(name) = check_name(&raw_name, kind)? else {
+        // The `./` root directory: once, without data to skip over.
+        if size != 0 || !seen.insert(".".to_string()) {
+            let detail = "repeated or non-empty root directory entry".to_string();
+            return Err(ExtractError::BadMetadata {
+                name: lossy(&raw_name),
+                detail,
+            });
+        }
+        return Ok(None);
+    };
+    check_file_entry(name, size, seen).map(Some)
+}
+
+/// A file entry must be expected, not seen before, and at most [`MAX_ENTRY_BYTES`].
+fn check_file_entry(name: String, size: u64, seen: &mut HashSet<String>) -> Result<String, ExtractError> {
+    if !ARCHIVE_ENTRIES.contains(&name.as_str()) {
+        return Err(ExtractError::UnexpectedEntry { name });
+    }
+    if !seen.insert(name.clone()) {
+        return Err(ExtractError::Duplicate { name });
+    }
+    if size > MAX_ENTRY_BYTES {
+        return Err(ExtractError::TooLarge {
+            name,
+            size,
+            limit: MAX_ENTRY_BYTES,
+        });
+    }
+    Ok(name)
 }
 
 /// Reads `r` to its end, refusing more than [`MAX_TRAILING_BYTES`].
@@ -406,6 +438,7 @@ pub fn normalised_mode(name: &str) -> u32 {
     if BINARIES.contains(&name) { 0o755 } else { 0o644 }
 }
 
+/// Writes one file entry to `dest` with its normalised mode, hashing it.
 fn write_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     dest: &Path,
@@ -416,43 +449,8 @@ fn write_entry<R: Read>(
 ) -> Result<ExtractedFile, ExtractError> {
     let path = dest.join(&name);
     let mode = normalised_mode(&name);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&path)
-        .map_err(|source| ExtractError::CreateFile {
-            path: path.clone(),
-            source,
-        })?;
-    created.push(path.clone());
-    // fchmod: the umask must not change the normalised mode.
-    file.set_permissions(Permissions::from_mode(mode))
-        .map_err(|source| ExtractError::WriteFile {
-            path: path.clone(),
-            source,
-        })?;
-    let mut hasher = Sha256::new();
-    let mut written = 0u64;
-    loop {
-        let n = entry.read(buf).map_err(corrupt)?;
-        if n == 0 {
-            break;
-        }
-        written += n as u64;
-        if written > MAX_ENTRY_BYTES {
-            return Err(ExtractError::TooLarge {
-                name,
-                size: written,
-                limit: MAX_ENTRY_BYTES,
-            });
-        }
-        hasher.update(&buf[..n]);
-        file.write_all(&buf[..n]).map_err(|source| ExtractError::WriteFile {
-            path: path.clone(),
-            source,
-        })?;
-    }
+    let mut file = create_entry_file(&path, mode, created)?;
+    let (written, sha256) = copy_hashed(entry, &mut file, &path, &name, buf)?;
     if written != size {
         return Err(ExtractError::TruncatedEntry {
             name,
@@ -463,10 +461,64 @@ fn write_entry<R: Read>(
     sync(&file, &path)?;
     Ok(ExtractedFile {
         name,
-        sha256: Sha256Hex::from_bytes(&hasher.finalize()),
+        sha256,
         size,
         mode,
     })
+}
+
+/// Creates a new file at `path` with exactly `mode`, noting it in `created`.
+fn create_entry_file(path: &Path, mode: u32, created: &mut Vec<PathBuf>) -> Result<File, ExtractError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|source| ExtractError::CreateFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    created.push(path.to_path_buf());
+    // fchmod: the umask must not change the normalised mode.
+    file.set_permissions(Permissions::from_mode(mode))
+        .map_err(|source| ExtractError::WriteFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(file)
+}
+
+/// Copies the entry's data into `file`, refusing more than [`MAX_ENTRY_BYTES`];
+/// returns the byte count and SHA-256.
+fn copy_hashed<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    file: &mut File,
+    path: &Path,
+    name: &str,
+    buf: &mut [u8],
+) -> Result<(u64, Sha256Hex), ExtractError> {
+    let mut hasher = Sha256::new();
+    let mut written = 0u64;
+    loop {
+        let n = entry.read(buf).map_err(corrupt)?;
+        if n == 0 {
+            break;
+        }
+        written += n as u64;
+        if written > MAX_ENTRY_BYTES {
+            return Err(ExtractError::TooLarge {
+                name: name.to_string(),
+                size: written,
+                limit: MAX_ENTRY_BYTES,
+            });
+        }
+        hasher.update(&buf[..n]);
+        file.write_all(&buf[..n]).map_err(|source| ExtractError::WriteFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok((written, Sha256Hex::from_bytes(&hasher.finalize())))
 }
 
 fn sync(file: &File, path: &Path) -> Result<(), ExtractError> {
