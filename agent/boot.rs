@@ -312,7 +312,7 @@ pub struct BootArgs {
     #[arg(long, value_name = "DIR", env = "SOCI_AGENT_ROOT", default_value = "/")]
     pub root: PathBuf,
     /// The node's pause image archive, imported into the soci snapshotter when present.
-    #[arg(long, value_name = "PATH", default_value = PAUSE_ARCHIVE)]
+    #[arg(long, value_name = "PATH", default_value = PAUSE_ARCHIVE, value_parser = crate::flag_values::parse_node_path)]
     pub pause_archive: String,
     /// Give up after this many seconds (then exit 0 unless --strict).
     #[arg(long, value_name = "SECS", default_value_t = 600.0, value_parser = crate::flag_values::parse_seconds)]
@@ -324,7 +324,7 @@ pub struct BootArgs {
     #[arg(long, value_name = "FILE", env = "SOCI_AGENT_CONFIG")]
     pub config: Option<PathBuf>,
     /// Also write this run's figures as Prometheus gauges to DIR/soci_agent_boot.prom (under --root).
-    #[arg(long, value_name = "DIR", env = "SOCI_AGENT_TEXTFILE_DIR")]
+    #[arg(long, value_name = "DIR", env = "SOCI_AGENT_TEXTFILE_DIR", value_parser = crate::flag_values::parse_node_path)]
     pub textfile_dir: Option<String>,
     /// Report format on stdout.
     #[arg(long, value_enum, default_value = "text")]

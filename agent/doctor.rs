@@ -181,14 +181,15 @@ pub struct DoctorArgs {
     pub output: OutputFormat,
     /// The snapshotter's root (checked against containerd's exports.root, free space).
     /// [default: the --root of the unit's ExecStart, else /var/lib/soci-snapshotter-grpc]
-    #[arg(long, value_name = "DIR", env = "SOCI_AGENT_SOCI_ROOT")]
+    #[arg(long, value_name = "DIR", env = "SOCI_AGENT_SOCI_ROOT", value_parser = crate::flag_values::parse_node_path)]
     pub soci_root: Option<String>,
     /// containerd config file (a node path under --root).
     #[arg(
         long,
         value_name = "PATH",
         env = "SOCI_AGENT_CONTAINERD_CONFIG",
-        default_value = CONTAINERD_CONFIG
+        default_value = CONTAINERD_CONFIG,
+        value_parser = crate::flag_values::parse_node_path
     )]
     pub containerd_config: String,
     /// D-Bus address of systemd's bus, e.g. unix:path=/run/dbus/system_bus_socket.

@@ -16,3 +16,18 @@ pub fn parse_seconds(value: &str) -> Result<f64, SecondsError> {
         _ => Err(SecondsError(value.to_owned())),
     }
 }
+
+/// A node-path flag's value that is not an absolute, printable path.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?}: give an absolute path (node paths are resolved under --root)")]
+pub struct NodePathError(String);
+
+/// Parses a node path for a flag: absolute and without control characters
+/// (an empty or relative value would land in the current directory).
+pub fn parse_node_path(value: &str) -> Result<String, NodePathError> {
+    if value.starts_with('/') && !value.chars().any(char::is_control) {
+        Ok(value.to_owned())
+    } else {
+        Err(NodePathError(value.to_owned()))
+    }
+}

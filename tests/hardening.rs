@@ -542,3 +542,46 @@ fn uninstall_leaves_a_file_another_tool_rewrote() {
     assert!(!t.path("/etc/systemd/system/soci-snapshotter.service").exists());
     assert!(!t.path("/etc/soci-snapshotter-grpc/config.toml").exists());
 }
+
+/// Values that are refused outright: exit 2 with the flag named, nothing written.
+#[test]
+fn bad_flag_values_are_usage_errors_that_change_nothing() {
+    let t = Tree::new();
+    let before = files_under(&t.root());
+    let cases: &[(&str, &str, &str)] = &[
+        ("boot", "--timeout", "nan"),
+        ("boot", "--timeout", "1e309"),
+        ("boot", "--textfile-dir", ""),
+        ("boot", "--textfile-dir", "relative/dir"),
+        ("doctor", "--soci-root", "relative/soci"),
+        ("doctor", "--containerd-config", "etc/containerd/config.toml"),
+        ("install", "--soci-root", "/var/lib/x\nExecStartPre=/bin/true"),
+        ("install", "--release-url", "http://[::1"),
+        ("install", "--textfile-dir", ""),
+    ];
+    for (sub, flag, value) in cases {
+        let out = Command::new(common::agent_bin())
+            .arg(sub)
+            .arg("--root")
+            .arg(t.root())
+            .arg(format!("{flag}={value}"))
+            .args(if *sub == "install" {
+                &["--no-start"][..]
+            } else {
+                &[][..]
+            })
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{sub} {flag}={value:?}: {}", show(&out));
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            said.contains(flag),
+            "{sub} {flag}={value:?} does not name the flag: {said}"
+        );
+    }
+    assert_eq!(files_under(&t.root()), before, "a refused run changed files");
+}
