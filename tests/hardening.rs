@@ -36,6 +36,13 @@ impl Tree {
         .unwrap();
         t
     }
+    /// A tree with a successful install done.
+    fn installed() -> Tree {
+        let t = Tree::new();
+        let out = t.install(&[]);
+        assert!(out.status.success(), "the first install: {}", show(&out));
+        t
+    }
     fn root(&self) -> PathBuf {
         self.dir.path().join("root")
     }
@@ -159,9 +166,7 @@ fn symlinked_directories_never_lead_writes_out_of_the_root() {
 
 #[test]
 fn a_directory_that_becomes_a_link_later_does_not_lead_uninstall_out() {
-    let t = Tree::new();
-    let out = t.install(&[]);
-    assert!(out.status.success(), "{}", show(&out));
+    let t = Tree::installed();
     // A file outside with the name uninstall --purge would delete, through a link made later.
     let outside_units = t.outside().join("units");
     std::fs::create_dir_all(&outside_units).unwrap();
@@ -320,9 +325,7 @@ fn concurrent_installs_into_one_root_serialize_and_converge() {
 
 #[test]
 fn the_lock_is_private_and_a_fifo_in_its_place_is_refused() {
-    let t = Tree::new();
-    let out = t.install(&[]);
-    assert!(out.status.success(), "{}", show(&out));
+    let t = Tree::installed();
     let lock = lock_of(&t);
     assert_eq!(common::mode_of(&lock), 0o600);
     assert_eq!(common::mode_of(lock.parent().unwrap()), 0o700);
@@ -351,9 +354,7 @@ fn the_lock_is_private_and_a_fifo_in_its_place_is_refused() {
 #[test]
 fn a_held_lock_is_waited_for_with_a_deadline_that_names_the_holder() {
     use std::io::Write;
-    let t = Tree::new();
-    let first = t.install(&[]);
-    assert!(first.status.success(), "{}", show(&first));
+    let t = Tree::installed();
     let mut file = std::fs::OpenOptions::new().write(true).open(lock_of(&t)).unwrap();
     file.set_len(0).unwrap();
     writeln!(file, "4242").unwrap();
@@ -520,9 +521,7 @@ fn values_that_would_inject_into_a_unit_file_are_refused() {
 
 #[test]
 fn uninstall_leaves_a_file_another_tool_rewrote() {
-    let t = Tree::new();
-    let out = t.install(&[]);
-    assert!(out.status.success(), "{}", show(&out));
+    let t = Tree::installed();
     let socket = t.path("/etc/systemd/system/soci-snapshotter.socket");
     let theirs = "[Unit]\nDescription=rewritten by another tool\n\n[Socket]\nListenStream=/run/other.sock\n";
     std::fs::write(&socket, theirs).unwrap();
