@@ -50,7 +50,7 @@ fn describe(state: Option<&UnitState>) -> String {
 
 /// A snapshot of a unit's properties (`org.freedesktop.systemd1.Unit`, plus
 /// `org.freedesktop.systemd1.Service` for services).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct UnitState {
     /// The unit's primary name (`Id`), e.g. `containerd.service`.
     pub name: String,
@@ -396,12 +396,7 @@ mod tests {
             sub_state: sub.into(),
             result: result.into(),
             unit_file_state: "enabled".into(),
-            invocation_id: String::new(),
-            need_daemon_reload: false,
-            main_pid: 0,
-            n_restarts: 0,
-            fragment_path: String::new(),
-            drop_in_paths: vec![],
+            ..UnitState::default()
         }
     }
 

@@ -232,14 +232,8 @@ mod tests {
             load_state: "loaded".into(),
             active_state: active.into(),
             sub_state: sub.into(),
-            result: String::new(),
             unit_file_state: "enabled".into(),
-            invocation_id: String::new(),
-            need_daemon_reload: false,
-            main_pid: 0,
-            n_restarts: 0,
-            fragment_path: String::new(),
-            drop_in_paths: vec![],
+            ..UnitState::default()
         }
     }
 
