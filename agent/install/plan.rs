@@ -65,8 +65,21 @@ pub enum PlanError {
 
 impl PlanError {
     /// Usage/validation errors (exit 2) vs failures reading the node (exit 1).
+    /// Every variant is named, so a new one must be placed.
     pub fn is_usage(&self) -> bool {
-        !matches!(self, PlanError::Fs(_) | PlanError::ReadChecksum { .. })
+        match self {
+            PlanError::Bottlerocket(_)
+            | PlanError::NothingToAdopt(_)
+            | PlanError::AdoptTooOld { .. }
+            | PlanError::UnknownContainerdForNodeadm { .. }
+            | PlanError::Arch(_)
+            | PlanError::Containerd(_)
+            | PlanError::NotUtf8 { .. }
+            | PlanError::BadChecksum { .. }
+            | PlanError::Record(_)
+            | PlanError::Tuning(_) => true,
+            PlanError::ReadChecksum { .. } | PlanError::Fs(_) => false,
+        }
     }
 }
 
