@@ -1,7 +1,7 @@
 //! The command line's top level (clap derive): global flags and the
 //! subcommands. Each subcommand's flags live next to its code.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 pub const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
@@ -73,6 +73,20 @@ A second run with the same inputs changes nothing and says so."
     /// Stay on after boot: watch what install set up, repair what the agent
     /// owns, keep the configured images warm, serve Prometheus metrics.
     Daemon(Box<crate::daemon::DaemonArgs>),
+}
+
+impl Cli {
+    /// Parses the process arguments (exits with clap's message and code 2 on
+    /// a usage error), noting for install which options came from flags and
+    /// which from the environment.
+    pub fn parse_with_sources() -> Cli {
+        let matches = Cli::command().get_matches();
+        let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        if let (Command::Install(args), Some(("install", m))) = (&mut cli.command, matches.subcommand()) {
+            args.sources = crate::install::options::given_sources(m);
+        }
+        cli
+    }
 }
 
 impl Command {

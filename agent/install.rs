@@ -5,6 +5,7 @@ pub mod activate;
 pub mod apply;
 pub mod args;
 pub mod lock;
+pub mod options;
 pub mod plan;
 pub mod record;
 pub mod report;
@@ -73,7 +74,7 @@ impl Laps {
 async fn execute(args: &InstallArgs, saved_to: &mut Option<(Root, Option<String>)>) -> (InstallReport, OutputFormat) {
     let laps = Laps(Instant::now());
     let mut report = InstallReport::new(args.dry_run);
-    let fallback_output = args.output.unwrap_or(OutputFormat::Text);
+    let fallback_output = args.options.output.unwrap_or(OutputFormat::Text);
     let settings = match InstallSettings::resolve(args) {
         Ok(s) => s,
         Err(e) => {
@@ -87,9 +88,24 @@ async fn execute(args: &InstallArgs, saved_to: &mut Option<(Root, Option<String>
     if let Some(f) = &settings.config_file {
         report.notes.push(format!("settings read from {}", f.display()));
     }
+    if settings.layered.replayed {
+        report.notes.push(format!(
+            "no settings given: replaying those of the recorded install ({}); give any to replace them",
+            replayed(&settings)
+        ));
+    }
     // Stopped: the report already says why.
     let _ = install(&settings, &mut report, laps).await;
     (report, settings.output)
+}
+
+/// The replayed options as `key=value`, comma-separated.
+fn replayed(s: &InstallSettings) -> String {
+    let shown = s.layered.shown();
+    let each = shown.iter().filter(|o| o.source.is_recorded());
+    each.map(|o| format!("{}={}", o.key, o.value))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Locks the node, detects, plans and, unless this is a dry run, applies

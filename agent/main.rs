@@ -3,12 +3,11 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use soci_agent::cli::{Cli, Command};
 use soci_agent::output::OutputFormat;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_with_sources();
     if let Err(e) = soci_agent::logging::init(&cli.log_level) {
         eprintln!("error: {e}");
         return ExitCode::from(2);

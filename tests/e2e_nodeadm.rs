@@ -611,3 +611,221 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
         rig.started.elapsed()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The daemon on the same node: its desired state is what install was asked to do.
+
+const AGENT_CONFIG: &str = "/etc/soci-agent/config.toml";
+const AGENT_SERVICE: &str = "soci-agent.service";
+const SOCI_CONFIG: &str = "/etc/soci-snapshotter-grpc/config.toml";
+/// How long a repair may take to show (the bound: within 30 s, at a 2 s interval).
+const REPAIR_BOUND: Duration = Duration::from_secs(30);
+
+/// `soci-agent daemon --query` inside the node, as JSON.
+fn daemon_state(rig: &Rig) -> Value {
+    let out = rig.node.exec(&[common::booted::INSTALLED_AGENT, "daemon", "--query"]);
+    assert!(
+        out.status.success(),
+        "daemon --query: {} {}",
+        out.status,
+        text(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("daemon --query is not JSON: {e}"))
+}
+
+/// Polls the daemon's state until `done` holds (bounded; `what` names the wait in the panic).
+fn wait_state(rig: &Rig, what: &str, bound: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + bound;
+    loop {
+        let state = daemon_state(rig);
+        if done(&state) {
+            return state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {bound:?}\nlast state: {state:#}\n{}",
+            rig.unit_story(AGENT_SERVICE)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Polls node state until `done` holds (bounded).
+fn wait_until(rig: &Rig, what: &str, bound: Duration, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + bound;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {bound:?}\ndaemon: {:#}\n{}",
+            daemon_state(rig),
+            rig.unit_story(AGENT_SERVICE)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The verdict of check `id` in the daemon's state.
+fn check_verdict(state: &Value, id: &str) -> String {
+    state["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["id"] == id))
+        .map(|c| {
+            format!(
+                "{}: {}",
+                c["verdict"].as_str().unwrap_or("?"),
+                c["evidence"].as_str().unwrap_or("")
+            )
+        })
+        .unwrap_or_else(|| format!("no check {id}"))
+}
+
+/// `/metrics` over HTTP from the host, parsed by a Prometheus text-format parser.
+fn scrape(port: u16) -> prometheus_parse::Scrape {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read /metrics");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines).expect("/metrics parses as Prometheus text")
+}
+
+fn metric(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name)
+        .unwrap_or_else(|| panic!("no sample {name} in /metrics"));
+    match sample.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        ref other => panic!("{name}: {other:?}"),
+    }
+}
+
+/// User data's way: `install --release-url M --soci-version V --daemon` with a config file that
+/// holds only a `[daemon]` table. The daemon must then want what install was asked (no drift),
+/// restart nothing while idle, start a stopped snapshotter, bring back containerd when stopping
+/// the snapshotter took it down, put back the SOCI config byte for byte, and count its repairs
+/// in `/metrics`.
+#[test]
+fn the_daemon_holds_the_node_to_what_install_was_asked() {
+    let rig = boot();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    fs::create_dir_all(rig.node.path("/etc/soci-agent")).unwrap();
+    fs::write(
+        rig.node.path(AGENT_CONFIG),
+        format!("[daemon]\ninterval = \"2s\"\nrepair = true\nmetrics_address = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+
+    rig.step("install --daemon, then nodeadm-run");
+    let mut install = install_argv(&rig.mirror);
+    install.push("--daemon".into());
+    let run = rig.agent("install", &install);
+    run.expect_code(0);
+    let out = rig.node.exec_timeout(
+        &["systemctl", "start", "--job-mode=ignore-requirements", NODEADM_RUN],
+        NODEADM_RUN_BOUND,
+    );
+    assert!(out.status.success(), "{NODEADM_RUN}\n{}", rig.unit_story(NODEADM_RUN));
+    assert!(rig.unit(CONTAINERD).is_active() && rig.unit(SOCI).is_active());
+    if !rig.unit(AGENT_SERVICE).is_active() {
+        rig.start(AGENT_SERVICE);
+    }
+
+    rig.step("no drift right after install with flags");
+    let first = wait_state(&rig, "two reconciles", REPAIR_BOUND, |s| {
+        s["reconciles"].as_u64() >= Some(2)
+    });
+    let drift = check_verdict(&first, "agent.drift");
+    assert!(drift.starts_with("ok"), "agent.drift after install: {drift}\n{first:#}");
+    let desired = first["config"]["desired"].as_array().cloned().unwrap_or_default();
+    let source = |key: &str| {
+        desired
+            .iter()
+            .find(|o| o["key"] == key)
+            .map(|o| (o["value"].clone(), o["source"].clone()))
+    };
+    assert_eq!(
+        source("soci_version"),
+        Some((Value::from(VERSION), Value::from("recorded-flag"))),
+        "{desired:?}"
+    );
+    assert_eq!(source("release_url").map(|v| v.1), Some(Value::from("recorded-flag")));
+
+    rig.step("idle: no restart of SOCI or containerd");
+    let (soci_run, containerd_run) = (rig.unit(SOCI).invocation_id, rig.unit(CONTAINERD).invocation_id);
+    let seen = first["reconciles"].as_u64().unwrap();
+    let idle = wait_state(&rig, "three more reconciles", REPAIR_BOUND, |s| {
+        s["reconciles"].as_u64() >= Some(seen + 3)
+    });
+    assert_eq!(idle["repairs"]["total"], 0, "{idle:#}");
+    assert_eq!(
+        rig.unit(SOCI).invocation_id,
+        soci_run,
+        "SOCI restarted while nothing drifted"
+    );
+    assert_eq!(
+        rig.unit(CONTAINERD).invocation_id,
+        containerd_run,
+        "containerd restarted while idle"
+    );
+
+    rig.step("a stopped snapshotter, containerd left running");
+    let out = rig
+        .node
+        .exec(&["systemctl", "stop", "--job-mode=ignore-dependencies", SOCKET, SOCI]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!rig.unit(SOCI).is_active() && rig.unit(CONTAINERD).is_active());
+    wait_until(&rig, "the snapshotter running again", REPAIR_BOUND, || {
+        rig.unit(SOCI).is_active() && rig.unit(SOCKET).is_active()
+    });
+    assert_eq!(
+        rig.unit(CONTAINERD).invocation_id,
+        containerd_run,
+        "starting the snapshotter must not restart containerd"
+    );
+
+    rig.step("systemctl stop soci-snapshotter: containerd goes down with it");
+    let out = rig.node.exec(&["systemctl", "stop", SOCI]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let containerd = rig.unit(CONTAINERD);
+    assert!(!containerd.is_active(), "Requires= stops containerd too: {containerd}");
+    wait_until(
+        &rig,
+        "containerd and the snapshotter running again",
+        REPAIR_BOUND,
+        || rig.unit(SOCI).is_active() && rig.unit(CONTAINERD).is_active(),
+    );
+
+    rig.step("a drifted SOCI config is put back byte for byte");
+    let written = rig.read(SOCI_CONFIG).expect("install wrote the SOCI config");
+    fs::write(
+        rig.node.path(SOCI_CONFIG),
+        b"# edited by hand\n[pull_modes.parallel_pull_unpack]\nenable = false\n",
+    )
+    .unwrap();
+    wait_until(&rig, "the SOCI config restored", REPAIR_BOUND, || {
+        rig.read(SOCI_CONFIG).as_deref() == Some(written.as_slice())
+    });
+
+    rig.step("/metrics counts the repairs");
+    let state = daemon_state(&rig);
+    let scrape = scrape(port);
+    let repairs = metric(&scrape, "soci_agent_repairs_total");
+    assert!(repairs >= 3.0, "repairs counted: {repairs}\n{state:#}");
+    let counted = state["repairs"]["total"].as_f64().unwrap_or(f64::MAX);
+    assert!(repairs >= counted, "/metrics {repairs} < status {counted}\n{state:#}");
+}

@@ -500,6 +500,55 @@ fn settings_precedence_is_flag_then_env_then_file_then_default() {
     assert_code(&node.install(&["--archive", a]), 2);
 }
 
+/// The record keeps what install was given (flags, env); a later run given no node setting
+/// replays it (and changes nothing), a run given any replaces it as a whole.
+#[test]
+fn a_run_without_settings_replays_the_recorded_request() {
+    let node = Node::plain();
+    let archive = node.archive();
+    let a = archive.to_str().unwrap();
+    let unpacks = |node: &Node| {
+        let cfg: toml_edit::DocumentMut = node.read("/etc/soci-snapshotter-grpc/config.toml").parse().unwrap();
+        cfg["pull_modes"]["parallel_pull_unpack"]["max_concurrent_unpacks_per_image"].as_integer()
+    };
+    let first = node.install_env(
+        &["--archive", a, "--max-concurrent-unpacks-per-image", "3"],
+        &[("SOCI_AGENT_DECOMPRESSOR", "none")],
+    );
+    assert_code(&first, 0);
+    assert_eq!(unpacks(&node), Some(3));
+    let record: serde_json::Value = serde_json::from_str(&node.read("/var/lib/soci-agent/record.json")).unwrap();
+    let request = &record["request"];
+    assert_eq!(request["max_concurrent_unpacks_per_image"]["value"], 3, "{record:#}");
+    assert_eq!(request["max_concurrent_unpacks_per_image"]["source"], "flag");
+    assert_eq!(request["decompressor"]["source"], "env", "{record:#}");
+    assert!(
+        request.get("no_start").is_none(),
+        "run-only options are not recorded: {record:#}"
+    );
+
+    // No node setting (--no-start and --output are about this run only): replayed, nothing changes.
+    let before = node.tree();
+    let replay = node.run("install", &["--output", "json"], &[]);
+    assert_code(&replay, 0);
+    assert_eq!(node.tree(), before, "a replay changes nothing");
+    let notes = json(&replay)["notes"].to_string();
+    assert!(
+        notes.contains("replaying") && notes.contains("max_concurrent_unpacks_per_image=3"),
+        "{notes}"
+    );
+
+    // Any setting given replaces the request: the per-image limit is back to its default.
+    assert_code(&node.install(&["--archive", a]), 0);
+    assert_eq!(unpacks(&node), Some(12));
+    let record: serde_json::Value = serde_json::from_str(&node.read("/var/lib/soci-agent/record.json")).unwrap();
+    assert!(
+        record["request"].get("max_concurrent_unpacks_per_image").is_none(),
+        "{record:#}"
+    );
+    assert!(record["request"].get("decompressor").is_none(), "{record:#}");
+}
+
 #[test]
 fn changing_tuning_rewrites_the_config_but_keeps_the_release() {
     let node = Node::plain();

@@ -1,8 +1,8 @@
 //! The daemon's configuration: the `[daemon]` table of the agent config file,
 //! plus the `[prefetch]` table (the images to keep warm, through
-//! [`PrefetchOptions::from_config`]) and the `[install]` table (what install
-//! would write, through [`InstallSettings::resolve`], with `SOCI_AGENT_*`
-//! from the environment as install reads them). Loaded at start and on
+//! [`PrefetchOptions::from_config`]) and what install was asked to do (the
+//! install record's request over the `[install]` table, through
+//! [`InstallSettings::resolve`]: the desired state). Loaded at start and on
 //! SIGHUP; a load that fails changes nothing (the caller keeps the old one).
 //!
 //! ```toml
@@ -22,10 +22,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, FromArgMatches};
 use serde::Deserialize;
 
 use crate::install::args::InstallArgs;
+use crate::install::options::ShownOption;
 use crate::install::settings::InstallSettings;
 use crate::prefetch::{PinMode, PrefetchOptions};
 use crate::rootfs::Root;
@@ -158,6 +158,9 @@ pub struct Shown {
     pub metrics_address: Option<String>,
     pub images: Vec<String>,
     pub pin: PinMode,
+    /// What install was asked to do, each option with where it came from
+    /// (unlisted options are at their defaults).
+    pub desired: Vec<ShownOption>,
 }
 
 impl Config {
@@ -173,6 +176,7 @@ impl Config {
             metrics_address: self.metrics_address.as_ref().map(ToString::to_string),
             images: self.prefetch.images.clone(),
             pin: self.prefetch.pin,
+            desired: self.install.layered.shown(),
         }
     }
 
@@ -202,22 +206,21 @@ fn invalid(key: &'static str, value: impl Into<String>, reason: impl Into<String
 
 use crate::install::settings::config_path;
 
-/// Install settings as `soci-agent install --root ROOT --config FILE --no-start --daemon`
-/// would resolve them, environment included.
+/// What install was asked to do: the request in the install record (flags
+/// and `SOCI_AGENT_*` of the install that wrote it) over the config file's
+/// `[install]` table over the defaults, as `soci-agent install --no-start`
+/// would replay it. The daemon runs, so its own unit is part of that.
 fn install_settings(root: &Root, file: Option<&Path>) -> Result<InstallSettings, ConfigError> {
-    let mut argv = vec!["install".into(), "--root".into(), root.base().as_os_str().to_owned()];
-    if let Some(f) = file {
-        argv.extend(["--config".into(), f.as_os_str().to_owned()]);
-    }
-    // The daemon runs: its own unit is part of what install wrote (install --daemon).
-    argv.extend(["--no-start".into(), "--daemon".into()]);
-    let cmd = InstallArgs::augment_args(clap::Command::new("install").no_binary_name(false));
-    let matches = cmd
-        .try_get_matches_from(argv)
-        .map_err(|e| invalid("(install settings)", "", e.to_string().trim().to_string()))?;
-    let args = InstallArgs::from_arg_matches(&matches)
-        .map_err(|e| invalid("(install settings)", "", e.to_string().trim().to_string()))?;
-    Ok(InstallSettings::resolve(&args)?)
+    let mut args = InstallArgs {
+        root: root.base().to_path_buf(),
+        config: file.map(Path::to_path_buf),
+        ..InstallArgs::default()
+    };
+    // Run-only: talks to no systemd, and replays the record as a whole.
+    args.options.no_start = true;
+    let mut settings = InstallSettings::resolve(&args)?;
+    settings.daemon = true;
+    Ok(settings)
 }
 
 /// Reads and validates everything; changes nothing.

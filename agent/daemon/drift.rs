@@ -7,7 +7,10 @@
 //! means no drift. The containerd config is merged, not replaced, so edits a
 //! person made to other keys are not drift; only losing the soci wiring is.
 //!
-//! A drifted file or link can be put back ([`Fix`]); a stale store entry or
+//! A drifted file or link can be put back ([`Fix`]), from what install
+//! wrote and the verified store entry in use; never another SOCI: when the
+//! plan wants another binary than the record's, nothing is repaired and the
+//! check says to run install. A stale store entry or
 //! a different agent binary cannot (that is `soci-agent install`'s job, or a
 //! restart of the daemon after an upgrade), nor is the install record
 //! rewritten: those are reported only.
@@ -98,8 +101,38 @@ pub async fn assess(root: &Root, settings: &InstallSettings) -> Assessment {
         files.push(file);
         fixes.extend(fix);
     }
+    if plan.daemon_binary != record.daemon_binary {
+        // Another SOCI is wanted than the one installed (the AMI's package
+        // changed, or the config file asks for another version): switching
+        // is install's job, and the files for it belong to that SOCI.
+        return Assessment {
+            check: switch_wanted(&record, &plan),
+            files,
+            fixes: Vec::new(),
+        };
+    }
     let check = verdict(&files);
     Assessment { check, files, fixes }
+}
+
+/// The check when the desired SOCI binary is not the installed one.
+fn switch_wanted(record: &Record, plan: &crate::install::plan::Plan) -> Check {
+    Check::warn(
+        CHECK_ID,
+        format!(
+            "install would now run {} ({}), the node runs {} (SOCI {}); the daemon never switches SOCI \
+             on its own and repairs nothing until install has run",
+            plan.daemon_binary,
+            plan.soci.reason,
+            record.daemon_binary,
+            if record.soci_version.is_empty() {
+                "of unknown version"
+            } else {
+                &record.soci_version
+            },
+        ),
+        "run soci-agent install --dry-run to see the switch, then soci-agent install to make it",
+    )
 }
 
 /// The install record, or the check that says why there is none to compare with.

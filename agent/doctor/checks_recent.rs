@@ -6,6 +6,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::Value;
 
+use crate::install::options::Requested;
+
 use super::Check;
 use super::node::{Node, Text};
 
@@ -30,14 +32,27 @@ pub fn record(node: &Node) -> Check {
             Check::ok(
                 ID,
                 format!(
-                    "{RECORD}: daemon_binary {} ({how}); {} paths, {} units enabled by soci-agent",
+                    "{RECORD}: daemon_binary {} ({how}); {} paths, {} units enabled by soci-agent; {}",
                     r.daemon_binary,
                     r.paths.len(),
-                    r.enabled_units.len()
+                    r.enabled_units.len(),
+                    requested(&r.request)
                 ),
             )
         }
     }
+}
+
+/// The recorded request in one line: what the daemon and a re-run want.
+fn requested(request: &std::collections::BTreeMap<String, Requested>) -> String {
+    if request.is_empty() {
+        return "installed with no flags or SOCI_AGENT_* settings (config file and defaults)".into();
+    }
+    let each: Vec<String> = request
+        .iter()
+        .map(|(k, r)| format!("{k}={} ({})", r.value, r.source.describe()))
+        .collect();
+    format!("installed with {}", each.join(", "))
 }
 
 pub fn reports(node: &Node) -> Vec<Check> {

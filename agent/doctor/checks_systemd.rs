@@ -1,4 +1,6 @@
-//! systemd.*: the SOCI service and socket (enabled, active), containerd's
+//! systemd.*: the SOCI service and socket (enabled, active), containerd
+//! running (stopping the snapshotter stops it too: its drop-in's Requires=),
+//! containerd's
 //! ordering drop-in, the boot unit (enabled, or wanted by kubelet) and its
 //! last result. Over D-Bus when a bus answers, else from the unit files.
 
@@ -13,6 +15,7 @@ pub fn checks(node: &Node) -> Vec<Check> {
         bus(node),
         service(node),
         socket(node),
+        containerd(node),
         containerd_dropin(node),
         boot_unit(node),
         boot_result(node),
@@ -112,6 +115,36 @@ fn service_on_bus(node: &Node, st: &UnitState) -> Check {
             ID,
             evidence,
             format!("systemctl enable {SOCI_SERVICE} {SOCI_SOCKET_UNIT}"),
+        ),
+    }
+}
+
+/// `systemd.containerd`: containerd runs (over D-Bus only; skipped without
+/// an answer or a containerd unit). `systemctl stop soci-snapshotter`
+/// stops it too, through the drop-in's `Requires=`: the node then runs no
+/// containers and kubelet goes NotReady.
+fn containerd(node: &Node) -> Check {
+    const ID: &str = "systemd.containerd";
+    let Some(st) = node.bus.unit(CONTAINERD_SERVICE) else {
+        return Check::skip(ID, format!("no D-Bus answer about {CONTAINERD_SERVICE}"));
+    };
+    let evidence = format!("{CONTAINERD_SERVICE}: {} (D-Bus)", state_shown(st));
+    let soci_down = node.bus.unit(SOCI_SERVICE).is_some_and(|s| !s.is_active());
+    match (st.load_state.as_str(), st.active_state.as_str()) {
+        ("not-found", _) => Check::skip(ID, evidence),
+        (_, "active" | "reloading" | "activating") => Check::ok(ID, evidence),
+        _ if soci_down => Check::fail(
+            ID,
+            format!("{evidence}, and {SOCI_SERVICE} is down too (stopping it stops containerd: Requires=)"),
+            format!(
+                "systemctl start {CONTAINERD_SERVICE} (it starts {SOCI_SERVICE} first); \
+                 soci-agent daemon with [daemon] repair = true does this itself"
+            ),
+        ),
+        _ => Check::fail(
+            ID,
+            format!("{evidence}: no containers run and kubelet reports the node NotReady"),
+            format!("systemctl start {CONTAINERD_SERVICE}; see journalctl -u {CONTAINERD_SERVICE}"),
         ),
     }
 }

@@ -1,14 +1,17 @@
 //! The install record, `/var/lib/soci-agent/record.json`: for every path
 //! soci-agent ever changed, how it was before (absent, a backup copy, or a
-//! symlink target), the units it enabled, and the store entries it created.
-//! Written inside the same transaction as the changes it describes; read by
-//! `uninstall` (to put the node back) and `boot` (to verify the binary).
+//! symlink target), the units it enabled, the store entries it created,
+//! and the options install was given. Written inside the same transaction as
+//! the changes it describes; read by `uninstall` (to put the node back),
+//! `boot` (to verify the binary), and the daemon, doctor and later installs
+//! (the desired state).
 
 use crate::paths::RECORD;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::install::options::Requested;
 use crate::release::Sha256Hex;
 use crate::rootfs::{FsError, Root};
 
@@ -50,6 +53,12 @@ pub struct Record {
     /// uninstall removes or restores a file only while it still holds that.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub written: BTreeMap<String, Sha256Hex>,
+    /// The install options this node was installed with, as given on the
+    /// command line or in the environment (the config file is read again):
+    /// the desired state the daemon, doctor and a re-run without settings
+    /// work from.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub request: BTreeMap<String, Requested>,
 }
 
 /// The SHA-256 of `bytes`, as recorded in [`Record::written`].

@@ -11,7 +11,9 @@ use serde::Deserialize;
 
 use crate::files::containerd_config::Daemon;
 use crate::files::soci_config::{Tuning, TuningError};
-use crate::install::args::{InstallArgs, PreinstalledPolicy, WiringMode};
+use crate::install::args::InstallArgs;
+use crate::install::options::{InstallOptions, Layered, PreinstalledPolicy, Source, WiringMode};
+use crate::install::record::Record;
 use crate::output::OutputFormat;
 use crate::release::{Arch, DEFAULT_RELEASE_URL, DEFAULT_SOCI_VERSION, Flavor, ReleaseError, Sha256Hex, Version};
 use crate::rootfs::Root;
@@ -37,43 +39,11 @@ pub enum SettingsError {
     Release { option: &'static str, source: ReleaseError },
 }
 
-/// The `[install]` table of the agent config file; keys are the flag names
-/// with `_` for `-`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct InstallFile {
-    soci_version: Option<String>,
-    release_url: Option<String>,
-    flavor: Option<String>,
-    archive: Option<PathBuf>,
-    sha256: Option<String>,
-    arch: Option<String>,
-    soci_root: Option<String>,
-    max_concurrent_downloads: Option<i64>,
-    max_concurrent_downloads_per_image: Option<i64>,
-    concurrent_download_chunk_size: Option<String>,
-    max_concurrent_unpacks: Option<i64>,
-    max_concurrent_unpacks_per_image: Option<i64>,
-    discard_unpacked_layers: Option<bool>,
-    decompressor: Option<String>,
-    containerd_config: Option<String>,
-    wiring: Option<WiringMode>,
-    adopt: Option<bool>,
-    preinstalled: Option<PreinstalledPolicy>,
-    containerd_version: Option<String>,
-    daemon: Option<bool>,
-    no_start: Option<bool>,
-    output: Option<OutputFormat>,
-    textfile_dir: Option<String>,
-    http_timeout: Option<f64>,
-    retries: Option<u32>,
-}
-
 /// The whole agent config file. Other tables belong to other subcommands.
 #[derive(Debug, Default, Deserialize)]
 struct FileConfig {
     #[serde(default)]
-    install: InstallFile,
+    install: InstallOptions,
 }
 
 /// Which gzip decompressor SOCI should run.
@@ -116,6 +86,8 @@ pub struct InstallSettings {
     pub retries: u32,
     /// Things worth saying that do not stop the install (e.g. plain http).
     pub warnings: Vec<String>,
+    /// The options as given, layer by layer (what the record keeps of them).
+    pub layered: Layered,
 }
 
 fn invalid(option: &'static str, value: impl Into<String>, reason: impl Into<String>) -> SettingsError {
@@ -149,9 +121,9 @@ pub fn config_path(root: &Root, explicit: Option<&Path>) -> Option<PathBuf> {
     }
 }
 
-fn read_file_config(args: &InstallArgs, root: &Root) -> Result<(Option<PathBuf>, FileConfig), SettingsError> {
+fn read_file_config(args: &InstallArgs, root: &Root) -> Result<(Option<PathBuf>, InstallOptions), SettingsError> {
     let Some(path) = config_path(root, args.config.as_deref()) else {
-        return Ok((None, FileConfig::default()));
+        return Ok((None, InstallOptions::default()));
     };
     let text = std::fs::read_to_string(&path).map_err(|source| SettingsError::ReadConfig {
         path: path.clone(),
@@ -161,37 +133,46 @@ fn read_file_config(args: &InstallArgs, root: &Root) -> Result<(Option<PathBuf>,
         path: path.clone(),
         message: e.to_string().trim().to_string(),
     })?;
-    Ok((Some(path), cfg))
+    Ok((Some(path), cfg.install))
+}
+
+/// The request recorded by the last install given settings (empty when
+/// none, or when the record cannot be read: install reports that itself).
+fn recorded_request(root: &Root) -> std::collections::BTreeMap<String, crate::install::options::Requested> {
+    Record::load(root).ok().flatten().map(|r| r.request).unwrap_or_default()
 }
 
 impl InstallSettings {
-    /// Merges flags/env (already in `args`) over the config file over defaults.
+    /// Stacks flags/env (already in `args`) over the config file over the
+    /// recorded request over the defaults, and validates the result.
     pub fn resolve(args: &InstallArgs) -> Result<Self, SettingsError> {
         let root = checked_root(args)?;
         let (config_file, file) = read_file_config(args, &root)?;
-        let f = file.install;
+        let layered = Layered::stack(&args.options, &args.sources, &file, &recorded_request(&root));
+        let o = &layered.options;
         let mut warnings = Vec::new();
-        let version = pick(&args.soci_version, &f.soci_version).unwrap_or(DEFAULT_SOCI_VERSION.to_string());
+        let version = o.soci_version.clone().unwrap_or(DEFAULT_SOCI_VERSION.to_string());
         let soci_version = named("--soci-version", Version::parse_supported(&version))?;
-        let release_url = https_release_url(pick(&args.release_url, &f.release_url), &mut warnings)?;
-        let flavor = pick(&args.flavor, &f.flavor).unwrap_or_else(|| "static".into());
-        let flavor = named("--flavor", flavor.parse())?;
-        let sha256 = pick(&args.sha256, &f.sha256).map(|s| Sha256Hex::parse(&s));
-        let sha256 = named("--sha256", sha256.transpose())?;
-        let arch = named("--arch", pick(&args.arch, &f.arch).map(|s| s.parse()).transpose())?;
-        let archive = existing_archive(pick(&args.archive, &f.archive))?;
-        let soci_root = pick(&args.soci_root, &f.soci_root).unwrap_or(SOCI_ROOT.into());
+        let release_url = https_release_url(o.release_url.clone(), &mut warnings)?;
+        let flavor = named("--flavor", o.flavor.as_deref().unwrap_or("static").parse())?;
+        let sha256 = named("--sha256", o.sha256.as_deref().map(Sha256Hex::parse).transpose())?;
+        let arch = named("--arch", o.arch.as_deref().map(str::parse).transpose())?;
+        let archive = existing_archive(o.archive.clone(), layered.source("archive"))?;
+        let soci_root = o.soci_root.clone().unwrap_or(SOCI_ROOT.into());
         let soci_root = unit_path("--soci-root", absolute("--soci-root", soci_root)?)?;
-        let containerd_config = pick(&args.containerd_config, &f.containerd_config).unwrap_or(CONTAINERD_CONFIG.into());
+        let containerd_config = o.containerd_config.clone().unwrap_or(CONTAINERD_CONFIG.into());
         let containerd_config = absolute("--containerd-config", containerd_config)?;
-        let tuning = merged_tuning(args, &f)?;
-        let decompressor = decompressor_choice(&root, pick(&args.decompressor, &f.decompressor).as_deref())?;
-        let http_timeout = bounded_http_timeout(args.http_timeout.or(f.http_timeout))?;
-        let retries = bounded_retries(args.retries.or(f.retries))?;
-        let no_start = no_start_for_root(args, &f, &root)?;
-        let preinstalled = preinstalled_policy(args, &f, archive.is_some() || sha256.is_some())?;
-        let containerd_version = pick(&args.containerd_version, &f.containerd_version);
-        let containerd_version = containerd_version.map(|v| parse_containerd_version(&v)).transpose()?;
+        let tuning = merged_tuning(o)?;
+        let decompressor = decompressor_choice(&root, o.decompressor.as_deref())?;
+        let http_timeout = bounded_http_timeout(o.http_timeout)?;
+        let retries = bounded_retries(o.retries)?;
+        let no_start = no_start_for_root(args, o.no_start, &root)?;
+        let preinstalled = preinstalled_policy(o, archive.is_some() || sha256.is_some())?;
+        let containerd_version = o
+            .containerd_version
+            .as_deref()
+            .map(parse_containerd_version)
+            .transpose()?;
         Ok(InstallSettings {
             root,
             config_file,
@@ -205,26 +186,24 @@ impl InstallSettings {
             tuning,
             decompressor,
             containerd_config,
-            wiring: args.wiring.or(f.wiring).unwrap_or(WiringMode::Auto),
+            wiring: o.wiring.unwrap_or(WiringMode::Auto),
             preinstalled,
             containerd_version,
-            daemon: args.daemon || f.daemon.unwrap_or(false),
+            daemon: o.daemon,
             no_start,
             dry_run: args.dry_run,
-            output: args.output.or(f.output).unwrap_or(OutputFormat::Text),
-            textfile_dir: pick(&args.textfile_dir, &f.textfile_dir)
+            output: o.output.unwrap_or(OutputFormat::Text),
+            textfile_dir: o
+                .textfile_dir
+                .clone()
                 .map(|d| absolute("--textfile-dir", d))
                 .transpose()?,
             http_timeout,
             retries,
             warnings,
+            layered,
         })
     }
-}
-
-/// The flag's value when given, else the config file's.
-fn pick<T: Clone>(flag: &Option<T>, file: &Option<T>) -> Option<T> {
-    flag.clone().or_else(|| file.clone())
 }
 
 /// A release value's parse result, its error naming the option.
@@ -271,9 +250,12 @@ fn https_release_url(value: Option<String>, warnings: &mut Vec<String>) -> Resul
     }
 }
 
-/// `--archive`: a file that exists, when given.
-fn existing_archive(archive: Option<PathBuf>) -> Result<Option<PathBuf>, SettingsError> {
+/// `--archive`: a file that exists, when given now. A recorded archive may
+/// be gone (the release is in the store by then): the plan needs it only
+/// when the store lacks the release, and says so.
+fn existing_archive(archive: Option<PathBuf>, source: Source) -> Result<Option<PathBuf>, SettingsError> {
     if let Some(a) = &archive
+        && matches!(source, Source::Flag | Source::Env | Source::File)
         && !a.is_file()
     {
         return Err(invalid("--archive", a.display().to_string(), "no such file"));
@@ -281,14 +263,14 @@ fn existing_archive(archive: Option<PathBuf>) -> Result<Option<PathBuf>, Setting
     Ok(archive)
 }
 
-/// SOCI's parallel-mode limits: each flag, else the file, else the default;
+/// SOCI's parallel-mode limits: each as given, else the default;
 /// validated together.
-fn merged_tuning(args: &InstallArgs, f: &InstallFile) -> Result<Tuning, SettingsError> {
+fn merged_tuning(o: &InstallOptions) -> Result<Tuning, SettingsError> {
     let d = Tuning::default();
-    // Every limit has the same name in the flags, the file and `Tuning`.
+    // Every limit has the same name in the options and `Tuning`.
     macro_rules! merged {
         ($($limit:ident),*) => {
-            Tuning { $($limit: pick(&args.$limit, &f.$limit).unwrap_or(d.$limit)),* }
+            Tuning { $($limit: o.$limit.clone().unwrap_or(d.$limit)),* }
         };
     }
     let tuning = merged!(
@@ -340,8 +322,7 @@ fn bounded_retries(retries: Option<u32>) -> Result<u32, SettingsError> {
 
 /// `--no-start`, required when installing into another root (its units
 /// cannot be started from here), except for a dry run.
-fn no_start_for_root(args: &InstallArgs, f: &InstallFile, root: &Root) -> Result<bool, SettingsError> {
-    let no_start = args.no_start || f.no_start.unwrap_or(false);
+fn no_start_for_root(args: &InstallArgs, no_start: bool, root: &Root) -> Result<bool, SettingsError> {
     if !root.is_host() && !no_start && !args.dry_run {
         return Err(invalid(
             "--root",
@@ -354,13 +335,8 @@ fn no_start_for_root(args: &InstallArgs, f: &InstallFile, root: &Root) -> Result
 
 /// `--preinstalled` (`--adopt` means keep); keep cannot go with a release
 /// pinned by `--archive` or `--sha256`.
-fn preinstalled_policy(
-    args: &InstallArgs,
-    f: &InstallFile,
-    pins_release: bool,
-) -> Result<PreinstalledPolicy, SettingsError> {
-    let adopt = args.adopt || f.adopt.unwrap_or(false);
-    let preinstalled = match (args.preinstalled.or(f.preinstalled), adopt) {
+fn preinstalled_policy(o: &InstallOptions, pins_release: bool) -> Result<PreinstalledPolicy, SettingsError> {
+    let preinstalled = match (o.preinstalled, o.adopt) {
         (Some(p), false) | (Some(p @ PreinstalledPolicy::Keep), true) => p,
         (None, true) => PreinstalledPolicy::Keep,
         (None, false) => PreinstalledPolicy::Auto,

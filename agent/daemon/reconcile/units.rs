@@ -1,8 +1,15 @@
 //! The systemd side of repairs, over D-Bus (`crate::systemd::Systemd`):
 //! `Reload` after a unit file was put back, `StartUnit` for a snapshotter
-//! that is down while containerd runs (its socket unit first, when that is
-//! down too), and restarts only where they cannot
-//! take containerd down unasked (see `repair`'s module docs).
+//! that is down (its socket unit first, when that is down too), and restarts
+//! only where they cannot take containerd down unasked (see `repair`'s module
+//! docs).
+//!
+//! containerd itself is started only when it is down together with the
+//! snapshotter: the mark of `systemctl stop soci-snapshotter`, which stops
+//! containerd through the drop-in's `Requires=` and leaves the node NotReady.
+//! Starting a stopped containerd interrupts nothing. A containerd stopped
+//! while the snapshotter runs was stopped on purpose (maintenance): the
+//! daemon leaves it, and `systemd.containerd` fails with the command to run.
 
 use crate::paths::{CONTAINERD_SERVICE, CONTAINERD_SOCKET, SOCI_SERVICE, SOCI_SOCKET, SOCI_SOCKET_UNIT};
 use std::time::Duration;
@@ -70,7 +77,15 @@ fn wanted(checks: &[Check], effects: Effects, unwired: bool) -> bool {
         || effects.restart_containerd
         || unwired
         || failed(checks, "systemd.soci-service")
+        || failed(checks, "systemd.containerd")
         || failed(checks, "live.soci-socket")
+}
+
+/// Loaded, stopped or failed, and not about to be restarted by systemd.
+fn down(unit: &UnitState) -> bool {
+    unit.load_state == "loaded"
+        && matches!(unit.active_state.as_str(), "inactive" | "failed")
+        && unit.sub_state != "auto-restart"
 }
 
 /// What to do with the snapshotter unit.
@@ -82,10 +97,9 @@ enum SociAction {
 }
 
 fn soci_action(soci: &UnitState, containerd: &UnitState, checks: &[Check], effects: Effects) -> SociAction {
-    let down = soci.load_state == "loaded"
-        && matches!(soci.active_state.as_str(), "inactive" | "failed")
-        && soci.sub_state != "auto-restart";
-    if down && (failed(checks, "systemd.soci-service") || (effects.restart_soci && containerd.is_active())) {
+    let wanted_up =
+        failed(checks, "systemd.soci-service") || (effects.restart_soci && containerd.is_active()) || down(containerd);
+    if down(soci) && wanted_up {
         return SociAction::Start;
     }
     if soci.is_active() && (effects.restart_soci || failed(checks, "live.soci-socket")) {
@@ -118,10 +132,25 @@ pub async fn repair(r: &mut Reconciler, checks: &[Check], effects: Effects, out:
     };
     let action = soci_action(&soci, &containerd, checks, effects);
     let containerd_restarted = repair_soci(r, &sd, action, &containerd, effects, out).await;
-    if containerd.is_active() && (effects.restart_containerd || unwired) && !containerd_restarted {
+    if down(&containerd) {
+        start_containerd(r, &sd, &soci, out).await;
+    } else if containerd.is_active() && (effects.restart_containerd || unwired) && !containerd_restarted {
         restart_containerd(r, &sd, out).await;
     } else if !unwired {
         r.healthy(&unit_target(CONTAINERD_SERVICE));
+    }
+}
+
+/// Starts a containerd that went down with the snapshotter (see the module
+/// docs); one stopped while the snapshotter ran is left to its operator.
+async fn start_containerd(r: &mut Reconciler, sd: &Systemd, soci_before: &UnitState, out: &mut Outcome) {
+    if down(soci_before) {
+        job(r, sd, "start", CONTAINERD_SERVICE, out).await;
+    } else {
+        out.pending.push(format!(
+            "{CONTAINERD_SERVICE} is stopped while {SOCI_SERVICE} runs (stopped on purpose?): not started by the \
+             daemon; systemctl start {CONTAINERD_SERVICE}"
+        ));
     }
 }
 
@@ -260,6 +289,12 @@ mod tests {
         let dead_socket = vec![Check::fail("live.soci-socket", "e", "a")];
         assert_eq!(soci_action(&up, &up, &dead_socket, none), SociAction::Restart);
         assert_eq!(soci_action(&up, &up, &[], none), SociAction::None);
+        let stopped = unit("inactive", "dead");
+        assert_eq!(
+            soci_action(&stopped, &stopped, &[], none),
+            SociAction::Start,
+            "both down: systemctl stop soci-snapshotter took containerd with it"
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub(super) fn install_record(b: &mut Builder, s: &InstallSettings, soci: &SociPl
         adopted_sha256: soci.adopted_sha256.clone(),
         soci_version: soci.choice.version.map(|v| v.to_string()).unwrap_or_default(),
         soci_reason: soci.choice.reason.clone(),
+        request: s.layered.request(),
         ..record_paths(b.root, previous.unwrap_or_default(), &b.actions, &s.containerd_config)
     };
     b.file(RECORD, record.to_json(), 0o644, Effects::default())?;

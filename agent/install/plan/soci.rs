@@ -5,7 +5,7 @@ use crate::paths::{BIN_DIR, SOCI_BINARY_LOCATIONS, SOCI_CONFIG, UNPIGZ};
 
 use crate::files::soci_config::{Decompressor, SociConfig};
 use crate::host::{HostFacts, InstalledSoci};
-use crate::install::args::PreinstalledPolicy;
+use crate::install::options::PreinstalledPolicy;
 use crate::install::settings::{DecompressorChoice, InstallSettings, sibling_checksum};
 use crate::release::store::{self, EntryState};
 use crate::release::{Arch, BINARIES, DAEMON_BINARY, FIXED_SOCI_VERSION, ReleaseSpec, Sha256Hex, Version};

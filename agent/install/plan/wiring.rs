@@ -9,7 +9,7 @@ use crate::paths::{
 use crate::files::containerd_config::{self, ConfigVersion, Daemon, SociWiring};
 use crate::files::{kubelet, nodeconfig};
 use crate::host::HostFacts;
-use crate::install::args::WiringMode;
+use crate::install::options::WiringMode;
 use crate::install::settings::InstallSettings;
 
 use super::builder::Builder;
