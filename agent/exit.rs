@@ -25,31 +25,11 @@ impl ExitKind {
     }
 }
 
-/// A failure with the exit code it maps to. Built at subcommand level from
-/// the module errors, so each module keeps its own error type.
-#[derive(Debug)]
-pub struct Failure {
-    pub kind: ExitKind,
-    pub error: Box<dyn std::error::Error + Send + Sync>,
-}
-
-impl Failure {
-    pub fn new(kind: ExitKind, error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
-        Failure {
-            kind,
-            error: error.into(),
-        }
-    }
-    pub fn usage(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
-        Failure::new(ExitKind::Usage, error)
-    }
-    pub fn failed(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
-        Failure::new(ExitKind::Failed, error)
-    }
-    /// The error and its sources, joined with ": ".
-    pub fn chain(&self) -> String {
-        error_chain(self.error.as_ref())
-    }
+/// An error that ends a run, and the exit code it means. Each such error
+/// type implements it beside its definition (naming every variant, so a new
+/// one must be placed); subcommands take their exit code from here only.
+pub trait ExitKindOf: std::error::Error {
+    fn exit_kind(&self) -> ExitKind;
 }
 
 /// Renders an error with its whole `source()` chain, skipping repeats.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 pub mod probe;
 
-use probe::Reach;
+use probe::{ProbeError, Reach};
 
 pub const SNAPSHOTTER_PLUGIN_TYPE: &str = "io.containerd.snapshotter.v1";
 const POLL: Duration = Duration::from_millis(200);
@@ -60,7 +60,7 @@ pub struct SnapshotterStatus {
 
 /// One look: containerd's Version and Introspection, then a call that really
 /// reaches the snapshotter (see `probe`).
-pub async fn query_snapshotter(containerd_socket: &Path, soci_socket: &Path) -> Result<SnapshotterStatus, String> {
+pub async fn query_snapshotter(containerd_socket: &Path, soci_socket: &Path) -> Result<SnapshotterStatus, ProbeError> {
     let (version, reach) = probe::probe(containerd_socket, soci_socket, true).await?;
     let why = match reach {
         Reach::Stat { .. } | Reach::Direct => None,
@@ -92,7 +92,7 @@ pub async fn wait_for_snapshotter(
                 s.containerd_version,
                 s.init_error.unwrap_or_default()
             ),
-            Err(e) => e,
+            Err(e) => e.to_string(),
         };
         if started.elapsed() >= bound {
             return Err(HealthError::SnapshotterNotLoaded {

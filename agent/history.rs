@@ -52,11 +52,11 @@ pub fn latest(root: &Root, command: &str) -> Option<(PathBuf, serde_json::Value)
     Some((path, value))
 }
 
-/// Writes `{dir}/soci_agent_{command}.prom` atomically (node-exporter textfile
-/// collector format) from `(metric, labels, value)` rows.
 /// One gauge sample: metric name, labels, value.
 pub type Gauge<'a> = (&'a str, Vec<(&'a str, String)>, f64);
 
+/// Writes `{dir}/soci_agent_{command}.prom` atomically (node-exporter textfile
+/// collector format) from `(metric, labels, value)` rows.
 pub fn write_textfile(dir: &Path, command: &str, rows: &[Gauge<'_>]) -> Result<PathBuf, FsError> {
     let mut out = String::new();
     let mut seen = Vec::new();

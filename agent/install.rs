@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use nix::fcntl::Flock;
 
-use crate::exit::{ExitKind, error_chain};
+use crate::exit::{ExitKind, ExitKindOf, error_chain};
 use crate::host::HostFacts;
 use crate::install::activate::{Activation, Bounds, activate, undo};
 use crate::install::apply::Transaction;
@@ -78,7 +78,7 @@ async fn execute(args: &InstallArgs, saved_to: &mut Option<(Root, Option<String>
     let settings = match InstallSettings::resolve(args) {
         Ok(s) => s,
         Err(e) => {
-            fail(&mut report, ExitKind::Usage, &e);
+            fail(&mut report, &e);
             return (report, fallback_output);
         }
     };
@@ -120,6 +120,7 @@ async fn install(s: &InstallSettings, report: &mut InstallReport, mut laps: Laps
     laps.lap(report, "plan");
     show_plan(&plan, report);
     if s.dry_run {
+        release_reachable(s, &plan, report).await?;
         report.next_steps = next_steps(s, &plan);
         return Ok(());
     }
@@ -139,18 +140,13 @@ fn lock(s: &InstallSettings, report: &mut InstallReport) -> Result<Option<Flock<
     if s.dry_run {
         return Ok(None);
     }
-    crate::install::apply::lock_node(&s.root).map_err(|e| fail(report, ExitKind::Failed, &e))
+    crate::install::apply::lock_node(&s.root).map_err(|e| fail(report, &e))
 }
 
 /// Builds the plan; a failure carries the settings' warnings to the report.
 fn build_plan(s: &InstallSettings, facts: &HostFacts, report: &mut InstallReport) -> Result<Plan, Stopped> {
     crate::install::plan::build(s, facts).map_err(|e| {
-        let kind = if e.is_usage() {
-            ExitKind::Usage
-        } else {
-            ExitKind::Failed
-        };
-        let stopped = fail(report, kind, &e);
+        let stopped = fail(report, &e);
         report.warnings.extend(s.warnings.iter().cloned());
         stopped
     })
@@ -168,6 +164,37 @@ fn show_plan(plan: &Plan, report: &mut InstallReport) {
     report.actions = plan.actions.clone();
 }
 
+/// A dry run's check that the release it would download is there: the
+/// archive and its published `.sha256sum` answer a HEAD. Nothing is
+/// downloaded; an unreachable or wrong mirror fails the dry run as it would
+/// fail the real one.
+async fn release_reachable(s: &InstallSettings, plan: &Plan, report: &mut InstallReport) -> Result<(), Stopped> {
+    use crate::install::plan::{ArchiveSource, DigestSource, Op};
+    let mut urls = Vec::new();
+    for a in &plan.actions {
+        if let Op::Release(step) = &a.op
+            && let ArchiveSource::Url(url) = &step.source
+        {
+            urls.push(url.clone());
+            if let DigestSource::Published(sum) = &step.digest {
+                urls.push(sum.clone());
+            }
+        }
+    }
+    if urls.is_empty() {
+        return Ok(());
+    }
+    let fetcher = crate::release::fetch::Fetcher::new(http_options(s)).map_err(|e| fail(report, &e))?;
+    for url in &urls {
+        fetcher.exists(url).await.map_err(|e| fail(report, &e))?;
+    }
+    report.notes.push(format!(
+        "dry run: the release answers at {} (not downloaded)",
+        urls.join(" and ")
+    ));
+    Ok(())
+}
+
 /// Applies the plan (a real run's report carries no diffs); returns the
 /// transaction, still open.
 async fn apply_plan(s: &InstallSettings, plan: &Plan, report: &mut InstallReport) -> Result<Transaction, Stopped> {
@@ -182,14 +209,7 @@ async fn apply_plan(s: &InstallSettings, plan: &Plan, report: &mut InstallReport
             Ok(txn)
         }
         Err(e) => {
-            let kind = if e.is_verification_failure() {
-                ExitKind::Verification
-            } else if e.is_usage() {
-                ExitKind::Usage
-            } else {
-                ExitKind::Failed
-            };
-            let stopped = fail(report, kind, &e);
+            let stopped = fail(report, &e);
             report.changed = false;
             Err(stopped)
         }
@@ -226,7 +246,8 @@ async fn start_or_roll_back(
         }
         Err((e, act, undo_problems)) => {
             txn.rollback();
-            let stopped = fail(report, ExitKind::Failed, e.as_ref());
+            // Rolled back: the node is as it was.
+            let stopped = fail_as(report, ExitKind::Failed, e.as_ref());
             report
                 .notes
                 .push("rolled back: every file restored, units restarted or stopped as they were".into());
@@ -241,7 +262,12 @@ async fn start_or_roll_back(
 }
 
 /// Marks the run failed with `kind`, logging and reporting `e`'s chain.
-fn fail(report: &mut InstallReport, kind: ExitKind, e: &(dyn std::error::Error + 'static)) -> Stopped {
+fn fail<E: ExitKindOf + 'static>(report: &mut InstallReport, e: &E) -> Stopped {
+    fail_as(report, e.exit_kind(), e)
+}
+
+/// [`fail`] for an error whose exit code the caller knows.
+fn fail_as(report: &mut InstallReport, kind: ExitKind, e: &(dyn std::error::Error + 'static)) -> Stopped {
     let msg = error_chain(e);
     tracing::error!(exit_code = kind.code(), "{msg}");
     report.outcome = kind;
@@ -265,11 +291,10 @@ async fn start_units(s: &InstallSettings, plan: &Plan, txn: &mut Transaction) ->
         .map_err(|e| (Box::new(e) as _, None, Vec::new()))?;
     let mut act = Activation::default();
     let root = s.root.clone();
-    let mut record_enabled = |units: &[String]| -> Result<(), String> {
-        let mut record = Record::load(&root).map_err(|e| error_chain(&e))?.unwrap_or_default();
+    let mut record_enabled = |units: &[String]| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let mut record = Record::load(&root)?.unwrap_or_default();
         record.enabled_units.extend(units.iter().cloned());
-        txn.write(&root, RECORD, record.to_json().as_bytes(), 0o644)
-            .map_err(|e| error_chain(&e))
+        Ok(txn.write(&root, RECORD, record.to_json().as_bytes(), 0o644)?)
     };
     let result = activate(&sd, &s.root, plan, &mut act, Bounds::default(), &mut record_enabled).await;
     if let Err(e) = result {

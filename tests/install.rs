@@ -702,6 +702,48 @@ fn missing_release_and_unreachable_mirror_exit_1_and_change_nothing() {
     assert_eq!(node.tree(), before);
 }
 
+/// `install --dry-run` asks the mirror whether the release is there (HEAD of the archive and
+/// of its `.sha256sum`), downloads nothing, and fails as the real run would when it is not.
+#[test]
+fn a_dry_run_checks_the_release_exists_without_downloading_it() {
+    let node = Node::plain();
+    let (mirror, path, _) = mirror_with_release();
+    let before = node.tree();
+    let out = node.install(&["--release-url", &mirror.base_url(), "--dry-run", "--output", "json"]);
+    assert_code(&out, 0);
+    let sum = format!("{path}.sha256sum");
+    assert_eq!(
+        (mirror.requests_by("HEAD", &path), mirror.requests_by("HEAD", &sum)),
+        (1, 1),
+        "one HEAD each"
+    );
+    assert_eq!(
+        (mirror.requests_by("GET", &path), mirror.requests_by("GET", &sum)),
+        (0, 0),
+        "nothing downloaded"
+    );
+    assert!(
+        json(&out)["notes"].to_string().contains("not downloaded"),
+        "{}",
+        json(&out)
+    );
+
+    // A mirror without this version: the dry run fails, naming the URL, and changes nothing.
+    let out = node.install(&[
+        "--release-url",
+        &mirror.base_url(),
+        "--soci-version",
+        "0.15.0",
+        "--dry-run",
+        "--output",
+        "json",
+    ]);
+    assert_code(&out, 1);
+    let err = json(&out)["error"].as_str().unwrap().to_string();
+    assert!(err.contains("404") && err.contains("0.15.0"), "{err}");
+    assert_eq!(node.tree(), before);
+}
+
 /// Files and links only (directories soci-agent created may stay).
 fn files(tree: &BTreeMap<PathBuf, String>) -> BTreeMap<PathBuf, String> {
     tree.iter()

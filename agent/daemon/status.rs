@@ -96,24 +96,36 @@ pub async fn serve(listener: UnixListener, shared: Shared) {
     }
 }
 
+/// Why the daemon's state could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("cannot connect to {}: {source} (is soci-agent daemon running?)", .path.display())]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("reading {}: {source}", .path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: no answer within {QUERY_BOUND:?}", .path.display())]
+    Timeout { path: PathBuf },
+}
+
 /// Reads the state from a running daemon's socket.
-pub async fn query(path: &Path) -> Result<String, String> {
+pub async fn query(path: &Path) -> Result<String, QueryError> {
     let read = async {
-        let mut s = UnixStream::connect(path).await.map_err(|e| {
-            format!(
-                "cannot connect to {}: {e} (is soci-agent daemon running?)",
-                path.display()
-            )
+        let mut s = UnixStream::connect(path).await.map_err(|source| QueryError::Connect {
+            path: path.to_path_buf(),
+            source,
         })?;
         let mut text = String::new();
-        s.read_to_string(&mut text)
-            .await
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        s.read_to_string(&mut text).await.map_err(|source| QueryError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(text)
     };
     tokio::time::timeout(QUERY_BOUND, read)
         .await
-        .map_err(|_| format!("{}: no answer within {QUERY_BOUND:?}", path.display()))?
+        .map_err(|_| QueryError::Timeout {
+            path: path.to_path_buf(),
+        })?
 }
 
 #[cfg(test)]

@@ -192,6 +192,7 @@ async fn refresh_due(shared: &Shared, cfg: &Config, period: Duration) {
                 st.refresh_error = None;
             }
             Err(e) => {
+                let e = crate::exit::error_chain(&e);
                 tracing::warn!(image = given.as_str(), error = e.as_str(), "refresh failed");
                 st.refresh_error = Some(e);
             }
@@ -210,15 +211,22 @@ enum Refreshed {
     },
 }
 
+/// Why a tag could not be refreshed.
+#[derive(Debug, thiserror::Error)]
+enum RefreshError {
+    #[error(transparent)]
+    Resolve(#[from] super::resolve::ResolveError),
+    #[error("{image}: {message}")]
+    Pull { image: String, message: String },
+}
+
 async fn refresh_one(
     cfg: &Config,
     r: &ImageRef,
     known: Option<&str>,
     known_id: Option<&str>,
-) -> Result<Refreshed, String> {
-    let digest = super::resolve::digest(r, cfg.prefetch.auth_file.as_deref(), RESOLVE_BOUND)
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<Refreshed, RefreshError> {
+    let digest = super::resolve::digest(r, cfg.prefetch.auth_file.as_deref(), RESOLVE_BOUND).await?;
     if known == Some(digest.as_str()) {
         return Ok(Refreshed::Same);
     }
@@ -226,13 +234,17 @@ async fn refresh_one(
     let mut opts = cfg.prefetch.clone();
     opts.images = vec![by_digest.clone()];
     let report = prefetch(&opts).await;
+    let pull_failed = |message: String| RefreshError::Pull {
+        image: by_digest.clone(),
+        message,
+    };
     let img = report
         .images
         .into_iter()
         .next()
-        .ok_or_else(|| report.error.unwrap_or_default())?;
+        .ok_or_else(|| pull_failed(report.error.unwrap_or_default()))?;
     if let Some(e) = &img.error {
-        return Err(format!("{by_digest}: {e}"));
+        return Err(pull_failed(e.clone()));
     }
     let moved = known_id.is_some_and(|old| img.image_id.as_deref() != Some(old));
     if moved {

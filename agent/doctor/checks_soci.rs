@@ -86,14 +86,25 @@ fn missing_unit(unit: &UnitFiles) -> Check {
     Check::fail(BINARY_ID, format!("no {SOCI_SERVICE} {where_}"), INSTALL)
 }
 
-/// Output of `<binary> --version` (a node path, resolved under the root), bounded.
 /// Why a binary under a `--root` that is not this host is not asked its version.
 const NOT_RUN: &str =
     "not run: --root is not this host, and a mounted image's binaries are never run on the build host";
 
-async fn run_version(node: &Node, binary: &str) -> Result<String, String> {
+/// Why `--version` gave no output to read.
+#[derive(Debug, thiserror::Error)]
+enum VersionRun {
+    #[error("{NOT_RUN}")]
+    NotHost,
+    #[error("cannot run it: {0}")]
+    Spawn(#[from] std::io::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+/// Output of `<binary> --version` (a node path, resolved under the root), bounded.
+async fn run_version(node: &Node, binary: &str) -> Result<String, VersionRun> {
     if !node.root.is_host() {
-        return Err(NOT_RUN.to_owned());
+        return Err(VersionRun::NotHost);
     }
     let host = node.host_path(&node.resolve(binary));
     let run = tokio::process::Command::new(&host)
@@ -103,8 +114,8 @@ async fn run_version(node: &Node, binary: &str) -> Result<String, String> {
         .output();
     match tokio::time::timeout(VERSION_TIMEOUT, run).await {
         Ok(Ok(o)) => Ok(String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {VERSION_TIMEOUT:?}")),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(VersionRun::Timeout(VERSION_TIMEOUT)),
     }
 }
 

@@ -188,23 +188,34 @@ fn keys(text: &str, path: &str, version: Option<Version>) -> Check {
     }
 }
 
+/// A tuning key holding another TOML type than SOCI reads.
+#[derive(Debug, thiserror::Error)]
+#[error("{PARALLEL}.{key} is {found}, not {want}")]
+struct WrongType {
+    key: &'static str,
+    found: &'static str,
+    want: &'static str,
+}
+
 /// The effective tuning, with the daemon's defaults for missing keys.
-fn tuning(doc: &DocumentMut) -> Result<Tuning, String> {
-    let int = |key: &str, default: i64| match get(doc, &format!("{PARALLEL}.{key}")) {
+fn tuning(doc: &DocumentMut) -> Result<Tuning, WrongType> {
+    let int = |key: &'static str, default: i64| match get(doc, &format!("{PARALLEL}.{key}")) {
         None => Ok(default),
-        Some(i) => i
-            .as_integer()
-            .ok_or_else(|| format!("{PARALLEL}.{key} is {}, not an integer", i.type_name())),
+        Some(i) => i.as_integer().ok_or(WrongType {
+            key,
+            found: i.type_name(),
+            want: "an integer",
+        }),
     };
-    let chunk = match get(doc, &format!("{PARALLEL}.concurrent_download_chunk_size")) {
+    const CHUNK: &str = "concurrent_download_chunk_size";
+    let chunk = match get(doc, &format!("{PARALLEL}.{CHUNK}")) {
         None => String::new(),
         Some(i) => i
             .as_str()
-            .ok_or_else(|| {
-                format!(
-                    "{PARALLEL}.concurrent_download_chunk_size is {}, not a string",
-                    i.type_name()
-                )
+            .ok_or(WrongType {
+                key: CHUNK,
+                found: i.type_name(),
+                want: "a string",
             })?
             .to_string(),
     };

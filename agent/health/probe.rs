@@ -47,7 +47,7 @@ pub enum Reach {
 
 /// Why containerd, or the daemon at its socket, could not be asked: the call and what it was on.
 #[derive(Debug, thiserror::Error)]
-enum ProbeError {
+pub enum ProbeError {
     #[error("{call}: no answer within {:?}", BOUND)]
     Timeout { call: &'static str },
     #[error("connect: {0}")]
@@ -150,12 +150,7 @@ async fn first_snapshot(client: &Client) -> Result<First, ProbeError> {
 
 /// Asks containerd at `containerd` (and, if needed and `may_dial`, the daemon at `soci`).
 /// Returns containerd's version and what was found.
-pub async fn probe(containerd: &Path, soci: &Path, may_dial: bool) -> Result<(String, Reach), String> {
-    ask(containerd, soci, may_dial).await.map_err(|e| e.to_string())
-}
-
-/// [`probe`], its error typed.
-async fn ask(containerd: &Path, soci: &Path, may_dial: bool) -> Result<(String, Reach), ProbeError> {
+pub async fn probe(containerd: &Path, soci: &Path, may_dial: bool) -> Result<(String, Reach), ProbeError> {
     let client = bounded("connect", async {
         Client::from_path(containerd).await.map_err(ProbeError::Connect)
     })

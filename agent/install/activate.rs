@@ -42,9 +42,13 @@ pub enum ActivateError {
     Systemd(#[source] Box<SystemdError>),
     #[error("health check failed")]
     Health(#[from] HealthError),
-    #[error("cannot update the install record: {0}")]
-    Record(String),
+    #[error("cannot update the install record")]
+    Record(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
+
+/// Notes units about to be enabled in the install record (before enabling
+/// them, so uninstall knows even if the run is killed next).
+pub type RecordEnabled<'a> = dyn FnMut(&[String]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send + 'a;
 
 impl From<SystemdError> for ActivateError {
     fn from(e: SystemdError) -> Self {
@@ -87,7 +91,7 @@ pub async fn activate(
     plan: &Plan,
     act: &mut Activation,
     bounds: Bounds,
-    record_enabled: &mut (dyn FnMut(&[String]) -> Result<(), String> + Send),
+    record_enabled: &mut RecordEnabled<'_>,
 ) -> Result<(), ActivateError> {
     activate_units(sd, root, plan, act, bounds, record_enabled).await?;
     if !plan.daemon || plan.wiring == Wiring::Nodeadm {
@@ -159,7 +163,7 @@ async fn activate_units(
     plan: &Plan,
     act: &mut Activation,
     bounds: Bounds,
-    record_enabled: &mut (dyn FnMut(&[String]) -> Result<(), String> + Send),
+    record_enabled: &mut RecordEnabled<'_>,
 ) -> Result<(), ActivateError> {
     let effects = plan.effects();
     reload_if_needed(sd, effects.daemon_reload, act).await?;
@@ -213,7 +217,7 @@ async fn enable_units(
     sd: &Systemd,
     wanted: &[&str],
     act: &mut Activation,
-    record_enabled: &mut (dyn FnMut(&[String]) -> Result<(), String> + Send),
+    record_enabled: &mut RecordEnabled<'_>,
 ) -> Result<(), ActivateError> {
     let mut to_enable = Vec::new();
     for &unit in wanted {

@@ -36,18 +36,17 @@ pub enum ApplyError {
     },
 }
 
-impl ApplyError {
-    pub fn is_verification_failure(&self) -> bool {
+impl crate::exit::ExitKindOf for ApplyError {
+    /// A refused download is a verification failure (exit 3); a setting the
+    /// target SOCI refuses, a usage error (exit 2).
+    fn exit_kind(&self) -> crate::exit::ExitKind {
+        use crate::exit::ExitKind;
         match self {
-            ApplyError::Fetch { source, .. } => source.is_verification_failure(),
-            ApplyError::Checksum { .. } => true,
-            ApplyError::Fs { .. } | ApplyError::SociRejected { .. } => false,
+            ApplyError::Fetch { source, .. } if source.is_verification_failure() => ExitKind::Verification,
+            ApplyError::Checksum { .. } => ExitKind::Verification,
+            ApplyError::SociRejected { .. } => ExitKind::Usage,
+            ApplyError::Fetch { .. } | ApplyError::Fs { .. } => ExitKind::Failed,
         }
-    }
-
-    /// A setting the target SOCI refuses: a usage/validation error (exit 2).
-    pub fn is_usage(&self) -> bool {
-        matches!(self, ApplyError::SociRejected { .. })
     }
 }
 

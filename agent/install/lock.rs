@@ -55,6 +55,13 @@ pub enum LockError {
     },
 }
 
+impl crate::exit::ExitKindOf for LockError {
+    /// Nothing was changed: the run never got the node.
+    fn exit_kind(&self) -> crate::exit::ExitKind {
+        crate::exit::ExitKind::Failed
+    }
+}
+
 /// The wait from [`WAIT_ENV`], else [`DEFAULT_WAIT`].
 pub fn wait_from_env() -> Duration {
     std::env::var(WAIT_ENV)

@@ -63,10 +63,12 @@ pub enum PlanError {
     Fs(#[from] FsError),
 }
 
-impl PlanError {
+impl PlanError {}
+
+impl crate::exit::ExitKindOf for PlanError {
     /// Usage/validation errors (exit 2) vs failures reading the node (exit 1).
-    /// Every variant is named, so a new one must be placed.
-    pub fn is_usage(&self) -> bool {
+    fn exit_kind(&self) -> crate::exit::ExitKind {
+        use crate::exit::ExitKind;
         match self {
             PlanError::Bottlerocket(_)
             | PlanError::NothingToAdopt(_)
@@ -77,8 +79,8 @@ impl PlanError {
             | PlanError::NotUtf8 { .. }
             | PlanError::BadChecksum { .. }
             | PlanError::Record(_)
-            | PlanError::Tuning(_) => true,
-            PlanError::ReadChecksum { .. } | PlanError::Fs(_) => false,
+            | PlanError::Tuning(_) => ExitKind::Usage,
+            PlanError::ReadChecksum { .. } | PlanError::Fs(_) => ExitKind::Failed,
         }
     }
 }
@@ -276,10 +278,28 @@ pub struct SociChoice {
     /// Its SOCI version, when known.
     #[serde(serialize_with = "version_str")]
     pub version: Option<Version>,
-    /// `preinstalled` (kept) or `release` (installed from the release tree).
-    pub origin: &'static str,
+    pub origin: SociOrigin,
     /// One sentence: the policy and the facts it decided on.
     pub reason: String,
+}
+
+/// Where the SOCI binary the unit runs comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SociOrigin {
+    /// The node's own (the AMI's package), kept.
+    Preinstalled,
+    /// The release, installed into the store.
+    Release,
+}
+
+impl std::fmt::Display for SociOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SociOrigin::Preinstalled => "preinstalled",
+            SociOrigin::Release => "release",
+        })
+    }
 }
 
 fn version_str<S: serde::Serializer>(v: &Option<Version>, s: S) -> Result<S::Ok, S::Error> {

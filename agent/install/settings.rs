@@ -46,6 +46,13 @@ struct FileConfig {
     install: InstallOptions,
 }
 
+impl crate::exit::ExitKindOf for SettingsError {
+    /// Every settings error is found before the node is touched.
+    fn exit_kind(&self) -> crate::exit::ExitKind {
+        crate::exit::ExitKind::Usage
+    }
+}
+
 /// Which gzip decompressor SOCI should run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecompressorChoice {

@@ -151,6 +151,18 @@ fn extract_verb(e: &ExtractError) -> &'static str {
     }
 }
 
+impl crate::exit::ExitKindOf for FetchError {
+    /// A refused artifact is a verification failure (exit 3); anything else
+    /// (unreachable, missing) failed with the node as it was (exit 1).
+    fn exit_kind(&self) -> crate::exit::ExitKind {
+        if self.is_verification_failure() {
+            crate::exit::ExitKind::Verification
+        } else {
+            crate::exit::ExitKind::Failed
+        }
+    }
+}
+
 impl FetchError {
     /// The artifact was refused (digest mismatch, hostile or corrupt archive).
     pub fn is_verification_failure(&self) -> bool {
@@ -285,8 +297,26 @@ impl Fetcher {
 
     /// Sends a GET and maps the status; headers must arrive within the stall timeout.
     async fn get(&self, url: &str) -> Result<reqwest::Response, FetchError> {
+        self.send(url, self.client.get(url)).await
+    }
+
+    /// Asks whether `url` exists without downloading it: one HEAD (or, from
+    /// a server that refuses HEAD, a GET of its first byte), no retries,
+    /// each wait bounded by the stall timeout.
+    pub async fn exists(&self, url: &str) -> Result<(), FetchError> {
+        match self.send(url, self.client.head(url)).await {
+            Err(FetchError::Status { status: 405 | 501, .. }) => {
+                let first_byte = self.client.get(url).header(reqwest::header::RANGE, "bytes=0-0");
+                self.send(url, first_byte).await.map(drop)
+            }
+            answered => answered.map(drop),
+        }
+    }
+
+    /// Sends `request` for `url`; a non-2xx answer is an error.
+    async fn send(&self, url: &str, request: reqwest::RequestBuilder) -> Result<reqwest::Response, FetchError> {
         let stall = self.opts.stall_timeout;
-        let response = tokio::time::timeout(stall, self.client.get(url).send())
+        let response = tokio::time::timeout(stall, request.send())
             .await
             .map_err(|_| FetchError::Stalled {
                 url: url.to_string(),

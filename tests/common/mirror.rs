@@ -44,6 +44,8 @@ struct State {
     bodies: HashMap<String, Arc<Vec<u8>>>,
     faults: HashMap<String, VecDeque<Fault>>,
     requests: HashMap<String, usize>,
+    /// Per `"METHOD path"`.
+    by_method: HashMap<String, usize>,
 }
 
 struct Shared {
@@ -135,6 +137,15 @@ impl Mirror {
     }
 
     /// Requests received for all paths.
+    /// How many `method` requests `path` got (e.g. `HEAD`).
+    pub fn requests_by(&self, method: &str, path: &str) -> usize {
+        self.lock()
+            .by_method
+            .get(&format!("{method} {path}"))
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub fn total_requests(&self) -> usize {
         self.lock().requests.values().sum()
     }
@@ -160,8 +171,8 @@ impl Drop for Mirror {
     }
 }
 
-/// Reads the request head; returns the path (query string removed).
-fn read_request(conn: &mut TcpStream) -> Option<String> {
+/// Reads the request head; returns the method and the path (query string removed).
+fn read_request(conn: &mut TcpStream) -> Option<(String, String)> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -172,8 +183,10 @@ fn read_request(conn: &mut TcpStream) -> Option<String> {
         head.extend_from_slice(&buf[..n]);
     }
     let line = String::from_utf8_lossy(&head).lines().next()?.to_string();
-    let target = line.split_whitespace().nth(1)?;
-    Some(target.split('?').next().unwrap_or(target).to_string())
+    let mut words = line.split_whitespace();
+    let method = words.next()?.to_string();
+    let target = words.next()?;
+    Some((method, target.split('?').next().unwrap_or(target).to_string()))
 }
 
 fn reason(status: u16) -> &'static str {
@@ -204,12 +217,13 @@ fn respond(conn: &mut TcpStream, status: u16, body: &[u8]) -> std::io::Result<()
 fn handle(mut conn: TcpStream, shared: &Shared) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = conn.set_write_timeout(Some(Duration::from_secs(10)));
-    let Some(path) = read_request(&mut conn) else {
+    let Some((method, path)) = read_request(&mut conn) else {
         return;
     };
     let (fault, body) = {
         let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
         *state.requests.entry(path.clone()).or_default() += 1;
+        *state.by_method.entry(format!("{method} {path}")).or_default() += 1;
         let fault = state.faults.get_mut(&path).and_then(VecDeque::pop_front);
         (fault, state.bodies.get(&path).cloned())
     };
@@ -255,6 +269,9 @@ fn handle(mut conn: TcpStream, shared: &Shared) {
             }),
         (Some(Fault::Redirect(location)), _) => {
             conn.write_all(head(302, &format!("Location: {location}\r\nContent-Length: 0\r\n")).as_bytes())
+        }
+        (None, Some(body)) if method == "HEAD" => {
+            conn.write_all(head(200, &format!("Content-Length: {}\r\n", body.len())).as_bytes())
         }
         (None, Some(body)) => respond(&mut conn, 200, &body),
     };

@@ -19,7 +19,7 @@ use crate::daemon::state::{RepairEvent, unix_now};
 use crate::doctor::{Check, Verdict};
 use crate::health::probe::{self, Reach};
 use crate::install::plan::Effects;
-use crate::systemd::{Systemd, UnitState};
+use crate::systemd::{Systemd, SystemdError, UnitState};
 
 /// Bound on connecting and on each job (a start waits for the unit's READY=1).
 const BUS_BOUND: Duration = Duration::from_secs(60);
@@ -30,14 +30,23 @@ fn unit_target(unit: &str) -> String {
     format!("unit:{unit}")
 }
 
+/// Why the repairs could not reach systemd.
+#[derive(Debug, thiserror::Error)]
+enum BusError {
+    #[error("--root is not / and no --bus-address: systemd is not reachable")]
+    NoBus,
+    #[error(transparent)]
+    Connect(#[from] Box<SystemdError>),
+}
+
 /// Connects to systemd: `--bus-address`, else the system bus when the root is `/`.
-async fn connect(r: &Reconciler) -> Result<Systemd, String> {
-    let connecting = match &r.ends.bus_address {
+async fn connect(r: &Reconciler) -> Result<Systemd, BusError> {
+    let connected = match &r.ends.bus_address {
         Some(a) => Systemd::connect_address(a, BUS_BOUND).await,
         None if r.root.is_host() => Systemd::connect(BUS_BOUND).await,
-        None => return Err("--root is not / and no --bus-address: systemd is not reachable".into()),
+        None => return Err(BusError::NoBus),
     };
-    connecting.map_err(|e| crate::exit::error_chain(&e))
+    connected.map_err(|e| BusError::Connect(Box::new(e)))
 }
 
 /// Does containerd say it never loaded the soci plugin (a restart would fix)? Asked only when
@@ -119,12 +128,12 @@ pub async fn repair(r: &mut Reconciler, checks: &[Check], effects: Effects, out:
     let sd = match connect(r).await {
         Ok(sd) => sd,
         Err(e) => {
-            out.pending.push(format!("systemd: {e}"));
+            out.pending.push(format!("systemd: {}", crate::exit::error_chain(&e)));
             return;
         }
     };
     if effects.daemon_reload {
-        let result = sd.reload().await.map_err(|e| crate::exit::error_chain(&e));
+        let result = sd.reload().await;
         event(out, "systemd", "daemon-reload", result);
     }
     let Some((soci, containerd)) = unit_states(&sd, out).await else {
@@ -228,19 +237,18 @@ async fn job(r: &mut Reconciler, sd: &Systemd, op: &'static str, unit: &str, out
     let result = match op {
         "start" => sd.start(unit).await,
         _ => sd.restart(unit).await,
-    }
-    .map_err(|e| crate::exit::error_chain(&e));
+    };
     match &result {
         Ok(()) => tracing::warn!(unit, op, "repaired a unit"),
-        Err(e) => tracing::error!(unit, op, error = e.as_str(), "unit repair failed"),
+        Err(e) => tracing::error!(unit, op, error = %crate::exit::error_chain(e), "unit repair failed"),
     }
     event(out, unit, op, result);
 }
 
-fn event(out: &mut Outcome, target: &str, action: &'static str, result: Result<(), String>) {
+fn event(out: &mut Outcome, target: &str, action: &'static str, result: Result<(), SystemdError>) {
     let (result, detail) = match result {
         Ok(()) => ("ok", String::new()),
-        Err(e) => ("failed", e),
+        Err(e) => ("failed", crate::exit::error_chain(&e)),
     };
     out.events.push(RepairEvent {
         at: unix_now(),

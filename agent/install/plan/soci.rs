@@ -14,7 +14,7 @@ use crate::rootfs::{FsError, Root};
 use super::builder::Builder;
 use super::{
     Action, ActionKind, ArchiveSource, DigestSource, Effects, Op, PlanError, RESTART_SOCI, ReleaseStep, SociCheck,
-    SociChoice,
+    SociChoice, SociOrigin,
 };
 
 /// What step 1 decided: which SOCI runs, from which binary, checked how.
@@ -43,12 +43,12 @@ pub(super) fn soci_binary(
     let preinstalled = facts.soci_installed.iter().find(|i| !i.managed);
     let choice = choose_soci(s.preinstalled, s.soci_version, preinstalled)?;
     b.notes.push(choice.reason.clone());
-    let (daemon_binary, adopted_sha256) = if choice.origin == "preinstalled" {
+    let (daemon_binary, adopted_sha256) = if choice.origin == SociOrigin::Preinstalled {
         (choice.binary.clone(), Some(adopt_preinstalled(b, &choice)?))
     } else {
         (install_release(b, s, spec)?, None)
     };
-    let entry = (choice.origin == "release").then(|| store::entry_dir(&spec));
+    let entry = (choice.origin == SociOrigin::Release).then(|| store::entry_dir(&spec));
     let host_arch = Arch::from_machine(&facts.machine).ok();
     let (check, why_not) = soci_check(b.root, &choice, entry.as_deref(), arch, host_arch);
     b.notes.extend(why_not);
@@ -194,7 +194,7 @@ fn keep(f: &InstalledSoci, version: Option<Version>, reason: String) -> SociChoi
     SociChoice {
         binary: f.path.clone(),
         version,
-        origin: "preinstalled",
+        origin: SociOrigin::Preinstalled,
         reason,
     }
 }
@@ -204,7 +204,7 @@ fn from_release(wanted: Version, reason: String) -> SociChoice {
     SociChoice {
         binary: format!("{BIN_DIR}/{DAEMON_BINARY}"),
         version: Some(wanted),
-        origin: "release",
+        origin: SociOrigin::Release,
         reason,
     }
 }
