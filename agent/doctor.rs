@@ -42,6 +42,16 @@ use crate::output::OutputFormat;
 use crate::rootfs::Root;
 
 pub use node::Node;
+
+/// The ids of the checks other modules act on (the daemon decides its
+/// repairs on these and on verdicts, never on evidence text). Ids are part of
+/// the JSON contract; a check renamed here is renamed for everyone.
+pub mod ids {
+    pub const SOCI_SERVICE: &str = "systemd.soci-service";
+    pub const CONTAINERD_SERVICE: &str = "systemd.containerd";
+    pub const SOCI_SOCKET: &str = "live.soci-socket";
+    pub const CONTAINERD_SOCI: &str = "live.containerd-soci";
+}
 pub use unitfile::{ExecStart, UnitFiles};
 
 /// The outcome of one check.
@@ -256,6 +266,7 @@ pub async fn diagnose(ctx: &DoctorContext) -> Vec<Check> {
     checks.extend(checks_soci::binary_checks(&node).await);
     checks.extend(checks_soci_config::config_checks(&node));
     checks.extend(checks_containerd::checks(&node));
+    checks.push(checks_containerd::registry_mirrors(&node));
     checks.extend(checks_nodeadm::checks(&node));
     checks.push(checks_kubelet::image_service_endpoint(&node));
     checks.extend(checks_systemd::checks(&node));

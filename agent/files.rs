@@ -6,5 +6,6 @@
 pub mod containerd_config;
 pub mod kubelet;
 pub mod nodeconfig;
+pub mod registry_hosts;
 pub mod soci_config;
 pub mod units;

@@ -251,6 +251,52 @@ fn soci_unit(root: &Root) -> SociUnit {
     SociUnit::Absent
 }
 
+/// The registry host files containerd reads (`config_path` of the CRI
+/// registry in the containerd config at `containerd_config`, a node path):
+/// each `<config_path>/<registry>/hosts.toml` that parses, and the errors of
+/// those that do not. Nothing when containerd has no `config_path` or the
+/// config cannot be read (install and doctor report that themselves).
+pub fn registry_hosts(
+    root: &Root,
+    containerd_config: &str,
+) -> (
+    Vec<crate::files::registry_hosts::RegistryHosts>,
+    Vec<crate::files::registry_hosts::HostsError>,
+) {
+    use crate::files::registry_hosts::{config_path, parse};
+    let text = root.read_opt(containerd_config).ok().flatten().unwrap_or_default();
+    let doc = String::from_utf8(text)
+        .ok()
+        .and_then(|t| t.parse::<toml_edit::DocumentMut>().ok());
+    let Some(dir) = doc.as_ref().and_then(config_path) else {
+        return (Vec::new(), Vec::new());
+    };
+    // containerd takes the first directory of a ':'-separated list that has the registry.
+    let Some(first) = dir.split(':').next().filter(|d| d.starts_with('/')) else {
+        return (Vec::new(), Vec::new());
+    };
+    let mut registries: Vec<String> = std::fs::read_dir(root.path(first))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    registries.sort();
+    let (mut found, mut errors) = (Vec::new(), Vec::new());
+    for registry in registries {
+        let file = format!("{first}/{registry}/hosts.toml");
+        let Ok(Some(bytes)) = root.read_opt(&file) else {
+            continue;
+        };
+        match parse(&registry, &String::from_utf8_lossy(&bytes)) {
+            Ok(r) => found.push(r),
+            Err(e) => errors.push(e),
+        }
+    }
+    (found, errors)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

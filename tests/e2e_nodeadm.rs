@@ -735,15 +735,31 @@ fn the_daemon_holds_the_node_to_what_install_was_asked() {
     install.push("--daemon".into());
     let run = rig.agent("install", &install);
     run.expect_code(0);
+    // The daemon may run before nodeadm-run: containerd (never started since boot) and the
+    // snapshotter are nodeadm-run's to start, after it has rendered the config.
+    if !rig.unit(AGENT_SERVICE).is_active() {
+        rig.start(AGENT_SERVICE);
+    }
+    let early = wait_state(&rig, "two reconciles before nodeadm-run", REPAIR_BOUND, |s| {
+        s["reconciles"].as_u64() >= Some(2)
+    });
+    assert_eq!(
+        rig.is_active(CONTAINERD),
+        "inactive",
+        "the daemon started containerd before nodeadm-run"
+    );
+    assert_eq!(
+        rig.is_active(SOCI),
+        "inactive",
+        "the daemon started SOCI before nodeadm-run"
+    );
+    assert_eq!(early["repairs"]["total"], 0, "{early:#}");
     let out = rig.node.exec_timeout(
         &["systemctl", "start", "--job-mode=ignore-requirements", NODEADM_RUN],
         NODEADM_RUN_BOUND,
     );
     assert!(out.status.success(), "{NODEADM_RUN}\n{}", rig.unit_story(NODEADM_RUN));
     assert!(rig.unit(CONTAINERD).is_active() && rig.unit(SOCI).is_active());
-    if !rig.unit(AGENT_SERVICE).is_active() {
-        rig.start(AGENT_SERVICE);
-    }
 
     rig.step("no drift right after install with flags");
     let first = wait_state(&rig, "two reconciles", REPAIR_BOUND, |s| {

@@ -744,6 +744,74 @@ fn a_dry_run_checks_the_release_exists_without_downloading_it() {
     assert_eq!(node.tree(), before);
 }
 
+/// containerd's `hosts.toml` mirrors and plain-HTTP registries are carried into SOCI's resolver
+/// (the real SOCI's `config dump` accepts the file: install checks it), and doctor warns that
+/// SOCI fetches layers past the mirror.
+#[test]
+fn registry_mirrors_of_hosts_toml_reach_soci_s_resolver() {
+    let node = Node::plain();
+    let archive = node.archive();
+    node.write(
+        "/etc/containerd/config.toml",
+        "version = 3\n[plugins.'io.containerd.cri.v1.images'.registry]\nconfig_path = '/etc/containerd/certs.d'\n",
+        0o644,
+    );
+    node.write(
+        "/etc/containerd/certs.d/docker.io/hosts.toml",
+        "server = \"https://registry-1.docker.io\"\n[host.\"https://mirror.internal:8443\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+        0o644,
+    );
+    node.write(
+        "/etc/containerd/certs.d/10.0.0.5:5000/hosts.toml",
+        "server = \"http://10.0.0.5:5000\"\n",
+        0o644,
+    );
+    let out = node.install(&["--archive", archive.to_str().unwrap(), "--output", "json"]);
+    assert_code(&out, 0);
+    let cfg: toml_edit::DocumentMut = node.read("/etc/soci-snapshotter-grpc/config.toml").parse().unwrap();
+    let mirrors = |registry: &str| {
+        cfg["resolver"]["host"][registry]["mirrors"]
+            .as_array_of_tables()
+            .map(|a| {
+                a.iter()
+                    .map(|t| {
+                        (
+                            t["host"].as_str().unwrap().to_string(),
+                            t["insecure"].as_bool().unwrap(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        mirrors("docker.io"),
+        [("https://mirror.internal:8443".to_string(), false)]
+    );
+    assert_eq!(mirrors("10.0.0.5:5000"), [("http://10.0.0.5:5000".to_string(), true)]);
+    assert!(json(&out)["notes"].to_string().contains("hosts.toml"), "{}", json(&out));
+
+    let doctor = Command::new(agent_bin())
+        .args(["doctor", "--output", "json", "--no-live", "--root"])
+        .arg(node.root())
+        .output()
+        .unwrap();
+    let report = json(&doctor);
+    let check = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "containerd.registry-mirrors")
+        .cloned()
+        .unwrap_or_else(|| panic!("no mirror check: {report:#}"));
+    assert_eq!(check["verdict"], "warn", "{check:#}");
+    let evidence = check["evidence"].as_str().unwrap();
+    assert!(
+        evidence.contains("docker.io (mirrors mirror.internal:8443)") && !evidence.contains("does not list"),
+        "{evidence}"
+    );
+}
+
 /// Files and links only (directories soci-agent created may stay).
 fn files(tree: &BTreeMap<PathBuf, String>) -> BTreeMap<PathBuf, String> {
     tree.iter()

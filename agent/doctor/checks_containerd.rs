@@ -387,3 +387,59 @@ fn annotations(doc: &DocumentMut, key: &OwnedKey, path: &str) -> Check {
         "set disable_snapshot_annotations = false (soci-agent install does)",
     )
 }
+
+/// `containerd.registry-mirrors`: containerd's `hosts.toml` mirrors that SOCI
+/// bypasses. In parallel mode SOCI fetches layers from the image's own
+/// registry; it resolves manifests through a mirror only when its own config
+/// lists it (`[[resolver.host."R".mirrors]]`, which install writes).
+pub fn registry_mirrors(node: &Node) -> Check {
+    const ID: &str = "containerd.registry-mirrors";
+    let (hosts, errors) = crate::host::registry_hosts(&node.root, &node.containerd_config_path);
+    let mut bypassed = Vec::new();
+    let mut not_listed = Vec::new();
+    let soci = match &node.soci_config {
+        Text::Found(t) => crate::files::soci_config::read_back(t).ok().flatten(),
+        _ => None,
+    };
+    for r in &hosts {
+        let mirrors = r.mirrors();
+        if !mirrors.is_empty() {
+            bypassed.push(format!("{} (mirrors {})", r.registry, mirrors.join(", ")));
+        }
+        let want = r.soci_mirrors();
+        let have = soci.as_ref().and_then(|c| c.resolver.get(&r.registry));
+        if !want.is_empty() && have != Some(&want) {
+            not_listed.push(r.registry.clone());
+        }
+    }
+    let mut evidence: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    evidence.extend(hosts.iter().flat_map(|r| r.not_carried()));
+    if !bypassed.is_empty() {
+        evidence.insert(
+            0,
+            format!(
+                "SOCI fetches layers past containerd's registry mirrors, from the image's own registry: {}",
+                bypassed.join("; ")
+            ),
+        );
+    }
+    if !not_listed.is_empty() {
+        evidence.push(format!(
+            "SOCI's config does not list the hosts.toml hosts of {}",
+            not_listed.join(", ")
+        ));
+    }
+    if evidence.is_empty() {
+        return Check::ok(
+            ID,
+            format!("{} registry host file(s); no mirror SOCI would bypass", hosts.len()),
+        );
+    }
+    let advice = if not_listed.is_empty() {
+        "layer traffic goes to the registries themselves (size egress and rate limits for that); \
+         manifests do go through the mirrors"
+    } else {
+        "re-run soci-agent install: it carries hosts.toml mirrors and plain-HTTP registries into SOCI's resolver"
+    };
+    Check::warn(ID, evidence.join("; "), advice)
+}

@@ -3,6 +3,7 @@
 //! image is unpacked in soci when the node has `/etc/eks/pause.tar`. Skipped
 //! with `--no-live`. Never socket-activates an idle SOCI service.
 
+use super::ids;
 use crate::paths::{CONTAINERD_SERVICE, CONTAINERD_SOCKET, PAUSE_ARCHIVE, SOCI_SERVICE, SOCI_SOCKET_UNIT};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,7 +18,7 @@ const QUERY_BOUND: Duration = Duration::from_secs(15);
 
 pub async fn checks(ctx: &DoctorContext, node: &Node) -> Vec<Check> {
     if !ctx.live {
-        return ["live.soci-socket", "live.containerd-soci", "live.pause-image"]
+        return [ids::SOCI_SOCKET, ids::CONTAINERD_SOCI, "live.pause-image"]
             .into_iter()
             .map(|id| Check::skip(id, "--no-live"))
             .collect();
@@ -36,7 +37,7 @@ pub async fn checks(ctx: &DoctorContext, node: &Node) -> Vec<Check> {
 }
 
 async fn soci_socket(ctx: &DoctorContext, node: &Node) -> Check {
-    const ID: &str = "live.soci-socket";
+    const ID: &str = ids::SOCI_SOCKET;
     let explicit = ctx.soci_socket.is_some();
     let path: PathBuf = ctx
         .soci_socket
@@ -88,7 +89,7 @@ fn would_activate(node: &Node) -> bool {
         && node.bus.unit(SOCI_SOCKET_UNIT).is_some_and(|s| s.is_active())
 }
 
-const CONTAINERD_SOCI_ID: &str = "live.containerd-soci";
+const CONTAINERD_SOCI_ID: &str = ids::CONTAINERD_SOCI;
 
 /// `live.containerd-soci`: containerd lists the soci snapshotter and a call reaches the daemon.
 async fn containerd_soci(ctx: &DoctorContext, node: &Node, socket: &Path) -> Check {

@@ -5,6 +5,7 @@
 //! last result. Over D-Bus when a bus answers, else from the unit files.
 
 use super::Check;
+use super::ids;
 use super::node::{Bus, Node};
 use super::unitfile::{UnitFiles, enablement_links};
 use crate::paths::{BOOT_SERVICE, CONTAINERD_SERVICE, KUBELET_SERVICE, PAUSE_ARCHIVE, SOCI_SERVICE, SOCI_SOCKET_UNIT};
@@ -67,7 +68,7 @@ fn enabled(st: &UnitState) -> bool {
     )
 }
 
-const SERVICE_ID: &str = "systemd.soci-service";
+const SERVICE_ID: &str = ids::SOCI_SERVICE;
 
 /// `systemd.soci-service`: the SOCI service runs or will be started, over D-Bus when it answers.
 fn service(node: &Node) -> Check {
@@ -124,7 +125,7 @@ fn service_on_bus(node: &Node, st: &UnitState) -> Check {
 /// stops it too, through the drop-in's `Requires=`: the node then runs no
 /// containers and kubelet goes NotReady.
 fn containerd(node: &Node) -> Check {
-    const ID: &str = "systemd.containerd";
+    const ID: &str = ids::CONTAINERD_SERVICE;
     let Some(st) = node.bus.unit(CONTAINERD_SERVICE) else {
         return Check::skip(ID, format!("no D-Bus answer about {CONTAINERD_SERVICE}"));
     };
@@ -133,6 +134,13 @@ fn containerd(node: &Node) -> Check {
     match (st.load_state.as_str(), st.active_state.as_str()) {
         ("not-found", _) => Check::skip(ID, evidence),
         (_, "active" | "reloading" | "activating") => Check::ok(ID, evidence),
+        _ if st.invocation_id.is_empty() => Check::warn(
+            ID,
+            format!("{evidence}: not started since boot"),
+            format!(
+                "on nodeadm hosts nodeadm-run.service starts it; elsewhere systemctl enable --now {CONTAINERD_SERVICE}"
+            ),
+        ),
         _ if soci_down => Check::fail(
             ID,
             format!("{evidence}, and {SOCI_SERVICE} is down too (stopping it stops containerd: Requires=)"),

@@ -12,6 +12,7 @@
 //! [`render`] always writes containerd, and only keys the target SOCI release
 //! ([`SociConfig::version`]) reads ([`KNOWN_KEYS`], [`reads_key`]).
 
+use crate::files::registry_hosts::SociMirror;
 use crate::paths::CONTAINERD_SOCKET;
 use std::fmt;
 
@@ -99,6 +100,9 @@ pub struct SociConfig {
     /// does not read. Default: [`crate::release::DEFAULT_SOCI_VERSION`].
     #[serde(serialize_with = "as_display")]
     pub version: Version,
+    /// Registry -> its mirrors for SOCI's resolver (from containerd's
+    /// `hosts.toml`, see [`crate::files::registry_hosts`]); empty: none.
+    pub resolver: std::collections::BTreeMap<String, Vec<SociMirror>>,
 }
 
 impl Default for SociConfig {
@@ -109,6 +113,7 @@ impl Default for SociConfig {
             containerd_address: CONTAINERD_SOCKET.to_string(),
             image_service_path: CONTAINERD_SOCKET.to_string(),
             version: default_version(),
+            resolver: Default::default(),
         }
     }
 }
@@ -533,6 +538,23 @@ pub fn render(cfg: &SociConfig) -> String {
         out += &format!("[{}]\n", section.table);
         for l in lines {
             out += &format!("{} = {}\n", l.key, l.value);
+        }
+    }
+    out + &resolver_tables(&cfg.resolver)
+}
+
+/// `[[resolver.host."REGISTRY".mirrors]]` for each registry's mirrors.
+fn resolver_tables(resolver: &std::collections::BTreeMap<String, Vec<SociMirror>>) -> String {
+    let mut out = String::new();
+    if resolver.is_empty() {
+        return out;
+    }
+    out += "\n# From containerd's hosts.toml: SOCI resolves manifests through these hosts (insecure = plain\n\
+            # HTTP). In parallel mode it fetches layers from the image's own registry.\n";
+    for (registry, mirrors) in resolver {
+        for m in mirrors {
+            out += &format!("[[resolver.host.{}.mirrors]]\n", quote(registry));
+            out += &format!("host = {}\ninsecure = {}\n", quote(&m.host), m.insecure);
         }
     }
     out
@@ -970,7 +992,36 @@ fn read_doc(doc: &Item) -> Option<SociConfig> {
         containerd_address: string(doc, "content_store.containerd_address")?,
         image_service_path: string(doc, "cri_keychain.image_service_path")?,
         version: default_version(),
+        resolver: read_resolver(doc),
     })
+}
+
+/// The `[[resolver.host."REGISTRY".mirrors]]` tables.
+fn read_resolver(doc: &Item) -> std::collections::BTreeMap<String, Vec<SociMirror>> {
+    let Some(hosts) = doc
+        .get("resolver")
+        .and_then(|r| r.get("host"))
+        .and_then(Item::as_table_like)
+    else {
+        return Default::default();
+    };
+    let mirrors = |item: &Item| -> Vec<SociMirror> {
+        let Some(tables) = item.get("mirrors").and_then(Item::as_array_of_tables) else {
+            return Vec::new();
+        };
+        let each = tables.iter().filter_map(|t| {
+            Some(SociMirror {
+                host: t.get("host")?.as_str()?.to_string(),
+                insecure: t.get("insecure").and_then(Item::as_bool).unwrap_or(false),
+            })
+        });
+        each.collect()
+    };
+    hosts
+        .iter()
+        .map(|(registry, item)| (registry.to_string(), mirrors(item)))
+        .filter(|(_, m)| !m.is_empty())
+        .collect()
 }
 
 #[cfg(test)]

@@ -4,13 +4,17 @@
 //! only where they cannot take containerd down unasked (see `repair`'s module
 //! docs).
 //!
-//! containerd itself is started only when it is down together with the
-//! snapshotter: the mark of `systemctl stop soci-snapshotter`, which stops
-//! containerd through the drop-in's `Requires=` and leaves the node NotReady.
-//! Starting a stopped containerd interrupts nothing. A containerd stopped
-//! while the snapshotter runs was stopped on purpose (maintenance): the
-//! daemon leaves it, and `systemd.containerd` fails with the command to run.
+//! containerd itself is started only when it ran since boot and is now down
+//! together with the snapshotter: the mark of `systemctl stop
+//! soci-snapshotter`, which stops containerd through the drop-in's
+//! `Requires=` and leaves the node NotReady. Starting a stopped containerd
+//! interrupts nothing. A containerd that never ran since boot is left to
+//! whoever starts it (on nodeadm hosts, `nodeadm-run.service`, after it has
+//! rendered the config). A containerd stopped while the snapshotter runs was
+//! stopped on purpose (maintenance): the daemon leaves it, and
+//! `systemd.containerd` fails with the command to run.
 
+use crate::doctor::ids;
 use crate::paths::{CONTAINERD_SERVICE, CONTAINERD_SOCKET, SOCI_SERVICE, SOCI_SOCKET, SOCI_SOCKET_UNIT};
 use std::time::Duration;
 
@@ -54,7 +58,7 @@ async fn connect(r: &Reconciler) -> Result<Systemd, BusError> {
 /// probe doctor uses (no direct dial of the SOCI socket), and goes by its typed answer, not
 /// by the check's wording.
 async fn containerd_unwired(r: &Reconciler, checks: &[Check]) -> bool {
-    if !failed(checks, "live.containerd-soci") {
+    if !failed(checks, ids::CONTAINERD_SOCI) {
         return false;
     }
     let containerd = r
@@ -85,9 +89,14 @@ fn wanted(checks: &[Check], effects: Effects, unwired: bool) -> bool {
         || effects.restart_soci
         || effects.restart_containerd
         || unwired
-        || failed(checks, "systemd.soci-service")
-        || failed(checks, "systemd.containerd")
-        || failed(checks, "live.soci-socket")
+        || failed(checks, ids::SOCI_SERVICE)
+        || failed(checks, ids::CONTAINERD_SERVICE)
+        || failed(checks, ids::SOCI_SOCKET)
+}
+
+/// Ran since boot (systemd keeps the last `InvocationID` of a stopped unit).
+fn ran(unit: &UnitState) -> bool {
+    !unit.invocation_id.is_empty()
 }
 
 /// Loaded, stopped or failed, and not about to be restarted by systemd.
@@ -106,12 +115,13 @@ enum SociAction {
 }
 
 fn soci_action(soci: &UnitState, containerd: &UnitState, checks: &[Check], effects: Effects) -> SociAction {
-    let wanted_up =
-        failed(checks, "systemd.soci-service") || (effects.restart_soci && containerd.is_active()) || down(containerd);
+    let wanted_up = failed(checks, ids::SOCI_SERVICE)
+        || (effects.restart_soci && containerd.is_active())
+        || (down(containerd) && ran(containerd));
     if down(soci) && wanted_up {
         return SociAction::Start;
     }
-    if soci.is_active() && (effects.restart_soci || failed(checks, "live.soci-socket")) {
+    if soci.is_active() && (effects.restart_soci || failed(checks, ids::SOCI_SOCKET)) {
         return SociAction::Restart;
     }
     SociAction::None
@@ -141,7 +151,7 @@ pub async fn repair(r: &mut Reconciler, checks: &[Check], effects: Effects, out:
     };
     let action = soci_action(&soci, &containerd, checks, effects);
     let containerd_restarted = repair_soci(r, &sd, action, &containerd, effects, out).await;
-    if down(&containerd) {
+    if down(&containerd) && ran(&containerd) {
         start_containerd(r, &sd, &soci, out).await;
     } else if containerd.is_active() && (effects.restart_containerd || unwired) && !containerd_restarted {
         restart_containerd(r, &sd, out).await;
@@ -276,7 +286,7 @@ mod tests {
 
     #[test]
     fn a_dead_snapshotter_is_started_a_running_one_restarted() {
-        let fail = vec![Check::fail("systemd.soci-service", "e", "a")];
+        let fail = vec![Check::fail(ids::SOCI_SERVICE, "e", "a")];
         let up = unit("active", "running");
         let none = Effects::default();
         assert_eq!(
@@ -294,12 +304,21 @@ mod tests {
             ..Effects::default()
         };
         assert_eq!(soci_action(&up, &up, &[], config), SociAction::Restart);
-        let dead_socket = vec![Check::fail("live.soci-socket", "e", "a")];
+        let dead_socket = vec![Check::fail(ids::SOCI_SOCKET, "e", "a")];
         assert_eq!(soci_action(&up, &up, &dead_socket, none), SociAction::Restart);
         assert_eq!(soci_action(&up, &up, &[], none), SociAction::None);
         let stopped = unit("inactive", "dead");
         assert_eq!(
             soci_action(&stopped, &stopped, &[], none),
+            SociAction::None,
+            "containerd never ran since boot: not the daemon's to start (nodeadm-run does)"
+        );
+        let ran = UnitState {
+            invocation_id: "0123456789abcdef0123456789abcdef".into(),
+            ..stopped.clone()
+        };
+        assert_eq!(
+            soci_action(&stopped, &ran, &[], none),
             SociAction::Start,
             "both down: systemctl stop soci-snapshotter took containerd with it"
         );

@@ -118,6 +118,34 @@ fn release_detail(step: &ReleaseStep) -> String {
     }
 }
 
+/// The mirrors and plain-HTTP registries of containerd's `hosts.toml` files,
+/// for SOCI's resolver; what SOCI cannot take over becomes a warning.
+fn registry_mirrors(
+    b: &mut Builder,
+    s: &InstallSettings,
+) -> std::collections::BTreeMap<String, Vec<crate::files::registry_hosts::SociMirror>> {
+    let (hosts, errors) = crate::host::registry_hosts(b.root, &s.containerd_config);
+    for e in errors {
+        b.warnings.push(format!("{e}: not carried into SOCI's resolver"));
+    }
+    for r in &hosts {
+        for what in r.not_carried() {
+            b.warnings.push(format!(
+                "containerd registry host {what}: not carried into SOCI's config"
+            ));
+        }
+    }
+    let resolver = crate::files::registry_hosts::soci_resolver(&hosts);
+    if !resolver.is_empty() {
+        let names: Vec<&str> = resolver.keys().map(String::as_str).collect();
+        b.notes.push(format!(
+            "SOCI resolves {} through the mirrors of containerd's hosts.toml; layers still come from each image's own registry",
+            names.join(", ")
+        ));
+    }
+    resolver
+}
+
 /// Step 2: SOCI's own config, with the gzip decompressor and the tuning.
 pub(super) fn soci_config(
     b: &mut Builder,
@@ -137,6 +165,7 @@ pub(super) fn soci_config(
         tuning: s.tuning.clone(),
         gzip,
         version: choice.version.unwrap_or(crate::release::MIN_SOCI_VERSION),
+        resolver: registry_mirrors(b, s),
         ..SociConfig::default()
     };
     b.file(
