@@ -320,6 +320,38 @@ fn drift_is_reported_and_with_repair_on_put_back() {
     assert_eq!(t.read_bytes(SOCI_CONFIG), soci_config);
 }
 
+/// The desired state is what install was asked (here `--archive`, recorded, at the default
+/// version); when the config file later asks for another SOCI version, the daemon says so and
+/// repairs nothing: it never downloads, unpacks or switches SOCI on its own.
+#[test]
+fn another_soci_wanted_is_reported_never_switched() {
+    let t = Tree::installed();
+    let soci_config = t.read_bytes(SOCI_CONFIG);
+    t.config("[install]\nsoci_version = \"0.15.0\"\n\n[daemon]\nrepair = true\n");
+    let drifted = format!("{}# a local change\n", t.read(SOCI_CONFIG));
+    t.write(SOCI_CONFIG, &drifted, 0o644);
+    let mut d = Daemon::start(&t, &["--interval", "0.1"], &[]);
+    let s = d.ready();
+    let s = d.reconciles_after(&s, 3);
+    let drift = check(&s, "agent.drift");
+    assert_eq!(drift["verdict"], "warn", "{drift}");
+    assert!(
+        drift["evidence"].as_str().unwrap().contains("never switches SOCI"),
+        "{drift}"
+    );
+    assert_eq!(s["repairs"]["total"], 0, "{s}");
+    assert_eq!(t.read(SOCI_CONFIG), drifted, "nothing written for another SOCI");
+    assert_ne!(t.read_bytes(SOCI_CONFIG), soci_config);
+    assert!(
+        !t.path("/usr/local/lib/soci-agent/releases/0.15.0-amd64").exists(),
+        "nothing downloaded or unpacked"
+    );
+    let desired = s["config"]["desired"].as_array().unwrap();
+    let source = |key: &str| desired.iter().find(|o| o["key"] == key).map(|o| o["source"].clone());
+    assert_eq!(source("archive"), Some(Value::from("recorded-flag")), "{desired:?}");
+    assert_eq!(source("soci_version"), Some(Value::from("file")), "{desired:?}");
+}
+
 #[test]
 fn drift_with_repair_off_is_reported_once_and_left_alone() {
     let t = Tree::installed();

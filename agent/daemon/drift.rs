@@ -101,7 +101,7 @@ pub async fn assess(root: &Root, settings: &InstallSettings) -> Assessment {
         files.push(file);
         fixes.extend(fix);
     }
-    if plan.daemon_binary != record.daemon_binary {
+    if switches_soci(&record, &plan) {
         // Another SOCI is wanted than the one installed (the AMI's package
         // changed, or the config file asks for another version): switching
         // is install's job, and the files for it belong to that SOCI.
@@ -115,14 +115,25 @@ pub async fn assess(root: &Root, settings: &InstallSettings) -> Assessment {
     Assessment { check, files, fixes }
 }
 
-/// The check when the desired SOCI binary is not the installed one.
+/// Would the plan run another SOCI than the record's (another binary, or
+/// another version behind the same link)?
+fn switches_soci(record: &Record, plan: &crate::install::plan::Plan) -> bool {
+    let version = plan.soci.version.map(|v| v.to_string()).unwrap_or_default();
+    plan.daemon_binary != record.daemon_binary || (!record.soci_version.is_empty() && version != record.soci_version)
+}
+
+/// The check when the desired SOCI is not the installed one.
 fn switch_wanted(record: &Record, plan: &crate::install::plan::Plan) -> Check {
     Check::warn(
         CHECK_ID,
         format!(
-            "install would now run {} ({}), the node runs {} (SOCI {}); the daemon never switches SOCI \
+            "install would now run {} (SOCI {}: {}), the node runs {} (SOCI {}); the daemon never switches SOCI \
              on its own and repairs nothing until install has run",
             plan.daemon_binary,
+            plan.soci
+                .version
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "of unknown version".into()),
             plan.soci.reason,
             record.daemon_binary,
             if record.soci_version.is_empty() {
