@@ -702,6 +702,45 @@ fn uninstall_restores_every_file_and_purge_removes_the_store() {
     assert_code(&node.run("uninstall", &[], &[]), 0);
 }
 
+/// `uninstall` keeps the store and points at `--purge`; `uninstall --purge` afterwards (no
+/// record left) must still remove it, not answer "nothing to uninstall".
+#[test]
+fn purge_after_a_plain_uninstall_removes_the_store() {
+    let node = Node::plain();
+    let archive = node.archive();
+    let before = node.tree();
+    assert_code(&node.install(&["--archive", archive.to_str().unwrap()]), 0);
+    let out = node.run("uninstall", &[], &[]);
+    assert_code(&out, 0);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--purge"), "{out:?}");
+    let entry = node.path(&format!("/usr/local/lib/soci-agent/releases/{VER}-amd64"));
+    assert!(entry.join("release.json").exists(), "the store is kept without --purge");
+
+    let dry = node.run("uninstall", &["--purge", "--dry-run", "--output", "json"], &[]);
+    assert_code(&dry, 0);
+    assert!(entry.join("release.json").exists(), "--dry-run changes nothing");
+    assert!(dry_text_names(&dry, &entry), "{}", String::from_utf8_lossy(&dry.stdout));
+
+    let out = node.run("uninstall", &["--purge", "--output", "json"], &[]);
+    assert_code(&out, 0);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("nothing to uninstall"), "{text}");
+    assert!(text.contains("purged /usr/local/lib/soci-agent/releases/"), "{text}");
+    assert_eq!(json(&out)["changed"], true, "{text}");
+    assert!(!entry.exists(), "{text}");
+    assert_eq!(files(&node.tree()), files(&before));
+    // Nothing recorded and nothing stored: a no-op, even with --purge.
+    let again = node.run("uninstall", &["--purge", "--output", "json"], &[]);
+    assert_code(&again, 0);
+    assert_eq!(json(&again)["changed"], false);
+}
+
+/// Whether a report names the store entry it would purge.
+fn dry_text_names(out: &Output, entry: &Path) -> bool {
+    let name = entry.file_name().unwrap().to_string_lossy().into_owned();
+    String::from_utf8_lossy(&out.stdout).contains(&format!("would purge /usr/local/lib/soci-agent/releases/{name}"))
+}
+
 #[test]
 fn boot_verifies_the_binary_against_the_record() {
     let node = Node::plain();
