@@ -21,7 +21,8 @@
 //!   (`notify`); the status socket (`status`, default
 //!   `/run/soci-agent/daemon.sock`, mode 0600) answers the live state as one
 //!   JSON object (`soci-agent daemon --query` prints it); `/metrics` in
-//!   Prometheus text on `[daemon] metrics_address` (`metrics`, `http`).
+//!   OpenMetrics text on `[daemon] metrics_address` (`metrics`, built with
+//!   prometheus-client; `http`, served by hyper).
 //! - **Reload** (SIGHUP, `systemctl reload soci-agent`): the config file is
 //!   read again; if anything in it is invalid, the running configuration
 //!   stays and the error is logged and shown in the status

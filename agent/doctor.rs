@@ -29,8 +29,8 @@ mod node;
 mod output;
 mod pause;
 
+mod nodeconfig_yaml;
 mod unitfile;
-mod yamlish;
 
 use crate::paths::CONTAINERD_CONFIG;
 use std::path::PathBuf;

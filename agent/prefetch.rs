@@ -98,7 +98,7 @@ use progress::Board;
 pub use soci::{SociFacts, read_soci_config};
 
 /// Where SOCI's sockets live (its CRI keychain serves the ImageService there).
-const SOCI_RUN_DIR: &str = "/run/soci-snapshotter-grpc";
+pub(crate) const SOCI_RUN_DIR: &str = "/run/soci-snapshotter-grpc";
 /// Longest wait between two attempts.
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
@@ -145,13 +145,23 @@ enum SetupError {
     Endpoint(String),
     #[error("concurrency must be at least 1")]
     Concurrency,
+    /// A socket to use is not there: nothing to retry, the flag or the service is wrong.
+    #[error("{what} socket {path} {problem} ({flag} {value}): {advice}")]
+    Socket {
+        what: &'static str,
+        path: PathBuf,
+        problem: &'static str,
+        flag: &'static str,
+        value: String,
+        advice: &'static str,
+    },
 }
 
 /// Why one image failed (the report's per-image `error`).
 #[derive(Debug, thiserror::Error)]
 enum ImageError {
     /// A call failed for good, or its retries were spent.
-    #[error("{what}: {error}{}", after_attempts(*attempts))]
+    #[error("{what}: {error}{}", after_attempts(what, *attempts))]
     Call {
         what: &'static str,
         error: CallError,
@@ -170,10 +180,11 @@ enum ImageError {
     },
 }
 
-/// ` (after N attempts)` when there was more than one.
-fn after_attempts(attempts: u32) -> String {
+/// ` (ImageStatus tried N times)` when there was more than one attempt (the report's
+/// `attempts` counts PullImage calls only, so the text names the call).
+fn after_attempts(what: &str, attempts: u32) -> String {
     if attempts > 1 {
-        format!(" (after {attempts} attempts)")
+        format!(" ({what} tried {attempts} times)")
     } else {
         String::new()
     }
@@ -249,7 +260,50 @@ fn setup(opts: &PrefetchOptions) -> Result<(Keyring, PathBuf), SetupError> {
     if opts.concurrency == 0 {
         return Err(SetupError::Concurrency);
     }
+    require_socket(
+        "CRI",
+        &socket,
+        "--cri-endpoint",
+        &opts.cri_endpoint,
+        "is containerd running (systemctl status containerd)? Otherwise point --cri-endpoint \
+         (or [prefetch] cri_endpoint) at the socket it serves",
+    )?;
+    if opts.pin != PinMode::Keep || !opts.platforms.is_empty() {
+        require_socket(
+            "containerd",
+            &opts.containerd_address,
+            "--containerd-address",
+            &opts.containerd_address.display().to_string(),
+            "pins and --platform talk to containerd itself: point --containerd-address at its socket \
+             (by default the --cri-endpoint socket, which containerd serves both on)",
+        )?;
+    }
     Ok((keyring, socket))
+}
+
+/// Fails unless `path` is a unix socket (a missing socket is not transient: no retries).
+fn require_socket(
+    what: &'static str,
+    path: &Path,
+    flag: &'static str,
+    value: &str,
+    advice: &'static str,
+) -> Result<(), SetupError> {
+    use std::os::unix::fs::FileTypeExt;
+    let problem = match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_socket() => return Ok(()),
+        Ok(_) => "is not a socket",
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist",
+        Err(_) => "cannot be reached",
+    };
+    Err(SetupError::Socket {
+        what,
+        path: path.to_path_buf(),
+        problem,
+        flag,
+        value: value.to_string(),
+        advice,
+    })
 }
 
 /// What SOCI's config means for this run: per-repository locks (issue 2035), and a warning

@@ -2,11 +2,12 @@
 //! was before soci-agent (files restored from backups, created files and
 //! links removed, units soci-agent enabled disabled, containerd restarted
 //! without SOCI), as one transaction. The versioned store stays unless
-//! `--purge`.
+//! `--purge`; `--purge` after a plain uninstall (no record left) removes
+//! the store entries still there.
 
 use crate::paths::{
     BACKUP_DIR, BOOT_SERVICE, BOOT_SERVICE_PATH, CONTAINERD_SERVICE, DAEMON_SERVICE, RECORD, SOCI_SERVICE,
-    SOCI_SERVICE_PATH, SOCI_SOCKET_PATH, SOCI_SOCKET_UNIT,
+    SOCI_SERVICE_PATH, SOCI_SOCKET_PATH, SOCI_SOCKET_UNIT, STORE_DIR,
 };
 use std::time::{Duration, Instant};
 
@@ -192,6 +193,9 @@ async fn uninstall(args: &UninstallArgs, report: &mut InstallReport, started: In
         });
     }
     let Some(record) = Record::load(&root).map_err(|e| Stop::failed(&e))? else {
+        if args.purge {
+            return purge_left_store(&root, args.dry_run, report);
+        }
         report
             .notes
             .push(format!("no install record at {RECORD}: nothing to uninstall"));
@@ -271,10 +275,68 @@ fn clean_up(root: &Root, record: &Record, purge: bool, report: &mut InstallRepor
                 Err(e) => report.warnings.push(format!("could not purge {entry}: {e}")),
             }
         }
+        remove_empty_store_dirs(root);
     } else if !record.store_entries.is_empty() {
-        report.notes.push(
-            "the versioned store under /usr/local/lib/soci-agent/releases is kept (use --purge to remove it)".into(),
+        report.notes.push(format!(
+            "the versioned store under {STORE_DIR} is kept (`soci-agent uninstall --purge` removes it, now or later)"
+        ));
+    }
+}
+
+/// The store entries under [`STORE_DIR`] (directories holding a `release.json`), as node paths.
+fn store_entries(root: &Root) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(root.path(STORE_DIR)) else {
+        return Vec::new();
+    };
+    let mut entries: Vec<String> = dir
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| e.path().join(crate::release::store::MANIFEST).is_file())
+        .map(|e| format!("{STORE_DIR}/{}", e.file_name().to_string_lossy()))
+        .collect();
+    entries.sort();
+    entries
+}
+
+/// `--purge` with no install record (a plain uninstall ran before): removes the store entries
+/// left behind, under the node lock; with `dry_run`, only says which.
+fn purge_left_store(root: &Root, dry_run: bool, report: &mut InstallReport) -> Result<(), Stop> {
+    let entries = store_entries(root);
+    if entries.is_empty() {
+        report.notes.push(format!(
+            "no install record at {RECORD} and no store entries under {STORE_DIR}: nothing to uninstall"
+        ));
+        return Ok(());
+    }
+    report.changed = true;
+    if dry_run {
+        report.notes.extend(
+            entries
+                .iter()
+                .map(|e| format!("would purge {e} (left by an earlier uninstall)")),
         );
+        return Ok(());
+    }
+    let _lock = crate::install::apply::lock_node(root).map_err(|e| Stop::failed(&e))?;
+    for entry in &entries {
+        match std::fs::remove_dir_all(root.path(entry)) {
+            Ok(()) => report
+                .notes
+                .push(format!("purged {entry} (left by an earlier uninstall)")),
+            Err(e) => report.warnings.push(format!("could not purge {entry}: {e}")),
+        }
+    }
+    remove_empty_store_dirs(root);
+    Ok(())
+}
+
+/// Removes the store directory and its parent once they are empty (nothing else is touched).
+fn remove_empty_store_dirs(root: &Root) {
+    let store = root.path(STORE_DIR);
+    if std::fs::remove_dir(&store).is_ok()
+        && let Some(parent) = STORE_DIR.rsplit_once('/').map(|(p, _)| p)
+    {
+        let _ = std::fs::remove_dir(root.path(parent));
     }
 }
 

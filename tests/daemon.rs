@@ -1,7 +1,7 @@
 //! `soci-agent daemon` as systemd runs it, against real parts: node trees
 //! built by `soci-agent install --root DIR --no-start --archive …`, the
 //! status socket (one JSON object), `/metrics` (checked by a strict
-//! Prometheus text parser below), a test `NOTIFY_SOCKET`, real containerd
+//! OpenMetrics text parser below and by the `prometheus-parse` crate), a test `NOTIFY_SOCKET`, real containerd
 //! with the SOCI stand-in for the live checks, a real registry and
 //! containerd's CRI for warm images and moved tags, and a booted systemd
 //! node (`common::nspawn`) for repairs over D-Bus. Every wait polls the
@@ -535,7 +535,7 @@ fn ready_after_the_first_reconcile_watchdog_reloading_and_stopping() {
     let started = Instant::now();
     let mut pings = 0;
     while pings < 5 {
-        if recv(&mut seen).is_some_and(|m| m == "WATCHDOG=1") {
+        if recv(&mut seen).is_some_and(|m| m.trim_end() == "WATCHDOG=1") {
             pings += 1;
         }
         assert!(started.elapsed() < Duration::from_secs(5), "WATCHDOG=1 pings: {seen:?}");
@@ -567,10 +567,12 @@ struct Sample {
     value: f64,
 }
 
-/// A strict parser of the Prometheus text format (0.0.4) as the daemon must write it:
-/// `# HELP` then `# TYPE` once per family, before its samples; families contiguous; metric
-/// and label names valid; label values quoted with `\\`, `\"`, `\n` escapes; no duplicate
-/// series; counters named `_total`; every line ends with `\n`.
+/// A strict parser of the OpenMetrics text format (1.0.0) as the daemon must write it:
+/// `# HELP`, `# TYPE`, `# UNIT` at most once per family, before its samples; families
+/// contiguous; metric and label names valid; a family with a unit named `..._{unit}`; sample
+/// names as the type wants them (a counter's samples `{family}_total`, an info's
+/// `{family}_info`, a gauge's `{family}`); label values quoted with `\\`, `\"`, `\n` escapes;
+/// no duplicate series; the text ends with `# EOF` and a newline.
 fn parse_prometheus(text: &str) -> Result<Vec<Sample>, String> {
     fn name_ok(n: &str, colon: bool) -> bool {
         let mut cs = n.chars();
@@ -578,11 +580,15 @@ fn parse_prometheus(text: &str) -> Result<Vec<Sample>, String> {
             .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
             && cs.all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
     }
-    if !text.ends_with('\n') {
-        return Err("does not end with a newline".into());
+    let Some(text) = text.strip_suffix("# EOF\n") else {
+        return Err("does not end with \"# EOF\\n\"".into());
+    };
+    if !text.is_empty() && !text.ends_with('\n') {
+        return Err("# EOF is not on a line of its own".into());
     }
     let mut types: BTreeMap<String, String> = BTreeMap::new();
-    let mut helped = BTreeSet::new();
+    let mut meta = BTreeSet::new();
+    let mut sampled = BTreeSet::new();
     let mut closed = BTreeSet::new();
     let mut current: Option<String> = None;
     let mut series = BTreeSet::new();
@@ -604,18 +610,29 @@ fn parse_prometheus(text: &str) -> Result<Vec<Sample>, String> {
             if closed.contains(name) {
                 return Err(err("family is not contiguous"));
             }
+            if sampled.contains(name) || !meta.insert(format!("{kw} {name}")) {
+                return Err(err("metadata after the samples or repeated"));
+            }
             match kw {
-                "HELP" if helped.insert(name.to_string()) && !types.contains_key(name) => {}
-                "TYPE" if !types.contains_key(name) => {
-                    if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&arg) {
+                "HELP" => {}
+                "TYPE" => {
+                    let known = [
+                        "counter",
+                        "gauge",
+                        "info",
+                        "stateset",
+                        "histogram",
+                        "gaugehistogram",
+                        "summary",
+                        "unknown",
+                    ];
+                    if !known.contains(&arg) {
                         return Err(err("bad type"));
-                    }
-                    if arg == "counter" && !name.ends_with("_total") {
-                        return Err(err("counter without _total"));
                     }
                     types.insert(name.to_string(), arg.to_string());
                 }
-                _ => return Err(err("misplaced or repeated HELP/TYPE")),
+                "UNIT" if !arg.is_empty() && name.ends_with(&format!("_{arg}")) => {}
+                _ => return Err(err("bad metadata line (or a unit the name does not end with)")),
             }
             continue;
         }
@@ -627,9 +644,17 @@ fn parse_prometheus(text: &str) -> Result<Vec<Sample>, String> {
         if !name_ok(name, true) {
             return Err(err("bad metric name"));
         }
-        if current.as_deref() != Some(name) || !types.contains_key(name) {
-            return Err(err("sample outside its family (no TYPE before it)"));
+        let family = current.clone().unwrap_or_default();
+        let wanted = match types.get(&family).map(String::as_str) {
+            None => return Err(err("sample outside its family (no TYPE before it)")),
+            Some("counter") => format!("{family}_total"),
+            Some("info") => format!("{family}_info"),
+            Some(_) => family.clone(),
+        };
+        if name != wanted {
+            return Err(err(&format!("sample of family {family} is not named {wanted}")));
         }
+        sampled.insert(family);
         let mut rest = &line[name_end..];
         let mut labels = BTreeMap::new();
         if let Some(r) = rest.strip_prefix('{') {
@@ -733,8 +758,38 @@ fn metrics_parse_as_prometheus_text_and_carry_the_figures() {
     };
     let (code, head, body) = scrape("GET", "/metrics");
     assert_eq!(code, 200, "{head}");
-    assert!(head.contains("Content-Type: text/plain; version=0.0.4"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
     let samples = parse_prometheus(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    // The same figures as a Prometheus text parser reads them.
+    let promparse = parse_with_prometheus_parse(&body);
+    let parsed = |name: &str, labels: &[(&str, &str)]| {
+        promparse
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| s.value.clone())
+            .unwrap_or_else(|| panic!("prometheus-parse found no {name}{labels:?} in\n{body}"))
+    };
+    use prometheus_parse::Value as P;
+    assert_eq!(parsed("soci_agent_ready", &[]), P::Gauge(1.0));
+    assert_eq!(
+        parsed("soci_agent_check_ok", &[("check", "agent.drift")]),
+        P::Gauge(1.0)
+    );
+    assert_eq!(
+        parsed(
+            "soci_agent_image_state",
+            &[("image", "registry.invalid/team/app:1"), ("state", "failed")]
+        ),
+        P::Gauge(1.0)
+    );
+    assert!(matches!(parsed("soci_agent_reconciles_total", &[]), P::Untyped(n) if n >= 1.0));
+    assert!(matches!(parsed("soci_agent_info", &[]), P::Untyped(v) if v == 1.0));
+    assert!(promparse.docs.contains_key("soci_agent_phase_seconds"));
     let value = |name: &str, labels: &[(&str, &str)]| {
         find(&samples, name, labels)
             .unwrap_or_else(|| panic!("no {name}{labels:?} in\n{body}"))
@@ -821,22 +876,43 @@ fn metrics_parse_as_prometheus_text_and_carry_the_figures() {
 
 #[test]
 fn the_prometheus_parser_rejects_what_it_must() {
-    let good = "# HELP a_total x\n# TYPE a_total counter\na_total{k=\"v\\\"\\n\"} 1\n";
-    assert_eq!(parse_prometheus(good).unwrap()[0].labels["k"], "v\"\n");
+    let good = "# HELP a x\n# TYPE a counter\na_total{k=\"v\\\"\\n\"} 1\n# HELP i x\n# TYPE i info\ni_info 1\n\
+                # TYPE t_seconds gauge\n# UNIT t_seconds seconds\nt_seconds 1.5\n# EOF\n";
+    let samples = parse_prometheus(good).unwrap();
+    assert_eq!(samples[0].labels["k"], "v\"\n");
+    assert_eq!(samples.len(), 3);
     for bad in [
-        "a 1\n",                                      // no TYPE
-        "# TYPE a gauge\na 1",                        // no final newline
-        "# TYPE a gauge\na{k=v} 1\n",                 // unquoted
-        "# TYPE a gauge\na 1\na 2\n",                 // duplicate series
-        "# TYPE a counter\na 1\n",                    // counter without _total
-        "# TYPE a gauge\na x\n",                      // not a number
-        "# TYPE a gauge\n# TYPE b gauge\nb 1\na 1\n", // not contiguous
-        "# TYPE a gauge\na{k=\"v\"}1\n",              // no space
-        "# TYPE a gauge\na{k=\"\\x\"} 1\n",           // bad escape
-        "# TYPE a gauge\n# TYPE a gauge\na 1\n",      // repeated TYPE
+        "a 1\n# EOF\n",                                      // no TYPE
+        "# TYPE a gauge\na 1\n",                             // no # EOF
+        "# TYPE a gauge\na 1\n# EOF\nb 1\n# EOF\n",          // something after # EOF
+        "# TYPE a gauge\na{k=v} 1\n# EOF\n",                 // unquoted
+        "# TYPE a gauge\na 1\na 2\n# EOF\n",                 // duplicate series
+        "# TYPE a counter\na 1\n# EOF\n",                    // counter sample without _total
+        "# TYPE a_total counter\na_total 1\n# EOF\n",        // counter family named _total
+        "# TYPE a gauge\n# UNIT a seconds\na 1\n# EOF\n",    // unit not in the name
+        "# TYPE a gauge\na x\n# EOF\n",                      // not a number
+        "# TYPE a gauge\n# TYPE b gauge\nb 1\na 1\n# EOF\n", // not contiguous
+        "# TYPE a gauge\na{k=\"v\"}1\n# EOF\n",              // no space
+        "# TYPE a gauge\na{k=\"\\x\"} 1\n# EOF\n",           // bad escape
+        "# TYPE a gauge\n# TYPE a gauge\na 1\n# EOF\n",      // repeated TYPE
+        "# TYPE a gauge\na 1\n# HELP a x\n# EOF\n",          // HELP after the samples
     ] {
         assert!(parse_prometheus(bad).is_err(), "accepted {bad:?}");
     }
+}
+
+/// What a Prometheus-format consumer makes of `text`: the `prometheus-parse` crate, which
+/// skips lines it cannot read, so every sample line must come back as a sample.
+fn parse_with_prometheus_parse(text: &str) -> prometheus_parse::Scrape {
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("prometheus-parse reads the text");
+    let sample_lines = text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).count();
+    assert_eq!(
+        scrape.samples.len(),
+        sample_lines,
+        "prometheus-parse skipped lines of\n{text}"
+    );
+    scrape
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ const V3_WIRED: &str = include_str!("data/doctor/containerd-v3-wired.toml");
 const V3_TRANSFER: &str = include_str!("data/doctor/containerd-v3-transfer.toml");
 const AL2023_UNIT: &str = include_str!("data/doctor/al2023-soci-snapshotter.service");
 const FAST_IMAGE_PULL: &str = include_str!("data/doctor/nodeconfig-fast-image-pull.yaml");
+const USER_ANCHORS: &str = include_str!("data/doctor/nodeconfig-user-anchors.yaml");
 const BOOT_FAILED: &str = include_str!("data/doctor/boot-report-failed.json");
 const INSTALL_FAILED: &str = include_str!("data/doctor/install-report-failed.json");
 
@@ -919,6 +920,43 @@ fn nodeadm_hosts() {
     alone
         .files()
         .assert("nodeadm.fast-image-pull", "ok", "soci-agent is not installed");
+}
+
+/// User NodeConfigs as users write them (anchors, flow style, block scalars, two documents,
+/// MIME user data) are read as YAML, not scanned as text.
+#[test]
+fn nodeconfigs_with_anchors_block_scalars_and_documents() {
+    let installed = Node::nodeadm("2.2.1");
+    installed.install(&[]);
+    installed.write("/etc/eks/nodeadm.d/60-user.yaml", USER_ANCHORS, 0o644);
+    installed.files().assert(
+        "nodeadm.fast-image-pull",
+        "warn",
+        "FastImagePull: true in /etc/eks/nodeadm.d/60-user.yaml, which nodeadm merges after",
+    );
+
+    // The same NodeConfig as the second part of MIME user data, after a shell part.
+    let alone = Node::nodeadm("2.2.1");
+    let user_data = format!(
+        "MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"//\"\n\n--//\n\
+         Content-Type: text/x-shellscript; charset=\"us-ascii\"\n\n#!/bin/bash\necho 'FastImagePull: false'\n\n--//\n\
+         Content-Type: application/node.eks.aws\n\n{USER_ANCHORS}\n--//--\n"
+    );
+    alone.write("/var/lib/cloud/instance/user-data.txt", &user_data, 0o600);
+    alone.files().assert(
+        "nodeadm.fast-image-pull",
+        "ok",
+        "FastImagePull: true in /var/lib/cloud/instance/user-data.txt: nodeadm manages SOCI",
+    );
+
+    // Broken YAML is named, not taken for "not set".
+    let broken = Node::nodeadm("2.2.1");
+    broken.write("/etc/eks/nodeadm.d/10-user.yaml", "spec: {featureGates: [\n", 0o644);
+    broken.files().assert(
+        "nodeadm.fast-image-pull",
+        "ok",
+        "could not read /etc/eks/nodeadm.d/10-user.yaml: not valid YAML",
+    );
 }
 
 #[test]

@@ -861,6 +861,103 @@ fn uninstall_restores_every_file_and_purge_removes_the_store() {
     assert_code(&node.run("uninstall", &[], &[]), 0);
 }
 
+/// `uninstall` keeps the store and points at `--purge`; `uninstall --purge` afterwards (no
+/// record left) must still remove it, not answer "nothing to uninstall".
+#[test]
+fn purge_after_a_plain_uninstall_removes_the_store() {
+    let node = Node::plain();
+    let archive = node.archive();
+    let before = node.tree();
+    assert_code(&node.install(&["--archive", archive.to_str().unwrap()]), 0);
+    let out = node.run("uninstall", &[], &[]);
+    assert_code(&out, 0);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--purge"), "{out:?}");
+    let entry = node.path(&format!("/usr/local/lib/soci-agent/releases/{VER}-amd64"));
+    assert!(entry.join("release.json").exists(), "the store is kept without --purge");
+
+    let dry = node.run("uninstall", &["--purge", "--dry-run", "--output", "json"], &[]);
+    assert_code(&dry, 0);
+    assert!(entry.join("release.json").exists(), "--dry-run changes nothing");
+    assert!(dry_text_names(&dry, &entry), "{}", String::from_utf8_lossy(&dry.stdout));
+
+    let out = node.run("uninstall", &["--purge", "--output", "json"], &[]);
+    assert_code(&out, 0);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("nothing to uninstall"), "{text}");
+    assert!(text.contains("purged /usr/local/lib/soci-agent/releases/"), "{text}");
+    assert_eq!(json(&out)["changed"], true, "{text}");
+    assert!(!entry.exists(), "{text}");
+    assert_eq!(files(&node.tree()), files(&before));
+    // Nothing recorded and nothing stored: a no-op, even with --purge.
+    let again = node.run("uninstall", &["--purge", "--output", "json"], &[]);
+    assert_code(&again, 0);
+    assert_eq!(json(&again)["changed"], false);
+}
+
+/// Whether a report names the store entry it would purge.
+fn dry_text_names(out: &Output, entry: &Path) -> bool {
+    let name = entry.file_name().unwrap().to_string_lossy().into_owned();
+    String::from_utf8_lossy(&out.stdout).contains(&format!("would purge /usr/local/lib/soci-agent/releases/{name}"))
+}
+
+/// On an empty root: the node line reads "unknown OS, arch ..." (no stray space), a failed run
+/// still leaves its report, and the README's table of files install writes lists the reports.
+#[test]
+fn empty_root_node_line_and_failed_runs_leave_their_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(agent_bin())
+            .arg("install")
+            .arg("--root")
+            .arg(dir.path())
+            .args(["--no-start"])
+            .args(args)
+            .env_remove("SOCI_AGENT_CONFIG")
+            .env_remove("SOCI_AGENT_OUTPUT")
+            .output()
+            .unwrap()
+    };
+    let dry = run(&["--dry-run", "--containerd-version", "2.2"]);
+    assert_code(&dry, 0);
+    let text = String::from_utf8_lossy(&dry.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("node: "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.starts_with("node: unknown OS, arch "), "{line}");
+    assert!(!line.contains(" ,") && !line.contains("  "), "stray space: {line:?}");
+
+    let failed = run(&[]);
+    assert_code(&failed, 2);
+    let reports = dir.path().join("var/lib/soci-agent/reports");
+    let saved: Vec<_> = std::fs::read_dir(&reports)
+        .unwrap_or_else(|e| panic!("{}: {e}", reports.display()))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("install-") && n.ends_with(".json"))
+        .collect();
+    assert!(
+        !saved.is_empty(),
+        "no report of the failed run in {}",
+        reports.display()
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(reports.join(&saved[0])).unwrap()).unwrap();
+    assert_eq!(report["exit_code"], 2, "{report:#}");
+
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let table = readme
+        .split("## Files install writes")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("README has the table of files install writes");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("| `/var/lib/soci-agent/reports/*.json`")),
+        "{table}"
+    );
+}
+
 #[test]
 fn boot_verifies_the_binary_against_the_record() {
     let node = Node::plain();

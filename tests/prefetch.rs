@@ -561,3 +561,107 @@ fn boot_pulls_the_configured_images_and_saves_the_report() {
     assert!(reports.iter().any(|n| n.starts_with("prefetch-")), "{reports:?}");
     assert!(reports.iter().any(|n| n.starts_with("boot-")), "{reports:?}");
 }
+
+/// A missing socket is not transient: prefetch stops at once, naming the socket and the flag
+/// that sets it, and its JSON and text reports agree.
+#[test]
+fn a_missing_socket_fails_fast_naming_it_and_the_flag() {
+    let tmp = tempdir();
+    let root = tmp.path().join("node");
+    fs::create_dir_all(&root).unwrap();
+    let cri = tmp.path().join("no-containerd.sock");
+    let run = |extra: &[&str]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["prefetch", "registry.invalid/team/app:1", "--root"])
+            .arg(&root)
+            .args(extra)
+            .env_remove("SOCI_AGENT_CONFIG")
+            .env_remove("SOCI_AGENT_OUTPUT");
+        let started = Instant::now();
+        let out = common::containerd::run_bounded(&mut cmd, RUN_BOUND);
+        let run = Run {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        (run, started.elapsed())
+    };
+    let endpoint = format!("unix://{}", cri.display());
+    let (json_run, took) = run(&["--cri-endpoint", &endpoint, "--output", "json"]);
+    assert!(took < Duration::from_secs(5), "took {took:?}\n{}", json_run.show());
+    assert_eq!(json_run.code(), 2, "{}", json_run.show());
+    let report = json_run.json();
+    let error = report["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error: {report:#}"));
+    assert!(error.contains(&cri.display().to_string()), "{error}");
+    assert!(error.contains("--cri-endpoint"), "{error}");
+    assert!(error.contains("containerd"), "what to do: {error}");
+    let (text_run, _) = run(&["--cri-endpoint", &endpoint]);
+    assert_eq!(text_run.code(), 2, "{}", text_run.show());
+    assert!(text_run.stdout.contains(error), "{}", text_run.show());
+    assert!(!text_run.stdout.contains("attempts"), "{}", text_run.show());
+
+    // The CRI socket is there, containerd's (for --pin) is not: that one is named.
+    let listener = std::os::unix::net::UnixListener::bind(&cri).unwrap();
+    let ctrd = tmp.path().join("no-ctrd.sock");
+    let (pin_run, took) = run(&[
+        "--cri-endpoint",
+        &endpoint,
+        "--containerd-address",
+        ctrd.to_str().unwrap(),
+        "--pin",
+        "--output",
+        "json",
+    ]);
+    drop(listener);
+    assert!(took < Duration::from_secs(5), "took {took:?}\n{}", pin_run.show());
+    assert_eq!(pin_run.code(), 2, "{}", pin_run.show());
+    let error = pin_run.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        error.contains(&ctrd.display().to_string()) && error.contains("--containerd-address"),
+        "{error}"
+    );
+}
+
+/// `--cri-endpoint` alone is enough: containerd serves CRI and its own API on one socket, so
+/// pins go to the same socket (not to /run/containerd/containerd.sock).
+#[test]
+fn one_cri_endpoint_is_enough_to_pull_and_pin() {
+    let tmp = tempdir();
+    let registry = Registry::start_new(&tmp.path().join("registry"), None);
+    let app = registry.push_random_image("team/app", "1", 1, 64 << 10);
+    let node = Node::new(tmp.path());
+    node.containerd.trust_plain_http(&registry.host());
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "prefetch",
+        &app.reference,
+        "--pin",
+        "--retries",
+        "0",
+        "--output",
+        "json",
+        "--root",
+    ])
+    .arg(&node.root)
+    .arg("--cri-endpoint")
+    .arg(node.containerd.endpoint())
+    .env_remove("SOCI_AGENT_CONFIG")
+    .env_remove("SOCI_AGENT_CONTAINERD_ADDRESS")
+    .env_remove("SOCI_AGENT_OUTPUT");
+    let out = common::containerd::run_bounded(&mut cmd, RUN_BOUND);
+    let run = Run {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert_eq!(run.code(), 0, "{}", run.show());
+    let i = image(&run.json(), &app.reference).clone();
+    assert_eq!(
+        (&i["state"], &i["pinned"]),
+        (&Value::from("pulled"), &Value::from(true)),
+        "{i:#}"
+    );
+    assert!(node.containerd.image_labels(&app.reference).unwrap().contains(PINNED));
+}

@@ -535,6 +535,29 @@ fn invalid_values_are_exit_2_with_the_option_named() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--agent-url"), "{}", stderr(&out));
+    // One URL for both arches would hand one binary to both: refused, naming {arch}.
+    let one_url = [
+        "userdata",
+        "--agent-url",
+        "https://example.com/a",
+        "--agent-sha256-amd64",
+        D0,
+    ];
+    for kind in ["userdata", "ec2nodeclass"] {
+        let mut args = one_url.to_vec();
+        args[0] = kind;
+        if kind == "ec2nodeclass" {
+            args.extend(["--cluster", "c", "--role", "r"]);
+        }
+        args.extend(["--agent-sha256-arm64", D0]);
+        let out = render(&args);
+        assert_eq!(out.status.code(), Some(2), "{kind}: {}", stderr(&out));
+        assert!(out.stdout.is_empty(), "{kind}");
+        let err = stderr(&out);
+        assert!(err.contains("--agent-url") && err.contains("{arch}"), "{kind}: {err}");
+    }
+    // A single-arch render (one digest) may use a fixed URL.
+    render_ok(&one_url);
     let out = render(&["userdata", "--agent-url", "https://example.com/a"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(

@@ -1,30 +1,40 @@
-//! A deliberately tiny HTTP/1.1 responder for `/metrics` on a TCP address
-//! or a unix socket: it reads one request head (at most 8 KiB, within 1 s,
-//! so slow clients holding connections open cannot starve scrapes),
-//! answers `GET`/`HEAD /metrics` with the exposition text, `/` with a
-//! pointer, anything else with 404 or 405, and closes the connection. No
-//! keep-alive, no request bodies, a bounded number of clients at once.
+//! The `/metrics` endpoint on a TCP address or a unix socket, served by
+//! hyper's HTTP/1.1 server: `GET`/`HEAD /metrics` answers the exposition
+//! text, `/` a pointer, anything else 404 or 405. The request head must
+//! arrive within 1 s (so slow clients holding connections open cannot starve
+//! scrapes), a connection lives at most 5 s and is closed after one answer
+//! (no keep-alive), and a bounded number of clients are served at once.
 
+use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, CONTENT_TYPE as CONTENT_TYPE_HEADER, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::config::MetricsAddress;
 use super::state::{Shared, lock};
 
-const HEAD_LIMIT: usize = 8 * 1024;
 /// The whole request head must arrive within this (a scraper sends it at once).
 const HEAD_BOUND: Duration = Duration::from_secs(1);
-/// Writing the answer (scrapers read promptly).
+/// The whole exchange, head to last byte of the answer (scrapers read promptly).
 const CLIENT_BOUND: Duration = Duration::from_secs(5);
 /// Connections served at once; with [`HEAD_BOUND`] a slot frees within a
 /// second even when every client dawdles.
 const MAX_CLIENTS: usize = 128;
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub use super::metrics::CONTENT_TYPE;
 
+/// A bound metrics listener.
 pub enum Bound {
     Tcp(TcpListener),
     /// The listener (its socket file is removed by `cleanup` when the server stops).
@@ -71,121 +81,96 @@ pub async fn serve(bound: Bound, shared: Shared) {
         };
         let shared = shared.clone();
         let accepted = match &bound {
-            Bound::Tcp(l) => l.accept().await.map(|(s, _)| {
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    answer(s, &shared).await;
-                })
-            }),
-            Bound::Unix(l) => l.accept().await.map(|(s, _)| {
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    answer(s, &shared).await;
-                })
-            }),
+            Bound::Tcp(l) => l
+                .accept()
+                .await
+                .map(|(s, _)| tokio::spawn(connection(s, shared, permit))),
+            Bound::Unix(l) => l
+                .accept()
+                .await
+                .map(|(s, _)| tokio::spawn(connection(s, shared, permit))),
         };
         if let Err(e) = accepted {
             tracing::warn!(error = %e, "metrics: accept failed");
+            // Out of file descriptors and the like: give the node a moment, not a busy loop.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
 
-/// The response to one request head (status line, content type, body).
-pub fn respond(head: &[u8], render: impl FnOnce() -> String) -> (&'static str, &'static str, String, bool) {
-    let text = String::from_utf8_lossy(head);
-    let mut parts = text.lines().next().unwrap_or("").split_whitespace();
-    let (method, target, version) = (parts.next(), parts.next(), parts.next());
-    let Some((method, target)) = method
-        .zip(target)
-        .filter(|_| version.is_some_and(|v| v.starts_with("HTTP/1.")))
-    else {
-        return ("400 Bad Request", "text/plain", "bad request\n".into(), false);
-    };
-    let path = target.split('?').next().unwrap_or("");
-    let head_only = method == "HEAD";
-    if method != "GET" && !head_only {
-        return (
-            "405 Method Not Allowed",
-            "text/plain",
-            "only GET and HEAD\n".into(),
-            false,
-        );
-    }
-    match path {
-        "/metrics" => ("200 OK", CONTENT_TYPE, render(), head_only),
-        "/" => (
-            "200 OK",
-            "text/plain",
-            "soci-agent daemon: see /metrics\n".into(),
-            head_only,
-        ),
-        _ => (
-            "404 Not Found",
-            "text/plain",
-            "not found: try /metrics\n".into(),
-            head_only,
-        ),
+/// One connection: one request, one answer, closed; its slot is freed on return.
+async fn connection<S>(stream: S, shared: Shared, _slot: OwnedSemaphorePermit)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        let shared = shared.clone();
+        async move {
+            let render = || super::metrics::render(&lock(&shared));
+            Ok::<_, Infallible>(respond(req.method(), req.uri().path(), render))
+        }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_BOUND)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(CLIENT_BOUND, conn).await {
+        Ok(Err(e)) => tracing::debug!(error = %e, "metrics: connection ended"),
+        Err(_) => tracing::debug!("metrics: connection took longer than {CLIENT_BOUND:?}"),
+        Ok(Ok(())) => {}
     }
 }
 
-async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, shared: &Shared) {
-    let read_head = async {
-        let mut head = Vec::with_capacity(1024);
-        let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = s.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-            if head.len() > HEAD_LIMIT {
-                break;
-            }
-        }
-        Ok::<_, std::io::Error>(head)
+/// The answer to `method path` (`render` is called only for `/metrics`).
+/// hyper leaves out the body of an answer to `HEAD`.
+pub fn respond(method: &Method, path: &str, render: impl FnOnce() -> String) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, ctype: &'static str, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut()
+            .insert(CONTENT_TYPE_HEADER, HeaderValue::from_static(ctype));
+        r
     };
-    let Ok(Ok(head)) = tokio::time::timeout(HEAD_BOUND, read_head).await else {
-        return; // too slow or broken: drop it, free the slot
-    };
-    let work = async {
-        let (status, ctype, body, head_only) = respond(&head, || super::metrics::render(&lock(shared)));
-        let mut out = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n",
-            body.len()
+    if method != Method::GET && method != Method::HEAD {
+        let mut r = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET and HEAD\n".into(),
         );
-        if status.starts_with("405") {
-            out.push_str("Allow: GET, HEAD\r\n");
-        }
-        out.push_str("\r\n");
-        if !head_only {
-            out.push_str(&body);
-        }
-        s.write_all(out.as_bytes()).await?;
-        s.shutdown().await
-    };
-    let _ = tokio::time::timeout(CLIENT_BOUND, work).await;
+        r.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    match path {
+        "/metrics" => reply(StatusCode::OK, CONTENT_TYPE, render()),
+        "/" => reply(StatusCode::OK, "text/plain", "soci-agent daemon: see /metrics\n".into()),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics\n".into()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
 
-    #[test]
-    fn routes() {
-        let r = |head: &str| {
-            let (status, _, body, head_only) = respond(head.as_bytes(), || "m 1\n".into());
-            (status, body, head_only)
-        };
+    #[tokio::test]
+    async fn routes() {
+        async fn r(method: Method, path: &str) -> (StatusCode, String, String) {
+            let resp = respond(&method, path, || "m 1\n".into());
+            let status = resp.status();
+            let ctype = resp.headers()[CONTENT_TYPE_HEADER].to_str().unwrap().to_string();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, ctype, String::from_utf8(body.to_vec()).unwrap())
+        }
         assert_eq!(
-            r("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            ("200 OK", "m 1\n".into(), false)
+            r(Method::GET, "/metrics").await,
+            (StatusCode::OK, CONTENT_TYPE.to_string(), "m 1\n".into())
         );
-        assert_eq!(r("GET /metrics?x=1 HTTP/1.0\r\n\r\n").0, "200 OK");
-        assert!(r("HEAD /metrics HTTP/1.1\r\n\r\n").2);
-        assert_eq!(r("POST /metrics HTTP/1.1\r\n\r\n").0, "405 Method Not Allowed");
-        assert_eq!(r("GET /other HTTP/1.1\r\n\r\n").0, "404 Not Found");
-        assert_eq!(r("garbage\r\n\r\n").0, "400 Bad Request");
-        assert_eq!(r("").0, "400 Bad Request");
+        assert_eq!(r(Method::HEAD, "/metrics").await.0, StatusCode::OK);
+        assert_eq!(r(Method::GET, "/").await.0, StatusCode::OK);
+        let post = respond(&Method::POST, "/metrics", || unreachable!("not rendered"));
+        assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(post.headers()[ALLOW], "GET, HEAD");
+        assert_eq!(r(Method::GET, "/other").await.0, StatusCode::NOT_FOUND);
     }
 }

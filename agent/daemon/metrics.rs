@@ -1,10 +1,12 @@
-//! Prometheus text exposition (format 0.0.4) of the daemon's state, served
-//! on `GET /metrics` by `daemon::http`. Rendered from a snapshot of
-//! `state::Live`, so a scrape never waits on a check.
+//! The daemon's figures in the OpenMetrics text format (1.0.0), built with
+//! `prometheus-client` (types, `# HELP`/`# TYPE`/`# UNIT`, label escaping,
+//! the closing `# EOF`) and served on `GET /metrics` by `daemon::http`.
+//! Rendered from a snapshot of `state::Live` into a registry made for the
+//! scrape, so a scrape never waits on a check.
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `soci_agent_info` (1) | gauge | `version` |
+//! | `soci_agent_info` (1) | info | `version` |
 //! | `soci_agent_ready` (0/1: first reconcile done) | gauge | |
 //! | `soci_agent_check_ok` (1 ok, 0 warn or fail; skipped checks left out) | gauge | `check` |
 //! | `soci_agent_checks` (checks per verdict) | gauge | `verdict` |
@@ -23,71 +25,122 @@
 //!
 //! The last three come from the newest saved run reports
 //! (`crate::history::latest`), with the names `--textfile-dir` uses.
+//! Counters are registered without `_total` (the OpenMetrics family name);
+//! their samples carry it. Families without samples are left out.
 
-use std::fmt::Write;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
 
 use super::state::{ImageStatus, Live};
 use crate::doctor::Verdict;
 
+/// The `Content-Type` of [`render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 const IMAGE_STATES: [&str; 5] = ["pending", "hit", "pulled", "failed", "absent"];
 
-/// Escapes a label value (`\`, `"` and newlines).
-pub fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+type Labels = Vec<(&'static str, String)>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+type FloatCounter = Counter<f64, AtomicU64>;
+
+/// The registry of one scrape; `help` texts get their final period from
+/// `prometheus-client`.
+struct Out {
+    registry: Registry,
 }
 
-/// Builds the exposition text family by family.
-struct Out {
-    text: String,
+/// Non-finite figures (a clock gone wrong) are shown as 0.
+fn finite(v: f64) -> f64 {
+    if v.is_finite() { v } else { 0.0 }
+}
+
+fn gauge_of(value: f64) -> FloatGauge {
+    let g = FloatGauge::default();
+    g.set(finite(value));
+    g
+}
+
+fn counter_of(value: f64) -> FloatCounter {
+    let c = FloatCounter::default();
+    c.inc_by(finite(value).max(0.0));
+    c
 }
 
 impl Out {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.text, "# HELP {name} {help}");
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
-    }
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
-        let value = if value.is_finite() { value } else { 0.0 };
-        self.text.push_str(name);
-        if !labels.is_empty() {
-            let joined: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
-            let _ = write!(self.text, "{{{}}}", joined.join(","));
+    /// A gauge with one unlabelled sample; `unit` is the name's last part (`seconds`).
+    fn gauge(&mut self, name: &str, help: &str, unit: Option<Unit>, value: f64) {
+        match unit {
+            Some(u) => self.registry.register_with_unit(name, help, u, gauge_of(value)),
+            None => self.registry.register(name, help, gauge_of(value)),
         }
-        let _ = writeln!(self.text, " {value}");
     }
-    /// A family with one unlabelled sample.
-    fn single(&mut self, name: &str, kind: &str, help: &str, value: f64) {
-        self.family(name, kind, help);
-        self.sample(name, &[], value);
+    /// A counter (`name` without `_total`) with one unlabelled sample.
+    fn counter(&mut self, name: &str, help: &str, value: f64) {
+        self.registry.register(name, help, counter_of(value));
     }
-    /// A family of samples labelled `keys` (values in the same order); left out when there are none.
-    fn labelled<'a, const N: usize>(
+    /// A gauge family labelled `keys` (values in the same order); left out when empty.
+    fn gauges<'a, const N: usize>(
         &mut self,
         name: &str,
-        kind: &str,
         help: &str,
-        keys: [&str; N],
+        unit: Option<Unit>,
+        keys: [&'static str; N],
         samples: impl IntoIterator<Item = ([&'a str; N], f64)>,
     ) {
-        let samples: Vec<_> = samples.into_iter().collect();
-        if samples.is_empty() {
-            return;
-        }
-        self.family(name, kind, help);
+        let family = Family::<Labels, FloatGauge>::default();
+        let mut any = false;
         for (values, value) in samples {
-            let labels: Vec<(&str, &str)> = keys.iter().copied().zip(values).collect();
-            self.sample(name, &labels, value);
+            family.get_or_create(&labels(keys, values)).set(finite(value));
+            any = true;
+        }
+        if any {
+            match unit {
+                Some(u) => self.registry.register_with_unit(name, help, u, family),
+                None => self.registry.register(name, help, family),
+            }
         }
     }
+    /// A counter family (`name` without `_total`); left out when empty.
+    fn counters<'a, const N: usize>(
+        &mut self,
+        name: &str,
+        help: &str,
+        keys: [&'static str; N],
+        samples: impl IntoIterator<Item = ([&'a str; N], f64)>,
+    ) {
+        let family = Family::<Labels, FloatCounter>::default();
+        let mut any = false;
+        for (values, value) in samples {
+            family
+                .get_or_create(&labels(keys, values))
+                .inc_by(finite(value).max(0.0));
+            any = true;
+        }
+        if any {
+            self.registry.register(name, help, family);
+        }
+    }
+}
+
+fn labels<const N: usize>(keys: [&'static str; N], values: [&str; N]) -> Labels {
+    keys.into_iter().zip(values.map(str::to_string)).collect()
 }
 
 fn flag(b: bool) -> f64 {
     if b { 1.0 } else { 0.0 }
 }
 
-/// Renders every family; families without samples are left out.
+/// Renders every family (OpenMetrics text ending in `# EOF`).
 pub fn render(live: &Live) -> String {
-    let mut o = Out { text: String::new() };
+    let mut o = Out {
+        registry: Registry::default(),
+    };
     daemon(&mut o, live);
     checks(&mut o, live);
     reconciles(&mut o, live);
@@ -97,27 +150,32 @@ pub fn render(live: &Live) -> String {
     images(&mut o, live);
     image_pins_and_counts(&mut o, live);
     reports(&mut o, live);
-    o.text
+    let mut text = String::new();
+    encode(&mut text, &o.registry).expect("formatting into a String does not fail");
+    text
 }
 
 /// `soci_agent_info` and `soci_agent_ready`.
 fn daemon(o: &mut Out, live: &Live) {
-    o.family("soci_agent_info", "gauge", "The running soci-agent daemon.");
-    o.sample("soci_agent_info", &[("version", live.agent_version)], 1.0);
-    o.single(
+    o.registry.register(
+        "soci_agent",
+        "The running soci-agent daemon",
+        Info::new(vec![("version", live.agent_version.to_string())]),
+    );
+    o.gauge(
         "soci_agent_ready",
-        "gauge",
-        "1 once the first reconcile is done.",
+        "1 once the first reconcile is done",
+        None,
         flag(live.ready),
     );
 }
 
 /// `soci_agent_check_ok` per judged check and `soci_agent_checks` per verdict.
 fn checks(o: &mut Out, live: &Live) {
-    o.labelled(
+    o.gauges(
         "soci_agent_check_ok",
-        "gauge",
-        "1 when the check is ok, 0 on warn or fail (skipped checks are left out).",
+        "1 when the check is ok, 0 on warn or fail (skipped checks are left out)",
+        None,
         ["check"],
         live.checks
             .iter()
@@ -125,10 +183,10 @@ fn checks(o: &mut Out, live: &Live) {
             .map(|c| ([c.id.as_str()], flag(c.is_ok()))),
     );
     let s = &live.summary;
-    o.labelled(
+    o.gauges(
         "soci_agent_checks",
-        "gauge",
-        "Checks per verdict at the last reconcile.",
+        "Checks per verdict at the last reconcile",
+        None,
         ["verdict"],
         [("ok", s.ok), ("warn", s.warn), ("fail", s.fail), ("skip", s.skip)].map(|(v, n)| ([v], n as f64)),
     );
@@ -137,33 +195,32 @@ fn checks(o: &mut Out, live: &Live) {
 /// When the last reconcile finished, how long it took, and how many ran.
 fn reconciles(o: &mut Out, live: &Live) {
     if let Some(last) = &live.last_reconcile {
-        o.single(
-            "soci_agent_last_reconcile_timestamp_seconds",
-            "gauge",
-            "When the last reconcile finished (unix seconds).",
+        o.gauge(
+            "soci_agent_last_reconcile_timestamp",
+            "When the last reconcile finished (unix seconds)",
+            Some(Unit::Seconds),
             last.at,
         );
-        o.single(
-            "soci_agent_reconcile_duration_seconds",
-            "gauge",
-            "How long the last reconcile took.",
+        o.gauge(
+            "soci_agent_reconcile_duration",
+            "How long the last reconcile took",
+            Some(Unit::Seconds),
             last.seconds,
         );
     }
-    o.single(
-        "soci_agent_reconciles_total",
-        "counter",
-        "Reconciles done since start.",
+    o.counter(
+        "soci_agent_reconciles",
+        "Reconciles done since start",
         live.reconciles as f64,
     );
 }
 
 /// `soci_agent_file_drifted` per file install owns.
 fn drift(o: &mut Out, live: &Live) {
-    o.labelled(
+    o.gauges(
         "soci_agent_file_drifted",
-        "gauge",
-        "1 when a file install owns differs from what install would write.",
+        "1 when a file install owns differs from what install would write",
+        None,
         ["path"],
         live.drift.iter().map(|d| ([d.path.as_str()], flag(d.state != "ok"))),
     );
@@ -172,44 +229,37 @@ fn drift(o: &mut Out, live: &Live) {
 /// The repair counters and the hourly budget.
 fn repairs(o: &mut Out, live: &Live) {
     let r = &live.repairs;
-    o.single(
-        "soci_agent_repairs_total",
-        "counter",
-        "Repairs attempted since start.",
-        r.total as f64,
-    );
-    o.single(
-        "soci_agent_repair_failures_total",
-        "counter",
-        "Repairs that failed since start.",
+    o.counter("soci_agent_repairs", "Repairs attempted since start", r.total as f64);
+    o.counter(
+        "soci_agent_repair_failures",
+        "Repairs that failed since start",
         r.failed as f64,
     );
-    o.single(
+    o.gauge(
         "soci_agent_repairs_last_hour",
-        "gauge",
-        "Repairs attempted in the last hour.",
+        "Repairs attempted in the last hour",
+        None,
         f64::from(r.last_hour),
     );
-    o.single(
+    o.gauge(
         "soci_agent_repair_budget_per_hour",
-        "gauge",
-        "[daemon] max_repairs_per_hour (0 when repair is off).",
+        "[daemon] max_repairs_per_hour (0 when repair is off)",
+        None,
         if r.enabled { f64::from(r.budget) } else { 0.0 },
     );
 }
 
 /// The configuration generation and the refused reloads.
 fn config(o: &mut Out, live: &Live) {
-    o.single(
+    o.gauge(
         "soci_agent_config_generation",
-        "gauge",
-        "Configuration generation: 1 at start, +1 per applied reload.",
+        "Configuration generation: 1 at start, +1 per applied reload",
+        None,
         live.config_generation as f64,
     );
-    o.single(
-        "soci_agent_config_reload_errors_total",
-        "counter",
-        "Reloads refused (the previous configuration kept running).",
+    o.counter(
+        "soci_agent_config_reload_errors",
+        "Reloads refused (the previous configuration kept running)",
         live.config_errors as f64,
     );
 }
@@ -222,25 +272,25 @@ fn image_name(i: &ImageStatus) -> &str {
 /// The image state (one sample per configured image and state), size and seconds families.
 fn images(o: &mut Out, live: &Live) {
     let all = &live.images;
-    o.labelled(
+    o.gauges(
         "soci_agent_image_state",
-        "gauge",
-        "1 for the state the configured image is in.",
+        "1 for the state the configured image is in",
+        None,
         ["image", "state"],
         all.iter()
             .flat_map(|i| IMAGE_STATES.map(|st| ([image_name(i), st], flag(i.state == st)))),
     );
-    o.labelled(
-        "soci_agent_image_bytes",
-        "gauge",
-        "Image size as CRI reports it.",
+    o.gauges(
+        "soci_agent_image",
+        "Image size as CRI reports it",
+        Some(Unit::Bytes),
         ["image"],
         all.iter().filter_map(|i| Some(([image_name(i)], i.bytes? as f64))),
     );
-    o.labelled(
-        "soci_agent_image_seconds",
-        "gauge",
-        "Seconds the last check or pull of the image took.",
+    o.gauges(
+        "soci_agent_image",
+        "Seconds the last check or pull of the image took",
+        Some(Unit::Seconds),
         ["image"],
         all.iter().map(|i| ([image_name(i)], i.seconds)),
     );
@@ -249,24 +299,22 @@ fn images(o: &mut Out, live: &Live) {
 /// The pinned, pulls and moves families of the configured images.
 fn image_pins_and_counts(o: &mut Out, live: &Live) {
     let all = &live.images;
-    o.labelled(
+    o.gauges(
         "soci_agent_image_pinned",
-        "gauge",
-        "1 when the image carries the pinned label.",
+        "1 when the image carries the pinned label",
+        None,
         ["image"],
         all.iter().filter_map(|i| Some(([image_name(i)], flag(i.pinned?)))),
     );
-    o.labelled(
-        "soci_agent_image_pulls_total",
-        "counter",
-        "Pulls (not hits) of the image since start.",
+    o.counters(
+        "soci_agent_image_pulls",
+        "Pulls (not hits) of the image since start",
         ["image"],
         all.iter().map(|i| ([image_name(i)], i.pulls as f64)),
     );
-    o.labelled(
-        "soci_agent_image_moves_total",
-        "counter",
-        "Times the image's tag was seen to move since start.",
+    o.counters(
+        "soci_agent_image_moves",
+        "Times the image's tag was seen to move since start",
         ["image"],
         all.iter().map(|i| ([image_name(i)], i.moves as f64)),
     );
@@ -275,24 +323,24 @@ fn image_pins_and_counts(o: &mut Out, live: &Live) {
 /// The families from the newest saved run reports.
 fn reports(o: &mut Out, live: &Live) {
     let all = &live.reports;
-    o.labelled(
-        "soci_agent_last_run_timestamp_seconds",
-        "gauge",
-        "When the newest run report of the command was saved.",
+    o.gauges(
+        "soci_agent_last_run_timestamp",
+        "When the newest run report of the command was saved (unix seconds)",
+        Some(Unit::Seconds),
         ["command"],
         all.iter().map(|r| ([r.command], r.at)),
     );
-    o.labelled(
+    o.gauges(
         "soci_agent_last_run_exit_code",
-        "gauge",
-        "Exit code of the command's newest run report.",
+        "Exit code of the command's newest run report",
+        None,
         ["command"],
         all.iter().filter_map(|r| Some(([r.command], r.exit_code? as f64))),
     );
-    o.labelled(
-        "soci_agent_phase_seconds",
-        "gauge",
-        "Seconds per phase (install), step (boot) or image (prefetch) of the newest run.",
+    o.gauges(
+        "soci_agent_phase",
+        "Seconds per phase (install), step (boot) or image (prefetch) of the newest run",
+        Some(Unit::Seconds),
         ["command", "phase"],
         all.iter().flat_map(|r| {
             r.phases
@@ -352,21 +400,24 @@ mod tests {
         });
         let text = render(&l);
         for line in [
-            "soci_agent_ready 1",
-            "soci_agent_check_ok{check=\"live.soci-socket\"} 1",
-            "soci_agent_check_ok{check=\"agent.drift\"} 0",
+            "soci_agent_ready 1.0",
+            "soci_agent_check_ok{check=\"live.soci-socket\"} 1.0",
+            "soci_agent_check_ok{check=\"agent.drift\"} 0.0",
             "soci_agent_last_reconcile_timestamp_seconds 1700000000.5",
-            "soci_agent_reconciles_total 3",
-            "soci_agent_image_state{image=\"docker.io/library/a:1\",state=\"pulled\"} 1",
-            "soci_agent_image_state{image=\"docker.io/library/a:1\",state=\"hit\"} 0",
-            "soci_agent_image_bytes{image=\"docker.io/library/a:1\"} 1024",
+            "soci_agent_reconciles_total 3.0",
+            "# TYPE soci_agent_reconciles counter",
+            "# UNIT soci_agent_last_reconcile_timestamp_seconds seconds",
+            "soci_agent_info{version=\"0.1.0\"} 1",
+            "soci_agent_image_state{image=\"docker.io/library/a:1\",state=\"pulled\"} 1.0",
+            "soci_agent_image_state{image=\"docker.io/library/a:1\",state=\"hit\"} 0.0",
+            "soci_agent_image_bytes{image=\"docker.io/library/a:1\"} 1024.0",
             "soci_agent_phase_seconds{command=\"install\",phase=\"plan\"} 0.5",
-            "soci_agent_phase_seconds{command=\"install\",phase=\"say \\\"hi\\\"\\n\"} 1",
-            "soci_agent_repair_budget_per_hour 6",
+            "soci_agent_phase_seconds{command=\"install\",phase=\"say \\\"hi\\\"\\n\"} 1.0",
+            "soci_agent_repair_budget_per_hour 6.0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
         assert!(!text.contains("host.disk"), "skipped checks are left out");
-        assert!(text.ends_with('\n'));
+        assert!(text.ends_with("\n# EOF\n"), "{text}");
     }
 }

@@ -6,7 +6,7 @@
 
 use super::Check;
 use super::node::{Node, Text};
-use super::yamlish;
+use super::nodeconfig_yaml::Documents;
 use crate::paths::{KUBELET_CONFIG, KUBELET_DROPIN_DIR, NODEADM_DROPIN_DIR};
 use NODEADM_DROPIN_DIR as NODEADM_DIR;
 
@@ -32,8 +32,8 @@ fn endpoint_in(text: &str, nodeconfig: bool) -> Option<String> {
     match (json, nodeconfig) {
         (Some(v), false) => v[KEY].as_str().map(str::to_string),
         (Some(v), true) => v["spec"]["kubelet"]["config"][KEY].as_str().map(str::to_string),
-        (None, false) => yamlish::get(text, &[KEY]),
-        (None, true) => yamlish::get(text, &["spec", "kubelet", "config", KEY]),
+        (None, false) => Documents::parse(text).ok()?.string(&[KEY]),
+        (None, true) => Documents::parse(text).ok()?.string(&["spec", "kubelet", "config", KEY]),
     }
 }
 

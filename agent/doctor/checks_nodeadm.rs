@@ -8,7 +8,7 @@ use toml_edit::DocumentMut;
 
 use super::Check;
 use super::node::{Node, Text, containerd_daemon};
-use super::yamlish;
+use super::nodeconfig_yaml::Documents;
 use crate::files::containerd_config::{self, ConfigVersion, OwnedKey, SociWiring};
 use crate::files::nodeconfig::{self};
 
@@ -36,8 +36,10 @@ pub(super) fn dropin_wires_soci(node: &Node) -> bool {
     let Text::Found(text) = Text::read(&node.root, NODEADM_DROPIN) else {
         return false;
     };
-    let Some(fragment) =
-        yamlish::get(&text, &["spec", "containerd", "config"]).and_then(|block| block.parse::<DocumentMut>().ok())
+    let Some(fragment) = Documents::parse(&text)
+        .ok()
+        .and_then(|d| d.string(&["spec", "containerd", "config"]))
+        .and_then(|block| block.parse::<DocumentMut>().ok())
     else {
         return false;
     };
@@ -95,7 +97,14 @@ fn dropin_text(node: &Node) -> Result<String, Check> {
 
 /// The drop-in's `spec.containerd.config`, when present and named for `version`'s tables.
 fn containerd_block(text: &str, version: ConfigVersion) -> Result<String, Check> {
-    let Some(block) = yamlish::get(text, &["spec", "containerd", "config"]) else {
+    let docs = Documents::parse(text).map_err(|e| {
+        Check::fail(
+            DROPIN_ID,
+            format!("{NODEADM_DROPIN}: {e}"),
+            "nodeadm cannot read the drop-in: re-run soci-agent install",
+        )
+    })?;
+    let Some(block) = docs.string(&["spec", "containerd", "config"]) else {
         return Err(Check::fail(
             DROPIN_ID,
             format!("{NODEADM_DROPIN} has no spec.containerd.config"),
@@ -244,11 +253,14 @@ fn effective_fast_image_pull(node: &Node) -> (Option<(bool, String)>, String) {
     let mut unreadable = Vec::new();
     for path in sources(node) {
         match Text::read(&node.root, &path) {
-            Text::Found(t) => {
-                if let Some(on) = yamlish::fast_image_pull(&t) {
-                    effective = Some((on, path));
+            Text::Found(t) => match Documents::parse(&t) {
+                Ok(docs) => {
+                    if let Some(on) = docs.fast_image_pull() {
+                        effective = Some((on, path));
+                    }
                 }
-            }
+                Err(e) => unreadable.push(format!("{path}: {e}")),
+            },
             Text::Unreadable(e) => unreadable.push(format!("{path}: {e}")),
             Text::Missing => {}
         }
@@ -263,7 +275,8 @@ fn effective_fast_image_pull(node: &Node) -> (Option<(bool, String)>, String) {
 
 /// nodeadm's last render (its cache) had `FastImagePull` on.
 fn cached_fast_image_pull_on(node: &Node) -> bool {
-    matches!(Text::read(&node.root, NODEADM_CACHE), Text::Found(t) if yamlish::fast_image_pull_on(&t))
+    matches!(Text::read(&node.root, NODEADM_CACHE),
+        Text::Found(t) if Documents::parse(&t).is_ok_and(|d| d.fast_image_pull() == Some(true)))
 }
 
 /// The running host is below the size nodeadm sets SOCI up on.

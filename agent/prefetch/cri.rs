@@ -106,6 +106,9 @@ const TRANSIENT: [&str; 20] = [
 /// authorization failure, a missing image or a bad reference.
 pub fn is_transient(code: tonic::Code, message: &str) -> bool {
     use tonic::Code;
+    if message.to_ascii_lowercase().contains("no such file or directory") {
+        return false; // the socket is gone: waiting will not bring it back
+    }
     match code {
         Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted => true,
         Code::Unknown | Code::Internal => {

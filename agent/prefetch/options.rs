@@ -71,7 +71,8 @@ pub struct PrefetchArgs {
     #[arg(long, value_name = "URI", env = "SOCI_AGENT_CRI_ENDPOINT")]
     pub cri_endpoint: Option<String>,
 
-    /// containerd's socket, for pinning and --platform. [default: /run/containerd/containerd.sock]
+    /// containerd's socket, for pinning and --platform. [default: the --cri-endpoint socket (containerd
+    /// serves both on one), or /run/containerd/containerd.sock when that is SOCI's socket]
     #[arg(long, value_name = "PATH", env = "SOCI_AGENT_CONTAINERD_ADDRESS")]
     pub containerd_address: Option<PathBuf>,
 
@@ -273,9 +274,11 @@ pub fn resolve(args: &PrefetchArgs) -> Result<(PrefetchOptions, OutputFormat), O
         .clone()
         .or(file.cri_endpoint)
         .unwrap_or(CRI_ENDPOINT.into());
-    if let Some(a) = args.containerd_address.clone().or(file.containerd_address) {
-        o.containerd_address = a;
-    }
+    o.containerd_address = args
+        .containerd_address
+        .clone()
+        .or(file.containerd_address)
+        .unwrap_or_else(|| containerd_for(&o.cri_endpoint));
     o.auth_file = args.auth_file.clone().or(file.auth_file);
     let provider_config = args.image_credential_provider_config.clone();
     if let Some(p) = provider_config.or(file.image_credential_provider_config) {
@@ -291,6 +294,16 @@ pub fn resolve(args: &PrefetchArgs) -> Result<(PrefetchOptions, OutputFormat), O
     o.progress = std::io::stderr().is_terminal();
     let output = args.output.or(file.output).unwrap_or(OutputFormat::Text);
     Ok((o, output))
+}
+
+/// containerd's socket when only the CRI endpoint was given: containerd serves CRI and its own
+/// API on one socket, so it is the endpoint's; SOCI's socket (its CRI keychain) serves only CRI,
+/// so pins then go to containerd's default socket.
+fn containerd_for(cri_endpoint: &str) -> PathBuf {
+    match super::cri::socket_path(cri_endpoint) {
+        Ok(path) if !path.starts_with(super::SOCI_RUN_DIR) => path,
+        _ => PathBuf::from(CONTAINERD_SOCKET),
+    }
 }
 
 /// The arguments and `--from` lists; the file's `images` only when neither was given.

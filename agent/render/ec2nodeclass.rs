@@ -1,13 +1,14 @@
 //! `render ec2nodeclass`: a Karpenter `EC2NodeClass` (karpenter.k8s.aws/v1,
 //! AL2023) with a gp3 root volume fast enough for parallel unpack and the
-//! user data embedded as a literal block scalar. YAML written by hand.
+//! user data embedded as a literal block scalar, written with serde_yaml_ng.
 
 use crate::paths::SOCI_ROOT;
 use clap::Args;
 
 use super::userdata::{self, UserdataArgs};
-use super::yaml::{block_scalar, quote};
+use super::yaml;
 use super::{RenderError, Rendered, invalid};
+use serde::Serialize;
 
 pub const API_VERSION: &str = "karpenter.k8s.aws/v1";
 /// gp3 limits this renderer enforces (MiB/s, IOPS).
@@ -81,31 +82,105 @@ pub(super) fn render(a: &Ec2NodeClassArgs) -> Result<Rendered, RenderError> {
 
 /// The EC2NodeClass YAML, with `user_data` as its userData.
 fn manifest(a: &Ec2NodeClassArgs, user_data: &str) -> String {
-    let mut y = String::new();
-    y.push_str("# Rendered by `soci-agent render ec2nodeclass`. Karpenter appends its own NodeConfig\n");
-    y.push_str("# (cluster fields) after this user data when it launches a node.\n");
-    y.push_str(&format!("apiVersion: {API_VERSION}\nkind: EC2NodeClass\nmetadata:\n"));
-    y.push_str(&format!("  name: {}\n", quote(&a.name)));
-    y.push_str("spec:\n  amiFamily: AL2023\n  amiSelectorTerms:\n");
-    y.push_str(&format!("    - alias: {}\n", quote(&a.ami_alias)));
-    y.push_str(&format!("  role: {}\n", quote(&a.role)));
-    for term in ["subnetSelectorTerms", "securityGroupSelectorTerms"] {
-        y.push_str(&format!(
-            "  {term}:\n    - tags:\n        karpenter.sh/discovery: {}\n",
-            quote(&a.cluster)
-        ));
-    }
-    y.push_str("  blockDeviceMappings:\n    - deviceName: /dev/xvda\n      ebs:\n");
-    y.push_str(&format!("        volumeSize: {}\n", quote(&a.volume_size)));
-    y.push_str("        volumeType: gp3\n");
-    y.push_str(&format!("        iops: {}\n", a.ebs_iops));
-    y.push_str(&format!("        throughput: {}\n", a.ebs_throughput));
-    y.push_str("        encrypted: true\n        deleteOnTermination: true\n");
-    if a.instance_store_raid0 {
-        y.push_str("  instanceStorePolicy: RAID0\n");
-    }
-    y.push_str(&block_scalar("userData", user_data, 4));
-    y
+    let discovery = || {
+        vec![Tags {
+            tags: Discovery { discovery: &a.cluster },
+        }]
+    };
+    let class = NodeClass {
+        api_version: API_VERSION,
+        kind: "EC2NodeClass",
+        metadata: Metadata { name: &a.name },
+        spec: Spec {
+            ami_family: "AL2023",
+            ami_selector_terms: vec![Alias { alias: &a.ami_alias }],
+            role: &a.role,
+            subnet_selector_terms: discovery(),
+            security_group_selector_terms: discovery(),
+            block_device_mappings: vec![BlockDevice {
+                device_name: "/dev/xvda",
+                ebs: Ebs {
+                    volume_size: &a.volume_size,
+                    volume_type: "gp3",
+                    iops: a.ebs_iops,
+                    throughput: a.ebs_throughput,
+                    encrypted: true,
+                    delete_on_termination: true,
+                },
+            }],
+            instance_store_policy: a.instance_store_raid0.then_some("RAID0"),
+            user_data,
+        },
+    };
+    yaml::document(
+        &[
+            "Rendered by `soci-agent render ec2nodeclass`. Karpenter appends its own NodeConfig",
+            "(cluster fields) after this user data when it launches a node.",
+        ],
+        &class,
+    )
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeClass<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    metadata: Metadata<'a>,
+    spec: Spec<'a>,
+}
+
+#[derive(Serialize)]
+struct Metadata<'a> {
+    name: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Spec<'a> {
+    ami_family: &'a str,
+    ami_selector_terms: Vec<Alias<'a>>,
+    role: &'a str,
+    subnet_selector_terms: Vec<Tags<'a>>,
+    security_group_selector_terms: Vec<Tags<'a>>,
+    block_device_mappings: Vec<BlockDevice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instance_store_policy: Option<&'a str>,
+    user_data: &'a str,
+}
+
+#[derive(Serialize)]
+struct Alias<'a> {
+    alias: &'a str,
+}
+
+#[derive(Serialize)]
+struct Tags<'a> {
+    tags: Discovery<'a>,
+}
+
+#[derive(Serialize)]
+struct Discovery<'a> {
+    #[serde(rename = "karpenter.sh/discovery")]
+    discovery: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BlockDevice<'a> {
+    device_name: &'a str,
+    ebs: Ebs<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Ebs<'a> {
+    volume_size: &'a str,
+    volume_type: &'a str,
+    iops: u32,
+    throughput: u32,
+    encrypted: bool,
+    delete_on_termination: bool,
 }
 
 /// A Kubernetes object name (DNS subdomain).

@@ -10,8 +10,9 @@ use clap::Args;
 use super::ec2nodeclass::check_cluster_name;
 use super::mime::{NODE_CONFIG, Part};
 use super::userdata::{self, UserdataArgs};
-use super::yaml::quote;
+use super::yaml;
 use super::{RenderError, Rendered, invalid};
+use serde::Serialize;
 
 #[derive(Debug, Clone, Args)]
 pub struct LaunchTemplateArgs {
@@ -106,15 +107,45 @@ fn cluster_part(a: &LaunchTemplateArgs) -> Result<Part, RenderError> {
     check_cidr(cidr)?;
     Ok(Part {
         content_type: NODE_CONFIG,
-        body: format!(
-            "apiVersion: node.eks.aws/v1alpha1\nkind: NodeConfig\nspec:\n  cluster:\n    name: {}\n    \
-             apiServerEndpoint: {}\n    certificateAuthority: {}\n    cidr: {}\n",
-            quote(name),
-            quote(endpoint),
-            quote(ca),
-            quote(cidr)
+        body: yaml::document(
+            &[],
+            &ClusterNodeConfig {
+                api_version: "node.eks.aws/v1alpha1",
+                kind: "NodeConfig",
+                spec: ClusterSpec {
+                    cluster: Cluster {
+                        name,
+                        api_server_endpoint: endpoint,
+                        certificate_authority: ca,
+                        cidr,
+                    },
+                },
+            },
         ),
     })
+}
+
+/// The cluster fields' NodeConfig (what EKS merges for a managed AMI).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ClusterNodeConfig<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    spec: ClusterSpec<'a>,
+}
+
+#[derive(Serialize)]
+struct ClusterSpec<'a> {
+    cluster: Cluster<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Cluster<'a> {
+    name: &'a str,
+    api_server_endpoint: &'a str,
+    certificate_authority: &'a str,
+    cidr: &'a str,
 }
 
 fn check_endpoint(v: &str) -> Result<(), RenderError> {

@@ -25,6 +25,8 @@ const HEADROOM_NOTE: usize = 12 * 1024;
 pub struct UserdataArgs {
     /// URL of the soci-agent binary; `{arch}` is replaced by amd64 or arm64, chosen on the node
     /// from `uname -m`. https:// (http:// allowed with a note: the digest still pins the binary).
+    /// Without `{arch}` the render must be for one arch (only one --agent-sha256-ARCH): with both
+    /// digests it is refused, since both arches would download the same binary.
     #[arg(long, value_name = "URL")]
     pub agent_url: String,
 
@@ -206,8 +208,12 @@ fn check_agent(
         }
     }
     if !url.contains("{arch}") && agent_sha256.iter().all(Option::is_some) {
-        notes.push(format!(
-            "--agent-url {url} has no {{arch}}: amd64 and arm64 nodes download the same file, which matches one digest at most"
+        return Err(invalid(
+            "--agent-url",
+            &url,
+            "has no {arch}, but both --agent-sha256-amd64 and --agent-sha256-arm64 are given: amd64 and arm64 \
+             nodes would download the same file, which matches one digest at most. Put {arch} in the URL \
+             (replaced by amd64 or arm64 on the node), or render for one arch (give only its digest)",
         ));
     }
     Ok((ARCHES.map(|arch| url.replace("{arch}", arch)), agent_sha256))

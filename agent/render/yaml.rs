@@ -1,45 +1,14 @@
-//! The two YAML pieces the renderers write by hand (serde_yaml is not a
-//! runtime dependency): double-quoted scalars and literal block scalars.
+//! YAML output through `serde_yaml_ng`: the renderers describe their objects
+//! as serde structs and this writes them (quoting where YAML needs it,
+//! multi-line strings as literal block scalars), after a comment header.
 
-/// A double-quoted scalar. JSON string syntax is a subset of YAML's
-/// double-quoted style, so serde_json's escaping is exact.
-pub fn quote(s: &str) -> String {
-    serde_json::to_string(s).expect("a string serializes")
-}
+use serde::Serialize;
 
-/// `key: |` followed by `text` as a literal block scalar whose lines are
-/// indented by `indent` spaces (the key itself sits at `indent - 2`).
-/// The header gets an indentation indicator when the first line starts with
-/// a space, and the chomping indicator that reproduces `text`'s trailing
-/// newlines exactly. `text` must be printable ASCII plus LF and tab.
-pub fn block_scalar(key: &str, text: &str, indent: usize) -> String {
-    assert!(indent >= 2, "a block scalar is indented under its key");
-    assert!(
-        text.bytes()
-            .all(|b| b == b'\n' || b == b'\t' || (b' '..=b'~').contains(&b)),
-        "block scalar text must be printable ASCII"
-    );
-    let key_indent = " ".repeat(indent - 2);
-    let pad = " ".repeat(indent);
-    let indicator = match text.lines().find(|l| !l.is_empty()) {
-        Some(l) if l.starts_with(' ') => "2",
-        _ => "",
-    };
-    let chomp = if !text.ends_with('\n') {
-        "-"
-    } else if text.ends_with("\n\n") || text == "\n" {
-        "+"
-    } else {
-        ""
-    };
-    let mut out = format!("{key_indent}{key}: |{indicator}{chomp}\n");
-    for line in text.lines() {
-        if !line.is_empty() {
-            out.push_str(&pad);
-            out.push_str(line);
-        }
-        out.push('\n');
-    }
+/// `value` as one YAML document, preceded by `header` lines as `# ` comments.
+pub fn document<T: Serialize>(header: &[&str], value: &T) -> String {
+    let mut out: String = header.iter().map(|l| format!("# {l}\n")).collect();
+    // Structs of strings, numbers and booleans always serialize.
+    out.push_str(&serde_yaml_ng::to_string(value).expect("a render object serializes to YAML"));
     out
 }
 
@@ -47,17 +16,26 @@ pub fn block_scalar(key: &str, text: &str, indent: usize) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn quoting_escapes() {
-        assert_eq!(quote("a\"b\\c"), r#""a\"b\\c""#);
-        assert_eq!(quote("plain"), "\"plain\"");
+    #[derive(Serialize)]
+    struct Doc {
+        name: &'static str,
+        tricky: &'static str,
+        text: &'static str,
     }
 
     #[test]
-    fn block_scalar_headers() {
-        assert_eq!(block_scalar("k", "a\n\nb\n", 4), "  k: |\n    a\n\n    b\n");
-        assert_eq!(block_scalar("k", "a", 2), "k: |-\n  a\n");
-        assert_eq!(block_scalar("k", "a\n\n", 2), "k: |+\n  a\n\n");
-        assert_eq!(block_scalar("k", " a\n", 2), "k: |2\n   a\n");
+    fn quotes_what_needs_it_and_keeps_text_exact() {
+        let d = Doc {
+            name: "plain",
+            tricky: "true",
+            text: "line 1\n  indented \"q\"\n\nlast\n",
+        };
+        let y = document(&["made by a test"], &d);
+        assert!(y.starts_with("# made by a test\nname: plain\n"), "{y}");
+        assert!(y.contains("tricky: 'true'\n"), "{y}");
+        assert!(y.contains("text: |\n"), "{y}");
+        let back: serde_yaml_ng::Value = serde_yaml_ng::from_str(&y).unwrap();
+        assert_eq!(back["tricky"].as_str(), Some("true"));
+        assert_eq!(back["text"].as_str(), Some(d.text));
     }
 }
