@@ -917,7 +917,23 @@ fn empty_root_node_line_and_failed_runs_leave_their_report() {
             .output()
             .unwrap()
     };
-    let dry = run(&["--dry-run", "--containerd-version", "2.2"]);
+    // An archive beside the root: the dry run does not ask the network.
+    let release = real::soci_release(VER);
+    let beside = tempfile::tempdir().unwrap();
+    let archive = beside.path().join(&release.archive_name);
+    std::fs::write(&archive, &release.archive).unwrap();
+    std::fs::write(
+        beside.path().join(format!("{}.sha256sum", release.archive_name)),
+        &release.sha256sum,
+    )
+    .unwrap();
+    let dry = run(&[
+        "--dry-run",
+        "--containerd-version",
+        "2.2",
+        "--archive",
+        archive.to_str().unwrap(),
+    ]);
     assert_code(&dry, 0);
     let text = String::from_utf8_lossy(&dry.stdout);
     let line = text
