@@ -64,7 +64,7 @@
 
 mod bake;
 mod credentials;
-mod cri;
+pub(crate) mod cri;
 mod matchimage;
 mod options;
 mod pin;
