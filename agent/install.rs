@@ -259,7 +259,13 @@ async fn start_units(s: &InstallSettings, plan: &Plan, txn: &mut Transaction) ->
     if let Err(e) = result {
         // Files first (so a restart below runs the old config), then units.
         txn.restore_files();
-        let problems = undo(&sd, &act).await;
+        let mut problems = undo(&sd, &act).await;
+        if s.data_volume.is_some() {
+            // Nothing half-done stays mounted: the volume unit's ExecStop unmounts.
+            if let Err(e) = sd.stop(crate::paths::VOLUME_SERVICE).await {
+                problems.push(error_chain(&e));
+            }
+        }
         return Err((Box::new(e), Some(act), problems));
     }
     Ok(act)

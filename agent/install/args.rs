@@ -166,6 +166,16 @@ pub struct InstallArgs {
     #[arg(long, value_name = "DIR", env = "SOCI_AGENT_TEXTFILE_DIR")]
     pub textfile_dir: Option<String>,
 
+    /// Data volume holding containerd's and SOCI's roots (a snapshot cache): a block device or a
+    /// /dev/disk/by-* link; an EBS name such as /dev/xvdb also finds its /dev/nvme*n1 on Nitro.
+    /// Mounted by soci-agent-volume.service before either daemon starts, on every boot.
+    #[arg(long, value_name = "DEVICE", env = "SOCI_AGENT_DATA_VOLUME")]
+    pub data_volume: Option<String>,
+
+    /// Make an ext4 filesystem on a blank --data-volume (a device holding anything is never formatted).
+    #[arg(long, requires = "data_volume", env = "SOCI_AGENT_FORMAT_DATA_VOLUME")]
+    pub format_data_volume: bool,
+
     /// Give up on a download that sends nothing for this many seconds (then retry). [default: 30]
     #[arg(long, value_name = "SECS", env = "SOCI_AGENT_HTTP_TIMEOUT")]
     pub http_timeout: Option<f64>,

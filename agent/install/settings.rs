@@ -67,6 +67,8 @@ struct InstallFile {
     textfile_dir: Option<String>,
     http_timeout: Option<f64>,
     retries: Option<u32>,
+    data_volume: Option<String>,
+    format_data_volume: Option<bool>,
 }
 
 /// The whole agent config file. Other tables belong to other subcommands.
@@ -114,6 +116,10 @@ pub struct InstallSettings {
     pub textfile_dir: Option<String>,
     pub http_timeout: Duration,
     pub retries: u32,
+    /// `--data-volume`: the device (node path) holding both daemons' roots.
+    pub data_volume: Option<String>,
+    /// `--format-data-volume`: format it when blank.
+    pub format_data_volume: bool,
     /// Things worth saying that do not stop the install (e.g. plain http).
     pub warnings: Vec<String>,
 }
@@ -217,6 +223,10 @@ impl InstallSettings {
                 .transpose()?,
             http_timeout,
             retries,
+            data_volume: pick(&args.data_volume, &f.data_volume)
+                .map(|d| unit_path("--data-volume", d))
+                .transpose()?,
+            format_data_volume: args.format_data_volume || f.format_data_volume.unwrap_or(false),
             warnings,
         })
     }
