@@ -199,3 +199,107 @@ fn verify_without_a_manifest_or_with_a_broken_one_exits_2() {
         show(&out)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// render --data-volume-*.
+
+const D0: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+fn render(args: &[&str]) -> Output {
+    Command::new(agent_bin()).arg("render").args(args).output().unwrap()
+}
+
+fn agent_args() -> Vec<&'static str> {
+    vec![
+        "--agent-url",
+        "https://example.com/soci-agent-{arch}",
+        "--agent-sha256-amd64",
+        D0,
+    ]
+}
+
+#[test]
+fn render_ec2nodeclass_maps_the_snapshot_and_keeps_the_root_volume() {
+    let mut args = vec!["ec2nodeclass", "--cluster", "c", "--role", "R"];
+    args.extend(agent_args());
+    args.extend([
+        "--data-volume-snapshot",
+        "snap-0abc123456789def0",
+        "--data-volume-size",
+        "200Gi",
+    ]);
+    let out = render(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_slice(&out.stdout).unwrap();
+    let bdm = doc["spec"]["blockDeviceMappings"].as_sequence().unwrap();
+    assert_eq!(bdm.len(), 2, "{bdm:?}");
+    assert_eq!(bdm[0]["deviceName"], "/dev/xvda");
+    assert_eq!(bdm[1]["deviceName"], "/dev/xvdb");
+    assert_eq!(bdm[1]["ebs"]["snapshotID"], "snap-0abc123456789def0");
+    assert_eq!(bdm[1]["ebs"]["volumeSize"], "200Gi");
+    assert_eq!(bdm[1]["ebs"]["volumeType"], "gp3");
+    let ud = doc["spec"]["userData"].as_str().unwrap();
+    assert!(
+        ud.contains("'--data-volume=/dev/xvdb'") || ud.contains("--data-volume=/dev/xvdb"),
+        "{ud}"
+    );
+    assert!(!ud.contains("--format-data-volume"), "{ud}");
+
+    // Without a snapshot: a blank builder volume, formatted by install.
+    let mut args = vec!["ec2nodeclass", "--cluster", "c", "--role", "R"];
+    args.extend(agent_args());
+    args.extend(["--data-volume-size", "50Gi", "--data-volume-device", "/dev/sdf"]);
+    let out = render(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("--data-volume=/dev/sdf") && text.contains("--format-data-volume"),
+        "{text}"
+    );
+
+    // Refusals name the option.
+    for (bad, option) in [
+        (
+            vec!["--data-volume-snapshot", "vol-0abc12345"],
+            "--data-volume-snapshot",
+        ),
+        (vec!["--data-volume-size", "0Gi"], "--data-volume-size"),
+        (
+            vec!["--data-volume-size", "9Gi", "--data-volume-device", "/dev/xvda"],
+            "--data-volume-device",
+        ),
+        (
+            vec!["--data-volume-size", "9Gi", "--instance-store-raid0"],
+            "--instance-store-raid0",
+        ),
+    ] {
+        let mut args = vec!["ec2nodeclass", "--cluster", "c", "--role", "R"];
+        args.extend(agent_args());
+        args.extend(bad);
+        let out = render(&args);
+        assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+        assert!(String::from_utf8_lossy(&out.stderr).contains(option), "{}", show(&out));
+    }
+}
+
+#[test]
+fn render_userdata_and_launch_template_pass_the_data_volume() {
+    let mut args = vec!["userdata"];
+    args.extend(agent_args());
+    args.extend(["--data-volume", "/dev/xvdb"]);
+    let out = render(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--data-volume=/dev/xvdb"));
+
+    let mut args = vec!["launch-template"];
+    args.extend(agent_args());
+    args.extend(["--data-volume-snapshot", "snap-0abc123456789def0"]);
+    let out = render(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--data-volume=/dev/xvdb"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("BlockDeviceMappings") && err.contains("\"SnapshotId\":\"snap-0abc123456789def0\""),
+        "{err}"
+    );
+}

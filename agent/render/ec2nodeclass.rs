@@ -53,6 +53,9 @@ pub struct Ec2NodeClassArgs {
     pub instance_store_raid0: bool,
 
     #[command(flatten)]
+    pub data_volume: super::DataVolumeArgs,
+
+    #[command(flatten)]
     pub userdata: UserdataArgs,
 }
 
@@ -63,7 +66,16 @@ pub(super) fn render(a: &Ec2NodeClassArgs) -> Result<Rendered, RenderError> {
     check_alias(&a.ami_alias)?;
     check_volume(a)?;
     let mut notes = Vec::new();
-    let user_data = userdata::build(&a.userdata, Vec::new(), &mut notes)?;
+    let mut ud = a.userdata.clone();
+    let mapping = a.data_volume.apply(&mut ud, &mut notes)?;
+    if mapping.is_some() && a.instance_store_raid0 {
+        return Err(invalid(
+            "--instance-store-raid0",
+            "true",
+            "conflicts with a data volume: nodeadm would bind the instance store over the same roots",
+        ));
+    }
+    let user_data = userdata::build(&ud, Vec::new(), &mut notes)?;
     if a.instance_store_raid0
         && let Some(root) = &a.userdata.soci_root
         && root.trim_end_matches('/') != SOCI_ROOT
@@ -74,13 +86,13 @@ pub(super) fn render(a: &Ec2NodeClassArgs) -> Result<Rendered, RenderError> {
         ));
     }
     Ok(Rendered {
-        text: manifest(a, &user_data),
+        text: manifest(a, &user_data, mapping.as_ref()),
         notes,
     })
 }
 
 /// The EC2NodeClass YAML, with `user_data` as its userData.
-fn manifest(a: &Ec2NodeClassArgs, user_data: &str) -> String {
+fn manifest(a: &Ec2NodeClassArgs, user_data: &str, data: Option<&super::data_volume::Mapping>) -> String {
     let mut y = String::new();
     y.push_str("# Rendered by `soci-agent render ec2nodeclass`. Karpenter appends its own NodeConfig\n");
     y.push_str("# (cluster fields) after this user data when it launches a node.\n");
@@ -101,6 +113,20 @@ fn manifest(a: &Ec2NodeClassArgs, user_data: &str) -> String {
     y.push_str(&format!("        iops: {}\n", a.ebs_iops));
     y.push_str(&format!("        throughput: {}\n", a.ebs_throughput));
     y.push_str("        encrypted: true\n        deleteOnTermination: true\n");
+    if let Some(d) = data {
+        // Karpenter replaces the whole list: the root mapping above stays.
+        y.push_str(&format!("    - deviceName: {}\n      ebs:\n", quote(&d.device)));
+        if let Some(s) = &d.snapshot {
+            y.push_str(&format!("        snapshotID: {}\n", quote(s)));
+        }
+        if let Some(s) = &d.size {
+            y.push_str(&format!("        volumeSize: {}\n", quote(s)));
+        }
+        y.push_str("        volumeType: gp3\n");
+        y.push_str(&format!("        iops: {}\n", a.ebs_iops));
+        y.push_str(&format!("        throughput: {}\n", a.ebs_throughput));
+        y.push_str("        encrypted: true\n        deleteOnTermination: true\n");
+    }
     if a.instance_store_raid0 {
         y.push_str("  instanceStorePolicy: RAID0\n");
     }
@@ -224,7 +250,7 @@ fn check_volume_size(size: &str) -> Result<(), RenderError> {
 }
 
 /// `NGi` or `NTi` in GiB.
-fn parse_size(v: &str) -> Option<u64> {
+pub(super) fn parse_size(v: &str) -> Option<u64> {
     let (n, mult) = if let Some(n) = v.strip_suffix("Gi") {
         (n, 1)
     } else {
