@@ -134,6 +134,24 @@ fn format_data_volume_makes_labelled_ext4_and_writes_the_units() {
     assert_eq!(report["changed"], false, "{report:#}");
     assert_eq!(std::fs::read(t.path(DEVICE)).unwrap(), before, "formatted twice");
 
+    // doctor: the volume is configured but not mounted (nothing mounts under --root).
+    let doc = agent(&t, &["doctor", "--no-live", "--output", "json"], &[]);
+    let doc: serde_json::Value = serde_json::from_slice(&doc.stdout).unwrap();
+    let verdict = |id: &str| {
+        doc["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .map(|c| (c["verdict"].as_str().unwrap().to_string(), c["evidence"].to_string()))
+            .unwrap_or_else(|| panic!("no {id} in {doc:#}"))
+    };
+    let (v, e) = verdict("cache.volume");
+    assert_eq!(v, "fail", "{e}");
+    assert!(e.contains("/dev/xvdb is not mounted"), "{e}");
+    assert_eq!(verdict("cache.manifest").0, "warn");
+    assert_eq!(verdict("cache.images").0, "skip");
+
     // Uninstall removes the units, never the device.
     let un = agent(&t, &["uninstall", "--no-start"], &[]);
     assert_eq!(un.status.code(), Some(0), "{}", show(&un));

@@ -197,6 +197,27 @@ fn snapshot_cache_built_sealed_and_attached_to_a_fresh_node() {
     assert_eq!(v.report["hits"], 1, "{}", v.show());
     assert_eq!(v.report["misses"], 0, "{}", v.show());
 
+    n.step("node: doctor's cache group");
+    let d = n.doctor();
+    for id in ["cache.volume", "cache.manifest", "cache.images", "cache.space"] {
+        assert_eq!(d.verdict(id), "ok", "{id}: {}", d.show());
+    }
+
+    n.step("node: every boot: starting containerd alone mounts the volume first");
+    n.node.check(&[
+        "systemctl",
+        "stop",
+        "containerd.service",
+        "soci-snapshotter.socket",
+        "soci-snapshotter.service",
+        "soci-agent-volume.service",
+    ]);
+    assert_eq!(findmnt(&n, "/var/lib/soci-agent/volume"), "", "stop did not unmount");
+    assert_eq!(findmnt(&n, "/var/lib/containerd"), "");
+    n.node.check(&["systemctl", "start", "containerd.service"]);
+    assert_eq!(findmnt(&n, "/var/lib/soci-agent/volume"), dev);
+    assert!(findmnt(&n, "/var/lib/containerd").starts_with(&dev));
+
     n.step("node: the image is there, in soci");
     n.node.check(&["crictl", "inspecti", &reference]);
     let (committed, list) = n.soci_committed();
