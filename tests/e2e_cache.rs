@@ -57,8 +57,10 @@ fn snapshot_cache_built_sealed_and_attached_to_a_fresh_node() {
     let registry = Registry::start_new(&work.path().join("registry"), None);
     eprintln!("-- pushing a {LAYERS} x {LAYER_MIB} MiB image");
     let image = registry.push_random_image("big", "v1", LAYERS, LAYER_MIB << 20);
+    let small = registry.push_random_image("small", "v1", 2, 8 << 20);
     let front = Front::start(work.path(), &registry.host(), LIMIT);
     let reference = image.reference.replace(&registry.host(), &front.host());
+    let small_ref = small.reference.replace(&registry.host(), &front.host());
 
     // 1. The builder.
     let builder_file = work.path().join("builder.img");
@@ -248,6 +250,59 @@ fn snapshot_cache_built_sealed_and_attached_to_a_fresh_node() {
         .find(|s| s["name"] == "cache")
         .unwrap_or_else(|| panic!("{}", boot.show()));
     assert_eq!(cache["status"], "ok", "{}", boot.show());
+
+    n.step("node: a full volume during prefetch: exit 4, the error says so");
+    let avail = n
+        .node
+        .check(&["df", "--output=avail", "-B1", "/var/lib/soci-agent/volume"]);
+    let avail: u64 = avail.lines().last().unwrap().trim().parse().unwrap();
+    let filler = "/var/lib/soci-agent/volume/filler";
+    n.node
+        .check(&["fallocate", "-l", &(avail - (1 << 20)).to_string(), filler]);
+    let full = n.agent(
+        "prefetch",
+        &[INSTALLED_AGENT, "prefetch", &small_ref, "--output", "json"],
+    );
+    full.expect_code(4);
+    let error = full.report["images"][0]["error"].as_str().unwrap_or("");
+    assert!(error.contains("no space left on device"), "{}", full.show());
+    n.node.check(&["rm", "-f", filler]);
+
+    n.step("node: a cache written by a containerd this node cannot read: warning, fresh roots, prefetch");
+    let manifest = "/var/lib/soci-agent/volume/soci-agent-cache.json";
+    n.node.check(&[
+        "sed",
+        "-i",
+        "s/\"containerd_version\": \"2.4.2\"/\"containerd_version\": \"1.7.27\"/",
+        manifest,
+    ]);
+    n.node.check(&[
+        "systemctl",
+        "stop",
+        "containerd.service",
+        "soci-snapshotter.socket",
+        "soci-snapshotter.service",
+        "soci-agent-volume.service",
+    ]);
+    n.node.check(&["systemctl", "start", "containerd.service"]);
+    let bound = findmnt(&n, "/var/lib/containerd");
+    assert!(bound.contains("unreadable-cache-fallback"), "{bound}");
+    let v = n.agent("verify", &[INSTALLED_AGENT, "cache", "verify", "--output", "json"]);
+    v.expect_code(4);
+    assert!(
+        v.report["warnings"][0].as_str().unwrap_or("").contains("1.7.27"),
+        "{}",
+        v.show()
+    );
+    let boot = n.agent("boot", &[INSTALLED_AGENT, "boot", "--output", "json"]);
+    boot.expect_code(0);
+    let steps = boot.report["steps"].as_array().unwrap();
+    let pre = steps.iter().find(|s| s["name"] == "prefetch").unwrap();
+    assert_eq!(pre["status"], "ok", "{}", boot.show());
+    assert!(pre["detail"].as_str().unwrap().contains("1 pulled"), "{}", boot.show());
+    n.agent("verify", &[INSTALLED_AGENT, "cache", "verify", "--output", "json"])
+        .expect_code(0);
+
     eprintln!(
         "e2e_cache: prefetch cold {cold_s:.2}s, cached {cached_s:.2}s (ratio {:.3}); install with the volume {install_s:.1}s",
         cached_s / cold_s

@@ -132,16 +132,17 @@ pub async fn verify(root: &Root, cri_endpoint: Option<&str>) -> VerifyReport {
     let versions = node::versions(root).await;
     let unreadable = incompatibility(&m, versions.containerd.as_deref(), versions.soci.as_deref());
     if let Some(why) = &unreadable {
+        // `cache mount` then bound fresh directories: CRI only finds what was pulled since.
         report.warnings.push(format!(
-            "{why}: the cached images are not used on this node; they are prefetched instead"
+            "{why}: the cached copies are not used on this node (the daemons run on fresh directories of the \
+             volume); missing images are prefetched instead"
         ));
     }
     let client = node::cri(root, cri_endpoint);
     for img in &m.images {
-        let (hit, detail) = match (&unreadable, &client) {
-            (Some(_), _) => (false, "cache unreadable by this node's daemons".to_string()),
-            (None, Err(e)) => (false, e.clone()),
-            (None, Ok(c)) => match node::status(c, &img.image).await {
+        let (hit, detail) = match &client {
+            Err(e) => (false, e.clone()),
+            Ok(c) => match node::status(c, &img.image).await {
                 Ok(Some(found)) if found.id == img.digest => (true, format!("{} present", short(&found.id))),
                 Ok(Some(found)) => (
                     false,
