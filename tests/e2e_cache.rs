@@ -3,12 +3,14 @@
 //! (there is no udev in the node; soci-agent-volume.service waits for the device node itself).
 //!
 //! 1. Builder: a blank 3 GiB volume; `install --data-volume DEV --format-data-volume` formats
-//!    and mounts it under both daemons' roots; `prefetch` pulls a 512 MiB image (4 layers)
+//!    and mounts it under both daemons' roots; `boot` imports the AMI's pause image onto the
+//!    blank volume; `cache seal` refuses while an image is missing; `prefetch` pulls a 512 MiB image (4 layers)
 //!    through CRI into SOCI from a registry behind a per-connection rate limit; `cache seal`
 //!    stops the daemons, writes the manifest and unmounts.
 //! 2. The volume file is copied (= the snapshot restored) and attached to a fresh node: a
 //!    device mounted elsewhere and a read-only one are refused first (exit 2, nothing left
-//!    mounted), then `install --data-volume DEV` exits 0, `cache verify` exits 0, `crictl
+//!    mounted), a snapshotter that cannot start rolls the install back (exit 1, volume
+//!    unmounted), then `install --data-volume DEV` exits 0, `cache verify` exits 0, `crictl
 //!    inspecti` finds the image, its 4 layers are committed snapshots in soci, `prefetch`
 //!    reports a hit, and the registry's front sees zero blob downloads from that node.
 //!
@@ -19,6 +21,7 @@ mod common;
 use std::path::Path;
 use std::time::Instant;
 
+use common::archive::oci_image_tar;
 use common::booted::{AGENT, Booted, INSTALLED_AGENT};
 use common::loopdev::{Loop, copy_sparse};
 use common::nspawn::{NodeOptions, text};
@@ -30,6 +33,9 @@ const LAYERS: usize = 4;
 const LAYER_MIB: usize = 128;
 const VOLUME_BYTES: u64 = 3 << 30;
 const LIMIT: &str = "25m";
+const PAUSE_IMAGE: &str = "localhost/kubernetes/pause:latest";
+/// Test-only drop-in that makes the snapshotter fail to start (no retries).
+const FAIL_DROPIN: &str = "/etc/systemd/system/soci-snapshotter.service.d/05-e2e-fail.conf";
 
 /// A node with the rig's containerd 2.4.2 (running at boot), trusting `front` over plain
 /// HTTP, with `volumes` bound in at the same paths.
@@ -83,6 +89,28 @@ fn snapshot_cache_built_sealed_and_attached_to_a_fresh_node() {
         }
         b.assert_soci_plugin_ok("builder");
 
+        b.step("builder: boot imports the AMI's pause image onto the blank volume");
+        std::fs::create_dir_all(b.node.path("/etc/eks")).unwrap();
+        std::fs::write(b.node.path("/etc/eks/pause.tar"), oci_image_tar(PAUSE_IMAGE)).unwrap();
+        let boot = b.agent("boot", &[INSTALLED_AGENT, "boot", "--output", "json"]);
+        boot.expect_code(0);
+        let steps = boot.report["steps"].as_array().unwrap();
+        assert!(
+            steps.iter().any(|s| s["name"] == "pause-image" && s["status"] == "ok"),
+            "{}",
+            boot.show()
+        );
+        b.assert_image_in_soci(PAUSE_IMAGE);
+
+        b.step("builder: seal refuses while an image is missing, and stops nothing");
+        let missing = b.agent(
+            "seal",
+            &[INSTALLED_AGENT, "cache", "seal", "--output", "json", &reference],
+        );
+        missing.expect_code(1);
+        assert_eq!(missing.report["missing"][0], reference.as_str(), "{}", missing.show());
+        assert_eq!(b.is_active("containerd.service"), "active");
+
         b.step("builder: prefetch (cold, rate-limited registry)");
         let t = Instant::now();
         let pre = b.agent(
@@ -93,7 +121,11 @@ fn snapshot_cache_built_sealed_and_attached_to_a_fresh_node() {
         pre.expect_code(0);
         assert_eq!(pre.report["images"][0]["state"], "pulled", "{}", pre.show());
         let (committed, list) = b.soci_committed();
-        assert_eq!(committed, LAYERS, "{list}");
+        assert_eq!(
+            committed,
+            LAYERS + 1,
+            "the image's layers and the pause image's:\n{list}"
+        );
 
         b.step("builder: cache seal");
         let seal = b.agent("seal", &[INSTALLED_AGENT, "cache", "seal", "--output", "json"]);
@@ -177,6 +209,31 @@ fn snapshot_cache_built_sealed_and_attached_to_a_fresh_node() {
     n.node.check(&["umount", "/mnt/elsewhere"]);
     assert_eq!(findmnt(&n, "/var/lib/containerd"), "", "something left mounted");
 
+    n.step("node: a snapshotter that cannot start: rolled back, the volume unmounted");
+    std::fs::create_dir_all(n.node.path(FAIL_DROPIN).parent().unwrap()).unwrap();
+    std::fs::write(
+        n.node.path(FAIL_DROPIN),
+        "[Service]\nExecStartPre=/bin/false\nRestart=no\n",
+    )
+    .unwrap();
+    let run = n.install_release(&["--data-volume", &dev, "--output", "json"]);
+    run.expect_code(1);
+    assert_eq!(
+        findmnt(&n, "/var/lib/soci-agent/volume"),
+        "",
+        "volume left mounted: {}",
+        run.show()
+    );
+    assert_eq!(findmnt(&n, "/var/lib/containerd"), "", "{}", run.show());
+    assert!(
+        !n.exists("/etc/systemd/system/soci-agent-volume.service"),
+        "{}",
+        run.show()
+    );
+    assert_eq!(n.is_active("containerd.service"), "active", "{}", run.show());
+    std::fs::remove_file(n.node.path(FAIL_DROPIN)).unwrap();
+    n.node.check(&["systemctl", "daemon-reload"]);
+
     n.step("node: install --data-volume (the restored snapshot)");
     let t = Instant::now();
     let run = n.install_release(&["--data-volume", &dev, "--output", "json"]);
@@ -223,7 +280,15 @@ fn snapshot_cache_built_sealed_and_attached_to_a_fresh_node() {
     n.step("node: the image is there, in soci");
     n.node.check(&["crictl", "inspecti", &reference]);
     let (committed, list) = n.soci_committed();
-    assert_eq!(committed, LAYERS, "{list}");
+    assert_eq!(
+        committed,
+        LAYERS + 1,
+        "the image's layers and the pause image's:\n{list}"
+    );
+    assert!(
+        n.images().iter().any(|i| i == PAUSE_IMAGE),
+        "the pause image travelled too"
+    );
 
     n.step("node: prefetch is a hit");
     let t = Instant::now();

@@ -588,6 +588,26 @@ pub fn unmount(layout: &Layout) -> Result<Vec<String>, VolumeError> {
     Ok(gone)
 }
 
+/// Rollback of an install that set up the volume: the daemons on it are
+/// stopped, then the volume unit (its `ExecStop` unmounts); whatever is
+/// still mounted is unmounted here. Runs before the caller restores the
+/// files (the unit's agent binary may be one of them) and before its undo
+/// reloads systemd and restarts the daemons on the node's own directories.
+/// Returns the problems met.
+pub async fn stop_for_rollback(sd: &crate::systemd::Systemd, root: &Root, soci_root: &str) -> Vec<String> {
+    use crate::paths::{CONTAINERD_SERVICE, SOCI_SERVICE, VOLUME_SERVICE};
+    let mut problems = Vec::new();
+    for unit in [CONTAINERD_SERVICE, SOCI_SERVICE, VOLUME_SERVICE] {
+        if let Err(e) = sd.stop(unit).await {
+            problems.push(format!("stopping {unit}: {}", crate::exit::error_chain(&e)));
+        }
+    }
+    if let Err(e) = unmount(&Layout::new(root, soci_root)) {
+        problems.push(crate::exit::error_chain(&e));
+    }
+    problems
+}
+
 /// Size and free space of the filesystem at host path `at`: (total, used, available) bytes.
 pub fn space(at: &Path) -> Option<(u64, u64, u64)> {
     let s = nix::sys::statvfs::statvfs(at).ok()?;
