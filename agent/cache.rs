@@ -188,7 +188,7 @@ async fn mount(a: &MountArgs) -> u8 {
             }
         };
     }
-    if let Some(n) = &done.note {
+    for n in done.note.iter().chain(&done.grown) {
         tracing::info!("{n}");
     }
     println!(

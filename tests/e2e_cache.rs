@@ -160,6 +160,13 @@ fn snapshot_cache_built_sealed_and_attached_to_a_fresh_node() {
     // 2. The snapshot restored on a fresh node.
     let node_file = work.path().join("node.img");
     copy_sparse(&builder_file, &node_file);
+    // The node's volume is larger than the builder's (--data-volume-size over the snapshot's).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&node_file)
+        .unwrap()
+        .set_len(VOLUME_BYTES + (1 << 30))
+        .unwrap();
     let vol = Loop::attach(&node_file);
     // A read-only volume (an ext4 image attached read-only).
     let ro_file = work.path().join("ro.img");
@@ -249,6 +256,14 @@ fn snapshot_cache_built_sealed_and_attached_to_a_fresh_node() {
         run.show()
     );
     assert_eq!(findmnt(&n, "/var/lib/soci-agent/volume"), dev);
+    let size = n
+        .node
+        .check(&["df", "--output=size", "-B1", "/var/lib/soci-agent/volume"]);
+    let size: u64 = size.lines().last().unwrap().trim().parse().unwrap();
+    assert!(
+        size > VOLUME_BYTES + (1 << 29),
+        "the filesystem was not grown to the volume: {size} bytes"
+    );
 
     n.step("node: cache verify");
     let v = n.agent("verify", &[INSTALLED_AGENT, "cache", "verify", "--output", "json"]);

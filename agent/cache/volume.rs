@@ -141,6 +141,29 @@ pub fn identify(bytes: &[u8]) -> Content {
     }
 }
 
+/// Size in bytes of the ext2/3/4 or xfs filesystem whose first bytes are `bytes`.
+pub fn filesystem_size(bytes: &[u8]) -> Option<u64> {
+    let le32 = |o: usize| Some(u32::from_le_bytes(bytes.get(o..o + 4)?.try_into().ok()?));
+    let be32 = |o: usize| Some(u32::from_be_bytes(bytes.get(o..o + 4)?.try_into().ok()?));
+    let be64 = |o: usize| Some(u64::from_be_bytes(bytes.get(o..o + 8)?.try_into().ok()?));
+    match identify(bytes) {
+        Content::Filesystem { fs, .. } if fs == "xfs" => Some(be64(8)? * u64::from(be32(4)?)),
+        Content::Filesystem { .. } => {
+            let sb = 1024;
+            let lo = u64::from(le32(sb + 4)?);
+            // 64bit feature (incompat 0x80): the high half of the block count.
+            let hi = if le32(sb + 96)? & 0x80 != 0 {
+                u64::from(le32(sb + 0x150)?)
+            } else {
+                0
+            };
+            let block = 1024u64 << le32(sb + 24)?;
+            Some(((hi << 32) | lo) * block)
+        }
+        _ => None,
+    }
+}
+
 fn c_string(b: &[u8]) -> String {
     let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
     String::from_utf8_lossy(&b[..end]).trim().to_string()
@@ -474,6 +497,8 @@ pub struct Mounted {
     pub fs: String,
     /// Host paths mounted by this run (already mounted ones are not listed).
     pub mounted: Vec<String>,
+    /// Set when the filesystem was grown to the volume's size.
+    pub grown: Option<String>,
 }
 
 fn mount_err(what: &'static str, path: &Path) -> impl FnOnce(nix::Error) -> VolumeError {
@@ -513,6 +538,7 @@ pub fn mount(root: &Root, dev: &Device, layout: &Layout) -> Result<Mounted, Volu
         note: dev.note.clone(),
         fs: fs.clone(),
         mounted: Vec::new(),
+        grown: None,
     };
     let result = mount_all(root, dev, layout, &fs, &table, &mut done);
     if let Err(e) = result {
@@ -541,6 +567,7 @@ fn mount_all(
         })
     };
     if !ours(&layout.mountpoint) {
+        grow_offline(root, dev, fs, done);
         mkdir(&layout.mountpoint)?;
         nix::mount::mount(
             Some(&root.path(&dev.used)),
@@ -557,6 +584,9 @@ fn mount_all(
         })?;
         done.mounted.push(layout.mountpoint.display().to_string());
     }
+    if done.grown.is_none() {
+        grow_online(root, dev, fs, &layout.mountpoint, done);
+    }
     for (src, target) in &layout.binds {
         mkdir(src)?;
         if ours(target) {
@@ -568,6 +598,115 @@ fn mount_all(
         done.mounted.push(target.display().to_string());
     }
     Ok(())
+}
+
+/// (filesystem bytes, device bytes) when the device is larger than its
+/// filesystem by more than 64 MiB: a volume made from a snapshot with
+/// `--data-volume-size` over the builder's size.
+fn grow_needed(root: &Root, dev: &Device) -> Option<(u64, u64)> {
+    let (ma, mi) = dev.rdev?;
+    let sectors: u64 = std::fs::read_to_string(format!("/sys/dev/block/{ma}:{mi}/size"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let mut head = vec![0u8; 65536];
+    File::open(root.path(&dev.used))
+        .and_then(|mut f| f.read_exact(&mut head))
+        .ok()?;
+    let fs_bytes = filesystem_size(&head)?;
+    let dev_bytes = sectors * 512;
+    (dev_bytes > fs_bytes + (64 << 20)).then_some((fs_bytes, dev_bytes))
+}
+
+/// Whether this process may grow a mounted ext4 online (`CAP_SYS_RESOURCE`,
+/// which some containers drop).
+fn can_resize_online() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim().to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 24) != 0)
+}
+
+fn run_tool(candidates: &[&str], args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    let program = candidates
+        .iter()
+        .find(|p| Path::new(p).is_file())
+        .ok_or_else(|| format!("{} is missing", candidates[0]))?;
+    let out = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    // e2fsck: 1 = errors corrected, fine.
+    if out.status.success() || (program.ends_with("e2fsck") && out.status.code() == Some(1)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+/// Before mounting: an ext4 that must grow while online growth is not
+/// allowed here is checked and grown offline (`e2fsck -f -p`, `resize2fs`).
+fn grow_offline(root: &Root, dev: &Device, fs: &str, done: &mut Mounted) {
+    if fs != "ext4" || can_resize_online() {
+        return;
+    }
+    let Some((fs_bytes, dev_bytes)) = grow_needed(root, dev) else {
+        return;
+    };
+    let path = root.path(&dev.used);
+    let result = run_tool(
+        &["/usr/sbin/e2fsck", "/sbin/e2fsck"],
+        &["-f".as_ref(), "-p".as_ref(), path.as_os_str()],
+    )
+    .and_then(|()| run_tool(&["/usr/sbin/resize2fs", "/sbin/resize2fs"], &[path.as_os_str()]));
+    match result {
+        Ok(()) => {
+            done.grown = Some(format!(
+                "grew the ext4 filesystem offline from {:.1} GiB to the volume's {:.1} GiB",
+                gib(fs_bytes),
+                gib(dev_bytes)
+            ))
+        }
+        Err(e) => tracing::warn!("growing the data volume's filesystem: {e}: it keeps its size"),
+    }
+}
+
+/// After mounting: grow the filesystem online to the volume's size
+/// (`resize2fs` for ext4, `xfs_growfs` for xfs). A failure is logged, not
+/// fatal: the cache is still there.
+fn grow_online(root: &Root, dev: &Device, fs: &str, mountpoint: &Path, done: &mut Mounted) {
+    let Some((fs_bytes, dev_bytes)) = grow_needed(root, dev) else {
+        return;
+    };
+    let path = root.path(&dev.used);
+    let result = if fs == "xfs" {
+        run_tool(&["/usr/sbin/xfs_growfs", "/sbin/xfs_growfs"], &[mountpoint.as_os_str()])
+    } else {
+        run_tool(&["/usr/sbin/resize2fs", "/sbin/resize2fs"], &[path.as_os_str()])
+    };
+    match result {
+        Ok(()) => {
+            done.grown = Some(format!(
+                "grew the {fs} filesystem online from {:.1} GiB to the volume's {:.1} GiB",
+                gib(fs_bytes),
+                gib(dev_bytes)
+            ))
+        }
+        Err(e) => tracing::warn!("growing the data volume's filesystem: {e}: it keeps its size"),
+    }
 }
 
 /// Unmounts the two roots and the volume (those that are mounts of the
@@ -792,6 +931,8 @@ mod tests {
             assert!(
                 matches!(probe(&root, &dev).unwrap(), Content::Filesystem { fs, label, .. } if fs == "ext4" && label == VOLUME_LABEL)
             );
+            let head = std::fs::read(&img).unwrap();
+            assert_eq!(filesystem_size(&head[..65536]), Some(64 << 20));
             let again = format(&root, &dev).unwrap_err();
             assert!(again.to_string().contains("never formats"), "{again}");
         }
