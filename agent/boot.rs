@@ -268,7 +268,13 @@ async fn prefetch_step(root: &Root, args: &BootArgs, misses: Vec<String>) -> (St
 /// boot only when `[prefetch] strict` asks for it.
 async fn pre_pull(root: &Root, opts: &crate::prefetch::PrefetchOptions) -> (Step, bool) {
     let t = Instant::now();
-    let pre = crate::prefetch::prefetch(opts).await;
+    let mut pre = crate::prefetch::prefetch(opts).await;
+    if pre.failed().next().is_some()
+        && let Some(hint) = crate::cache::volume::full_hint(root)
+    {
+        tracing::error!("{hint}");
+        pre.warnings.push(hint);
+    }
     let json = pre.to_json();
     crate::history::record_run(root, "prefetch", &json, pre.exit_code, &Default::default(), None);
     let detail = format!(

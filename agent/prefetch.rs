@@ -111,7 +111,12 @@ pub async fn run(args: &PrefetchArgs) -> u8 {
             return report::EXIT_USAGE;
         }
     };
-    let report = prefetch(&opts).await;
+    let mut report = prefetch(&opts).await;
+    if report.failed().next().is_some()
+        && let Some(hint) = crate::cache::volume::full_hint(&crate::rootfs::Root::new(&args.root))
+    {
+        report.warnings.push(hint);
+    }
     let phases = report.images.iter().map(|i| (i.image.clone(), i.seconds)).collect();
     crate::history::record_run(
         &crate::rootfs::Root::new(&args.root),

@@ -747,6 +747,26 @@ pub async fn stop_for_rollback(sd: &crate::systemd::Systemd, root: &Root, soci_r
     problems
 }
 
+/// Free space under which a failed pull is blamed on a full volume.
+const FULL_BYTES: u64 = 256 << 20;
+
+/// When the data volume is mounted and (nearly) full: a sentence saying so,
+/// for reports of pulls that failed (containerd's own error may only say
+/// `context canceled`).
+pub fn full_hint(root: &Root) -> Option<String> {
+    let mp = root.path(VOLUME_MOUNT);
+    mount_at(&mounts(), &mp)?;
+    let (total, _, avail) = space(&mp)?;
+    (avail < FULL_BYTES).then(|| {
+        format!(
+            "the data volume at {VOLUME_MOUNT} is full ({} MiB free of {:.1} GiB): pulls onto it fail; grow the \
+             volume (render --data-volume-size) or cache fewer images",
+            avail >> 20,
+            gib(total)
+        )
+    })
+}
+
 /// Size and free space of the filesystem at host path `at`: (total, used, available) bytes.
 pub fn space(at: &Path) -> Option<(u64, u64, u64)> {
     let s = nix::sys::statvfs::statvfs(at).ok()?;
