@@ -223,6 +223,13 @@ async fn cache_step(root: &Root) -> (Step, Vec<String>) {
         );
     }
     let t = Instant::now();
+    // Right after containerd starts its CRI socket may not be there yet: a miss then would be false.
+    if let Err(e) = crate::health::wait_for_socket(&root.path(CONTAINERD_SOCKET), Duration::from_secs(60)).await {
+        return (
+            Step::failed("cache", t, "snapshot cache check", e.to_string()),
+            Vec::new(),
+        );
+    }
     let v = crate::cache::verify::verify(root, None).await;
     for w in &v.warnings {
         tracing::warn!("{w}");

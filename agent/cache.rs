@@ -11,10 +11,11 @@
 //! - `cache mount` / `cache unmount` are what `soci-agent-volume.service`
 //!   runs before containerd and SOCI start.
 //!
-//! Wing: `volume` (device, probe, format, mounts), `manifest` (the file and
+//! Wing: `device` (find, probe, format), `volume` (mounts, growth), `manifest` (the file and
 //! the compatibility rule), `units`, `seal`, `verify`, `node` (CRI and
 //! versions).
 
+pub mod device;
 pub mod manifest;
 pub mod node;
 pub mod seal;
@@ -157,7 +158,7 @@ fn print<T: serde::Serialize>(output: OutputFormat, report: &T, text: String) {
 async fn mount(a: &MountArgs) -> u8 {
     let root = Root::new(&a.common.root);
     let started = std::time::Instant::now();
-    let dev = match volume::wait_for_device(&root, &a.device, Duration::from_secs_f64(a.wait)) {
+    let dev = match device::wait_for_device(&root, &a.device, Duration::from_secs_f64(a.wait)) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("soci-agent cache mount: {}", crate::exit::error_chain(&e));

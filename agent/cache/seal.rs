@@ -10,7 +10,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::manifest::{CachedImage, Filesystem, Manifest, SCHEMA};
-use super::{Common, manifest_path, node, volume};
+use super::{Common, device, manifest_path, node, volume};
 use crate::paths::{
     CONTAINERD_SERVICE, KUBELET_SERVICE, SOCI_SERVICE, SOCI_SOCKET_UNIT, VOLUME_LABEL, VOLUME_MOUNT, VOLUME_SERVICE,
 };
@@ -206,7 +206,7 @@ pub async fn seal(args: &SealArgs) -> SealReport {
         return failed(r, started, crate::exit::error_chain(&e));
     }
     sync_fs(&mp);
-    r.volume_id = volume::ebs_volume_id(vol.dev);
+    r.volume_id = device::ebs_volume_id(vol.dev);
     r.next_steps = next_steps(&m, r.volume_id.as_deref());
     r.manifest = Some(m);
     // 5. Unmounted, so the snapshot is of a clean filesystem.
@@ -252,14 +252,14 @@ async fn stop_daemons(r: &mut SealReport) -> Result<(), String> {
 
 fn filesystem(root: &Root, vol: &volume::MountEntry, mp: &std::path::Path) -> Filesystem {
     let (size, used, _) = volume::space(mp).unwrap_or_default();
-    let dev = volume::Device {
+    let dev = device::Device {
         given: vol.source.clone(),
         used: vol.source.clone(),
         note: None,
         rdev: Some(vol.dev),
     };
-    let (label, uuid) = match volume::probe(root, &dev) {
-        Ok(volume::Content::Filesystem { label, uuid, .. }) => (label, uuid),
+    let (label, uuid) = match device::probe(root, &dev) {
+        Ok(device::Content::Filesystem { label, uuid, .. }) => (label, uuid),
         _ => (VOLUME_LABEL.to_string(), String::new()),
     };
     Filesystem {

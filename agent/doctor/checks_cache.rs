@@ -24,11 +24,21 @@ pub async fn checks(ctx: &DoctorContext, node: &Node) -> Vec<Check> {
     };
     let device = exec.flag("--device").unwrap_or("?").to_string();
     let layout = Layout::new(&node.root, &node.soci_root.value);
-    let mut out = vec![mounted(&device, &layout, &node.soci_root.value)];
+    let host = node.root.is_host();
+    let not_host = |id| Check::skip(id, format!("{device}: --root is not this host's /: mounts not checked"));
+    let mut out = vec![if host {
+        mounted(&device, &layout, &node.soci_root.value)
+    } else {
+        not_host("cache.volume")
+    }];
     let manifest = manifest_check(node);
     out.push(manifest.0);
     out.push(images(ctx, node, manifest.1.as_ref()).await);
-    out.push(space(&layout.mountpoint));
+    out.push(if host {
+        space(&layout.mountpoint)
+    } else {
+        not_host("cache.space")
+    });
     out
 }
 

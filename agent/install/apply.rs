@@ -35,7 +35,7 @@ pub enum ApplyError {
         message: String,
     },
     #[error(transparent)]
-    Volume(Box<crate::cache::volume::VolumeError>),
+    Volume(Box<crate::cache::device::VolumeError>),
 }
 
 impl ApplyError {
@@ -417,7 +417,7 @@ impl Transaction {
 fn format_volumes(root: &Root, plan: &Plan) -> Result<(), ApplyError> {
     for action in &plan.actions {
         if let Op::FormatVolume(dev) = &action.op {
-            crate::cache::volume::format(root, dev).map_err(|e| ApplyError::Volume(Box::new(e)))?;
+            crate::cache::device::format(root, dev).map_err(|e| ApplyError::Volume(Box::new(e)))?;
             tracing::info!(device = %dev.used, "formatted the data volume (ext4)");
         }
     }

@@ -63,7 +63,7 @@ pub enum PlanError {
     #[error(transparent)]
     Fs(#[from] FsError),
     #[error(transparent)]
-    Volume(#[from] crate::cache::volume::VolumeError),
+    Volume(#[from] crate::cache::device::VolumeError),
 }
 
 impl PlanError {
@@ -152,7 +152,7 @@ pub enum Op {
         mode: u32,
     },
     /// Make the data volume's filesystem (the action's path is the device).
-    FormatVolume(Box<crate::cache::volume::Device>),
+    FormatVolume(Box<crate::cache::device::Device>),
     /// Remove the file or symlink at the action's path (uninstall).
     Remove,
     /// Copy the file at `source` back to the action's path (uninstall).

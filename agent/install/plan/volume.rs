@@ -4,8 +4,9 @@
 //! it before both daemons, and their drop-ins requiring it. The logic lives
 //! in `crate::cache`.
 
+use crate::cache::device::{self, Content, VolumeError};
 use crate::cache::units;
-use crate::cache::volume::{self, Content, Layout, VolumeError};
+use crate::cache::volume::{self, Layout};
 use crate::host::HostFacts;
 use crate::install::settings::InstallSettings;
 use crate::paths::{CONTAINERD_VOLUME_DROPIN, SOCI_VOLUME_DROPIN, VOLUME_MOUNT, VOLUME_SERVICE_PATH};
@@ -18,7 +19,7 @@ pub(super) fn data_volume(b: &mut Builder, s: &InstallSettings, facts: &HostFact
     let Some(given) = &s.data_volume else {
         return Ok(());
     };
-    let dev = volume::find_device(b.root, given)?;
+    let dev = device::find_device(b.root, given)?;
     if let Some(n) = &dev.note {
         b.notes.push(format!("--data-volume: {n}"));
     }
@@ -26,9 +27,9 @@ pub(super) fn data_volume(b: &mut Builder, s: &InstallSettings, facts: &HostFact
     if b.root.is_host() {
         volume::check_not_mounted_elsewhere(&dev, &layout, &volume::mounts())?;
     }
-    match volume::probe(b.root, &dev)? {
+    match device::probe(b.root, &dev)? {
         Content::Blank if s.format_data_volume => {
-            volume::check_writable(&dev)?;
+            device::check_writable(&dev)?;
             b.actions.push(Action {
                 path: dev.used.clone(),
                 action: ActionKind::Format,
@@ -41,7 +42,7 @@ pub(super) fn data_volume(b: &mut Builder, s: &InstallSettings, facts: &HostFact
         }
         Content::Blank => return Err(VolumeError::Blank { device: dev.used }.into()),
         Content::Filesystem { fs, label, uuid } if fs == "ext4" || fs == "xfs" => {
-            volume::check_writable(&dev)?;
+            device::check_writable(&dev)?;
             b.notes.push(format!(
                 "--data-volume {}: {fs} filesystem (label {label:?}, uuid {uuid}), mounted at {VOLUME_MOUNT} with \
                  containerd's and SOCI's roots bound onto it before either daemon starts",
