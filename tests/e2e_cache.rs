@@ -14,6 +14,11 @@
 //!    inspecti` finds the image, its 4 layers are committed snapshots in soci, `prefetch`
 //!    reports a hit, and the registry's front sees zero blob downloads from that node.
 //!
+//! 3. The builder on an EKS AL2023-shaped node with the real nodeadm (containerd 2.2.9): install
+//!    starts nothing; nodeadm-run starts containerd, and the volume unit is active before SOCI
+//!    and containerd (systemd's own timestamps); the boot unit imports the AMI's pause image onto
+//!    the blank volume; prefetch and seal.
+//!
 //! Needs root, losetup, nginx, docker-registry and the rig (tests/real/build.sh).
 
 mod common;
@@ -399,4 +404,209 @@ fn snapshot_cache_built_sealed_and_attached_to_a_fresh_node() {
         cached_s / cold_s
     );
     let _ = AGENT;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same builder on an EKS AL2023-shaped node driven by the real nodeadm (the AMI's units,
+// IMDS/EC2 stand-ins; set up as in tests/e2e_nodeadm.rs): install runs where cloud-final would
+// and starts nothing; nodeadm-run starts containerd, whose Requires= mounts the volume first.
+
+mod al2023 {
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::common::archive::oci_image_tar;
+    use super::common::booted::{Boot, Booted};
+    use super::common::imds::{AwsStandIn, Instance};
+    use super::common::loopdev::Loop;
+    use super::common::nspawn::NodeOptions;
+    use super::common::real::{self, NodeContainerdConfig, with_containerd};
+    use super::common::registry::base64;
+
+    pub const CONTAINERD_VERSION: &str = "2.2.9";
+    pub const NODEADM_RUN: &str = "nodeadm-run.service";
+    const UNITS: &str = "/etc/systemd/system";
+    const AWS_DROPIN: &str = "90-e2e-aws-standin.conf";
+    const AMI_UNITS: [&str; 7] = [
+        "nodeadm-config.service",
+        "nodeadm-run.service",
+        "kubelet.service",
+        "soci-snapshotter.service",
+        "soci-snapshotter.socket",
+        "runtime.slice",
+        "containerd.service.d/00-runtime-slice.conf",
+    ];
+    const CLUSTER_CA: &str = "-----BEGIN CERTIFICATE-----\n\
+        MIIBdzCCAR2gAwIBAgIBADAKBggqhkjOPQQDAjAVMRMwEQYDVQQDEwprdWJlcm5ldGVz\n\
+        -----END CERTIFICATE-----\n";
+    const KUBELET_STUB: &str = "#!/bin/sh\ncase \"$1\" in --version) echo \"Kubernetes v1.34.2-eks-e2e\"; exit 0;; esac\n\
+        trap 'exit 0' TERM INT\nwhile :; do sleep 3600 & wait $!; done\n";
+
+    /// EKS-style user data: the cluster NodeConfig (registry config_path in v3 table names).
+    fn user_data() -> Vec<u8> {
+        let nodeconfig = format!(
+            "---\napiVersion: node.eks.aws/v1alpha1\nkind: NodeConfig\nspec:\n  cluster:\n    name: soci-e2e\n    \
+             apiServerEndpoint: https://E2E5A0C1A9E47B01E2E5A0C1A9E47B01.gr7.us-west-2.eks.amazonaws.com\n    \
+             certificateAuthority: {}\n    cidr: 10.100.0.0/16\n  containerd:\n    config: |\n      \
+             [plugins.'io.containerd.cri.v1.images'.registry]\n      config_path = '/etc/containerd/certs.d'\n",
+            base64(CLUSTER_CA.as_bytes())
+        );
+        format!(
+            "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"//\"\r\n\r\n--//\r\n\
+             Content-Type: application/node.eks.aws\r\n\r\n{nodeconfig}\r\n--//--\r\n"
+        )
+        .into_bytes()
+    }
+
+    fn copy_into(root: &Path, from: &Path, node_path: &str, mode: u32) {
+        let to = root.join(node_path.trim_start_matches('/'));
+        fs::create_dir_all(to.parent().unwrap()).unwrap();
+        let _ = fs::remove_file(&to);
+        fs::copy(from, &to).unwrap();
+        fs::set_permissions(&to, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn enable_link(root: &Path, target: &str, unit: &str) {
+        let wants = root.join("etc/systemd/system").join(format!("{target}.wants"));
+        fs::create_dir_all(&wants).unwrap();
+        std::os::unix::fs::symlink(format!("{UNITS}/{unit}"), wants.join(unit)).unwrap();
+    }
+
+    /// The node (nodeadm-config ran at boot) and its AWS stand-in; `volume` bound in.
+    pub fn boot(front: &str, volume: &Loop) -> (Booted, AwsStandIn) {
+        let aws = AwsStandIn::start(Instance::m5_xlarge(), Some(user_data()));
+        let ami = real::ami_runtime().join("rootfs/etc/systemd/system");
+        let mut opts = with_containerd(
+            NodeOptions::new().al2023_like(),
+            CONTAINERD_VERSION,
+            NodeContainerdConfig::None,
+        );
+        for name in AMI_UNITS {
+            opts = opts.file(&format!("{UNITS}/{name}"), fs::read(ami.join(name)).unwrap());
+        }
+        let dropin = aws.systemd_dropin();
+        let host = front.to_string();
+        let opts = opts
+            .file(&format!("{UNITS}/nodeadm-config.service.d/{AWS_DROPIN}"), &dropin)
+            .file(&format!("{UNITS}/{NODEADM_RUN}.d/{AWS_DROPIN}"), &dropin)
+            .file("/etc/eks/containerd-version.txt", format!("{CONTAINERD_VERSION}\n"))
+            .file("/etc/eks/kubelet-version.txt", "Kubernetes v1.34.2-eks-e2e\n")
+            .file_mode("/usr/bin/kubelet", KUBELET_STUB, 0o755)
+            .file_mode("/usr/sbin/iptables", "#!/bin/sh\nexit 0\n", 0o755)
+            .file_mode(
+                "/etc/eks/image-credential-provider/ecr-credential-provider",
+                "#!/bin/sh\nexit 1\n",
+                0o755,
+            )
+            .file("/etc/eks/pause.tar", oci_image_tar(super::PAUSE_IMAGE))
+            .bind(&volume.device, &volume.dev())
+            .prepare(move |root: &Path| {
+                copy_into(root, &real::nodeadm(), "/usr/bin/nodeadm", 0o755);
+                fs::create_dir_all(root.join("etc/eks/nodeadm.d")).unwrap();
+                enable_link(root, "sockets.target", "soci-snapshotter.socket");
+                enable_link(root, "multi-user.target", "nodeadm-config.service");
+                real::trust_plain_http(root, &host);
+            });
+        let booted = Booted::boot_with(
+            opts,
+            Boot {
+                dbus_bound: Duration::from_secs(60),
+                ..Boot::default()
+            },
+        );
+        (booted, aws)
+    }
+}
+
+#[test]
+fn al2023_builder_nodeadm_run_mounts_the_volume_before_containerd() {
+    let base = Path::new("/var/tmp/soci-agent-test");
+    std::fs::create_dir_all(base).unwrap();
+    let work = tempfile::tempdir_in(base).unwrap();
+    let registry = Registry::start_new(&work.path().join("registry"), None);
+    let small = registry.push_random_image("small", "v1", 2, 8 << 20);
+    let vol = Loop::blank(&work.path().join("al2023.img"), 1 << 30);
+    let (n, _aws) = al2023::boot(&registry.host(), &vol);
+    let dev = vol.dev();
+
+    n.step("al2023: install --data-volume --format-data-volume (cloud-final's turn) starts nothing");
+    let run = n.install_release(&["--data-volume", &dev, "--format-data-volume", "--output", "json"]);
+    run.expect_code(0);
+    assert_eq!(run.report["plan"]["wiring"], "nodeadm", "{}", run.show());
+    for unit in [
+        "containerd.service",
+        "soci-snapshotter.service",
+        "soci-agent-volume.service",
+    ] {
+        assert_eq!(
+            n.is_active(unit),
+            "inactive",
+            "{unit} started by install\n{}",
+            run.show()
+        );
+    }
+    assert_eq!(findmnt(&n, "/var/lib/soci-agent/volume"), "");
+
+    n.step("al2023: nodeadm-run starts containerd; the volume is mounted first");
+    let out = n.node.exec_timeout(
+        &[
+            "systemctl",
+            "start",
+            "--job-mode=ignore-requirements",
+            al2023::NODEADM_RUN,
+        ],
+        std::time::Duration::from_secs(180),
+    );
+    assert!(out.status.success(), "nodeadm-run: {}", text(&out.stderr));
+    assert_eq!(findmnt(&n, "/var/lib/soci-agent/volume"), dev);
+    for root in ["/var/lib/containerd", "/var/lib/soci-snapshotter-grpc"] {
+        assert!(findmnt(&n, root).starts_with(&dev), "{root}: {}", findmnt(&n, root));
+    }
+    let started = |unit: &str| {
+        text(
+            &n.node
+                .exec(&["systemctl", "show", "-P", "ActiveEnterTimestampMonotonic", unit])
+                .stdout,
+        )
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(0)
+    };
+    let (volume_at, soci_at, containerd_at) = (
+        started("soci-agent-volume.service"),
+        started("soci-snapshotter.service"),
+        started("containerd.service"),
+    );
+    assert!(
+        volume_at > 0 && volume_at <= soci_at && soci_at <= containerd_at,
+        "order: volume {volume_at}, soci {soci_at}, containerd {containerd_at}"
+    );
+    n.assert_soci_plugin_ok("al2023 after nodeadm-run");
+
+    n.step("al2023: the boot unit imported the AMI's pause image onto the blank volume");
+    // kubelet's drop-in pulls soci-agent-boot.service in before kubelet (nodeadm restarts it).
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while n.is_active("soci-agent-boot.service") != "active" && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(n.is_active("soci-agent-boot.service"), "active");
+    n.assert_image_in_soci(PAUSE_IMAGE);
+
+    n.step("al2023: prefetch and seal");
+    let pre = n.agent(
+        "prefetch",
+        &[INSTALLED_AGENT, "prefetch", &small.reference, "--output", "json"],
+    );
+    pre.expect_code(0);
+    let seal = n.agent("seal", &[INSTALLED_AGENT, "cache", "seal", "--output", "json"]);
+    seal.expect_code(0);
+    assert_eq!(
+        seal.report["manifest"]["containerd_version"],
+        al2023::CONTAINERD_VERSION,
+        "{}",
+        seal.show()
+    );
+    assert_eq!(findmnt(&n, "/var/lib/soci-agent/volume"), "", "{}", seal.show());
 }
