@@ -27,7 +27,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use common::archive::oci_image_tar;
-use common::booted::{AGENT, Booted, INSTALLED_AGENT};
+use common::booted::{Booted, INSTALLED_AGENT};
 use common::loopdev::{Loop, copy_sparse};
 use common::nspawn::{NodeOptions, text};
 use common::ratelimit::Front;
@@ -403,7 +403,6 @@ fn snapshot_cache_built_sealed_and_attached_to_a_fresh_node() {
         "e2e_cache: prefetch cold {cold_s:.2}s, cached {cached_s:.2}s (ratio {:.3}); install with the volume {install_s:.1}s",
         cached_s / cold_s
     );
-    let _ = AGENT;
 }
 
 // ---------------------------------------------------------------------------------------------
