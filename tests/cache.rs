@@ -199,6 +199,24 @@ fn missing_device_from_env_or_config_is_a_usage_error_naming_it() {
         show(&out)
     );
     assert!(!t.path(UNIT).exists());
+    // --format-data-volume on the command line formats the config file's device; alone it is refused.
+    blank_device(&t, 64);
+    t.write(
+        "/etc/soci-agent/config.toml",
+        "[install]\ndata_volume = \"/dev/xvdb\"\n",
+        0o644,
+    );
+    let out = install(&t, &["--format-data-volume"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(ext4_label(&t).as_deref(), Some("soci-cache"));
+    std::fs::remove_file(t.path("/etc/soci-agent/config.toml")).unwrap();
+    let out = install(&t, &["--format-data-volume"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("--format-data-volume"),
+        "{}",
+        show(&out)
+    );
 }
 
 #[test]

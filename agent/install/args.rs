@@ -173,7 +173,7 @@ pub struct InstallArgs {
     pub data_volume: Option<String>,
 
     /// Make an ext4 filesystem on a blank --data-volume (a device holding anything is never formatted).
-    #[arg(long, requires = "data_volume", env = "SOCI_AGENT_FORMAT_DATA_VOLUME")]
+    #[arg(long, env = "SOCI_AGENT_FORMAT_DATA_VOLUME")]
     pub format_data_volume: bool,
 
     /// Give up on a download that sends nothing for this many seconds (then retry). [default: 30]

@@ -198,6 +198,17 @@ impl InstallSettings {
         let preinstalled = preinstalled_policy(args, &f, archive.is_some() || sha256.is_some())?;
         let containerd_version = pick(&args.containerd_version, &f.containerd_version);
         let containerd_version = containerd_version.map(|v| parse_containerd_version(&v)).transpose()?;
+        let data_volume = pick(&args.data_volume, &f.data_volume)
+            .map(|d| unit_path("--data-volume", d))
+            .transpose()?;
+        let format_data_volume = args.format_data_volume || f.format_data_volume.unwrap_or(false);
+        if format_data_volume && data_volume.is_none() {
+            return Err(invalid(
+                "--format-data-volume",
+                "true",
+                "formats the --data-volume: give one",
+            ));
+        }
         Ok(InstallSettings {
             root,
             config_file,
@@ -223,10 +234,8 @@ impl InstallSettings {
                 .transpose()?,
             http_timeout,
             retries,
-            data_volume: pick(&args.data_volume, &f.data_volume)
-                .map(|d| unit_path("--data-volume", d))
-                .transpose()?,
-            format_data_volume: args.format_data_volume || f.format_data_volume.unwrap_or(false),
+            data_volume,
+            format_data_volume,
             warnings,
         })
     }
