@@ -146,7 +146,9 @@ async fn steps(args: &BootArgs, root: &Root, report: &mut Vec<Step>) -> bool {
     report.push(step);
     let (step, imported) = pause_step(root, &args.pause_archive).await;
     report.push(step);
-    let (step, prefetched) = prefetch_step(root, args).await;
+    let (step, misses) = cache_step(root).await;
+    report.push(step);
+    let (step, prefetched) = prefetch_step(root, args, misses).await;
     report.push(step);
     verified && imported && prefetched
 }
@@ -210,9 +212,48 @@ async fn pause_step(root: &Root, archive: &str) -> (Step, bool) {
     }
 }
 
-/// `prefetch`: pre-pulls the configured images, if any; a bad config fails the boot.
-async fn prefetch_step(root: &Root, args: &BootArgs) -> (Step, bool) {
-    match crate::prefetch::PrefetchOptions::from_config(root.base(), args.config.as_deref()) {
+/// `cache`: with a sealed data volume attached, which of its images this
+/// node has (`cache verify`); the misses are prefetched next. Never fails the
+/// boot: a miss is pulled, an unreadable cache is a warning.
+async fn cache_step(root: &Root) -> (Step, Vec<String>) {
+    if !root.exists(crate::cache::manifest_path()) {
+        return (
+            Step::skipped("cache", "no snapshot cache (data volume manifest) on this node".into()),
+            Vec::new(),
+        );
+    }
+    let t = Instant::now();
+    // Right after containerd starts its CRI socket may not be there yet: a miss then would be false.
+    if let Err(e) = crate::health::wait_for_socket(&root.path(CONTAINERD_SOCKET), Duration::from_secs(60)).await {
+        return (
+            Step::failed("cache", t, "snapshot cache check", e.to_string()),
+            Vec::new(),
+        );
+    }
+    let v = crate::cache::verify::verify(root, None).await;
+    for w in &v.warnings {
+        tracing::warn!("{w}");
+    }
+    let detail = match &v.error {
+        Some(e) => format!("{e}; prefetching the configured images only"),
+        None => format!(
+            "{} hit, {} miss{}",
+            v.hits,
+            v.misses,
+            if v.misses > 0 { ": prefetching the misses" } else { "" }
+        ),
+    };
+    (Step::ok("cache", t, detail), v.missing())
+}
+
+/// `prefetch`: pre-pulls the configured images and the cache's misses, if
+/// any; a bad config fails the boot.
+async fn prefetch_step(root: &Root, args: &BootArgs, misses: Vec<String>) -> (Step, bool) {
+    let opts = crate::prefetch::PrefetchOptions::from_config(root.base(), args.config.as_deref()).map(|mut o| {
+        o.images.extend(misses);
+        o
+    });
+    match opts {
         Err(e) => {
             let step = Step {
                 name: "prefetch",
@@ -234,7 +275,13 @@ async fn prefetch_step(root: &Root, args: &BootArgs) -> (Step, bool) {
 /// boot only when `[prefetch] strict` asks for it.
 async fn pre_pull(root: &Root, opts: &crate::prefetch::PrefetchOptions) -> (Step, bool) {
     let t = Instant::now();
-    let pre = crate::prefetch::prefetch(opts).await;
+    let mut pre = crate::prefetch::prefetch(opts).await;
+    if pre.failed().next().is_some()
+        && let Some(hint) = crate::cache::volume::full_hint(root)
+    {
+        tracing::error!("{hint}");
+        pre.warnings.push(hint);
+    }
     let json = pre.to_json();
     crate::history::record_run(root, "prefetch", &json, pre.exit_code, &Default::default(), None);
     let detail = format!(

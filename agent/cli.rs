@@ -70,6 +70,9 @@ A second run with the same inputs changes nothing and says so."
     #[command(visible_alias = "status")]
     Doctor(Box<crate::doctor::DoctorArgs>),
 
+    /// The snapshot cache on a data volume: seal it on a builder, verify it on a node.
+    Cache(Box<crate::cache::CacheArgs>),
+
     /// Stay on after boot: watch what install set up, repair what the agent
     /// owns, keep the configured images warm, serve Prometheus metrics.
     Daemon(Box<crate::daemon::DaemonArgs>),
@@ -100,6 +103,7 @@ impl Command {
             Command::Prefetch(a) => &a.root,
             Command::Doctor(a) => &a.root,
             Command::Daemon(a) => &a.root,
+            Command::Cache(a) => a.root(),
             Command::Render(_) => return Ok(()),
         };
         if root.is_dir() {

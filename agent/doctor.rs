@@ -13,8 +13,10 @@
 //! Groups, in output order: `host` (os, arch, size, disk, storage), `agent`
 //! (install record), `soci` (binary, version, digest, other copies),
 //! `soci-config`, `containerd`, `nodeadm`, `kubelet`, `systemd`, `live`,
+//! `cache` (the data volume, its manifest, hits and misses, free space),
 //! `recent` (the last install/boot/prefetch reports).
 
+mod checks_cache;
 mod checks_containerd;
 mod checks_host;
 mod checks_kubelet;
@@ -271,6 +273,7 @@ pub async fn diagnose(ctx: &DoctorContext) -> Vec<Check> {
     checks.push(checks_kubelet::image_service_endpoint(&node));
     checks.extend(checks_systemd::checks(&node));
     checks.extend(checks_live::checks(ctx, &node).await);
+    checks.extend(checks_cache::checks(ctx, &node).await);
     checks.extend(checks_recent::reports(&node));
     checks
 }

@@ -185,6 +185,11 @@ fn os_release_text(root: &Root) -> String {
         .unwrap_or_default()
 }
 
+/// containerd's version alone (see [`detect`]), for commands that need no other fact.
+pub async fn detect_containerd(root: &Root) -> Option<ContainerdVersion> {
+    containerd_version(root).await
+}
+
 /// containerd's version from the EKS file, else (on this host only) from
 /// `containerd --version`: programs inside a --root that is not this host (a
 /// mounted image) are never run, they would run as root on the build host.

@@ -299,8 +299,13 @@ async fn start_units(s: &InstallSettings, plan: &Plan, txn: &mut Transaction) ->
     let result = activate(&sd, &s.root, plan, &mut act, Bounds::default(), &mut record_enabled).await;
     if let Err(e) = result {
         // Files first (so a restart below runs the old config), then units.
+        // The volume first, while its unit and the agent it runs are still in place.
+        let mut problems = Vec::new();
+        if s.data_volume.is_some() {
+            problems = crate::cache::volume::stop_for_rollback(&sd, &s.root, &s.soci_root).await;
+        }
         txn.restore_files();
-        let problems = undo(&sd, &act).await;
+        problems.extend(undo(&sd, &act).await);
         return Err((Box::new(e), Some(act), problems));
     }
     Ok(act)

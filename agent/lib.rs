@@ -4,7 +4,8 @@
 //!
 //! Wings (folders; see README "Where things are"):
 //! - subcommands: `install` (args, settings, plan, apply, activate, report,
-//!   record), `uninstall`, `boot`, `doctor`, `daemon`, `prefetch`, `render`
+//!   record), `uninstall`, `boot`, `doctor`, `daemon`, `prefetch`, `render`,
+//!   `cache` (the snapshot cache on a data volume: volume, manifest, seal, verify)
 //! - what the agent writes (pure): `files` (soci_config, containerd_config,
 //!   nodeconfig, kubelet, units)
 //! - releases: `release` (fetch, extract, store)
@@ -12,6 +13,7 @@
 //!   `output`, `diff`, `logging`, `exit`
 
 pub mod boot;
+pub mod cache;
 pub mod cli;
 pub mod daemon;
 pub mod diff;

@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         Command::Uninstall(args) => print_report(runtime.block_on(soci_agent::uninstall::run(&args))),
         Command::Daemon(args) => ExitCode::from(runtime.block_on(soci_agent::daemon::run(&args))),
         Command::Doctor(args) => ExitCode::from(runtime.block_on(soci_agent::doctor::run(&args))),
+        Command::Cache(args) => ExitCode::from(runtime.block_on(soci_agent::cache::run(&args))),
         Command::Prefetch(args) => ExitCode::from(runtime.block_on(soci_agent::prefetch::run(&args))),
         Command::Render(args) => {
             let (text, code) = soci_agent::render::run(&args);

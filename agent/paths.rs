@@ -66,3 +66,22 @@ pub const CONTAINERD_DROPIN: &str = "/etc/systemd/system/containerd.service.d/10
 pub const BOOT_SERVICE_PATH: &str = "/etc/systemd/system/soci-agent-boot.service";
 pub const KUBELET_DROPIN_PATH: &str = "/etc/systemd/system/kubelet.service.d/50-soci-agent-boot.conf";
 pub const DAEMON_SERVICE_PATH: &str = "/etc/systemd/system/soci-agent.service";
+
+// --- The snapshot cache (an attached data volume holding both daemons' roots).
+/// Where the data volume is mounted (its unit: `var-lib-soci\x2dagent-volume`).
+pub const VOLUME_MOUNT: &str = "/var/lib/soci-agent/volume";
+/// containerd's root (nodeadm's template and containerd's default).
+pub const CONTAINERD_ROOT: &str = "/var/lib/containerd";
+/// Directories at the volume's top, bound onto containerd's and SOCI's roots.
+pub const VOLUME_CONTAINERD_DIR: &str = "containerd";
+pub const VOLUME_SOCI_DIR: &str = "soci-snapshotter-grpc";
+/// The cache manifest, at the volume's top.
+pub const CACHE_MANIFEST: &str = "soci-agent-cache.json";
+/// Label of a filesystem `install --format-data-volume` makes.
+pub const VOLUME_LABEL: &str = "soci-cache";
+/// The oneshot unit that mounts the volume and binds the roots, before either daemon.
+pub const VOLUME_SERVICE: &str = "soci-agent-volume.service";
+pub const VOLUME_SERVICE_PATH: &str = "/etc/systemd/system/soci-agent-volume.service";
+/// Drop-ins making containerd and SOCI require the volume unit.
+pub const CONTAINERD_VOLUME_DROPIN: &str = "/etc/systemd/system/containerd.service.d/20-soci-agent-volume.conf";
+pub const SOCI_VOLUME_DROPIN: &str = "/etc/systemd/system/soci-snapshotter.service.d/20-soci-agent-volume.conf";

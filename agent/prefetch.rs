@@ -47,24 +47,18 @@
 //! panics on a bad image. The boot path decides strictness from
 //! `PrefetchOptions::strict` and [`PrefetchReport::failed`].
 //!
-//! Building a data-volume snapshot (the snapshot cache this command is the
-//! fallback for): on a builder instance of the target AMI, mount a fresh EBS
-//! volume where containerd and SOCI keep state (`/var/lib/containerd` and
-//! `/var/lib/soci-snapshotter-grpc`, e.g. two directories of one volume bound
-//! there) before they start, run `soci-agent install`, then
-//! `soci-agent prefetch --from images.txt --pin --platform linux/amd64,linux/arm64`
-//! (the second platform needs containerd 1.7+: on 1.6 it is reported as
-//! unsupported and only this node's platform is cached). Stop kubelet,
-//! containerd and the snapshotter so their bolt databases are closed,
-//! unmount, and snapshot the volume. Nodes get a volume from that snapshot
-//! mapped onto the same paths before containerd starts; `prefetch` at boot
-//! then reports every cached image as a hit and pulls only what is missing.
-//! The other family finds its blobs in the content store and only unpacks
-//! (with SOCI parallel mode, which fetches layers itself, it downloads again).
+//! The snapshot cache this command is the fallback for is `soci-agent cache`
+//! (see `crate::cache`): a builder runs `install --data-volume DEV
+//! --format-data-volume`, this command, then `cache seal`; nodes get a volume
+//! restored from that snapshot under both daemons' roots before they start,
+//! and `boot` runs `cache verify` and prefetches only the misses (hits cost
+//! one `ImageStatus` each). `--platform` (bake mode) also fetches other
+//! platforms' content (containerd 1.7+); with SOCI parallel mode, which
+//! fetches layers itself, the other family still downloads its layers.
 
 mod bake;
 mod credentials;
-mod cri;
+pub(crate) mod cri;
 mod matchimage;
 mod options;
 mod pin;
@@ -111,7 +105,12 @@ pub async fn run(args: &PrefetchArgs) -> u8 {
             return report::EXIT_USAGE;
         }
     };
-    let report = prefetch(&opts).await;
+    let mut report = prefetch(&opts).await;
+    if report.failed().next().is_some()
+        && let Some(hint) = crate::cache::volume::full_hint(&crate::rootfs::Root::new(&args.root))
+    {
+        report.warnings.push(hint);
+    }
     let phases = report.images.iter().map(|i| (i.image.clone(), i.seconds)).collect();
     crate::history::record_run(
         &crate::rootfs::Root::new(&args.root),

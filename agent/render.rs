@@ -15,6 +15,7 @@
 //! Every value is validated before anything is printed; a problem is exit 2
 //! with the reason on stderr. User data over EC2's 16 KB is refused.
 
+mod data_volume;
 mod ec2nodeclass;
 mod launch_template;
 mod mime;
@@ -28,6 +29,7 @@ use crate::files::containerd_config::{ConfigVersion, SociWiring};
 use crate::files::soci_config::TuningError;
 use crate::release::ReleaseError;
 
+pub use data_volume::DataVolumeArgs;
 pub use ec2nodeclass::Ec2NodeClassArgs;
 pub use launch_template::LaunchTemplateArgs;
 pub use mime::{Part, USER_DATA_LIMIT};

@@ -221,8 +221,14 @@ async fn uninstall(args: &UninstallArgs, report: &mut InstallReport, started: In
 async fn restore(args: &UninstallArgs, root: &Root, record: &Record, report: &mut InstallReport) -> Result<(), Stop> {
     let _lock = crate::install::apply::lock_node(root).map_err(|e| Stop::failed(&e))?;
     let mut steps = Vec::new();
+    let mut start_containerd = false;
     if !args.no_start {
         disable_units(root, record, &mut steps).await?;
+        let (problems, was_active) = release_data_volume(root, record, &mut steps).await;
+        start_containerd = was_active;
+        for p in problems {
+            report.warnings.push(format!("releasing the data volume: {p}"));
+        }
     }
     restore_files(root, report)?;
     if !args.no_start
@@ -234,9 +240,46 @@ async fn restore(args: &UninstallArgs, root: &Root, record: &Record, report: &mu
         ));
         Stop::failed(&e).record(report);
     }
+    if start_containerd {
+        // Stopped with the data volume: it runs again, on its own directory.
+        let started = async {
+            Systemd::connect(Duration::from_secs(10))
+                .await?
+                .start(CONTAINERD_SERVICE)
+                .await
+        };
+        match started.await {
+            Ok(()) => steps.push("started containerd again, without the data volume".into()),
+            Err(e) => report.warnings.push(format!(
+                "containerd was stopped with the data volume and did not start again: {}",
+                error_chain(&e)
+            )),
+        }
+    }
     clean_up(root, record, args.purge, report, &mut steps);
     report.notes.extend(steps);
     Ok(())
+}
+
+/// With a data volume (install --data-volume): stops the daemons on it and
+/// unmounts it while its unit and the agent it runs are still in place, so
+/// containerd starts again afterwards on the node's own directory. Returns
+/// the problems met and whether containerd was running.
+async fn release_data_volume(root: &Root, record: &Record, steps: &mut Vec<String>) -> (Vec<String>, bool) {
+    if !root.exists(crate::paths::VOLUME_SERVICE_PATH) {
+        return (Vec::new(), false);
+    }
+    let sd = match Systemd::connect(Duration::from_secs(10)).await {
+        Ok(sd) => sd,
+        Err(e) => return (vec![error_chain(&e)], false),
+    };
+    let was_active = sd.unit_state(CONTAINERD_SERVICE).await.is_ok_and(|s| s.is_active());
+    let problems = crate::cache::volume::stop_for_rollback(&sd, root, &record.soci_root).await;
+    steps.push(format!(
+        "stopped containerd and SOCI and unmounted the data volume ({})",
+        crate::paths::VOLUME_MOUNT
+    ));
+    (problems, was_active)
 }
 
 /// Disables the units soci-agent enabled (see [`units_to_disable`]), if any.

@@ -34,6 +34,8 @@ pub enum ApplyError {
         version: String,
         message: String,
     },
+    #[error(transparent)]
+    Volume(Box<crate::cache::device::VolumeError>),
 }
 
 impl crate::exit::ExitKindOf for ApplyError {
@@ -45,6 +47,7 @@ impl crate::exit::ExitKindOf for ApplyError {
             ApplyError::Fetch { source, .. } if source.is_verification_failure() => ExitKind::Verification,
             ApplyError::Checksum { .. } => ExitKind::Verification,
             ApplyError::SociRejected { .. } => ExitKind::Usage,
+            ApplyError::Volume(e) => e.exit_kind(),
             ApplyError::Fetch { .. } | ApplyError::Fs { .. } => ExitKind::Failed,
         }
     }
@@ -286,7 +289,7 @@ fn apply_file_op(root: &Root, path: &str, op: &Op) -> Result<(), FsError> {
         Op::Remove => rootfs::remove_file(&target),
         Op::Copy { source, mode } => rootfs::copy_file_atomic(source, &target, *mode),
         Op::Backup { source } | Op::Restore { source } => rootfs::copy_atomic(&root.path(source), &target),
-        Op::Release(_) | Op::Nothing => Ok(()),
+        Op::Release(_) | Op::FormatVolume(_) | Op::Nothing => Ok(()),
     }
 }
 
@@ -369,7 +372,10 @@ pub fn lock_node(root: &Root) -> Result<Option<nix::fcntl::Flock<std::fs::File>>
 
 /// Applies the file actions (everything but releases) inside `txn`.
 pub fn apply_actions(txn: &mut Transaction, root: &Root, actions: &[Action]) -> Result<(), ApplyError> {
-    for action in actions.iter().filter(|a| a.changed && !matches!(a.op, Op::Release(_))) {
+    for action in actions
+        .iter()
+        .filter(|a| a.changed && !matches!(a.op, Op::Release(_) | Op::FormatVolume(_)))
+    {
         let target = root.path(&action.path);
         let fs = |source| ApplyError::Fs {
             path: action.path.clone(),
@@ -401,6 +407,20 @@ impl Transaction {
     }
 }
 
+/// Formats a blank data volume first: the step most likely to fail (a
+/// read-only or vanished device) runs before any file changes. A blank
+/// device that got a filesystem is not undone by a rollback (nothing on it
+/// is lost); the next run finds it formatted.
+fn format_volumes(root: &Root, plan: &Plan) -> Result<(), ApplyError> {
+    for action in &plan.actions {
+        if let Op::FormatVolume(dev) = &action.op {
+            crate::cache::device::format(root, dev).map_err(|e| ApplyError::Volume(Box::new(e)))?;
+            tracing::info!(device = %dev.used, "formatted the data volume (ext4)");
+        }
+    }
+    Ok(())
+}
+
 /// Applies every changed action of `plan` under `root`, or none of them.
 /// On success the returned transaction still holds the undo log: the caller
 /// commits it, or rolls back when a later step (systemd, health) fails.
@@ -418,6 +438,7 @@ pub async fn apply(root: &Root, plan: &Plan, http: HttpOptions) -> Result<(Appli
         sweep_temps(d);
     }
     let result = async {
+        format_volumes(root, plan)?;
         let started = Instant::now();
         for action in plan.actions.iter().filter(|a| a.changed) {
             if let Op::Release(step) = &action.op {

@@ -179,12 +179,31 @@ pub struct InstallOptions {
     /// Extra download attempts on connect errors, timeouts, 429 and 5xx. [default: 4]
     #[arg(long, value_name = "N", env = "SOCI_AGENT_RETRIES")]
     pub retries: Option<u32>,
+
+    /// Data volume holding containerd's and SOCI's roots (a snapshot cache): a block device or a
+    /// /dev/disk/by-* link; an EBS name such as /dev/xvdb also finds its /dev/nvme*n1 on Nitro.
+    /// Mounted by soci-agent-volume.service before either daemon starts, on every boot.
+    #[arg(long, value_name = "DEVICE", env = "SOCI_AGENT_DATA_VOLUME")]
+    pub data_volume: Option<String>,
+
+    /// Make an ext4 filesystem on a blank --data-volume (a device holding anything is never
+    /// formatted). About this run only: never recorded.
+    #[arg(long, env = "SOCI_AGENT_FORMAT_DATA_VOLUME")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub format_data_volume: bool,
 }
 
 /// Options about this run only (how it reports, whether it talks to
 /// systemd, how it downloads): never recorded, never replayed. An AMI bake's
 /// `--no-start` must not stop the node from starting its units later.
-pub const RUN_ONLY: &[&str] = &["no_start", "output", "textfile_dir", "http_timeout", "retries"];
+pub const RUN_ONLY: &[&str] = &[
+    "no_start",
+    "output",
+    "textfile_dir",
+    "http_timeout",
+    "retries",
+    "format_data_volume",
+];
 
 /// Where an option's value came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

@@ -16,6 +16,7 @@ mod builder;
 mod record;
 mod soci;
 mod units;
+mod volume;
 mod wiring;
 
 use builder::Builder;
@@ -61,9 +62,9 @@ pub enum PlanError {
     Tuning(#[from] crate::files::soci_config::TuningError),
     #[error(transparent)]
     Fs(#[from] FsError),
+    #[error(transparent)]
+    Volume(#[from] crate::cache::device::VolumeError),
 }
-
-impl PlanError {}
 
 impl crate::exit::ExitKindOf for PlanError {
     /// Usage/validation errors (exit 2) vs failures reading the node (exit 1).
@@ -81,6 +82,7 @@ impl crate::exit::ExitKindOf for PlanError {
             | PlanError::Record(_)
             | PlanError::Tuning(_) => ExitKind::Usage,
             PlanError::ReadChecksum { .. } | PlanError::Fs(_) => ExitKind::Failed,
+            PlanError::Volume(e) => e.exit_kind(),
         }
     }
 }
@@ -149,6 +151,8 @@ pub enum Op {
         source: std::path::PathBuf,
         mode: u32,
     },
+    /// Make the data volume's filesystem (the action's path is the device).
+    FormatVolume(Box<crate::cache::device::Device>),
     /// Remove the file or symlink at the action's path (uninstall).
     Remove,
     /// Copy the file at `source` back to the action's path (uninstall).
@@ -170,6 +174,7 @@ pub enum ActionKind {
     KeepRelease,
     Remove,
     Restore,
+    Format,
 }
 
 /// What a change means for running services (used by the systemd step).
@@ -325,6 +330,8 @@ pub fn build(s: &InstallSettings, facts: &HostFacts) -> Result<Plan, PlanError> 
     let kubelet_present = units::agent_units(&mut b, s, facts)?;
     // 4. containerd + kubelet wiring.
     let wired = wiring::wire_containerd(&mut b, s, facts)?;
+    // 4b. The data volume (a snapshot cache) under both daemons' roots.
+    volume::data_volume(&mut b, s, facts)?;
     // 5. The install record: how every path was before soci-agent changed it.
     record::install_record(&mut b, s, &soci)?;
     warn_small_host(&mut b, facts);

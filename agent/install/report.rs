@@ -205,6 +205,7 @@ impl InstallReport {
             ActionKind::KeepRelease => "keep",
             ActionKind::Remove => "remove",
             ActionKind::Restore => "restore",
+            ActionKind::Format => "format",
         };
         let _ = writeln!(out, "  {verb:<10} {}  ({})", a.path, a.detail);
         if let Some(d) = a.diff.as_deref().filter(|d| !d.is_empty() && self.dry_run) {

@@ -91,6 +91,10 @@ pub struct InstallSettings {
     pub textfile_dir: Option<String>,
     pub http_timeout: Duration,
     pub retries: u32,
+    /// `--data-volume`: the device (node path) holding both daemons' roots.
+    pub data_volume: Option<String>,
+    /// `--format-data-volume`: format it when blank.
+    pub format_data_volume: bool,
     /// Things worth saying that do not stop the install (e.g. plain http).
     pub warnings: Vec<String>,
     /// The options as given, layer by layer (what the record keeps of them).
@@ -180,6 +184,19 @@ impl InstallSettings {
             .as_deref()
             .map(parse_containerd_version)
             .transpose()?;
+        let data_volume = o
+            .data_volume
+            .clone()
+            .map(|d| unit_path("--data-volume", d))
+            .transpose()?;
+        let format_data_volume = o.format_data_volume;
+        if format_data_volume && data_volume.is_none() {
+            return Err(invalid(
+                "--format-data-volume",
+                "true",
+                "formats the --data-volume: give one",
+            ));
+        }
         Ok(InstallSettings {
             root,
             config_file,
@@ -207,6 +224,8 @@ impl InstallSettings {
                 .transpose()?,
             http_timeout,
             retries,
+            data_volume,
+            format_data_volume,
             warnings,
             layered,
         })

@@ -54,6 +54,9 @@ pub struct Ec2NodeClassArgs {
     pub instance_store_raid0: bool,
 
     #[command(flatten)]
+    pub data_volume: super::DataVolumeArgs,
+
+    #[command(flatten)]
     pub userdata: UserdataArgs,
 }
 
@@ -64,7 +67,16 @@ pub(super) fn render(a: &Ec2NodeClassArgs) -> Result<Rendered, RenderError> {
     check_alias(&a.ami_alias)?;
     check_volume(a)?;
     let mut notes = Vec::new();
-    let user_data = userdata::build(&a.userdata, Vec::new(), &mut notes)?;
+    let mut ud = a.userdata.clone();
+    let mapping = a.data_volume.apply(&mut ud, &mut notes)?;
+    if mapping.is_some() && a.instance_store_raid0 {
+        return Err(invalid(
+            "--instance-store-raid0",
+            "true",
+            "conflicts with a data volume: nodeadm would bind the instance store over the same roots",
+        ));
+    }
+    let user_data = userdata::build(&ud, Vec::new(), &mut notes)?;
     if a.instance_store_raid0
         && let Some(root) = &a.userdata.soci_root
         && root.trim_end_matches('/') != SOCI_ROOT
@@ -75,13 +87,13 @@ pub(super) fn render(a: &Ec2NodeClassArgs) -> Result<Rendered, RenderError> {
         ));
     }
     Ok(Rendered {
-        text: manifest(a, &user_data),
+        text: manifest(a, &user_data, mapping.as_ref()),
         notes,
     })
 }
 
 /// The EC2NodeClass YAML, with `user_data` as its userData.
-fn manifest(a: &Ec2NodeClassArgs, user_data: &str) -> String {
+fn manifest(a: &Ec2NodeClassArgs, user_data: &str, data: Option<&super::data_volume::Mapping>) -> String {
     let discovery = || {
         vec![Tags {
             tags: Discovery { discovery: &a.cluster },
@@ -97,17 +109,7 @@ fn manifest(a: &Ec2NodeClassArgs, user_data: &str) -> String {
             role: &a.role,
             subnet_selector_terms: discovery(),
             security_group_selector_terms: discovery(),
-            block_device_mappings: vec![BlockDevice {
-                device_name: "/dev/xvda",
-                ebs: Ebs {
-                    volume_size: &a.volume_size,
-                    volume_type: "gp3",
-                    iops: a.ebs_iops,
-                    throughput: a.ebs_throughput,
-                    encrypted: true,
-                    delete_on_termination: true,
-                },
-            }],
+            block_device_mappings: block_devices(a, data),
             instance_store_policy: a.instance_store_raid0.then_some("RAID0"),
             user_data,
         },
@@ -119,6 +121,29 @@ fn manifest(a: &Ec2NodeClassArgs, user_data: &str) -> String {
         ],
         &class,
     )
+}
+
+/// The root volume, and the data volume when asked for (Karpenter replaces
+/// the whole list: the root mapping must stay).
+fn block_devices<'a>(a: &'a Ec2NodeClassArgs, data: Option<&'a super::data_volume::Mapping>) -> Vec<BlockDevice<'a>> {
+    let ebs = |volume_size, snapshot_id| Ebs {
+        volume_size,
+        snapshot_id,
+        volume_type: "gp3",
+        iops: a.ebs_iops,
+        throughput: a.ebs_throughput,
+        encrypted: true,
+        delete_on_termination: true,
+    };
+    let mut out = vec![BlockDevice {
+        device_name: "/dev/xvda",
+        ebs: ebs(Some(&a.volume_size), None),
+    }];
+    out.extend(data.map(|d| BlockDevice {
+        device_name: &d.device,
+        ebs: ebs(d.size.as_deref(), d.snapshot.as_deref()),
+    }));
+    out
 }
 
 #[derive(Serialize)]
@@ -175,7 +200,10 @@ struct BlockDevice<'a> {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Ebs<'a> {
-    volume_size: &'a str,
+    #[serde(rename = "snapshotID", skip_serializing_if = "Option::is_none")]
+    snapshot_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    volume_size: Option<&'a str>,
     volume_type: &'a str,
     iops: u32,
     throughput: u32,
@@ -299,7 +327,7 @@ fn check_volume_size(size: &str) -> Result<(), RenderError> {
 }
 
 /// `NGi` or `NTi` in GiB.
-fn parse_size(v: &str) -> Option<u64> {
+pub(super) fn parse_size(v: &str) -> Option<u64> {
     let (n, mult) = if let Some(n) = v.strip_suffix("Gi") {
         (n, 1)
     } else {

@@ -40,13 +40,24 @@ pub struct LaunchTemplateArgs {
     pub cidr: Option<String>,
 
     #[command(flatten)]
+    pub data_volume: super::DataVolumeArgs,
+
+    #[command(flatten)]
     pub userdata: UserdataArgs,
 }
 
 pub(super) fn render(a: &LaunchTemplateArgs) -> Result<Rendered, RenderError> {
     let mut notes = Vec::new();
     let leading = leading_parts(a)?;
-    let text = userdata::build(&a.userdata, leading, &mut notes)?;
+    let mut ud = a.userdata.clone();
+    let mapping = a.data_volume.apply(&mut ud, &mut notes)?;
+    let text = userdata::build(&ud, leading, &mut notes)?;
+    if let Some(m) = &mapping {
+        notes.push(format!(
+            "add to the launch template's BlockDeviceMappings (keep the root volume's mapping, /dev/xvda): {}",
+            block_device_mapping(m)
+        ));
+    }
     if a.custom_ami {
         notes.push(
             "custom AMI: this user data carries the cluster NodeConfig, since EKS merges nothing; \
@@ -146,6 +157,24 @@ struct Cluster<'a> {
     api_server_endpoint: &'a str,
     certificate_authority: &'a str,
     cidr: &'a str,
+}
+
+/// The data volume's `BlockDeviceMappings` entry (launch template JSON).
+fn block_device_mapping(m: &super::data_volume::Mapping) -> String {
+    let mut ebs = serde_json::json!({
+        "VolumeType": "gp3",
+        "Iops": 6000,
+        "Throughput": 600,
+        "Encrypted": true,
+        "DeleteOnTermination": true,
+    });
+    if let Some(s) = &m.snapshot {
+        ebs["SnapshotId"] = s.clone().into();
+    }
+    if let Some(g) = m.size_gib {
+        ebs["VolumeSize"] = g.into();
+    }
+    serde_json::json!({ "DeviceName": m.device, "Ebs": ebs }).to_string()
 }
 
 fn check_endpoint(v: &str) -> Result<(), RenderError> {

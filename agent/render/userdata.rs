@@ -105,6 +105,15 @@ pub struct UserdataArgs {
     /// containerd on the AMI, for the NodeConfig part: 2 (v3 table names) or 1.7 (v2).
     #[arg(long, value_enum, default_value = "2")]
     pub containerd_version: ContainerdVersion,
+
+    /// install --data-volume: the device holding a snapshot cache (e.g. /dev/xvdb), mounted under
+    /// containerd's and SOCI's roots before they start.
+    #[arg(long, value_name = "DEVICE")]
+    pub data_volume: Option<String>,
+
+    /// install --format-data-volume (set by --data-volume-size without a snapshot).
+    #[arg(skip)]
+    pub format_data_volume: bool,
 }
 
 /// Everything the shell and NodeConfig parts need, validated.
@@ -171,6 +180,19 @@ fn check(a: &UserdataArgs, notes: &mut Vec<String>) -> Result<Checked, RenderErr
         None => SOCI_ROOT.to_string(),
     };
     install_args.extend(tuning_args(a)?);
+    if let Some(d) = &a.data_volume {
+        if !d.starts_with("/dev/") || !is_printable_word(d) {
+            return Err(invalid(
+                "--data-volume",
+                d,
+                "must be a device path under /dev, printable ASCII without spaces",
+            ));
+        }
+        install_args.push(format!("--data-volume={d}"));
+        if a.format_data_volume {
+            install_args.push("--format-data-volume".into());
+        }
+    }
 
     let images = check_images(&a.prefetch)?;
     Ok(Checked {

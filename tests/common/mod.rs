@@ -13,6 +13,9 @@
 //!   agent's runs inside it ([`booted::AgentRun`]).
 //! - [`real`], [`containerd`], [`registry`], [`imds`]: the real components and
 //!   the servers around them.
+//! - [`loopdev`]: a host loop device over a sparse file (an EBS volume stand-in);
+//!   [`ratelimit`]: nginx with a per-connection rate limit in front of a registry,
+//!   counting blob downloads in its access log.
 //! - small helpers below: fast [`HttpOptions`] for tests, directory listings,
 //!   a per-process copy of the agent binary, bounded waits for a child.
 //!
@@ -23,8 +26,10 @@ pub mod archive;
 pub mod booted;
 pub mod containerd;
 pub mod imds;
+pub mod loopdev;
 pub mod mirror;
 pub mod nspawn;
+pub mod ratelimit;
 pub mod real;
 pub mod registry;
 pub mod tree;

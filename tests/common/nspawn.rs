@@ -209,6 +209,7 @@ pub struct NodeOptions {
     remove: Vec<String>,
     files: Vec<(String, Vec<u8>, u32)>,
     bind_ro: Vec<(PathBuf, String)>,
+    bind: Vec<(PathBuf, String)>,
     prepare: Vec<Prepare>,
     boot_timeout: Option<Duration>,
 }
@@ -239,6 +240,13 @@ impl NodeOptions {
     /// Bind a host path read-only at `node_path` (`--bind-ro=HOST:NODE`).
     pub fn bind_ro(mut self, host: impl Into<PathBuf>, node_path: &str) -> Self {
         self.bind_ro.push((host.into(), node_path.to_owned()));
+        self
+    }
+    /// Bind a host path read-write at `node_path` (`--bind=HOST:NODE`), e.g. a loop device
+    /// standing in for an EBS volume (there is no udev in the node: its `.device` unit never
+    /// turns active, the device node itself works).
+    pub fn bind(mut self, host: impl Into<PathBuf>, node_path: &str) -> Self {
+        self.bind.push((host.into(), node_path.to_owned()));
         self
     }
     /// Run `f` with the host path of the copy's root, after removals and files, before boot.
@@ -315,6 +323,9 @@ impl Node {
             .arg(bind_arg("--bind", &dir.path().join("dbus"), "/run/dbus"));
         for (host, node_path) in &opts.bind_ro {
             cmd.arg(bind_arg("--bind-ro", host, node_path));
+        }
+        for (host, node_path) in &opts.bind {
+            cmd.arg(bind_arg("--bind", host, node_path));
         }
         let started = Instant::now();
         let nspawn = cmd

@@ -71,7 +71,7 @@ fn record_paths(root: &Root, mut record: Record, actions: &[Action], merged: &st
                 record.store_entries.insert(a.path.clone());
                 continue;
             }
-            (Op::Backup { .. }, _) => continue,
+            (Op::Backup { .. }, _) | (Op::FormatVolume(_), _) => continue,
             _ if !first_time => continue,
             _ if backed_up => Before::Backup { backup },
             (_, ActionKind::Unchanged) if a.path == merged => continue,

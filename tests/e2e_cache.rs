@@ -1,0 +1,611 @@
+//! The snapshot cache end to end, with real containerd v2.4.2 and real SOCI v0.16.1 in booted
+//! systemd nodes (nspawn). A loop device bound into the node stands in for the EBS volume
+//! (there is no udev in the node; soci-agent-volume.service waits for the device node itself).
+//!
+//! 1. Builder: a blank 3 GiB volume; `install --data-volume DEV --format-data-volume` formats
+//!    and mounts it under both daemons' roots; `boot` imports the AMI's pause image onto the
+//!    blank volume; `cache seal` refuses while an image is missing; `prefetch` pulls a 512 MiB image (4 layers)
+//!    through CRI into SOCI from a registry behind a per-connection rate limit; `cache seal`
+//!    stops the daemons, writes the manifest and unmounts.
+//! 2. The volume file is copied (= the snapshot restored) and attached to a fresh node: a
+//!    device mounted elsewhere and a read-only one are refused first (exit 2, nothing left
+//!    mounted), a snapshotter that cannot start rolls the install back (exit 1, volume
+//!    unmounted), then `install --data-volume DEV` exits 0, `cache verify` exits 0, `crictl
+//!    inspecti` finds the image, its 4 layers are committed snapshots in soci, `prefetch`
+//!    reports a hit, and the registry's front sees zero blob downloads from that node.
+//!
+//! 3. The builder on an EKS AL2023-shaped node with the real nodeadm (containerd 2.2.9): install
+//!    starts nothing; nodeadm-run starts containerd, and the volume unit is active before SOCI
+//!    and containerd (systemd's own timestamps); the boot unit imports the AMI's pause image onto
+//!    the blank volume; prefetch and seal.
+//!
+//! Needs root, losetup, nginx, docker-registry and the rig (tests/real/build.sh).
+
+mod common;
+
+use std::path::Path;
+use std::time::Instant;
+
+use common::archive::oci_image_tar;
+use common::booted::{Booted, INSTALLED_AGENT};
+use common::loopdev::{Loop, copy_sparse};
+use common::nspawn::{NodeOptions, text};
+use common::ratelimit::Front;
+use common::real::{self, NodeContainerdConfig, with_containerd};
+use common::registry::Registry;
+
+const LAYERS: usize = 4;
+const LAYER_MIB: usize = 128;
+const VOLUME_BYTES: u64 = 3 << 30;
+const LIMIT: &str = "25m";
+const PAUSE_IMAGE: &str = "localhost/kubernetes/pause:latest";
+/// Test-only drop-in that makes the snapshotter fail to start (no retries).
+const FAIL_DROPIN: &str = "/etc/systemd/system/soci-snapshotter.service.d/05-e2e-fail.conf";
+
+/// A node with the rig's containerd 2.4.2 (running at boot), trusting `front` over plain
+/// HTTP, with `volumes` bound in at the same paths.
+fn node(front: &str, volumes: &[&Loop]) -> Booted {
+    let host = front.to_string();
+    let mut opts = with_containerd(NodeOptions::new(), "2.4.2", NodeContainerdConfig::RegistryOnly)
+        .prepare(move |root: &Path| real::trust_plain_http(root, &host));
+    for v in volumes {
+        opts = opts.bind(&v.device, &v.dev());
+    }
+    Booted::boot(opts)
+}
+
+fn findmnt(b: &Booted, at: &str) -> String {
+    text(&b.node.exec(&["findmnt", "-n", "-o", "SOURCE", at]).stdout)
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn snapshot_cache_built_sealed_and_attached_to_a_fresh_node() {
+    let base = Path::new("/var/tmp/soci-agent-test");
+    std::fs::create_dir_all(base).unwrap();
+    let work = tempfile::tempdir_in(base).unwrap();
+    let registry = Registry::start_new(&work.path().join("registry"), None);
+    eprintln!("-- pushing a {LAYERS} x {LAYER_MIB} MiB image");
+    let image = registry.push_random_image("big", "v1", LAYERS, LAYER_MIB << 20);
+    let small = registry.push_random_image("small", "v1", 2, 8 << 20);
+    let front = Front::start(work.path(), &registry.host(), LIMIT);
+    let reference = image.reference.replace(&registry.host(), &front.host());
+    let small_ref = small.reference.replace(&registry.host(), &front.host());
+
+    // 1. The builder.
+    let builder_file = work.path().join("builder.img");
+    let cold_s;
+    {
+        let vol = Loop::blank(&builder_file, VOLUME_BYTES);
+        let b = node(&front.host(), &[&vol]);
+        b.step("builder: install --data-volume --format-data-volume");
+        let dev = vol.dev();
+        let run = b.install_release(&["--data-volume", &dev, "--format-data-volume", "--output", "json"]);
+        run.expect_code(0);
+        assert_eq!(b.is_active("soci-agent-volume.service"), "active", "{}", run.show());
+        assert_eq!(findmnt(&b, "/var/lib/soci-agent/volume"), dev);
+        for root in ["/var/lib/containerd", "/var/lib/soci-snapshotter-grpc"] {
+            assert!(
+                findmnt(&b, root).starts_with(&dev),
+                "{root} is not on the volume: {}",
+                findmnt(&b, root)
+            );
+        }
+        b.assert_soci_plugin_ok("builder");
+
+        b.step("builder: boot imports the AMI's pause image onto the blank volume");
+        std::fs::create_dir_all(b.node.path("/etc/eks")).unwrap();
+        std::fs::write(b.node.path("/etc/eks/pause.tar"), oci_image_tar(PAUSE_IMAGE)).unwrap();
+        let boot = b.agent("boot", &[INSTALLED_AGENT, "boot", "--output", "json"]);
+        boot.expect_code(0);
+        let steps = boot.report["steps"].as_array().unwrap();
+        assert!(
+            steps.iter().any(|s| s["name"] == "pause-image" && s["status"] == "ok"),
+            "{}",
+            boot.show()
+        );
+        b.assert_image_in_soci(PAUSE_IMAGE);
+
+        b.step("builder: seal refuses while an image is missing, and stops nothing");
+        let missing = b.agent(
+            "seal",
+            &[INSTALLED_AGENT, "cache", "seal", "--output", "json", &reference],
+        );
+        missing.expect_code(1);
+        assert_eq!(missing.report["missing"][0], reference.as_str(), "{}", missing.show());
+        assert_eq!(b.is_active("containerd.service"), "active");
+
+        b.step("builder: prefetch (cold, rate-limited registry)");
+        let t = Instant::now();
+        let pre = b.agent(
+            "prefetch",
+            &[INSTALLED_AGENT, "prefetch", &reference, "--output", "json"],
+        );
+        cold_s = t.elapsed().as_secs_f64();
+        pre.expect_code(0);
+        assert_eq!(pre.report["images"][0]["state"], "pulled", "{}", pre.show());
+        let (committed, list) = b.soci_committed();
+        assert_eq!(
+            committed,
+            LAYERS + 1,
+            "the image's layers and the pause image's:\n{list}"
+        );
+
+        b.step("builder: cache seal");
+        let seal = b.agent("seal", &[INSTALLED_AGENT, "cache", "seal", "--output", "json"]);
+        seal.expect_code(0);
+        let m = &seal.report["manifest"];
+        assert_eq!(m["images"][0]["image"], reference, "{}", seal.show());
+        assert_eq!(m["containerd_version"], "2.4.2", "{}", seal.show());
+        assert_eq!(m["soci_version"], "0.16.1", "{}", seal.show());
+        assert_eq!(m["filesystem"]["kind"], "ext4", "{}", seal.show());
+        assert!(
+            seal.report["next_steps"][0]
+                .as_str()
+                .unwrap()
+                .contains("aws ec2 create-snapshot --volume-id"),
+            "{}",
+            seal.show()
+        );
+        for unit in [
+            "containerd.service",
+            "soci-snapshotter.service",
+            "soci-agent-volume.service",
+        ] {
+            assert_ne!(b.is_active(unit), "active", "{unit} still active after seal");
+        }
+        assert_eq!(
+            findmnt(&b, "/var/lib/soci-agent/volume"),
+            "",
+            "volume still mounted after seal"
+        );
+    }
+
+    // 2. The snapshot restored on a fresh node.
+    let node_file = work.path().join("node.img");
+    copy_sparse(&builder_file, &node_file);
+    // The node's volume is larger than the builder's (--data-volume-size over the snapshot's).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&node_file)
+        .unwrap()
+        .set_len(VOLUME_BYTES + (1 << 30))
+        .unwrap();
+    let vol = Loop::attach(&node_file);
+    // A read-only volume (an ext4 image attached read-only).
+    let ro_file = work.path().join("ro.img");
+    std::fs::File::create(&ro_file).unwrap().set_len(64 << 20).unwrap();
+    let mk = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&ro_file)
+        .status()
+        .unwrap();
+    assert!(mk.success());
+    let ro = {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show", "--read-only"])
+            .arg(&ro_file)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        Loop {
+            device: String::from_utf8_lossy(&out.stdout).trim().into(),
+            file: ro_file.clone(),
+        }
+    };
+    let blobs_before = front.lines().len();
+    let n = node(&front.host(), &[&vol, &ro]);
+    let dev = vol.dev();
+
+    n.step("node: bad input is refused, nothing left mounted");
+    let run = n.install_release(&["--data-volume", &ro.dev(), "--output", "json"]);
+    run.expect_code(2);
+    assert!(
+        run.report["error"].as_str().unwrap_or("").contains("read-only"),
+        "{}",
+        run.show()
+    );
+    n.node.check(&["mkdir", "-p", "/mnt/elsewhere"]);
+    n.node.check(&["mount", &dev, "/mnt/elsewhere"]);
+    let run = n.install_release(&["--data-volume", &dev, "--output", "json"]);
+    run.expect_code(2);
+    assert!(
+        run.report["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("mounted at /mnt/elsewhere"),
+        "{}",
+        run.show()
+    );
+    n.node.check(&["umount", "/mnt/elsewhere"]);
+    assert_eq!(findmnt(&n, "/var/lib/containerd"), "", "something left mounted");
+
+    n.step("node: a snapshotter that cannot start: rolled back, the volume unmounted");
+    std::fs::create_dir_all(n.node.path(FAIL_DROPIN).parent().unwrap()).unwrap();
+    std::fs::write(
+        n.node.path(FAIL_DROPIN),
+        "[Service]\nExecStartPre=/bin/false\nRestart=no\n",
+    )
+    .unwrap();
+    let run = n.install_release(&["--data-volume", &dev, "--output", "json"]);
+    run.expect_code(1);
+    assert_eq!(
+        findmnt(&n, "/var/lib/soci-agent/volume"),
+        "",
+        "volume left mounted: {}",
+        run.show()
+    );
+    assert_eq!(findmnt(&n, "/var/lib/containerd"), "", "{}", run.show());
+    assert!(
+        !n.exists("/etc/systemd/system/soci-agent-volume.service"),
+        "{}",
+        run.show()
+    );
+    assert_eq!(n.is_active("containerd.service"), "active", "{}", run.show());
+    std::fs::remove_file(n.node.path(FAIL_DROPIN)).unwrap();
+    n.node.check(&["systemctl", "daemon-reload"]);
+
+    n.step("node: install --data-volume (the restored snapshot)");
+    let t = Instant::now();
+    let run = n.install_release(&["--data-volume", &dev, "--output", "json"]);
+    let install_s = t.elapsed().as_secs_f64();
+    run.expect_code(0);
+    assert!(
+        !run.report["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["action"] == "format"),
+        "a restored volume must not be formatted: {}",
+        run.show()
+    );
+    assert_eq!(findmnt(&n, "/var/lib/soci-agent/volume"), dev);
+    let size = n
+        .node
+        .check(&["df", "--output=size", "-B1", "/var/lib/soci-agent/volume"]);
+    let size: u64 = size.lines().last().unwrap().trim().parse().unwrap();
+    assert!(
+        size > VOLUME_BYTES + (1 << 29),
+        "the filesystem was not grown to the volume: {size} bytes"
+    );
+
+    n.step("node: cache verify");
+    let v = n.agent("verify", &[INSTALLED_AGENT, "cache", "verify", "--output", "json"]);
+    v.expect_code(0);
+    assert_eq!(v.report["hits"], 1, "{}", v.show());
+    assert_eq!(v.report["misses"], 0, "{}", v.show());
+
+    n.step("node: doctor's cache group");
+    let d = n.doctor();
+    for id in ["cache.volume", "cache.manifest", "cache.images", "cache.space"] {
+        assert_eq!(d.verdict(id), "ok", "{id}: {}", d.show());
+    }
+
+    n.step("node: every boot: starting containerd alone mounts the volume first");
+    n.node.check(&[
+        "systemctl",
+        "stop",
+        "containerd.service",
+        "soci-snapshotter.socket",
+        "soci-snapshotter.service",
+        "soci-agent-volume.service",
+    ]);
+    assert_eq!(findmnt(&n, "/var/lib/soci-agent/volume"), "", "stop did not unmount");
+    assert_eq!(findmnt(&n, "/var/lib/containerd"), "");
+    n.node.check(&["systemctl", "start", "containerd.service"]);
+    assert_eq!(findmnt(&n, "/var/lib/soci-agent/volume"), dev);
+    assert!(findmnt(&n, "/var/lib/containerd").starts_with(&dev));
+
+    n.step("node: the image is there, in soci");
+    n.node.check(&["crictl", "inspecti", &reference]);
+    let (committed, list) = n.soci_committed();
+    assert_eq!(
+        committed,
+        LAYERS + 1,
+        "the image's layers and the pause image's:\n{list}"
+    );
+    assert!(
+        n.images().iter().any(|i| i == PAUSE_IMAGE),
+        "the pause image travelled too"
+    );
+
+    n.step("node: prefetch is a hit");
+    let t = Instant::now();
+    let pre = n.agent(
+        "prefetch",
+        &[INSTALLED_AGENT, "prefetch", &reference, "--output", "json"],
+    );
+    let cached_s = t.elapsed().as_secs_f64();
+    pre.expect_code(0);
+    assert_eq!(pre.report["images"][0]["state"], "hit", "{}", pre.show());
+    let lines = front.lines();
+    let blobs = Front::blob_gets(&lines[blobs_before.min(lines.len())..]);
+    assert!(
+        blobs.is_empty(),
+        "the cached node downloaded blobs:\n{}",
+        blobs.join("\n")
+    );
+    // Boot's own run: verify, then prefetch of the misses (none).
+    let boot = n.agent("boot", &[INSTALLED_AGENT, "boot", "--output", "json"]);
+    boot.expect_code(0);
+    let steps = boot.report["steps"].as_array().unwrap();
+    let cache = steps
+        .iter()
+        .find(|s| s["name"] == "cache")
+        .unwrap_or_else(|| panic!("{}", boot.show()));
+    assert_eq!(cache["status"], "ok", "{}", boot.show());
+
+    n.step("node: a full volume during prefetch: exit 4, the error says so");
+    let avail = n
+        .node
+        .check(&["df", "--output=avail", "-B1", "/var/lib/soci-agent/volume"]);
+    let avail: u64 = avail.lines().last().unwrap().trim().parse().unwrap();
+    let filler = "/var/lib/soci-agent/volume/filler";
+    n.node
+        .check(&["fallocate", "-l", &(avail - (1 << 20)).to_string(), filler]);
+    let full = n.agent(
+        "prefetch",
+        &[INSTALLED_AGENT, "prefetch", &small_ref, "--output", "json"],
+    );
+    full.expect_code(4);
+    let warnings = full.report["warnings"].to_string();
+    assert!(warnings.contains("is full"), "{}", full.show());
+    n.node.check(&["rm", "-f", filler]);
+
+    n.step("node: a cache written by a containerd this node cannot read: warning, fresh roots, prefetch");
+    let manifest = "/var/lib/soci-agent/volume/soci-agent-cache.json";
+    n.node.check(&[
+        "sed",
+        "-i",
+        "s/\"containerd_version\": \"2.4.2\"/\"containerd_version\": \"1.7.27\"/",
+        manifest,
+    ]);
+    n.node.check(&[
+        "systemctl",
+        "stop",
+        "containerd.service",
+        "soci-snapshotter.socket",
+        "soci-snapshotter.service",
+        "soci-agent-volume.service",
+    ]);
+    n.node.check(&["systemctl", "start", "containerd.service"]);
+    let bound = findmnt(&n, "/var/lib/containerd");
+    assert!(bound.contains("unreadable-cache-fallback"), "{bound}");
+    let v = n.agent("verify", &[INSTALLED_AGENT, "cache", "verify", "--output", "json"]);
+    v.expect_code(4);
+    assert!(
+        v.report["warnings"][0].as_str().unwrap_or("").contains("1.7.27"),
+        "{}",
+        v.show()
+    );
+    let boot = n.agent("boot", &[INSTALLED_AGENT, "boot", "--output", "json"]);
+    boot.expect_code(0);
+    let steps = boot.report["steps"].as_array().unwrap();
+    let pre = steps.iter().find(|s| s["name"] == "prefetch").unwrap();
+    assert_eq!(pre["status"], "ok", "{}", boot.show());
+    assert!(pre["detail"].as_str().unwrap().contains("1 pulled"), "{}", boot.show());
+    n.agent("verify", &[INSTALLED_AGENT, "cache", "verify", "--output", "json"])
+        .expect_code(0);
+
+    n.step("node: uninstall releases the volume; containerd runs on its own directory again");
+    let un = n.agent(
+        "uninstall",
+        &[INSTALLED_AGENT, "uninstall", "--output", "json", "--log-level", "warn"],
+    );
+    un.expect_code(0);
+    assert_eq!(findmnt(&n, "/var/lib/soci-agent/volume"), "", "{}", un.show());
+    assert_eq!(findmnt(&n, "/var/lib/containerd"), "", "{}", un.show());
+    assert_eq!(n.is_active("containerd.service"), "active", "{}", un.show());
+    assert!(!n.exists("/etc/systemd/system/soci-agent-volume.service"));
+
+    eprintln!(
+        "e2e_cache: prefetch cold {cold_s:.2}s, cached {cached_s:.2}s (ratio {:.3}); install with the volume {install_s:.1}s",
+        cached_s / cold_s
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same builder on an EKS AL2023-shaped node driven by the real nodeadm (the AMI's units,
+// IMDS/EC2 stand-ins; set up as in tests/e2e_nodeadm.rs): install runs where cloud-final would
+// and starts nothing; nodeadm-run starts containerd, whose Requires= mounts the volume first.
+
+mod al2023 {
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::common::archive::oci_image_tar;
+    use super::common::booted::{Boot, Booted};
+    use super::common::imds::{AwsStandIn, Instance};
+    use super::common::loopdev::Loop;
+    use super::common::nspawn::NodeOptions;
+    use super::common::real::{self, NodeContainerdConfig, with_containerd};
+    use super::common::registry::base64;
+
+    pub const CONTAINERD_VERSION: &str = "2.2.9";
+    pub const NODEADM_RUN: &str = "nodeadm-run.service";
+    const UNITS: &str = "/etc/systemd/system";
+    const AWS_DROPIN: &str = "90-e2e-aws-standin.conf";
+    const AMI_UNITS: [&str; 7] = [
+        "nodeadm-config.service",
+        "nodeadm-run.service",
+        "kubelet.service",
+        "soci-snapshotter.service",
+        "soci-snapshotter.socket",
+        "runtime.slice",
+        "containerd.service.d/00-runtime-slice.conf",
+    ];
+    const CLUSTER_CA: &str = "-----BEGIN CERTIFICATE-----\n\
+        MIIBdzCCAR2gAwIBAgIBADAKBggqhkjOPQQDAjAVMRMwEQYDVQQDEwprdWJlcm5ldGVz\n\
+        -----END CERTIFICATE-----\n";
+    const KUBELET_STUB: &str = "#!/bin/sh\ncase \"$1\" in --version) echo \"Kubernetes v1.34.2-eks-e2e\"; exit 0;; esac\n\
+        trap 'exit 0' TERM INT\nwhile :; do sleep 3600 & wait $!; done\n";
+
+    /// EKS-style user data: the cluster NodeConfig (registry config_path in v3 table names).
+    fn user_data() -> Vec<u8> {
+        let nodeconfig = format!(
+            "---\napiVersion: node.eks.aws/v1alpha1\nkind: NodeConfig\nspec:\n  cluster:\n    name: soci-e2e\n    \
+             apiServerEndpoint: https://E2E5A0C1A9E47B01E2E5A0C1A9E47B01.gr7.us-west-2.eks.amazonaws.com\n    \
+             certificateAuthority: {}\n    cidr: 10.100.0.0/16\n  containerd:\n    config: |\n      \
+             [plugins.'io.containerd.cri.v1.images'.registry]\n      config_path = '/etc/containerd/certs.d'\n",
+            base64(CLUSTER_CA.as_bytes())
+        );
+        format!(
+            "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"//\"\r\n\r\n--//\r\n\
+             Content-Type: application/node.eks.aws\r\n\r\n{nodeconfig}\r\n--//--\r\n"
+        )
+        .into_bytes()
+    }
+
+    fn copy_into(root: &Path, from: &Path, node_path: &str, mode: u32) {
+        let to = root.join(node_path.trim_start_matches('/'));
+        fs::create_dir_all(to.parent().unwrap()).unwrap();
+        let _ = fs::remove_file(&to);
+        fs::copy(from, &to).unwrap();
+        fs::set_permissions(&to, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn enable_link(root: &Path, target: &str, unit: &str) {
+        let wants = root.join("etc/systemd/system").join(format!("{target}.wants"));
+        fs::create_dir_all(&wants).unwrap();
+        std::os::unix::fs::symlink(format!("{UNITS}/{unit}"), wants.join(unit)).unwrap();
+    }
+
+    /// The node (nodeadm-config ran at boot) and its AWS stand-in; `volume` bound in.
+    pub fn boot(front: &str, volume: &Loop) -> (Booted, AwsStandIn) {
+        let aws = AwsStandIn::start(Instance::m5_xlarge(), Some(user_data()));
+        let ami = real::ami_runtime().join("rootfs/etc/systemd/system");
+        let mut opts = with_containerd(
+            NodeOptions::new().al2023_like(),
+            CONTAINERD_VERSION,
+            NodeContainerdConfig::None,
+        );
+        for name in AMI_UNITS {
+            opts = opts.file(&format!("{UNITS}/{name}"), fs::read(ami.join(name)).unwrap());
+        }
+        let dropin = aws.systemd_dropin();
+        let host = front.to_string();
+        let opts = opts
+            .file(&format!("{UNITS}/nodeadm-config.service.d/{AWS_DROPIN}"), &dropin)
+            .file(&format!("{UNITS}/{NODEADM_RUN}.d/{AWS_DROPIN}"), &dropin)
+            .file("/etc/eks/containerd-version.txt", format!("{CONTAINERD_VERSION}\n"))
+            .file("/etc/eks/kubelet-version.txt", "Kubernetes v1.34.2-eks-e2e\n")
+            .file_mode("/usr/bin/kubelet", KUBELET_STUB, 0o755)
+            .file_mode("/usr/sbin/iptables", "#!/bin/sh\nexit 0\n", 0o755)
+            .file_mode(
+                "/etc/eks/image-credential-provider/ecr-credential-provider",
+                "#!/bin/sh\nexit 1\n",
+                0o755,
+            )
+            .file("/etc/eks/pause.tar", oci_image_tar(super::PAUSE_IMAGE))
+            .bind(&volume.device, &volume.dev())
+            .prepare(move |root: &Path| {
+                copy_into(root, &real::nodeadm(), "/usr/bin/nodeadm", 0o755);
+                fs::create_dir_all(root.join("etc/eks/nodeadm.d")).unwrap();
+                enable_link(root, "sockets.target", "soci-snapshotter.socket");
+                enable_link(root, "multi-user.target", "nodeadm-config.service");
+                real::trust_plain_http(root, &host);
+            });
+        let booted = Booted::boot_with(
+            opts,
+            Boot {
+                dbus_bound: Duration::from_secs(60),
+                ..Boot::default()
+            },
+        );
+        (booted, aws)
+    }
+}
+
+#[test]
+fn al2023_builder_nodeadm_run_mounts_the_volume_before_containerd() {
+    let base = Path::new("/var/tmp/soci-agent-test");
+    std::fs::create_dir_all(base).unwrap();
+    let work = tempfile::tempdir_in(base).unwrap();
+    let registry = Registry::start_new(&work.path().join("registry"), None);
+    let small = registry.push_random_image("small", "v1", 2, 8 << 20);
+    let vol = Loop::blank(&work.path().join("al2023.img"), 1 << 30);
+    let (n, _aws) = al2023::boot(&registry.host(), &vol);
+    let dev = vol.dev();
+
+    n.step("al2023: install --data-volume --format-data-volume (cloud-final's turn) starts nothing");
+    let run = n.install_release(&["--data-volume", &dev, "--format-data-volume", "--output", "json"]);
+    run.expect_code(0);
+    assert_eq!(run.report["plan"]["wiring"], "nodeadm", "{}", run.show());
+    for unit in [
+        "containerd.service",
+        "soci-snapshotter.service",
+        "soci-agent-volume.service",
+    ] {
+        assert_eq!(
+            n.is_active(unit),
+            "inactive",
+            "{unit} started by install\n{}",
+            run.show()
+        );
+    }
+    assert_eq!(findmnt(&n, "/var/lib/soci-agent/volume"), "");
+
+    n.step("al2023: nodeadm-run starts containerd; the volume is mounted first");
+    let out = n.node.exec_timeout(
+        &[
+            "systemctl",
+            "start",
+            "--job-mode=ignore-requirements",
+            al2023::NODEADM_RUN,
+        ],
+        std::time::Duration::from_secs(180),
+    );
+    assert!(out.status.success(), "nodeadm-run: {}", text(&out.stderr));
+    assert_eq!(findmnt(&n, "/var/lib/soci-agent/volume"), dev);
+    for root in ["/var/lib/containerd", "/var/lib/soci-snapshotter-grpc"] {
+        assert!(findmnt(&n, root).starts_with(&dev), "{root}: {}", findmnt(&n, root));
+    }
+    let started = |unit: &str| {
+        text(
+            &n.node
+                .exec(&["systemctl", "show", "-P", "ActiveEnterTimestampMonotonic", unit])
+                .stdout,
+        )
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(0)
+    };
+    let (volume_at, soci_at, containerd_at) = (
+        started("soci-agent-volume.service"),
+        started("soci-snapshotter.service"),
+        started("containerd.service"),
+    );
+    assert!(
+        volume_at > 0 && volume_at <= soci_at && soci_at <= containerd_at,
+        "order: volume {volume_at}, soci {soci_at}, containerd {containerd_at}"
+    );
+    n.assert_soci_plugin_ok("al2023 after nodeadm-run");
+
+    n.step("al2023: the boot unit imported the AMI's pause image onto the blank volume");
+    // kubelet's drop-in pulls soci-agent-boot.service in before kubelet (nodeadm restarts it).
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while n.is_active("soci-agent-boot.service") != "active" && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(n.is_active("soci-agent-boot.service"), "active");
+    n.assert_image_in_soci(PAUSE_IMAGE);
+
+    n.step("al2023: prefetch and seal");
+    let pre = n.agent(
+        "prefetch",
+        &[INSTALLED_AGENT, "prefetch", &small.reference, "--output", "json"],
+    );
+    pre.expect_code(0);
+    let seal = n.agent("seal", &[INSTALLED_AGENT, "cache", "seal", "--output", "json"]);
+    seal.expect_code(0);
+    assert_eq!(
+        seal.report["manifest"]["containerd_version"],
+        al2023::CONTAINERD_VERSION,
+        "{}",
+        seal.show()
+    );
+    assert_eq!(findmnt(&n, "/var/lib/soci-agent/volume"), "", "{}", seal.show());
+}
