@@ -15,7 +15,7 @@ const NODECONFIG_MIME: &str = "application/node.eks.aws";
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error("not valid YAML: {0}")]
-    Yaml(#[source] serde_yaml_ng::Error),
+    Yaml(serde_yaml_ng::Error),
     #[error("MIME user data that does not parse as multipart")]
     Mime,
     #[error("a {NODECONFIG_MIME} part is not UTF-8")]
