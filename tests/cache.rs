@@ -120,10 +120,20 @@ fn format_data_volume_makes_labelled_ext4_and_writes_the_units() {
     for d in [CONTAINERD_DROPIN, SOCI_DROPIN] {
         assert!(t.read(d).contains("Requires=soci-agent-volume.service"), "{d}");
     }
-    let record = t.read("/var/lib/soci-agent/record.json");
+    let record: serde_json::Value = serde_json::from_str(&t.read("/var/lib/soci-agent/record.json")).unwrap();
+    for owned in ["paths", "written"] {
+        assert!(
+            record[owned].get(DEVICE).is_none(),
+            "the device must never be a path install owns ({owned}):\n{record:#}"
+        );
+    }
+    assert_eq!(
+        record["request"]["data_volume"]["value"], DEVICE,
+        "the device is part of what install was asked (the desired state)"
+    );
     assert!(
-        !record.contains(DEVICE),
-        "the device must never be in the record:\n{record}"
+        record["request"].get("format_data_volume").is_none(),
+        "formatting is about that run only"
     );
 
     // Again: the volume now holds ext4, nothing is formatted, nothing changes.
