@@ -51,7 +51,7 @@ serve() { # $1 = directory
 
 run_agent() { # $1 = mib, $2 = run index; prints "wall rss"
   local root="$work/root-$1-$2"; mkdir -p "$root/etc"
-  measure "$bin" install --root "$root" --no-start --arch amd64 --soci-version $ver \
+  measure "$bin" install --root "$root" --no-start --arch amd64 --containerd-version 2.2 --soci-version $ver \
     --release-url "http://127.0.0.1:$port" --decompressor none --log-level error
   rm -rf "$root"
 }
