@@ -192,6 +192,19 @@ fn check_soci_root(value: &str) -> Result<String, RenderError> {
 }
 
 /// Printable ASCII, no whitespace, no quotes or backslashes.
+/// `NGi` or `NTi` in GiB.
+fn parse_size(v: &str) -> Option<u64> {
+    let (n, mult) = if let Some(n) = v.strip_suffix("Gi") {
+        (n, 1)
+    } else {
+        (v.strip_suffix("Ti")?, 1024)
+    };
+    if n.is_empty() || n.len() > 6 || !n.bytes().all(|c| c.is_ascii_digit()) || n.starts_with('0') {
+        return None;
+    }
+    n.parse::<u64>().ok().map(|n| n * mult)
+}
+
 fn is_printable_word(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()

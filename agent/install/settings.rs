@@ -179,24 +179,8 @@ impl InstallSettings {
         let retries = bounded_retries(o.retries)?;
         let no_start = no_start_for_root(args, o.no_start, &root)?;
         let preinstalled = preinstalled_policy(o, archive.is_some() || sha256.is_some())?;
-        let containerd_version = o
-            .containerd_version
-            .as_deref()
-            .map(parse_containerd_version)
-            .transpose()?;
-        let data_volume = o
-            .data_volume
-            .clone()
-            .map(|d| unit_path("--data-volume", d))
-            .transpose()?;
-        let format_data_volume = o.format_data_volume;
-        if format_data_volume && data_volume.is_none() {
-            return Err(invalid(
-                "--format-data-volume",
-                "true",
-                "formats the --data-volume: give one",
-            ));
-        }
+        let containerd_version = o.containerd_version.as_deref().map(parse_containerd_version);
+        let data_volume = data_volume(o)?;
         Ok(InstallSettings {
             root,
             config_file,
@@ -212,7 +196,7 @@ impl InstallSettings {
             containerd_config,
             wiring: o.wiring.unwrap_or(WiringMode::Auto),
             preinstalled,
-            containerd_version,
+            containerd_version: containerd_version.transpose()?,
             daemon: o.daemon,
             no_start,
             dry_run: args.dry_run,
@@ -225,11 +209,28 @@ impl InstallSettings {
             http_timeout,
             retries,
             data_volume,
-            format_data_volume,
+            format_data_volume: o.format_data_volume,
             warnings,
             layered,
         })
     }
+}
+
+/// `--data-volume` (a device path that lands in a unit file); `--format-data-volume` needs one.
+fn data_volume(o: &InstallOptions) -> Result<Option<String>, SettingsError> {
+    let data_volume = o
+        .data_volume
+        .clone()
+        .map(|d| unit_path("--data-volume", d))
+        .transpose()?;
+    if o.format_data_volume && data_volume.is_none() {
+        return Err(invalid(
+            "--format-data-volume",
+            "true",
+            "formats the --data-volume: give one",
+        ));
+    }
+    Ok(data_volume)
 }
 
 /// A release value's parse result, its error naming the option.

@@ -53,7 +53,7 @@ impl DataVolumeArgs {
             .data_volume_size
             .as_deref()
             .map(|s| {
-                super::ec2nodeclass::parse_size(s)
+                super::parse_size(s)
                     .filter(|g| (1..=16384).contains(g))
                     .ok_or_else(|| invalid("--data-volume-size", s, "expected 1Gi to 16Ti, e.g. 200Gi"))
             })

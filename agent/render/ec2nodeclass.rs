@@ -314,7 +314,7 @@ fn check_gp3(a: &Ec2NodeClassArgs) -> Result<(), RenderError> {
 
 /// A whole number of Gi or Ti, 20Gi to 16Ti.
 fn check_volume_size(size: &str) -> Result<(), RenderError> {
-    let gib = parse_size(size)
+    let gib = super::parse_size(size)
         .ok_or_else(|| invalid("--volume-size", size, "expected a whole number of Gi or Ti, e.g. 100Gi"))?;
     if !VOLUME_GIB.contains(&gib) {
         return Err(invalid(
@@ -326,29 +326,16 @@ fn check_volume_size(size: &str) -> Result<(), RenderError> {
     Ok(())
 }
 
-/// `NGi` or `NTi` in GiB.
-pub(super) fn parse_size(v: &str) -> Option<u64> {
-    let (n, mult) = if let Some(n) = v.strip_suffix("Gi") {
-        (n, 1)
-    } else {
-        (v.strip_suffix("Ti")?, 1024)
-    };
-    if n.is_empty() || n.len() > 6 || !n.bytes().all(|c| c.is_ascii_digit()) || n.starts_with('0') {
-        return None;
-    }
-    n.parse::<u64>().ok().map(|n| n * mult)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn sizes() {
-        assert_eq!(parse_size("100Gi"), Some(100));
-        assert_eq!(parse_size("2Ti"), Some(2048));
+        assert_eq!(super::super::parse_size("100Gi"), Some(100));
+        assert_eq!(super::super::parse_size("2Ti"), Some(2048));
         for bad in ["100", "100G", "0Gi", "010Gi", "1.5Ti", "Gi", "-1Gi"] {
-            assert_eq!(parse_size(bad), None, "{bad}");
+            assert_eq!(super::super::parse_size(bad), None, "{bad}");
         }
     }
 

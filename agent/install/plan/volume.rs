@@ -27,6 +27,34 @@ pub(super) fn data_volume(b: &mut Builder, s: &InstallSettings, facts: &HostFact
     if b.root.is_host() {
         volume::check_not_mounted_elsewhere(&dev, &layout, &volume::mounts())?;
     }
+    plan_content(b, s, dev)?;
+    if facts.nodeadm {
+        b.warnings.push(
+            "nodeadm host with --data-volume: do not also set instanceStorePolicy RAID0 / localStorage (nodeadm \
+             would bind instance store over the same roots)"
+                .into(),
+        );
+    }
+    // The unit names the device as given: a by-id link or an EBS name is resolved at every boot.
+    b.file(
+        VOLUME_SERVICE_PATH,
+        units::volume_service(given, &s.soci_root),
+        0o644,
+        UNIT_CHANGE,
+    )?;
+    b.file(SOCI_VOLUME_DROPIN, units::soci_dropin(), 0o644, UNIT_CHANGE)?;
+    b.file(
+        CONTAINERD_VOLUME_DROPIN,
+        units::containerd_dropin(),
+        0o644,
+        CONTAINERD_CHANGE,
+    )?;
+    Ok(())
+}
+
+/// What the device holds decides: format a blank one (with
+/// `--format-data-volume`), use ext4/xfs, refuse anything else.
+fn plan_content(b: &mut Builder, s: &InstallSettings, dev: device::Device) -> Result<(), PlanError> {
     match device::probe(b.root, &dev)? {
         Content::Blank if s.format_data_volume => {
             device::check_writable(&dev)?;
@@ -58,26 +86,5 @@ pub(super) fn data_volume(b: &mut Builder, s: &InstallSettings, facts: &HostFact
         }
         Content::Other { what } => return Err(VolumeError::Foreign { device: dev.used, what }.into()),
     }
-    if facts.nodeadm {
-        b.warnings.push(
-            "nodeadm host with --data-volume: do not also set instanceStorePolicy RAID0 / localStorage (nodeadm \
-             would bind instance store over the same roots)"
-                .into(),
-        );
-    }
-    // The unit names the device as given: a by-id link or an EBS name is resolved at every boot.
-    b.file(
-        VOLUME_SERVICE_PATH,
-        units::volume_service(given, &s.soci_root),
-        0o644,
-        UNIT_CHANGE,
-    )?;
-    b.file(SOCI_VOLUME_DROPIN, units::soci_dropin(), 0o644, UNIT_CHANGE)?;
-    b.file(
-        CONTAINERD_VOLUME_DROPIN,
-        units::containerd_dropin(),
-        0o644,
-        CONTAINERD_CHANGE,
-    )?;
     Ok(())
 }
