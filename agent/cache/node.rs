@@ -17,7 +17,7 @@ const CALL_BOUND: Duration = Duration::from_secs(20);
 /// The CRI image service at `endpoint` (unix path or `unix://` URL), else containerd's socket.
 pub fn cri(root: &Root, endpoint: Option<&str>) -> Result<ImageServiceClient<Channel>, String> {
     let socket = match endpoint {
-        Some(e) => crate::prefetch::cri::socket_path(e)?,
+        Some(e) => crate::prefetch::cri::socket_path(e).map_err(|e| e.to_string())?,
         None => std::path::PathBuf::from(CONTAINERD_SOCKET),
     };
     Ok(ImageServiceClient::new(crate::prefetch::cri::unix_channel(
