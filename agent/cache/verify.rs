@@ -141,7 +141,7 @@ pub async fn verify(root: &Root, cri_endpoint: Option<&str>) -> VerifyReport {
     let client = node::cri(root, cri_endpoint);
     for img in &m.images {
         let (hit, detail) = match &client {
-            Err(e) => (false, e.clone()),
+            Err(e) => (false, crate::exit::error_chain(e)),
             Ok(c) => match node::status(c, &img.image).await {
                 Ok(Some(found)) if found.id == img.digest => (true, format!("{} present", short(&found.id))),
                 Ok(Some(found)) => (
@@ -153,7 +153,7 @@ pub async fn verify(root: &Root, cri_endpoint: Option<&str>) -> VerifyReport {
                     ),
                 ),
                 Ok(None) => (false, "not found through CRI".to_string()),
-                Err(e) => (false, e),
+                Err(e) => (false, crate::exit::error_chain(&e)),
             },
         };
         report.images.push(ImageCheck {
