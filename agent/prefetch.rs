@@ -102,7 +102,7 @@ pub async fn run(args: &PrefetchArgs) -> u8 {
         Ok(x) => x,
         Err(e) => {
             eprintln!("soci-agent prefetch: {}", crate::exit::error_chain(&e));
-            return report::EXIT_USAGE;
+            return crate::exit::ExitKindOf::exit_kind(&e).code();
         }
     };
     let mut report = prefetch(&opts).await;
