@@ -111,7 +111,7 @@ async fn containerd_soci(ctx: &DoctorContext, node: &Node, socket: &Path) -> Che
         Ok(Err(e)) => {
             return Check::fail(
                 ID,
-                format!("cannot talk to containerd at {shown}: {e}"),
+                format!("cannot talk to containerd at {shown}: {}", crate::exit::error_chain(&e)),
                 "see journalctl -u containerd",
             );
         }
