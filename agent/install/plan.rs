@@ -51,7 +51,7 @@ pub enum PlanError {
     NotUtf8 { path: String },
     #[error("cannot read the checksum file {path}")]
     ReadChecksum { path: String, source: std::io::Error },
-    #[error("checksum file {path}: {source}")]
+    #[error("checksum file {path}")]
     BadChecksum {
         path: String,
         source: crate::release::ReleaseError,
