@@ -52,26 +52,113 @@ impl BootReport {
     }
 }
 
+/// Why the `verify-binary` or `pause-image` step failed (its row's `detail`).
+#[derive(Debug, thiserror::Error)]
+enum BootError {
+    #[error("no install record: run soci-agent install")]
+    NoRecord,
+    #[error(transparent)]
+    Record(#[from] crate::install::record::RecordError),
+    #[error("cannot hash {bin}")]
+    HashBinary {
+        bin: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{bin} sha256 {got}, recorded {want}")]
+    Checksum {
+        bin: String,
+        got: crate::release::Sha256Hex,
+        want: crate::release::Sha256Hex,
+    },
+    #[error("{bin} is not soci-agent's link")]
+    NotLink {
+        bin: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{bin} -> {} is outside the store", target.display())]
+    OutsideStore { bin: String, target: PathBuf },
+    #[error("cannot read store manifest {}", path.display())]
+    ReadManifest {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("store manifest {} is not valid JSON", path.display())]
+    ParseManifest {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("store manifest {} has no usable version", path.display())]
+    ManifestVersion {
+        path: PathBuf,
+        #[source]
+        source: crate::release::ReleaseError,
+    },
+    #[error("store entry {} is missing", entry.display())]
+    StoreMissing { entry: PathBuf },
+    #[error("store entry {} is stale: {why}", entry.display())]
+    StoreStale { entry: PathBuf, why: String },
+    #[error("no ctr binary found (looked for {})", CTR_CANDIDATES.join(", "))]
+    NoCtr,
+    #[error(transparent)]
+    ContainerdDown(#[from] crate::health::HealthError),
+    #[error("cannot run {}", ctr.display())]
+    RunCtr {
+        ctr: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ctr images import {archive} failed ({status}): {output}")]
+    Import {
+        archive: String,
+        status: std::process::ExitStatus,
+        output: String,
+    },
+}
+
 /// Checks the binary the SOCI unit runs against what install verified.
-fn verify_binary(root: &Root, record: &Record) -> Result<String, String> {
+fn verify_binary(root: &Root, record: &Record) -> Result<String, BootError> {
     let bin = &record.daemon_binary;
     if let Some(want) = &record.adopted_sha256 {
-        let got = store::sha256_file(&root.path(bin)).map_err(|e| format!("{bin}: {e}"))?;
+        let got = store::sha256_file(&root.path(bin)).map_err(|source| BootError::HashBinary {
+            bin: bin.clone(),
+            source,
+        })?;
         return if &got == want {
             Ok(format!("{bin} sha256 {got} as recorded"))
         } else {
-            Err(format!("{bin} sha256 {got}, recorded {want}"))
+            Err(BootError::Checksum {
+                bin: bin.clone(),
+                got,
+                want: want.clone(),
+            })
         };
     }
-    let target = std::fs::read_link(root.path(bin)).map_err(|e| format!("{bin} is not soci-agent's link: {e}"))?;
-    let entry = target
-        .parent()
-        .ok_or_else(|| format!("{bin} -> {} is outside the store", target.display()))?;
-    let manifest_text = std::fs::read_to_string(root.path(entry).join(store::MANIFEST))
-        .map_err(|e| format!("{}/{}: {e}", entry.display(), store::MANIFEST))?;
-    let m: Manifest = serde_json::from_str(&manifest_text).map_err(|e| format!("{}: {e}", store::MANIFEST))?;
+    let target = std::fs::read_link(root.path(bin)).map_err(|source| BootError::NotLink {
+        bin: bin.clone(),
+        source,
+    })?;
+    let entry = target.parent().ok_or_else(|| BootError::OutsideStore {
+        bin: bin.clone(),
+        target: target.clone(),
+    })?;
+    let path = entry.join(store::MANIFEST);
+    let manifest_text = std::fs::read_to_string(root.path(&path)).map_err(|source| BootError::ReadManifest {
+        path: path.clone(),
+        source,
+    })?;
+    let m: Manifest = serde_json::from_str(&manifest_text).map_err(|source| BootError::ParseManifest {
+        path: path.clone(),
+        source,
+    })?;
     let spec = crate::release::ReleaseSpec {
-        version: m.version.parse().map_err(|e| format!("{}: {e}", store::MANIFEST))?,
+        version: m
+            .version
+            .parse()
+            .map_err(|source| BootError::ManifestVersion { path, source })?,
         arch: m.arch,
         flavor: m.flavor,
     };
@@ -82,8 +169,13 @@ fn verify_binary(root: &Root, record: &Record) -> Result<String, String> {
             store::MANIFEST,
             m.archive_sha256
         )),
-        EntryState::Missing => Err(format!("store entry {} is missing", entry.display())),
-        EntryState::Stale(why) => Err(why),
+        EntryState::Missing => Err(BootError::StoreMissing {
+            entry: entry.to_path_buf(),
+        }),
+        EntryState::Stale(why) => Err(BootError::StoreStale {
+            entry: entry.to_path_buf(),
+            why,
+        }),
     }
 }
 
@@ -106,16 +198,14 @@ async fn import_flags(ctr: &Path) -> Vec<&'static str> {
     flags
 }
 
-async fn import_pause(root: &Root, archive: &str) -> Result<String, String> {
+async fn import_pause(root: &Root, archive: &str) -> Result<String, BootError> {
     let ctr = CTR_CANDIDATES
         .iter()
         .map(|c| root.path(c))
         .find(|p| p.is_file())
-        .ok_or("no ctr binary found")?;
+        .ok_or(BootError::NoCtr)?;
     let socket = root.path(CONTAINERD_SOCKET);
-    crate::health::wait_for_socket(&socket, Duration::from_secs(60))
-        .await
-        .map_err(|e| e.to_string())?;
+    crate::health::wait_for_socket(&socket, Duration::from_secs(60)).await?;
     let mut cmd = tokio::process::Command::new(&ctr);
     cmd.arg("--address")
         .arg(&socket)
@@ -123,7 +213,10 @@ async fn import_pause(root: &Root, archive: &str) -> Result<String, String> {
     cmd.args(import_flags(&ctr).await)
         .arg(root.path(archive))
         .kill_on_drop(true);
-    let out = cmd.output().await.map_err(|e| format!("{}: {e}", ctr.display()))?;
+    let out = match cmd.output().await {
+        Ok(out) => out,
+        Err(source) => return Err(BootError::RunCtr { ctr, source }),
+    };
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         tracing::info!(target: "ctr", "{line}");
@@ -133,7 +226,11 @@ async fn import_pause(root: &Root, archive: &str) -> Result<String, String> {
             "imported {archive} into the soci snapshotter (namespace k8s.io)"
         ))
     } else {
-        Err(format!("ctr images import failed ({}): {}", out.status, text.trim()))
+        Err(BootError::Import {
+            archive: archive.to_string(),
+            status: out.status,
+            output: text.trim().to_string(),
+        })
     }
 }
 
@@ -191,12 +288,20 @@ fn verify_step(root: &Root) -> (Step, bool) {
     let t = Instant::now();
     let verified = match Record::load(root) {
         Ok(Some(record)) => verify_binary(root, &record),
-        Ok(None) => Err("no install record: run soci-agent install".to_string()),
-        Err(e) => Err(e.to_string()),
+        Ok(None) => Err(BootError::NoRecord),
+        Err(e) => Err(e.into()),
     };
     match verified {
         Ok(detail) => (Step::ok("verify-binary", t, detail), true),
-        Err(why) => (Step::failed("verify-binary", t, "SOCI binary verification", why), false),
+        Err(e) => (
+            Step::failed(
+                "verify-binary",
+                t,
+                "SOCI binary verification",
+                crate::exit::error_chain(&e),
+            ),
+            false,
+        ),
     }
 }
 
@@ -208,7 +313,10 @@ async fn pause_step(root: &Root, archive: &str) -> (Step, bool) {
     let t = Instant::now();
     match import_pause(root, archive).await {
         Ok(detail) => (Step::ok("pause-image", t, detail), true),
-        Err(why) => (Step::failed("pause-image", t, "pause image import", why), false),
+        Err(e) => (
+            Step::failed("pause-image", t, "pause image import", crate::exit::error_chain(&e)),
+            false,
+        ),
     }
 }
 

@@ -120,6 +120,7 @@ impl DaemonArgs {
 
 /// Runs until SIGTERM or SIGINT; returns the exit code.
 pub async fn run(args: &DaemonArgs) -> u8 {
+    use crate::exit::ExitKindOf;
     let root = crate::rootfs::Root::new(&args.root);
     let overrides = args.overrides();
     if args.query {
@@ -129,7 +130,7 @@ pub async fn run(args: &DaemonArgs) -> u8 {
         Ok(c) => Arc::new(c),
         Err(e) => {
             tracing::error!(error = %crate::exit::error_chain(&e), "invalid configuration: not starting");
-            return 2;
+            return e.exit_kind().code();
         }
     };
     let ends = Endpoints {
@@ -141,7 +142,7 @@ pub async fn run(args: &DaemonArgs) -> u8 {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!(error = crate::exit::error_chain(&e).as_str(), "cannot start");
-            1
+            e.exit_kind().code()
         }
     }
 }
@@ -158,7 +159,7 @@ async fn query(args: &DaemonArgs, root: &crate::rootfs::Root, overrides: &Overri
             0
         }
         Err(e) => {
-            eprintln!("soci-agent daemon --query: {e}");
+            eprintln!("soci-agent daemon --query: {}", crate::exit::error_chain(&e));
             1
         }
     }

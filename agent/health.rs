@@ -92,7 +92,7 @@ pub async fn wait_for_snapshotter(
                 s.containerd_version,
                 s.init_error.unwrap_or_default()
             ),
-            Err(e) => e.to_string(),
+            Err(e) => crate::exit::error_chain(&e),
         };
         if started.elapsed() >= bound {
             return Err(HealthError::SnapshotterNotLoaded {

@@ -89,7 +89,7 @@ pub use report::{EXIT_SOME_FAILED, ImageReport, ImageState, PrefetchReport, Summ
 use credentials::{Credential, Keyring};
 use cri::{CallError, Cri};
 use progress::Board;
-pub use soci::{SociFacts, read_soci_config};
+pub use soci::{SociConfigError, SociFacts, read_soci_config};
 
 /// Where SOCI's sockets live (its CRI keychain serves the ImageService there).
 pub(crate) const SOCI_RUN_DIR: &str = "/run/soci-snapshotter-grpc";
@@ -102,7 +102,7 @@ pub async fn run(args: &PrefetchArgs) -> u8 {
         Ok(x) => x,
         Err(e) => {
             eprintln!("soci-agent prefetch: {}", crate::exit::error_chain(&e));
-            return report::EXIT_USAGE;
+            return crate::exit::ExitKindOf::exit_kind(&e).code();
         }
     };
     let mut report = prefetch(&opts).await;
@@ -140,8 +140,8 @@ enum SetupError {
     #[error(transparent)]
     Credentials(#[from] credentials::CredentialError),
     /// The CRI endpoint is not a unix socket path (the message names it).
-    #[error("{0}")]
-    Endpoint(String),
+    #[error(transparent)]
+    Endpoint(#[from] cri::EndpointError),
     #[error("concurrency must be at least 1")]
     Concurrency,
     /// A socket to use is not there: nothing to retry, the flag or the service is wrong.
@@ -255,7 +255,7 @@ fn setup(opts: &PrefetchOptions) -> Result<(Keyring, PathBuf), SetupError> {
         opts.credential_provider_config_required,
         &opts.credential_provider_bin_dir,
     )?;
-    let socket = cri::socket_path(&opts.cri_endpoint).map_err(SetupError::Endpoint)?;
+    let socket = cri::socket_path(&opts.cri_endpoint)?;
     if opts.concurrency == 0 {
         return Err(SetupError::Concurrency);
     }

@@ -106,7 +106,7 @@ pub enum RenderError {
         value: String,
         reason: String,
     },
-    #[error("{option}: {source}")]
+    #[error("{option}")]
     Release { option: &'static str, source: ReleaseError },
     #[error(transparent)]
     Tuning(#[from] TuningError),
@@ -114,6 +114,20 @@ pub enum RenderError {
     Missing { option: &'static str, reason: &'static str },
     #[error("the user data is {size} bytes, over EC2's limit of {limit} bytes (16 KB, raw, before base64){hint}")]
     TooLarge { size: usize, limit: usize, hint: String },
+}
+
+impl crate::exit::ExitKindOf for RenderError {
+    /// Rendering only reads its options: every failure is the operator's to fix (exit 2).
+    fn exit_kind(&self) -> crate::exit::ExitKind {
+        use crate::exit::ExitKind;
+        match self {
+            RenderError::Invalid { .. }
+            | RenderError::Release { .. }
+            | RenderError::Tuning(_)
+            | RenderError::Missing { .. }
+            | RenderError::TooLarge { .. } => ExitKind::Usage,
+        }
+    }
 }
 
 pub(crate) fn invalid(option: &'static str, value: &str, reason: impl Into<String>) -> RenderError {
@@ -142,8 +156,8 @@ pub fn run(args: &RenderArgs) -> (String, u8) {
             (r.text, 0)
         }
         Err(e) => {
-            eprintln!("soci-agent render: error: {e}");
-            (String::new(), 2)
+            eprintln!("soci-agent render: error: {}", crate::exit::error_chain(&e));
+            (String::new(), crate::exit::ExitKindOf::exit_kind(&e).code())
         }
     }
 }

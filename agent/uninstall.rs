@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::exit::{ExitKind, error_chain};
+use crate::exit::{ExitKind, ExitKindOf, error_chain};
 use crate::install::plan::{Action, ActionKind, Effects, Op};
 use crate::install::record::{Before, Record};
 use crate::install::report::InstallReport;
@@ -144,28 +144,49 @@ async fn systemd_side(record: &Record, steps: &mut Vec<String>) -> Result<(), Sy
     Ok(())
 }
 
-/// Why an uninstall stopped: how it exits, and the message for the report.
-struct Stop {
-    kind: ExitKind,
-    message: String,
+/// Why an uninstall stopped (the report's `error`).
+#[derive(Debug, thiserror::Error)]
+enum UninstallError {
+    #[error("--root {}: uninstalling from another root needs --no-start", root.display())]
+    OtherRootNeedsNoStart { root: PathBuf },
+    #[error(transparent)]
+    Record(#[from] crate::install::record::RecordError),
+    #[error(transparent)]
+    Lock(#[from] crate::install::lock::LockError),
+    /// Disabling soci-agent's units, before any file is restored.
+    #[error(transparent)]
+    Disable(Box<SystemdError>),
+    /// Restoring the files (rolled back).
+    #[error(transparent)]
+    Restore(#[from] crate::install::apply::ApplyError),
+    /// The systemd step after the files were restored.
+    #[error(transparent)]
+    SystemdSide(Box<SystemdError>),
 }
 
-impl Stop {
-    /// A failure whose message is the whole chain of `error`.
-    fn failed(error: &(dyn std::error::Error + 'static)) -> Self {
-        Stop {
-            kind: ExitKind::Failed,
-            message: error_chain(error),
+impl ExitKindOf for UninstallError {
+    /// `--root` without `--no-start` is a usage error (exit 2); everything else failed (exit 1):
+    /// a restore is rolled back whatever its cause, so it is never a verification failure.
+    fn exit_kind(&self) -> ExitKind {
+        match self {
+            UninstallError::OtherRootNeedsNoStart { .. } => ExitKind::Usage,
+            UninstallError::Lock(e) => e.exit_kind(),
+            UninstallError::Record(_)
+            | UninstallError::Disable(_)
+            | UninstallError::Restore(_)
+            | UninstallError::SystemdSide(_) => ExitKind::Failed,
         }
     }
+}
 
-    /// Logs the stop and makes it the report's outcome.
-    fn record(self, report: &mut InstallReport) {
-        tracing::error!(exit_code = self.kind.code(), "{}", self.message);
-        report.outcome = self.kind;
-        report.exit_code = self.kind.code();
-        report.error = Some(self.message);
-    }
+/// Logs `error` and makes it the report's outcome.
+fn record_stop(error: &UninstallError, report: &mut InstallReport) {
+    let kind = error.exit_kind();
+    let message = error_chain(error);
+    tracing::error!(exit_code = kind.code(), "{message}");
+    report.outcome = kind;
+    report.exit_code = kind.code();
+    report.error = Some(message);
 }
 
 /// The subcommand: restores the node as the install record says, and returns the report with the output format.
@@ -173,26 +194,22 @@ pub async fn run(args: &UninstallArgs) -> (InstallReport, OutputFormat) {
     let started = Instant::now();
     let output = args.output.unwrap_or(OutputFormat::Text);
     let mut report = InstallReport::for_command("uninstall", args.dry_run);
-    if let Err(stop) = uninstall(args, &mut report, started).await {
-        stop.record(&mut report);
+    if let Err(e) = uninstall(args, &mut report, started).await {
+        record_stop(&e, &mut report);
     }
     (report, output)
 }
 
 /// Plans the restore from the install record into `report` and, unless `--dry-run`,
 /// carries it out (then records how long that took since `started`).
-async fn uninstall(args: &UninstallArgs, report: &mut InstallReport, started: Instant) -> Result<(), Stop> {
+async fn uninstall(args: &UninstallArgs, report: &mut InstallReport, started: Instant) -> Result<(), UninstallError> {
     let root = Root::new(&args.root);
     if !root.is_host() && !args.no_start && !args.dry_run {
-        return Err(Stop {
-            kind: ExitKind::Usage,
-            message: format!(
-                "--root {}: uninstalling from another root needs --no-start",
-                args.root.display()
-            ),
+        return Err(UninstallError::OtherRootNeedsNoStart {
+            root: args.root.clone(),
         });
     }
-    let Some(record) = Record::load(&root).map_err(|e| Stop::failed(&e))? else {
+    let Some(record) = Record::load(&root)? else {
         if args.purge {
             return purge_left_store(&root, args.dry_run, report);
         }
@@ -218,8 +235,13 @@ async fn uninstall(args: &UninstallArgs, report: &mut InstallReport, started: In
 
 /// Under the node lock: disables soci-agent's units, restores the files, then lets
 /// systemd run without SOCI and cleans up.
-async fn restore(args: &UninstallArgs, root: &Root, record: &Record, report: &mut InstallReport) -> Result<(), Stop> {
-    let _lock = crate::install::apply::lock_node(root).map_err(|e| Stop::failed(&e))?;
+async fn restore(
+    args: &UninstallArgs,
+    root: &Root,
+    record: &Record,
+    report: &mut InstallReport,
+) -> Result<(), UninstallError> {
+    let _lock = crate::install::apply::lock_node(root)?;
     let mut steps = Vec::new();
     let mut start_containerd = false;
     if !args.no_start {
@@ -238,7 +260,7 @@ async fn restore(args: &UninstallArgs, root: &Root, record: &Record, report: &mu
             "files restored, but the systemd step failed: {}",
             error_chain(&e)
         ));
-        Stop::failed(&e).record(report);
+        record_stop(&UninstallError::SystemdSide(Box::new(e)), report);
     }
     if start_containerd {
         // Stopped with the data volume: it runs again, on its own directory.
@@ -283,25 +305,25 @@ async fn release_data_volume(root: &Root, record: &Record, steps: &mut Vec<Strin
 }
 
 /// Disables the units soci-agent enabled (see [`units_to_disable`]), if any.
-async fn disable_units(root: &Root, record: &Record, steps: &mut Vec<String>) -> Result<(), Stop> {
+async fn disable_units(root: &Root, record: &Record, steps: &mut Vec<String>) -> Result<(), UninstallError> {
     let to_disable = units_to_disable(root, record);
     if to_disable.is_empty() {
         return Ok(());
     }
     let units: Vec<&str> = to_disable.iter().map(String::as_str).collect();
     let disabled = async { Systemd::connect(Duration::from_secs(10)).await?.disable(&units).await };
-    disabled.await.map_err(|e| Stop::failed(&e))?;
+    disabled.await.map_err(|e| UninstallError::Disable(Box::new(e)))?;
     steps.push(format!("disabled {}", units.join(", ")));
     Ok(())
 }
 
 /// Applies the report's restore actions as one transaction, rolled back when one fails.
-fn restore_files(root: &Root, report: &mut InstallReport) -> Result<(), Stop> {
+fn restore_files(root: &Root, report: &mut InstallReport) -> Result<(), UninstallError> {
     let mut txn = crate::install::apply::Transaction::default();
     if let Err(e) = crate::install::apply::apply_actions(&mut txn, root, &report.actions) {
         txn.rollback();
         report.changed = false;
-        return Err(Stop::failed(&e));
+        return Err(e.into());
     }
     txn.commit();
     Ok(())
@@ -343,7 +365,7 @@ fn store_entries(root: &Root) -> Vec<String> {
 
 /// `--purge` with no install record (a plain uninstall ran before): removes the store entries
 /// left behind, under the node lock; with `dry_run`, only says which.
-fn purge_left_store(root: &Root, dry_run: bool, report: &mut InstallReport) -> Result<(), Stop> {
+fn purge_left_store(root: &Root, dry_run: bool, report: &mut InstallReport) -> Result<(), UninstallError> {
     let entries = store_entries(root);
     if entries.is_empty() {
         report.notes.push(format!(
@@ -360,7 +382,7 @@ fn purge_left_store(root: &Root, dry_run: bool, report: &mut InstallReport) -> R
         );
         return Ok(());
     }
-    let _lock = crate::install::apply::lock_node(root).map_err(|e| Stop::failed(&e))?;
+    let _lock = crate::install::apply::lock_node(root)?;
     for entry in &entries {
         match std::fs::remove_dir_all(root.path(entry)) {
             Ok(()) => report

@@ -14,8 +14,28 @@ use crate::rootfs::Root;
 /// Bound of one CRI call.
 const CALL_BOUND: Duration = Duration::from_secs(20);
 
+/// A CRI call of the cache commands that failed. The gRPC status is kept as
+/// its code and message (its own display adds metadata nobody reads).
+#[derive(Debug, thiserror::Error)]
+pub enum CriError {
+    #[error(transparent)]
+    Endpoint(#[from] crate::prefetch::cri::EndpointError),
+    #[error("ImageStatus {image}: {code:?}: {message}")]
+    ImageStatus {
+        image: String,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("ImageStatus {image}: no answer within {bound:?}")]
+    ImageStatusTimeout { image: String, bound: Duration },
+    #[error("ListImages: {code:?}: {message}")]
+    ListImages { code: tonic::Code, message: String },
+    #[error("ListImages: no answer within {bound:?}")]
+    ListImagesTimeout { bound: Duration },
+}
+
 /// The CRI image service at `endpoint` (unix path or `unix://` URL), else containerd's socket.
-pub fn cri(root: &Root, endpoint: Option<&str>) -> Result<ImageServiceClient<Channel>, String> {
+pub fn cri(root: &Root, endpoint: Option<&str>) -> Result<ImageServiceClient<Channel>, CriError> {
     let socket = match endpoint {
         Some(e) => crate::prefetch::cri::socket_path(e)?,
         None => std::path::PathBuf::from(CONTAINERD_SOCKET),
@@ -26,7 +46,7 @@ pub fn cri(root: &Root, endpoint: Option<&str>) -> Result<ImageServiceClient<Cha
 }
 
 /// `ImageStatus`: the image when CRI has it.
-pub async fn status(client: &ImageServiceClient<Channel>, image: &str) -> Result<Option<Image>, String> {
+pub async fn status(client: &ImageServiceClient<Channel>, image: &str) -> Result<Option<Image>, CriError> {
     let req = ImageStatusRequest {
         image: Some(ImageSpec {
             image: image.to_string(),
@@ -36,20 +56,30 @@ pub async fn status(client: &ImageServiceClient<Channel>, image: &str) -> Result
     };
     match tokio::time::timeout(CALL_BOUND, client.clone().image_status(req)).await {
         Ok(Ok(r)) => Ok(r.into_inner().image),
-        Ok(Err(s)) => Err(format!("ImageStatus {image}: {:?}: {}", s.code(), s.message())),
-        Err(_) => Err(format!("ImageStatus {image}: no answer within {CALL_BOUND:?}")),
+        Ok(Err(s)) => Err(CriError::ImageStatus {
+            image: image.to_string(),
+            code: s.code(),
+            message: s.message().to_string(),
+        }),
+        Err(_) => Err(CriError::ImageStatusTimeout {
+            image: image.to_string(),
+            bound: CALL_BOUND,
+        }),
     }
 }
 
 /// `ListImages`: every image CRI knows.
-pub async fn list(client: &ImageServiceClient<Channel>) -> Result<Vec<Image>, String> {
+pub async fn list(client: &ImageServiceClient<Channel>) -> Result<Vec<Image>, CriError> {
     let req = ListImagesRequest {
         filter: Some(ImageFilter::default()),
     };
     match tokio::time::timeout(CALL_BOUND, client.clone().list_images(req)).await {
         Ok(Ok(r)) => Ok(r.into_inner().images),
-        Ok(Err(s)) => Err(format!("ListImages: {:?}: {}", s.code(), s.message())),
-        Err(_) => Err(format!("ListImages: no answer within {CALL_BOUND:?}")),
+        Ok(Err(s)) => Err(CriError::ListImages {
+            code: s.code(),
+            message: s.message().to_string(),
+        }),
+        Err(_) => Err(CriError::ListImagesTimeout { bound: CALL_BOUND }),
     }
 }
 

@@ -15,7 +15,7 @@ use crate::paths::{
     CONTAINERD_SERVICE, KUBELET_SERVICE, SOCI_SERVICE, SOCI_SOCKET_UNIT, VOLUME_LABEL, VOLUME_MOUNT, VOLUME_SERVICE,
 };
 use crate::rootfs::Root;
-use crate::systemd::Systemd;
+use crate::systemd::{Systemd, SystemdError};
 
 #[derive(Debug, Clone, Args)]
 pub struct SealArgs {
@@ -89,9 +89,62 @@ fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
-fn failed(mut r: SealReport, started: Instant, error: String) -> SealReport {
-    r.exit_code = 1;
-    r.error = Some(error);
+/// Why `cache seal` stopped (the report's `error`).
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("no data volume is mounted at {mountpoint}: run soci-agent install --data-volume DEVICE first")]
+    NotMounted { mountpoint: &'static str },
+    #[error(transparent)]
+    ImageList(#[from] crate::prefetch::OptionsError),
+    #[error(transparent)]
+    Cri(#[from] node::CriError),
+    #[error("no image to seal: prefetch some first, or name them")]
+    NoImages,
+    #[error("{count} image(s) are not present through CRI: prefetch them first; nothing was stopped")]
+    Missing { count: usize },
+    #[error("cannot reach systemd to stop the daemons")]
+    ReachSystemd {
+        #[source]
+        source: SystemdError,
+    },
+    #[error("cannot tell whether {unit} runs")]
+    UnitState {
+        unit: &'static str,
+        #[source]
+        source: SystemdError,
+    },
+    #[error("stopping {unit}")]
+    Stop {
+        unit: &'static str,
+        #[source]
+        source: SystemdError,
+    },
+    #[error(transparent)]
+    WriteManifest(crate::rootfs::FsError),
+}
+
+impl crate::exit::ExitKindOf for SealError {
+    /// Every seal failure leaves the node as it was for what it did not reach: exit 1.
+    fn exit_kind(&self) -> crate::exit::ExitKind {
+        use crate::exit::ExitKind;
+        match self {
+            SealError::NotMounted { .. }
+            | SealError::ImageList(_)
+            | SealError::Cri(_)
+            | SealError::NoImages
+            | SealError::Missing { .. }
+            | SealError::ReachSystemd { .. }
+            | SealError::UnitState { .. }
+            | SealError::Stop { .. }
+            | SealError::WriteManifest(_) => ExitKind::Failed,
+        }
+    }
+}
+
+fn failed(mut r: SealReport, started: Instant, error: SealError) -> SealReport {
+    use crate::exit::ExitKindOf;
+    r.exit_code = error.exit_kind().code();
+    r.error = Some(crate::exit::error_chain(&error));
     r.seconds = started.elapsed().as_secs_f64();
     r
 }
@@ -101,10 +154,10 @@ async fn wanted(
     args: &SealArgs,
     root: &Root,
     client: &k8s_cri::v1::image_service_client::ImageServiceClient<tonic::transport::Channel>,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, SealError> {
     let mut images = args.images.clone();
     for f in &args.from {
-        images.extend(crate::prefetch::read_image_list(f).map_err(|e| crate::exit::error_chain(&e))?);
+        images.extend(crate::prefetch::read_image_list(f)?);
     }
     if !images.is_empty() {
         return Ok(images);
@@ -148,13 +201,15 @@ pub async fn seal(args: &SealArgs) -> SealReport {
         return failed(
             r,
             started,
-            format!("no data volume is mounted at {VOLUME_MOUNT}: run soci-agent install --data-volume DEVICE first"),
+            SealError::NotMounted {
+                mountpoint: VOLUME_MOUNT,
+            },
         );
     };
     // 2. Every image present through CRI.
     let client = match node::cri(&root, None) {
         Ok(c) => c,
-        Err(e) => return failed(r, started, e),
+        Err(e) => return failed(r, started, e.into()),
     };
     let images = match wanted(args, &root, &client).await {
         Ok(i) => i,
@@ -171,17 +226,14 @@ pub async fn seal(args: &SealArgs) -> SealReport {
                 size: found.size,
             }),
             Ok(None) => r.missing.push(image.clone()),
-            Err(e) => r.missing.push(format!("{image} ({e})")),
+            Err(e) => r.missing.push(format!("{image} ({})", crate::exit::error_chain(&e))),
         }
     }
     if !r.missing.is_empty() || cached.is_empty() {
         let why = if cached.is_empty() && r.missing.is_empty() {
-            "no image to seal: prefetch some first, or name them".to_string()
+            SealError::NoImages
         } else {
-            format!(
-                "{} image(s) are not present through CRI: prefetch them first; nothing was stopped",
-                r.missing.len()
-            )
+            SealError::Missing { count: r.missing.len() }
         };
         return failed(r, started, why);
     }
@@ -203,7 +255,7 @@ pub async fn seal(args: &SealArgs) -> SealReport {
     };
     let path = root.path(manifest_path());
     if let Err(e) = crate::rootfs::write_atomic(&path, m.to_json().as_bytes(), 0o644) {
-        return failed(r, started, crate::exit::error_chain(&e));
+        return failed(r, started, SealError::WriteManifest(e));
     }
     sync_fs(&mp);
     r.volume_id = device::ebs_volume_id(vol.dev);
@@ -214,7 +266,8 @@ pub async fn seal(args: &SealArgs) -> SealReport {
         match stop_unit(VOLUME_SERVICE).await {
             Ok(()) => r.stopped.push(VOLUME_SERVICE.into()),
             Err(e) => r.warnings.push(format!(
-                "the volume stays mounted ({e}); it is synced, so a snapshot is still consistent"
+                "the volume stays mounted ({}); it is synced, so a snapshot is still consistent",
+                crate::exit::error_chain(&e)
             )),
         }
     }
@@ -222,29 +275,25 @@ pub async fn seal(args: &SealArgs) -> SealReport {
     r
 }
 
-async fn stop_unit(unit: &str) -> Result<(), String> {
-    let sd = Systemd::connect(Duration::from_secs(10))
-        .await
-        .map_err(|e| crate::exit::error_chain(&e))?;
-    sd.stop(unit).await.map_err(|e| crate::exit::error_chain(&e))
+async fn stop_unit(unit: &str) -> Result<(), SystemdError> {
+    let sd = Systemd::connect(Duration::from_secs(10)).await?;
+    sd.stop(unit).await
 }
 
 /// Stops kubelet (when loaded), containerd, SOCI and its socket (which would start it again).
-async fn stop_daemons(r: &mut SealReport) -> Result<(), String> {
-    let sd = Systemd::connect(Duration::from_secs(10)).await.map_err(|e| {
-        format!(
-            "cannot reach systemd to stop the daemons: {}",
-            crate::exit::error_chain(&e)
-        )
-    })?;
+async fn stop_daemons(r: &mut SealReport) -> Result<(), SealError> {
+    let sd = Systemd::connect(Duration::from_secs(10))
+        .await
+        .map_err(|source| SealError::ReachSystemd { source })?;
     for unit in [KUBELET_SERVICE, CONTAINERD_SERVICE, SOCI_SOCKET_UNIT, SOCI_SERVICE] {
-        let state = sd.unit_state(unit).await.map_err(|e| crate::exit::error_chain(&e))?;
+        let state = sd
+            .unit_state(unit)
+            .await
+            .map_err(|source| SealError::UnitState { unit, source })?;
         if state.load_state == "not-found" || !state.is_active() {
             continue;
         }
-        sd.stop(unit)
-            .await
-            .map_err(|e| format!("stopping {unit}: {}", crate::exit::error_chain(&e)))?;
+        sd.stop(unit).await.map_err(|source| SealError::Stop { unit, source })?;
         r.stopped.push(unit.to_string());
     }
     Ok(())

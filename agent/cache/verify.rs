@@ -103,22 +103,35 @@ impl VerifyReport {
     }
 }
 
+/// Why there is no manifest to verify against (the report's `error`, exit 2).
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    #[error("no cache manifest at {path}: no data volume mounted, or it was never sealed (soci-agent cache seal)")]
+    Missing { path: String },
+    #[error(transparent)]
+    Read(crate::rootfs::FsError),
+    #[error(transparent)]
+    Invalid(#[from] super::manifest::ManifestError),
+}
+
+/// The manifest under `root`.
+fn load(root: &Root) -> Result<Manifest, LoadError> {
+    let path = manifest_path();
+    match root.read_string_opt(&path) {
+        Ok(Some(text)) => Ok(Manifest::parse(&path, &text)?),
+        Ok(None) => Err(LoadError::Missing { path }),
+        Err(e) => Err(LoadError::Read(e)),
+    }
+}
+
 /// Reads the manifest under `root` and checks each image through CRI.
 pub async fn verify(root: &Root, cri_endpoint: Option<&str>) -> VerifyReport {
     let started = Instant::now();
     let mut report = VerifyReport::new();
-    let path = manifest_path();
-    let manifest = match root.read_string_opt(&path) {
-        Ok(Some(text)) => Manifest::parse(&path, &text).map_err(|e| e.to_string()),
-        Ok(None) => Err(format!(
-            "no cache manifest at {path}: no data volume mounted, or it was never sealed (soci-agent cache seal)"
-        )),
-        Err(e) => Err(crate::exit::error_chain(&e)),
-    };
-    let m = match manifest {
+    let m = match load(root) {
         Ok(m) => m,
         Err(e) => {
-            report.error = Some(e);
+            report.error = Some(crate::exit::error_chain(&e));
             report.exit_code = EXIT_NO_MANIFEST;
             report.seconds = started.elapsed().as_secs_f64();
             return report;
@@ -141,7 +154,7 @@ pub async fn verify(root: &Root, cri_endpoint: Option<&str>) -> VerifyReport {
     let client = node::cri(root, cri_endpoint);
     for img in &m.images {
         let (hit, detail) = match &client {
-            Err(e) => (false, e.clone()),
+            Err(e) => (false, crate::exit::error_chain(e)),
             Ok(c) => match node::status(c, &img.image).await {
                 Ok(Some(found)) if found.id == img.digest => (true, format!("{} present", short(&found.id))),
                 Ok(Some(found)) => (
@@ -153,7 +166,7 @@ pub async fn verify(root: &Root, cri_endpoint: Option<&str>) -> VerifyReport {
                     ),
                 ),
                 Ok(None) => (false, "not found through CRI".to_string()),
-                Err(e) => (false, e),
+                Err(e) => (false, crate::exit::error_chain(&e)),
             },
         };
         report.images.push(ImageCheck {

@@ -276,25 +276,45 @@ fn can_resize_online() -> bool {
         .is_some_and(|caps| caps & (1 << 24) != 0)
 }
 
-fn run_tool(candidates: &[&str], args: &[&std::ffi::OsStr]) -> Result<(), String> {
-    let program = candidates
+/// A filesystem tool (`e2fsck`, `resize2fs`, `xfs_growfs`) that could not do its job.
+#[derive(Debug, thiserror::Error)]
+enum ToolError {
+    #[error("{program} is missing")]
+    Missing { program: &'static str },
+    #[error("{program}")]
+    Run {
+        program: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{program}: {status}: {stderr}")]
+    Failed {
+        program: &'static str,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+}
+
+fn run_tool(candidates: &[&'static str], args: &[&std::ffi::OsStr]) -> Result<(), ToolError> {
+    let program: &'static str = candidates
         .iter()
+        .copied()
         .find(|p| Path::new(p).is_file())
-        .ok_or_else(|| format!("{} is missing", candidates[0]))?;
+        .ok_or(ToolError::Missing { program: candidates[0] })?;
     let out = std::process::Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|e| format!("{program}: {e}"))?;
+        .map_err(|source| ToolError::Run { program, source })?;
     // e2fsck: 1 = errors corrected, fine.
     if out.status.success() || (program.ends_with("e2fsck") && out.status.code() == Some(1)) {
         Ok(())
     } else {
-        Err(format!(
-            "{program}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(ToolError::Failed {
+            program,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
@@ -325,7 +345,10 @@ fn grow_offline(root: &Root, dev: &Device, fs: &str, done: &mut Mounted) {
                 gib(dev_bytes)
             ))
         }
-        Err(e) => tracing::warn!("growing the data volume's filesystem: {e}: it keeps its size"),
+        Err(e) => tracing::warn!(
+            "growing the data volume's filesystem: {}: it keeps its size",
+            crate::exit::error_chain(&e)
+        ),
     }
 }
 
@@ -350,7 +373,10 @@ fn grow_online(root: &Root, dev: &Device, fs: &str, mountpoint: &Path, done: &mu
                 gib(dev_bytes)
             ))
         }
-        Err(e) => tracing::warn!("growing the data volume's filesystem: {e}: it keeps its size"),
+        Err(e) => tracing::warn!(
+            "growing the data volume's filesystem: {}: it keeps its size",
+            crate::exit::error_chain(&e)
+        ),
     }
 }
 

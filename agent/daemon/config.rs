@@ -50,10 +50,24 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
-    #[error("[prefetch]: {0}")]
+    #[error("[prefetch]")]
     Prefetch(#[from] crate::prefetch::OptionsError),
-    #[error("[install]: {0}")]
+    #[error("[install]")]
     Install(#[from] crate::install::settings::SettingsError),
+}
+
+impl crate::exit::ExitKindOf for ConfigError {
+    /// The configuration is the operator's to fix: the daemon does not start (exit 2).
+    fn exit_kind(&self) -> crate::exit::ExitKind {
+        use crate::exit::ExitKind;
+        match self {
+            ConfigError::Read { .. }
+            | ConfigError::Parse { .. }
+            | ConfigError::Invalid { .. }
+            | ConfigError::Prefetch(_)
+            | ConfigError::Install(_) => ExitKind::Usage,
+        }
+    }
 }
 
 /// A duration written as a Go-style string (`"5m"`) or a number of seconds.

@@ -106,12 +106,13 @@ pub fn challenge(header: &str) -> (String, Vec<(String, String)>) {
 pub enum ResolveError {
     #[error("not a tag reference")]
     NotATag,
-    #[error("HTTP client: {0}")]
-    Client(reqwest::Error),
-    #[error("{method} {url}: {error}")]
+    #[error("cannot build the HTTP client")]
+    Client(#[source] reqwest::Error),
+    #[error("{method} {url}")]
     Request {
         method: &'static str,
         url: String,
+        #[source]
         error: reqwest::Error,
     },
     #[error("HEAD {url}: {status}")]
@@ -122,12 +123,20 @@ pub enum ResolveError {
     NoCredentials { registry: String },
     #[error("Bearer challenge without realm")]
     NoRealm,
-    #[error("token from {realm}: {error}")]
-    Token { realm: String, error: reqwest::Error },
+    #[error("token from {realm}")]
+    Token {
+        realm: String,
+        #[source]
+        error: reqwest::Error,
+    },
     #[error("token from {realm}: {status}")]
     TokenStatus { realm: String, status: reqwest::StatusCode },
-    #[error("token from {realm}: not JSON: {error}")]
-    TokenJson { realm: String, error: serde_json::Error },
+    #[error("token from {realm}: not JSON")]
+    TokenJson {
+        realm: String,
+        #[source]
+        error: serde_json::Error,
+    },
     #[error("token response without a token")]
     NoToken,
     #[error("unsupported auth challenge {0:?}")]

@@ -25,19 +25,30 @@ const HANG_BOUND: Duration = Duration::from_secs(600);
 /// Why the daemon cannot start (exit 1).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot handle signals: {0}")]
-    Signals(std::io::Error),
+    #[error("cannot handle signals")]
+    Signals(#[source] std::io::Error),
     #[error(transparent)]
     StatusSocket(#[from] status::SocketError),
     #[error(transparent)]
     Metrics(#[from] MetricsBindError),
 }
 
+impl crate::exit::ExitKindOf for StartError {
+    /// The daemon could not start serving (exit 1).
+    fn exit_kind(&self) -> crate::exit::ExitKind {
+        use crate::exit::ExitKind;
+        match self {
+            StartError::Signals(_) | StartError::StatusSocket(_) | StartError::Metrics(_) => ExitKind::Failed,
+        }
+    }
+}
+
 /// The configured metrics address cannot be bound.
 #[derive(Debug, thiserror::Error)]
-#[error("metrics_address {address}: {error}")]
+#[error("cannot bind metrics_address {address}")]
 pub struct MetricsBindError {
     address: MetricsAddress,
+    #[source]
     error: std::io::Error,
 }
 

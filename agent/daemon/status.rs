@@ -99,9 +99,9 @@ pub async fn serve(listener: UnixListener, shared: Shared) {
 /// Why the daemon's state could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
-    #[error("cannot connect to {}: {source} (is soci-agent daemon running?)", .path.display())]
+    #[error("cannot connect to {} (is soci-agent daemon running?)", .path.display())]
     Connect { path: PathBuf, source: std::io::Error },
-    #[error("reading {}: {source}", .path.display())]
+    #[error("cannot read the daemon's state from {}", .path.display())]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{}: no answer within {QUERY_BOUND:?}", .path.display())]
     Timeout { path: PathBuf },

@@ -111,7 +111,7 @@ async fn containerd_soci(ctx: &DoctorContext, node: &Node, socket: &Path) -> Che
         Ok(Err(e)) => {
             return Check::fail(
                 ID,
-                format!("cannot talk to containerd at {shown}: {e}"),
+                format!("cannot talk to containerd at {shown}: {}", crate::exit::error_chain(&e)),
                 "see journalctl -u containerd",
             );
         }
@@ -218,7 +218,11 @@ async fn pause_image(node: &Node, containerd: &Path) -> Check {
             format!("containerd: no answer within {QUERY_BOUND:?}"),
             "see journalctl -u containerd",
         ),
-        Ok(Err(e)) => Check::fail(PAUSE_IMAGE_ID, e.to_string(), "see journalctl -u containerd"),
+        Ok(Err(e)) => Check::fail(
+            PAUSE_IMAGE_ID,
+            crate::exit::error_chain(&e),
+            "see journalctl -u containerd",
+        ),
         Ok(Ok(state)) => pause_state_check(state),
     }
 }
@@ -235,7 +239,10 @@ fn pause_names(node: &Node) -> Result<Vec<String>, Check> {
             PAUSE_IMAGE_ID,
             format!("{PAUSE_ARCHIVE} names no image (no index.json annotation)"),
         )),
-        Err(e) => Err(Check::skip(PAUSE_IMAGE_ID, format!("cannot read {PAUSE_ARCHIVE}: {e}"))),
+        Err(e) => Err(Check::skip(
+            PAUSE_IMAGE_ID,
+            format!("cannot read {PAUSE_ARCHIVE}: {}", crate::exit::error_chain(&e)),
+        )),
     }
 }
 

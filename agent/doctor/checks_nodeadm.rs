@@ -100,7 +100,7 @@ fn containerd_block(text: &str, version: ConfigVersion) -> Result<String, Check>
     let docs = Documents::parse(text).map_err(|e| {
         Check::fail(
             DROPIN_ID,
-            format!("{NODEADM_DROPIN}: {e}"),
+            format!("{NODEADM_DROPIN}: {}", crate::exit::error_chain(&e)),
             "nodeadm cannot read the drop-in: re-run soci-agent install",
         )
     })?;
@@ -259,7 +259,7 @@ fn effective_fast_image_pull(node: &Node) -> (Option<(bool, String)>, String) {
                         effective = Some((on, path));
                     }
                 }
-                Err(e) => unreadable.push(format!("{path}: {e}")),
+                Err(e) => unreadable.push(format!("{path}: {}", crate::exit::error_chain(&e))),
             },
             Text::Unreadable(e) => unreadable.push(format!("{path}: {e}")),
             Text::Missing => {}

@@ -17,7 +17,7 @@ pub fn record(node: &Node) -> Check {
         (_, Text::Unreadable(e)) => Check::skip(ID, format!("{RECORD}: {e}")).advise("run doctor as root"),
         (Err(e), _) => Check::fail(
             ID,
-            e.clone(),
+            crate::exit::error_chain(e),
             format!("move {RECORD} aside and re-run soci-agent install (uninstall needs a valid record)"),
         ),
         (Ok(None), _) => Check::skip(ID, format!("no {RECORD}: soci-agent has not installed on this node")),

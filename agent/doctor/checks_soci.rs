@@ -95,7 +95,7 @@ const NOT_RUN: &str =
 enum VersionRun {
     #[error("{NOT_RUN}")]
     NotHost,
-    #[error("cannot run it: {0}")]
+    #[error("cannot run it")]
     Spawn(#[from] std::io::Error),
     #[error("no answer within {0:?}")]
     Timeout(std::time::Duration),
@@ -138,7 +138,7 @@ async fn version(node: &Node, exec: &ExecStart) -> Check {
         Err(e) => {
             return Check::warn(
                 ID,
-                format!("{bin} --version: {e}"),
+                format!("{bin} --version: {}", crate::exit::error_chain(&e)),
                 "check that the binary runs on this machine (architecture, flavor)",
             );
         }

@@ -29,7 +29,11 @@ fn bus(node: &Node) -> Check {
         Bus::Connected { address, units } => {
             let errors: Vec<String> = units
                 .iter()
-                .filter_map(|(u, r)| r.as_ref().err().map(|e| format!("{u}: {e}")))
+                .filter_map(|(u, r)| {
+                    r.as_ref()
+                        .err()
+                        .map(|e| format!("{u}: {}", crate::exit::error_chain(e)))
+                })
                 .collect();
             if errors.is_empty() {
                 Check::ok(ID, format!("systemd answers on {address}"))

@@ -17,9 +17,9 @@ use super::unitfile::{ExecStart, UnitFiles};
 use crate::files::containerd_config::{Daemon, SociWiring};
 use crate::files::units;
 use crate::host::{ContainerdVersion, HostFacts};
-use crate::install::record::Record;
+use crate::install::record::{Record, RecordError};
 use crate::rootfs::Root;
-use crate::systemd::{Systemd, UnitState};
+use crate::systemd::{Systemd, SystemdError, UnitState};
 
 const BUS_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -52,11 +52,11 @@ impl Text {
 }
 
 /// systemd's answers over D-Bus, or why there are none.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Bus {
     Connected {
         address: String,
-        units: BTreeMap<&'static str, Result<UnitState, String>>,
+        units: BTreeMap<&'static str, Result<UnitState, SystemdError>>,
     },
     Unavailable(String),
 }
@@ -79,7 +79,7 @@ pub struct Sourced {
 }
 
 /// The node as the checks see it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Node {
     pub root: Root,
     pub facts: HostFacts,
@@ -94,7 +94,7 @@ pub struct Node {
     pub soci_config: Text,
     pub containerd_config_path: String,
     pub containerd_config: Text,
-    pub record: Result<Option<Record>, String>,
+    pub record: Result<Option<Record>, RecordError>,
     pub bus: Bus,
     pub now: SystemTime,
 }
@@ -114,7 +114,7 @@ impl Node {
         let soci_socket = socket_of(exec.as_ref(), &soci_socket_unit);
         let soci_config = Text::read(&root, &soci_config_path.value);
         let containerd_config = Text::read(&root, &ctx.containerd_config);
-        let record = Record::load(&root).map_err(|e| crate::exit::error_chain(&e));
+        let record = Record::load(&root);
         let bus = bus(ctx).await;
         Node {
             facts,
@@ -286,7 +286,7 @@ async fn bus(ctx: &DoctorContext) -> Bus {
         BOOT_SERVICE,
         KUBELET_SERVICE,
     ] {
-        let state = sd.unit_state(name).await.map_err(|e| crate::exit::error_chain(&e));
+        let state = sd.unit_state(name).await;
         units_map.insert(name, state);
     }
     Bus::Connected {

@@ -14,8 +14,8 @@ const NODECONFIG_MIME: &str = "application/node.eks.aws";
 /// Why a source could not be read as NodeConfig documents.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    #[error("not valid YAML: {0}")]
-    Yaml(serde_yaml_ng::Error),
+    #[error("not valid YAML")]
+    Yaml(#[source] serde_yaml_ng::Error),
     #[error("MIME user data that does not parse as multipart")]
     Mime,
     #[error("a {NODECONFIG_MIME} part is not UTF-8")]

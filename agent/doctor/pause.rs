@@ -31,15 +31,15 @@ pub enum PauseState {
 /// Why the pause image could not be looked up: the operation and what it was on.
 #[derive(Debug, thiserror::Error)]
 pub enum PauseError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     OpenArchive { path: PathBuf, source: std::io::Error },
-    #[error("{0}")]
+    #[error("reading its tar stream")]
     ReadArchive(#[source] std::io::Error),
-    #[error("{entry}: {source}")]
+    #[error("{entry}")]
     ReadEntry { entry: String, source: std::io::Error },
-    #[error("{entry}: {source}")]
+    #[error("{entry} is not JSON")]
     ParseEntry { entry: String, source: serde_json::Error },
-    #[error("connect {}: {source}", socket.display())]
+    #[error("connect {}", socket.display())]
     Connect {
         socket: PathBuf,
         source: tonic::transport::Error,
@@ -55,7 +55,7 @@ pub enum PauseError {
     Stat { message: String },
     #[error("{digest}: larger than 4 MiB, not a manifest")]
     TooLarge { digest: String },
-    #[error("{digest}: {source}")]
+    #[error("{digest} is not JSON")]
     NotJson { digest: String, source: serde_json::Error },
     /// The image record or its manifests lack what the lookup needs (`problem`).
     #[error("{image}: {problem}")]

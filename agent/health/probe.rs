@@ -50,14 +50,14 @@ pub enum Reach {
 pub enum ProbeError {
     #[error("{call}: no answer within {:?}", BOUND)]
     Timeout { call: &'static str },
-    #[error("connect: {0}")]
+    #[error("connect")]
     Connect(#[source] tonic::transport::Error),
     /// A call to containerd (`Version`, `Introspection.Plugins`, `Namespaces.List`) failed.
     #[error("{call}: {message}")]
     Call { call: &'static str, message: String },
     #[error("namespace {0:?}")]
     Namespace(String),
-    #[error("connect {}: {source}", socket.display())]
+    #[error("connect {}", socket.display())]
     ConnectDaemon {
         socket: PathBuf,
         source: tonic::transport::Error,
@@ -203,7 +203,7 @@ async fn through_containerd(client: &Client, soci: &Path, may_dial: bool) -> Res
         First::None if !may_dial => Reach::NotProbed,
         First::None => match bounded("the SOCI socket", list_at_daemon(soci)).await {
             Ok(()) => Reach::Direct,
-            Err(e) => Reach::DirectFailed(e.to_string()),
+            Err(e) => Reach::DirectFailed(crate::exit::error_chain(&e)),
         },
     })
 }

@@ -329,7 +329,8 @@ async fn uses_snapshotter(root: &Root, act: &mut Activation) -> bool {
             status.init_error.as_deref().unwrap_or("not listed")
         )),
         Err(e) => act.steps.push(format!(
-            "containerd does not answer about the soci snapshotter ({e}): restarting it"
+            "containerd does not answer about the soci snapshotter ({}): restarting it",
+            crate::exit::error_chain(&e)
         )),
     }
     false

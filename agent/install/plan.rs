@@ -51,13 +51,13 @@ pub enum PlanError {
     NotUtf8 { path: String },
     #[error("cannot read the checksum file {path}")]
     ReadChecksum { path: String, source: std::io::Error },
-    #[error("checksum file {path}: {source}")]
+    #[error("checksum file {path}")]
     BadChecksum {
         path: String,
         source: crate::release::ReleaseError,
     },
-    #[error("{0} (move it aside to start a fresh record)")]
-    Record(String),
+    #[error("install record {path} is not valid JSON: {message} (move it aside to start a fresh record)")]
+    Record { path: String, message: String },
     #[error(transparent)]
     Tuning(#[from] crate::files::soci_config::TuningError),
     #[error(transparent)]
@@ -79,7 +79,7 @@ impl crate::exit::ExitKindOf for PlanError {
             | PlanError::Containerd(_)
             | PlanError::NotUtf8 { .. }
             | PlanError::BadChecksum { .. }
-            | PlanError::Record(_)
+            | PlanError::Record { .. }
             | PlanError::Tuning(_) => ExitKind::Usage,
             PlanError::ReadChecksum { .. } | PlanError::Fs(_) => ExitKind::Failed,
             PlanError::Volume(e) => e.exit_kind(),

@@ -35,7 +35,7 @@ pub enum SettingsError {
     },
     #[error(transparent)]
     Tuning(#[from] TuningError),
-    #[error("{option}: {source}")]
+    #[error("{option}")]
     Release { option: &'static str, source: ReleaseError },
 }
 

@@ -56,8 +56,15 @@ pub fn native_platform() -> String {
     format!("linux/{arch}")
 }
 
+/// A platform that is not `os/arch[/variant]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("platform {text:?} is not os/arch[/variant] (e.g. linux/arm64)")]
+pub struct PlatformError {
+    pub text: String,
+}
+
 /// Parses `os/arch[/variant]`.
-pub fn parse_platform(text: &str) -> Result<Platform, String> {
+pub fn parse_platform(text: &str) -> Result<Platform, PlatformError> {
     let parts: Vec<&str> = text.split('/').collect();
     let ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     match parts.as_slice() {
@@ -72,7 +79,7 @@ pub fn parse_platform(text: &str) -> Result<Platform, String> {
             variant: variant.to_string(),
             ..Platform::default()
         }),
-        _ => Err(format!("platform {text:?} is not os/arch[/variant] (e.g. linux/arm64)")),
+        _ => Err(PlatformError { text: text.to_string() }),
     }
 }
 
@@ -91,7 +98,7 @@ pub async fn fetch_platform(
     };
     let parsed = match parse_platform(platform) {
         Ok(p) => p,
-        Err(e) => return report(PlatformState::Failed, Some(e)),
+        Err(e) => return report(PlatformState::Failed, Some(e.to_string())),
     };
     let req = transfer_request(
         &registry_source(reference, credential),

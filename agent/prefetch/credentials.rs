@@ -232,7 +232,11 @@ impl Keyring {
                         p.name
                     )),
                 },
-                Err(e) => notes.push(format!("credential provider {}: {e}", p.name)),
+                Err(e) => notes.push(format!(
+                    "credential provider {}: {}",
+                    p.name,
+                    crate::exit::error_chain(&e)
+                )),
             }
         }
         Resolved {
@@ -370,12 +374,20 @@ fn provider(path: &Path, p: ProviderSpec) -> Result<Provider, CredentialError> {
 /// Why a credential provider plugin gave no usable answer (a lookup note).
 #[derive(Debug, thiserror::Error)]
 enum ProviderError {
-    #[error("cannot run {program}: {error}")]
-    Spawn { program: PathBuf, error: std::io::Error },
+    #[error("cannot run {}", program.display())]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
     #[error("{program} did not answer within {:?}", PLUGIN_TIMEOUT)]
     Timeout { program: PathBuf },
-    #[error("{program}: {error}")]
-    Wait { program: PathBuf, error: std::io::Error },
+    #[error("waiting for {}", program.display())]
+    Wait {
+        program: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
     #[error("{program} failed ({status}): {stderr}")]
     Failed {
         program: PathBuf,
@@ -383,8 +395,12 @@ enum ProviderError {
         /// The end of what it wrote to stderr.
         stderr: String,
     },
-    #[error("{name}: response is not valid JSON: {error}")]
-    Json { name: String, error: serde_json::Error },
+    #[error("{name}: response is not valid JSON")]
+    Json {
+        name: String,
+        #[source]
+        error: serde_json::Error,
+    },
     #[error("response kind {0:?} is not {RESPONSE_KIND}", RESPONSE_KIND = RESPONSE_KIND)]
     Kind(String),
     #[error("response apiVersion {got:?} is not the configured {want:?}")]

@@ -29,13 +29,20 @@ pub fn unix_channel(socket: PathBuf) -> Channel {
         }))
 }
 
+/// A CRI endpoint that is not a unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("CRI endpoint {endpoint:?} must be unix:///absolute/path or an absolute path")]
+pub struct EndpointError {
+    pub endpoint: String,
+}
+
 /// `unix:///run/x.sock` or `/run/x.sock` -> the socket path.
-pub fn socket_path(endpoint: &str) -> Result<PathBuf, String> {
+pub fn socket_path(endpoint: &str) -> Result<PathBuf, EndpointError> {
     let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
     if !path.starts_with('/') {
-        return Err(format!(
-            "CRI endpoint {endpoint:?} must be unix:///absolute/path or an absolute path"
-        ));
+        return Err(EndpointError {
+            endpoint: endpoint.to_string(),
+        });
     }
     Ok(PathBuf::from(path))
 }

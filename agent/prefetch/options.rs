@@ -200,6 +200,18 @@ pub enum OptionsError {
     },
 }
 
+impl crate::exit::ExitKindOf for OptionsError {
+    /// The options or the config file are the operator's to fix; nothing was pulled (exit 2).
+    fn exit_kind(&self) -> crate::exit::ExitKind {
+        use crate::exit::ExitKind;
+        match self {
+            OptionsError::Read { .. } | OptionsError::ParseConfig { .. } | OptionsError::Invalid { .. } => {
+                ExitKind::Usage
+            }
+        }
+    }
+}
+
 /// The `[prefetch]` table; keys are the flag names with `_`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

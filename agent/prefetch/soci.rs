@@ -5,7 +5,7 @@
 //! registry repository are pulled one at a time.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{PrefetchOptions, PrefetchReport};
 
@@ -19,16 +19,36 @@ pub struct SociFacts {
     pub cri_keychain: bool,
 }
 
+/// Why SOCI's `config.toml` could not be read (a warning: the guards are then off).
+#[derive(Debug, thiserror::Error)]
+pub enum SociConfigError {
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The parser's one-line message (its full display quotes the file).
+    #[error("{} is not valid TOML: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+}
+
 /// Reads SOCI's `config.toml`; a missing file is all `false`.
-pub fn read_soci_config(path: &Path) -> Result<SociFacts, String> {
+pub fn read_soci_config(path: &Path) -> Result<SociFacts, SociConfigError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(SociFacts::default()),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        Err(source) => {
+            return Err(SociConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
     };
-    let doc: toml_edit::DocumentMut = text
-        .parse()
-        .map_err(|e: toml_edit::TomlError| format!("{} is not valid TOML: {}", path.display(), e.message()))?;
+    let doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| SociConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.message().to_string(),
+    })?;
     let flag = |table: &[&str], key: &str| {
         let mut item = doc.as_item();
         for t in table {
@@ -51,7 +71,7 @@ pub fn read_soci_config(path: &Path) -> Result<SociFacts, String> {
 /// per image).
 pub(super) fn serialization(
     opts: &PrefetchOptions,
-    soci: &Result<SociFacts, String>,
+    soci: &Result<SociFacts, SociConfigError>,
     repos: &[String],
     report: &mut PrefetchReport,
 ) -> HashMap<String, tokio::sync::Mutex<()>> {
@@ -76,9 +96,10 @@ pub(super) fn serialization(
             shared.into_iter().map(|r| (r, tokio::sync::Mutex::new(()))).collect()
         }
         Err(e) => {
-            report
-                .warnings
-                .push(format!("{e}; images of one repository are not serialized"));
+            report.warnings.push(format!(
+                "{}; images of one repository are not serialized",
+                crate::exit::error_chain(e)
+            ));
             HashMap::new()
         }
     }
@@ -93,7 +114,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("soci-agent-prefetch-soci-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("config.toml");
-        assert_eq!(read_soci_config(&f), Ok(SociFacts::default()));
+        assert_eq!(read_soci_config(&f).unwrap(), SociFacts::default());
         std::fs::write(
             &f,
             "[pull_modes.parallel_pull_unpack]\nenable = true\ndiscard_unpacked_layers = true\n\
@@ -104,15 +125,15 @@ mod tests {
             discards_unpacked_layers: true,
             cri_keychain: true,
         };
-        assert_eq!(read_soci_config(&f), Ok(on));
+        assert_eq!(read_soci_config(&f).unwrap(), on);
         std::fs::write(
             &f,
             "[pull_modes.parallel_pull_unpack]\nenable = false\ndiscard_unpacked_layers = true\n",
         )
         .unwrap();
-        assert_eq!(read_soci_config(&f), Ok(SociFacts::default()));
+        assert_eq!(read_soci_config(&f).unwrap(), SociFacts::default());
         std::fs::write(&f, "[pull_modes\n").unwrap();
-        assert!(read_soci_config(&f).is_err());
+        assert!(matches!(read_soci_config(&f), Err(SociConfigError::Parse { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

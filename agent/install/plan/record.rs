@@ -16,7 +16,7 @@ use super::{Action, ActionKind, Effects, Op, PlanError};
 pub(super) fn install_record(b: &mut Builder, s: &InstallSettings, soci: &SociPlan) -> Result<(), PlanError> {
     let previous = Record::load(b.root).map_err(|e| match e {
         RecordError::Read(fs) => PlanError::Fs(fs),
-        invalid => PlanError::Record(invalid.to_string()),
+        RecordError::Invalid { path, message } => PlanError::Record { path, message },
     })?;
     let record = Record {
         daemon_binary: soci.daemon_binary.clone(),
