@@ -182,7 +182,6 @@ async fn wanted(
 
 pub async fn seal(args: &SealArgs) -> SealReport {
     let started = Instant::now();
-    let root = Root::new(&args.common.root);
     let mut r = SealReport {
         command: "cache seal",
         exit_code: 0,
@@ -195,55 +194,29 @@ pub async fn seal(args: &SealArgs) -> SealReport {
         error: None,
         seconds: 0.0,
     };
-    // 1. The volume must be mounted where the daemons keep their roots.
-    let mp = root.path(VOLUME_MOUNT);
-    let Some(vol) = volume::mount_at(&volume::mounts(), &mp) else {
-        return failed(
-            r,
-            started,
-            SealError::NotMounted {
-                mountpoint: VOLUME_MOUNT,
-            },
-        );
-    };
-    // 2. Every image present through CRI.
-    let client = match node::cri(&root, None) {
-        Ok(c) => c,
-        Err(e) => return failed(r, started, e.into()),
-    };
-    let images = match wanted(args, &root, &client).await {
-        Ok(i) => i,
-        Err(e) => return failed(r, started, e),
-    };
-    let mut cached = Vec::new();
-    for image in &images {
-        match node::status(&client, image).await {
-            Ok(Some(found)) => cached.push(CachedImage {
-                image: image.clone(),
-                digest: found.id.clone(),
-                repo_digests: found.repo_digests.clone(),
-                platform: node::platform(),
-                size: found.size,
-            }),
-            Ok(None) => r.missing.push(image.clone()),
-            Err(e) => r.missing.push(format!("{image} ({})", crate::exit::error_chain(&e))),
-        }
-    }
-    if !r.missing.is_empty() || cached.is_empty() {
-        let why = if cached.is_empty() && r.missing.is_empty() {
-            SealError::NoImages
-        } else {
-            SealError::Missing { count: r.missing.len() }
-        };
-        return failed(r, started, why);
-    }
-    let versions = node::versions(&root).await;
-    // 3. Stop the daemons so their databases are closed.
-    if let Err(e) = stop_daemons(&mut r).await {
+    if let Err(e) = run(args, &mut r).await {
         return failed(r, started, e);
     }
+    r.seconds = started.elapsed().as_secs_f64();
+    r
+}
+
+/// The steps of a seal, in order; the first failure ends it.
+async fn run(args: &SealArgs, r: &mut SealReport) -> Result<(), SealError> {
+    let root = Root::new(&args.common.root);
+    // 1. The volume must be mounted where the daemons keep their roots.
+    let mp = root.path(VOLUME_MOUNT);
+    let vol = volume::mount_at(&volume::mounts(), &mp).ok_or(SealError::NotMounted {
+        mountpoint: VOLUME_MOUNT,
+    })?;
+    // 2. Every image present through CRI.
+    let client = node::cri(&root, None)?;
+    let images = wanted(args, &root, &client).await?;
+    let cached = present(&client, &images, r).await?;
+    let versions = node::versions(&root).await;
+    // 3. Stop the daemons so their databases are closed.
+    stop_daemons(r).await?;
     // 4. The manifest, synced.
-    let fs = filesystem(&root, &vol, &mp);
     let m = Manifest {
         schema: SCHEMA,
         images: cached,
@@ -251,12 +224,10 @@ pub async fn seal(args: &SealArgs) -> SealReport {
         soci_version: versions.soci.unwrap_or_else(|| "unknown".into()),
         agent_version: env!("CARGO_PKG_VERSION").into(),
         created: now_rfc3339(),
-        filesystem: fs,
+        filesystem: filesystem(&root, &vol, &mp),
     };
-    let path = root.path(manifest_path());
-    if let Err(e) = crate::rootfs::write_atomic(&path, m.to_json().as_bytes(), 0o644) {
-        return failed(r, started, SealError::WriteManifest(e));
-    }
+    crate::rootfs::write_atomic(&root.path(manifest_path()), m.to_json().as_bytes(), 0o644)
+        .map_err(SealError::WriteManifest)?;
     sync_fs(&mp);
     r.volume_id = device::ebs_volume_id(vol.dev);
     r.next_steps = next_steps(&m, r.volume_id.as_deref());
@@ -271,8 +242,36 @@ pub async fn seal(args: &SealArgs) -> SealReport {
             )),
         }
     }
-    r.seconds = started.elapsed().as_secs_f64();
-    r
+    Ok(())
+}
+
+/// Each wanted image as CRI sees it; the missing ones are listed in the report and fail the seal.
+async fn present(
+    client: &k8s_cri::v1::image_service_client::ImageServiceClient<tonic::transport::Channel>,
+    images: &[String],
+    r: &mut SealReport,
+) -> Result<Vec<CachedImage>, SealError> {
+    let mut cached = Vec::new();
+    for image in images {
+        match node::status(client, image).await {
+            Ok(Some(found)) => cached.push(CachedImage {
+                image: image.clone(),
+                digest: found.id.clone(),
+                repo_digests: found.repo_digests.clone(),
+                platform: node::platform(),
+                size: found.size,
+            }),
+            Ok(None) => r.missing.push(image.clone()),
+            Err(e) => r.missing.push(format!("{image} ({})", crate::exit::error_chain(&e))),
+        }
+    }
+    if !r.missing.is_empty() {
+        return Err(SealError::Missing { count: r.missing.len() });
+    }
+    if cached.is_empty() {
+        return Err(SealError::NoImages);
+    }
+    Ok(cached)
 }
 
 async fn stop_unit(unit: &str) -> Result<(), SystemdError> {
