@@ -26,6 +26,7 @@ pub mod history;
 pub mod host;
 pub mod install;
 pub mod logging;
+pub mod mountinfo;
 pub mod output;
 pub mod paths;
 pub mod prefetch;

@@ -298,7 +298,7 @@ async fn stop_daemons(r: &mut SealReport) -> Result<(), SealError> {
     Ok(())
 }
 
-fn filesystem(root: &Root, vol: &volume::MountEntry, mp: &std::path::Path) -> Filesystem {
+fn filesystem(root: &Root, vol: &crate::mountinfo::Mount, mp: &std::path::Path) -> Filesystem {
     let (size, used, _) = volume::space(mp).unwrap_or_default();
     let dev = device::Device {
         given: vol.source.clone(),

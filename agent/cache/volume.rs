@@ -11,71 +11,18 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::device::{Content, Device, VolumeError, check_writable, filesystem_size, probe};
+use crate::mountinfo::{self, Mount};
 use crate::paths::{CONTAINERD_ROOT, VOLUME_CONTAINERD_DIR, VOLUME_MOUNT, VOLUME_SOCI_DIR};
 use crate::rootfs::Root;
 
-/// One line of `/proc/self/mountinfo`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    pub dev: (u64, u64),
-    /// Root of the mount within its filesystem (`/containerd` for a bind).
-    pub fs_root: String,
-    pub mountpoint: String,
-    pub fstype: String,
-    pub source: String,
-}
-
-/// Parses mountinfo text (octal escapes in paths decoded).
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    text.lines()
-        .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let f: Vec<&str> = left.split(' ').collect();
-            let (ma, mi) = f.get(2)?.split_once(':')?;
-            let mut r = right.split(' ');
-            Some(MountEntry {
-                dev: (ma.parse().ok()?, mi.parse().ok()?),
-                fs_root: unescape(f.get(3)?),
-                mountpoint: unescape(f.get(4)?),
-                fstype: r.next()?.to_string(),
-                source: unescape(r.next().unwrap_or("")),
-            })
-        })
-        .collect()
-}
-
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = (b[i] == b'\\' && i + 4 <= b.len())
-            .then(|| std::str::from_utf8(&b[i + 1..i + 4]).ok())
-            .flatten()
-            .and_then(|o| u8::from_str_radix(o, 8).ok());
-        match octal {
-            Some(v) => {
-                out.push(v);
-                i += 4;
-            }
-            None => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The host's mount table now.
-pub fn mounts() -> Vec<MountEntry> {
-    parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
+pub fn mounts() -> Vec<Mount> {
+    mountinfo::read().unwrap_or_default()
 }
 
 /// The last (topmost) mount at host path `at`.
-pub fn mount_at(table: &[MountEntry], at: &Path) -> Option<MountEntry> {
-    let at = at.to_string_lossy();
-    table.iter().rev().find(|m| m.mountpoint == at).cloned()
+pub fn mount_at(table: &[Mount], at: &Path) -> Option<Mount> {
+    mountinfo::at(table, at).cloned()
 }
 
 /// Directory of the volume holding fresh roots when the cached ones cannot be read.
@@ -119,16 +66,16 @@ impl Layout {
 }
 
 /// Refuses a device mounted anywhere but the layout's places.
-pub fn check_not_mounted_elsewhere(dev: &Device, layout: &Layout, table: &[MountEntry]) -> Result<(), VolumeError> {
+pub fn check_not_mounted_elsewhere(dev: &Device, layout: &Layout, table: &[Mount]) -> Result<(), VolumeError> {
     let Some(rdev) = dev.rdev else { return Ok(()) };
     let ours = layout.targets();
     if let Some(m) = table
         .iter()
-        .find(|m| m.dev == rdev && !ours.iter().any(|p| Path::new(&m.mountpoint) == *p))
+        .find(|m| m.dev == rdev && !ours.iter().any(|p| Path::new(&m.mount_point) == *p))
     {
         return Err(VolumeError::MountedElsewhere {
             device: dev.used.clone(),
-            mountpoint: m.mountpoint.clone(),
+            mountpoint: m.mount_point.clone(),
         });
     }
     Ok(())
@@ -200,7 +147,7 @@ fn mount_all(
     dev: &Device,
     layout: &Layout,
     fs: &str,
-    table: &[MountEntry],
+    table: &[Mount],
     done: &mut Mounted,
 ) -> Result<(), VolumeError> {
     use nix::mount::MsFlags;
@@ -456,11 +403,11 @@ mod tests {
         let t = "36 35 259:1 / /var/lib/soci-agent/volume rw,noatime shared:1 - ext4 /dev/nvme1n1 rw\n\
                  37 35 259:1 /containerd /var/lib/containerd rw - ext4 /dev/nvme1n1 rw\n\
                  38 35 0:5 / /with\\040space rw - tmpfs tmpfs rw\n";
-        let m = parse_mountinfo(t);
+        let m = mountinfo::parse(t);
         assert_eq!(m.len(), 3);
         assert_eq!(m[1].dev, (259, 1));
         assert_eq!(m[1].fs_root, "/containerd");
-        assert_eq!(m[2].mountpoint, "/with space");
+        assert_eq!(m[2].mount_point, "/with space");
         let root = Root::new("/");
         let layout = Layout::new(&root, "/var/lib/soci-snapshotter-grpc");
         let dev = Device {
@@ -470,7 +417,7 @@ mod tests {
             rdev: Some((259, 1)),
         };
         check_not_mounted_elsewhere(&dev, &layout, &m).unwrap();
-        let elsewhere = parse_mountinfo("40 35 259:1 / /mnt rw - ext4 /dev/nvme1n1 rw\n");
+        let elsewhere = mountinfo::parse("40 35 259:1 / /mnt rw - ext4 /dev/nvme1n1 rw\n");
         let e = check_not_mounted_elsewhere(&dev, &layout, &elsewhere).unwrap_err();
         assert!(e.to_string().contains("mounted at /mnt"), "{e}");
     }

@@ -1,6 +1,7 @@
 //! host.*: the distribution, architecture, size, and the disk under the SOCI
 //! root (free space, filesystem, instance store or EBS).
 
+use crate::mountinfo::{self, Mount};
 use crate::paths::STORE_DIR;
 use std::path::{Path, PathBuf};
 
@@ -152,9 +153,9 @@ fn disk(node: &Node) -> Check {
     } else {
         0.0
     };
-    let mount = std::fs::read_to_string("/proc/self/mountinfo")
+    let mount = mountinfo::read()
         .ok()
-        .and_then(|t| mount_for(&parse_mountinfo(&t), &canonical(&at)).cloned());
+        .and_then(|t| mountinfo::holding(&t, &canonical(&at)).cloned());
     let fs = mount.as_ref().map_or("filesystem unknown".to_string(), |m| {
         format!("{} on {} mounted at {}", m.fstype, m.source, m.mount_point)
     });
@@ -218,25 +219,23 @@ fn storage(node: &Node) -> Check {
             "--root is not /: mounts are the running host's, not the node's",
         );
     }
-    let text = match std::fs::read_to_string("/proc/self/mountinfo") {
-        Ok(t) => t,
+    let mounts = match mountinfo::read() {
+        Ok(m) => m,
         Err(e) => return Check::skip(STORAGE_ID, format!("/proc/self/mountinfo: {e}")),
     };
-    let mounts = parse_mountinfo(&text);
     let canon = canonical(&existing_ancestor(node).0);
-    let Some(m) = mount_for(&mounts, &canon) else {
+    let Some(m) = mountinfo::holding(&mounts, &canon) else {
         return Check::skip(
             STORAGE_ID,
             format!("no mount found for {} in /proc/self/mountinfo", canon.display()),
         );
     };
-    let local: Vec<&Mount> = mounts.iter().filter(|x| x.mount_point.starts_with(K8S_DISKS)).collect();
-    let bound = m.mount_point.starts_with(K8S_DISKS) || local.iter().any(|x| x.dev == m.dev);
-    let model = device_model(&m.dev);
+    let (bound, local_disks) = k8s_disks(&mounts, m);
+    let model = device_model(m.dev);
     if bound || model.as_deref().is_some_and(|s| s.contains("Instance Storage")) {
         return on_instance_store(node, m, bound);
     }
-    off_instance_store(node, m, model.as_deref(), !local.is_empty())
+    off_instance_store(node, m, model.as_deref(), local_disks)
 }
 
 /// The SOCI root is on instance store (`bound`: it shares a device with a /mnt/k8s-disks mount).
@@ -244,11 +243,12 @@ fn on_instance_store(node: &Node, m: &Mount, bound: bool) -> Check {
     Check::ok(
         STORAGE_ID,
         format!(
-            "{} is on instance store: {} {} (dev {}) {}",
+            "{} is on instance store: {} {} (dev {}:{}) {}",
             node.soci_root.value,
             m.fstype,
             m.source,
-            m.dev,
+            m.dev.0,
+            m.dev.1,
             if bound {
                 "shared with a /mnt/k8s-disks mount"
             } else {
@@ -284,105 +284,45 @@ fn off_instance_store(node: &Node, m: &Mount, model: Option<&str>, local_disks: 
     Check::ok(STORAGE_ID, evidence)
 }
 
+/// Is mount `m` on the node's instance-store disks (under, or sharing a device
+/// with, a `/mnt/k8s-disks` mount), and has the node any such mount at all?
+fn k8s_disks(mounts: &[Mount], m: &Mount) -> (bool, bool) {
+    let local: Vec<&Mount> = mounts
+        .iter()
+        .filter(|x| Path::new(&x.mount_point).starts_with(K8S_DISKS))
+        .collect();
+    let bound = Path::new(&m.mount_point).starts_with(K8S_DISKS) || local.iter().any(|x| x.dev == m.dev);
+    (bound, !local.is_empty())
+}
+
 /// `/sys/dev/block/MAJ:MIN/device/model` (or the parent disk's, for a partition).
-fn device_model(dev: &str) -> Option<String> {
-    let base = PathBuf::from(format!("/sys/dev/block/{dev}"));
+fn device_model((major, minor): (u64, u64)) -> Option<String> {
+    let base = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
     [base.join("device/model"), base.join("../device/model")]
         .iter()
         .find_map(|p| std::fs::read_to_string(p).ok())
         .map(|s| s.trim().to_string())
 }
 
-/// One line of `/proc/self/mountinfo`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mount {
-    /// `major:minor` of the device.
-    pub dev: String,
-    /// The mounted directory of the filesystem (not `/` for bind mounts).
-    pub fs_root: String,
-    pub mount_point: String,
-    pub fstype: String,
-    pub source: String,
-}
-
-/// Parses mountinfo lines; malformed lines are skipped.
-pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
-    text.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            Some(Mount {
-                dev: fields.get(2)?.to_string(),
-                fs_root: unescape(fields.get(3)?),
-                mount_point: unescape(fields.get(4)?),
-                fstype: fields.get(sep + 1)?.to_string(),
-                source: unescape(fields.get(sep + 2)?),
-            })
-        })
-        .collect()
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let oct = b
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (b[i], oct) {
-            (b'\\', Some(d)) => {
-                out.push(d.iter().fold(0u8, |acc, c| acc.wrapping_mul(8).wrapping_add(c - b'0')));
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The mount holding `path`: the longest mount point that contains it (the
-/// last one listed when several are stacked).
-pub fn mount_for<'a>(mounts: &'a [Mount], path: &Path) -> Option<&'a Mount> {
-    // `max_by_key` returns the last of equal maxima: the mount on top.
-    mounts
-        .iter()
-        .filter(|m| path.starts_with(&m.mount_point))
-        .max_by_key(|m| Path::new(&m.mount_point).components().count())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const MOUNTINFO: &str = "\
-22 1 259:1 / / rw,relatime shared:1 - xfs /dev/nvme0n1p1 rw
-30 22 9:127 / /mnt/k8s-disks/0 rw shared:5 - xfs /dev/md127 rw
-31 22 9:127 /soci /var/lib/soci-snapshotter-grpc rw shared:5 - xfs /dev/md127 rw
-32 22 0:44 / /mnt/with\\040space rw - tmpfs tmpfs rw
-";
-
     #[test]
-    fn mountinfo_finds_the_bind_mount() {
-        let mounts = parse_mountinfo(MOUNTINFO);
-        assert_eq!(mounts.len(), 4);
-        assert_eq!(mounts[3].mount_point, "/mnt/with space");
-        let m = mount_for(&mounts, Path::new("/var/lib/soci-snapshotter-grpc/snapshotter")).unwrap();
-        assert_eq!((m.dev.as_str(), m.fs_root.as_str()), ("9:127", "/soci"));
-        assert_eq!(
-            mount_for(&mounts, Path::new("/var/lib/other")).unwrap().source,
-            "/dev/nvme0n1p1"
+    fn a_root_bound_from_the_raid_of_instance_stores_is_on_them() {
+        let mounts = mountinfo::parse(
+            "22 1 259:1 / / rw - xfs /dev/nvme0n1p1 rw\n\
+             30 22 9:127 / /mnt/k8s-disks/0 rw - xfs /dev/md127 rw\n\
+             31 22 9:127 /soci /var/lib/soci-snapshotter-grpc rw - xfs /dev/md127 rw\n\
+             32 22 259:9 / /mnt/k8s-disks-other rw - xfs /dev/nvme9n1 rw\n",
         );
-        assert!(
-            mounts
-                .iter()
-                .any(|x| x.mount_point.starts_with(K8S_DISKS) && x.dev == m.dev)
-        );
-        // `/mnt/k8s` is not inside `/mnt/k8s-disks/0`: component-wise prefixes only.
-        assert_eq!(mount_for(&mounts, Path::new("/mnt/k8s")).unwrap().mount_point, "/");
+        let soci = mountinfo::holding(&mounts, Path::new("/var/lib/soci-snapshotter-grpc/snapshotter")).unwrap();
+        assert_eq!(k8s_disks(&mounts, soci), (true, true));
+        let other = mountinfo::holding(&mounts, Path::new("/var/lib/other")).unwrap();
+        assert_eq!(k8s_disks(&mounts, other), (false, true));
+        // `/mnt/k8s-disks-other` is not under `/mnt/k8s-disks`: whole components only.
+        let lookalike = mountinfo::holding(&mounts, Path::new("/mnt/k8s-disks-other/x")).unwrap();
+        assert_eq!(k8s_disks(&mounts, lookalike), (false, true));
+        assert_eq!(k8s_disks(&mounts[..1], &mounts[0]), (false, false));
     }
 }
