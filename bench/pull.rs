@@ -16,14 +16,13 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::containerd::{Daemon, wait_until};
 use common::mirror::Mirror;
 use common::nspawn::{Node, NodeOptions, text};
+use common::ratelimit::Front;
 use common::real::{self, NodeContainerdConfig};
-use common::registry::{Registry, free_port};
+use common::registry::Registry;
 
 const LAYERS: usize = 4;
 const PULL_BOUND: Duration = Duration::from_secs(900);
@@ -40,8 +39,8 @@ fn main() {
     eprintln!("bench: pushing two images of {LAYERS} x {layer_mib} MiB random layers");
     let plain = registry.push_random_image("big", "plain", LAYERS, layer_mib << 20);
     let soci = registry.push_random_image("big", "soci", LAYERS, layer_mib << 20);
-    let (port, _nginx) = nginx(work.path(), &registry.host(), &limit);
-    let front = format!("127.0.0.1:{port}");
+    let nginx = Front::start(work.path(), &registry.host(), &limit);
+    let front = nginx.host();
 
     let opts = real::with_containerd(NodeOptions::new(), "2.4.2", NodeContainerdConfig::RegistryOnly);
     let host = front.clone();
@@ -105,48 +104,4 @@ fn pull(node: &Node, reference: &str) -> f64 {
         text(&out.stderr)
     );
     secs
-}
-
-/// nginx in front of `upstream` with a per-connection `limit_rate`; returns its port and the
-/// running process. nginx 1.22 applies the limit to proxied responses only with buffering on,
-/// and with `proxy_max_temp_file_size 0` only fully with buffers larger than the default
-/// (measured: 82 MB/s through a 25m limit with 8 x 4k, 26.5 MB/s with 8 x 64k).
-fn nginx(dir: &Path, upstream: &str, limit: &str) -> (u16, Daemon) {
-    let bin = Path::new("/usr/sbin/nginx");
-    assert!(bin.exists(), "needs nginx: apt-get install -y nginx");
-    let dir = dir.join("nginx");
-    fs::create_dir_all(dir.join("logs")).unwrap();
-    let port = free_port();
-    let d = dir.display();
-    let conf = dir.join("nginx.conf");
-    fs::write(
-        &conf,
-        format!(
-            "worker_processes 2;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log;\n\
-             events {{ worker_connections 1024; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-               fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-               client_max_body_size 0;\n\
-               server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
-                 proxy_pass http://{upstream};\n      proxy_http_version 1.1;\n\
-                 proxy_set_header Host $http_host;\n      proxy_buffering on;\n\
-                 proxy_max_temp_file_size 0;\n      proxy_buffers 8 64k;\n      limit_rate {limit};\n    }}\n  }}\n}}\n"
-        ),
-    )
-    .unwrap();
-    let mut daemon = Daemon::spawn(
-        "nginx",
-        Command::new(bin).arg("-c").arg(&conf).arg("-p").arg(&dir),
-        dir.join("logs/stdout.log"),
-    );
-    wait_until(
-        "nginx listening",
-        Duration::from_secs(10),
-        || {
-            daemon.assert_running();
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        },
-        String::new,
-    );
-    (port, daemon)
 }
