@@ -574,148 +574,188 @@ struct Sample {
 /// `{family}_info`, a gauge's `{family}`); label values quoted with `\\`, `\"`, `\n` escapes;
 /// no duplicate series; the text ends with `# EOF` and a newline.
 fn parse_prometheus(text: &str) -> Result<Vec<Sample>, String> {
-    fn name_ok(n: &str, colon: bool) -> bool {
-        let mut cs = n.chars();
-        cs.next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
-            && cs.all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
-    }
     let Some(text) = text.strip_suffix("# EOF\n") else {
         return Err("does not end with \"# EOF\\n\"".into());
     };
     if !text.is_empty() && !text.ends_with('\n') {
         return Err("# EOF is not on a line of its own".into());
     }
-    let mut types: BTreeMap<String, String> = BTreeMap::new();
-    let mut meta = BTreeSet::new();
-    let mut sampled = BTreeSet::new();
-    let mut closed = BTreeSet::new();
-    let mut current: Option<String> = None;
-    let mut series = BTreeSet::new();
+    let mut families = Families::default();
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let err = |m: &str| format!("line {}: {m}: {line:?}", i + 1);
+        let err = |m: String| format!("line {}: {m}: {line:?}", i + 1);
         if let Some(rest) = line.strip_prefix("# ") {
-            let mut parts = rest.splitn(3, ' ');
-            let (kw, name) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let arg = parts.next().unwrap_or("");
-            if !name_ok(name, true) {
-                return Err(err("bad metric name"));
-            }
-            if let Some(c) = current.replace(name.to_string())
-                && c != name
-            {
-                closed.insert(c);
-            }
-            if closed.contains(name) {
-                return Err(err("family is not contiguous"));
-            }
-            if sampled.contains(name) || !meta.insert(format!("{kw} {name}")) {
-                return Err(err("metadata after the samples or repeated"));
-            }
-            match kw {
-                "HELP" => {}
-                "TYPE" => {
-                    let known = [
-                        "counter",
-                        "gauge",
-                        "info",
-                        "stateset",
-                        "histogram",
-                        "gaugehistogram",
-                        "summary",
-                        "unknown",
-                    ];
-                    if !known.contains(&arg) {
-                        return Err(err("bad type"));
-                    }
-                    types.insert(name.to_string(), arg.to_string());
-                }
-                "UNIT" if !arg.is_empty() && name.ends_with(&format!("_{arg}")) => {}
-                _ => return Err(err("bad metadata line (or a unit the name does not end with)")),
-            }
+            families.metadata(rest).map_err(err)?;
             continue;
         }
         if line.starts_with('#') || line.trim().is_empty() {
-            return Err(err("stray comment or blank line"));
+            return Err(err("stray comment or blank line".into()));
         }
-        let name_end = line.find(['{', ' ']).ok_or_else(|| err("no value"))?;
+        out.push(families.sample(line).map_err(err)?);
+    }
+    Ok(out)
+}
+
+/// A metric name (`colon`: `:` allowed) or a label name.
+fn name_ok(n: &str, colon: bool) -> bool {
+    let mut cs = n.chars();
+    cs.next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
+        && cs.all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
+}
+
+/// What [`parse_prometheus`] has seen of the families so far.
+#[derive(Default)]
+struct Families {
+    types: BTreeMap<String, String>,
+    /// `"{keyword} {family}"` of each metadata line.
+    meta: BTreeSet<String>,
+    /// Families with a sample.
+    sampled: BTreeSet<String>,
+    /// Families another one followed.
+    closed: BTreeSet<String>,
+    current: Option<String>,
+    series: BTreeSet<String>,
+}
+
+impl Families {
+    /// A `# HELP`, `# TYPE` or `# UNIT` line (`rest` is what follows `# `).
+    fn metadata(&mut self, rest: &str) -> Result<(), String> {
+        let mut parts = rest.splitn(3, ' ');
+        let (kw, name) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let arg = parts.next().unwrap_or("");
+        if !name_ok(name, true) {
+            return Err("bad metric name".into());
+        }
+        if let Some(c) = self.current.replace(name.to_string())
+            && c != name
+        {
+            self.closed.insert(c);
+        }
+        if self.closed.contains(name) {
+            return Err("family is not contiguous".into());
+        }
+        if self.sampled.contains(name) || !self.meta.insert(format!("{kw} {name}")) {
+            return Err("metadata after the samples or repeated".into());
+        }
+        match kw {
+            "HELP" => {}
+            "TYPE" => {
+                let known = [
+                    "counter",
+                    "gauge",
+                    "info",
+                    "stateset",
+                    "histogram",
+                    "gaugehistogram",
+                    "summary",
+                    "unknown",
+                ];
+                if !known.contains(&arg) {
+                    return Err("bad type".into());
+                }
+                self.types.insert(name.to_string(), arg.to_string());
+            }
+            "UNIT" if !arg.is_empty() && name.ends_with(&format!("_{arg}")) => {}
+            _ => return Err("bad metadata line (or a unit the name does not end with)".into()),
+        }
+        Ok(())
+    }
+
+    /// A sample line: named as its family's type wants, labels, a value, a new series.
+    fn sample(&mut self, line: &str) -> Result<Sample, String> {
+        let name_end = line.find(['{', ' ']).ok_or("no value")?;
         let name = &line[..name_end];
         if !name_ok(name, true) {
-            return Err(err("bad metric name"));
+            return Err("bad metric name".into());
         }
-        let family = current.clone().unwrap_or_default();
-        let wanted = match types.get(&family).map(String::as_str) {
-            None => return Err(err("sample outside its family (no TYPE before it)")),
+        let family = self.current.clone().unwrap_or_default();
+        let wanted = match self.types.get(&family).map(String::as_str) {
+            None => return Err("sample outside its family (no TYPE before it)".into()),
             Some("counter") => format!("{family}_total"),
             Some("info") => format!("{family}_info"),
             Some(_) => family.clone(),
         };
         if name != wanted {
-            return Err(err(&format!("sample of family {family} is not named {wanted}")));
+            return Err(format!("sample of family {family} is not named {wanted}"));
         }
-        sampled.insert(family);
-        let mut rest = &line[name_end..];
-        let mut labels = BTreeMap::new();
-        if let Some(r) = rest.strip_prefix('{') {
-            let mut chars = r.char_indices();
-            let mut key = String::new();
-            let end = loop {
-                let (idx, c) = chars.next().ok_or_else(|| err("unterminated labels"))?;
-                match c {
-                    '}' if key.is_empty() => break idx,
-                    '=' => {
-                        if !name_ok(&key, false) {
-                            return Err(err("bad label name"));
-                        }
-                        if chars.next().map(|(_, c)| c) != Some('"') {
-                            return Err(err("label value not quoted"));
-                        }
-                        let mut value = String::new();
-                        loop {
-                            match chars.next().map(|(_, c)| c).ok_or_else(|| err("unterminated value"))? {
-                                '\\' => match chars.next().map(|(_, c)| c) {
-                                    Some('\\') => value.push('\\'),
-                                    Some('"') => value.push('"'),
-                                    Some('n') => value.push('\n'),
-                                    _ => return Err(err("bad escape")),
-                                },
-                                '"' => break,
-                                '\n' => return Err(err("raw newline in value")),
-                                c => value.push(c),
-                            }
-                        }
-                        if labels.insert(std::mem::take(&mut key), value).is_some() {
-                            return Err(err("repeated label"));
-                        }
-                        match chars.next() {
-                            Some((_, ',')) => {}
-                            Some((i, '}')) => break i,
-                            _ => return Err(err("bad label separator")),
-                        }
-                    }
-                    c => key.push(c),
-                }
-            };
-            rest = &r[end + 1..];
+        self.sampled.insert(family);
+        let (labels, rest) = sample_labels(&line[name_end..])?;
+        let value = sample_value(rest)?;
+        if !self.series.insert(format!("{name}{labels:?}")) {
+            return Err("duplicate series".into());
         }
-        let value_text = rest.strip_prefix(' ').ok_or_else(|| err("no space before the value"))?;
-        let value: f64 = match value_text {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            "NaN" => f64::NAN,
-            v => v.parse().map_err(|_| err("value is not a number"))?,
-        };
-        if !series.insert(format!("{name}{labels:?}")) {
-            return Err(err("duplicate series"));
-        }
-        out.push(Sample {
+        Ok(Sample {
             name: name.to_string(),
             labels,
             value,
-        });
+        })
     }
-    Ok(out)
+}
+
+/// The `{k="v",…}` that may start `rest` (the sample line after its name): the labels, and
+/// what follows them.
+fn sample_labels(rest: &str) -> Result<(BTreeMap<String, String>, &str), String> {
+    let mut labels = BTreeMap::new();
+    let Some(r) = rest.strip_prefix('{') else {
+        return Ok((labels, rest));
+    };
+    let mut chars = r.char_indices();
+    let mut key = String::new();
+    let end = loop {
+        let (idx, c) = chars.next().ok_or("unterminated labels")?;
+        match c {
+            '}' if key.is_empty() => break idx,
+            '=' => {
+                if !name_ok(&key, false) {
+                    return Err("bad label name".into());
+                }
+                let value = label_value(&mut chars)?;
+                if labels.insert(std::mem::take(&mut key), value).is_some() {
+                    return Err("repeated label".into());
+                }
+                match chars.next() {
+                    Some((_, ',')) => {}
+                    Some((i, '}')) => break i,
+                    _ => return Err("bad label separator".into()),
+                }
+            }
+            c => key.push(c),
+        }
+    };
+    Ok((labels, &r[end + 1..]))
+}
+
+/// A label's value, from its opening quote (right after the `=`) to its closing one.
+fn label_value(chars: &mut std::str::CharIndices) -> Result<String, String> {
+    if chars.next().map(|(_, c)| c) != Some('"') {
+        return Err("label value not quoted".into());
+    }
+    let mut value = String::new();
+    loop {
+        match chars.next().map(|(_, c)| c).ok_or("unterminated value")? {
+            '\\' => match chars.next().map(|(_, c)| c) {
+                Some('\\') => value.push('\\'),
+                Some('"') => value.push('"'),
+                Some('n') => value.push('\n'),
+                _ => return Err("bad escape".into()),
+            },
+            '"' => return Ok(value),
+            '\n' => return Err("raw newline in value".into()),
+            c => value.push(c),
+        }
+    }
+}
+
+/// The ` VALUE` that ends a sample line.
+fn sample_value(rest: &str) -> Result<f64, String> {
+    let value_text = rest.strip_prefix(' ').ok_or("no space before the value")?;
+    Ok(match value_text {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse().map_err(|_| "value is not a number")?,
+    })
 }
 
 fn find<'a>(samples: &'a [Sample], name: &str, labels: &[(&str, &str)]) -> Option<&'a Sample> {
