@@ -19,6 +19,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::agent_bin;
 use common::archive::standard_release;
+use common::booted::{Boot, Booted, CONTAINERD, SOCI};
+use common::containerd::Containerd;
+use common::nspawn::{Node, NodeOptions};
+use common::real::{NodeContainerdConfig, with_containerd};
+use common::registry::Pushed;
 use common::tree::Tree;
 use serde_json::Value;
 
@@ -259,10 +264,26 @@ fn drift_is_reported_and_with_repair_on_put_back() {
 
     // A person edits SOCI's config, deletes containerd's drop-in, and edits containerd's
     // config: an unrelated comment (theirs to keep) and the soci wiring (ours to put back).
-    let local = String::from_utf8_lossy(&soci_config).replace("enable = true", "enable = false");
+    edit_soci_config_delete_dropin_edit_containerd_config(&t, &soci_config);
+    let s = three_files_are_put_back(&t, &mut d, &soci_config, &dropin);
+
+    // A mode change is drift too.
+    std::fs::set_permissions(t.path(SOCI_CONFIG), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let total = s["repairs"]["total"].as_u64().unwrap();
+    d.wait("mode repaired", WAIT, |v| {
+        v["repairs"]["total"].as_u64().unwrap() > total && check(v, "agent.drift")["verdict"] == "ok"
+    });
+    assert_eq!(t.mode(SOCI_CONFIG), 0o644);
+    assert_eq!(t.read_bytes(SOCI_CONFIG), soci_config);
+}
+
+/// SOCI's config with its parallel switch flipped, containerd's drop-in deleted, containerd's
+/// config with a local note and its soci wiring undone.
+fn edit_soci_config_delete_dropin_edit_containerd_config(t: &Tree, soci_config: &[u8]) {
+    let local = String::from_utf8_lossy(soci_config).replace("enable = true", "enable = false");
     assert_ne!(
         local.as_bytes(),
-        &soci_config[..],
+        soci_config,
         "the SOCI config has a parallel switch to flip"
     );
     t.write(SOCI_CONFIG, &local, 0o644);
@@ -274,7 +295,11 @@ fn drift_is_reported_and_with_repair_on_put_back() {
         wired.replacen("snapshotter = \"soci\"", "snapshotter = \"overlayfs\"", 1)
     );
     t.write(CONTAINERD_CONFIG, &edited, 0o644);
+}
 
+/// The three files are repaired once each: install's bytes again, containerd's config merged
+/// (the note kept, the wiring back). Returns the status that showed it.
+fn three_files_are_put_back(t: &Tree, d: &mut Daemon, soci_config: &[u8], dropin: &[u8]) -> Value {
     let s = d.wait("three files repaired", WAIT, |v| {
         let r = repaired(v);
         [SOCI_CONFIG, CONTAINERD_DROPIN, CONTAINERD_CONFIG]
@@ -309,15 +334,7 @@ fn drift_is_reported_and_with_repair_on_put_back() {
             .count();
         assert_eq!(logged, 1, "{p} repaired once");
     }
-
-    // A mode change is drift too.
-    std::fs::set_permissions(t.path(SOCI_CONFIG), std::fs::Permissions::from_mode(0o600)).unwrap();
-    let total = s["repairs"]["total"].as_u64().unwrap();
-    d.wait("mode repaired", WAIT, |v| {
-        v["repairs"]["total"].as_u64().unwrap() > total && check(v, "agent.drift")["verdict"] == "ok"
-    });
-    assert_eq!(t.mode(SOCI_CONFIG), 0o644);
-    assert_eq!(t.read_bytes(SOCI_CONFIG), soci_config);
+    s
 }
 
 /// The desired state is what install was asked (here `--archive`, recorded, at the default
@@ -574,148 +591,188 @@ struct Sample {
 /// `{family}_info`, a gauge's `{family}`); label values quoted with `\\`, `\"`, `\n` escapes;
 /// no duplicate series; the text ends with `# EOF` and a newline.
 fn parse_prometheus(text: &str) -> Result<Vec<Sample>, String> {
-    fn name_ok(n: &str, colon: bool) -> bool {
-        let mut cs = n.chars();
-        cs.next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
-            && cs.all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
-    }
     let Some(text) = text.strip_suffix("# EOF\n") else {
         return Err("does not end with \"# EOF\\n\"".into());
     };
     if !text.is_empty() && !text.ends_with('\n') {
         return Err("# EOF is not on a line of its own".into());
     }
-    let mut types: BTreeMap<String, String> = BTreeMap::new();
-    let mut meta = BTreeSet::new();
-    let mut sampled = BTreeSet::new();
-    let mut closed = BTreeSet::new();
-    let mut current: Option<String> = None;
-    let mut series = BTreeSet::new();
+    let mut families = Families::default();
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let err = |m: &str| format!("line {}: {m}: {line:?}", i + 1);
+        let err = |m: String| format!("line {}: {m}: {line:?}", i + 1);
         if let Some(rest) = line.strip_prefix("# ") {
-            let mut parts = rest.splitn(3, ' ');
-            let (kw, name) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let arg = parts.next().unwrap_or("");
-            if !name_ok(name, true) {
-                return Err(err("bad metric name"));
-            }
-            if let Some(c) = current.replace(name.to_string())
-                && c != name
-            {
-                closed.insert(c);
-            }
-            if closed.contains(name) {
-                return Err(err("family is not contiguous"));
-            }
-            if sampled.contains(name) || !meta.insert(format!("{kw} {name}")) {
-                return Err(err("metadata after the samples or repeated"));
-            }
-            match kw {
-                "HELP" => {}
-                "TYPE" => {
-                    let known = [
-                        "counter",
-                        "gauge",
-                        "info",
-                        "stateset",
-                        "histogram",
-                        "gaugehistogram",
-                        "summary",
-                        "unknown",
-                    ];
-                    if !known.contains(&arg) {
-                        return Err(err("bad type"));
-                    }
-                    types.insert(name.to_string(), arg.to_string());
-                }
-                "UNIT" if !arg.is_empty() && name.ends_with(&format!("_{arg}")) => {}
-                _ => return Err(err("bad metadata line (or a unit the name does not end with)")),
-            }
+            families.metadata(rest).map_err(err)?;
             continue;
         }
         if line.starts_with('#') || line.trim().is_empty() {
-            return Err(err("stray comment or blank line"));
+            return Err(err("stray comment or blank line".into()));
         }
-        let name_end = line.find(['{', ' ']).ok_or_else(|| err("no value"))?;
+        out.push(families.sample(line).map_err(err)?);
+    }
+    Ok(out)
+}
+
+/// A metric name (`colon`: `:` allowed) or a label name.
+fn name_ok(n: &str, colon: bool) -> bool {
+    let mut cs = n.chars();
+    cs.next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
+        && cs.all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
+}
+
+/// What [`parse_prometheus`] has seen of the families so far.
+#[derive(Default)]
+struct Families {
+    types: BTreeMap<String, String>,
+    /// `"{keyword} {family}"` of each metadata line.
+    meta: BTreeSet<String>,
+    /// Families with a sample.
+    sampled: BTreeSet<String>,
+    /// Families another one followed.
+    closed: BTreeSet<String>,
+    current: Option<String>,
+    series: BTreeSet<String>,
+}
+
+impl Families {
+    /// A `# HELP`, `# TYPE` or `# UNIT` line (`rest` is what follows `# `).
+    fn metadata(&mut self, rest: &str) -> Result<(), String> {
+        let mut parts = rest.splitn(3, ' ');
+        let (kw, name) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let arg = parts.next().unwrap_or("");
+        if !name_ok(name, true) {
+            return Err("bad metric name".into());
+        }
+        if let Some(c) = self.current.replace(name.to_string())
+            && c != name
+        {
+            self.closed.insert(c);
+        }
+        if self.closed.contains(name) {
+            return Err("family is not contiguous".into());
+        }
+        if self.sampled.contains(name) || !self.meta.insert(format!("{kw} {name}")) {
+            return Err("metadata after the samples or repeated".into());
+        }
+        match kw {
+            "HELP" => {}
+            "TYPE" => {
+                let known = [
+                    "counter",
+                    "gauge",
+                    "info",
+                    "stateset",
+                    "histogram",
+                    "gaugehistogram",
+                    "summary",
+                    "unknown",
+                ];
+                if !known.contains(&arg) {
+                    return Err("bad type".into());
+                }
+                self.types.insert(name.to_string(), arg.to_string());
+            }
+            "UNIT" if !arg.is_empty() && name.ends_with(&format!("_{arg}")) => {}
+            _ => return Err("bad metadata line (or a unit the name does not end with)".into()),
+        }
+        Ok(())
+    }
+
+    /// A sample line: named as its family's type wants, labels, a value, a new series.
+    fn sample(&mut self, line: &str) -> Result<Sample, String> {
+        let name_end = line.find(['{', ' ']).ok_or("no value")?;
         let name = &line[..name_end];
         if !name_ok(name, true) {
-            return Err(err("bad metric name"));
+            return Err("bad metric name".into());
         }
-        let family = current.clone().unwrap_or_default();
-        let wanted = match types.get(&family).map(String::as_str) {
-            None => return Err(err("sample outside its family (no TYPE before it)")),
+        let family = self.current.clone().unwrap_or_default();
+        let wanted = match self.types.get(&family).map(String::as_str) {
+            None => return Err("sample outside its family (no TYPE before it)".into()),
             Some("counter") => format!("{family}_total"),
             Some("info") => format!("{family}_info"),
             Some(_) => family.clone(),
         };
         if name != wanted {
-            return Err(err(&format!("sample of family {family} is not named {wanted}")));
+            return Err(format!("sample of family {family} is not named {wanted}"));
         }
-        sampled.insert(family);
-        let mut rest = &line[name_end..];
-        let mut labels = BTreeMap::new();
-        if let Some(r) = rest.strip_prefix('{') {
-            let mut chars = r.char_indices();
-            let mut key = String::new();
-            let end = loop {
-                let (idx, c) = chars.next().ok_or_else(|| err("unterminated labels"))?;
-                match c {
-                    '}' if key.is_empty() => break idx,
-                    '=' => {
-                        if !name_ok(&key, false) {
-                            return Err(err("bad label name"));
-                        }
-                        if chars.next().map(|(_, c)| c) != Some('"') {
-                            return Err(err("label value not quoted"));
-                        }
-                        let mut value = String::new();
-                        loop {
-                            match chars.next().map(|(_, c)| c).ok_or_else(|| err("unterminated value"))? {
-                                '\\' => match chars.next().map(|(_, c)| c) {
-                                    Some('\\') => value.push('\\'),
-                                    Some('"') => value.push('"'),
-                                    Some('n') => value.push('\n'),
-                                    _ => return Err(err("bad escape")),
-                                },
-                                '"' => break,
-                                '\n' => return Err(err("raw newline in value")),
-                                c => value.push(c),
-                            }
-                        }
-                        if labels.insert(std::mem::take(&mut key), value).is_some() {
-                            return Err(err("repeated label"));
-                        }
-                        match chars.next() {
-                            Some((_, ',')) => {}
-                            Some((i, '}')) => break i,
-                            _ => return Err(err("bad label separator")),
-                        }
-                    }
-                    c => key.push(c),
-                }
-            };
-            rest = &r[end + 1..];
+        self.sampled.insert(family);
+        let (labels, rest) = sample_labels(&line[name_end..])?;
+        let value = sample_value(rest)?;
+        if !self.series.insert(format!("{name}{labels:?}")) {
+            return Err("duplicate series".into());
         }
-        let value_text = rest.strip_prefix(' ').ok_or_else(|| err("no space before the value"))?;
-        let value: f64 = match value_text {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            "NaN" => f64::NAN,
-            v => v.parse().map_err(|_| err("value is not a number"))?,
-        };
-        if !series.insert(format!("{name}{labels:?}")) {
-            return Err(err("duplicate series"));
-        }
-        out.push(Sample {
+        Ok(Sample {
             name: name.to_string(),
             labels,
             value,
-        });
+        })
     }
-    Ok(out)
+}
+
+/// The `{k="v",…}` that may start `rest` (the sample line after its name): the labels, and
+/// what follows them.
+fn sample_labels(rest: &str) -> Result<(BTreeMap<String, String>, &str), String> {
+    let mut labels = BTreeMap::new();
+    let Some(r) = rest.strip_prefix('{') else {
+        return Ok((labels, rest));
+    };
+    let mut chars = r.char_indices();
+    let mut key = String::new();
+    let end = loop {
+        let (idx, c) = chars.next().ok_or("unterminated labels")?;
+        match c {
+            '}' if key.is_empty() => break idx,
+            '=' => {
+                if !name_ok(&key, false) {
+                    return Err("bad label name".into());
+                }
+                let value = label_value(&mut chars)?;
+                if labels.insert(std::mem::take(&mut key), value).is_some() {
+                    return Err("repeated label".into());
+                }
+                match chars.next() {
+                    Some((_, ',')) => {}
+                    Some((i, '}')) => break i,
+                    _ => return Err("bad label separator".into()),
+                }
+            }
+            c => key.push(c),
+        }
+    };
+    Ok((labels, &r[end + 1..]))
+}
+
+/// A label's value, from its opening quote (right after the `=`) to its closing one.
+fn label_value(chars: &mut std::str::CharIndices) -> Result<String, String> {
+    if chars.next().map(|(_, c)| c) != Some('"') {
+        return Err("label value not quoted".into());
+    }
+    let mut value = String::new();
+    loop {
+        match chars.next().map(|(_, c)| c).ok_or("unterminated value")? {
+            '\\' => match chars.next().map(|(_, c)| c) {
+                Some('\\') => value.push('\\'),
+                Some('"') => value.push('"'),
+                Some('n') => value.push('\n'),
+                _ => return Err("bad escape".into()),
+            },
+            '"' => return Ok(value),
+            '\n' => return Err("raw newline in value".into()),
+            c => value.push(c),
+        }
+    }
+}
+
+/// The ` VALUE` that ends a sample line.
+fn sample_value(rest: &str) -> Result<f64, String> {
+    let value_text = rest.strip_prefix(' ').ok_or("no space before the value")?;
+    Ok(match value_text {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse().map_err(|_| "value is not a number")?,
+    })
 }
 
 fn find<'a>(samples: &'a [Sample], name: &str, labels: &[(&str, &str)]) -> Option<&'a Sample> {
@@ -751,12 +808,7 @@ fn metrics_parse_as_prometheus_text_and_carry_the_figures() {
     d.wait("ready, image checked", WAIT, |v| {
         v["ready"] == true && v["images"][0]["state"] == "failed"
     });
-    let scrape = |method: &str, path: &str| {
-        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        http_get(s, method, path)
-    };
-    let (code, head, body) = scrape("GET", "/metrics");
+    let (code, head, body) = scrape_tcp(port, "GET", "/metrics");
     assert_eq!(code, 200, "{head}");
     assert!(
         head.to_ascii_lowercase()
@@ -765,7 +817,27 @@ fn metrics_parse_as_prometheus_text_and_carry_the_figures() {
     );
     let samples = parse_prometheus(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
     // The same figures as a Prometheus text parser reads them.
-    let promparse = parse_with_prometheus_parse(&body);
+    prometheus_parse_reads_the_figures(&body);
+    the_strict_parser_reads_the_figures(&samples, &body);
+    assert_eq!(scrape_tcp(port, "GET", "/nope").0, 404);
+    assert_eq!(scrape_tcp(port, "POST", "/metrics").0, 405);
+    let (code, _, body) = scrape_tcp(port, "HEAD", "/metrics");
+    assert_eq!((code, body.as_str()), (200, ""));
+
+    // A drift shows up in the figures; a reload moves /metrics to a unix socket.
+    drift_shows_and_a_reload_moves_metrics_to_a_unix_socket(&t, &mut d, port);
+}
+
+/// One request to `/metrics`' TCP listener on `port`: [`http_get`]'s answer.
+fn scrape_tcp(port: u16, method: &str, path: &str) -> (u16, String, String) {
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    http_get(s, method, path)
+}
+
+/// The figures of a ready daemon with a failed image, as `prometheus-parse` reads `body`.
+fn prometheus_parse_reads_the_figures(body: &str) {
+    let promparse = parse_with_prometheus_parse(body);
     let parsed = |name: &str, labels: &[(&str, &str)]| {
         promparse
             .samples
@@ -790,8 +862,13 @@ fn metrics_parse_as_prometheus_text_and_carry_the_figures() {
     assert!(matches!(parsed("soci_agent_reconciles_total", &[]), P::Untyped(n) if n >= 1.0));
     assert!(matches!(parsed("soci_agent_info", &[]), P::Untyped(v) if v == 1.0));
     assert!(promparse.docs.contains_key("soci_agent_phase_seconds"));
+}
+
+/// The figures of a ready daemon with a failed image, as [`parse_prometheus`] read them from
+/// `body` into `samples`: checks, reconciles, repairs, drift, the image, install's run.
+fn the_strict_parser_reads_the_figures(samples: &[Sample], body: &str) {
     let value = |name: &str, labels: &[(&str, &str)]| {
-        find(&samples, name, labels)
+        find(samples, name, labels)
             .unwrap_or_else(|| panic!("no {name}{labels:?} in\n{body}"))
             .value
     };
@@ -803,7 +880,7 @@ fn metrics_parse_as_prometheus_text_and_carry_the_figures() {
         1.0
     );
     assert!(
-        find(&samples, "soci_agent_check_ok", &[("check", "live.soci-socket")]).is_none(),
+        find(samples, "soci_agent_check_ok", &[("check", "live.soci-socket")]).is_none(),
         "skipped checks are left out"
     );
     let last = value("soci_agent_last_reconcile_timestamp_seconds", &[]);
@@ -830,19 +907,17 @@ fn metrics_parse_as_prometheus_text_and_carry_the_figures() {
     );
     assert!(
         find(
-            &samples,
+            samples,
             "soci_agent_phase_seconds",
             &[("command", "install"), ("phase", "plan")]
         )
         .is_some()
     );
     assert_eq!(value("soci_agent_last_run_exit_code", &[("command", "install")]), 0.0);
-    assert_eq!(scrape("GET", "/nope").0, 404);
-    assert_eq!(scrape("POST", "/metrics").0, 405);
-    let (code, _, body) = scrape("HEAD", "/metrics");
-    assert_eq!((code, body.as_str()), (200, ""));
+}
 
-    // A drift shows up in the figures; a reload moves /metrics to a unix socket.
+/// A drifted SOCI config shows in `/metrics`; a reload moves it from TCP `port` to a unix socket.
+fn drift_shows_and_a_reload_moves_metrics_to_a_unix_socket(t: &Tree, d: &mut Daemon, port: u16) {
     let edited = format!("{}# local\n", t.read(SOCI_CONFIG));
     t.write(SOCI_CONFIG, &edited, 0o644);
     d.wait("drift", WAIT, |v| check(v, "agent.drift")["verdict"] == "fail");
@@ -920,7 +995,7 @@ fn parse_with_prometheus_parse(text: &str) -> prometheus_parse::Scrape {
 
 #[test]
 fn live_checks_follow_the_snapshotter_and_each_change_is_logged_once() {
-    use common::containerd::{Containerd, Options, Soci};
+    use common::containerd::{Options, Soci};
     let t = Tree::installed();
     let work = tempfile::tempdir().unwrap();
     let soci_dir = work.path().join("soci");
@@ -997,7 +1072,7 @@ fn image<'a>(status: &'a Value, given: &str) -> &'a Value {
 #[test]
 fn images_are_kept_warm_and_a_moved_tag_is_pulled_pinned_and_the_old_one_unpinned() {
     let work = tempfile::tempdir().unwrap();
-    let containerd = common::containerd::Containerd::start(&work.path().join("containerd"));
+    let containerd = Containerd::start(&work.path().join("containerd"));
     let registry = common::registry::Registry::start_new(&work.path().join("registry"), None);
     containerd.trust_plain_http(&registry.host());
     let first = registry.push_random_image("team/app", "1", 2, 64 * 1024);
@@ -1012,51 +1087,11 @@ fn images_are_kept_warm_and_a_moved_tag_is_pulled_pinned_and_the_old_one_unpinne
         "[daemon]\nrefresh = \"1s\"\n\n{prefetch}images = [\"{app}\"]\n"
     ));
     let mut d = Daemon::start(&t, &["--interval", "0.2"], &[]);
-    let s = d.wait("pulled and pinned", WAIT, |v| {
-        image(v, &app)["state"] == "pulled" || image(v, &app)["pinned"] == true && image(v, &app)["state"] == "hit"
-    });
-    let old_id = image(&s, &app)["image_id"].as_str().unwrap().to_string();
-    // The first refresh learns the digest the tag names: no move.
-    let s = d.wait("tag resolved", WAIT, |v| image(v, &app)["digest"].is_string());
-    assert_eq!(image(&s, &app)["digest"], first.manifest_digest.as_str(), "{s}");
-    assert_eq!(image(&s, &app)["moves"], 0);
-    assert!(containerd.image_labels(&app).unwrap().contains(PINNED));
-    // Later checks are hits (one ImageStatus each), by digest.
-    let s = d.wait("a hit", WAIT, |v| image(v, &app)["state"] == "hit");
-    assert_eq!(image(&s, &app)["pulls"], 1, "pulled once: {s}");
+    let old_id = pulled_pinned_then_hits(&mut d, &containerd, &first);
 
     // The tag moves: the new digest is pulled and pinned before anyone asks; the old one unpinned.
     let second = registry.push_random_image("team/app", "1", 2, 64 * 1024);
-    assert_ne!(second.manifest_digest, first.manifest_digest);
-    let s = d.wait("the move seen", WAIT, |v| image(v, &app)["moves"] == 1);
-    let st = image(&s, &app);
-    assert_eq!(st["digest"], second.manifest_digest.as_str(), "{st}");
-    assert_eq!(st["previous_digest"], first.manifest_digest.as_str(), "{st}");
-    assert_ne!(st["image_id"].as_str().unwrap(), old_id);
-    assert_eq!(st["pinned"], true);
-    let repo = app.rsplit_once(':').unwrap().0;
-    let new_ref = format!("{repo}@{}", second.manifest_digest);
-    let old_ref = format!("{repo}@{}", first.manifest_digest);
-    let labels = |r: &str| {
-        containerd
-            .image_labels(r)
-            .unwrap_or_else(|| panic!("no image record {r}"))
-    };
-    assert!(
-        labels(&new_ref).contains(PINNED),
-        "new digest pinned: {}",
-        labels(&new_ref)
-    );
-    assert!(
-        !labels(&old_ref).contains(PINNED),
-        "old digest unpinned: {}",
-        labels(&old_ref)
-    );
-    assert!(
-        !labels(&app).contains(PINNED),
-        "the tag's record still names the old image: unpinned"
-    );
-    assert!(d.count("tag moved: new digest pulled", None) == 1, "{}", d.log());
+    a_moved_tag_is_pulled_pinned_and_the_old_one_unpinned(&mut d, &containerd, &first, &second, &old_id);
 
     // New entries are pulled on reload.
     let other = registry.push_random_image("team/other", "2", 1, 32 * 1024);
@@ -1069,7 +1104,71 @@ fn images_are_kept_warm_and_a_moved_tag_is_pulled_pinned_and_the_old_one_unpinne
         v["config_generation"] == 2 && image(v, &other.reference)["pulls"] == 1
     });
     assert_eq!(image(&s, &app)["moves"], 1, "kept what it knew of the old entry");
-    assert!(labels(&other.reference).contains(PINNED));
+    assert!(labels(&containerd, &other.reference).contains(PINNED));
+}
+
+/// containerd's labels of image record `r`.
+fn labels(containerd: &Containerd, r: &str) -> String {
+    containerd
+        .image_labels(r)
+        .unwrap_or_else(|| panic!("no image record {r}"))
+}
+
+/// `first` (the tag as pushed) is pulled and pinned, its digest learnt without a move, then
+/// checked by digest (hits), pulled once. Returns its image id.
+fn pulled_pinned_then_hits(d: &mut Daemon, containerd: &Containerd, first: &Pushed) -> String {
+    let app = &first.reference;
+    let s = d.wait("pulled and pinned", WAIT, |v| {
+        image(v, app)["state"] == "pulled" || image(v, app)["pinned"] == true && image(v, app)["state"] == "hit"
+    });
+    let old_id = image(&s, app)["image_id"].as_str().unwrap().to_string();
+    // The first refresh learns the digest the tag names: no move.
+    let s = d.wait("tag resolved", WAIT, |v| image(v, app)["digest"].is_string());
+    assert_eq!(image(&s, app)["digest"], first.manifest_digest.as_str(), "{s}");
+    assert_eq!(image(&s, app)["moves"], 0);
+    assert!(containerd.image_labels(app).unwrap().contains(PINNED));
+    // Later checks are hits (one ImageStatus each), by digest.
+    let s = d.wait("a hit", WAIT, |v| image(v, app)["state"] == "hit");
+    assert_eq!(image(&s, app)["pulls"], 1, "pulled once: {s}");
+    old_id
+}
+
+/// The tag moved from `first` to `second`: the move is seen, the new digest pulled and pinned,
+/// the old digest and the tag's record (still the old image) unpinned.
+fn a_moved_tag_is_pulled_pinned_and_the_old_one_unpinned(
+    d: &mut Daemon,
+    containerd: &Containerd,
+    first: &Pushed,
+    second: &Pushed,
+    old_id: &str,
+) {
+    let app = &first.reference;
+    assert_ne!(second.manifest_digest, first.manifest_digest);
+    let s = d.wait("the move seen", WAIT, |v| image(v, app)["moves"] == 1);
+    let st = image(&s, app);
+    assert_eq!(st["digest"], second.manifest_digest.as_str(), "{st}");
+    assert_eq!(st["previous_digest"], first.manifest_digest.as_str(), "{st}");
+    assert_ne!(st["image_id"].as_str().unwrap(), old_id);
+    assert_eq!(st["pinned"], true);
+    let repo = app.rsplit_once(':').unwrap().0;
+    let new_ref = format!("{repo}@{}", second.manifest_digest);
+    let old_ref = format!("{repo}@{}", first.manifest_digest);
+    let labels = |r: &str| labels(containerd, r);
+    assert!(
+        labels(&new_ref).contains(PINNED),
+        "new digest pinned: {}",
+        labels(&new_ref)
+    );
+    assert!(
+        !labels(&old_ref).contains(PINNED),
+        "old digest unpinned: {}",
+        labels(&old_ref)
+    );
+    assert!(
+        !labels(app).contains(PINNED),
+        "the tag's record still names the old image: unpinned"
+    );
+    assert!(d.count("tag moved: new digest pulled", None) == 1, "{}", d.log());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1107,9 +1206,21 @@ fn wait_in(node: &common::nspawn::Node, what: &str, ok: impl Fn(&Value) -> bool)
 
 #[test]
 fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
-    use common::booted::{Boot, Booted, CONTAINERD, SOCI};
-    use common::nspawn::NodeOptions;
-    use common::real::{NodeContainerdConfig, with_containerd};
+    let booted = boot_with_the_daemon_installed();
+    let node = &booted.node;
+    the_unit_is_enabled_started_and_ready(node);
+
+    let containerd_before = booted.unit(CONTAINERD).invocation_id;
+    let soci_before = booted.unit(SOCI).invocation_id;
+    a_dead_snapshotter_is_started_over_dbus(&booted, &containerd_before, &soci_before);
+    with_repair_off_a_dead_snapshotter_is_left_down(&booted, &containerd_before);
+    restarting_the_snapshotter_restarts_containerd(&booted);
+    the_unit_stops_cleanly(&booted);
+}
+
+/// A booted node with containerd 2.4.2 and the agent's release installed with `--daemon`
+/// (repair on, a 300 ms interval).
+fn boot_with_the_daemon_installed() -> Booted {
     let opts = NodeOptions::new()
         // systemd would revive a killed snapshotter itself (Restart=always): this test wants the daemon to.
         .file(
@@ -1130,10 +1241,13 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
             ..Boot::default()
         },
     );
-    let node = &booted.node;
     booted.install_release(&["--daemon"]).expect_code(0);
+    booted
+}
 
-    // install --daemon wrote, enabled and started the unit (systemd/soci-agent.service).
+/// install --daemon wrote, enabled and started the unit (systemd/soci-agent.service); a
+/// restart (Type=notify) returns ready, the checks ok, the status socket root's only.
+fn the_unit_is_enabled_started_and_ready(node: &Node) {
     assert_eq!(
         node.check(&["systemctl", "is-enabled", "soci-agent.service"]),
         "enabled"
@@ -1155,19 +1269,21 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
     }
     let mode = node.check(&["stat", "-c", "%a %U", "/run/soci-agent/daemon.sock"]);
     assert_eq!(mode, "600 root");
+}
 
+/// Kills the snapshotter with its socket stopped (as when both failed and systemd gave up; with
+/// the socket listening, containerd's reconnect would socket-activate it).
+fn kill_the_snapshotter(node: &Node) {
+    node.check(&["systemctl", "stop", "soci-snapshotter.socket"]);
+    node.check(&["systemctl", "kill", "--kill-whom=main", "--signal=KILL", SOCI]);
+}
+
+/// Killed with its socket stopped: reported, then started again through D-Bus, socket first;
+/// containerd untouched.
+fn a_dead_snapshotter_is_started_over_dbus(booted: &Booted, containerd_before: &str, soci_before: &str) {
+    let node = &booted.node;
     let unit = |name: &str| booted.unit(name);
-    let containerd_before = unit(CONTAINERD).invocation_id;
-    let soci_before = unit(SOCI).invocation_id;
-
-    // Killed with its socket stopped (as when both failed and systemd gave up; with the socket
-    // listening, containerd's reconnect would socket-activate it): reported, then started again
-    // through D-Bus, socket first; containerd untouched.
-    let kill = || {
-        node.check(&["systemctl", "stop", "soci-snapshotter.socket"]);
-        node.check(&["systemctl", "kill", "--kill-whom=main", "--signal=KILL", SOCI]);
-    };
-    kill();
+    kill_the_snapshotter(node);
     let s = wait_in(node, "snapshotter started by the daemon", |v| {
         v["repairs"]["recent"]
             .as_array()
@@ -1205,8 +1321,12 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
     wait_in(node, "healthy again", |v| {
         check(v, "systemd.soci-service")["verdict"] == "ok"
     });
+}
 
-    // Repair off (applied by `systemctl reload`): reported, not started.
+/// Repair off (applied by `systemctl reload`): a dead snapshotter is reported, not started.
+fn with_repair_off_a_dead_snapshotter_is_left_down(booted: &Booted, containerd_before: &str) {
+    let node = &booted.node;
+    let unit = |name: &str| booted.unit(name);
     std::fs::write(
         node.path(AGENT_CONFIG),
         "[daemon]\ninterval = \"300ms\"\nrepair = false\n",
@@ -1215,7 +1335,7 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
     node.check(&["systemctl", "reload", "soci-agent.service"]);
     let s = wait_in(node, "reloaded", |v| v["config_generation"] == 2);
     let repairs = s["repairs"]["total"].clone();
-    kill();
+    kill_the_snapshotter(node);
     let s = wait_in(node, "reported", |v| {
         check(v, "systemd.soci-service")["verdict"] == "fail"
     });
@@ -1224,9 +1344,13 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
     assert_eq!(s["repairs"]["total"], repairs, "no repair with repair = false");
     assert!(!unit(SOCI).is_active(), "left down: {}", unit(SOCI));
     assert_eq!(unit(CONTAINERD).invocation_id, containerd_before);
+}
 
-    // Why a restart of a running snapshotter needs restart_containerd = true: systemd propagates
-    // it to containerd, which Requires= it.
+/// Why a restart of a running snapshotter needs restart_containerd = true: systemd propagates
+/// it to containerd, which Requires= it.
+fn restarting_the_snapshotter_restarts_containerd(booted: &Booted) {
+    let node = &booted.node;
+    let unit = |name: &str| booted.unit(name);
     // (a start right after a kill can meet systemd-in-nspawn's cgroup race, 219/CGROUP: poll)
     let deadline = Instant::now() + Duration::from_secs(30);
     while !node
@@ -1249,12 +1373,14 @@ fn booted_node_a_dead_snapshotter_is_started_over_dbus_only_with_repair_on() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
 
-    // SIGTERM (systemctl stop): a clean exit within the bound.
+/// SIGTERM (systemctl stop): a clean exit within the bound.
+fn the_unit_stops_cleanly(booted: &Booted) {
     let stopping = Instant::now();
-    node.check(&["systemctl", "stop", "soci-agent.service"]);
+    booted.node.check(&["systemctl", "stop", "soci-agent.service"]);
     assert!(stopping.elapsed() < STOP_BOUND, "stop took {:?}", stopping.elapsed());
-    let agent = unit("soci-agent.service");
+    let agent = booted.unit("soci-agent.service");
     assert_eq!(
         (agent.active_state.as_str(), agent.result.as_str()),
         ("inactive", "success"),

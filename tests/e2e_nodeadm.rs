@@ -220,7 +220,26 @@ fn boot() -> Rig {
     real::soci_release(VERSION).publish(&mirror);
     let install = install_argv(&mirror);
     let aws = AwsStandIn::start(Instance::m5_xlarge(), Some(user_data(&install)));
+    let booted = Booted::boot_with(
+        ami_node(&aws, registry.host()),
+        Boot {
+            dbus_bound: DBUS_BOUND,
+            started: Some(started),
+            ..Boot::default()
+        },
+    );
+    Rig {
+        booted,
+        aws,
+        mirror,
+        registry,
+        _registry_dir: registry_dir,
+    }
+}
 
+/// The node's tree: the AMI's units and files, the stand-ins' drop-in on the nodeadm units, the
+/// stubs, real nodeadm and the older real SOCI, the registry at `registry_host` trusted.
+fn ami_node(aws: &AwsStandIn, registry_host: String) -> NodeOptions {
     let ami = real::ami_runtime().join("rootfs/etc/systemd/system");
     let old_soci = real::soci_daemon(real::SOCI_OLD_VERSION);
     let mut opts = with_containerd(
@@ -233,9 +252,7 @@ fn boot() -> Rig {
         opts = opts.file(&format!("{UNITS}/{name}"), bytes);
     }
     let aws_dropin = aws.systemd_dropin();
-    let registry_host = registry.host();
-    let opts = opts
-        .file(&format!("{UNITS}/{NODEADM_CONFIG}.d/{AWS_DROPIN}"), &aws_dropin)
+    opts.file(&format!("{UNITS}/{NODEADM_CONFIG}.d/{AWS_DROPIN}"), &aws_dropin)
         .file(&format!("{UNITS}/{NODEADM_RUN}.d/{AWS_DROPIN}"), &aws_dropin)
         .file("/etc/eks/containerd-version.txt", format!("{CONTAINERD_VERSION}\n"))
         .file(
@@ -258,22 +275,7 @@ fn boot() -> Rig {
             enable_link(root, "sockets.target", SOCKET);
             enable_link(root, "multi-user.target", NODEADM_CONFIG);
             real::trust_plain_http(root, &registry_host);
-        });
-    let booted = Booted::boot_with(
-        opts,
-        Boot {
-            dbus_bound: DBUS_BOUND,
-            started: Some(started),
-            ..Boot::default()
-        },
-    );
-    Rig {
-        booted,
-        aws,
-        mirror,
-        registry,
-        _registry_dir: registry_dir,
-    }
+        })
 }
 
 /// kubelet's effective `imageServiceEndpoint` as kubelet merges its files: `config.json`, then
@@ -315,6 +317,43 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
     // 1. nodeadm-config ran at boot: user data over IMDSv2, the instance from EC2, the config
     //    files rendered, nothing started.
     rig.step("nodeadm-config.service ran at boot");
+    let config_invocation = nodeadm_config_asked_aws_at_boot(&rig);
+    let rendered_at_boot = nodeadm_config_rendered_and_started_nothing(&rig);
+
+    // 2. The agent's install, where cloud-final runs the user data's shell part.
+    rig.step("soci-agent install (cloud-final's turn)");
+    install_wires_the_node_and_starts_nothing(&rig, &install, &rendered_at_boot);
+
+    // 3. nodeadm-run: merges user data + the drop-in, re-renders, starts containerd (whose
+    //    Requires= starts SOCI) and kubelet.
+    rig.step("nodeadm-run.service");
+    nodeadm_run_merges_the_dropin(&rig, &config_invocation);
+    rig.step("state after nodeadm-run");
+    soci_runs_the_agents_release_in_the_amis_unit(&rig);
+    containerd_reads_nodeadms_config_with_soci(&rig);
+    let (endpoint, pause_snapshots) = kubelet_serves_images_through_soci(&rig);
+
+    // 4. A pull through kubelet's image endpoint (SOCI's CRI proxy) lands in soci.
+    rig.step("crictl pull through the SOCI image endpoint");
+    crictl_pull_lands_in_soci(&rig, &endpoint, pause_snapshots);
+
+    // 5. doctor: no failing check.
+    rig.step("soci-agent doctor");
+    doctor_has_no_failing_check(&rig);
+
+    eprintln!(
+        "AWS stand-ins' requests (nodeadm-config, then nodeadm-run):\n{}",
+        rig.aws_log()
+    );
+    eprintln!(
+        "nodeadm node: up in {booted:.1?} (nodeadm-config included), whole test {:.1?}",
+        rig.started.elapsed()
+    );
+}
+
+/// `nodeadm-config.service` succeeded at boot with the stand-ins' drop-in, after asking IMDS and
+/// EC2 for what nodeadm needs, none refused. Returns its invocation id.
+fn nodeadm_config_asked_aws_at_boot(rig: &Rig) -> String {
     let config = rig.unit(NODEADM_CONFIG);
     assert!(
         config.result == "success" && !config.invocation_id.is_empty() && config.active_state != "failed",
@@ -352,6 +391,13 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
         "requests the stand-ins refused: {refused:?}\n{}",
         rig.unit_story(NODEADM_CONFIG)
     );
+    config_invocation
+}
+
+/// nodeadm's cache holds the EC2 answer and the cluster; containerd's and kubelet's configs are
+/// rendered (containerd's without SOCI); nothing started but the AMI's socket. Returns
+/// containerd's config as rendered at boot.
+fn nodeadm_config_rendered_and_started_nothing(rig: &Rig) -> String {
     let cache: Value =
         serde_json::from_str(&rig.read_run(NODEADM_CACHE).expect("nodeadm's config cache")).expect("the cache is JSON");
     let instance = rig.aws.instance();
@@ -370,10 +416,13 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
     assert_eq!(rig.is_active(KUBELET), "inactive");
     assert_eq!(rig.is_active(SOCI), "inactive");
     assert_eq!(rig.is_active(SOCKET), "active", "the AMI's socket listens from boot");
+    rendered_at_boot
+}
 
-    // 2. The agent's install, where cloud-final runs the user data's shell part.
-    rig.step("soci-agent install (cloud-final's turn)");
-    let run = rig.agent("install", &install);
+/// install plans nodeadm wiring and the verified release, writes its drop-ins, leaves
+/// containerd's config to nodeadm and starts nothing; doctor only warns until nodeadm-run.
+fn install_wires_the_node_and_starts_nothing(rig: &Rig, install: &[String], rendered_at_boot: &str) {
+    let run = rig.agent("install", install);
     run.expect_code(0);
     assert_eq!(run.report["plan"]["wiring"], "nodeadm", "{}", run.show());
     assert_eq!(
@@ -413,10 +462,11 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
     }
     // Waiting for nodeadm-run is not a failure: user data running `install && doctor` passes.
     doctor.expect_no_failing_check("doctor before nodeadm-run");
+}
 
-    // 3. nodeadm-run: merges user data + the drop-in, re-renders, starts containerd (whose
-    //    Requires= starts SOCI) and kubelet.
-    rig.step("nodeadm-run.service");
+/// `nodeadm-run.service` succeeds without running nodeadm-config again, reads user data (nothing
+/// refused) and merges the agent's drop-in into its config.
+fn nodeadm_run_merges_the_dropin(rig: &Rig, config_invocation: &str) {
     let requests_before = rig.aws.requests().len();
     let out = rig.node.exec_timeout(
         &["systemctl", "start", "--job-mode=ignore-requirements", NODEADM_RUN],
@@ -455,9 +505,10 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
         cache["spec"]["kubelet"]["config"]["imageServiceEndpoint"], SOCI_ENDPOINT,
         "the drop-in is in nodeadm's merged config: {cache:#}"
     );
+}
 
-    // SOCI runs the agent's release: the AMI's unit, kept as is, with the agent's drop-in.
-    rig.step("state after nodeadm-run");
+/// SOCI runs the agent's release: the AMI's unit, kept as is, with the agent's drop-in.
+fn soci_runs_the_agents_release_in_the_amis_unit(rig: &Rig) {
     let soci = rig.unit(SOCI);
     assert!(
         soci.is_active() && soci.sub_state == "running",
@@ -487,8 +538,10 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
         "{containerd:?}"
     );
     rig.assert_soci_plugin_ok("after nodeadm-run");
+}
 
-    // containerd's config, as nodeadm rendered it and containerd reads it.
+/// containerd's config, as nodeadm rendered it and containerd reads it.
+fn containerd_reads_nodeadms_config_with_soci(rig: &Rig) {
     let (doc, dump) = rig.assert_containerd_reads_soci("after nodeadm-run");
     assert_eq!(
         doc["proxy_plugins"]["soci"]["exports"]["root"].as_str(),
@@ -506,8 +559,11 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
         Some(PAUSE_IMAGE),
         "nodeadm's template\n{dump}"
     );
+}
 
-    // kubelet: running with nodeadm's files, which point its image service at SOCI.
+/// kubelet: running with nodeadm's files, which point its image service at SOCI; the pause
+/// image already in soci. Returns the endpoint and the pause image's soci snapshots.
+fn kubelet_serves_images_through_soci(rig: &Rig) -> (String, usize) {
     let kubelet = rig.unit(KUBELET);
     assert!(kubelet.is_active(), "{KUBELET}: {kubelet}");
     let args = rig.cmdline(kubelet.main_pid);
@@ -517,7 +573,7 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
     ] {
         assert!(args.contains(&want), "kubelet runs without {want}: {args:?}");
     }
-    let (endpoint, files) = kubelet_endpoint(&rig);
+    let (endpoint, files) = kubelet_endpoint(rig);
     let endpoint = endpoint.unwrap_or_else(|| panic!("imageServiceEndpoint unset in kubelet's config\n{files}"));
     assert_eq!(endpoint.0, SOCI_ENDPOINT, "set by {}\n{files}", endpoint.1);
     let base: Value = serde_json::from_str(&rig.read_text(KUBELET_CONFIG)).unwrap();
@@ -531,18 +587,21 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
         "{BOOT}: {boot_unit}"
     );
     let pause_snapshots = rig.assert_image_in_soci(PAUSE_IMAGE);
+    (endpoint.0, pause_snapshots)
+}
 
-    // 4. A pull through kubelet's image endpoint (SOCI's CRI proxy) lands in soci.
-    rig.step("crictl pull through the SOCI image endpoint");
+/// `crictl pull` through `endpoint`: one soci snapshot per layer more, the layers' files
+/// unpacked in SOCI's store, the image listed through SOCI.
+fn crictl_pull_lands_in_soci(rig: &Rig, endpoint: &str, pause_snapshots: usize) {
     let image = rig.registry.push_random_image("app", "v1", 4, 1 << 20);
     let out = rig.node.exec_timeout(
-        &["crictl", "--image-endpoint", &endpoint.0, "pull", &image.reference],
+        &["crictl", "--image-endpoint", endpoint, "pull", &image.reference],
         Duration::from_secs(120),
     );
     assert!(
         out.status.success(),
         "crictl pull through {}: {}\n{}{}",
-        endpoint.0,
+        endpoint,
         out.status,
         text(&out.stdout),
         text(&out.stderr)
@@ -577,9 +636,10 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
         listed.contains("127.0.0.1") && listed.contains(&image.manifest_digest),
         "crictl images through SOCI:\n{listed}"
     );
+}
 
-    // 5. doctor: no failing check.
-    rig.step("soci-agent doctor");
+/// doctor: no failing check, the nodeadm and live checks ok; the checks not ok are shown.
+fn doctor_has_no_failing_check(rig: &Rig) {
     let doctor = rig.doctor();
     doctor.expect_no_failing_check("doctor");
     for id in [
@@ -601,15 +661,6 @@ fn nodeadm_config_then_install_then_nodeadm_run_wires_soci() {
         })
         .collect();
     eprintln!("doctor, checks not ok (none fails):\n{}", not_ok.join("\n"));
-
-    eprintln!(
-        "AWS stand-ins' requests (nodeadm-config, then nodeadm-run):\n{}",
-        rig.aws_log()
-    );
-    eprintln!(
-        "nodeadm node: up in {booted:.1?} (nodeadm-config included), whole test {:.1?}",
-        rig.started.elapsed()
-    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -731,6 +782,24 @@ fn the_daemon_holds_the_node_to_what_install_was_asked() {
     .unwrap();
 
     rig.step("install --daemon, then nodeadm-run");
+    install_daemon_which_waits_for_nodeadm_run(&rig);
+    rig.step("no drift right after install with flags");
+    let first = no_drift_right_after_install(&rig);
+    rig.step("idle: no restart of SOCI or containerd");
+    let containerd_run = idle_restarts_nothing(&rig, &first);
+    rig.step("a stopped snapshotter, containerd left running");
+    stopped_snapshotter_comes_back_alone(&rig, &containerd_run);
+    rig.step("systemctl stop soci-snapshotter: containerd goes down with it");
+    stopped_snapshotter_and_containerd_come_back(&rig);
+    rig.step("a drifted SOCI config is put back byte for byte");
+    drifted_soci_config_is_put_back(&rig);
+    rig.step("/metrics counts the repairs");
+    metrics_count_the_repairs(&rig, port);
+}
+
+/// `install --daemon`: the daemon reconciles, but starts neither containerd nor SOCI before
+/// `nodeadm-run.service`, which then starts both.
+fn install_daemon_which_waits_for_nodeadm_run(rig: &Rig) {
     let mut install = install_argv(&rig.mirror);
     install.push("--daemon".into());
     let run = rig.agent("install", &install);
@@ -740,7 +809,7 @@ fn the_daemon_holds_the_node_to_what_install_was_asked() {
     if !rig.unit(AGENT_SERVICE).is_active() {
         rig.start(AGENT_SERVICE);
     }
-    let early = wait_state(&rig, "two reconciles before nodeadm-run", REPAIR_BOUND, |s| {
+    let early = wait_state(rig, "two reconciles before nodeadm-run", REPAIR_BOUND, |s| {
         s["reconciles"].as_u64() >= Some(2)
     });
     assert_eq!(
@@ -760,9 +829,12 @@ fn the_daemon_holds_the_node_to_what_install_was_asked() {
     );
     assert!(out.status.success(), "{NODEADM_RUN}\n{}", rig.unit_story(NODEADM_RUN));
     assert!(rig.unit(CONTAINERD).is_active() && rig.unit(SOCI).is_active());
+}
 
-    rig.step("no drift right after install with flags");
-    let first = wait_state(&rig, "two reconciles", REPAIR_BOUND, |s| {
+/// The daemon wants what install was asked (no drift), its flags recorded as such. Returns the
+/// state it showed.
+fn no_drift_right_after_install(rig: &Rig) -> Value {
+    let first = wait_state(rig, "two reconciles", REPAIR_BOUND, |s| {
         s["reconciles"].as_u64() >= Some(2)
     });
     let drift = check_verdict(&first, "agent.drift");
@@ -780,11 +852,15 @@ fn the_daemon_holds_the_node_to_what_install_was_asked() {
         "{desired:?}"
     );
     assert_eq!(source("release_url").map(|v| v.1), Some(Value::from("recorded-flag")));
+    first
+}
 
-    rig.step("idle: no restart of SOCI or containerd");
+/// Three more reconciles with nothing drifted: no repair, SOCI and containerd not restarted.
+/// Returns containerd's invocation id.
+fn idle_restarts_nothing(rig: &Rig, first: &Value) -> String {
     let (soci_run, containerd_run) = (rig.unit(SOCI).invocation_id, rig.unit(CONTAINERD).invocation_id);
     let seen = first["reconciles"].as_u64().unwrap();
-    let idle = wait_state(&rig, "three more reconciles", REPAIR_BOUND, |s| {
+    let idle = wait_state(rig, "three more reconciles", REPAIR_BOUND, |s| {
         s["reconciles"].as_u64() >= Some(seen + 3)
     });
     assert_eq!(idle["repairs"]["total"], 0, "{idle:#}");
@@ -798,14 +874,18 @@ fn the_daemon_holds_the_node_to_what_install_was_asked() {
         containerd_run,
         "containerd restarted while idle"
     );
+    containerd_run
+}
 
-    rig.step("a stopped snapshotter, containerd left running");
+/// The snapshotter (and its socket) stopped with containerd left running: started again,
+/// containerd not restarted.
+fn stopped_snapshotter_comes_back_alone(rig: &Rig, containerd_run: &str) {
     let out = rig
         .node
         .exec(&["systemctl", "stop", "--job-mode=ignore-dependencies", SOCKET, SOCI]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(!rig.unit(SOCI).is_active() && rig.unit(CONTAINERD).is_active());
-    wait_until(&rig, "the snapshotter running again", REPAIR_BOUND, || {
+    wait_until(rig, "the snapshotter running again", REPAIR_BOUND, || {
         rig.unit(SOCI).is_active() && rig.unit(SOCKET).is_active()
     });
     assert_eq!(
@@ -813,32 +893,38 @@ fn the_daemon_holds_the_node_to_what_install_was_asked() {
         containerd_run,
         "starting the snapshotter must not restart containerd"
     );
+}
 
-    rig.step("systemctl stop soci-snapshotter: containerd goes down with it");
+/// `systemctl stop soci-snapshotter` takes containerd down too: both running again.
+fn stopped_snapshotter_and_containerd_come_back(rig: &Rig) {
     let out = rig.node.exec(&["systemctl", "stop", SOCI]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let containerd = rig.unit(CONTAINERD);
     assert!(!containerd.is_active(), "Requires= stops containerd too: {containerd}");
     wait_until(
-        &rig,
+        rig,
         "containerd and the snapshotter running again",
         REPAIR_BOUND,
         || rig.unit(SOCI).is_active() && rig.unit(CONTAINERD).is_active(),
     );
+}
 
-    rig.step("a drifted SOCI config is put back byte for byte");
+/// A hand-edited SOCI config is put back byte for byte.
+fn drifted_soci_config_is_put_back(rig: &Rig) {
     let written = rig.read(SOCI_CONFIG).expect("install wrote the SOCI config");
     fs::write(
         rig.node.path(SOCI_CONFIG),
         b"# edited by hand\n[pull_modes.parallel_pull_unpack]\nenable = false\n",
     )
     .unwrap();
-    wait_until(&rig, "the SOCI config restored", REPAIR_BOUND, || {
+    wait_until(rig, "the SOCI config restored", REPAIR_BOUND, || {
         rig.read(SOCI_CONFIG).as_deref() == Some(written.as_slice())
     });
+}
 
-    rig.step("/metrics counts the repairs");
-    let state = daemon_state(&rig);
+/// `/metrics` counts the repairs: at least the three above, and no fewer than the status shows.
+fn metrics_count_the_repairs(rig: &Rig, port: u16) {
+    let state = daemon_state(rig);
     let scrape = scrape(port);
     let repairs = metric(&scrape, "soci_agent_repairs_total");
     assert!(repairs >= 3.0, "repairs counted: {repairs}\n{state:#}");
