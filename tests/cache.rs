@@ -95,19 +95,7 @@ fn blank_device_is_refused_without_format_and_nothing_changes() {
 fn format_data_volume_makes_labelled_ext4_and_writes_the_units() {
     let t = Tree::plain();
     blank_device(&t, 64);
-    // A dry run shows the format and changes nothing.
-    let dry = install(&t, &["--data-volume", DEVICE, "--format-data-volume", "--dry-run"], &[]);
-    assert_eq!(dry.status.code(), Some(0), "{}", show(&dry));
-    let report: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
-    assert!(
-        report["actions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|a| a["path"] == DEVICE && a["action"] == "format"),
-        "{report:#}"
-    );
-    assert_eq!(ext4_label(&t), None, "a dry run formatted the device");
+    a_dry_run_shows_the_format_and_changes_nothing(&t);
 
     let out = install(&t, &["--data-volume", DEVICE, "--format-data-volume"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
@@ -120,6 +108,33 @@ fn format_data_volume_makes_labelled_ext4_and_writes_the_units() {
     for d in [CONTAINERD_DROPIN, SOCI_DROPIN] {
         assert!(t.read(d).contains("Requires=soci-agent-volume.service"), "{d}");
     }
+    assert_the_record_asks_for_the_device_but_never_owns_it(&t);
+    a_second_run_formats_nothing_and_changes_nothing(&t);
+    doctor_sees_the_volume_but_not_its_mounts(&t);
+
+    // Uninstall removes the units, never the device.
+    let un = agent(&t, &["uninstall", "--no-start"], &[]);
+    assert_eq!(un.status.code(), Some(0), "{}", show(&un));
+    assert!(t.path(DEVICE).exists() && !t.path(UNIT).exists());
+}
+
+/// A dry run shows the format and changes nothing.
+fn a_dry_run_shows_the_format_and_changes_nothing(t: &Tree) {
+    let dry = install(t, &["--data-volume", DEVICE, "--format-data-volume", "--dry-run"], &[]);
+    assert_eq!(dry.status.code(), Some(0), "{}", show(&dry));
+    let report: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert!(
+        report["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["path"] == DEVICE && a["action"] == "format"),
+        "{report:#}"
+    );
+    assert_eq!(ext4_label(t), None, "a dry run formatted the device");
+}
+
+fn assert_the_record_asks_for_the_device_but_never_owns_it(t: &Tree) {
     let record: serde_json::Value = serde_json::from_str(&t.read("/var/lib/soci-agent/record.json")).unwrap();
     for owned in ["paths", "written"] {
         assert!(
@@ -135,17 +150,21 @@ fn format_data_volume_makes_labelled_ext4_and_writes_the_units() {
         record["request"].get("format_data_volume").is_none(),
         "formatting is about that run only"
     );
+}
 
-    // Again: the volume now holds ext4, nothing is formatted, nothing changes.
+/// Again: the volume now holds ext4, nothing is formatted, nothing changes.
+fn a_second_run_formats_nothing_and_changes_nothing(t: &Tree) {
     let before = std::fs::read(t.path(DEVICE)).unwrap();
-    let again = install(&t, &["--data-volume", DEVICE, "--format-data-volume"], &[]);
+    let again = install(t, &["--data-volume", DEVICE, "--format-data-volume"], &[]);
     assert_eq!(again.status.code(), Some(0), "{}", show(&again));
     let report: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(report["changed"], false, "{report:#}");
     assert_eq!(std::fs::read(t.path(DEVICE)).unwrap(), before, "formatted twice");
+}
 
-    // doctor: the volume is configured; under --root its mounts are not checked.
-    let doc = agent(&t, &["doctor", "--no-live", "--output", "json"], &[]);
+/// doctor: the volume is configured; under --root its mounts are not checked.
+fn doctor_sees_the_volume_but_not_its_mounts(t: &Tree) {
+    let doc = agent(t, &["doctor", "--no-live", "--output", "json"], &[]);
     let doc: serde_json::Value = serde_json::from_slice(&doc.stdout).unwrap();
     let verdict = |id: &str| {
         doc["checks"]
@@ -161,11 +180,6 @@ fn format_data_volume_makes_labelled_ext4_and_writes_the_units() {
     assert!(e.contains("/dev/xvdb: --root is not this host"), "{e}");
     assert_eq!(verdict("cache.manifest").0, "warn");
     assert_eq!(verdict("cache.images").0, "skip");
-
-    // Uninstall removes the units, never the device.
-    let un = agent(&t, &["uninstall", "--no-start"], &[]);
-    assert_eq!(un.status.code(), Some(0), "{}", show(&un));
-    assert!(t.path(DEVICE).exists() && !t.path(UNIT).exists());
 }
 
 #[test]
@@ -264,17 +278,22 @@ fn agent_args() -> Vec<&'static str> {
     ]
 }
 
-#[test]
-fn render_ec2nodeclass_maps_the_snapshot_and_keeps_the_root_volume() {
+/// `ec2nodeclass --cluster c --role R <agent args> <extra>`.
+fn ec2nodeclass<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["ec2nodeclass", "--cluster", "c", "--role", "R"];
     args.extend(agent_args());
-    args.extend([
+    args.extend(extra);
+    args
+}
+
+#[test]
+fn render_ec2nodeclass_maps_the_snapshot_and_keeps_the_root_volume() {
+    let out = render(&ec2nodeclass(&[
         "--data-volume-snapshot",
         "snap-0abc123456789def0",
         "--data-volume-size",
         "200Gi",
-    ]);
-    let out = render(&args);
+    ]));
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let doc: serde_yaml_ng::Value = serde_yaml_ng::from_slice(&out.stdout).unwrap();
     let bdm = doc["spec"]["blockDeviceMappings"].as_sequence().unwrap();
@@ -290,20 +309,28 @@ fn render_ec2nodeclass_maps_the_snapshot_and_keeps_the_root_volume() {
         "{ud}"
     );
     assert!(!ud.contains("--format-data-volume"), "{ud}");
+    without_a_snapshot_install_formats_a_blank_volume();
+    refusals_name_the_option();
+}
 
-    // Without a snapshot: a blank builder volume, formatted by install.
-    let mut args = vec!["ec2nodeclass", "--cluster", "c", "--role", "R"];
-    args.extend(agent_args());
-    args.extend(["--data-volume-size", "50Gi", "--data-volume-device", "/dev/sdf"]);
-    let out = render(&args);
+/// Without a snapshot: a blank builder volume, formatted by install.
+fn without_a_snapshot_install_formats_a_blank_volume() {
+    let out = render(&ec2nodeclass(&[
+        "--data-volume-size",
+        "50Gi",
+        "--data-volume-device",
+        "/dev/sdf",
+    ]));
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("--data-volume=/dev/sdf") && text.contains("--format-data-volume"),
         "{text}"
     );
+}
 
-    // Refusals name the option.
+/// Refusals name the option.
+fn refusals_name_the_option() {
     for (bad, option) in [
         (
             vec!["--data-volume-snapshot", "vol-0abc12345"],
@@ -319,10 +346,7 @@ fn render_ec2nodeclass_maps_the_snapshot_and_keeps_the_root_volume() {
             "--instance-store-raid0",
         ),
     ] {
-        let mut args = vec!["ec2nodeclass", "--cluster", "c", "--role", "R"];
-        args.extend(agent_args());
-        args.extend(bad);
-        let out = render(&args);
+        let out = render(&ec2nodeclass(&bad));
         assert_eq!(out.status.code(), Some(2), "{}", show(&out));
         assert!(String::from_utf8_lossy(&out.stderr).contains(option), "{}", show(&out));
     }

@@ -172,6 +172,7 @@ impl Doctor {
 }
 
 /// One way to break (or fix) a healthy tree, and the verdict it must give.
+#[derive(Clone)]
 struct Case {
     name: &'static str,
     mutate: fn(&Node),
@@ -231,6 +232,14 @@ fn a_fresh_install_has_no_failing_check() {
     let d = n.files();
     assert!(d.failing().is_empty(), "failing checks:\n{}", d.failing().join("\n"));
     assert_eq!(d.code(), 0, "{}", show(&d.out));
+    assert_fresh_checks_are_ok(&d);
+    assert_fresh_checks_warn_or_skip(&d);
+    assert_summary_counts_every_check(&d);
+    assert_status_text_has_a_headline_and_rows(&n);
+}
+
+/// Every check of a fresh install that has all it needs is ok, and names its evidence.
+fn assert_fresh_checks_are_ok(d: &Doctor) {
     for id in [
         "host.os",
         "host.arch",
@@ -262,6 +271,10 @@ fn a_fresh_install_has_no_failing_check() {
     d.assert("soci.digest", "ok", "release.json");
     d.assert("soci-config.chunk-size", "ok", "16777216 bytes");
     d.assert("recent.install", "ok", "phases:");
+}
+
+/// What a fresh install cannot have yet: enabled units, a containerd binary, a bus, sockets.
+fn assert_fresh_checks_warn_or_skip(d: &Doctor) {
     // install --no-start enables nothing; the tree has no containerd binary.
     d.assert("systemd.soci-service", "warn", "systemctl enable");
     d.assert("systemd.soci-socket", "warn", "systemctl enable");
@@ -277,14 +290,20 @@ fn a_fresh_install_has_no_failing_check() {
         d.assert(id, "skip", "");
     }
     d.assert("nodeadm.dropin", "skip", "not a nodeadm host");
+}
+
+/// The summary's counts add up to the number of checks.
+fn assert_summary_counts_every_check(d: &Doctor) {
     let s = &d.report["summary"];
     let total: u64 = ["ok", "warn", "fail", "skip"]
         .iter()
         .map(|k| s[k].as_u64().unwrap())
         .sum();
     assert_eq!(total as usize, d.report["checks"].as_array().unwrap().len());
+}
 
-    // The same in text: a headline and one row per check.
+/// The same in text: a headline and one row per check.
+fn assert_status_text_has_a_headline_and_rows(n: &Node) {
     let out = agent(&["status", "--no-live"])
         .arg("--root")
         .arg(n.root())
@@ -304,6 +323,19 @@ fn a_fresh_install_has_no_failing_check() {
 fn soci_binary_and_config_failures() {
     let template = installed_plain();
     let cases = [
+        soci_binary_cases(),
+        soci_version_cases(),
+        soci_config_value_cases(),
+        soci_config_file_cases(),
+        agent_record_and_report_cases(),
+    ]
+    .concat();
+    run_cases(&template, &cases);
+}
+
+/// The daemon binary in the store, its link and its unit.
+fn soci_binary_cases() -> Vec<Case> {
+    vec![
         Case {
             name: "store binary changed",
             mutate: |n| {
@@ -330,6 +362,12 @@ fn soci_binary_and_config_failures() {
             verdict: "fail",
             contains: "no soci-snapshotter.service in /etc/systemd/system",
         },
+    ]
+}
+
+/// Which binary the unit runs, its version, and other copies on the host.
+fn soci_version_cases() -> Vec<Case> {
+    vec![
         Case {
             // Under a --root that is not this host, a binary is never run (it would run on the
             // build host): its version is unknown, not guessed from the record.
@@ -380,6 +418,12 @@ fn soci_binary_and_config_failures() {
             verdict: "ok",
             contains: "/usr/bin/soci-snapshotter-grpc (SOCI version unknown, the distribution's (RPM) copy)",
         },
+    ]
+}
+
+/// Values in SOCI's config.toml: key names, parallel mode, limits, chunk size.
+fn soci_config_value_cases() -> Vec<Case> {
+    vec![
         Case {
             name: "typo in a key",
             mutate: |n| {
@@ -420,6 +464,12 @@ fn soci_binary_and_config_failures() {
             verdict: "fail",
             contains: "use 16mb",
         },
+    ]
+}
+
+/// The decompressor, the content store, and a config that is broken or missing.
+fn soci_config_file_cases() -> Vec<Case> {
+    vec![
         Case {
             name: "decompressor missing",
             mutate: |n| n.remove("/usr/bin/unpigz"),
@@ -468,6 +518,12 @@ fn soci_binary_and_config_failures() {
             verdict: "fail",
             contains: "does not exist",
         },
+    ]
+}
+
+/// The install record and the reports of earlier runs.
+fn agent_record_and_report_cases() -> Vec<Case> {
+    vec![
         Case {
             name: "invalid record",
             mutate: |n| n.write("/var/lib/soci-agent/record.json", "{not json", 0o644),
@@ -489,14 +545,28 @@ fn soci_binary_and_config_failures() {
             verdict: "warn",
             contains: "job failed",
         },
-    ];
-    run_cases(&template, &cases);
+    ]
 }
 
 #[test]
 fn containerd_kubelet_and_systemd_failures() {
     let template = installed_plain();
     let cases = [
+        containerd_proxy_plugin_cases(),
+        containerd_cri_cases(),
+        containerd_version_cases(),
+        containerd_pull_path_cases(),
+        kubelet_cases(),
+        systemd_dropin_and_enable_cases(),
+        systemd_socket_and_boot_unit_cases(),
+    ]
+    .concat();
+    run_cases(&template, &cases);
+}
+
+/// The proxy plugin: its address, its presence and the root it exports.
+fn containerd_proxy_plugin_cases() -> Vec<Case> {
+    vec![
         Case {
             name: "proxy address elsewhere",
             mutate: |n| {
@@ -542,6 +612,12 @@ fn containerd_kubelet_and_systemd_failures() {
             verdict: "fail",
             contains: "--root in ExecStart of /etc/systemd/system/soci-snapshotter.service.d/60-local.conf",
         },
+    ]
+}
+
+/// The CRI plugin's snapshotter and annotations, and a config that does not parse.
+fn containerd_cri_cases() -> Vec<Case> {
+    vec![
         Case {
             name: "CRI snapshotter overlayfs",
             mutate: |n| {
@@ -575,6 +651,12 @@ fn containerd_kubelet_and_systemd_failures() {
             verdict: "fail",
             contains: "cannot parse",
         },
+    ]
+}
+
+/// containerd's version against the config's version.
+fn containerd_version_cases() -> Vec<Case> {
+    vec![
         Case {
             name: "v3 config on containerd 1.7",
             mutate: |n| {
@@ -606,6 +688,12 @@ fn containerd_kubelet_and_systemd_failures() {
             verdict: "ok",
             contains: "containerd 1.7.27 (from /etc/eks/containerd-version.txt)",
         },
+    ]
+}
+
+/// containerd 2.2's pull paths: local, through the transfer service, per runtime class.
+fn containerd_pull_path_cases() -> Vec<Case> {
+    vec![
         Case {
             name: "2.2 local pull path",
             mutate: |n| {
@@ -655,6 +743,12 @@ fn containerd_kubelet_and_systemd_failures() {
             verdict: "warn",
             contains: "kata -> overlayfs",
         },
+    ]
+}
+
+/// kubelet's imageServiceEndpoint: its drop-in, a later one, the keychain behind it.
+fn kubelet_cases() -> Vec<Case> {
+    vec![
         Case {
             name: "kubelet drop-in removed",
             mutate: |n| n.remove("/etc/kubernetes/kubelet/config.json.d/50-soci-agent.conf"),
@@ -689,6 +783,12 @@ fn containerd_kubelet_and_systemd_failures() {
             verdict: "skip",
             contains: "no kubelet configuration",
         },
+    ]
+}
+
+/// containerd's drop-in ordering it after SOCI, and the units enabled.
+fn systemd_dropin_and_enable_cases() -> Vec<Case> {
+    vec![
         Case {
             name: "containerd drop-in removed",
             mutate: |n| n.remove("/etc/systemd/system/containerd.service.d/10-soci-snapshotter.conf"),
@@ -725,6 +825,12 @@ fn containerd_kubelet_and_systemd_failures() {
             verdict: "ok",
             contains: "multi-user.target.wants/soci-snapshotter.service",
         },
+    ]
+}
+
+/// The socket unit and the boot unit (needed where a pause archive is loaded).
+fn systemd_socket_and_boot_unit_cases() -> Vec<Case> {
+    vec![
         Case {
             name: "socket unit removed under fd://",
             mutate: |n| n.remove("/etc/systemd/system/soci-snapshotter.socket"),
@@ -760,14 +866,27 @@ fn containerd_kubelet_and_systemd_failures() {
             verdict: "ok",
             contains: "wanted by kubelet.service",
         },
-    ];
-    run_cases(&template, &cases);
+    ]
 }
 
 #[test]
 fn nodeadm_hosts() {
     let template = Node::nodeadm("2.2.1");
     template.install(&[]);
+    assert_a_fresh_nodeadm_install_passes(&template);
+    let cases = [
+        nodeadm_render_cases(),
+        nodeadm_dropin_cases(),
+        nodeadm_fast_image_pull_cases(),
+        nodeadm_kubelet_and_unit_cases(),
+    ]
+    .concat();
+    run_cases(&template, &cases);
+    fast_image_pull_is_fine_where_nodeadm_manages_soci_alone();
+}
+
+/// Installed on a nodeadm host before nodeadm runs: no check fails; what nodeadm renders waits for it.
+fn assert_a_fresh_nodeadm_install_passes(template: &Node) {
     let d = template.files();
     assert!(d.failing().is_empty(), "failing checks:\n{}", d.failing().join("\n"));
     d.assert("nodeadm.dropin", "ok", "not rendered yet");
@@ -783,8 +902,11 @@ fn nodeadm_hosts() {
         "FastImagePull: false in /etc/eks/nodeadm.d/50-soci-agent.yaml",
     );
     d.assert("containerd.version", "ok", "2.2.1");
+}
 
-    let cases = [
+/// containerd's config rendered by nodeadm, before or after the drop-in.
+fn nodeadm_render_cases() -> Vec<Case> {
+    vec![
         Case {
             name: "rendered with SOCI",
             mutate: |n| n.write(CONTAINERD_CONFIG, V3_WIRED, 0o644),
@@ -823,6 +945,12 @@ fn nodeadm_hosts() {
             verdict: "ok",
             contains: "discard_unpacked_layers = true",
         },
+    ]
+}
+
+/// The agent's NodeConfig drop-in edited, removed or in the wrong table names.
+fn nodeadm_dropin_cases() -> Vec<Case> {
+    vec![
         Case {
             name: "v2 table names on containerd 2",
             mutate: |n| {
@@ -857,6 +985,12 @@ fn nodeadm_hosts() {
             verdict: "fail",
             contains: "without SOCI",
         },
+    ]
+}
+
+/// FastImagePull set elsewhere: overridden by the agent's drop-in or merged after it.
+fn nodeadm_fast_image_pull_cases() -> Vec<Case> {
+    vec![
         Case {
             name: "FastImagePull in a drop-in the agent's overrides",
             mutate: |n| n.write("/etc/eks/nodeadm.d/10-user.yaml", FAST_IMAGE_PULL, 0o644),
@@ -884,6 +1018,12 @@ fn nodeadm_hosts() {
             verdict: "warn",
             contains: "/run/eks/nodeadm/config.json",
         },
+    ]
+}
+
+/// kubelet rendered early, and the AL2023 RPM unit under the agent's drop-in.
+fn nodeadm_kubelet_and_unit_cases() -> Vec<Case> {
+    vec![
         Case {
             name: "kubelet rendered before the drop-in",
             mutate: |n| {
@@ -911,10 +1051,11 @@ fn nodeadm_hosts() {
             verdict: "ok",
             contains: "ExecStart in /etc/systemd/system/soci-snapshotter.service.d/50-soci-agent.conf",
         },
-    ];
-    run_cases(&template, &cases);
+    ]
+}
 
-    // nodeadm manages SOCI alone: FastImagePull is fine there.
+/// nodeadm manages SOCI alone: FastImagePull is fine there.
+fn fast_image_pull_is_fine_where_nodeadm_manages_soci_alone() {
     let alone = Node::nodeadm("2.2.1");
     alone.write("/etc/eks/nodeadm.d/10-user.yaml", FAST_IMAGE_PULL, 0o644);
     alone
@@ -1053,6 +1194,20 @@ fn live_containerd_with_nothing_serving_soci() {
     d.assert("live.soci-socket", "fail", "no socket at");
 }
 
+/// `ctr images import --local` of the pause archive into k8s.io, unpacked by `snapshotter`.
+fn import_pause(c: &Containerd, tar: &str, snapshotter: &str) {
+    c.ctr(&[
+        "-n",
+        "k8s.io",
+        "images",
+        "import",
+        "--local",
+        "--snapshotter",
+        snapshotter,
+        tar,
+    ]);
+}
+
 #[test]
 fn live_real_soci_serving_and_the_pause_image() {
     let n = installed_plain();
@@ -1078,27 +1233,9 @@ fn live_real_soci_serving_and_the_pause_image() {
     let tar = d.join("pause.tar");
     std::fs::write(&tar, &pause).unwrap();
     let tar = tar.to_str().unwrap();
-    c.ctr(&[
-        "-n",
-        "k8s.io",
-        "images",
-        "import",
-        "--local",
-        "--snapshotter",
-        "native",
-        tar,
-    ]);
+    import_pause(&c, tar, "native");
     live(&n, &c.socket, &soci.socket).assert("live.pause-image", "fail", "not unpacked in soci (unpacked in: native)");
-    c.ctr(&[
-        "-n",
-        "k8s.io",
-        "images",
-        "import",
-        "--local",
-        "--snapshotter",
-        "soci",
-        tar,
-    ]);
+    import_pause(&c, tar, "soci");
     let report = live(&n, &c.socket, &soci.socket);
     report.assert("live.pause-image", "ok", "is unpacked in soci (snapshot sha256:");
     report.assert("live.containerd-soci", "ok", "reaches it (Snapshots.Stat of sha256:");

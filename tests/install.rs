@@ -132,8 +132,15 @@ fn plain_host_install_writes_everything_and_second_run_changes_nothing() {
     assert_code(&out, 0);
     let report = json(&out);
     assert_eq!(report["changed"], true);
+    assert_versioned_store_and_atomic_links(&node, &archive);
+    assert_soci_config_is_parallel_with_keychain_and_unpigz(&node);
+    assert_containerd_config_is_merged_and_backed_up(&node);
+    assert_kubelet_dropin_and_systemd_files(&node);
+    second_run_changes_nothing(&node, &archive);
+}
 
-    // Versioned store and atomic links.
+/// Versioned store and atomic links.
+fn assert_versioned_store_and_atomic_links(node: &Node, archive: &Path) {
     let store = "/usr/local/lib/soci-agent/releases/0.16.1-amd64";
     for bin in ["soci-snapshotter-grpc", "soci"] {
         let m = std::fs::metadata(node.path(&format!("{store}/{bin}"))).unwrap();
@@ -142,12 +149,11 @@ fn plain_host_install_writes_everything_and_second_run_changes_nothing() {
         assert_eq!(link, PathBuf::from(format!("{store}/{bin}")));
     }
     let manifest: serde_json::Value = serde_json::from_str(&node.read(&format!("{store}/release.json"))).unwrap();
-    assert_eq!(
-        manifest["archive_sha256"],
-        sha256_hex(&std::fs::read(&archive).unwrap())
-    );
+    assert_eq!(manifest["archive_sha256"], sha256_hex(&std::fs::read(archive).unwrap()));
+}
 
-    // SOCI config: parallel mode, containerd content store, keychain, unpigz.
+/// SOCI config: parallel mode, containerd content store, keychain, unpigz.
+fn assert_soci_config_is_parallel_with_keychain_and_unpigz(node: &Node) {
     let cfg: toml_edit::DocumentMut = node.read("/etc/soci-snapshotter-grpc/config.toml").parse().unwrap();
     assert_eq!(
         cfg["pull_modes"]["parallel_pull_unpack"]["enable"].as_bool(),
@@ -163,8 +169,10 @@ fn plain_host_install_writes_everything_and_second_run_changes_nothing() {
         cfg["pull_modes"]["parallel_pull_unpack"]["decompress_streams"]["gzip"]["path"].as_str(),
         Some("/usr/bin/unpigz")
     );
+}
 
-    // containerd: merged, backed up.
+/// containerd: merged, backed up.
+fn assert_containerd_config_is_merged_and_backed_up(node: &Node) {
     let ctd: toml_edit::DocumentMut = node.read("/etc/containerd/config.toml").parse().unwrap();
     assert_eq!(
         ctd["proxy_plugins"]["soci"]["address"].as_str(),
@@ -181,8 +189,10 @@ fn plain_host_install_writes_everything_and_second_run_changes_nothing() {
         node.read("/var/lib/soci-agent/backup/etc/containerd/config.toml"),
         DEBIAN_DEFAULT
     );
+}
 
-    // kubelet drop-in and systemd files.
+/// kubelet drop-in and systemd files.
+fn assert_kubelet_dropin_and_systemd_files(node: &Node) {
     let kubelet: serde_json::Value =
         serde_json::from_str(&node.read("/etc/kubernetes/kubelet/config.json.d/50-soci-agent.conf")).unwrap();
     assert_eq!(
@@ -201,8 +211,10 @@ fn plain_host_install_writes_everything_and_second_run_changes_nothing() {
     );
     let dropin = node.read("/etc/systemd/system/containerd.service.d/10-soci-snapshotter.conf");
     assert!(dropin.contains("Requires=soci-snapshotter.service") && dropin.contains("After=soci-snapshotter.service"));
+}
 
-    // Second run: nothing changes, byte for byte and mtime for mtime.
+/// Second run: nothing changes, byte for byte and mtime for mtime.
+fn second_run_changes_nothing(node: &Node, archive: &Path) {
     let before = node.tree();
     let out = node.install(&["--archive", archive.to_str().unwrap(), "--output", "json"]);
     assert_code(&out, 0);
@@ -751,6 +763,24 @@ fn a_dry_run_checks_the_release_exists_without_downloading_it() {
 fn registry_mirrors_of_hosts_toml_reach_soci_s_resolver() {
     let node = Node::plain();
     let archive = node.archive();
+    containerd_with_a_mirror_and_a_plain_http_registry(&node);
+    let out = node.install(&["--archive", archive.to_str().unwrap(), "--output", "json"]);
+    assert_code(&out, 0);
+    let cfg: toml_edit::DocumentMut = node.read("/etc/soci-snapshotter-grpc/config.toml").parse().unwrap();
+    assert_eq!(
+        resolver_mirrors(&cfg, "docker.io"),
+        [("https://mirror.internal:8443".to_string(), false)]
+    );
+    assert_eq!(
+        resolver_mirrors(&cfg, "10.0.0.5:5000"),
+        [("http://10.0.0.5:5000".to_string(), true)]
+    );
+    assert!(json(&out)["notes"].to_string().contains("hosts.toml"), "{}", json(&out));
+    doctor_warns_that_soci_fetches_past_the_mirror(&node);
+}
+
+/// containerd's config path `/etc/containerd/certs.d`: a mirror for docker.io, a plain-HTTP registry.
+fn containerd_with_a_mirror_and_a_plain_http_registry(node: &Node) {
     node.write(
         "/etc/containerd/config.toml",
         "version = 3\n[plugins.'io.containerd.cri.v1.images'.registry]\nconfig_path = '/etc/containerd/certs.d'\n",
@@ -766,31 +796,26 @@ fn registry_mirrors_of_hosts_toml_reach_soci_s_resolver() {
         "server = \"http://10.0.0.5:5000\"\n",
         0o644,
     );
-    let out = node.install(&["--archive", archive.to_str().unwrap(), "--output", "json"]);
-    assert_code(&out, 0);
-    let cfg: toml_edit::DocumentMut = node.read("/etc/soci-snapshotter-grpc/config.toml").parse().unwrap();
-    let mirrors = |registry: &str| {
-        cfg["resolver"]["host"][registry]["mirrors"]
-            .as_array_of_tables()
-            .map(|a| {
-                a.iter()
-                    .map(|t| {
-                        (
-                            t["host"].as_str().unwrap().to_string(),
-                            t["insecure"].as_bool().unwrap(),
-                        )
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default()
-    };
-    assert_eq!(
-        mirrors("docker.io"),
-        [("https://mirror.internal:8443".to_string(), false)]
-    );
-    assert_eq!(mirrors("10.0.0.5:5000"), [("http://10.0.0.5:5000".to_string(), true)]);
-    assert!(json(&out)["notes"].to_string().contains("hosts.toml"), "{}", json(&out));
+}
 
+/// (host, insecure) of each mirror SOCI's resolver has for `registry`.
+fn resolver_mirrors(cfg: &toml_edit::DocumentMut, registry: &str) -> Vec<(String, bool)> {
+    cfg["resolver"]["host"][registry]["mirrors"]
+        .as_array_of_tables()
+        .map(|a| {
+            a.iter()
+                .map(|t| {
+                    (
+                        t["host"].as_str().unwrap().to_string(),
+                        t["insecure"].as_bool().unwrap(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+}
+
+fn doctor_warns_that_soci_fetches_past_the_mirror(node: &Node) {
     let doctor = Command::new(agent_bin())
         .args(["doctor", "--output", "json", "--no-live", "--root"])
         .arg(node.root())
@@ -905,28 +930,10 @@ fn dry_text_names(out: &Output, entry: &Path) -> bool {
 #[test]
 fn empty_root_node_line_and_failed_runs_leave_their_report() {
     let dir = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| {
-        Command::new(agent_bin())
-            .arg("install")
-            .arg("--root")
-            .arg(dir.path())
-            .args(["--no-start"])
-            .args(args)
-            .env_remove("SOCI_AGENT_CONFIG")
-            .env_remove("SOCI_AGENT_OUTPUT")
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| install_under(dir.path(), args);
     // An archive beside the root: the dry run does not ask the network.
-    let release = real::soci_release(VER);
     let beside = tempfile::tempdir().unwrap();
-    let archive = beside.path().join(&release.archive_name);
-    std::fs::write(&archive, &release.archive).unwrap();
-    std::fs::write(
-        beside.path().join(format!("{}.sha256sum", release.archive_name)),
-        &release.sha256sum,
-    )
-    .unwrap();
+    let archive = release_archive_in(beside.path());
     let dry = run(&[
         "--dry-run",
         "--containerd-version",
@@ -935,6 +942,42 @@ fn empty_root_node_line_and_failed_runs_leave_their_report() {
         archive.to_str().unwrap(),
     ]);
     assert_code(&dry, 0);
+    assert_node_line_reads_unknown_os_without_stray_spaces(&dry);
+
+    let failed = run(&[]);
+    assert_code(&failed, 2);
+    assert_the_failed_run_left_its_report(dir.path());
+    assert_readme_lists_the_reports_among_the_files_install_writes();
+}
+
+/// `soci-agent install --root <root> --no-start <args>`, without the caller's config or output.
+fn install_under(root: &Path, args: &[&str]) -> Output {
+    Command::new(agent_bin())
+        .arg("install")
+        .arg("--root")
+        .arg(root)
+        .args(["--no-start"])
+        .args(args)
+        .env_remove("SOCI_AGENT_CONFIG")
+        .env_remove("SOCI_AGENT_OUTPUT")
+        .output()
+        .unwrap()
+}
+
+/// The real release archive and its `.sha256sum` in `dir`; returns the archive's path.
+fn release_archive_in(dir: &Path) -> PathBuf {
+    let release = real::soci_release(VER);
+    let archive = dir.join(&release.archive_name);
+    std::fs::write(&archive, &release.archive).unwrap();
+    std::fs::write(
+        dir.join(format!("{}.sha256sum", release.archive_name)),
+        &release.sha256sum,
+    )
+    .unwrap();
+    archive
+}
+
+fn assert_node_line_reads_unknown_os_without_stray_spaces(dry: &Output) {
     let text = String::from_utf8_lossy(&dry.stdout);
     let line = text
         .lines()
@@ -942,10 +985,10 @@ fn empty_root_node_line_and_failed_runs_leave_their_report() {
         .unwrap_or_else(|| panic!("{text}"));
     assert!(line.starts_with("node: unknown OS, arch "), "{line}");
     assert!(!line.contains(" ,") && !line.contains("  "), "stray space: {line:?}");
+}
 
-    let failed = run(&[]);
-    assert_code(&failed, 2);
-    let reports = dir.path().join("var/lib/soci-agent/reports");
+fn assert_the_failed_run_left_its_report(root: &Path) {
+    let reports = root.join("var/lib/soci-agent/reports");
     let saved: Vec<_> = std::fs::read_dir(&reports)
         .unwrap_or_else(|e| panic!("{}: {e}", reports.display()))
         .flatten()
@@ -959,7 +1002,9 @@ fn empty_root_node_line_and_failed_runs_leave_their_report() {
     );
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(reports.join(&saved[0])).unwrap()).unwrap();
     assert_eq!(report["exit_code"], 2, "{report:#}");
+}
 
+fn assert_readme_lists_the_reports_among_the_files_install_writes() {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let table = readme
         .split("## Files install writes")
@@ -1044,47 +1089,10 @@ fn sigkill_at_any_point_then_rerun_converges_to_a_clean_install() {
     for delay_ms in [0u64, 10, 60, 200, 500] {
         let node = Node::plain();
         let a = write_archive(&node);
-        let mut child = Command::new(agent_bin())
-            .arg("install")
-            .arg("--root")
-            .arg(node.root())
-            .args([
-                "--no-start",
-                "--arch",
-                "amd64",
-                "--log-level",
-                "error",
-                "--archive",
-                a.to_str().unwrap(),
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        // The fault injection point, not a synchronisation: kill wherever it is.
-        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-        child.kill().ok(); // SIGKILL
-        child.wait().unwrap();
-
+        sigkill_an_install_after(&node, &a, delay_ms);
         let out = node.install(&["--archive", a.to_str().unwrap()]);
         assert_code(&out, 0);
-        let got = shape(&node.tree());
-        let stray: Vec<_> = got
-            .keys()
-            .filter(|p| p.to_string_lossy().contains(".soci-agent-tmp"))
-            .collect();
-        assert!(stray.is_empty(), "kill after {delay_ms} ms left temp files: {stray:?}");
-        let differs: Vec<_> = want
-            .keys()
-            .chain(got.keys())
-            .filter(|k| want.get(*k) != got.get(*k))
-            .map(|k| format!("{}: clean {:?} vs rerun {:?}", k.display(), want.get(k), got.get(k)))
-            .collect();
-        assert!(
-            differs.is_empty(),
-            "kill after {delay_ms} ms, then a rerun differs from one clean run:\n{}",
-            differs.join("\n")
-        );
+        assert_rerun_equals_a_clean_install(&node, &want, delay_ms);
         // The record is consistent: uninstall puts every original file back.
         assert_code(&node.run("uninstall", &["--purge"], &[]), 0);
         assert_eq!(
@@ -1093,6 +1101,52 @@ fn sigkill_at_any_point_then_rerun_converges_to_a_clean_install() {
             "kill after {delay_ms} ms: uninstall did not restore the node"
         );
     }
+}
+
+/// Starts an install from `archive` and SIGKILLs it `delay_ms` later, wherever it is.
+fn sigkill_an_install_after(node: &Node, archive: &Path, delay_ms: u64) {
+    let mut child = Command::new(agent_bin())
+        .arg("install")
+        .arg("--root")
+        .arg(node.root())
+        .args([
+            "--no-start",
+            "--arch",
+            "amd64",
+            "--log-level",
+            "error",
+            "--archive",
+            archive.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The fault injection point, not a synchronisation: kill wherever it is.
+    std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+    child.kill().ok(); // SIGKILL
+    child.wait().unwrap();
+}
+
+/// No temp files left, and every file as one clean run leaves it (`want`).
+fn assert_rerun_equals_a_clean_install(node: &Node, want: &BTreeMap<PathBuf, String>, delay_ms: u64) {
+    let got = shape(&node.tree());
+    let stray: Vec<_> = got
+        .keys()
+        .filter(|p| p.to_string_lossy().contains(".soci-agent-tmp"))
+        .collect();
+    assert!(stray.is_empty(), "kill after {delay_ms} ms left temp files: {stray:?}");
+    let differs: Vec<_> = want
+        .keys()
+        .chain(got.keys())
+        .filter(|k| want.get(*k) != got.get(*k))
+        .map(|k| format!("{}: clean {:?} vs rerun {:?}", k.display(), want.get(k), got.get(k)))
+        .collect();
+    assert!(
+        differs.is_empty(),
+        "kill after {delay_ms} ms, then a rerun differs from one clean run:\n{}",
+        differs.join("\n")
+    );
 }
 
 #[test]

@@ -23,13 +23,13 @@ mod common;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use common::containerd::{Containerd, wait_until};
-use common::registry::{Registry, base64};
+use common::registry::{Pushed, Registry, base64};
 
 const BIN: &str = env!("CARGO_BIN_EXE_soci-agent");
 /// Bound for one prefetch run in these tests.
@@ -40,6 +40,16 @@ struct Run {
     status: ExitStatus,
     stdout: String,
     stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(out: Output) -> Run {
+        Run {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
 }
 
 impl Run {
@@ -98,11 +108,7 @@ impl Node {
 
     fn prefetch(&self, args: &[&str]) -> Run {
         let out = common::containerd::run_bounded(&mut self.command(args), RUN_BOUND);
-        Run {
-            status: out.status,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Run::from(out)
     }
 }
 
@@ -129,7 +135,25 @@ fn pulls_reports_failures_then_hits_pins_and_unpins() {
     let api = registry.push_random_image("team/api", "1", 2, 256 << 10);
     let node = Node::new(tmp.path());
     node.containerd.trust_plain_http(&registry.host());
-    // SOCI in parallel mode discarding unpacked layers: team/web's two tags must not overlap.
+    parallel_mode_discarding_unpacked_layers(&node);
+
+    let missing = format!("{}/team/web:missing", registry.host());
+    let bad = format!("{}/Team/Bad:1", registry.host());
+    let good = [web1.reference.as_str(), web2.reference.as_str(), api.reference.as_str()];
+    let run = pull_three_with_a_missing_a_bad_and_a_duplicate(&node, good, &missing, &bad);
+    let report = run.json();
+    assert_pulled_and_failed_per_image(&report, good, &missing, &bad);
+    assert_one_repository_is_serialized(&report, &registry, &web1, &web2);
+    assert_logged_and_in_containerd(&node, &run, good);
+    eprintln!("first run: {:.1} s", t0.elapsed().as_secs_f64());
+
+    let digest_ref = second_run_from_a_list_hits_and_pins(&node, tmp.path(), &registry, good, &web1);
+    unpin_removes_the_pin_and_pulls_nothing(&node, good, &digest_ref, &missing);
+    eprintln!("pulls/hits/pins: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// SOCI in parallel mode discarding unpacked layers: team/web's two tags must not overlap.
+fn parallel_mode_discarding_unpacked_layers(node: &Node) {
     let soci = node.root.join("etc/soci-snapshotter-grpc");
     fs::create_dir_all(&soci).unwrap();
     fs::write(
@@ -137,40 +161,47 @@ fn pulls_reports_failures_then_hits_pins_and_unpins() {
         "[pull_modes.parallel_pull_unpack]\nenable = true\ndiscard_unpacked_layers = true\n",
     )
     .unwrap();
+}
 
-    let missing = format!("{}/team/web:missing", registry.host());
-    let bad = format!("{}/Team/Bad:1", registry.host());
-    let good = [web1.reference.as_str(), web2.reference.as_str(), api.reference.as_str()];
+/// The good images, a missing tag, a bad reference and a duplicate, three at a time: exit 4.
+fn pull_three_with_a_missing_a_bad_and_a_duplicate(node: &Node, good: [&str; 3], missing: &str, bad: &str) -> Run {
     let mut args = good.to_vec();
-    args.extend([missing.as_str(), bad.as_str(), web1.reference.as_str()]);
+    args.extend([missing, bad, good[0]]);
     args.extend(["--concurrency", "3", "--output", "json"]);
     let run = node.prefetch(&args);
     assert_eq!(run.code(), 4, "{}", run.show());
-    let report = run.json();
+    run
+}
+
+fn assert_pulled_and_failed_per_image(report: &Value, good: [&str; 3], missing: &str, bad: &str) {
     assert_eq!(report["summary"]["pulled"], 3, "{report:#}");
     assert_eq!(report["summary"]["failed"], 2, "{report:#}");
     assert_eq!(report["summary"]["images"], 5, "duplicate dropped: {report:#}");
     for r in good {
-        let i = image(&report, r);
+        let i = image(report, r);
         assert_eq!(i["state"], "pulled", "{i:#}");
         assert_eq!(i["attempts"], 1, "{i:#}");
         assert_eq!(i["auth"], "anonymous", "{i:#}");
         assert!(i["bytes"].as_u64().unwrap() > 256 << 10, "{i:#}");
         assert!(i["image_id"].as_str().unwrap().starts_with("sha256:"), "{i:#}");
     }
-    let m = image(&report, &missing);
+    let m = image(report, missing);
     assert_eq!(
         (&m["state"], &m["attempts"]),
         (&Value::from("failed"), &Value::from(1)),
         "{m:#}"
     );
     assert!(m["error"].as_str().unwrap().contains("not found"), "{m:#}");
-    let b = image(&report, &bad);
+    let b = image(report, bad);
     assert_eq!(b["attempts"], 0, "{b:#}");
     assert!(
         b["error"].as_str().unwrap().contains("invalid image reference"),
         "{b:#}"
     );
+}
+
+/// SOCI's `discard_unpacked_layers = true` serializes images of one repository (issue 2035).
+fn assert_one_repository_is_serialized(report: &Value, registry: &Registry, web1: &Pushed, web2: &Pushed) {
     let warnings = report["warnings"].to_string();
     assert!(
         warnings.contains("2035") && warnings.contains("same image"),
@@ -182,12 +213,15 @@ fn pulls_reports_failures_then_hits_pins_and_unpins() {
     );
     // ... and they did not overlap (the intervals each image held its slot).
     let span = |r: &str| {
-        let i = image(&report, r);
+        let i = image(report, r);
         let start = i["started_at"].as_f64().unwrap();
         (start, start + i["seconds"].as_f64().unwrap())
     };
     let (a, b) = (span(&web1.reference), span(&web2.reference));
     assert!(a.1 <= b.0 || b.1 <= a.0, "team/web images overlapped: {a:?} {b:?}");
+}
+
+fn assert_logged_and_in_containerd(node: &Node, run: &Run, good: [&str; 3]) {
     // One structured log line per image (stderr is not a terminal), plus the summary.
     let lines: Vec<Value> = run
         .stderr
@@ -210,11 +244,19 @@ fn pulls_reports_failures_then_hits_pins_and_unpins() {
             "{r} not in containerd's k8s.io images: {names:?}"
         );
     }
-    eprintln!("first run: {:.1} s", t0.elapsed().as_secs_f64());
+}
 
-    // Second run, from a list file and the agent config's [prefetch] table: all hits, pinned
-    // (text report), and bake mode reports what containerd 1.6 cannot do.
-    let list = tmp.path().join("images.txt");
+/// Second run, from a list file and the agent config's [prefetch] table: all hits, pinned
+/// (text report), and bake mode reports what containerd 1.6 cannot do. Returns web1's digest
+/// reference, pinned too.
+fn second_run_from_a_list_hits_and_pins(
+    node: &Node,
+    dir: &Path,
+    registry: &Registry,
+    good: [&str; 3],
+    web1: &Pushed,
+) -> String {
+    let list = dir.join("images.txt");
     fs::write(
         &list,
         format!(
@@ -223,7 +265,7 @@ fn pulls_reports_failures_then_hits_pins_and_unpins() {
         ),
     )
     .unwrap();
-    let config = tmp.path().join("agent.toml");
+    let config = dir.join("agent.toml");
     fs::write(
         &config,
         "[install]\nretries = 1\n\n[prefetch]\nimages = [\"ignored:1\"]\npin = true\nconcurrency = 2\n\
@@ -247,20 +289,23 @@ fn pulls_reports_failures_then_hits_pins_and_unpins() {
     // Every CRI record of the image carries it: tag, digest reference and ID.
     let digest_ref = format!("{}/team/web@{}", registry.host(), web1.manifest_digest);
     assert!(node.containerd.image_labels(&digest_ref).unwrap().contains(PINNED));
+    digest_ref
+}
 
+fn unpin_removes_the_pin_and_pulls_nothing(node: &Node, good: [&str; 3], digest_ref: &str, missing: &str) {
     let mut args = good.to_vec();
     args.extend(["--unpin", "--output", "json"]);
-    args.push(&missing);
+    args.push(missing);
     let run = node.prefetch(&args);
     assert_eq!(run.code(), 0, "{}", run.show());
     let report = run.json();
     assert_eq!(report["summary"]["hit"], 3, "{report:#}");
     assert_eq!(
-        image(&report, &missing)["state"],
+        image(&report, missing)["state"],
         "absent",
         "unpin pulls nothing: {report:#}"
     );
-    for r in good.iter().copied().chain([digest_ref.as_str()]) {
+    for r in good.iter().copied().chain([digest_ref]) {
         let labels = node.containerd.image_labels(r).unwrap();
         assert!(!labels.contains(PINNED), "{r}: {labels}");
         assert!(
@@ -268,8 +313,7 @@ fn pulls_reports_failures_then_hits_pins_and_unpins() {
             "other labels kept: {labels}"
         );
     }
-    assert!(node.containerd.image_labels(&missing).is_none());
-    eprintln!("pulls/hits/pins: {:.1} s", t0.elapsed().as_secs_f64());
+    assert!(node.containerd.image_labels(missing).is_none());
 }
 
 #[test]
@@ -399,8 +443,28 @@ fn credentials_from_a_provider_plugin_and_an_auth_file() {
     node.containerd.trust_plain_http(&registry.host());
     let host = registry.host();
 
-    // Anonymous: the registry refuses, clearly and without retries.
-    let run = node.prefetch(&[&one.reference, "--output", "json"]);
+    anonymous_is_refused_without_retries(&node, &one.reference);
+    provider_credentials_pull_with_one_plugin_run(&node, tmp.path(), &host, [&one.reference, &two.reference]);
+    let (config, bin, _) = credential_provider(&tmp.path().join("wrong"), &host, WRONG);
+    wrong_credentials_fail_without_retries(&node, &three.reference, &config, &bin);
+    an_auth_file_comes_before_the_provider(&node, tmp.path(), &host, &three.reference, &config, &bin);
+    a_yaml_provider_config_is_exit_2(&node, tmp.path(), &one.reference);
+    eprintln!("credentials: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// `--image-credential-provider-config <config> --image-credential-provider-bin-dir <bin>`.
+fn provider_args<'a>(config: &'a Path, bin: &'a Path) -> [&'a str; 4] {
+    [
+        "--image-credential-provider-config",
+        config.to_str().unwrap(),
+        "--image-credential-provider-bin-dir",
+        bin.to_str().unwrap(),
+    ]
+}
+
+/// Anonymous: the registry refuses, clearly and without retries.
+fn anonymous_is_refused_without_retries(node: &Node, reference: &str) {
+    let run = node.prefetch(&[reference, "--output", "json"]);
     assert_eq!(run.code(), 4, "{}", run.show());
     let i = run.json()["images"][0].clone();
     assert_eq!(
@@ -410,22 +474,18 @@ fn credentials_from_a_provider_plugin_and_an_auth_file() {
     );
     // containerd 2.x: "pull access denied, ... authorization failed: no basic auth credentials".
     assert!(i["error"].as_str().unwrap().contains("authorization failed"), "{i:#}");
+}
 
-    // The plugin's credentials: both images pulled, the plugin run once (cacheKeyType Registry).
-    let (config, bin, log) = credential_provider(&tmp.path().join("provider"), &host, PASSWORD);
-    let provider_args = [
-        "--image-credential-provider-config",
-        config.to_str().unwrap(),
-        "--image-credential-provider-bin-dir",
-        bin.to_str().unwrap(),
-    ];
-    let mut args = vec![one.reference.as_str(), two.reference.as_str(), "--output", "json"];
-    args.extend(provider_args);
+/// The plugin's credentials: both images pulled, the plugin run once (cacheKeyType Registry).
+fn provider_credentials_pull_with_one_plugin_run(node: &Node, dir: &Path, host: &str, images: [&str; 2]) {
+    let (config, bin, log) = credential_provider(&dir.join("provider"), host, PASSWORD);
+    let mut args = vec![images[0], images[1], "--output", "json"];
+    args.extend(provider_args(&config, &bin));
     let run = node.prefetch(&args);
     assert_eq!(run.code(), 0, "{}", run.show());
     assert_no_secret(&run);
     let report = run.json();
-    for r in [&one.reference, &two.reference] {
+    for r in images {
         let i = image(&report, r);
         assert_eq!(i["state"], "pulled", "{i:#}");
         assert_eq!(i["auth"], "credential-provider:test-credential-provider", "{i:#}");
@@ -443,16 +503,13 @@ fn credentials_from_a_provider_plugin_and_an_auth_file() {
             .unwrap()
             .starts_with(&format!("{host}/private/"))
     );
+}
 
-    // Wrong credentials: a clear per-image failure, not retried, no secret shown.
-    let (config, bin, _) = credential_provider(&tmp.path().join("wrong"), &host, WRONG);
-    let run = node.prefetch(&[
-        &three.reference,
-        "--image-credential-provider-config",
-        config.to_str().unwrap(),
-        "--image-credential-provider-bin-dir",
-        bin.to_str().unwrap(),
-    ]);
+/// Wrong credentials: a clear per-image failure, not retried, no secret shown.
+fn wrong_credentials_fail_without_retries(node: &Node, reference: &str, config: &Path, bin: &Path) {
+    let mut args = vec![reference];
+    args.extend(provider_args(config, bin));
+    let run = node.prefetch(&args);
     assert_eq!(run.code(), 4, "{}", run.show());
     assert_no_secret(&run);
     assert!(
@@ -465,26 +522,28 @@ fn credentials_from_a_provider_plugin_and_an_auth_file() {
         "authorization failures are not retried:\n{}",
         run.show()
     );
+}
 
-    // An explicit docker config.json comes first, even with a provider configured.
-    let auth_file = tmp.path().join("auth.json");
+/// An explicit docker config.json comes first, even with a provider configured.
+fn an_auth_file_comes_before_the_provider(
+    node: &Node,
+    dir: &Path,
+    host: &str,
+    reference: &str,
+    config: &Path,
+    bin: &Path,
+) {
+    let auth_file = dir.join("auth.json");
     let auth = base64(format!("{USER}:{PASSWORD}").as_bytes());
     fs::write(
         &auth_file,
         format!("{{\"auths\":{{\"http://{host}\":{{\"auth\":\"{auth}\"}}}}}}"),
     )
     .unwrap();
-    let run = node.prefetch(&[
-        &three.reference,
-        "--auth-file",
-        auth_file.to_str().unwrap(),
-        "--image-credential-provider-config",
-        config.to_str().unwrap(),
-        "--image-credential-provider-bin-dir",
-        bin.to_str().unwrap(),
-        "--output",
-        "json",
-    ]);
+    let mut args = vec![reference, "--auth-file", auth_file.to_str().unwrap()];
+    args.extend(provider_args(config, bin));
+    args.extend(["--output", "json"]);
+    let run = node.prefetch(&args);
     assert_eq!(run.code(), 0, "{}", run.show());
     assert_no_secret(&run);
     let i = run.json()["images"][0].clone();
@@ -493,22 +552,19 @@ fn credentials_from_a_provider_plugin_and_an_auth_file() {
         (&Value::from("pulled"), &Value::from("auth-file")),
         "{i:#}"
     );
+}
 
-    // A provider config that is not JSON is a configuration error (exit 2), nothing pulled.
-    let yaml = tmp.path().join("provider.yaml");
+/// A provider config that is not JSON is a configuration error (exit 2), nothing pulled.
+fn a_yaml_provider_config_is_exit_2(node: &Node, dir: &Path, reference: &str) {
+    let yaml = dir.join("provider.yaml");
     fs::write(
         &yaml,
         "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\n",
     )
     .unwrap();
-    let run = node.prefetch(&[
-        &one.reference,
-        "--image-credential-provider-config",
-        yaml.to_str().unwrap(),
-    ]);
+    let run = node.prefetch(&[reference, "--image-credential-provider-config", yaml.to_str().unwrap()]);
     assert_eq!(run.code(), 2, "{}", run.show());
     assert!(run.stdout.contains("YAML is not supported"), "{}", run.show());
-    eprintln!("credentials: {:.1} s", t0.elapsed().as_secs_f64());
 }
 
 #[test]
@@ -579,11 +635,7 @@ fn a_missing_socket_fails_fast_naming_it_and_the_flag() {
             .env_remove("SOCI_AGENT_OUTPUT");
         let started = Instant::now();
         let out = common::containerd::run_bounded(&mut cmd, RUN_BOUND);
-        let run = Run {
-            status: out.status,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
+        let run = Run::from(out);
         (run, started.elapsed())
     };
     let endpoint = format!("unix://{}", cri.display());
@@ -651,11 +703,7 @@ fn one_cri_endpoint_is_enough_to_pull_and_pin() {
     .env_remove("SOCI_AGENT_CONTAINERD_ADDRESS")
     .env_remove("SOCI_AGENT_OUTPUT");
     let out = common::containerd::run_bounded(&mut cmd, RUN_BOUND);
-    let run = Run {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
+    let run = Run::from(out);
     assert_eq!(run.code(), 0, "{}", run.show());
     let i = image(&run.json(), &app.reference).clone();
     assert_eq!(

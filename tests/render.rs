@@ -482,6 +482,13 @@ fn launch_template_with_a_custom_ami_carries_the_cluster() {
 
 #[test]
 fn invalid_values_are_exit_2_with_the_option_named() {
+    each_invalid_value_is_refused_naming_its_option();
+    a_non_https_agent_url_is_refused();
+    one_agent_url_for_both_arches_is_refused_naming_arch();
+    an_agent_digest_is_required();
+}
+
+fn each_invalid_value_is_refused_naming_its_option() {
     let cases: &[(&[&str], &str)] = &[
         (&["--agent-sha256-arm64", "xyz"], "--agent-sha256-arm64"),
         (&["--soci-sha256-amd64", &D0[1..]], "--soci-sha256-amd64"),
@@ -526,6 +533,9 @@ fn invalid_values_are_exit_2_with_the_option_named() {
         assert!(out.stdout.is_empty(), "{extra:?}");
         assert!(stderr(&out).contains(want), "{extra:?}: {}", stderr(&out));
     }
+}
+
+fn a_non_https_agent_url_is_refused() {
     let out = render(&[
         "userdata",
         "--agent-url",
@@ -535,7 +545,10 @@ fn invalid_values_are_exit_2_with_the_option_named() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--agent-url"), "{}", stderr(&out));
-    // One URL for both arches would hand one binary to both: refused, naming {arch}.
+}
+
+/// One URL for both arches would hand one binary to both: refused, naming {arch}.
+fn one_agent_url_for_both_arches_is_refused_naming_arch() {
     let one_url = [
         "userdata",
         "--agent-url",
@@ -558,6 +571,9 @@ fn invalid_values_are_exit_2_with_the_option_named() {
     }
     // A single-arch render (one digest) may use a fixed URL.
     render_ok(&one_url);
+}
+
+fn an_agent_digest_is_required() {
     let out = render(&["userdata", "--agent-url", "https://example.com/a"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
@@ -617,7 +633,6 @@ fn install_args(script: &str) -> Vec<String> {
 
 #[test]
 fn rendered_install_arguments_parse_and_resolve_in_install() {
-    use clap::Parser;
     let mut args = vec!["userdata".to_string()];
     args.extend(base_args());
     args.extend(
@@ -647,19 +662,8 @@ fn rendered_install_arguments_parse_and_resolve_in_install() {
     assert_eq!(out.status.code(), Some(0));
     assert!(stderr(&out).contains("plain http"), "{}", stderr(&out));
     let script = mime_parts(&String::from_utf8(out.stdout).unwrap()).remove(0).body;
-    let mut words = install_args(&script);
-    words.push(format!("--sha256={SOCI_AMD64}"));
     let root = tempfile::tempdir().unwrap();
-    let mut argv: Vec<String> = ["soci-agent", "install", "--no-start", "--dry-run", "--root"]
-        .map(String::from)
-        .to_vec();
-    argv.push(root.path().display().to_string());
-    argv.extend(words);
-    let cli = soci_agent::cli::Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-    let soci_agent::cli::Command::Install(install) = cli.command else {
-        panic!("not install")
-    };
-    let s = soci_agent::install::settings::InstallSettings::resolve(&install).unwrap_or_else(|e| panic!("{e}"));
+    let s = install_settings_of(&script, root.path());
     assert_eq!(s.soci_version.to_string(), "0.14.0");
     assert_eq!(s.release_url, "http://mirror.local/soci");
     assert_eq!(s.soci_root, "/data/soci");
@@ -676,6 +680,24 @@ fn rendered_install_arguments_parse_and_resolve_in_install() {
         ),
         (-1, 10, "8mb", 6, 6, false)
     );
+}
+
+/// The script's install arguments (and amd64's `--sha256`) parsed by install's own CLI under
+/// `--root <root> --no-start --dry-run`, and resolved into its settings.
+fn install_settings_of(script: &str, root: &Path) -> soci_agent::install::settings::InstallSettings {
+    use clap::Parser;
+    let mut words = install_args(script);
+    words.push(format!("--sha256={SOCI_AMD64}"));
+    let mut argv: Vec<String> = ["soci-agent", "install", "--no-start", "--dry-run", "--root"]
+        .map(String::from)
+        .to_vec();
+    argv.push(root.display().to_string());
+    argv.extend(words);
+    let cli = soci_agent::cli::Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    let soci_agent::cli::Command::Install(install) = cli.command else {
+        panic!("not install")
+    };
+    soci_agent::install::settings::InstallSettings::resolve(&install).unwrap_or_else(|e| panic!("{e}"))
 }
 
 // ---- running the script -----------------------------------------------------
@@ -847,7 +869,31 @@ fn script_downloads_verifies_installs_and_runs_install_idempotently() {
         ],
     );
     let node = Node::new();
-    let out = node.run(&script, "x86_64");
+    first_run_installs_the_amd64_agent_and_runs_install(&server, &node, &script);
+    assert_config_lists_the_prefetch_images(&node);
+    let leftovers: Vec<_> = std::fs::read_dir(node.path("usr/local/bin"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers, ["soci-agent"], "no temp files left behind");
+    second_run_downloads_nothing_and_runs_install_again(&server, &node, &script);
+    on_arm64_the_same_script_fetches_the_arm64_agent(&server, &script);
+}
+
+/// The argv the amd64 agent is run with.
+fn amd64_install_argv() -> Vec<String> {
+    [
+        "install",
+        "--soci-version=0.16.1",
+        "--max-concurrent-unpacks-per-image=8",
+        &format!("--sha256={SOCI_AMD64}"),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn first_run_installs_the_amd64_agent_and_runs_install(server: &Server, node: &Node, script: &str) {
+    let out = node.run(script, "x86_64");
     assert!(out.status.success(), "script failed: {}", stderr(&out));
     assert!(stderr(&out).contains("soci-agent-bootstrap: "), "logs carry a prefix");
     assert_eq!(server.hits("amd64"), 1);
@@ -857,13 +903,10 @@ fn script_downloads_verifies_installs_and_runs_install_idempotently() {
         std::fs::metadata(node.bin()).unwrap().permissions().mode() & 0o777,
         0o755
     );
-    let expected_argv = [
-        "install",
-        "--soci-version=0.16.1",
-        "--max-concurrent-unpacks-per-image=8",
-        &format!("--sha256={SOCI_AMD64}"),
-    ];
-    assert_eq!(node.invocations(), [expected_argv.map(String::from).to_vec()]);
+    assert_eq!(node.invocations(), [amd64_install_argv()]);
+}
+
+fn assert_config_lists_the_prefetch_images(node: &Node) {
     let config = std::fs::read_to_string(node.config()).unwrap();
     assert!(config.starts_with(soci_agent::render::CONFIG_MARKER));
     let doc: toml_edit::DocumentMut = config.parse().unwrap();
@@ -880,17 +923,14 @@ fn script_downloads_verifies_installs_and_runs_install_idempotently() {
             "123456789012.dkr.ecr.us-west-2.amazonaws.com/app@sha256:abcd"
         ]
     );
-    let leftovers: Vec<_> = std::fs::read_dir(node.path("usr/local/bin"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(leftovers, ["soci-agent"], "no temp files left behind");
+}
 
-    // Second run: nothing downloaded, config untouched, install run again.
+/// Second run: nothing downloaded, config untouched, install run again.
+fn second_run_downloads_nothing_and_runs_install_again(server: &Server, node: &Node, script: &str) {
     let mtime = std::fs::metadata(node.config()).unwrap().modified().unwrap();
     let bin_mtime = std::fs::metadata(node.bin()).unwrap().modified().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(20));
-    let out = node.run(&script, "x86_64");
+    let out = node.run(script, "x86_64");
     assert!(out.status.success(), "second run failed: {}", stderr(&out));
     assert_eq!(
         server.hits("amd64"),
@@ -900,11 +940,13 @@ fn script_downloads_verifies_installs_and_runs_install_idempotently() {
     assert_eq!(std::fs::metadata(node.config()).unwrap().modified().unwrap(), mtime);
     assert_eq!(std::fs::metadata(node.bin()).unwrap().modified().unwrap(), bin_mtime);
     assert_eq!(node.invocations().len(), 2);
-    assert_eq!(node.invocations()[1], expected_argv.map(String::from).to_vec());
+    assert_eq!(node.invocations()[1], amd64_install_argv());
+}
 
-    // The same script on arm64 fetches the arm64 agent and pins arm64's SOCI.
+/// The same script on arm64 fetches the arm64 agent and pins arm64's SOCI.
+fn on_arm64_the_same_script_fetches_the_arm64_agent(server: &Server, script: &str) {
     let node = Node::new();
-    let out = node.run(&script, "aarch64");
+    let out = node.run(script, "aarch64");
     assert!(out.status.success(), "arm64: {}", stderr(&out));
     assert_eq!(server.hits("arm64"), 1);
     assert_eq!(std::fs::read(node.bin()).unwrap(), fake_agent("arm64"));
@@ -1061,48 +1103,60 @@ fn golden_examples_match_the_readme_commands() {
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();
     let commands = readme_commands();
     assert!(commands.len() >= 6);
-    let mut drift = Vec::new();
-    for (args, target) in &commands {
-        assert!(
-            target.starts_with("userdata/examples/") || target.starts_with("nodeconfig/examples/"),
-            "{target}"
-        );
-        let mut argv = vec!["render"];
-        argv.extend(strs(args));
-        let out = Command::new(BIN)
-            .args(&argv)
-            .current_dir(manifest_dir())
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(0), "{argv:?}: {}", stderr(&out));
-        let path = manifest_dir().join(target);
-        if update {
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(&path, &out.stdout).unwrap();
-            continue;
-        }
-        let expected = std::fs::read(&path).unwrap_or_default();
-        if expected != out.stdout {
-            let got = String::from_utf8_lossy(&out.stdout);
-            let want = String::from_utf8_lossy(&expected);
-            let line = got
-                .lines()
-                .zip(want.lines())
-                .position(|(a, b)| a != b)
-                .unwrap_or(got.lines().count().min(want.lines().count()));
-            drift.push(format!(
-                "{target}: differs from `soci-agent {}` at line {}",
-                argv.join(" "),
-                line + 1
-            ));
-        }
-    }
+    let drift: Vec<String> = commands
+        .iter()
+        .filter_map(|(args, target)| golden_drift(args, target, update))
+        .collect();
     assert!(
         drift.is_empty(),
         "examples drifted (UPDATE_GOLDEN=1 cargo test --test render rewrites them):\n{}",
         drift.join("\n")
     );
-    // Every example file comes from a command.
+    every_example_file_comes_from_a_command(&commands);
+    the_examples_parse_with_the_right_parts();
+}
+
+/// Runs one README command; with `update`, writes its output to `target`, else names how the
+/// output differs from `target` (None when equal).
+fn golden_drift(args: &[String], target: &str, update: bool) -> Option<String> {
+    assert!(
+        target.starts_with("userdata/examples/") || target.starts_with("nodeconfig/examples/"),
+        "{target}"
+    );
+    let mut argv = vec!["render"];
+    argv.extend(strs(args));
+    let out = Command::new(BIN)
+        .args(&argv)
+        .current_dir(manifest_dir())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{argv:?}: {}", stderr(&out));
+    let path = manifest_dir().join(target);
+    if update {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &out.stdout).unwrap();
+        return None;
+    }
+    let expected = std::fs::read(&path).unwrap_or_default();
+    if expected == out.stdout {
+        return None;
+    }
+    let got = String::from_utf8_lossy(&out.stdout);
+    let want = String::from_utf8_lossy(&expected);
+    let line = got
+        .lines()
+        .zip(want.lines())
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.lines().count().min(want.lines().count()));
+    Some(format!(
+        "{target}: differs from `soci-agent {}` at line {}",
+        argv.join(" "),
+        line + 1
+    ))
+}
+
+/// Every example file comes from a command.
+fn every_example_file_comes_from_a_command(commands: &[(Vec<String>, String)]) {
     for dir in ["userdata/examples", "nodeconfig/examples"] {
         for e in std::fs::read_dir(manifest_dir().join(dir)).unwrap() {
             let name = format!("{dir}/{}", e.unwrap().file_name().to_string_lossy());
@@ -1112,7 +1166,10 @@ fn golden_examples_match_the_readme_commands() {
             );
         }
     }
-    // And they are what they claim: parseable, the right parts.
+}
+
+/// And they are what they claim: parseable, the right parts.
+fn the_examples_parse_with_the_right_parts() {
     let read = |p: &str| std::fs::read_to_string(manifest_dir().join(p)).unwrap();
     assert_eq!(
         types(&mime_parts(&read("userdata/examples/userdata.mime"))),

@@ -4,8 +4,9 @@
 
 use soci_agent::files::soci_config::*;
 use soci_agent::release::Version;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 use toml_edit::{DocumentMut, TableLike};
 
 fn fixture(case: &str, name: &str) -> String {
@@ -909,21 +910,21 @@ fn doctor_checks_keys_against_the_running_version() {
     assert_eq!(verdict, "ok", "{text}");
 }
 
-/// `soci-snapshotter-grpc config dump` (load-time rules) of the real v0.16.1
-/// daemon on what soci-agent renders, and on files using the new keys and
-/// odd key case; skipped when `tests/real/build.sh` has not built it.
-#[test]
-fn real_daemon_loads_rendered_configs() {
-    let bin = std::path::Path::new("/var/tmp/soci-agent-test/rig/soci-v0.16.1/soci-snapshotter-grpc");
-    if !bin.is_file() {
-        eprintln!("skipped: {} not built (tests/real/build.sh)", bin.display());
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let dump = |name: &str, text: &str| -> toml_edit::DocumentMut {
-        let path = dir.path().join(name);
+/// The real v0.16.1 daemon, built by `tests/real/build.sh`.
+const REAL_SOCI: &str = "/var/tmp/soci-agent-test/rig/soci-v0.16.1/soci-snapshotter-grpc";
+
+/// The real daemon run on configs and private paths under `dir`.
+struct RealSoci<'a> {
+    bin: &'a Path,
+    dir: &'a Path,
+}
+
+impl RealSoci<'_> {
+    /// `soci-snapshotter-grpc --config <name> config dump`: must succeed, and print TOML.
+    fn dump(&self, name: &str, text: &str) -> toml_edit::DocumentMut {
+        let path = self.dir.join(name);
         std::fs::write(&path, text).unwrap();
-        let out = Command::new(bin)
+        let out = Command::new(self.bin)
             .arg("--config")
             .arg(&path)
             .args(["config", "dump"])
@@ -939,77 +940,23 @@ fn real_daemon_loads_rendered_configs() {
         String::from_utf8_lossy(&out.stdout)
             .parse()
             .unwrap_or_else(|e| panic!("{name}: dump is not TOML: {e}"))
-    };
-    let zero = SociConfig {
-        tuning: tuning(|t| {
-            t.max_concurrent_downloads = 4;
-            t.max_concurrent_downloads_per_image = -1;
-            t.max_concurrent_unpacks = 0;
-            t.max_concurrent_unpacks_per_image = -5;
-        }),
-        ..with_gzip()
-    };
-    for (name, cfg) in [
-        ("default", SociConfig::default()),
-        ("gzip", with_gzip()),
-        ("zero", zero),
-    ] {
-        let d = dump(name, &render_checked(&cfg).unwrap());
-        let par = &d["pull_modes"]["parallel_pull_unpack"];
-        assert_eq!(par["enable"].as_bool(), Some(true), "{name}");
-        assert_eq!(
-            par["max_concurrent_downloads"].as_integer(),
-            Some(cfg.tuning.max_concurrent_downloads),
-            "{name}"
-        );
-        assert_eq!(
-            par["max_concurrent_downloads_per_image"].as_integer(),
-            Some(cfg.tuning.max_concurrent_downloads_per_image),
-            "{name}"
-        );
-        assert_eq!(d["content_store"]["type"].as_str(), Some("containerd"), "{name}");
-        assert_eq!(d["cri_keychain"]["enable_keychain"].as_bool(), Some(true), "{name}");
     }
-    // Field names match case-insensitively in the real decoder too.
-    let d = dump(
-        "case",
-        "[PULL_MODES.Parallel_Pull_Unpack]\nEnable = true\nMax_Concurrent_Unpacks = 7\n[CRI_KEYCHAIN]\nENABLE_KEYCHAIN = true\n",
-    );
-    assert_eq!(d["pull_modes"]["parallel_pull_unpack"]["enable"].as_bool(), Some(true));
-    assert_eq!(
-        d["pull_modes"]["parallel_pull_unpack"]["max_concurrent_unpacks"].as_integer(),
-        Some(7)
-    );
-    assert_eq!(d["cri_keychain"]["enable_keychain"].as_bool(), Some(true));
-}
 
-/// Start-time rules (`config dump` does not check them): the real v0.16.1
-/// daemon starts, or refuses to, exactly where soci-agent's rules say so.
-/// Runs with discarded layers (no containerd needed); skipped when
-/// `tests/real/build.sh` has not built the daemon or when not root.
-#[test]
-fn real_daemon_start_rules_match() {
-    use std::time::{Duration, Instant};
-    let bin = std::path::Path::new("/var/tmp/soci-agent-test/rig/soci-v0.16.1/soci-snapshotter-grpc");
-    if !bin.is_file() || !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: needs root and {} (tests/real/build.sh)", bin.display());
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    // Ok(()) = serving with parallel mode; Err(log) = refused to start.
-    let start = |name: &str, text: &str| -> Result<(), String> {
-        let config = dir.path().join(format!("{name}.toml"));
-        let log = dir.path().join(format!("{name}.log"));
-        let root = dir.path().join(format!("root-{name}"));
+    /// Ok(()) = serving with parallel mode; Err(log) = refused to start.
+    fn start(&self, name: &str, text: &str) -> Result<(), String> {
+        let dir = self.dir;
+        let config = dir.join(format!("{name}.toml"));
+        let log = dir.join(format!("{name}.log"));
+        let root = dir.join(format!("root-{name}"));
         std::fs::write(&config, text).unwrap();
         std::fs::create_dir_all(&root).unwrap();
-        let mut child = Command::new(bin)
+        let mut child = Command::new(self.bin)
             .arg("--config")
             .arg(&config)
             .arg("--root")
             .arg(&root)
             .arg("--address")
-            .arg(dir.path().join(format!("{name}.sock")))
+            .arg(dir.join(format!("{name}.sock")))
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
@@ -1036,8 +983,87 @@ fn real_daemon_start_rules_match() {
         let _ = child.kill();
         let _ = child.wait();
         outcome
+    }
+}
+
+/// `soci-snapshotter-grpc config dump` (load-time rules) of the real v0.16.1
+/// daemon on what soci-agent renders, and on files using the new keys and
+/// odd key case; skipped when `tests/real/build.sh` has not built it.
+#[test]
+fn real_daemon_loads_rendered_configs() {
+    let bin = Path::new(REAL_SOCI);
+    if !bin.is_file() {
+        eprintln!("skipped: {} not built (tests/real/build.sh)", bin.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let soci = RealSoci { bin, dir: dir.path() };
+    let zero = SociConfig {
+        tuning: tuning(|t| {
+            t.max_concurrent_downloads = 4;
+            t.max_concurrent_downloads_per_image = -1;
+            t.max_concurrent_unpacks = 0;
+            t.max_concurrent_unpacks_per_image = -5;
+        }),
+        ..with_gzip()
     };
-    let base = "[pull_modes.parallel_pull_unpack]\nenable = true\ndiscard_unpacked_layers = true\n";
+    for (name, cfg) in [
+        ("default", SociConfig::default()),
+        ("gzip", with_gzip()),
+        ("zero", zero),
+    ] {
+        let d = soci.dump(name, &render_checked(&cfg).unwrap());
+        let par = &d["pull_modes"]["parallel_pull_unpack"];
+        assert_eq!(par["enable"].as_bool(), Some(true), "{name}");
+        assert_eq!(
+            par["max_concurrent_downloads"].as_integer(),
+            Some(cfg.tuning.max_concurrent_downloads),
+            "{name}"
+        );
+        assert_eq!(
+            par["max_concurrent_downloads_per_image"].as_integer(),
+            Some(cfg.tuning.max_concurrent_downloads_per_image),
+            "{name}"
+        );
+        assert_eq!(d["content_store"]["type"].as_str(), Some("containerd"), "{name}");
+        assert_eq!(d["cri_keychain"]["enable_keychain"].as_bool(), Some(true), "{name}");
+    }
+    // Field names match case-insensitively in the real decoder too.
+    let d = soci.dump(
+        "case",
+        "[PULL_MODES.Parallel_Pull_Unpack]\nEnable = true\nMax_Concurrent_Unpacks = 7\n[CRI_KEYCHAIN]\nENABLE_KEYCHAIN = true\n",
+    );
+    assert_eq!(d["pull_modes"]["parallel_pull_unpack"]["enable"].as_bool(), Some(true));
+    assert_eq!(
+        d["pull_modes"]["parallel_pull_unpack"]["max_concurrent_unpacks"].as_integer(),
+        Some(7)
+    );
+    assert_eq!(d["cri_keychain"]["enable_keychain"].as_bool(), Some(true));
+}
+
+/// Parallel mode on, layers discarded (no containerd needed): the base of every start below.
+const START_BASE: &str = "[pull_modes.parallel_pull_unpack]\nenable = true\ndiscard_unpacked_layers = true\n";
+
+/// Start-time rules (`config dump` does not check them): the real v0.16.1
+/// daemon starts, or refuses to, exactly where soci-agent's rules say so.
+/// Runs with discarded layers (no containerd needed); skipped when
+/// `tests/real/build.sh` has not built the daemon or when not root.
+#[test]
+fn real_daemon_start_rules_match() {
+    let bin = Path::new(REAL_SOCI);
+    if !bin.is_file() || !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root and {} (tests/real/build.sh)", bin.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let soci = RealSoci { bin, dir: dir.path() };
+    limits_are_refused_where_validate_refuses_them(&soci);
+    key_case_does_not_matter_to_the_daemon(&soci);
+    decompressor_paths_are_refused_where_validate_refuses_them(&soci);
+}
+
+fn limits_are_refused_where_validate_refuses_them(soci: &RealSoci) {
+    let base = START_BASE;
     let limits = [
         (4, 8, -1, 1),
         (-1, 3, 4, 8),
@@ -1058,7 +1084,7 @@ fn real_daemon_start_rules_match() {
              max_concurrent_unpacks = {up}\nmax_concurrent_unpacks_per_image = {up_img}\n"
         );
         let name = format!("limits{dl}_{dl_img}_{up}_{up_img}");
-        match (validate(&t), start(&name, &text)) {
+        match (validate(&t), soci.start(&name, &text)) {
             (Ok(()), Ok(())) => {}
             (Err(e), Err(log)) => {
                 let kind = if dl > 0 && dl_img > dl { "download" } else { "unpack" };
@@ -1069,31 +1095,38 @@ fn real_daemon_start_rules_match() {
             (agent, daemon) => panic!("{name}: agent {agent:?}, daemon {daemon:?}"),
         }
     }
-    // Key case does not matter to the daemon: this one is refused too.
+}
+
+/// Key case does not matter to the daemon: this one is refused too.
+fn key_case_does_not_matter_to_the_daemon(soci: &RealSoci) {
     let upper = "[PULL_MODES.Parallel_Pull_Unpack]\nEnable = true\nDiscard_Unpacked_Layers = true\n\
                  max_concurrent_downloads = 4\nMAX_CONCURRENT_DOWNLOADS_PER_IMAGE = 8\n";
-    let log = start("upper", upper).unwrap_err();
+    let log = soci.start("upper", upper).unwrap_err();
     assert!(
         log.contains("global download limit less than per-image download limit"),
         "{log}"
     );
-    // Decompressor paths: each forbidden character stops the daemon; a plain one does not.
+}
+
+/// Decompressor paths: each forbidden character stops the daemon; a plain one does not.
+fn decompressor_paths_are_refused_where_validate_refuses_them(soci: &RealSoci) {
+    let base = START_BASE;
     for (i, c) in DECOMPRESSOR_FORBIDDEN_CHARS.chars().enumerate() {
-        let exe = dir.path().join(format!("un{c}pigz"));
+        let exe = soci.dir.join(format!("un{c}pigz"));
         std::fs::copy("/bin/true", &exe).unwrap();
         let path = exe.to_str().unwrap();
         assert!(validate_decompressor_path(path).is_err(), "{path}");
         let quoted = toml_edit::Value::from(path).to_string();
         let text = format!("{base}[pull_modes.parallel_pull_unpack.decompress_streams.gzip]\npath = {quoted}\n");
-        let log = start(&format!("chars{i}"), &text).unwrap_err();
+        let log = soci.start(&format!("chars{i}"), &text).unwrap_err();
         assert!(log.contains("path contains invalid characters"), "{c:?}: {log}");
     }
-    let exe = dir.path().join("unpigz");
+    let exe = soci.dir.join("unpigz");
     std::fs::copy("/bin/true", &exe).unwrap();
     let cfg = SociConfig {
         gzip: Some(Decompressor::unpigz(exe.to_str().unwrap())),
         ..Default::default()
     };
     let rendered = render_checked(&cfg).unwrap().replace("\"containerd\"", "\"soci\"");
-    assert_eq!(start("plain", &rendered), Ok(()));
+    assert_eq!(soci.start("plain", &rendered), Ok(()));
 }
