@@ -53,8 +53,9 @@ use common::booted::{
 use common::mirror::{Fault, Mirror};
 use common::nspawn::{Node, NodeOptions, children};
 use common::real::{self, NodeContainerdConfig, with_containerd};
-use common::registry::Registry;
+use common::registry::{Pushed, Registry};
 use serde_json::{Value, json};
+use soci_agent::systemd::UnitState;
 
 const VERSION: &str = real::SOCI_VERSION;
 
@@ -349,7 +350,20 @@ fn plain_host(version: &'static str, config: NodeContainerdConfig) {
     let config_before = rig.read(CONTAINERD_CONFIG);
     let containerd_before = rig.unit(CONTAINERD);
 
-    // 1. Fresh install.
+    fresh_install_on_a_plain_host(&rig, &containerd_before);
+    a_cri_pull_lands_every_layer_in_soci(&rig, &image);
+    let ids_before = the_second_run_is_a_noop(&rig);
+    install_daemon_restarts_nothing_else(&rig, &ids_before);
+    the_boot_unit_imports_the_pause_image(&rig);
+    uninstall_puts_the_node_back(&rig, &config_before);
+    eprintln!(
+        "plain host (containerd {version}): node up in {booted:.1?}, whole test {:.1?}",
+        rig.started.elapsed()
+    );
+}
+
+/// 1. Fresh install.
+fn fresh_install_on_a_plain_host(rig: &Rig, containerd_before: &UnitState) {
     rig.step("case 1: fresh install on a plain host");
     let run = rig.install();
     run.expect_code(0);
@@ -388,8 +402,10 @@ fn plain_host(version: &'static str, config: NodeContainerdConfig) {
     ] {
         assert!(rig.exists(path), "{path} missing after install");
     }
+}
 
-    // 1b. A CRI pull lands every layer in SOCI, through parallel pull/unpack.
+/// 1b. A CRI pull lands every layer in SOCI, through parallel pull/unpack.
+fn a_cri_pull_lands_every_layer_in_soci(rig: &Rig, image: &Pushed) {
     rig.step("case 1b: crictl pull from a loopback registry");
     rig.node.check(&["crictl", "pull", &image.reference]);
     let (committed, snapshots) = rig.soci_committed();
@@ -422,10 +438,18 @@ fn plain_host(version: &'static str, config: NodeContainerdConfig) {
         "{dump}"
     );
     rig.doctor().expect_no_failing_check("doctor");
+}
 
-    // 2. The second run changes nothing and restarts nothing.
+/// InvocationIDs of (soci, containerd).
+fn invocation_ids(rig: &Rig) -> (String, String) {
+    (rig.unit(SOCI).invocation_id, rig.unit(CONTAINERD).invocation_id)
+}
+
+/// 2. The second run changes nothing and restarts nothing. Returns the InvocationIDs
+/// (soci, containerd) from before it.
+fn the_second_run_is_a_noop(rig: &Rig) -> (String, String) {
     rig.step("case 2: second run is a no-op");
-    let ids_before = (rig.unit(SOCI).invocation_id, rig.unit(CONTAINERD).invocation_id);
+    let ids_before = invocation_ids(rig);
     let second = rig.install();
     second.expect_code(0);
     assert_eq!(second.report["changed"], false, "{}", second.show());
@@ -437,24 +461,32 @@ fn plain_host(version: &'static str, config: NodeContainerdConfig) {
         .collect();
     assert!(changed.is_empty(), "actions changed on the second run: {changed:?}");
     assert_eq!(second.restarted(), Vec::<String>::new(), "{}", second.show());
-    let ids_after = (rig.unit(SOCI).invocation_id, rig.unit(CONTAINERD).invocation_id);
+    let ids_after = invocation_ids(rig);
     assert_eq!(
         ids_after, ids_before,
         "InvocationIDs (soci, containerd) changed on a no-op run"
     );
     rig.assert_installed_and_healthy("after the second run");
+    ids_before
+}
 
-    // 2b. `install --daemon` adds and starts soci-agent.service, restarting nothing else.
+/// 2b. `install --daemon` adds and starts soci-agent.service, restarting nothing else.
+fn install_daemon_restarts_nothing_else(rig: &Rig, ids_before: &(String, String)) {
     rig.step("case 2b: install --daemon starts the daemon and restarts nothing else");
     let mut argv = install_argv(&rig.mirror);
     argv.push("--daemon".into());
     let with_daemon = rig.agent("install", &argv);
     with_daemon.expect_code(0);
     assert_eq!(rig.is_active("soci-agent.service"), "active", "{}", with_daemon.show());
-    let ids_daemon = (rig.unit(SOCI).invocation_id, rig.unit(CONTAINERD).invocation_id);
-    assert_eq!(ids_daemon, ids_before, "adding the daemon restarted soci or containerd");
+    let ids_daemon = invocation_ids(rig);
+    assert_eq!(
+        &ids_daemon, ids_before,
+        "adding the daemon restarted soci or containerd"
+    );
+}
 
-    // 7. The boot unit imports the node's pause image into the soci snapshotter.
+/// 7. The boot unit imports the node's pause image into the soci snapshotter.
+fn the_boot_unit_imports_the_pause_image(rig: &Rig) {
     rig.step("case 7: soci-agent-boot.service imports /etc/eks/pause.tar");
     fs::create_dir_all(rig.node.path("/etc/eks")).unwrap();
     fs::write(rig.node.path("/etc/eks/pause.tar"), oci_image_tar(PAUSE_IMAGE)).unwrap();
@@ -491,13 +523,15 @@ fn plain_host(version: &'static str, config: NodeContainerdConfig) {
             .unwrap_or_else(|| panic!("no {name} step\n{}", boot_cli.show()));
         assert_eq!(step["status"], want, "{name}\n{}", boot_cli.show());
     }
+}
 
-    // 5. Uninstall puts the node back.
+/// 5. Uninstall puts the node back.
+fn uninstall_puts_the_node_back(rig: &Rig, config_before: &Option<Vec<u8>>) {
     rig.step("case 5: uninstall");
     let un = rig.agent("uninstall", &[AGENT, "uninstall", "--output", "json"]);
     un.expect_code(0);
     assert_eq!(
-        rig.read(CONTAINERD_CONFIG),
+        &rig.read(CONTAINERD_CONFIG),
         config_before,
         "containerd config not byte-identical to before install"
     );
@@ -535,10 +569,6 @@ fn plain_host(version: &'static str, config: NodeContainerdConfig) {
         "containerd still has soci drop-ins loaded: {:?}",
         containerd.drop_in_paths
     );
-    eprintln!(
-        "plain host (containerd {version}): node up in {booted:.1?}, whole test {:.1?}",
-        rig.started.elapsed()
-    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -573,10 +603,35 @@ fn containerd_22_without_a_config_file_loads_soci() {
 
 #[test]
 fn al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts() {
+    let rig = Rig::boot(al2023_shaped_node());
+    let booted = rig.started.elapsed();
+    assert_eq!(
+        rig.is_active(CONTAINERD),
+        "inactive",
+        "containerd is not started at boot here"
+    );
+    assert_eq!(rig.is_active(SOCKET), "active", "the AMI's socket listens from boot");
+    assert_eq!(rig.is_active(SOCI), "inactive");
+    let config_before = rig.read(CONTAINERD_CONFIG);
+    let ami_unit_before = rig.read(SERVICE_PATH);
+
+    let run = install_wires_the_node_for_nodeadm(&rig, &config_before, &ami_unit_before);
+    the_nodeconfig_dropin_selects_soci(&rig);
+    enabled_and_reloaded_nothing_started(&rig, &run);
+    containerd_s_start_brings_the_snapshotter_up(&rig);
+    eprintln!(
+        "AL2023-shaped: node up in {booted:.1?}, whole test {:.1?}",
+        rig.started.elapsed()
+    );
+}
+
+/// The AMI's real units, an older real SOCI in /usr/bin, a nodeadm stub, containerd 2.2.9 not
+/// enabled, the AMI's socket enabled.
+fn al2023_shaped_node() -> NodeOptions {
     let ami = real::ami_runtime().join("rootfs/etc/systemd/system");
     let ami_file = |name: &str| fs::read(ami.join(name)).unwrap_or_else(|e| panic!("AMI {name}: {e}"));
     let old = real::soci_daemon(real::SOCI_OLD_VERSION);
-    let opts = with_containerd(NodeOptions::new().al2023_like(), "2.2.9", NodeContainerdConfig::None)
+    with_containerd(NodeOptions::new().al2023_like(), "2.2.9", NodeContainerdConfig::None)
         .file(SERVICE_PATH, ami_file("soci-snapshotter.service"))
         .file(SOCKET_PATH, ami_file("soci-snapshotter.socket"))
         .file("/etc/systemd/system/runtime.slice", ami_file("runtime.slice"))
@@ -593,19 +648,14 @@ fn al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts() {
             let wants = root.join("etc/systemd/system/sockets.target.wants");
             fs::create_dir_all(&wants).unwrap();
             std::os::unix::fs::symlink(SOCKET_PATH, wants.join(SOCKET)).unwrap();
-        });
-    let rig = Rig::boot(opts);
-    let booted = rig.started.elapsed();
-    assert_eq!(
-        rig.is_active(CONTAINERD),
-        "inactive",
-        "containerd is not started at boot here"
-    );
-    assert_eq!(rig.is_active(SOCKET), "active", "the AMI's socket listens from boot");
-    assert_eq!(rig.is_active(SOCI), "inactive");
-    let config_before = rig.read(CONTAINERD_CONFIG);
-    let ami_unit_before = rig.read(SERVICE_PATH);
+        })
+}
 
+fn install_wires_the_node_for_nodeadm(
+    rig: &Rig,
+    config_before: &Option<Vec<u8>>,
+    ami_unit_before: &Option<Vec<u8>>,
+) -> AgentRun {
     rig.step("case 3: install on an AL2023-shaped node");
     let run = rig.install();
     run.expect_code(0);
@@ -616,17 +666,21 @@ fn al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts() {
         assert!(rig.exists(path), "{path} missing\n{}", run.show());
     }
     assert_eq!(
-        rig.read(SERVICE_PATH),
+        &rig.read(SERVICE_PATH),
         ami_unit_before,
         "the AMI's unit must be kept as is"
     );
     assert!(!rig.exists(BOOT_PATH) || rig.unit(BOOT).unit_file_state != "enabled");
     assert_eq!(
-        rig.read(CONTAINERD_CONFIG),
+        &rig.read(CONTAINERD_CONFIG),
         config_before,
         "nodeadm owns containerd's config"
     );
-    // Version-3 table names for containerd 2.2 in the NodeConfig drop-in.
+    run
+}
+
+/// Version-3 table names for containerd 2.2 in the NodeConfig drop-in.
+fn the_nodeconfig_dropin_selects_soci(rig: &Rig) {
     let yaml: serde_yaml_ng::Value =
         serde_yaml_ng::from_slice(&rig.read(NODECONFIG_DROPIN).unwrap()).expect("NodeConfig drop-in is YAML");
     let fragment = yaml["spec"]["containerd"]["config"]
@@ -638,7 +692,10 @@ fn al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts() {
         Some("soci"),
         "{fragment}"
     );
-    // Enabled and reloaded, nothing started.
+}
+
+/// Enabled and reloaded, nothing started.
+fn enabled_and_reloaded_nothing_started(rig: &Rig, run: &AgentRun) {
     assert!(
         run.steps().iter().any(|s| s.contains("nodeadm")),
         "report.systemd.steps should say nodeadm: {:?}",
@@ -671,19 +728,17 @@ fn al2023_shaped_node_is_wired_for_nodeadm_and_nothing_starts() {
         containerd.drop_in_paths.iter().any(|p| p == CONTAINERD_DROPIN) && !containerd.need_daemon_reload,
         "containerd drop-in not loaded: {containerd:?}"
     );
+}
 
-    // What nodeadm-run does next: start containerd. Its Requires= brings up the snapshotter,
-    // running the binary from the agent's drop-in, with its listener from the AMI's socket.
+/// What nodeadm-run does next: start containerd. Its Requires= brings up the snapshotter,
+/// running the binary from the agent's drop-in, with its listener from the AMI's socket.
+fn containerd_s_start_brings_the_snapshotter_up(rig: &Rig) {
     rig.step("case 3: containerd's start (as nodeadm-run) brings the snapshotter up");
     rig.start(CONTAINERD);
     let soci = rig.unit(SOCI);
     assert!(soci.is_active(), "{SOCI} not started by containerd's Requires=: {soci}");
     let exe = rig.exe(soci.main_pid);
     assert_eq!(exe, STORE_DAEMON, "the drop-in's ExecStart is not in effect");
-    eprintln!(
-        "AL2023-shaped: node up in {booted:.1?}, whole test {:.1?}",
-        rig.started.elapsed()
-    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -700,6 +755,18 @@ fn broken_snapshotter_rolls_the_node_back() {
     let before = tree_without_reports(&rig.node, &WATCHED);
     let config_before = rig.read(CONTAINERD_CONFIG);
 
+    let run = install_fails_naming_the_start(&rig);
+    the_files_are_as_before(&rig, &run, &before, &config_before);
+    the_snapshotter_is_down_and_containerd_unwired(&rig, &run);
+    // Still down a while later: nothing (auto-restart, socket) brings the broken unit back.
+    assert_ne!(rig.is_active(SOCI), "active");
+    eprintln!(
+        "broken snapshotter: node up in {booted:.1?}, whole test {:.1?}",
+        rig.started.elapsed()
+    );
+}
+
+fn install_fails_naming_the_start(rig: &Rig) -> AgentRun {
     rig.step("case 4: install with a snapshotter that cannot start");
     let run = rig.install();
     run.expect_code(1);
@@ -710,14 +777,26 @@ fn broken_snapshotter_rolls_the_node_back() {
         run.show()
     );
     assert_eq!(run.report["exit_code"], 1);
+    run
+}
+
+fn the_files_are_as_before(
+    rig: &Rig,
+    run: &AgentRun,
+    before: &BTreeMap<String, String>,
+    config_before: &Option<Vec<u8>>,
+) {
     let after = tree_without_reports(&rig.node, &WATCHED);
     assert!(
-        before == after,
+        *before == after,
         "files differ after the rollback:\n{}\n{}",
-        tree_diff(&before, &after),
+        tree_diff(before, &after),
         run.show()
     );
-    assert_eq!(rig.read(CONTAINERD_CONFIG), config_before);
+    assert_eq!(&rig.read(CONTAINERD_CONFIG), config_before);
+}
+
+fn the_snapshotter_is_down_and_containerd_unwired(rig: &Rig, run: &AgentRun) {
     let soci = rig.unit(SOCI);
     assert!(
         !soci.is_active() && soci.active_state != "activating",
@@ -746,12 +825,6 @@ fn broken_snapshotter_rolls_the_node_back() {
             "{unit} left enabled"
         );
     }
-    // Still down a while later: nothing (auto-restart, socket) brings the broken unit back.
-    assert_ne!(rig.is_active(SOCI), "active");
-    eprintln!(
-        "broken snapshotter: node up in {booted:.1?}, whole test {:.1?}",
-        rig.started.elapsed()
-    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -769,29 +842,46 @@ fn sigkill_mid_install_then_rerun_converges() {
     let archive_path = format!("/v{VERSION}/{}", real::soci_release(VERSION).archive_name);
     let config_before = rig.read(CONTAINERD_CONFIG);
 
-    // a. During the download: the mirror holds the first byte back; kill once the request is in.
+    sigkill_during_the_download(&rig, &archive_path);
+    sigkill_right_after_start(&rig);
+    sigkill_during_the_systemd_step(&rig);
+    the_rerun_converges(&rig);
+    files_wired_but_containerd_not_restarted_yet(&rig, &config_before);
+    uninstall_after_the_interrupted_runs(&rig, &config_before);
+    eprintln!(
+        "SIGKILL: node up in {booted:.1?}, whole test {:.1?}",
+        rig.started.elapsed()
+    );
+}
+
+/// a. During the download: the mirror holds the first byte back; kill once the request is in.
+fn sigkill_during_the_download(rig: &Rig, archive_path: &str) {
     rig.step("case 6a: SIGKILL during the download");
     rig.mirror
-        .fault(&archive_path, Fault::SlowFirstByte(Duration::from_secs(20)));
-    let requests = rig.mirror.requests(&archive_path);
+        .fault(archive_path, Fault::SlowFirstByte(Duration::from_secs(20)));
+    let requests = rig.mirror.requests(archive_path);
     let bg = rig.install_in_background();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while rig.mirror.requests(&archive_path) == requests {
+    while rig.mirror.requests(archive_path) == requests {
         assert!(bg.running(), "the agent ended before downloading");
         assert!(Instant::now() < deadline, "no archive request within 60 s");
         std::thread::sleep(Duration::from_millis(10));
     }
     bg.kill("during the download");
+}
 
-    // b. Right after start.
+/// b. Right after start.
+fn sigkill_right_after_start(rig: &Rig) {
     rig.step("case 6b: SIGKILL right after start");
     let bg = rig.install_in_background();
     std::thread::sleep(Duration::from_millis(150)); // injection delay, not synchronisation
     bg.kill("right after start");
+}
 
-    // c. During the systemd step: once the agent has enabled the snapshotter unit.
-    // A test drop-in (ExecStartPre=sleep) holds the snapshotter's start job open; the agent is
-    // killed while it waits for that job, with containerd stopped by the restart it propagates.
+/// c. During the systemd step: once the agent has enabled the snapshotter unit.
+/// A test drop-in (ExecStartPre=sleep) holds the snapshotter's start job open; the agent is
+/// killed while it waits for that job, with containerd stopped by the restart it propagates.
+fn sigkill_during_the_systemd_step(rig: &Rig) {
     rig.step("case 6c: SIGKILL during the systemd step");
     let bg = rig.install_in_background();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -808,8 +898,10 @@ fn sigkill_mid_install_then_rerun_converges() {
     );
     fs::remove_file(rig.node.path(SLOW_START_DROPIN)).unwrap();
     fs::remove_dir(rig.node.path(SLOW_START_DROPIN).parent().unwrap()).unwrap();
+}
 
-    // The re-run converges to the state of a clean install.
+/// The re-run converges to the state of a clean install.
+fn the_rerun_converges(rig: &Rig) {
     rig.step("case 6: re-run after the kills");
     let run = rig.install();
     run.expect_code(0);
@@ -821,10 +913,12 @@ fn sigkill_mid_install_then_rerun_converges() {
     again.expect_code(0);
     assert_eq!(again.report["changed"], false, "{}", again.show());
     assert_eq!(again.restarted(), Vec::<String>::new(), "{}", again.show());
+}
 
-    // d. The files already wired but containerd still running its old config, as after a run
-    // killed between writing the files and restarting containerd (or `install --no-start` on a
-    // running node): the plan sees no change, yet containerd must be restarted.
+/// d. The files already wired but containerd still running its old config, as after a run
+/// killed between writing the files and restarting containerd (or `install --no-start` on a
+/// running node): the plan sees no change, yet containerd must be restarted.
+fn files_wired_but_containerd_not_restarted_yet(rig: &Rig, config_before: &Option<Vec<u8>>) {
     rig.step("case 6d: files wired, containerd not restarted yet");
     fs::write(rig.node.path(CONTAINERD_CONFIG), config_before.as_deref().unwrap()).unwrap();
     rig.restart(CONTAINERD);
@@ -842,14 +936,16 @@ fn sigkill_mid_install_then_rerun_converges() {
         run.show()
     );
     rig.assert_installed_and_healthy("after files wired without a containerd restart");
+}
 
-    // Uninstall undoes what the interrupted runs did too (units enabled by a run killed before
-    // it could record them included).
+/// Uninstall undoes what the interrupted runs did too (units enabled by a run killed before
+/// it could record them included).
+fn uninstall_after_the_interrupted_runs(rig: &Rig, config_before: &Option<Vec<u8>>) {
     rig.step("case 6: uninstall after the interrupted runs");
     let un = rig.agent("uninstall", &[AGENT, "uninstall", "--output", "json"]);
     un.expect_code(0);
     assert_eq!(
-        rig.read(CONTAINERD_CONFIG),
+        &rig.read(CONTAINERD_CONFIG),
         config_before,
         "containerd config after uninstall"
     );
@@ -864,8 +960,4 @@ fn sigkill_mid_install_then_rerun_converges() {
     }
     assert_eq!(rig.is_active(CONTAINERD), "active");
     assert_eq!(rig.soci_plugin(), None);
-    eprintln!(
-        "SIGKILL: node up in {booted:.1?}, whole test {:.1?}",
-        rig.started.elapsed()
-    );
 }
