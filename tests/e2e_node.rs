@@ -446,7 +446,7 @@ fn invocation_ids(rig: &Rig) -> (String, String) {
 }
 
 /// 2. The second run changes nothing and restarts nothing. Returns the
-/// InvocationIDs of soci and containerd from before it.
+///    InvocationIDs of soci and containerd from before it.
 fn the_second_run_is_a_noop(rig: &Rig) -> (String, String) {
     rig.step("case 2: second run is a no-op");
     let ids_before = invocation_ids(rig);
