@@ -27,6 +27,7 @@ else
   bin=$(agent_bin)
 fi
 work=$(mktemp -d /tmp/soci-agent-bench-soak.XXXXXX)
+source bench/lib.sh
 # The agent runs from a private copy: install copies it into the tree and
 # drift compares the two, so a rebuild meanwhile must not change it.
 cp "$bin" "$work/soci-agent"; bin=$work/soci-agent
@@ -37,48 +38,13 @@ cleanup() {
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
-  awk -v w="$work" 'index($2, w) == 1 {print length($2), $2}' /proc/self/mounts | sort -rn | cut -d' ' -f2- |
-    while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  unmount_work
   rm -rf "$work"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # --- a loopback registry with one small image -------------------------------------------------
-host=127.0.0.1:$(free_port)
-mkdir -p "$work/registry/storage" "$work/hosts/$host"
-cat >"$work/registry/config.yml" <<EOF
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $work/registry/storage
-http:
-  addr: $host
-EOF
-docker-registry serve "$work/registry/config.yml" >"$work/registry/log" 2>&1 &
-registry_pid=$!
-for _ in $(seq 200); do curl -fsS "http://$host/v2/" >/dev/null 2>&1 && break; sleep 0.05; done
-cat >"$work/hosts/$host/hosts.toml" <<EOF
-server = "http://$host"
-[host."http://$host"]
-  capabilities = ["pull", "resolve"]
-  skip_verify = true
-EOF
-sha() { sha256sum "$1" | cut -d' ' -f1; }
-push_blob() { # $1 repo, $2 file; prints the digest
-  local digest="sha256:$(sha "$2")" location sep
-  location=$(curl -fsS -X POST -o /dev/null -D - "http://$host/v2/$1/blobs/uploads/" |
-    tr -d '\r' | awk 'tolower($1) == "location:" {print $2}')
-  case $location in http*) ;; *) location="http://$host$location" ;; esac
-  case $location in *\?*) sep='&' ;; *) sep='?' ;; esac
-  curl -fsS -X PUT -H 'Content-Type: application/octet-stream' --data-binary "@$2" \
-    "$location${sep}digest=$digest" -o /dev/null
-  echo "$digest"
-}
+start_registry
 b="$work/build"; mkdir -p "$b/rootfs/data"
 head -c 65536 /dev/urandom >"$b/rootfs/data/blob.bin"
 tar -C "$b/rootfs" -cf "$b/layer.tar" data && gzip -1 -c "$b/layer.tar" >"$b/layer.tar.gz"
@@ -93,36 +59,9 @@ curl -fsS -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' \
 image=$host/soak/app:1
 
 # --- containerd with CRI on private paths -----------------------------------------------------
-snapshotter=native
-probe="$work/probe"; mkdir -p "$probe"/{l,u,w,m}
-if mount -t overlay overlay -o "lowerdir=$probe/l,upperdir=$probe/u,workdir=$probe/w" "$probe/m" 2>/dev/null; then
-  umount "$probe/m"; snapshotter=overlayfs
-fi
-c="$work/c"; mkdir -p "$c"
-cat >"$c/config.toml" <<EOF
-version = 2
-root = "$c/root"
-state = "$c/state"
-[grpc]
-  address = "$c/c.sock"
-[ttrpc]
-  address = "$c/c.sock.ttrpc"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$c/opt"
-[plugins."io.containerd.grpc.v1.cri"]
-  disable_apparmor = true
-  disable_cgroup = true
-[plugins."io.containerd.grpc.v1.cri".containerd]
-  snapshotter = "$snapshotter"
-[plugins."io.containerd.grpc.v1.cri".registry]
-  config_path = "$work/hosts"
-EOF
-containerd --config "$c/config.toml" >"$c/log" 2>&1 &
-containerd_pid=$!
-for _ in $(seq 300); do
-  ctr --address "$c/c.sock" plugins ls 2>/dev/null | awk '$1 == "io.containerd.grpc.v1" && $2 == "cri" && $NF == "ok" {f=1} END {exit !f}' && break
-  sleep 0.1
-done
+probe_snapshotter
+c="$work/c"
+start_containerd "$c"
 
 # --- an installed node tree -------------------------------------------------------------------
 rel="$work/release"; mkdir -p "$rel"

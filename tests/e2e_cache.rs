@@ -497,103 +497,19 @@ fn uninstall_releases_the_volume(n: &Booted) {
 // and starts nothing; nodeadm-run starts containerd, whose Requires= mounts the volume first.
 
 mod al2023 {
-    use std::fs;
-    use std::os::unix::fs::PermissionsExt;
-    use std::path::Path;
     use std::time::Duration;
 
-    use super::common::archive::oci_image_tar;
+    use super::common::al2023::{ami_node, user_data};
     use super::common::booted::{Boot, Booted};
     use super::common::imds::{AwsStandIn, Instance};
     use super::common::loopdev::Loop;
-    use super::common::nspawn::NodeOptions;
-    use super::common::real::{self, NodeContainerdConfig, with_containerd};
-    use super::common::registry::base64;
 
-    pub const CONTAINERD_VERSION: &str = "2.2.9";
-    pub const NODEADM_RUN: &str = "nodeadm-run.service";
-    const UNITS: &str = "/etc/systemd/system";
-    const AWS_DROPIN: &str = "90-e2e-aws-standin.conf";
-    const AMI_UNITS: [&str; 7] = [
-        "nodeadm-config.service",
-        "nodeadm-run.service",
-        "kubelet.service",
-        "soci-snapshotter.service",
-        "soci-snapshotter.socket",
-        "runtime.slice",
-        "containerd.service.d/00-runtime-slice.conf",
-    ];
-    const CLUSTER_CA: &str = "-----BEGIN CERTIFICATE-----\n\
-        MIIBdzCCAR2gAwIBAgIBADAKBggqhkjOPQQDAjAVMRMwEQYDVQQDEwprdWJlcm5ldGVz\n\
-        -----END CERTIFICATE-----\n";
-    const KUBELET_STUB: &str = "#!/bin/sh\ncase \"$1\" in --version) echo \"Kubernetes v1.34.2-eks-e2e\"; exit 0;; esac\n\
-        trap 'exit 0' TERM INT\nwhile :; do sleep 3600 & wait $!; done\n";
-
-    /// EKS-style user data: the cluster NodeConfig (registry config_path in v3 table names).
-    fn user_data() -> Vec<u8> {
-        let nodeconfig = format!(
-            "---\napiVersion: node.eks.aws/v1alpha1\nkind: NodeConfig\nspec:\n  cluster:\n    name: soci-e2e\n    \
-             apiServerEndpoint: https://E2E5A0C1A9E47B01E2E5A0C1A9E47B01.gr7.us-west-2.eks.amazonaws.com\n    \
-             certificateAuthority: {}\n    cidr: 10.100.0.0/16\n  containerd:\n    config: |\n      \
-             [plugins.'io.containerd.cri.v1.images'.registry]\n      config_path = '/etc/containerd/certs.d'\n",
-            base64(CLUSTER_CA.as_bytes())
-        );
-        format!(
-            "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"//\"\r\n\r\n--//\r\n\
-             Content-Type: application/node.eks.aws\r\n\r\n{nodeconfig}\r\n--//--\r\n"
-        )
-        .into_bytes()
-    }
-
-    fn copy_into(root: &Path, from: &Path, node_path: &str, mode: u32) {
-        let to = root.join(node_path.trim_start_matches('/'));
-        fs::create_dir_all(to.parent().unwrap()).unwrap();
-        let _ = fs::remove_file(&to);
-        fs::copy(from, &to).unwrap();
-        fs::set_permissions(&to, fs::Permissions::from_mode(mode)).unwrap();
-    }
-
-    fn enable_link(root: &Path, target: &str, unit: &str) {
-        let wants = root.join("etc/systemd/system").join(format!("{target}.wants"));
-        fs::create_dir_all(&wants).unwrap();
-        std::os::unix::fs::symlink(format!("{UNITS}/{unit}"), wants.join(unit)).unwrap();
-    }
+    pub use super::common::al2023::{CONTAINERD_VERSION, NODEADM_RUN};
 
     /// The node (nodeadm-config ran at boot) and its AWS stand-in; `volume` bound in.
     pub fn boot(front: &str, volume: &Loop) -> (Booted, AwsStandIn) {
-        let aws = AwsStandIn::start(Instance::m5_xlarge(), Some(user_data()));
-        let ami = real::ami_runtime().join("rootfs/etc/systemd/system");
-        let mut opts = with_containerd(
-            NodeOptions::new().al2023_like(),
-            CONTAINERD_VERSION,
-            NodeContainerdConfig::None,
-        );
-        for name in AMI_UNITS {
-            opts = opts.file(&format!("{UNITS}/{name}"), fs::read(ami.join(name)).unwrap());
-        }
-        let dropin = aws.systemd_dropin();
-        let host = front.to_string();
-        let opts = opts
-            .file(&format!("{UNITS}/nodeadm-config.service.d/{AWS_DROPIN}"), &dropin)
-            .file(&format!("{UNITS}/{NODEADM_RUN}.d/{AWS_DROPIN}"), &dropin)
-            .file("/etc/eks/containerd-version.txt", format!("{CONTAINERD_VERSION}\n"))
-            .file("/etc/eks/kubelet-version.txt", "Kubernetes v1.34.2-eks-e2e\n")
-            .file_mode("/usr/bin/kubelet", KUBELET_STUB, 0o755)
-            .file_mode("/usr/sbin/iptables", "#!/bin/sh\nexit 0\n", 0o755)
-            .file_mode(
-                "/etc/eks/image-credential-provider/ecr-credential-provider",
-                "#!/bin/sh\nexit 1\n",
-                0o755,
-            )
-            .file("/etc/eks/pause.tar", oci_image_tar(super::PAUSE_IMAGE))
-            .bind(&volume.device, &volume.dev())
-            .prepare(move |root: &Path| {
-                copy_into(root, &real::nodeadm(), "/usr/bin/nodeadm", 0o755);
-                fs::create_dir_all(root.join("etc/eks/nodeadm.d")).unwrap();
-                enable_link(root, "sockets.target", "soci-snapshotter.socket");
-                enable_link(root, "multi-user.target", "nodeadm-config.service");
-                real::trust_plain_http(root, &host);
-            });
+        let aws = AwsStandIn::start(Instance::m5_xlarge(), Some(user_data(&[])));
+        let opts = ami_node(&aws, front.to_string(), false).bind(&volume.device, &volume.dev());
         let booted = Booted::boot_with(
             opts,
             Boot {

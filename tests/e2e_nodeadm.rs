@@ -45,55 +45,32 @@ mod common;
 
 use std::fs;
 use std::ops::Deref;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::archive::oci_image_tar;
+use common::al2023::{AWS_DROPIN, CERTS_D, NODEADM_CONFIG, NODEADM_RUN, PAUSE_IMAGE, UNITS, ami_node, user_data};
 use common::booted::{
     BOOT, Boot, Booted, CONTAINERD, CONTAINERD_CONFIG, CONTAINERD_DROPIN, NODECONFIG_DROPIN, SERVICE_DROPIN, SOCI,
     SOCKET, STORE_DAEMON, install_argv,
 };
 use common::imds::{AwsStandIn, Instance, Service};
 use common::mirror::Mirror;
-use common::nspawn::{NodeOptions, text};
-use common::real::{self, NodeContainerdConfig, with_containerd};
-use common::registry::{Registry, base64};
+use common::nspawn::text;
+use common::real;
+use common::registry::Registry;
 use serde_json::Value;
 
 const VERSION: &str = real::SOCI_VERSION;
-const CONTAINERD_VERSION: &str = "2.2.9";
-const KUBELET_VERSION: &str = "v1.34.2";
 /// Bound of a D-Bus call from the host.
 const DBUS_BOUND: Duration = Duration::from_secs(60);
 /// Bound of `nodeadm-run.service` (nodeadm waits for containerd and kubelet to be active).
 const NODEADM_RUN_BOUND: Duration = Duration::from_secs(180);
-
-const NODEADM_CONFIG: &str = "nodeadm-config.service";
-const NODEADM_RUN: &str = "nodeadm-run.service";
 const KUBELET: &str = "kubelet.service";
 
-const UNITS: &str = "/etc/systemd/system";
-const AWS_DROPIN: &str = "90-e2e-aws-standin.conf";
 const KUBELET_CONFIG: &str = "/etc/kubernetes/kubelet/config.json";
 const KUBELET_CONFIG_DIR: &str = "/etc/kubernetes/kubelet/config.json.d";
 const NODEADM_CACHE: &str = "/run/eks/nodeadm/config.json";
 const SOCI_ENDPOINT: &str = "unix:///run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock";
 const CONTAINERD_ENDPOINT: &str = "unix:///run/containerd/containerd.sock";
-const CERTS_D: &str = "/etc/containerd/certs.d";
-const PAUSE_ARCHIVE: &str = "/etc/eks/pause.tar";
-const PAUSE_IMAGE: &str = "localhost/kubernetes/pause:latest";
-
-/// The AMI's runtime files this node gets, under `/etc/systemd/system`.
-const AMI_UNITS: [&str; 7] = [
-    "nodeadm-config.service",
-    "nodeadm-run.service",
-    "kubelet.service",
-    "soci-snapshotter.service",
-    "soci-snapshotter.socket",
-    "runtime.slice",
-    "containerd.service.d/00-runtime-slice.conf",
-];
 
 // ---------------------------------------------------------------------------------------------
 // The node and its surroundings.
@@ -142,74 +119,6 @@ impl Rig {
 // ---------------------------------------------------------------------------------------------
 // What the node is given.
 
-/// A CA certificate for the cluster fields. nodeadm only decodes and writes it.
-const CLUSTER_CA: &str = "-----BEGIN CERTIFICATE-----\n\
-MIIBdzCCAR2gAwIBAgIBADAKBggqhkjOPQQDAjAVMRMwEQYDVQQDEwprdWJlcm5ldGVz\n\
------END CERTIFICATE-----\n";
-
-/// EKS-style user data: MIME multipart with the cluster NodeConfig (its containerd fragment
-/// sets the CRI registry `config_path` in version-3 table names), and the shell part cloud-final
-/// would run (`install`), which nodeadm skips.
-fn user_data(install: &[String]) -> Vec<u8> {
-    let nodeconfig = format!(
-        "---\n\
-         apiVersion: node.eks.aws/v1alpha1\n\
-         kind: NodeConfig\n\
-         spec:\n  \
-           cluster:\n    \
-             name: soci-e2e\n    \
-             apiServerEndpoint: https://E2E5A0C1A9E47B01E2E5A0C1A9E47B01.gr7.us-west-2.eks.amazonaws.com\n    \
-             certificateAuthority: {ca}\n    \
-             cidr: 10.100.0.0/16\n  \
-           containerd:\n    \
-             config: |\n      \
-               [plugins.'io.containerd.cri.v1.images'.registry]\n      \
-               config_path = '{CERTS_D}'\n",
-        ca = base64(CLUSTER_CA.as_bytes()),
-    );
-    let script = format!("#!/bin/bash\nset -euo pipefail\n{}\n", install.join(" "));
-    format!(
-        "MIME-Version: 1.0\r\n\
-         Content-Type: multipart/mixed; boundary=\"//\"\r\n\
-         \r\n\
-         --//\r\n\
-         Content-Type: application/node.eks.aws\r\n\
-         \r\n\
-         {nodeconfig}\r\n\
-         --//\r\n\
-         Content-Type: text/x-shellscript; charset=\"us-ascii\"\r\n\
-         \r\n\
-         {script}\r\n\
-         --//--\r\n"
-    )
-    .into_bytes()
-}
-
-const KUBELET_STUB: &str = "#!/bin/sh\n\
-# Test stub for kubelet (not under test): reports a version; otherwise idles, so that\n\
-# kubelet.service is active with the command line nodeadm gave it.\n\
-case \"$1\" in --version) echo \"Kubernetes v1.34.2-eks-e2e\"; exit 0;; esac\n\
-trap 'exit 0' TERM INT\n\
-while :; do sleep 3600 & wait $!; done\n";
-
-const IPTABLES_STUB: &str = "#!/bin/sh\n# Test stub (kubelet.service's ExecStartPre).\nexit 0\n";
-
-const ECR_PROVIDER_STUB: &str = "#!/bin/sh\n# Test stub for the ECR credential provider (nodeadm checks it exists).\necho 'not on AWS' >&2\nexit 1\n";
-
-fn copy_into(root: &Path, from: &Path, node_path: &str, mode: u32) {
-    let to = root.join(node_path.trim_start_matches('/'));
-    fs::create_dir_all(to.parent().unwrap()).unwrap();
-    let _ = fs::remove_file(&to);
-    fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
-    fs::set_permissions(&to, fs::Permissions::from_mode(mode)).unwrap();
-}
-
-fn enable_link(root: &Path, target: &str, unit: &str) {
-    let wants = root.join("etc/systemd/system").join(format!("{target}.wants"));
-    fs::create_dir_all(&wants).unwrap();
-    std::os::unix::fs::symlink(format!("{UNITS}/{unit}"), wants.join(unit)).unwrap();
-}
-
 /// Boots the node: the AMI's units, real nodeadm (nodeadm-config enabled, so it runs at boot
 /// against the AWS stand-ins), the older real SOCI in /usr/bin, containerd 2.2.9 not enabled.
 fn boot() -> Rig {
@@ -221,7 +130,7 @@ fn boot() -> Rig {
     let install = install_argv(&mirror);
     let aws = AwsStandIn::start(Instance::m5_xlarge(), Some(user_data(&install)));
     let booted = Booted::boot_with(
-        ami_node(&aws, registry.host()),
+        ami_node(&aws, registry.host(), true),
         Boot {
             dbus_bound: DBUS_BOUND,
             started: Some(started),
@@ -235,47 +144,6 @@ fn boot() -> Rig {
         registry,
         _registry_dir: registry_dir,
     }
-}
-
-/// The node's tree: the AMI's units and files, the stand-ins' drop-in on the nodeadm units, the
-/// stubs, real nodeadm and the older real SOCI, the registry at `registry_host` trusted.
-fn ami_node(aws: &AwsStandIn, registry_host: String) -> NodeOptions {
-    let ami = real::ami_runtime().join("rootfs/etc/systemd/system");
-    let old_soci = real::soci_daemon(real::SOCI_OLD_VERSION);
-    let mut opts = with_containerd(
-        NodeOptions::new().al2023_like(),
-        CONTAINERD_VERSION,
-        NodeContainerdConfig::None,
-    );
-    for name in AMI_UNITS {
-        let bytes = fs::read(ami.join(name)).unwrap_or_else(|e| panic!("AMI {name}: {e}"));
-        opts = opts.file(&format!("{UNITS}/{name}"), bytes);
-    }
-    let aws_dropin = aws.systemd_dropin();
-    opts.file(&format!("{UNITS}/{NODEADM_CONFIG}.d/{AWS_DROPIN}"), &aws_dropin)
-        .file(&format!("{UNITS}/{NODEADM_RUN}.d/{AWS_DROPIN}"), &aws_dropin)
-        .file("/etc/eks/containerd-version.txt", format!("{CONTAINERD_VERSION}\n"))
-        .file(
-            "/etc/eks/kubelet-version.txt",
-            format!("Kubernetes {KUBELET_VERSION}-eks-e2e\n"),
-        )
-        .file_mode("/usr/bin/kubelet", KUBELET_STUB, 0o755)
-        .file_mode("/usr/sbin/iptables", IPTABLES_STUB, 0o755)
-        .file_mode(
-            "/etc/eks/image-credential-provider/ecr-credential-provider",
-            ECR_PROVIDER_STUB,
-            0o755,
-        )
-        .file(PAUSE_ARCHIVE, oci_image_tar(PAUSE_IMAGE))
-        .prepare(move |root: &Path| {
-            copy_into(root, &real::nodeadm(), "/usr/bin/nodeadm", 0o755);
-            copy_into(root, &old_soci, "/usr/bin/soci-snapshotter-grpc", 0o755);
-            copy_into(root, &old_soci.with_file_name("soci"), "/usr/bin/soci", 0o755);
-            fs::create_dir_all(root.join("etc/eks/nodeadm.d")).unwrap();
-            enable_link(root, "sockets.target", SOCKET);
-            enable_link(root, "multi-user.target", NODEADM_CONFIG);
-            real::trust_plain_http(root, &registry_host);
-        })
 }
 
 /// kubelet's effective `imageServiceEndpoint` as kubelet merges its files: `config.json`, then
@@ -519,7 +387,7 @@ fn soci_runs_the_agents_release_in_the_amis_unit(rig: &Rig) {
     let exe = rig.exe(soci.main_pid);
     assert_eq!(exe, STORE_DAEMON, "{SOCI} runs {exe}, not the agent's release");
     let ami = real::ami_runtime().join("rootfs/etc/systemd/system");
-    for name in AMI_UNITS {
+    for name in common::al2023::AMI_UNITS {
         assert_eq!(
             rig.read(&format!("{UNITS}/{name}")),
             fs::read(ami.join(name)).ok(),

@@ -11,6 +11,7 @@
 //! - [`nspawn`]: a booted systemd node; [`booted`]: such a node with the agent
 //!   in it and a D-Bus connection to its systemd ([`booted::Booted`]), the
 //!   agent's runs inside it ([`booted::AgentRun`]).
+//! - [`al2023`]: an EKS AL2023-shaped node tree (the AMI's units, real nodeadm, stubs).
 //! - [`real`], [`containerd`], [`registry`], [`imds`]: the real components and
 //!   the servers around them.
 //! - [`loopdev`]: a host loop device over a sparse file (an EBS volume stand-in);
@@ -22,6 +23,7 @@
 //! Not every test file uses every helper, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod al2023;
 pub mod archive;
 pub mod booted;
 pub mod containerd;
