@@ -72,6 +72,7 @@ rm -rf "$tmp"
 # The snapshotter both sides use: overlayfs when an overlay mount works here.
 probe_snapshotter
 
+mkdir -p "$work/node"   # prefetch's --root: an empty tree (no SOCI config to read)
 now() { date +%s.%N; }
 agent_times=() ctr_times=()
 for r in $(seq "$runs"); do
