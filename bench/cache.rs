@@ -100,14 +100,7 @@ fn main() {
     let cached = timed(&b, "prefetch (cached)", &prefetch, 0);
     let blobs = Front::blob_gets(&front.lines()[blobs_before..]).len();
     // Mount and verify alone, as at boot (daemons stopped, then started by containerd's Requires=).
-    b.node.check(&[
-        "systemctl",
-        "stop",
-        "containerd.service",
-        "soci-snapshotter.socket",
-        "soci-snapshotter.service",
-        "soci-agent-volume.service",
-    ]);
+    b.stop_the_stack();
     let t = Instant::now();
     b.node.check(&["systemctl", "start", "soci-agent-volume.service"]);
     let mount = t.elapsed().as_secs_f64();

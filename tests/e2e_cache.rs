@@ -98,18 +98,6 @@ fn volume_df(b: &Booted, field: &str) -> u64 {
     out.lines().last().unwrap().trim().parse().unwrap()
 }
 
-/// Stops containerd, the snapshotter (socket too) and the volume unit.
-fn stop_the_stack(n: &Booted) {
-    n.node.check(&[
-        "systemctl",
-        "stop",
-        "containerd.service",
-        "soci-snapshotter.socket",
-        "soci-snapshotter.service",
-        "soci-agent-volume.service",
-    ]);
-}
-
 #[test]
 fn snapshot_cache_built_sealed_and_attached_to_a_fresh_node() {
     let work = workdir();
@@ -385,7 +373,7 @@ fn cache_verify_and_doctor_agree(n: &Booted) {
 
 fn starting_containerd_alone_mounts_the_volume_first(n: &Booted, dev: &str) {
     n.step("node: every boot: starting containerd alone mounts the volume first");
-    stop_the_stack(n);
+    n.stop_the_stack();
     assert_eq!(findmnt(n, "/var/lib/soci-agent/volume"), "", "stop did not unmount");
     assert_eq!(findmnt(n, "/var/lib/containerd"), "");
     n.node.check(&["systemctl", "start", "containerd.service"]);
@@ -458,7 +446,7 @@ fn an_unreadable_cache_gets_fresh_roots(n: &Booted) {
         "s/\"containerd_version\": \"2.4.2\"/\"containerd_version\": \"1.7.27\"/",
         manifest,
     ]);
-    stop_the_stack(n);
+    n.stop_the_stack();
     n.node.check(&["systemctl", "start", "containerd.service"]);
     let bound = findmnt(n, "/var/lib/containerd");
     assert!(bound.contains("unreadable-cache-fallback"), "{bound}");

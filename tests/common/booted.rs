@@ -78,6 +78,19 @@ pub struct Booted {
 }
 
 impl Booted {
+    /// Stops containerd, the snapshotter (its socket too, which would start it again) and the
+    /// data-volume unit: the daemons' databases closed, the volume unmounted.
+    pub fn stop_the_stack(&self) {
+        self.node.check(&[
+            "systemctl",
+            "stop",
+            "containerd.service",
+            "soci-snapshotter.socket",
+            "soci-snapshotter.service",
+            "soci-agent-volume.service",
+        ]);
+    }
+
     /// Boots a node with `opts` and the defaults of [`Boot`].
     pub fn boot(opts: NodeOptions) -> Booted {
         Booted::boot_with(opts, Boot::default())
